@@ -1,0 +1,46 @@
+"""The aiohttp application factory: one worker thread for MLX, routes, error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from kvtier.config import ServeConfig
+from kvtier.engine import Engine
+
+from .errors import error_middleware
+from .routes import cache as cache_routes
+from .routes import openai as openai_routes
+from .state import STATE, DaemonState
+from .worker import Worker
+
+log = logging.getLogger("kvtier.daemon")
+
+MAX_BODY_BYTES = 32 * 2**20
+
+
+def init_app(config: ServeConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+
+    def make_engine() -> Engine:
+        engine = Engine(config.model, config.cache, config.prefill_step_size)
+        log.info("model %s loaded; cache at %s", config.model, config.cache.cache_dir)
+        return engine
+
+    app[STATE] = DaemonState(config, Worker(make_engine))
+    app.cleanup_ctx.append(_worker_lifetime)
+    app.add_routes(openai_routes.routes)
+    app.add_routes(cache_routes.routes)
+    return app
+
+
+async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """Load the model in the background; on shutdown flush every block to disk."""
+    worker = app[STATE].worker
+    worker.start()
+    yield
+    log.info("shutting down: flushing cached blocks to disk")
+    await asyncio.to_thread(worker.stop)

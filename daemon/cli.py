@@ -1,0 +1,77 @@
+"""The `kvtier` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvtier.config import DEFAULT_DISK_BUDGET, CacheConfig, ServeConfig, default_cache_dir, \
+    default_ram_budget, parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description="Tiered RAM/SSD KV-cache daemon for MLX")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible HTTP API)")
+    serve.add_argument("--model", required=True, help="model directory, or a repo id in the local HF cache")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8420)
+    serve.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
+    serve.add_argument("--ram-budget", type=_size, default=None,
+                       help=f"bytes of KV kept in memory (default: {default_ram_budget() // 2**20} MiB, "
+                            "a fifth of RAM capped at 8 GiB)")
+    serve.add_argument("--disk-budget", type=_size, default=DEFAULT_DISK_BUDGET,
+                       help="bytes of cache files on disk (default: 20GB)")
+    serve.add_argument("--block-size", type=int, default=None, help="tokens per cached block (default: 256)")
+    serve.add_argument("--prefill-step-size", type=int, default=2048,
+                       help="tokens computed per forward pass while prefilling (default: 2048)")
+    serve.add_argument("--max-tokens", type=int, default=512,
+                       help="completion length when a request gives none (default: 512)")
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import init_app
+
+    given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
+    cache = CacheConfig(disk_budget=args.disk_budget, **{k: v for k, v in given.items() if v is not None})
+    config = ServeConfig(model=args.model, host=args.host, port=args.port,
+                         prefill_step_size=args.prefill_step_size,
+                         max_tokens_default=args.max_tokens, cache=cache)
+    web.run_app(init_app(config), host=config.host, port=config.port,
+                print=lambda msg: logging.getLogger("kvtier").info(msg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from .blas import reexec_with_openblas
+
+        reexec_with_openblas()
+        try:
+            return serve(args)
+        except ValueError as exc:
+            print(f"kvtier: {exc}", file=sys.stderr)
+            return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

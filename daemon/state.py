@@ -1,0 +1,40 @@
+"""What the aiohttp app shares between routes: settings, the MLX worker, start time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from kvtier.config import ServeConfig
+from kvtier.engine import Engine
+
+from .errors import ApiError
+from .worker import Worker
+
+
+@dataclass
+class DaemonState:
+    config: ServeConfig
+    worker: Worker
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def engine(self) -> Engine:
+        """The loaded engine, or a 503 while the model is still loading."""
+        if self.worker.engine is None:
+            reason = self.worker.load_error or "the model is still loading"
+            raise ApiError(503, reason, type_="server_error", code="model_not_ready",
+                           headers={"Retry-After": "5"})
+        return self.worker.engine
+
+    def model_id(self) -> str:
+        return self.config.model
+
+    def model_ids(self) -> set[str]:
+        """Names a request may use for the loaded model: as given, or the directory's name."""
+        return {self.config.model, Path(self.config.model).name, "default"}
+
+
+STATE = web.AppKey("state", DaemonState)

@@ -1,0 +1,89 @@
+"""The one thread that owns MLX: loads the engine, then runs generation jobs one at a time.
+
+HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
+away sets the job's cancel flag, and the worker moves on to the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Callable
+
+from kvtier.engine import Chunk, Engine, GenerationRequest
+
+log = logging.getLogger("kvtier.worker")
+
+_DONE = object()
+
+
+class Overloaded(Exception):
+    """More requests are waiting than the daemon is configured to queue."""
+
+
+class Worker:
+    def __init__(self, make_engine: Callable[[], Engine], max_waiting: int = 32):
+        self._make_engine = make_engine
+        self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvtier-mlx", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Queue a request and stream its chunks; cancels the job if the caller stops reading."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+        try:
+            self._jobs.put_nowait((request, emit))
+        except queue.Full:
+            raise Overloaded() from None
+        try:
+            while (item := await out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the running job, then flush blocks to disk and close the cache."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._make_engine()
+        except Exception as exc:
+            log.exception("could not load the model")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        finally:
+            self.ready.set()
+        while (job := self._jobs.get()) is not None:
+            request, emit = job
+            if request.cancelled.is_set():
+                emit(_DONE)
+                continue
+            try:
+                for chunk in self.engine.generate(request):
+                    emit(chunk)
+            except Exception as exc:
+                log.exception("generation failed")
+                emit(exc)
+            emit(_DONE)
+        self.engine.close()

@@ -1,0 +1,94 @@
+"""Token blocks and their chained content hashes.
+
+A block key is xxh3-128(parent key || block tokens as little-endian uint32). The chain's
+root is derived from the model fingerprint, so two models never share keys. Keys only
+address blocks; a hit is always confirmed against the stored tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import xxhash
+
+from .config import LAYOUT_VERSION
+
+KEY_BYTES = 16
+
+
+def encode_tokens(tokens: Sequence[int]) -> bytes:
+    """Canonical, platform-independent token bytes."""
+    return np.asarray(tokens, dtype="<u4").tobytes()
+
+
+def root_key(fingerprint: str) -> bytes:
+    return xxhash.xxh3_128_digest(b"kvtier-root\x00" + fingerprint.encode())
+
+
+def chain_keys(tokens: Sequence[int], block_size: int, fingerprint: str) -> list[bytes]:
+    """Keys of every full block of `tokens`, each one covering the whole prefix before it."""
+    keys, parent = [], root_key(fingerprint)
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = xxhash.xxh3_128_digest(parent + encode_tokens(tokens[start : start + block_size]))
+        keys.append(parent)
+    return keys
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """Where a block sits in its chain: its key, its parent's key and its index."""
+
+    key: bytes
+    parent: bytes
+    index: int  # 0 for the first block of a prompt
+
+    @property
+    def hex(self) -> str:
+        return self.key.hex()
+
+
+def block_refs(tokens: Sequence[int], block_size: int, fingerprint: str) -> list[BlockRef]:
+    keys = chain_keys(tokens, block_size, fingerprint)
+    parents = [root_key(fingerprint)] + keys[:-1]
+    return [BlockRef(k, p, i) for i, (k, p) in enumerate(zip(keys, parents))]
+
+
+def _hash_file_sample(path: Path, hasher: "xxhash.xxh3_128") -> None:
+    """Hash a weight file's size, header and evenly spaced 1 MiB samples.
+
+    Reading every byte of a 30 GB model at each start is too slow; the safetensors header
+    (names, shapes, dtypes, offsets) plus samples catches any re-quantized or retrained file.
+    """
+    size = path.stat().st_size
+    hasher.update(f"{path.name}:{size}".encode())
+    chunk = 1 << 20
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little") if path.suffix == ".safetensors" else 0
+        f.seek(0)
+        hasher.update(f.read(min(size, 8 + header_len)))
+        for i in range(16):
+            f.seek(max(0, (size - chunk) * i // 15))
+            hasher.update(f.read(chunk))
+
+
+def model_fingerprint(model_dir: Path, kv_dtype: str, block_size: int, extra: str = "") -> str:
+    """Everything that changes the KV bytes: weights, config, tokenizer, KV dtype, layout."""
+    hasher = xxhash.xxh3_128()
+    hasher.update(f"layout={LAYOUT_VERSION};dtype={kv_dtype};block={block_size};{extra}".encode())
+    for path in sorted(model_dir.iterdir()):
+        if path.suffix in (".safetensors", ".npz", ".gguf"):
+            _hash_file_sample(path, hasher)
+        elif path.name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                           "special_tokens_map.json", "tokenizer.model", "generation_config.json"):
+            hasher.update(path.name.encode() + path.read_bytes())
+    return hasher.hexdigest()
+
+
+def describe_model(model_dir: Path) -> dict:
+    """A short, human-readable description stored next to the fingerprint in the index."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return {"path": str(model_dir), "model_type": config.get("model_type", "?")}

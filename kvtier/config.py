@@ -1,0 +1,86 @@
+"""Settings for the cache and the daemon: one dataclass, parsed sizes, platform defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+# Bumped whenever the on-disk block layout changes; part of every block key's salt.
+LAYOUT_VERSION = 1
+
+# Chosen by bench/block_size.py (see docs/benchmarks.md): 256 restores as fast as larger
+# blocks while still reusing most of a partially matching prompt.
+DEFAULT_BLOCK_SIZE = 256
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '512MB', '4GiB', '1.5g' or a plain byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (try 512MB, 4GiB or a byte count)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(num_bytes: int) -> str:
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("KVTIER_CACHE_DIR"):
+        return Path(os.environ["KVTIER_CACHE_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kvtier"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "kvtier"
+
+
+def default_ram_budget() -> int:
+    # A fifth of physical memory, capped: the model itself and the OS need the rest.
+    return min(psutil.virtual_memory().total // 5, 8 * 2**30)
+
+
+DEFAULT_DISK_BUDGET = 20 * 10**9
+
+
+@dataclass
+class CacheConfig:
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    block_size: int = DEFAULT_BLOCK_SIZE
+    ram_budget: int = field(default_factory=default_ram_budget)  # bytes of KV held in memory
+    disk_budget: int = DEFAULT_DISK_BUDGET  # bytes of files under cache_dir
+    write_queue_bytes: int = 512 * 2**20  # blocks waiting for the disk; producers wait when full
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir).expanduser()
+        if not 16 <= self.block_size <= 8192:
+            raise ValueError("block size must be between 16 and 8192 tokens")
+        if self.ram_budget < 0 or self.disk_budget < 0:
+            raise ValueError("budgets must not be negative")
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8420
+    prefill_step_size: int = 2048
+    max_tokens_default: int = 512
+    cache: CacheConfig = field(default_factory=CacheConfig)

@@ -1,0 +1,137 @@
+"""Cold tier files: one safetensors file per block, named by its key, written crash-safely.
+
+Write order: temp file, fsync, rename, fsync the directory. The index is committed only
+after that (see tiers.py), so an index entry always points at a complete file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+import xxhash
+from safetensors.numpy import load as st_load, save as st_save
+
+from .kvstate import BlockArrays
+
+TOKENS_TENSOR = "__tokens__"
+# numpy has no bfloat16: such arrays are stored bit-for-bit as uint16 and the real dtype
+# is kept in the file's metadata.
+_STORAGE_VIEW = {mx.bfloat16: mx.uint16}
+
+
+class DamagedBlock(Exception):
+    """A block file that is missing, truncated, altered or not what its index says."""
+
+
+def checksum(payload: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(payload)
+
+
+def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) -> bytes:
+    tensors = {TOKENS_TENSOR: np.asarray(tokens, dtype=np.uint32)}
+    dtypes = {}
+    for name, array in arrays.items():
+        dtypes[name] = str(array.dtype).removeprefix("mlx.core.")
+        stored = array.view(_STORAGE_VIEW[array.dtype]) if array.dtype in _STORAGE_VIEW else array
+        tensors[name] = np.array(stored, copy=True)
+    metadata = dict(meta, dtypes=json.dumps(dtypes, sort_keys=True))
+    return st_save(tensors, metadata=metadata)
+
+
+def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray]:
+    try:
+        tensors = st_load(payload)
+        dtypes = json.loads(_metadata(payload).get("dtypes", "{}"))
+    except Exception as exc:  # safetensors raises several types for malformed input
+        raise DamagedBlock(f"unreadable block file: {exc}") from exc
+    tokens = tensors.pop(TOKENS_TENSOR, None)
+    if tokens is None or set(dtypes) != set(tensors):
+        raise DamagedBlock("block file lacks its tokens or dtypes")
+    arrays = {}
+    for name, value in tensors.items():
+        array = mx.array(value)
+        target = getattr(mx, dtypes[name], None)
+        if not isinstance(target, mx.Dtype):
+            raise DamagedBlock(f"unknown dtype {dtypes[name]!r}")
+        arrays[name] = array.view(target) if array.dtype != target else array
+    return arrays, tokens
+
+
+def _metadata(payload: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(payload[:8], "little")
+    if header_len > len(payload) - 8:
+        raise DamagedBlock("truncated header")
+    return json.loads(payload[8 : 8 + header_len]).get("__metadata__", {})
+
+
+@dataclass
+class BlockFiles:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path_for(self, key_hex: str) -> Path:
+        return self.root / key_hex[:2] / f"{key_hex}.safetensors"
+
+    def write(self, key_hex: str, payload: bytes) -> int:
+        """Write a block durably; returns the bytes it occupies."""
+        path = self.path_for(key_hex)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = path.parent / f".{key_hex}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return len(payload)
+
+    def read(self, key_hex: str, expected_checksum: str, expected_size: int) -> bytes:
+        path = self.path_for(key_hex)
+        try:
+            if path.stat().st_size != expected_size:
+                raise DamagedBlock(f"{path.name}: size differs from the index")
+            payload = path.read_bytes()
+        except OSError as exc:
+            raise DamagedBlock(f"{path.name}: {exc.strerror}") from exc
+        if checksum(payload) != expected_checksum:
+            raise DamagedBlock(f"{path.name}: checksum mismatch")
+        return payload
+
+    def remove(self, key_hex: str) -> None:
+        self.path_for(key_hex).unlink(missing_ok=True)
+
+    def iter_files(self) -> Iterator[Path]:
+        """Every file under the block root, temp leftovers included."""
+        for sub in sorted(self.root.iterdir()) if self.root.exists() else []:
+            if sub.is_dir():
+                yield from sorted(sub.iterdir())
+
+
+def key_of_path(path: Path) -> str | None:
+    name = path.name
+    if name.endswith(".safetensors") and not name.startswith("."):
+        return name.removesuffix(".safetensors")
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

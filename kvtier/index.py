@@ -1,0 +1,172 @@
+"""The LMDB index of the cold tier: one record per block file, an LRU order, and totals.
+
+LMDB is safe across processes, so the CLI can read and purge while the daemon runs.
+Sub-databases:
+  blocks  key(16 B)                      -> JSON record (see BlockRecord)
+  lru     access_ms(8 B BE) + inverted depth(4 B) + key(16 B)  -> b""   (oldest first = evicted first)
+  models  fingerprint                    -> JSON description
+  meta    b"bytes" / b"count"            -> totals kept in the same transactions
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+
+MAP_SIZE = 1 << 30  # LMDB's address-space reservation, not disk use; ~1M blocks fit
+
+
+@dataclass
+class BlockRecord:
+    parent: str  # hex key of the previous block (or the chain root)
+    fingerprint: str  # model fingerprint the block belongs to
+    depth: int  # index of the block in its chain
+    num_tokens: int
+    nbytes: int  # file size on disk
+    checksum: str  # xxh3-128 of the whole file
+    tokens_hash: str  # xxh64 of the tokens: an independent check of a key match
+    access_ms: int
+    created_ms: int
+    pinned: bool = False
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "BlockRecord":
+        return cls(**json.loads(raw))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _lru_key(record: "BlockRecord", key: bytes) -> bytes:
+    # Among blocks touched in the same millisecond, deeper ones sort first, so a chain is
+    # evicted from its tail and its shared head survives longest.
+    return (record.access_ms.to_bytes(8, "big")
+            + (0xFFFFFFFF - min(record.depth, 0xFFFFFFFF)).to_bytes(4, "big") + key)
+
+
+class Index:
+    def __init__(self, path: Path, readonly: bool = False):
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, readonly=readonly,
+                             lock=True, subdir=True, mode=0o600)
+        self._blocks = self.env.open_db(b"blocks", create=not readonly)
+        self._lru = self.env.open_db(b"lru", create=not readonly)
+        self._models = self.env.open_db(b"models", create=not readonly)
+        self._meta = self.env.open_db(b"meta", create=not readonly)
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- reads -------------------------------------------------------------------------
+    def get(self, key: bytes) -> BlockRecord | None:
+        with self.env.begin(db=self._blocks) as txn:
+            raw = txn.get(key)
+        return BlockRecord.decode(raw) if raw else None
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes, blocks) of every indexed file."""
+        with self.env.begin(db=self._meta) as txn:
+            return (int(txn.get(b"bytes") or 0), int(txn.get(b"count") or 0))
+
+    def items(self) -> Iterator[tuple[bytes, BlockRecord | None]]:
+        """Every (key, record); None for a record that cannot be decoded."""
+        with self.env.begin(db=self._blocks) as txn:
+            for key, raw in txn.cursor():
+                try:
+                    yield bytes(key), BlockRecord.decode(raw)
+                except (ValueError, TypeError):
+                    yield bytes(key), None
+
+    def models(self) -> dict[str, dict]:
+        with self.env.begin(db=self._models) as txn:
+            return {k.decode(): json.loads(v) for k, v in txn.cursor()}
+
+    def oldest(self, limit: int) -> list[bytes]:
+        """Keys of up to `limit` unpinned blocks, least recently used first."""
+        keys = []
+        with self.env.begin() as txn:
+            for lru_key, _ in txn.cursor(db=self._lru):
+                key = bytes(lru_key[12:])
+                raw = txn.get(key, db=self._blocks)
+                if raw and not BlockRecord.decode(raw).pinned:
+                    keys.append(key)
+                if len(keys) >= limit:
+                    break
+        return keys
+
+    # -- writes ------------------------------------------------------------------------
+    def put(self, key: bytes, record: BlockRecord) -> None:
+        with self.env.begin(write=True) as txn:
+            old = txn.get(key, db=self._blocks)
+            if old:
+                self._drop(txn, key, BlockRecord.decode(old))
+            txn.put(key, record.encode(), db=self._blocks)
+            txn.put(_lru_key(record, key), b"", db=self._lru)
+            self._add_totals(txn, record.nbytes, 1)
+
+    def register_model(self, fingerprint: str, description: dict) -> None:
+        with self.env.begin(write=True, db=self._models) as txn:
+            txn.put(fingerprint.encode(), json.dumps(description).encode())
+
+    def touch(self, keys: list[bytes], access_ms: int) -> None:
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                raw = txn.get(key, db=self._blocks)
+                if not raw:
+                    continue
+                record = BlockRecord.decode(raw)
+                txn.delete(_lru_key(record, key), db=self._lru)
+                record.access_ms = access_ms
+                txn.put(key, record.encode(), db=self._blocks)
+                txn.put(_lru_key(record, key), b"", db=self._lru)
+
+    def set_pinned(self, keys: list[bytes], pinned: bool) -> int:
+        changed = 0
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                raw = txn.get(key, db=self._blocks)
+                if raw:
+                    record = BlockRecord.decode(raw)
+                    record.pinned = pinned
+                    txn.put(key, record.encode(), db=self._blocks)
+                    changed += 1
+        return changed
+
+    def remove(self, key: bytes) -> BlockRecord | None:
+        """Delete a record (the caller deletes the file afterwards)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key, db=self._blocks)
+            if raw is None:
+                return None
+            try:
+                record = BlockRecord.decode(raw)
+            except (ValueError, TypeError):
+                txn.delete(key, db=self._blocks)
+                return None
+            self._drop(txn, key, record)
+            return record
+
+    def _drop(self, txn: lmdb.Transaction, key: bytes, record: BlockRecord) -> None:
+        txn.delete(key, db=self._blocks)
+        txn.delete(_lru_key(record, key), db=self._lru)
+        self._add_totals(txn, -record.nbytes, -1)
+
+    def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int) -> None:
+        total = int(txn.get(b"bytes", db=self._meta) or 0) + nbytes
+        blocks = int(txn.get(b"count", db=self._meta) or 0) + count
+        txn.put(b"bytes", str(max(total, 0)).encode(), db=self._meta)
+        txn.put(b"count", str(max(blocks, 0)).encode(), db=self._meta)
+
+    def disk_usage(self) -> int:
+        """Bytes the index files themselves occupy on disk (LMDB files are sparse)."""
+        path = Path(self.env.path())
+        return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())

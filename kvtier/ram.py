@@ -1,0 +1,106 @@
+"""Hot tier: KV blocks in (unified) memory under a byte budget, least recently used first out.
+
+It only picks victims and hands them back; moving anything to disk is the caller's job.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from .kvstate import BlockArrays
+
+
+@dataclass
+class HotBlock:
+    key: bytes
+    parent: bytes
+    index: int
+    tokens: np.ndarray  # uint32, to confirm a hit token by token
+    arrays: BlockArrays
+    nbytes: int
+    persisted: bool = False  # True once the disk tier holds it (or it came from there)
+    pins: int = field(default=0)
+
+
+class RamTier:
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._blocks: OrderedDict[bytes, HotBlock] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> HotBlock | None:
+        with self._lock:
+            return self._blocks.get(key)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._blocks
+
+    def touch_chain(self, keys: list[bytes]) -> None:
+        """Mark a matched chain as most recent, parents last so children are evicted first."""
+        with self._lock:
+            for key in reversed(keys):
+                if key in self._blocks:
+                    self._blocks.move_to_end(key)
+
+    def put(self, block: HotBlock) -> list[HotBlock]:
+        """Insert a block and return the blocks evicted to stay within budget."""
+        with self._lock:
+            if block.key in self._blocks:
+                self._blocks.move_to_end(block.key)
+                return []
+            self._blocks[block.key] = block
+            self._bytes += block.nbytes
+            return self._evict_locked(self.budget)
+
+    def shrink_to(self, target_bytes: int) -> list[HotBlock]:
+        with self._lock:
+            return self._evict_locked(target_bytes)
+
+    def pin(self, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._blocks:
+                    self._blocks[key].pins += 1
+
+    def unpin(self, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._blocks and self._blocks[key].pins > 0:
+                    self._blocks[key].pins -= 1
+
+    def unpersisted(self) -> list[HotBlock]:
+        with self._lock:
+            return [b for b in self._blocks.values() if not b.persisted]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_bytes(self) -> int:
+        return self._bytes
+
+    def _evict_locked(self, target_bytes: int) -> list[HotBlock]:
+        victims = []
+        for key in list(self._blocks):
+            if self._bytes <= target_bytes:
+                break
+            block = self._blocks[key]
+            if block.pins:
+                continue
+            del self._blocks[key]
+            self._bytes -= block.nbytes
+            victims.append(block)
+        return victims

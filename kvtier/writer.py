@@ -1,0 +1,89 @@
+"""Background disk writer: takes blocks off the request path through a byte-bounded queue.
+
+A full queue makes the producer wait (back-pressure); nothing is ever dropped silently.
+Disk errors (full, read-only) are recorded and the block stays in RAM, unpersisted, to be
+retried by the next flush.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("kvtier.writer")
+
+
+@dataclass
+class WriteJob:
+    key: bytes
+    payload: bytes
+    block: Any  # what the write function needs to index the block
+
+
+class DiskWriter:
+    def __init__(self, write_fn: Callable[[WriteJob], None], max_bytes: int):
+        self._write_fn = write_fn
+        self._max_bytes = max_bytes
+        self._jobs: deque[WriteJob] = deque()
+        self._queued_keys: set[bytes] = set()
+        self._pending_bytes = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kvtier-disk-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: WriteJob) -> None:
+        with self._cond:
+            if job.key in self._queued_keys:
+                return
+            # Wait for room, but always admit one job so a huge block cannot deadlock.
+            while self._jobs and self._pending_bytes + len(job.payload) > self._max_bytes:
+                self._cond.wait()
+            self._jobs.append(job)
+            self._queued_keys.add(job.key)
+            self._pending_bytes += len(job.payload)
+            self._cond.notify_all()
+
+    def is_queued(self, key: bytes) -> bool:
+        with self._cond:
+            return key in self._queued_keys
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job is done; True if the queue drained in time."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        with self._cond:
+            return len(self._jobs), self._pending_bytes
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs or self._closed)
+                if not self._jobs:
+                    return
+                job = self._jobs[0]
+                self._busy = True
+            try:
+                self._write_fn(job)
+            except Exception:  # keep the writer alive whatever one block does
+                log.exception("writing block %s failed", job.key.hex())
+            with self._cond:
+                self._jobs.popleft()
+                self._queued_keys.discard(job.key)
+                self._pending_bytes -= len(job.payload)
+                self._busy = False
+                self._cond.notify_all()
