@@ -40,4 +40,8 @@ def reexec_with_openblas() -> None:
     env = with_openblas(os.environ)
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and "KVTIER_REEXEC" not in os.environ:
         env["KVTIER_REEXEC"] = "1"
-        os.execve(sys.executable, [sys.executable, "-m", "daemon.cli", *sys.argv[1:]], env)
+        # Run the same entry point again: `-m daemon.cli`, or the `kvtier` script itself
+        # (which keeps the process's recognisable name).
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        entry = ["-m", spec.name] if spec and spec.name else [sys.argv[0]]
+        os.execve(sys.executable, [sys.executable, *entry, *sys.argv[1:]], env)

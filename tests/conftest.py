@@ -1,0 +1,155 @@
+"""Shared fixtures: generated models (through mlx_lm.load), a real daemon process, baselines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / ".models"
+# Small blocks make short test prompts span many blocks (partial hits, chains, eviction).
+TEST_BLOCK_SIZE = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_model() -> Path:
+    from kvtier.testmodels import make_model
+
+    return make_model(MODELS / "llama", "llama")
+
+
+@lru_cache(maxsize=None)
+def _loaded(path: str):
+    import mlx_lm
+
+    return mlx_lm.load(path)
+
+
+class Reference:
+    """Plain mlx-lm, no cache of ours: what every cached answer must equal."""
+
+    def __init__(self, model_path: Path):
+        self.model, self.tokenizer = _loaded(str(model_path))
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def generate(self, tokens: list[int], max_tokens: int) -> str:
+        import mlx_lm
+
+        return mlx_lm.generate(self.model, self.tokenizer, prompt=tokens, max_tokens=max_tokens)
+
+    def chat(self, messages: list[dict], max_tokens: int) -> str:
+        return self.generate(self.chat_tokens(messages), max_tokens)
+
+
+@pytest.fixture(scope="session")
+def reference(llama_model) -> Reference:
+    return Reference(llama_model)
+
+
+class Daemon:
+    """`kvtier serve` as a real subprocess on 127.0.0.1."""
+
+    def __init__(self, model: Path, cache_dir: Path, *extra: str):
+        self.model, self.cache_dir, self.extra = model, cache_dir, list(extra)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = cache_dir.parent / f"daemon-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> "Daemon":
+        args = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
+                "--port", str(self.port), "--cache-dir", str(self.cache_dir),
+                "--block-size", str(TEST_BLOCK_SIZE), *self.extra]
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(self.log.read_text()[-3000:])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop the daemon (SIGTERM flushes; SIGKILL does not) and return its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=120)
+        self.proc = None
+        return code
+
+    def restart(self) -> "Daemon":
+        self.stop()
+        return self.start()
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
+                             timeout=300)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started: list[Daemon] = []
+
+    def make(model: Path, *extra: str, cache_dir: Path | None = None) -> Daemon:
+        daemon = Daemon(model, cache_dir or tmp_path / "cache", *extra)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        if daemon.proc is not None:
+            daemon.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def daemon(daemon_factory, llama_model) -> Daemon:
+    return daemon_factory(llama_model)
+
+
+def agent_messages(project: str = "kvtier", question: str = "List the files.", repeat: int = 6) -> list[dict]:
+    """An agent-style conversation: a long system prompt with tools, then a question."""
+    tools = "\n".join(f"- tool {name}: {desc}" for name, desc in [
+        ("read_file", "read a file from the workspace and return its text"),
+        ("write_file", "write text to a file, creating directories as needed"),
+        ("run_shell", "run a shell command in the project root and return its output"),
+        ("search", "search the code base for a regular expression"),
+    ])
+    system = (f"You are a careful coding agent working on the {project} project. "
+              f"Follow the user's instructions exactly.\n{tools}\n") * repeat
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,134 @@
+"""End to end through `kvtier serve`: every cached answer equals plain mlx-lm, and usage
+reports where the prompt came from (RAM, disk, computed)."""
+
+from __future__ import annotations
+
+import signal
+
+from conftest import TEST_BLOCK_SIZE, agent_messages
+
+MAX_TOKENS = 24
+
+
+def ask(daemon, messages, max_tokens=MAX_TOKENS):
+    response = daemon.client().chat.completions.create(
+        model=str(daemon.model), messages=messages, max_tokens=max_tokens, temperature=0)
+    usage = response.usage.model_dump()
+    return response.choices[0].message.content, usage
+
+
+def test_context_changes_output(reference):
+    """Guard for every test below: the model's greedy output depends on its context,
+    so reusing a wrong prefix would show up as different text."""
+    a = reference.chat(agent_messages("alpha"), MAX_TOKENS)
+    b = reference.chat(agent_messages("omega"), MAX_TOKENS)
+    c = reference.chat(agent_messages("alpha", question="Run the tests."), MAX_TOKENS)
+    assert len({a, b, c}) == 3
+
+
+def test_fresh_then_ram_hit(daemon, reference):
+    messages = agent_messages()
+    expected = reference.chat(messages, MAX_TOKENS)
+    prompt_len = len(reference.chat_tokens(messages))
+
+    text, usage = ask(daemon, messages)
+    assert text == expected
+    assert usage["prompt_tokens"] == prompt_len
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usage["kvtier"]["computed_tokens"] == prompt_len
+
+    text, usage = ask(daemon, messages)
+    assert text == expected
+    reused = min(prompt_len // TEST_BLOCK_SIZE * TEST_BLOCK_SIZE, prompt_len - 1)
+    assert usage["kvtier"]["ram_tokens"] == reused > 0
+    assert usage["prompt_tokens_details"]["cached_tokens"] == reused
+    assert usage["kvtier"]["computed_tokens"] == prompt_len - reused
+
+
+def test_disk_hit_after_restart(daemon, reference):
+    messages = agent_messages(question="Which tests are failing?")
+    expected = reference.chat(messages, MAX_TOKENS)
+    assert ask(daemon, messages)[0] == expected
+
+    daemon.restart()
+    stats = daemon.get("/cache/stats")
+    assert stats["ram"]["blocks"] == 0 and stats["disk"]["blocks"] > 0
+
+    text, usage = ask(daemon, messages)
+    assert text == expected
+    assert usage["kvtier"]["disk_tokens"] > 0 and usage["kvtier"]["ram_tokens"] == 0
+    # Restored blocks are hot now.
+    assert ask(daemon, messages)[1]["kvtier"]["ram_tokens"] == usage["kvtier"]["disk_tokens"]
+
+
+def test_partial_prefix_hit(daemon, reference):
+    first = agent_messages(question="Summarise the README.")
+    ask(daemon, first)
+    second = agent_messages(question="Now fix the failing test in tests/test_io.py, then run it.")
+    expected = reference.chat(second, MAX_TOKENS)
+    text, usage = ask(daemon, second)
+    assert text == expected
+    shared = _common_prefix(reference.chat_tokens(first), reference.chat_tokens(second))
+    assert usage["prompt_tokens_details"]["cached_tokens"] == shared // TEST_BLOCK_SIZE * TEST_BLOCK_SIZE
+    assert usage["kvtier"]["computed_tokens"] > 0
+
+
+def test_first_token_changed_is_a_full_miss(daemon, reference):
+    messages = agent_messages()
+    ask(daemon, messages)
+    changed = [dict(messages[0], content="Z" + messages[0]["content"][1:]), messages[1]]
+    original_tokens, changed_tokens = reference.chat_tokens(messages), reference.chat_tokens(changed)
+    # The chat template's fixed header precedes the system text, so the change lands
+    # inside the first block: nothing may be reused.
+    assert _common_prefix(original_tokens, changed_tokens) < TEST_BLOCK_SIZE
+    expected = reference.chat(changed, MAX_TOKENS)
+    text, usage = ask(daemon, changed)
+    assert text == expected
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_multi_turn_conversation_reuses_every_turn(daemon, reference):
+    messages = agent_messages(question="Open the main module.")
+    for turn in range(3):
+        expected = reference.chat(messages, MAX_TOKENS)
+        text, usage = ask(daemon, messages)
+        assert text == expected
+        if turn:
+            assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+        messages = messages + [{"role": "assistant", "content": text},
+                               {"role": "user", "content": f"Good. Step {turn + 2}: keep going."}]
+
+
+def test_sigkill_loses_nothing_flushed_and_corrupts_nothing(daemon, reference):
+    messages = agent_messages(question="What does the config module do?")
+    expected = reference.chat(messages, MAX_TOKENS)
+    assert ask(daemon, messages)[0] == expected
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    text, usage = ask(daemon, messages)
+    assert text == expected
+
+
+def test_index_and_files_agree(daemon):
+    for project in ("alpha", "beta"):
+        ask(daemon, agent_messages(project))
+    daemon.stop()  # SIGTERM flushes every hot block
+    from kvtier.disk import BlockFiles, key_of_path
+    from kvtier.index import Index
+
+    index = Index(daemon.cache_dir / "index")
+    records = dict(index.items())
+    files = {key_of_path(p): p for p in BlockFiles(daemon.cache_dir / "blocks").iter_files()}
+    assert set(files) == {k.hex() for k in records} and len(files) > 0
+    assert None not in files  # no temp leftovers
+    for key, record in records.items():
+        assert files[key.hex()].stat().st_size == record.nbytes
+    assert index.totals() == (sum(r.nbytes for r in records.values()), len(records))
+    index.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
