@@ -139,6 +139,14 @@ def daemon(daemon_factory, llama_model) -> Daemon:
     return daemon_factory(llama_model)
 
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory, llama_model):
+    """One daemon for a module's tests that do not care about each other's cache state."""
+    daemon = Daemon(llama_model, tmp_path_factory.mktemp("shared") / "cache").start()
+    yield daemon
+    daemon.stop(signal.SIGKILL)
+
+
 def agent_messages(project: str = "kvtier", question: str = "List the files.", repeat: int = 6) -> list[dict]:
     """An agent-style conversation: a long system prompt with tools, then a question."""
     tools = "\n".join(f"- tool {name}: {desc}" for name, desc in [

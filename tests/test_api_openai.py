@@ -1,0 +1,154 @@
+"""The OpenAI-compatible API, judged by the real `openai` client and OpenAI's own schema."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+
+from conftest import agent_messages
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "openai-openapi.json"
+
+
+def _null_to_type(node):
+    """The spec still writes OpenAPI 3.0's `nullable: true`; make it a JSON-schema null type."""
+    if isinstance(node, dict):
+        node = {k: _null_to_type(v) for k, v in node.items()}
+        if node.pop("nullable", False):
+            return {"anyOf": [node, {"type": "null"}]}
+        return node
+    if isinstance(node, list):
+        return [_null_to_type(v) for v in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def validate():
+    if not SPEC.exists():
+        pytest.skip(f"OpenAI spec not found at {SPEC}")
+    components = _null_to_type(json.loads(SPEC.read_text())["components"])
+
+    def check(instance: dict, schema_name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{schema_name}", "components": components}
+        jsonschema.Draft202012Validator(schema).validate(instance)
+
+    return check
+
+
+def post(daemon, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(daemon.url + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            text = r.read().decode()
+            return r.status, (json.loads(text) if "json" in r.headers["Content-Type"] else text), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_chat_completion_matches_schema(shared_daemon, validate):
+    body = {"model": str(shared_daemon.model), "messages": agent_messages(), "max_tokens": 8,
+            "temperature": 0}
+    status, response, _ = post(shared_daemon, "/v1/chat/completions", body)
+    assert status == 200
+    validate(response, "CreateChatCompletionResponse")
+    assert response["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert set(response["usage"]["kvtier"]) >= {"ram_tokens", "disk_tokens", "computed_tokens"}
+
+
+def test_stream_chunks_match_schema_and_equal_non_stream(shared_daemon, validate, reference):
+    messages = agent_messages(question="Stream it.")
+    body = {"model": str(shared_daemon.model), "messages": messages, "max_tokens": 12,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    status, text, headers = post(shared_daemon, "/v1/chat/completions", body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content == reference.chat(messages, 12)
+    assert chunks[-1]["usage"]["completion_tokens"] == 12 and chunks[-1]["choices"] == []
+
+
+def test_completions_and_models_match_schema(shared_daemon, validate, reference):
+    prompt = "def read_config(path):\n    " * 20
+    body = {"model": str(shared_daemon.model), "prompt": prompt, "max_tokens": 10, "temperature": 0}
+    status, response, _ = post(shared_daemon, "/v1/completions", body)
+    assert status == 200
+    validate(response, "CreateCompletionResponse")
+    tokens = list(reference.tokenizer.encode(prompt))
+    assert response["choices"][0]["text"] == reference.generate(tokens, 10)
+    models = json.loads(urllib.request.urlopen(shared_daemon.url + "/v1/models").read())
+    validate(models, "ListModelsResponse")
+    assert [m["id"] for m in models["data"]] == [str(shared_daemon.model)]
+
+
+def test_stop_sequences_max_tokens_and_seed(shared_daemon, reference):
+    client = shared_daemon.client()
+    messages = agent_messages(question="Say something.")
+    full = reference.chat(messages, 20)
+    stop = full[5:8]
+    response = client.chat.completions.create(model=str(shared_daemon.model), messages=messages,
+                                              max_tokens=20, temperature=0, stop=[stop])
+    assert response.choices[0].message.content == full[: full.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+    response = client.chat.completions.create(model=str(shared_daemon.model), messages=messages,
+                                              max_tokens=3, temperature=0)
+    assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 3
+    sampled = [client.chat.completions.create(model=str(shared_daemon.model), messages=messages,
+                                              max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+               .choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ({"model": "MODEL"}, 400, "messages"),
+    ({"model": "MODEL", "messages": []}, 400, "messages"),
+    ({"model": "MODEL", "messages": "hello"}, 400, "messages"),
+    ({"model": "MODEL", "messages": [{"content": "hi"}]}, 400, "messages[0]"),
+    ({"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, "max_tokens"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "messages"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+])
+def test_bad_chat_requests_get_openai_errors(shared_daemon, validate, body, status, param):
+    body = {k: (str(shared_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
+    code, response, _ = post(shared_daemon, "/v1/chat/completions", body)
+    assert code == status
+    validate(response, "ErrorResponse")
+    assert response["error"]["param"] == param
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+def test_malformed_bodies_are_rejected(shared_daemon, validate, raw):
+    code, response, _ = post(shared_daemon, "/v1/chat/completions", None, raw=raw)
+    assert code == 400
+    validate(response, "ErrorResponse")
+
+
+def test_prompt_longer_than_context_is_rejected_and_daemon_stays_healthy(shared_daemon):
+    client = shared_daemon.client()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=str(shared_daemon.model), prompt="word " * 40_000, max_tokens=4)
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert shared_daemon.get("/health")["status"] == "ok"
+
+
+def test_unknown_route_is_a_json_404(shared_daemon, validate):
+    code, response, _ = post(shared_daemon, "/v1/nothing", {})
+    assert code == 404
+    validate(response, "ErrorResponse")

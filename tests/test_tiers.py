@@ -1,0 +1,151 @@
+"""The tiers on a real directory: real LMDB, real safetensors files, real MLX arrays."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kvtier.blocks import block_refs
+from kvtier.config import CacheConfig
+from kvtier.disk import decode_block, encode_block
+from kvtier.kvstate import expected_shapes
+from kvtier.tiers import TieredStore
+
+BLOCK = 16
+LAYOUT = {f"{i}.{kv}": ((1, 2, 1, 8), "mlx.core.float32") for i in range(2) for kv in ("keys", "values")}
+BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
+
+
+def make_store(cache_dir, **overrides) -> TieredStore:
+    config = CacheConfig(cache_dir=cache_dir, block_size=BLOCK, **overrides)
+    return TieredStore(config, "fp-test", expected_shapes(LAYOUT, BLOCK))
+
+
+def arrays_for(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {name: mx.array(rng.standard_normal((1, 2, BLOCK, 8)).astype(np.float32)) for name in LAYOUT}
+
+
+def fill(store: TieredStore, tokens: list[int]) -> list:
+    refs = block_refs(tokens, BLOCK, store.fingerprint)
+    for ref in refs:
+        store.store(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))
+    return refs
+
+
+def dir_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
+               if "index" not in d)
+
+
+def test_blocks_survive_a_restart_bit_for_bit(tmp_path):
+    tokens = list(range(100, 100 + 4 * BLOCK + 5))
+    store = make_store(tmp_path)
+    refs = fill(store, tokens)
+    store.close()
+
+    store = make_store(tmp_path)
+    match = store.match(refs, tokens)
+    assert match.sources == ["disk"] * 4
+    for block in match.blocks:
+        for name, array in arrays_for(block.index).items():
+            assert mx.array_equal(block.arrays[name], array)
+    assert store.match(refs, tokens).sources == ["ram"] * 4
+    store.close()
+
+
+def test_a_hit_is_confirmed_against_the_tokens(tmp_path):
+    tokens = list(range(3 * BLOCK))
+    store = make_store(tmp_path)
+    refs = fill(store, tokens)
+    other = tokens[:BLOCK] + [999] + tokens[BLOCK + 1:]  # same keys, different tokens: a collision
+    assert store.match(refs, other).num_blocks == 1
+    store.close()
+    store = make_store(tmp_path)
+    assert store.match(refs, other).num_blocks == 1
+    assert store.counters["key_collisions"] == 1
+    store.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "garbage"])
+def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
+    tokens = list(range(3 * BLOCK))
+    store = make_store(tmp_path)
+    refs = fill(store, tokens)
+    store.close()
+    victim = store.files.path_for(refs[1].hex)
+    data = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(data[:-10] + bytes([data[-10] ^ 0x01]) + data[-9:])
+    elif damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        victim.write_bytes(os.urandom(len(data)))
+
+    store = make_store(tmp_path)
+    match = store.match(refs, tokens)
+    assert match.num_blocks == 1  # the chain stops at the damaged block
+    assert store.counters["damaged_blocks"] == 1
+    assert store.index.get(refs[1].key) is None and not victim.exists()
+    store.close()
+
+
+def test_disk_budget_is_never_exceeded_and_evicts_oldest(tmp_path):
+    probe = make_store(tmp_path / "probe")
+    index_bytes = probe.index.disk_usage()
+    probe.close()
+    budget = index_bytes + 64 * 1024 + 6 * (BLOCK_BYTES + 512)  # the index and ~6 block files
+    store = make_store(tmp_path / "cache", disk_budget=budget, ram_budget=BLOCK_BYTES * 2)
+    chains = []
+    for chain in range(12):
+        tokens = [chain * 1000 + i for i in range(2 * BLOCK)]
+        chains.append((fill(store, tokens), tokens))
+        store.flush()
+        assert store.disk_used() <= budget
+    measured = dir_bytes(tmp_path / "cache") + store.index.disk_usage()
+    assert measured <= budget
+    assert store.counters["disk_evictions"] > 0
+    newest_refs, newest_tokens = chains[-1]
+    store.ram.clear()
+    assert store.match(newest_refs, newest_tokens).num_blocks == 2
+    oldest_refs, oldest_tokens = chains[0]
+    assert store.match(oldest_refs, oldest_tokens).num_blocks == 0
+    store.close()
+
+
+def test_bounded_write_queue_applies_back_pressure_and_drops_nothing(tmp_path):
+    store = make_store(tmp_path, write_queue_bytes=BLOCK_BYTES)
+    tokens = list(range(40 * BLOCK))
+    refs = fill(store, tokens)
+    store.close()
+    store = make_store(tmp_path)
+    assert store.index.totals()[1] == len(refs) == 40
+    store.close()
+
+
+def test_unwritable_directory_keeps_serving_from_ram(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    store = make_store(tmp_path)
+    os.chmod(store.files.root, 0o500)
+    try:
+        tokens = list(range(2 * BLOCK))
+        refs = fill(store, tokens)
+        store.flush()
+        assert store.disk_error is not None
+        assert store.match(refs, tokens).sources == ["ram", "ram"]
+    finally:
+        os.chmod(store.files.root, 0o700)
+    store.close()
+
+
+def test_bfloat16_round_trips_exactly():
+    arrays = {"0.keys": mx.random.normal((1, 2, 4, 8)).astype(mx.bfloat16)}
+    decoded, tokens = decode_block(encode_block(arrays, np.arange(4, dtype=np.uint32), {}))
+    assert decoded["0.keys"].dtype == mx.bfloat16
+    assert mx.array_equal(decoded["0.keys"], arrays["0.keys"]) and tokens.tolist() == [0, 1, 2, 3]
