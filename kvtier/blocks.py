@@ -29,10 +29,13 @@ def root_key(fingerprint: str) -> bytes:
     return xxhash.xxh3_128_digest(b"kvtier-root\x00" + fingerprint.encode())
 
 
-def chain_keys(tokens: Sequence[int], block_size: int, fingerprint: str) -> list[bytes]:
-    """Keys of every full block of `tokens`, each one covering the whole prefix before it."""
+def chain_keys(tokens: Sequence[int], block_size: int, fingerprint: str,
+               partial_tail: bool = False) -> list[bytes]:
+    """Keys of every full block of `tokens` (and of the partly filled last one if asked),
+    each one covering the whole prefix before it."""
     keys, parent = [], root_key(fingerprint)
-    for start in range(0, len(tokens) - block_size + 1, block_size):
+    stop = len(tokens) if partial_tail else len(tokens) - block_size + 1
+    for start in range(0, stop, block_size):
         parent = xxhash.xxh3_128_digest(parent + encode_tokens(tokens[start : start + block_size]))
         keys.append(parent)
     return keys
@@ -51,8 +54,9 @@ class BlockRef:
         return self.key.hex()
 
 
-def block_refs(tokens: Sequence[int], block_size: int, fingerprint: str) -> list[BlockRef]:
-    keys = chain_keys(tokens, block_size, fingerprint)
+def block_refs(tokens: Sequence[int], block_size: int, fingerprint: str,
+               partial_tail: bool = False) -> list[BlockRef]:
+    keys = chain_keys(tokens, block_size, fingerprint, partial_tail)
     parents = [root_key(fingerprint)] + keys[:-1]
     return [BlockRef(k, p, i) for i, (k, p) in enumerate(zip(keys, parents))]
 

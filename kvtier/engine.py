@@ -85,8 +85,7 @@ class Engine:
         self.reusable, layout = self._probe()
         dtype = next(iter(layout.values()))[1] if layout else "unknown"
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size)
-        self.store = TieredStore(cache_config, self.fingerprint,
-                                 kvstate.expected_shapes(layout, self.block_size))
+        self.store = TieredStore(cache_config, self.fingerprint, layout)
         self.store.index.register_model(self.fingerprint, dict(describe_model(self.model_path),
                                                                name=model))
 
@@ -128,20 +127,22 @@ class Engine:
         try:
             yield from self._decode(request, tokens[reuse:], prompt_cache, usage, fed, started)
         finally:
-            self._store_new_blocks(tokens + fed, prompt_cache, match.num_blocks)
+            self._store_new_blocks(tokens + fed, prompt_cache, match.num_full_blocks)
 
     def _match(self, tokens: list[int]) -> Match:
         if not self.reusable:
             self.store.count("requests_unsupported_model")
-            return Match([], [])
+            return Match([], [], [])
         return self.store.match(block_refs(tokens, self.block_size, self.fingerprint), tokens)
 
     def _reuse_length(self, match: Match, num_prompt: int, usage: Usage) -> int:
         """Tokens taken from the cache: never the whole prompt, so the last one is computed."""
-        reuse = min(match.num_blocks * self.block_size, num_prompt - 1)
-        for i, source in enumerate(match.sources):
-            n = max(0, min(self.block_size, reuse - i * self.block_size))
+        reuse = min(match.num_tokens, num_prompt - 1)
+        left = reuse
+        for source, usable in zip(match.sources, match.usable):
+            n = min(usable, left)
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
+            left -= n
         return reuse
 
     def _decode(self, request: GenerationRequest, remainder: list[int], prompt_cache: list[Any],
@@ -183,15 +184,15 @@ class Engine:
         yield Chunk(tail, finish, usage)
 
     def _store_new_blocks(self, sequence: list[int], prompt_cache: list[Any], first_new: int) -> None:
-        """Cut every full block the cache now holds, past the reused ones, into the tiers."""
+        """Cut every block the cache now holds, past the reused ones, into the tiers; the
+        partly filled last block too, so a repeated or continued request reuses it all."""
         if not self.reusable:
             return
         held = sequence[: kvstate.cached_tokens(prompt_cache)]
-        refs = block_refs(held, self.block_size, self.fingerprint)
-        for ref in refs[first_new:]:
+        for ref in block_refs(held, self.block_size, self.fingerprint, partial_tail=True)[first_new:]:
             start = ref.index * self.block_size
-            arrays = kvstate.slice_block(prompt_cache, start, start + self.block_size)
-            self.store.store(ref, held[start : start + self.block_size], arrays)
+            end = min(start + self.block_size, len(held))
+            self.store.store(ref, held[start:end], kvstate.slice_block(prompt_cache, start, end))
 
     def close(self) -> None:
         self.store.close()

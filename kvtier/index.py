@@ -4,6 +4,7 @@ LMDB is safe across processes, so the CLI can read and purge while the daemon ru
 Sub-databases:
   blocks  key(16 B)                      -> JSON record (see BlockRecord)
   lru     access_ms(8 B BE) + inverted depth(4 B) + key(16 B)  -> b""   (oldest first = evicted first)
+  children parent(16 B) + key(16 B)      -> the child's tokens (uint32 LE), to reuse part of it
   models  fingerprint                    -> JSON description
   meta    b"bytes" / b"count"            -> totals kept in the same transactions
 """
@@ -18,7 +19,7 @@ from typing import Iterator
 
 import lmdb
 
-MAP_SIZE = 1 << 30  # LMDB's address-space reservation, not disk use; ~1M blocks fit
+MAP_SIZE = 4 << 30  # LMDB's address-space reservation, not disk use
 
 
 @dataclass
@@ -56,10 +57,11 @@ def _lru_key(record: "BlockRecord", key: bytes) -> bytes:
 class Index:
     def __init__(self, path: Path, readonly: bool = False):
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, readonly=readonly,
+        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=5, readonly=readonly,
                              lock=True, subdir=True, mode=0o600)
         self._blocks = self.env.open_db(b"blocks", create=not readonly)
         self._lru = self.env.open_db(b"lru", create=not readonly)
+        self._children = self.env.open_db(b"children", create=not readonly)
         self._models = self.env.open_db(b"models", create=not readonly)
         self._meta = self.env.open_db(b"meta", create=not readonly)
 
@@ -86,6 +88,19 @@ class Index:
                 except (ValueError, TypeError):
                     yield bytes(key), None
 
+    def children(self, parent: bytes) -> list[tuple[bytes, bytes]]:
+        """(key, token bytes) of every indexed block whose parent is `parent`."""
+        with self.env.begin(db=self._children) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(parent):
+                return []
+            found = []
+            for composite, tokens in cursor:
+                if composite[:16] != parent:
+                    break
+                found.append((bytes(composite[16:]), bytes(tokens)))
+            return found
+
     def models(self) -> dict[str, dict]:
         with self.env.begin(db=self._models) as txn:
             return {k.decode(): json.loads(v) for k, v in txn.cursor()}
@@ -104,13 +119,14 @@ class Index:
         return keys
 
     # -- writes ------------------------------------------------------------------------
-    def put(self, key: bytes, record: BlockRecord) -> None:
+    def put(self, key: bytes, record: BlockRecord, tokens: bytes) -> None:
         with self.env.begin(write=True) as txn:
             old = txn.get(key, db=self._blocks)
             if old:
                 self._drop(txn, key, BlockRecord.decode(old))
             txn.put(key, record.encode(), db=self._blocks)
             txn.put(_lru_key(record, key), b"", db=self._lru)
+            txn.put(bytes.fromhex(record.parent) + key, tokens, db=self._children)
             self._add_totals(txn, record.nbytes, 1)
 
     def register_model(self, fingerprint: str, description: dict) -> None:
@@ -158,6 +174,7 @@ class Index:
     def _drop(self, txn: lmdb.Transaction, key: bytes, record: BlockRecord) -> None:
         txn.delete(key, db=self._blocks)
         txn.delete(_lru_key(record, key), db=self._lru)
+        txn.delete(bytes.fromhex(record.parent) + key, db=self._children)
         self._add_totals(txn, -record.nbytes, -1)
 
     def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int) -> None:

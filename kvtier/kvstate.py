@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
 BlockArrays = dict[str, mx.array]
+Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (one-token shape, dtype)
 
 
 class UnsupportedCache(Exception):
@@ -25,7 +26,7 @@ def check_sliceable(prompt_cache: list[Any]) -> None:
             raise UnsupportedCache(f"layer {i} uses {type(layer).__name__}, which kvtier cannot slice")
 
 
-def probe_layout(model: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+def probe_layout(model: Any) -> Layout:
     """Per-array (shape of a one-token slice, dtype) of this model's KV, from one forward pass.
 
     Restored blocks are checked against this before use, so a file of another shape or
@@ -37,10 +38,6 @@ def probe_layout(model: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     arrays = slice_block(prompt_cache, 0, 1)
     return {name: (tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
 
-
-def expected_shapes(layout: dict[str, tuple[tuple[int, ...], str]], num_tokens: int) -> dict:
-    return {name: (shape[:2] + (num_tokens,) + shape[3:], dtype)
-            for name, (shape, dtype) in layout.items()}
 
 
 def cached_tokens(prompt_cache: list[Any]) -> int:
@@ -75,9 +72,9 @@ def block_nbytes(arrays: BlockArrays) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
-def validate_shapes(arrays: BlockArrays, expected: dict[str, tuple[tuple[int, ...], str]]) -> bool:
+def matches_layout(arrays: BlockArrays, layout: Layout, num_tokens: int) -> bool:
     """True when a restored block has exactly the names, shapes and dtypes this model makes."""
-    if set(arrays) != set(expected):
+    if set(arrays) != set(layout):
         return False
-    return all(tuple(arrays[k].shape) == shape and str(arrays[k].dtype) == dtype
-               for k, (shape, dtype) in expected.items())
+    return all(tuple(arrays[k].shape) == shape[:2] + (num_tokens,) + shape[3:]
+               and str(arrays[k].dtype) == dtype for k, (shape, dtype) in layout.items())

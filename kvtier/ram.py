@@ -31,12 +31,17 @@ class RamTier:
     def __init__(self, budget: int):
         self.budget = budget
         self._blocks: OrderedDict[bytes, HotBlock] = OrderedDict()
+        self._children: dict[bytes, set[bytes]] = {}  # parent key -> keys of hot children
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: bytes) -> HotBlock | None:
         with self._lock:
             return self._blocks.get(key)
+
+    def children(self, parent: bytes) -> list[HotBlock]:
+        with self._lock:
+            return [self._blocks[k] for k in self._children.get(parent, ())]
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -56,8 +61,14 @@ class RamTier:
                 self._blocks.move_to_end(block.key)
                 return []
             self._blocks[block.key] = block
+            self._children.setdefault(block.parent, set()).add(block.key)
             self._bytes += block.nbytes
             return self._evict_locked(self.budget)
+
+    def remove(self, key: bytes) -> None:
+        with self._lock:
+            if key in self._blocks:
+                self._forget_locked(self._blocks[key])
 
     def shrink_to(self, target_bytes: int) -> list[HotBlock]:
         with self._lock:
@@ -82,6 +93,7 @@ class RamTier:
     def clear(self) -> None:
         with self._lock:
             self._blocks.clear()
+            self._children.clear()
             self._bytes = 0
 
     @property
@@ -100,7 +112,14 @@ class RamTier:
             block = self._blocks[key]
             if block.pins:
                 continue
-            del self._blocks[key]
-            self._bytes -= block.nbytes
+            self._forget_locked(block)
             victims.append(block)
         return victims
+
+    def _forget_locked(self, block: HotBlock) -> None:
+        del self._blocks[block.key]
+        siblings = self._children[block.parent]
+        siblings.discard(block.key)
+        if not siblings:
+            del self._children[block.parent]
+        self._bytes -= block.nbytes

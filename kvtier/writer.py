@@ -19,8 +19,12 @@ log = logging.getLogger("kvtier.writer")
 @dataclass
 class WriteJob:
     key: bytes
-    payload: bytes
+    payload: bytes | None  # None: remove the block from disk
     block: Any  # what the write function needs to index the block
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload) if self.payload else 0
 
 
 class DiskWriter:
@@ -38,14 +42,14 @@ class DiskWriter:
 
     def submit(self, job: WriteJob) -> None:
         with self._cond:
-            if job.key in self._queued_keys:
+            if job.payload is not None and job.key in self._queued_keys:
                 return
             # Wait for room, but always admit one job so a huge block cannot deadlock.
-            while self._jobs and self._pending_bytes + len(job.payload) > self._max_bytes:
+            while self._jobs and self._pending_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
             self._jobs.append(job)
             self._queued_keys.add(job.key)
-            self._pending_bytes += len(job.payload)
+            self._pending_bytes += job.nbytes
             self._cond.notify_all()
 
     def is_queued(self, key: bytes) -> bool:
@@ -84,6 +88,6 @@ class DiskWriter:
             with self._cond:
                 self._jobs.popleft()
                 self._queued_keys.discard(job.key)
-                self._pending_bytes -= len(job.payload)
+                self._pending_bytes -= job.nbytes
                 self._busy = False
                 self._cond.notify_all()

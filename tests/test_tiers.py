@@ -11,7 +11,6 @@ import pytest
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
 from kvtier.disk import decode_block, encode_block
-from kvtier.kvstate import expected_shapes
 from kvtier.tiers import TieredStore
 
 BLOCK = 16
@@ -21,7 +20,7 @@ BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
 
 def make_store(cache_dir, **overrides) -> TieredStore:
     config = CacheConfig(cache_dir=cache_dir, block_size=BLOCK, **overrides)
-    return TieredStore(config, "fp-test", expected_shapes(LAYOUT, BLOCK))
+    return TieredStore(config, "fp-test", LAYOUT)
 
 
 def arrays_for(seed: int) -> dict:
@@ -62,10 +61,10 @@ def test_a_hit_is_confirmed_against_the_tokens(tmp_path):
     store = make_store(tmp_path)
     refs = fill(store, tokens)
     other = tokens[:BLOCK] + [999] + tokens[BLOCK + 1:]  # same keys, different tokens: a collision
-    assert store.match(refs, other).num_blocks == 1
+    assert store.match(refs, other).num_full_blocks == 1
     store.close()
     store = make_store(tmp_path)
-    assert store.match(refs, other).num_blocks == 1
+    assert store.match(refs, other).num_full_blocks == 1
     assert store.counters["key_collisions"] == 1
     store.close()
 
@@ -89,7 +88,7 @@ def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
 
     store = make_store(tmp_path)
     match = store.match(refs, tokens)
-    assert match.num_blocks == 1  # the chain stops at the damaged block
+    assert match.num_full_blocks == 1  # the chain stops at the damaged block
     assert store.counters["damaged_blocks"] == 1
     assert store.index.get(refs[1].key) is None and not victim.exists()
     store.close()
@@ -112,9 +111,9 @@ def test_disk_budget_is_never_exceeded_and_evicts_oldest(tmp_path):
     assert store.counters["disk_evictions"] > 0
     newest_refs, newest_tokens = chains[-1]
     store.ram.clear()
-    assert store.match(newest_refs, newest_tokens).num_blocks == 2
+    assert store.match(newest_refs, newest_tokens).num_full_blocks == 2
     oldest_refs, oldest_tokens = chains[0]
-    assert store.match(oldest_refs, oldest_tokens).num_blocks == 0
+    assert store.match(oldest_refs, oldest_tokens).num_full_blocks == 0
     store.close()
 
 
@@ -149,3 +148,35 @@ def test_bfloat16_round_trips_exactly():
     decoded, tokens = decode_block(encode_block(arrays, np.arange(4, dtype=np.uint32), {}))
     assert decoded["0.keys"].dtype == mx.bfloat16
     assert mx.array_equal(decoded["0.keys"], arrays["0.keys"]) and tokens.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_leading_part_of_a_cached_block_is_reused(tmp_path, restart):
+    tokens = list(range(500, 500 + 2 * BLOCK))
+    store = make_store(tmp_path)
+    fill(store, tokens)
+    if restart:
+        store.close()
+        store = make_store(tmp_path)
+    query = tokens[: BLOCK + 5] + [7, 7, 7]
+    match = store.match(block_refs(query, BLOCK, store.fingerprint), query)
+    assert match.num_full_blocks == 1 and match.num_tokens == BLOCK + 5
+    assert match.sources == ["disk" if restart else "ram"] * 2
+    store.close()
+
+
+def test_a_full_block_supersedes_the_partial_tail_it_extends(tmp_path):
+    tokens = list(range(900, 900 + 2 * BLOCK))
+    store = make_store(tmp_path)
+    short = tokens[: BLOCK + 5]
+    partial_ref = block_refs(short, BLOCK, store.fingerprint, partial_tail=True)[1]
+    store.store(block_refs(short, BLOCK, store.fingerprint)[0], short[:BLOCK], arrays_for(0))
+    store.store(partial_ref, short[BLOCK:], {k: v[:, :, :5] for k, v in arrays_for(1).items()})
+    store.flush()
+    assert store.index.get(partial_ref.key) is not None
+    fill(store, tokens)  # the conversation went on: block 1 is now full
+    store.flush()
+    assert store.index.get(partial_ref.key) is None and store.ram.get(partial_ref.key) is None
+    assert not store.files.path_for(partial_ref.hex).exists()
+    assert store.index.totals()[1] == 2
+    store.close()
