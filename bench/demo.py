@@ -1,0 +1,110 @@
+"""`make demo`: an agent-style session against the kvtier daemon, on a generated demo model.
+
+Two projects, each with its own long system prompt and tool definitions; turns with tool
+results; a daemon restart in the middle; a switch between the projects. The same session
+is then replayed on a daemon with the cache turned off, for the totals and to show that
+every answer is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass
+
+from harness import ROOT, Server, Timed, agent_system_prompt, stream_chat
+
+RESTART = "restart"
+
+
+@dataclass
+class Step:
+    label: str
+    project: str
+    user: str
+    tool_result: str | None = None  # appended as a tool message before the user turn
+
+
+SESSION = [
+    Step("first request", "webshop", "Look at the failing checkout test."),
+    Step("tool result", "webshop", "What does that tell you?", "FAILED tests/test_checkout.py::test_total - assert 41 == 42"),
+    Step("next turn", "webshop", "Fix the rounding in cart.total()."),
+    Step("tool result", "webshop", "Run the tests again.", "1 failed, 87 passed"),
+    Step(RESTART, "", ""),
+    Step("after restart", "webshop", "Why does it still fail?", "E   Decimal('41.99') != Decimal('42.00')"),
+    Step("switch project", "compiler", "Explain the parser's error recovery."),
+    Step("next turn", "compiler", "Add a test for an unclosed bracket.", "tests/test_parser.py created"),
+    Step("switch back", "webshop", "Summarise what we changed today."),
+]
+
+
+def run_session(server: Server, model: str, systems: dict[str, str], max_tokens: int) -> list[tuple[Step, Timed]]:
+    conversations = {name: [{"role": "system", "content": text}] for name, text in systems.items()}
+    results = []
+    server.start()
+    try:
+        for step in SESSION:
+            if step.label == RESTART:
+                server.restart()
+                continue
+            messages = conversations[step.project]
+            if step.tool_result:
+                messages.append({"role": "tool", "content": step.tool_result})
+            messages.append({"role": "user", "content": step.user})
+            timed = stream_chat(server, model, messages, max_tokens)
+            messages.append({"role": "assistant", "content": timed.text})
+            results.append((step, timed))
+    finally:
+        server.stop()
+    return results
+
+
+def print_table(cached: list[tuple[Step, Timed]], plain: list[tuple[Step, Timed]]) -> None:
+    print(f"\n{'#':>2}  {'request':<15} {'prompt':>7} {'TTFT':>8} {'no cache':>9} "
+          f"{'from RAM':>9} {'from disk':>9} {'computed':>9}  same text")
+    for i, ((step, kv), (_, base)) in enumerate(zip(cached, plain), 1):
+        k = kv.usage.get("kvtier", {})
+        print(f"{i:>2}  {step.label:<15} {kv.usage['prompt_tokens']:>7} {kv.ttft:>7.2f}s {base.ttft:>8.2f}s "
+              f"{k.get('ram_tokens', 0):>9} {k.get('disk_tokens', 0):>9} {k.get('computed_tokens', 0):>9}  "
+              f"{'yes' if kv.text == base.text else 'NO'}")
+    total_kv = sum(t.ttft for _, t in cached)
+    total_base = sum(t.ttft for _, t in plain)
+    reused = sum(t.usage["prompt_tokens_details"]["cached_tokens"] for _, t in cached)
+    prompt = sum(t.usage["prompt_tokens"] for _, t in cached)
+    print(f"\nTotal time to first token: {total_kv:.1f} s with kvtier vs {total_base:.1f} s without a cache "
+          f"({total_base / max(total_kv, 1e-9):.1f}x faster); {reused} of {prompt} prompt tokens "
+          f"({100 * reused / prompt:.0f}%) came from the cache.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="kvtier demo: an agent session with a restart")
+    parser.add_argument("--system-tokens", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from kvtier.testmodels import make_model
+
+    work = ROOT / ".demo"
+    shutil.rmtree(work, ignore_errors=True)
+    print("generating the demo model (a random-weight llama, loaded by mlx_lm.load) ...", flush=True)
+    model = make_model(ROOT / ".models" / "llama", "llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    systems = {name: agent_system_prompt(args.system_tokens, tokenizer, project=name, seed=i)
+               for i, name in enumerate(["webshop", "compiler"])}
+
+    print("running the session on kvtier (with a daemon restart in the middle) ...", flush=True)
+    cached = run_session(Server.kvtier(model, work / "cache", work / "kvtier.log"), str(model),
+                         systems, args.max_tokens)
+    print("replaying it with the cache off (--ram-budget 0 --disk-budget 0) ...", flush=True)
+    plain = run_session(Server.kvtier(model, work / "nocache", work / "nocache.log",
+                                      "--ram-budget", "0", "--disk-budget", "0"),
+                        str(model), systems, args.max_tokens)
+    print_table(cached, plain)
+    return 0 if all(a.text == b.text for (_, a), (_, b) in zip(cached, plain)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
