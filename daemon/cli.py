@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "a fifth of RAM capped at 8 GiB)")
     serve.add_argument("--disk-budget", type=_size, default=DEFAULT_DISK_BUDGET,
                        help="bytes of cache files on disk (default: 20GB)")
-    serve.add_argument("--block-size", type=int, default=None, help="tokens per cached block (default: 256)")
+    serve.add_argument("--block-size", type=int, default=None, help="tokens per cached block (default: 128)")
     serve.add_argument("--prefill-step-size", type=int, default=2048,
                        help="tokens computed per forward pass while prefilling (default: 2048)")
     serve.add_argument("--max-tokens", type=int, default=512,

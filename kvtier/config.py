@@ -13,9 +13,10 @@ import psutil
 # Bumped whenever the on-disk block layout changes; part of every block key's salt.
 LAYOUT_VERSION = 1
 
-# Chosen by bench/block_size.py (see docs/benchmarks.md): 256 restores as fast as larger
-# blocks while still reusing most of a partially matching prompt.
-DEFAULT_BLOCK_SIZE = 256
+# Chosen by bench/block_size.py (docs/benchmarks.md): from 64 up, restore time is flat, while
+# each request's rewritten partial tail block grows with the size; 128 balances that
+# against the number of files.
+DEFAULT_BLOCK_SIZE = 128
 
 _UNITS = {
     "": 1, "b": 1,

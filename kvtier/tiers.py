@@ -200,6 +200,7 @@ class TieredStore:
             return
         self.disk_error = None
         self.count("disk_writes")
+        self.count("disk_bytes_written", nbytes)
         block.persisted = True
 
     def disk_used(self) -> int:
