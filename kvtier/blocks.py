@@ -41,6 +41,17 @@ def chain_keys(tokens: Sequence[int], block_size: int, fingerprint: str,
     return keys
 
 
+def snapshot_ref(refs: list["BlockRef"], tokens: Sequence[int], position: int, block_size: int,
+                 fingerprint: str) -> "BlockRef":
+    """Where a snapshot taken after `position` tokens lives: its parent (anchor) is the last
+    full block before the position, and its key covers the exact prefix it summarises."""
+    j = position // block_size
+    anchor = refs[j - 1].key if j else root_key(fingerprint)
+    after = tokens[j * block_size : position]
+    prefix = xxhash.xxh3_128_digest(anchor + encode_tokens(after)) if len(after) else anchor
+    return BlockRef(xxhash.xxh3_128_digest(b"kvtier-snapshot\x00" + prefix), anchor, j)
+
+
 @dataclass(frozen=True)
 class BlockRef:
     """Where a block sits in its chain: its key, its parent's key and its index."""

@@ -68,6 +68,9 @@ class CacheConfig:
     ram_budget: int = field(default_factory=default_ram_budget)  # bytes of KV held in memory
     disk_budget: int = DEFAULT_DISK_BUDGET  # bytes of files under cache_dir
     write_queue_bytes: int = 512 * 2**20  # blocks waiting for the disk; producers wait when full
+    # Models with recurrent / sliding-window layers: snapshot their state every this many
+    # blocks of a long prompt (besides message ends and each request's end).
+    snapshot_every_blocks: int = 16
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()

@@ -45,10 +45,11 @@ def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) 
     return st_save(tensors, metadata=metadata)
 
 
-def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray]:
+def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray, dict[str, str]]:
     try:
         tensors = st_load(payload)
-        dtypes = json.loads(_metadata(payload).get("dtypes", "{}"))
+        metadata = _metadata(payload)
+        dtypes = json.loads(metadata.get("dtypes", "{}"))
     except Exception as exc:  # safetensors raises several types for malformed input
         raise DamagedBlock(f"unreadable block file: {exc}") from exc
     tokens = tensors.pop(TOKENS_TENSOR, None)
@@ -61,7 +62,7 @@ def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray]:
         if not isinstance(target, mx.Dtype):
             raise DamagedBlock(f"unknown dtype {dtypes[name]!r}")
         arrays[name] = array.view(target) if array.dtype != target else array
-    return arrays, tokens
+    return arrays, tokens, metadata
 
 
 def _metadata(payload: bytes) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Load a model, restore the longest cached prefix, prefill the rest, decode. No HTTP here.
 
-One request reads as a straight line: block keys -> longest cached prefix (RAM, then disk)
--> rebuild the prompt cache -> prefill the remainder in chunks -> decode -> store new blocks.
+One request reads as a straight line: block keys -> longest cached prefix (RAM, then disk;
+for recurrent layers, the longest one that also has a snapshot) -> rebuild the prompt cache
+-> prefill the remainder in chunks, snapshotting at chosen boundaries -> decode -> store.
 Everything in this module runs on the single thread that owns MLX.
 """
 
@@ -16,14 +17,13 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
-from .blocks import block_refs, describe_model, model_fingerprint
+from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
 from .stops import StopMatcher
-from .tiers import Match, TieredStore
+from .tiers import Match, NewEntry, SnapshotHit, TieredStore
 
 log = logging.getLogger("kvtier.engine")
 
@@ -36,6 +36,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -82,19 +83,33 @@ class Engine:
         self.model, self.tokenizer = mlx_load(str(self.model_path))
         self.prefill_step_size = prefill_step_size
         self.block_size = cache_config.block_size
-        self.reusable, layout = self._probe()
-        dtype = next(iter(layout.values()))[1] if layout else "unknown"
+        self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
+        self.plan, layout = self._probe()
+        dtype = next(iter(layout.values()))[1] if layout else str(self._param_dtype())
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size)
-        self.store = TieredStore(cache_config, self.fingerprint, layout)
+        self.store = TieredStore(cache_config, self.fingerprint, layout, self.plan)
         self.store.index.register_model(self.fingerprint, dict(describe_model(self.model_path),
                                                                name=model))
 
-    def _probe(self) -> tuple[bool, dict]:
+    def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
         try:
-            return True, kvstate.probe_layout(self.model)
+            plan, layout = kvstate.probe(self.model)
         except kvstate.UnsupportedCache as exc:
             log.warning("prefix reuse disabled for this model: %s", exc)
-            return False, {}
+            return None, {}
+        if plan.needs_snapshots:
+            kinds = sorted({plan.classes[i] for i in plan.snapshot})
+            log.info("layers of type %s are restored from boundary snapshots", ", ".join(kinds))
+        return plan, layout
+
+    def _param_dtype(self) -> Any:
+        from mlx.utils import tree_flatten
+
+        return next(v for _, v in tree_flatten(self.model.parameters())).dtype
+
+    @property
+    def reusable(self) -> bool:
+        return self.plan is not None
 
     @property
     def context_length(self) -> int | None:
@@ -103,9 +118,24 @@ class Engine:
 
     # -- tokenization ------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self._render(messages, tools, add_generation_prompt=True)
+
+    def message_boundaries(self, messages: list[dict], tools: list[dict] | None,
+                           tokens: list[int]) -> list[int]:
+        """Where the system prompt and the last few messages end in `tokens`: the points a
+        later request most likely shares, worth a snapshot for recurrent layers."""
+        if not (self.plan and self.plan.needs_snapshots):
+            return []
+        ends = []
+        for count in sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)}):
+            partial = self._render(messages[:count], tools, add_generation_prompt=False)
+            ends.append(_common_prefix(partial, tokens))
+        return sorted(set(e for e in ends if e > 0))
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> list[int]:
         kwargs = {"tools": tools} if tools else {}
         return list(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, **kwargs))
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs))
 
     def text_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))
@@ -114,68 +144,121 @@ class Engine:
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         tokens = request.prompt_tokens
         started = time.perf_counter()
-        match = self._match(tokens)
-        usage = Usage(prompt_tokens=len(tokens))
-        reuse = self._reuse_length(match, len(tokens), usage)
-        prompt_cache = kvstate.rebuild(self.model, [b.arrays for b in match.blocks], reuse)
-        self.store.count("tokens_from_ram", usage.ram_tokens)
-        self.store.count("tokens_from_disk", usage.disk_tokens)
-        self.store.count("tokens_computed", usage.computed_tokens)
-        self.store.count("requests_hit" if reuse else "requests_miss")
-
+        refs = block_refs(tokens, self.block_size, self.fingerprint)
+        match = self._match(refs, tokens)
+        reuse, hit = self._restore_point(refs, tokens, match)
+        usage = self._account(match, reuse, len(tokens))
+        prompt_cache = self._rebuild(match, reuse, hit)
+        snapshots: dict[int, kvstate.Snapshot] = {}
         fed: list[int] = []
+        points = self._snapshot_points(request, reuse)
         try:
-            yield from self._decode(request, tokens[reuse:], prompt_cache, usage, fed, started)
+            self._prefill(prompt_cache, tokens, reuse, points, snapshots)
+            yield from self._decode(request, prompt_cache, usage, fed, started, points, snapshots)
         finally:
-            self._store_new_blocks(tokens + fed, prompt_cache, match.num_full_blocks)
+            self._store_new(tokens + fed, prompt_cache, match.num_full_blocks, snapshots)
 
-    def _match(self, tokens: list[int]) -> Match:
+    def _match(self, refs: list, tokens: list[int]) -> Match:
         if not self.reusable:
             self.store.count("requests_unsupported_model")
             return Match([], [], [])
-        return self.store.match(block_refs(tokens, self.block_size, self.fingerprint), tokens)
+        return self.store.match(refs, tokens)
 
-    def _reuse_length(self, match: Match, num_prompt: int, usage: Usage) -> int:
-        """Tokens taken from the cache: never the whole prompt, so the last one is computed."""
-        reuse = min(match.num_tokens, num_prompt - 1)
-        left = reuse
+    def _restore_point(self, refs: list, tokens: list[int], match: Match) -> tuple[int, SnapshotHit | None]:
+        """Tokens to take from the cache: never the whole prompt (the last one is computed),
+        and for recurrent layers only up to a boundary that has a snapshot."""
+        limit = min(match.num_tokens, len(tokens) - 1)
+        if limit <= 0 or not self.plan.needs_snapshots:
+            return max(limit, 0), None
+        hit = self.store.find_snapshot(refs, tokens, limit)
+        if hit is None:
+            self.store.count("snapshot_misses")
+            return 0, None
+        return hit.position, hit
+
+    def _account(self, match: Match, reuse: int, num_prompt: int) -> Usage:
+        usage, left = Usage(prompt_tokens=num_prompt), reuse
         for source, usable in zip(match.sources, match.usable):
             n = min(usable, left)
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
             left -= n
-        return reuse
+        self.store.count("tokens_from_ram", usage.ram_tokens)
+        self.store.count("tokens_from_disk", usage.disk_tokens)
+        self.store.count("tokens_computed", usage.computed_tokens)
+        self.store.count("requests_hit" if reuse else "requests_miss")
+        return usage
 
-    def _decode(self, request: GenerationRequest, remainder: list[int], prompt_cache: list[Any],
-                usage: Usage, fed: list[int], started: float) -> Iterator[Chunk]:
+    def _rebuild(self, match: Match, reuse: int, hit: SnapshotHit | None) -> list[Any]:
+        if not self.reusable or reuse == 0:
+            return kvstate.make_cache(self.model)
+        return kvstate.rebuild(self.model, self.plan, [b.arrays for b in match.blocks], reuse,
+                               hit.snapshot if hit else None)
+
+    def _snapshot_points(self, request: GenerationRequest, reuse: int) -> set[int]:
+        if not (self.plan and self.plan.needs_snapshots):
+            return set()
+        end = len(request.prompt_tokens)
+        regular = range(self.snapshot_every, end, self.snapshot_every)
+        return {p for p in (*request.boundaries, *regular, end) if reuse < p <= end}
+
+    def _prefill(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
+                 snapshots: dict[int, kvstate.Snapshot]) -> None:
+        """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points."""
+        end = len(tokens) - 1
+        cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
+        cuts |= {p for p in points if p < end}
+        position = start
+        for cut in sorted(c for c in cuts if c > start):
+            self.model(mx.array(tokens[position:cut])[None], cache=prompt_cache)
+            mx.eval(kvstate.state_arrays(prompt_cache))
+            position = cut
+            if cut in points:
+                snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.plan)
+        mx.clear_cache()
+
+    def _decode(self, request: GenerationRequest, prompt_cache: list[Any], usage: Usage, fed: list[int],
+                started: float, points: set[int], snapshots: dict[int, kvstate.Snapshot]) -> Iterator[Chunk]:
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+
+        def step(token: mx.array) -> mx.array:
+            logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
+            return sampler(logits - mx.logsumexp(logits, keepdims=True))
+
+        y = step(mx.array(request.prompt_tokens[-1:]))
+        if len(request.prompt_tokens) in points:
+            snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.plan)
+        mx.async_eval(y)
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
         stops = StopMatcher(request.stop)
         eos = set(self.tokenizer.eos_token_ids)
-        steps = generate_step(mx.array(remainder), self.model, max_tokens=request.max_tokens,
-                              sampler=sampler, prompt_cache=prompt_cache,
-                              prefill_step_size=self.prefill_step_size)
-        finish, matched_stop = "length", False
-        for token, _ in steps:
-            if not fed:
+        finish, matched_stop, n = "length", False, 0
+        while n < request.max_tokens:
+            # Queue the next step before reading this token: compute overlaps the host side.
+            next_y = step(y)
+            mx.async_eval(next_y)
+            token = y.item()
+            if n == 0:
                 usage.prefill_seconds = time.perf_counter() - started
             fed.append(token)
+            n += 1
             if token in eos:
                 finish = "stop"
                 break
             usage.completion_tokens += 1
             detokenizer.add_token(token)
-            text, stopped = stops.feed(detokenizer.last_segment)
+            text, matched_stop = stops.feed(detokenizer.last_segment)
             if text:
                 yield Chunk(text)
-            if stopped:
-                finish, matched_stop = "stop", True
+            if matched_stop:
+                finish = "stop"
                 break
             if request.cancelled.is_set():
                 finish = "cancelled"
                 break
+            y = next_y
         tail = ""
         if not matched_stop:
             detokenizer.finalize()
@@ -183,17 +266,39 @@ class Engine:
             tail += "" if matched_stop else stops.flush()
         yield Chunk(tail, finish, usage)
 
-    def _store_new_blocks(self, sequence: list[int], prompt_cache: list[Any], first_new: int) -> None:
-        """Cut every block the cache now holds, past the reused ones, into the tiers; the
-        partly filled last block too, so a repeated or continued request reuses it all."""
+    def _store_new(self, sequence: list[int], prompt_cache: list[Any], first_new: int,
+                   snapshots: dict[int, kvstate.Snapshot]) -> None:
+        """Cut every block the cache now holds, past the reused ones, into the tiers (the
+        partly filled last block too), with the snapshots taken on the way: one commit."""
         if not self.reusable:
             return
-        held = sequence[: kvstate.cached_tokens(prompt_cache)]
-        for ref in block_refs(held, self.block_size, self.fingerprint, partial_tail=True)[first_new:]:
+        held_count = kvstate.cached_tokens(prompt_cache)
+        held = sequence[: len(sequence) if held_count is None else held_count]
+        if self.plan.needs_snapshots and held:
+            snapshots[len(held)] = kvstate.take_snapshot(prompt_cache, self.plan)
+        refs = block_refs(held, self.block_size, self.fingerprint, partial_tail=True)
+        entries = []
+        for ref in refs[first_new:]:
             start = ref.index * self.block_size
             end = min(start + self.block_size, len(held))
-            self.store.store(ref, held[start:end], kvstate.slice_block(prompt_cache, start, end))
+            entries.append(NewEntry(ref, held[start:end],
+                                    kvstate.slice_block(prompt_cache, self.plan, start, end)))
+        for position, snapshot in sorted(snapshots.items()):
+            if position <= len(held):
+                ref = snapshot_ref(refs, held, position, self.block_size, self.fingerprint)
+                start = ref.index * self.block_size
+                entries.append(NewEntry(ref, held[start:position], snapshot.arrays, "snap",
+                                        snapshot.skeleton))
+        self.store.store(entries)
 
     def close(self) -> None:
         self.store.close()
 
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

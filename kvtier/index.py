@@ -4,7 +4,7 @@ LMDB is safe across processes, so the CLI can read and purge while the daemon ru
 Sub-databases:
   blocks  key(16 B)                      -> JSON record (see BlockRecord)
   lru     access_ms(8 B BE) + inverted depth(4 B) + key(16 B)  -> b""   (oldest first = evicted first)
-  children parent(16 B) + key(16 B)      -> the child's tokens (uint32 LE), to reuse part of it
+  children parent(16 B) + key(16 B)      -> kind (1 B: k or s) + the child's tokens (uint32 LE)
   models  fingerprint                    -> JSON description
   meta    b"bytes" / b"count"            -> totals kept in the same transactions
 """
@@ -34,6 +34,7 @@ class BlockRecord:
     access_ms: int
     created_ms: int
     pinned: bool = False
+    kind: str = "kv"  # or "snap": a snapshot of the non-sliceable layers at a boundary
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -88,8 +89,8 @@ class Index:
                 except (ValueError, TypeError):
                     yield bytes(key), None
 
-    def children(self, parent: bytes) -> list[tuple[bytes, bytes]]:
-        """(key, token bytes) of every indexed block whose parent is `parent`."""
+    def children(self, parent: bytes, kind: str = "kv") -> list[tuple[bytes, bytes]]:
+        """(key, token bytes) of every indexed entry of `kind` whose parent is `parent`."""
         with self.env.begin(db=self._children) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(parent):
@@ -98,7 +99,8 @@ class Index:
             for composite, tokens in cursor:
                 if composite[:16] != parent:
                     break
-                found.append((bytes(composite[16:]), bytes(tokens)))
+                if tokens[:1] == kind[:1].encode():
+                    found.append((bytes(composite[16:]), bytes(tokens[1:])))
             return found
 
     def models(self) -> dict[str, dict]:
@@ -119,15 +121,18 @@ class Index:
         return keys
 
     # -- writes ------------------------------------------------------------------------
-    def put(self, key: bytes, record: BlockRecord, tokens: bytes) -> None:
+    def put_many(self, entries: list[tuple[bytes, BlockRecord, bytes]]) -> None:
+        """Index (key, record, tokens) entries in one transaction: all or none."""
         with self.env.begin(write=True) as txn:
-            old = txn.get(key, db=self._blocks)
-            if old:
-                self._drop(txn, key, BlockRecord.decode(old))
-            txn.put(key, record.encode(), db=self._blocks)
-            txn.put(_lru_key(record, key), b"", db=self._lru)
-            txn.put(bytes.fromhex(record.parent) + key, tokens, db=self._children)
-            self._add_totals(txn, record.nbytes, 1)
+            for key, record, tokens in entries:
+                old = txn.get(key, db=self._blocks)
+                if old:
+                    self._drop(txn, key, BlockRecord.decode(old))
+                txn.put(key, record.encode(), db=self._blocks)
+                txn.put(_lru_key(record, key), b"", db=self._lru)
+                txn.put(bytes.fromhex(record.parent) + key, record.kind[:1].encode() + tokens,
+                        db=self._children)
+                self._add_totals(txn, record.nbytes, 1)
 
     def register_model(self, fingerprint: str, description: dict) -> None:
         with self.env.begin(write=True, db=self._models) as txn:

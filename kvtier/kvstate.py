@@ -1,12 +1,19 @@
-"""Cut an mlx-lm prompt cache into per-block arrays, and rebuild a prompt cache from them.
+"""Cut an mlx-lm prompt cache into per-block arrays and boundary snapshots, and rebuild it.
 
-Only caches whose state is a per-token sequence can be cut at any block boundary. Layer
-caches that carry a running summary (recurrent state, sliding windows) cannot, and a
-model that has them is refused here rather than guessed at.
+Two kinds of layer cache:
+- sliced: a per-token sequence (KVCache, QuantizedKVCache). Any block of tokens can be cut
+  out and concatenated back, so these layers are stored as blocks.
+- snapshot: a running summary of every token so far (ArraysCache for SSM / linear attention,
+  RotatingKVCache for sliding windows, ChunkedKVCache, CacheList). It cannot be cut; its
+  whole state is copied at chosen boundaries and restored only at exactly that boundary.
+Every cache type goes through mlx-lm's own `state` protocol; a state that is not a tree of
+arrays and plain values is refused (UnsupportedCache), never guessed at.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -15,66 +22,169 @@ from mlx_lm.models import cache as mlx_cache
 BlockArrays = dict[str, mx.array]
 Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (one-token shape, dtype)
 
+SLICED_TYPES = (mlx_cache.KVCache, mlx_cache.QuantizedKVCache)
+
 
 class UnsupportedCache(Exception):
-    """The model's prompt cache cannot be sliced into reusable blocks."""
+    """The model's prompt cache cannot be reused exactly."""
 
 
-def check_sliceable(prompt_cache: list[Any]) -> None:
-    for i, layer in enumerate(prompt_cache):
-        if type(layer) is not mlx_cache.KVCache:
-            raise UnsupportedCache(f"layer {i} uses {type(layer).__name__}, which kvtier cannot slice")
+@dataclass(frozen=True)
+class CachePlan:
+    """Which layers are cut into blocks and which are snapshotted, for one model."""
+
+    sliced: tuple[int, ...]
+    snapshot: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def needs_snapshots(self) -> bool:
+        return bool(self.snapshot)
 
 
-def probe_layout(model: Any) -> Layout:
-    """Per-array (shape of a one-token slice, dtype) of this model's KV, from one forward pass.
+def plan_for(prompt_cache: list[Any]) -> CachePlan:
+    sliced = tuple(i for i, c in enumerate(prompt_cache) if type(c) in SLICED_TYPES)
+    snapshot = tuple(i for i in range(len(prompt_cache)) if i not in sliced)
+    return CachePlan(sliced, snapshot, tuple(type(c).__name__ for c in prompt_cache))
 
-    Restored blocks are checked against this before use, so a file of another shape or
-    dtype is a miss instead of a crash or garbage attention.
+
+def make_cache(model: Any) -> list[Any]:
+    return mlx_cache.make_prompt_cache(model)
+
+
+def probe(model: Any) -> tuple[CachePlan, Layout]:
+    """Run one token through a fresh cache: the per-layer plan and the one-token block layout.
+
+    Restored blocks are checked against the layout before use, so a file of another shape
+    or dtype is a miss instead of a crash or garbage attention. Snapshot states are packed
+    once here so that an unsupported state type is refused up front.
     """
-    prompt_cache = mlx_cache.make_prompt_cache(model)
-    check_sliceable(prompt_cache)
+    prompt_cache = make_cache(model)
+    plan = plan_for(prompt_cache)
     model(mx.array([[0]]), cache=prompt_cache)
-    arrays = slice_block(prompt_cache, 0, 1)
-    return {name: (tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
+    mx.eval(state_arrays(prompt_cache))
+    take_snapshot(prompt_cache, plan)  # raises UnsupportedCache for unknown state shapes
+    arrays = slice_block(prompt_cache, plan, 0, 1)
+    return plan, {name: (tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
 
 
+def cached_tokens(prompt_cache: list[Any]) -> int | None:
+    """Tokens a sliced layer holds (None for models without one)."""
+    for layer in prompt_cache:
+        if type(layer) in SLICED_TYPES:
+            return layer.offset
+    return None
 
-def cached_tokens(prompt_cache: list[Any]) -> int:
-    return prompt_cache[0].offset if prompt_cache else 0
+
+# -- sliced layers: blocks ----------------------------------------------------------------
+def _parts(value: Any) -> list[mx.array]:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
-def slice_block(prompt_cache: list[Any], start: int, end: int) -> BlockArrays:
-    """Copies of every layer's keys/values for tokens [start, end), independent of the cache."""
+def slice_block(prompt_cache: list[Any], plan: CachePlan, start: int, end: int) -> BlockArrays:
+    """Copies of every sliced layer's keys/values for tokens [start, end)."""
     arrays: BlockArrays = {}
-    for i, layer in enumerate(prompt_cache):
-        arrays[f"{i}.keys"] = mx.contiguous(layer.keys[..., start:end, :])
-        arrays[f"{i}.values"] = mx.contiguous(layer.values[..., start:end, :])
+    for i in plan.sliced:
+        layer = prompt_cache[i]
+        for kind in ("keys", "values"):
+            for j, part in enumerate(_parts(getattr(layer, kind))):
+                arrays[f"{i}.{kind}.{j}"] = mx.contiguous(part[..., start:end, :])
     mx.eval(list(arrays.values()))
     return arrays
 
 
-def rebuild(model: Any, blocks: list[BlockArrays], num_tokens: int) -> list[Any]:
-    """A fresh prompt cache holding the first `num_tokens` tokens of the concatenated blocks."""
-    prompt_cache = mlx_cache.make_prompt_cache(model)
-    if not blocks:
-        return prompt_cache
-    for i, layer in enumerate(prompt_cache):
-        layer.keys = mx.concatenate([b[f"{i}.keys"] for b in blocks], axis=2)
-        layer.values = mx.concatenate([b[f"{i}.values"] for b in blocks], axis=2)
-        layer.offset = layer.keys.shape[2]
-        layer.trim(layer.offset - num_tokens)
-    mx.eval([a for layer in prompt_cache for a in (layer.keys, layer.values)])
-    return prompt_cache
-
-
-def block_nbytes(arrays: BlockArrays) -> int:
-    return sum(a.nbytes for a in arrays.values())
-
-
 def matches_layout(arrays: BlockArrays, layout: Layout, num_tokens: int) -> bool:
-    """True when a restored block has exactly the names, shapes and dtypes this model makes."""
+    """True when a block has exactly the names, shapes and dtypes this model makes."""
     if set(arrays) != set(layout):
         return False
     return all(tuple(arrays[k].shape) == shape[:2] + (num_tokens,) + shape[3:]
                and str(arrays[k].dtype) == dtype for k, (shape, dtype) in layout.items())
+
+
+def _fill_sliced(layer: Any, i: int, blocks: list[BlockArrays], num_tokens: int) -> None:
+    for kind in ("keys", "values"):
+        count = sum(1 for name in blocks[0] if name.startswith(f"{i}.{kind}."))
+        parts = [mx.concatenate([b[f"{i}.{kind}.{j}"] for b in blocks], axis=2) for j in range(count)]
+        setattr(layer, kind, parts[0] if type(layer) is mlx_cache.KVCache else tuple(parts))
+    layer.offset = _parts(layer.keys)[0].shape[2]
+    layer.trim(layer.offset - num_tokens)
+
+
+# -- snapshot layers ----------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    arrays: BlockArrays
+    skeleton: str  # JSON: the state trees with arrays replaced by their names
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def _pack(node: Any, arrays: BlockArrays, name: str) -> Any:
+    if isinstance(node, mx.array):
+        arrays[name] = node
+        return {"array": name}
+    if isinstance(node, (list, tuple)):
+        return {"tuple" if isinstance(node, tuple) else "list":
+                [_pack(x, arrays, f"{name}.{i}") for i, x in enumerate(node)]}
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return {"value": node}
+    raise UnsupportedCache(f"cache state holds a {type(node).__name__}, which kvtier cannot store")
+
+
+def _unpack(node: dict, arrays: BlockArrays) -> Any:
+    if "array" in node:
+        return arrays[node["array"]]
+    if "list" in node:
+        return [_unpack(x, arrays) for x in node["list"]]
+    if "tuple" in node:
+        return tuple(_unpack(x, arrays) for x in node["tuple"])
+    return node["value"]
+
+
+def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
+    """The full state of every snapshot layer, as it is now. MLX arrays are immutable and
+    held references prevent buffer reuse, so later updates never change a snapshot."""
+    arrays: BlockArrays = {}
+    trees = {str(i): _pack(prompt_cache[i].state, arrays, f"s{i}") for i in plan.snapshot}
+    mx.eval(list(arrays.values()))
+    classes = {str(i): plan.classes[i] for i in plan.snapshot}
+    return Snapshot(arrays, json.dumps({"classes": classes, "states": trees}, sort_keys=True))
+
+
+def snapshot_matches(snapshot: Snapshot, plan: CachePlan) -> bool:
+    try:
+        skeleton = json.loads(snapshot.skeleton)
+        return skeleton["classes"] == {str(i): plan.classes[i] for i in plan.snapshot}
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+# -- rebuild ------------------------------------------------------------------------------
+def rebuild(model: Any, plan: CachePlan, blocks: list[BlockArrays], num_tokens: int,
+            snapshot: Snapshot | None) -> list[Any]:
+    """A fresh prompt cache holding the first `num_tokens` tokens: sliced layers from the
+    concatenated blocks, snapshot layers from a snapshot taken at exactly `num_tokens`."""
+    prompt_cache = make_cache(model)
+    if num_tokens == 0:
+        return prompt_cache
+    for i in plan.sliced:
+        _fill_sliced(prompt_cache[i], i, blocks, num_tokens)
+    if plan.needs_snapshots:
+        assert snapshot is not None, "snapshot layers need a snapshot at the restore point"
+        states = json.loads(snapshot.skeleton)["states"]
+        for i in plan.snapshot:
+            prompt_cache[i].state = _unpack(states[str(i)], snapshot.arrays)
+    mx.eval(state_arrays(prompt_cache))
+    return prompt_cache
+
+
+def state_arrays(prompt_cache: list[Any]) -> list[mx.array]:
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten([c.state for c in prompt_cache]) if isinstance(v, mx.array)]
+
+
+def nbytes(arrays: BlockArrays) -> int:
+    return sum(a.nbytes for a in arrays.values())

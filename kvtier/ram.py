@@ -17,12 +17,17 @@ from .kvstate import BlockArrays
 
 @dataclass
 class HotBlock:
+    """A KV block, or a snapshot of the non-sliceable layers at a boundary (kind "snap":
+    then `parent` is the full block before the boundary and `tokens` the ones after it)."""
+
     key: bytes
     parent: bytes
     index: int
     tokens: np.ndarray  # uint32, to confirm a hit token by token
     arrays: BlockArrays
     nbytes: int
+    kind: str = "kv"
+    skeleton: str | None = None  # a snapshot's state layout (see kvstate.Snapshot)
     persisted: bool = False  # True once the disk tier holds it (or it came from there)
     pins: int = field(default=0)
 
@@ -39,9 +44,10 @@ class RamTier:
         with self._lock:
             return self._blocks.get(key)
 
-    def children(self, parent: bytes) -> list[HotBlock]:
+    def children(self, parent: bytes, kind: str = "kv") -> list[HotBlock]:
         with self._lock:
-            return [self._blocks[k] for k in self._children.get(parent, ())]
+            return [b for b in (self._blocks[k] for k in self._children.get(parent, ()))
+                    if b.kind == kind]
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:

@@ -1,4 +1,5 @@
-"""The one place that moves blocks between RAM and disk: match, restore, store, spill, flush."""
+"""The one place that moves blocks and snapshots between RAM and disk: match, restore,
+store, spill, flush."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from .blocks import BlockRef, encode_tokens, root_key
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, checksum, decode_block, encode_block
 from .index import BlockRecord, Index, now_ms
-from .kvstate import BlockArrays, Layout, block_nbytes, matches_layout
+from .kvstate import BlockArrays, CachePlan, Layout, Snapshot, matches_layout, nbytes, \
+    snapshot_matches
 from .ram import HotBlock, RamTier
-from .writer import DiskWriter, WriteJob
+from .writer import DiskWriter, Entry, WriteJob
 
 log = logging.getLogger("kvtier.tiers")
 
@@ -25,6 +27,12 @@ log = logging.getLogger("kvtier.tiers")
 def tokens_hash(tokens: Sequence[int]) -> str:
     """A second, independent hash of a block's tokens, checked before a file is read."""
     return xxhash.xxh64_hexdigest(encode_tokens(tokens), seed=0x6B76)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 @dataclass
@@ -47,17 +55,31 @@ class Match:
         self.usable.append(usable)
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
+@dataclass
+class SnapshotHit:
+    position: int  # prompt tokens the snapshot covers
+    snapshot: Snapshot
+    source: str
+
+
+@dataclass
+class NewEntry:
+    """A block or snapshot computed by a request, to be kept hot and written to disk."""
+
+    ref: BlockRef
+    tokens: Sequence[int]
+    arrays: BlockArrays
+    kind: str = "kv"
+    skeleton: str | None = None
 
 
 class TieredStore:
-    def __init__(self, config: CacheConfig, fingerprint: str, layout: Layout):
+    def __init__(self, config: CacheConfig, fingerprint: str, layout: Layout,
+                 plan: CachePlan | None = None):
         self.config = config
         self.fingerprint = fingerprint
         self.layout = layout
+        self.plan = plan
         config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ram = RamTier(config.ram_budget)
         self.index = Index(config.cache_dir / "index")
@@ -65,7 +87,7 @@ class TieredStore:
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self.disk_error: str | None = None  # last disk failure, cleared by a good write
-        self.writer = DiskWriter(self._write_block, config.write_queue_bytes)
+        self.writer = DiskWriter(self._write_job, config.write_queue_bytes)
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._counter_lock:
@@ -89,10 +111,34 @@ class TieredStore:
         self._match_tail(parent, len(found.blocks), tokens[len(found.blocks) * size :], found)
         keys = [b.key for b in found.blocks]
         self.ram.unpin(keys)
-        self.ram.touch_chain(keys)
-        if keys:
-            self.index.touch(keys, now_ms())
+        self._touch(keys)
         return found
+
+    def find_snapshot(self, refs: list[BlockRef], tokens: Sequence[int], limit: int) -> SnapshotHit | None:
+        """The snapshot at the largest position <= `limit` whose prefix equals the prompt's."""
+        size = self.config.block_size
+        tokens = np.asarray(tokens, np.uint32)
+        for j in range(min(limit // size, len(refs)), -1, -1):
+            anchor = refs[j - 1].key if j else root_key(self.fingerprint)
+            candidates = {b.key: b.tokens for b in self.ram.children(anchor, "snap")}
+            for key, raw in self.index.children(anchor, "snap"):
+                candidates.setdefault(key, np.frombuffer(raw, dtype="<u4"))
+            for key, after in sorted(candidates.items(), key=lambda kv: -len(kv[1])):
+                position = j * size + len(after)
+                if position > limit or position == 0:
+                    continue
+                if not np.array_equal(after, tokens[j * size : position]):
+                    continue
+                block, source = self._lookup(BlockRef(key, anchor, j), np.asarray(after, np.uint32))
+                if block is not None and block.kind == "snap":
+                    self._touch([key])
+                    return SnapshotHit(position, Snapshot(block.arrays, block.skeleton or ""), source)
+        return None
+
+    def _touch(self, keys: list[bytes]) -> None:
+        if keys:
+            self.ram.touch_chain(keys)
+            self.index.touch(keys, now_ms())
 
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray) -> tuple[HotBlock | None, str]:
         block = self.ram.get(ref.key)
@@ -125,36 +171,49 @@ class TieredStore:
             return None
         try:
             payload = self.files.read(ref.hex, record.checksum, record.nbytes)
-            arrays, stored_tokens = decode_block(payload)
-            if (not matches_layout(arrays, self.layout, len(stored_tokens))
-                    or not np.array_equal(stored_tokens, block_tokens)):
-                raise DamagedBlock("shapes or dtypes differ from this model's KV")
+            arrays, stored_tokens, metadata = decode_block(payload)
+            if not np.array_equal(stored_tokens, block_tokens):
+                raise DamagedBlock("stored tokens differ from the index")
+            block = HotBlock(ref.key, ref.parent, ref.index, stored_tokens, arrays, nbytes(arrays),
+                             kind=record.kind, skeleton=metadata.get("skeleton"), persisted=True)
+            if not self._fits_model(block):
+                raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
         except DamagedBlock as exc:
-            log.warning("block %s is damaged (%s): treated as a miss and dropped", ref.hex, exc)
+            log.warning("cache entry %s is damaged (%s): treated as a miss and dropped", ref.hex, exc)
             self.count("damaged_blocks")
             self.drop(ref.key)
             return None
-        block = HotBlock(ref.key, ref.parent, ref.index, stored_tokens, arrays,
-                         block_nbytes(arrays), persisted=True)
         self.ram.put(block)
         return block
 
-    # -- store -------------------------------------------------------------------------
-    def store(self, ref: BlockRef, tokens: Sequence[int], arrays: BlockArrays) -> None:
-        """Keep a newly computed block hot and queue it for the disk.
+    def _fits_model(self, block: HotBlock) -> bool:
+        if block.kind == "kv":
+            return matches_layout(block.arrays, self.layout, len(block.tokens))
+        snapshot = Snapshot(block.arrays, block.skeleton or "")
+        return self.plan is not None and snapshot_matches(snapshot, self.plan)
 
-        A block may be partial (the tail of a request). Any partial sibling whose tokens this
-        block starts with is now redundant (the tail match finds them here) and is dropped.
+    # -- store -------------------------------------------------------------------------
+    def store(self, entries: list[NewEntry]) -> None:
+        """Keep a request's new blocks and snapshots hot; queue them for the disk together.
+
+        A KV block may be partial (the tail of a request). Any partial sibling whose tokens a
+        new block starts with is now redundant (the tail match finds them here): dropped.
         """
-        if ref.key in self.ram:
-            return
-        block = HotBlock(ref.key, ref.parent, ref.index, np.asarray(tokens, np.uint32),
-                         arrays, block_nbytes(arrays))
-        for key in self._covered_partials(block):
+        blocks, removed = [], []
+        for entry in entries:
+            if entry.ref.key in self.ram:
+                continue
+            block = HotBlock(entry.ref.key, entry.ref.parent, entry.ref.index,
+                             np.asarray(entry.tokens, np.uint32), entry.arrays, nbytes(entry.arrays),
+                             kind=entry.kind, skeleton=entry.skeleton)
+            if block.kind == "kv":
+                removed += self._covered_partials(block)
+            blocks.append(block)
+        for key in removed:
             self.ram.remove(key)
-            self.writer.submit(WriteJob(key, None, None))  # ordered after its pending write
-        self.ram.put(block)
-        self._submit(block)
+        for block in blocks:
+            self.ram.put(block)
+        self._submit(blocks, removed)
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
         siblings = {b.key: b.tokens for b in self.ram.children(block.parent)}
@@ -164,50 +223,63 @@ class TieredStore:
                 if key != block.key and len(tokens) < len(block.tokens)
                 and common_prefix(tokens, block.tokens) == len(tokens)]
 
-    def _submit(self, block: HotBlock) -> None:
+    def _submit(self, blocks: list[HotBlock], removed: list[bytes] = ()) -> None:
         if self.config.disk_budget == 0:
             return
-        meta = {"key": block.key.hex(), "fingerprint": self.fingerprint}
-        self.writer.submit(WriteJob(block.key, encode_block(block.arrays, block.tokens, meta), block))
+        entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
+        for block in blocks:
+            meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind}
+            if block.skeleton:
+                meta["skeleton"] = block.skeleton
+            entries.append(Entry(block.key, encode_block(block.arrays, block.tokens, meta), block))
+        if entries:
+            self.writer.submit(WriteJob(entries))
 
     # -- disk writer (runs on the writer thread) -----------------------------------------
-    def _write_block(self, job: WriteJob) -> None:
-        if job.payload is None:
-            self.drop(job.key)
-            return
-        block: HotBlock = job.block
-        if self.index.get(job.key) is not None:
-            block.persisted = True
-            return
-        if not self._make_room(len(job.payload)):
+    def _write_job(self, job: WriteJob) -> None:
+        for entry in job.entries:
+            if entry.payload is None:
+                self.drop(entry.key)
+        writes = [e for e in job.entries if e.payload is not None and self.index.get(e.key) is None]
+        if not self._make_room(sum(len(e.payload) for e in writes)):
             self.count("disk_writes_skipped_budget")
-            log.warning("disk budget too small for block %s: kept in RAM only", job.key.hex())
+            log.warning("disk budget too small for %d cache entries: kept in RAM only", len(writes))
             return
+        indexed, stamp = [], now_ms()
         try:
-            nbytes = self.files.write(job.key.hex(), job.payload)
-            stamp = now_ms()
-            self.index.put(job.key, BlockRecord(
-                parent=block.parent.hex(), fingerprint=self.fingerprint, depth=block.index,
-                num_tokens=len(block.tokens), nbytes=nbytes, checksum=checksum(job.payload),
-                tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp),
-                encode_tokens(block.tokens))
+            for entry in writes:
+                block: HotBlock = entry.block
+                size = self.files.write(entry.key.hex(), entry.payload)
+                record = BlockRecord(
+                    parent=block.parent.hex(), fingerprint=self.fingerprint, depth=block.index,
+                    num_tokens=len(block.tokens), nbytes=size, checksum=checksum(entry.payload),
+                    tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp,
+                    kind=block.kind)
+                indexed.append((entry.key, record, encode_tokens(block.tokens)))
+            self.index.put_many(indexed)
         except OSError as exc:
-            self.files.remove(job.key.hex())
-            self.count("disk_write_errors")
-            if self.disk_error is None:
-                log.error("cannot write to %s (%s): serving from RAM only", self.files.root, exc)
-            self.disk_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            for entry in writes:
+                self.files.remove(entry.key.hex())
+            self._disk_failed(exc)
             return
         self.disk_error = None
-        self.count("disk_writes")
-        self.count("disk_bytes_written", nbytes)
-        block.persisted = True
+        self.count("disk_writes", len(writes))
+        self.count("disk_bytes_written", sum(r.nbytes for _, r, _ in indexed))
+        for entry in job.entries:
+            if entry.block is not None:
+                entry.block.persisted = True
+
+    def _disk_failed(self, exc: OSError) -> None:
+        self.count("disk_write_errors")
+        if self.disk_error is None:
+            log.error("cannot write to %s (%s): serving from RAM only", self.files.root, exc)
+        self.disk_error = f"{type(exc).__name__}: {exc.strerror or exc}"
 
     def disk_used(self) -> int:
         return self.index.totals()[0] + self.index.disk_usage()
 
     def _make_room(self, nbytes: int) -> bool:
-        """Evict least recently used blocks (any model) until `nbytes` more fit the budget."""
+        """Evict least recently used entries (any model) until `nbytes` more fit the budget."""
         while self.disk_used() + nbytes > self.config.disk_budget:
             victims = self.index.oldest(16)
             if not victims:
@@ -218,16 +290,16 @@ class TieredStore:
         return True
 
     def drop(self, key: bytes) -> None:
-        """Remove a block from disk: index entry first, then the file."""
+        """Remove an entry from disk: index entry first, then the file."""
         self.index.remove(key)
         self.files.remove(key.hex())
 
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
-        """Persist every hot block not yet on disk (retrying failed writes) and wait."""
-        for block in self.ram.unpersisted():
-            if not self.writer.is_queued(block.key) and self.index.get(block.key) is None:
-                self._submit(block)
+        """Persist every hot entry not yet on disk (retrying failed writes) and wait."""
+        pending = [b for b in self.ram.unpersisted()
+                   if not self.writer.is_queued(b.key) and self.index.get(b.key) is None]
+        self._submit(pending)
         return self.writer.flush(timeout)
 
     def close(self) -> None:
@@ -246,7 +318,7 @@ class TieredStore:
             "disk": {"blocks": disk_blocks, "bytes": disk_bytes,
                      "index_bytes": self.index.disk_usage(), "budget": self.config.disk_budget,
                      "writable": self.disk_error is None, "error": self.disk_error,
-                     "queued_blocks": queued_jobs, "queued_bytes": queued_bytes},
+                     "queued_jobs": queued_jobs, "queued_bytes": queued_bytes},
             "block_size": self.config.block_size,
             "counters": counters,
         }

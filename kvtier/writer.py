@@ -17,14 +17,26 @@ log = logging.getLogger("kvtier.writer")
 
 
 @dataclass
-class WriteJob:
+class Entry:
     key: bytes
-    payload: bytes | None  # None: remove the block from disk
-    block: Any  # what the write function needs to index the block
+    payload: bytes | None  # None: remove this key from disk
+    block: Any = None  # what the write function needs to index it
+
+
+@dataclass
+class WriteJob:
+    """Entries written, then indexed in one transaction: a request's blocks and snapshots
+    land together or not at all."""
+
+    entries: list[Entry]
 
     @property
     def nbytes(self) -> int:
-        return len(self.payload) if self.payload else 0
+        return sum(len(e.payload) for e in self.entries if e.payload)
+
+    @property
+    def keys(self) -> set[bytes]:
+        return {e.key for e in self.entries}
 
 
 class DiskWriter:
@@ -42,13 +54,11 @@ class DiskWriter:
 
     def submit(self, job: WriteJob) -> None:
         with self._cond:
-            if job.payload is not None and job.key in self._queued_keys:
-                return
             # Wait for room, but always admit one job so a huge block cannot deadlock.
             while self._jobs and self._pending_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
             self._jobs.append(job)
-            self._queued_keys.add(job.key)
+            self._queued_keys |= job.keys
             self._pending_bytes += job.nbytes
             self._cond.notify_all()
 
@@ -84,10 +94,10 @@ class DiskWriter:
             try:
                 self._write_fn(job)
             except Exception:  # keep the writer alive whatever one block does
-                log.exception("writing block %s failed", job.key.hex())
+                log.exception("writing %d cache entries failed", len(job.entries))
             with self._cond:
                 self._jobs.popleft()
-                self._queued_keys.discard(job.key)
+                self._queued_keys -= job.keys
                 self._pending_bytes -= job.nbytes
                 self._busy = False
                 self._cond.notify_all()

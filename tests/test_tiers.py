@@ -11,10 +11,10 @@ import pytest
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
 from kvtier.disk import decode_block, encode_block
-from kvtier.tiers import TieredStore
+from kvtier.tiers import NewEntry, TieredStore
 
 BLOCK = 16
-LAYOUT = {f"{i}.{kv}": ((1, 2, 1, 8), "mlx.core.float32") for i in range(2) for kv in ("keys", "values")}
+LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "mlx.core.float32") for i in range(2) for kv in ("keys", "values")}
 BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
 
 
@@ -30,8 +30,8 @@ def arrays_for(seed: int) -> dict:
 
 def fill(store: TieredStore, tokens: list[int]) -> list:
     refs = block_refs(tokens, BLOCK, store.fingerprint)
-    for ref in refs:
-        store.store(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))
+    store.store([NewEntry(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))
+                 for ref in refs])
     return refs
 
 
@@ -120,7 +120,9 @@ def test_disk_budget_is_never_exceeded_and_evicts_oldest(tmp_path):
 def test_bounded_write_queue_applies_back_pressure_and_drops_nothing(tmp_path):
     store = make_store(tmp_path, write_queue_bytes=BLOCK_BYTES)
     tokens = list(range(40 * BLOCK))
-    refs = fill(store, tokens)
+    refs = block_refs(tokens, BLOCK, store.fingerprint)
+    for ref in refs:  # one job per block: the producer must wait for the writer
+        store.store([NewEntry(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))])
     store.close()
     store = make_store(tmp_path)
     assert store.index.totals()[1] == len(refs) == 40
@@ -145,7 +147,7 @@ def test_unwritable_directory_keeps_serving_from_ram(tmp_path):
 
 def test_bfloat16_round_trips_exactly():
     arrays = {"0.keys": mx.random.normal((1, 2, 4, 8)).astype(mx.bfloat16)}
-    decoded, tokens = decode_block(encode_block(arrays, np.arange(4, dtype=np.uint32), {}))
+    decoded, tokens, _ = decode_block(encode_block(arrays, np.arange(4, dtype=np.uint32), {}))
     assert decoded["0.keys"].dtype == mx.bfloat16
     assert mx.array_equal(decoded["0.keys"], arrays["0.keys"]) and tokens.tolist() == [0, 1, 2, 3]
 
@@ -170,8 +172,8 @@ def test_a_full_block_supersedes_the_partial_tail_it_extends(tmp_path):
     store = make_store(tmp_path)
     short = tokens[: BLOCK + 5]
     partial_ref = block_refs(short, BLOCK, store.fingerprint, partial_tail=True)[1]
-    store.store(block_refs(short, BLOCK, store.fingerprint)[0], short[:BLOCK], arrays_for(0))
-    store.store(partial_ref, short[BLOCK:], {k: v[:, :, :5] for k, v in arrays_for(1).items()})
+    store.store([NewEntry(block_refs(short, BLOCK, store.fingerprint)[0], short[:BLOCK], arrays_for(0)),
+                 NewEntry(partial_ref, short[BLOCK:], {k: v[:, :, :5] for k, v in arrays_for(1).items()})])
     store.flush()
     assert store.index.get(partial_ref.key) is not None
     fill(store, tokens)  # the conversation went on: block 1 is now full

@@ -164,8 +164,14 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
     engine = state.engine()
-    tokens = await asyncio.to_thread(engine.chat_tokens, messages, tools)
+
+    def tokenize() -> tuple[list[int], list[int]]:
+        tokens = engine.chat_tokens(messages, tools)
+        return tokens, engine.message_boundaries(messages, tools, tokens)
+
+    tokens, boundaries = await asyncio.to_thread(tokenize)
     request = parse_generation(body, state, tokens)
+    request.boundaries = boundaries
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": ident, "created": created, "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
