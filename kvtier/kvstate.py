@@ -123,7 +123,9 @@ class Snapshot:
 
 def _pack(node: Any, arrays: BlockArrays, name: str) -> Any:
     if isinstance(node, mx.array):
-        arrays[name] = node
+        # A new handle: caches update some arrays in place (x[..., i] = y), which would
+        # otherwise rewrite the snapshot too.
+        arrays[name] = mx.array(node)
         return {"array": name}
     if isinstance(node, (list, tuple)):
         return {"tuple" if isinstance(node, tuple) else "list":
@@ -135,7 +137,7 @@ def _pack(node: Any, arrays: BlockArrays, name: str) -> Any:
 
 def _unpack(node: dict, arrays: BlockArrays) -> Any:
     if "array" in node:
-        return arrays[node["array"]]
+        return mx.array(arrays[node["array"]])  # the live cache must not alias the stored one
     if "list" in node:
         return [_unpack(x, arrays) for x in node["list"]]
     if "tuple" in node:
@@ -144,8 +146,7 @@ def _unpack(node: dict, arrays: BlockArrays) -> Any:
 
 
 def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
-    """The full state of every snapshot layer, as it is now. MLX arrays are immutable and
-    held references prevent buffer reuse, so later updates never change a snapshot."""
+    """The full state of every snapshot layer, as it is now, in arrays of its own."""
     arrays: BlockArrays = {}
     trees = {str(i): _pack(prompt_cache[i].state, arrays, f"s{i}") for i in plan.snapshot}
     mx.eval(list(arrays.values()))

@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["ARCHES", "make_model", "demo_corpus"]
 
-ARCHES = ("llama",)
+ARCHES = ("llama", "qwen3_next", "mamba2", "sliding")
 
 # Bump when the generated files change, so stale cached models are rebuilt.
 _FORMAT_VERSION = 1
@@ -435,14 +435,98 @@ def _llama_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
     }
 
 
+def _sliding_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
+    """Llama with interleaved sliding-window layers (3 sliding : 1 full).
+
+    mlx-lm's llama gives sliding layers a RotatingKVCache; at least one full
+    layer is required, and it keeps long-range context sensitivity.
+    """
+    config = _llama_config(hidden, layers)
+    config["layer_types"] = [
+        "full_attention" if (i + 1) % 4 == 0 or i == layers - 1 else "sliding_attention"
+        for i in range(layers)
+    ]
+    config["sliding_window"] = 128
+    return config
+
+
+def _qwen3_next_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
+    """Hybrid gated-delta (ArraysCache) + gated full attention (KVCache), no MoE."""
+    heads = max(1, hidden // 64)
+    return {
+        "model_type": "qwen3_next",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": _round_up(hidden * 8 / 3, 64),
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": 64,
+        "linear_num_value_heads": heads,
+        "linear_num_key_heads": max(1, heads // 2),
+        "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
+        "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 4,
+        # num_experts=0 makes every layer a dense MLP (and sanitize a no-op).
+        "num_experts": 0,
+        "num_experts_per_tok": 1,
+        "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": 0,
+        "moe_intermediate_size": 0,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.25,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    }
+
+
+def _mamba2_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
+    """Pure SSM: every layer's cache is an ArraysCache (conv state, ssm state)."""
+    return {
+        "model_type": "mamba2",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_heads": 2 * hidden // 64,
+        "head_dim": 64,
+        "intermediate_size": 2 * hidden,
+        "state_size": 64,
+        "n_groups": 1,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "layer_norm_epsilon": 1e-5,
+        "time_step_limit": [0.001, 100.0],
+        "time_step_rank": "auto",
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    }
+
+
 # Multipliers on the fan-in init.  Q and K scaled by 2 each make attention
 # logits ~4x sharper, so attention picks out specific earlier tokens.
 _QK_SCALE = 2.0
+# Same effect for models that RMS-normalise q and k (the norm undoes any
+# projection scale, so the norm weight carries it instead).
+_QK_NORM_GAIN = 2.0
 # lm_head gain: logit std ~ this value, so the top-1/top-2 gap is large.
-_HEAD_GAIN = 6.0
+_HEAD_GAIN = 10.0
 
 
-def _llama_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+def _log_timescales(n: int, lo: float, hi: float) -> np.ndarray:
+    """A_log values spread from lo to hi: per-head decay rates exp(A_log).
+
+    Small values (slow decay) let recurrent state remember a long prefix; the
+    spread keeps some fast heads for local context.
+    """
+    return np.linspace(lo, hi, n, dtype=np.float32)
+
+
+def _common_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return np.full(shape, _QK_NORM_GAIN, np.float32)
     if name.endswith(("q_proj.weight", "k_proj.weight")):
         return _fan_in(shape, rng, _QK_SCALE)
     if name == "lm_head.weight":
@@ -450,9 +534,22 @@ def _llama_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return None
 
 
+def _recurrent_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+    if name.endswith("A_log"):
+        # Decay per token ~ exp(-exp(A_log) * dt) with dt ~ 1.3: heads range
+        # from a ~1e4-token memory down to a ~20-token one.
+        return _log_timescales(shape[0], -9.0, -3.0)
+    if name.endswith(".D"):
+        return np.ones(shape, np.float32)
+    return _common_init(name, shape, rng)
+
+
 _ARCH_SPECS: dict[str, tuple[Callable[..., dict[str, Any]], InitRule, dict[str, int]]] = {
-    # arch: (config builder, init rule, default overrides for hidden/layers)
-    "llama": (_llama_config, _llama_init, {}),
+    # arch: (config builder, init rule, default hidden/layers)
+    "llama": (_llama_config, _common_init, {"hidden": 512, "layers": 8}),
+    "qwen3_next": (_qwen3_next_config, _recurrent_init, {"hidden": 256, "layers": 8}),
+    "mamba2": (_mamba2_config, _recurrent_init, {"hidden": 256, "layers": 4}),
+    "sliding": (_sliding_config, _common_init, {"hidden": 256, "layers": 8}),
 }
 
 
@@ -554,7 +651,7 @@ def make_model(
     """
     if arch not in _ARCH_SPECS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHES}")
-    defaults = {"hidden": 512, "layers": 8, **_ARCH_SPECS[arch][2]}
+    defaults = _ARCH_SPECS[arch][2]
     hidden = defaults["hidden"] if hidden is None else hidden
     layers = defaults["layers"] if layers is None else layers
     path = Path(path)
