@@ -42,13 +42,15 @@ def test_snapshots_do_not_alias_live_caches(loaded):
         pytest.skip("no snapshot layers in this architecture")
     live = kvstate.make_cache(model)
     model(mx.array([[5, 6, 7, 8]]), cache=live)
+    logits_after(model, live, 9)  # a single-token step leaves room in the window buffer
     snapshot = kvstate.take_snapshot(live, plan)
     before = {k: mx.array(v) for k, v in snapshot.arrays.items()}
-    first = kvstate.rebuild(model, plan, [kvstate.slice_block(live, plan, 0, 4)], 4, snapshot)
-    for token in (9, 10, 11):  # single-token steps: the in-place path
+    blocks = [kvstate.slice_block(live, plan, 0, 5)]
+    first = kvstate.rebuild(model, plan, blocks, 5, snapshot)
+    expected = logits_after(model, kvstate.rebuild(model, plan, blocks, 5, snapshot), 10)
+    for token in (10, 11, 12):  # more single-token steps: written in place into that room
         logits_after(model, live, token)
         logits_after(model, first, token)
     assert all(mx.array_equal(before[k], v) for k, v in snapshot.arrays.items())
-    second = kvstate.rebuild(model, plan, [kvstate.slice_block(live, plan, 0, 4)], 4, snapshot)
-    assert mx.array_equal(logits_after(model, second, 9), logits_after(model, kvstate.rebuild(
-        model, plan, [kvstate.slice_block(live, plan, 0, 4)], 4, snapshot), 9))
+    second = kvstate.rebuild(model, plan, blocks, 5, snapshot)
+    assert mx.array_equal(logits_after(model, second, 10), expected)
