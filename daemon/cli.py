@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=None, help="tokens per cached block (default: 128)")
     serve.add_argument("--prefill-step-size", type=int, default=2048,
                        help="tokens computed per forward pass while prefilling (default: 2048)")
+    serve.add_argument("--kv-bits", type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
+                       help="quantize the KV cache to this many bits (default: model dtype)")
+    serve.add_argument("--kv-group-size", type=int, default=64)
     serve.add_argument("--max-tokens", type=int, default=512,
                        help="completion length when a request gives none (default: 512)")
     serve.add_argument("--log-level", default="info")
@@ -46,7 +49,9 @@ def serve(args: argparse.Namespace) -> int:
     from .app import init_app
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
-    cache = CacheConfig(disk_budget=args.disk_budget, **{k: v for k, v in given.items() if v is not None})
+    cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
+                        kv_group_size=args.kv_group_size,
+                        **{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,
                          max_tokens_default=args.max_tokens, cache=cache)

@@ -71,6 +71,8 @@ class CacheConfig:
     # Models with recurrent / sliding-window layers: snapshot their state every this many
     # blocks of a long prompt (besides message ends and each request's end).
     snapshot_every_blocks: int = 16
+    kv_bits: int | None = None  # quantize the KV cache (4 or 8 bits); None keeps the model dtype
+    kv_group_size: int = 64
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
@@ -78,6 +80,8 @@ class CacheConfig:
             raise ValueError("block size must be between 16 and 8192 tokens")
         if self.ram_budget < 0 or self.disk_budget < 0:
             raise ValueError("budgets must not be negative")
+        if self.kv_bits not in (None, 2, 3, 4, 5, 6, 8):
+            raise ValueError("kv bits must be one of 2, 3, 4, 5, 6, 8")
 
 
 @dataclass

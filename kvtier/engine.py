@@ -84,16 +84,19 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.block_size = cache_config.block_size
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
+        self.quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)
+                             if cache_config.kv_bits else None)
         self.plan, layout = self._probe()
         dtype = next(iter(layout.values()))[1] if layout else str(self._param_dtype())
-        self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size)
+        kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
+        self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format)
         self.store = TieredStore(cache_config, self.fingerprint, layout, self.plan)
         self.store.index.register_model(self.fingerprint, dict(describe_model(self.model_path),
                                                                name=model))
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
         try:
-            plan, layout = kvstate.probe(self.model)
+            plan, layout = kvstate.probe(self.model, self.quantization)
         except kvstate.UnsupportedCache as exc:
             log.warning("prefix reuse disabled for this model: %s", exc)
             return None, {}
@@ -190,7 +193,7 @@ class Engine:
 
     def _rebuild(self, match: Match, reuse: int, hit: SnapshotHit | None) -> list[Any]:
         if not self.reusable or reuse == 0:
-            return kvstate.make_cache(self.model)
+            return kvstate.make_cache(self.model, self.quantization)
         return kvstate.rebuild(self.model, self.plan, [b.arrays for b in match.blocks], reuse,
                                hit.snapshot if hit else None)
 

@@ -36,31 +36,44 @@ class CachePlan:
     sliced: tuple[int, ...]
     snapshot: tuple[int, ...]
     classes: tuple[str, ...]
+    quantization: "Quantization | None" = None
 
     @property
     def needs_snapshots(self) -> bool:
         return bool(self.snapshot)
 
 
-def plan_for(prompt_cache: list[Any]) -> CachePlan:
+def plan_for(prompt_cache: list[Any], quantization: "Quantization | None" = None) -> CachePlan:
     sliced = tuple(i for i, c in enumerate(prompt_cache) if type(c) in SLICED_TYPES)
     snapshot = tuple(i for i in range(len(prompt_cache)) if i not in sliced)
-    return CachePlan(sliced, snapshot, tuple(type(c).__name__ for c in prompt_cache))
+    return CachePlan(sliced, snapshot, tuple(type(c).__name__ for c in prompt_cache), quantization)
 
 
-def make_cache(model: Any) -> list[Any]:
-    return mlx_cache.make_prompt_cache(model)
+@dataclass(frozen=True)
+class Quantization:
+    bits: int
+    group_size: int = 64
 
 
-def probe(model: Any) -> tuple[CachePlan, Layout]:
+def make_cache(model: Any, quantization: Quantization | None = None) -> list[Any]:
+    """The model's own prompt cache; with quantization, its KVCache layers quantized from
+    the first token (other layer types keep their own format)."""
+    prompt_cache = mlx_cache.make_prompt_cache(model)
+    if quantization is None:
+        return prompt_cache
+    return [mlx_cache.QuantizedKVCache(quantization.group_size, quantization.bits)
+            if type(layer) is mlx_cache.KVCache else layer for layer in prompt_cache]
+
+
+def probe(model: Any, quantization: Quantization | None = None) -> tuple[CachePlan, Layout]:
     """Run one token through a fresh cache: the per-layer plan and the one-token block layout.
 
     Restored blocks are checked against the layout before use, so a file of another shape
     or dtype is a miss instead of a crash or garbage attention. Snapshot states are packed
     once here so that an unsupported state type is refused up front.
     """
-    prompt_cache = make_cache(model)
-    plan = plan_for(prompt_cache)
+    prompt_cache = make_cache(model, quantization)
+    plan = plan_for(prompt_cache, quantization)
     model(mx.array([[0]]), cache=prompt_cache)
     mx.eval(state_arrays(prompt_cache))
     take_snapshot(prompt_cache, plan)  # raises UnsupportedCache for unknown state shapes
@@ -167,18 +180,23 @@ def rebuild(model: Any, plan: CachePlan, blocks: list[BlockArrays], num_tokens: 
             snapshot: Snapshot | None) -> list[Any]:
     """A fresh prompt cache holding the first `num_tokens` tokens: sliced layers from the
     concatenated blocks, snapshot layers from a snapshot taken at exactly `num_tokens`."""
-    prompt_cache = make_cache(model)
+    prompt_cache = make_cache(model, plan.quantization)
     if num_tokens == 0:
         return prompt_cache
     for i in plan.sliced:
         _fill_sliced(prompt_cache[i], i, blocks, num_tokens)
     if plan.needs_snapshots:
         assert snapshot is not None, "snapshot layers need a snapshot at the restore point"
-        states = json.loads(snapshot.skeleton)["states"]
-        for i in plan.snapshot:
-            prompt_cache[i].state = _unpack(states[str(i)], snapshot.arrays)
+        restore_snapshot(prompt_cache, plan, snapshot)
     mx.eval(state_arrays(prompt_cache))
     return prompt_cache
+
+
+def restore_snapshot(prompt_cache: list[Any], plan: CachePlan, snapshot: Snapshot) -> None:
+    """Set every snapshot layer of a fresh cache to the snapshot's state, through `state`."""
+    states = json.loads(snapshot.skeleton)["states"]
+    for i in plan.snapshot:
+        prompt_cache[i].state = _unpack(states[str(i)], snapshot.arrays)
 
 
 def state_arrays(prompt_cache: list[Any]) -> list[mx.array]:

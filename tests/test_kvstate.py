@@ -54,3 +54,61 @@ def test_snapshots_do_not_alias_live_caches(loaded):
     assert all(mx.array_equal(before[k], v) for k, v in snapshot.arrays.items())
     second = kvstate.rebuild(model, plan, blocks, 5, snapshot)
     assert mx.array_equal(logits_after(model, second, 10), expected)
+
+
+def _kv(n: int, seed: int) -> tuple[mx.array, mx.array]:
+    key = mx.random.key(seed)
+    return mx.random.normal((1, 2, n, 8), key=key), mx.random.normal((1, 2, n, 8), key=mx.random.split(key)[0])
+
+
+def _fresh_layers():
+    from mlx_lm.models import cache as c
+
+    inner_arrays = c.ArraysCache(2)
+    return [c.ChunkedKVCache(chunk_size=8), c.RotatingKVCache(max_size=6, keep=2),
+            c.CacheList(c.KVCache(), inner_arrays)]
+
+
+def _feed(layers, n: int, seed: int) -> None:
+    for layer in layers[:2]:
+        layer.update_and_fetch(*_kv(n, seed))
+    pair = layers[2]
+    pair[0].update_and_fetch(*_kv(n, seed))
+    pair[1][0] = mx.full((1, 4), float(seed))
+    pair[1][1] = mx.full((1, 3), float(seed + 1))
+
+
+def test_every_other_cache_type_round_trips_through_its_state():
+    """ChunkedKVCache, RotatingKVCache and CacheList (of KV + recurrent state) are restored
+    from a snapshot to exactly the state they had, and then evolve exactly alike."""
+    live = _fresh_layers()
+    for seed, n in enumerate([5, 1, 1, 7, 1]):
+        _feed(live, n, seed)
+    plan = kvstate.plan_for(live)
+    assert plan.snapshot == (0, 1, 2) and plan.sliced == ()
+    snapshot = kvstate.take_snapshot(live, plan)
+    restored = _fresh_layers()
+    kvstate.restore_snapshot(restored, plan, snapshot)
+    for seed, n in [(10, 1), (11, 3)]:
+        _feed(live, n, seed)
+        _feed(restored, n, seed)
+    from mlx.utils import tree_flatten
+
+    ours = tree_flatten([c.state for c in restored])
+    theirs = tree_flatten([c.state for c in live])
+    assert [k for k, _ in ours] == [k for k, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert mx.array_equal(a, b) if isinstance(a, mx.array) else a == b
+
+
+def test_a_state_kvtier_cannot_store_is_refused():
+    from mlx_lm.models import cache as c
+
+    class Opaque(c.KVCache):
+        @property
+        def state(self):
+            return (object(),)
+
+    layers = [Opaque()]
+    with pytest.raises(kvstate.UnsupportedCache):
+        kvstate.take_snapshot(layers, kvstate.plan_for(layers))
