@@ -11,54 +11,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from dataclasses import dataclass
 
-from harness import ROOT, Server, Timed, agent_system_prompt, stream_chat
-
-RESTART = "restart"
-
-
-@dataclass
-class Step:
-    label: str
-    project: str
-    user: str
-    tool_result: str | None = None  # appended as a tool message before the user turn
-
-
-SESSION = [
-    Step("first request", "webshop", "Look at the failing checkout test."),
-    Step("tool result", "webshop", "What does that tell you?", "FAILED tests/test_checkout.py::test_total - assert 41 == 42"),
-    Step("next turn", "webshop", "Fix the rounding in cart.total()."),
-    Step("tool result", "webshop", "Run the tests again.", "1 failed, 87 passed"),
-    Step(RESTART, "", ""),
-    Step("after restart", "webshop", "Why does it still fail?", "E   Decimal('41.99') != Decimal('42.00')"),
-    Step("switch project", "compiler", "Explain the parser's error recovery."),
-    Step("next turn", "compiler", "Add a test for an unclosed bracket.", "tests/test_parser.py created"),
-    Step("switch back", "webshop", "Summarise what we changed today."),
-]
-
-
-def run_session(server: Server, model: str, systems: dict[str, str], max_tokens: int) -> list[tuple[Step, Timed]]:
-    conversations = {name: [{"role": "system", "content": text}] for name, text in systems.items()}
-    results = []
-    server.start()
-    try:
-        for step in SESSION:
-            if step.label == RESTART:
-                server.restart()
-                continue
-            messages = conversations[step.project]
-            if step.tool_result:
-                messages.append({"role": "tool", "content": step.tool_result})
-            messages.append({"role": "user", "content": step.user})
-            timed = stream_chat(server, model, messages, max_tokens)
-            messages.append({"role": "assistant", "content": timed.text})
-            results.append((step, timed))
-    finally:
-        server.stop()
-    return results
-
+from harness import ROOT, Server, Step, Timed, agent_system_prompt, run_session
 
 def print_table(cached: list[tuple[Step, Timed]], plain: list[tuple[Step, Timed]]) -> None:
     print(f"\n{'#':>2}  {'request':<15} {'prompt':>7} {'TTFT':>8} {'no cache':>9} "

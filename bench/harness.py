@@ -124,6 +124,52 @@ def stream_chat(server: Server, model: str, messages: list[dict], max_tokens: in
     return Timed(ttft if ttft is not None else total, total, "".join(parts), usage)
 
 
+# -- an agent session --------------------------------------------------------------------
+RESTART = "restart"
+
+
+@dataclass
+class Step:
+    label: str
+    project: str
+    user: str
+    tool_result: str | None = None  # appended as a tool message before the user turn
+
+
+SESSION = [
+    Step("first request", "webshop", "Look at the failing checkout test."),
+    Step("tool result", "webshop", "What does that tell you?", "FAILED tests/test_checkout.py::test_total - assert 41 == 42"),
+    Step("next turn", "webshop", "Fix the rounding in cart.total()."),
+    Step("tool result", "webshop", "Run the tests again.", "1 failed, 87 passed"),
+    Step(RESTART, "", ""),
+    Step("after restart", "webshop", "Why does it still fail?", "E   Decimal('41.99') != Decimal('42.00')"),
+    Step("switch project", "compiler", "Explain the parser's error recovery."),
+    Step("next turn", "compiler", "Add a test for an unclosed bracket.", "tests/test_parser.py created"),
+    Step("switch back", "webshop", "Summarise what we changed today."),
+]
+
+
+def run_session(server: "Server", model: str, systems: dict[str, str], max_tokens: int) -> list[tuple[Step, Timed]]:
+    conversations = {name: [{"role": "system", "content": text}] for name, text in systems.items()}
+    results = []
+    server.start()
+    try:
+        for step in SESSION:
+            if step.label == RESTART:
+                server.restart()
+                continue
+            messages = conversations[step.project]
+            if step.tool_result:
+                messages.append({"role": "tool", "content": step.tool_result})
+            messages.append({"role": "user", "content": step.user})
+            timed = stream_chat(server, model, messages, max_tokens)
+            messages.append({"role": "assistant", "content": timed.text})
+            results.append((step, timed))
+    finally:
+        server.stop()
+    return results
+
+
 # -- agent-shaped prompts ---------------------------------------------------------------
 _VERBS = ["read", "write", "list", "search", "run", "patch", "format", "lint", "test", "fetch",
           "diff", "commit", "open", "rename", "delete", "build", "profile", "trace", "review"]
@@ -167,3 +213,15 @@ def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} cores, "
             f"MLX {mx.__version__} on {mx.default_device()}, Python {platform.python_version()}")
+
+
+def write_section(name: str, section: str) -> None:
+    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in
+    docs/benchmarks.md (appending the markers if missing)."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + begin + "\n" + section + "\n" + end + rest.split(end, 1)[1])

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, Server, agent_system_prompt, machine_description, stream_chat
+from harness import ROOT, Server, agent_system_prompt, machine_description, stream_chat, write_section
 
 QUESTIONS = ["Find where the block size is configured and explain it.",
              "Run the unit tests and summarise any failure.",
@@ -75,16 +75,6 @@ def render(results: dict, args: argparse.Namespace, machine: str) -> str:
     ])
 
 
-def write_docs(section: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    begin, end = "<!-- ttft:begin -->", "<!-- ttft:end -->"
-    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    doc.write_text(head + begin + "\n" + section + "\n" + end + rest.split(end, 1)[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=3400, help="system prompt length")
@@ -114,7 +104,7 @@ def main() -> int:
         out = ROOT / "docs" / "bench" / "ttft.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
-        write_docs(section)
+        write_section("ttft", section)
     return 0
 
 
