@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from . import cli_cache
 from kvtier.config import DEFAULT_DISK_BUDGET, CacheConfig, ServeConfig, default_cache_dir, \
     default_ram_budget, parse_size
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens", type=int, default=512,
                        help="completion length when a request gives none (default: 512)")
     serve.add_argument("--log-level", default="info")
+    cli_cache.add_parsers(commands)
     return parser
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"kvtier: {exc}", file=sys.stderr)
             return 2
+    if args.command in cli_cache.COMMANDS:
+        return cli_cache.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 from mlx_lm import load as mlx_load
@@ -38,6 +38,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
     cancelled: threading.Event = field(default_factory=threading.Event)
+    progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Engine:
         fed: list[int] = []
         points = self._snapshot_points(request, reuse)
         try:
-            self._prefill(prompt_cache, tokens, reuse, points, snapshots)
+            self._prefill(prompt_cache, tokens, reuse, points, snapshots, request.progress)
             yield from self._decode(request, prompt_cache, usage, fed, started, points, snapshots)
         finally:
             self._store_new(tokens + fed, prompt_cache, match.num_full_blocks, snapshots)
@@ -185,10 +186,11 @@ class Engine:
             n = min(usable, left)
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
             left -= n
-        self.store.count("tokens_from_ram", usage.ram_tokens)
-        self.store.count("tokens_from_disk", usage.disk_tokens)
-        self.store.count("tokens_computed", usage.computed_tokens)
-        self.store.count("requests_hit" if reuse else "requests_miss")
+        deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
+                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
+        for name, value in deltas.items():
+            self.store.count(name, value)
+        self.store.index.add_counters(self.fingerprint, deltas)  # for `kvtier stats` later
         return usage
 
     def _rebuild(self, match: Match, reuse: int, hit: SnapshotHit | None) -> list[Any]:
@@ -205,7 +207,7 @@ class Engine:
         return {p for p in (*request.boundaries, *regular, end) if reuse < p <= end}
 
     def _prefill(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
-                 snapshots: dict[int, kvstate.Snapshot]) -> None:
+                 snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None) -> None:
         """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points."""
         end = len(tokens) - 1
         cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
@@ -217,6 +219,8 @@ class Engine:
             position = cut
             if cut in points:
                 snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.plan)
+            if progress:
+                progress(cut, len(tokens))
         mx.clear_cache()
 
     def _decode(self, request: GenerationRequest, prompt_cache: list[Any], usage: Usage, fed: list[int],
@@ -293,6 +297,21 @@ class Engine:
                 entries.append(NewEntry(ref, held[start:position], snapshot.arrays, "snap",
                                         snapshot.skeleton))
         self.store.store(entries)
+
+    # -- operations ------------------------------------------------------------------------
+    def warm(self, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+        """Prefill a prompt (an agent's system prompt and tools, say) and persist it."""
+        tokens = self.chat_tokens(messages, tools)
+        request = GenerationRequest(tokens, max_tokens=1, temperature=0.0, progress=progress,
+                                    boundaries=self.message_boundaries(messages, tools, tokens))
+        usage = list(self.generate(request))[-1].usage
+        self.store.flush()
+        pinned = self.pin(tokens) if pin else 0
+        return {"tokens": len(tokens), "computed_tokens": usage.computed_tokens, "pinned_entries": pinned}
+
+    def pin(self, tokens: list[int], pinned: bool = True) -> int:
+        return self.store.pin_prefix(block_refs(tokens, self.block_size, self.fingerprint), tokens, pinned)
 
     def close(self) -> None:
         self.store.close()

@@ -7,6 +7,7 @@ Sub-databases:
   children parent(16 B) + key(16 B)      -> kind (1 B: k or s) + the child's tokens (uint32 LE)
   models  fingerprint                    -> JSON description
   meta    b"bytes" / b"count"            -> totals kept in the same transactions
+          b"counters:" + fingerprint     -> JSON request counters, so stats survive restarts
 """
 
 from __future__ import annotations
@@ -133,6 +134,37 @@ class Index:
                 txn.put(bytes.fromhex(record.parent) + key, record.kind[:1].encode() + tokens,
                         db=self._children)
                 self._add_totals(txn, record.nbytes, 1)
+
+    def add_counters(self, fingerprint: str, deltas: dict[str, int]) -> None:
+        with self.env.begin(write=True, db=self._meta) as txn:
+            key = b"counters:" + fingerprint.encode()
+            counters = json.loads(txn.get(key) or b"{}")
+            for name, value in deltas.items():
+                counters[name] = counters.get(name, 0) + value
+            txn.put(key, json.dumps(counters).encode())
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Persisted request counters per model fingerprint."""
+        out = {}
+        with self.env.begin(db=self._meta) as txn:
+            for key, value in txn.cursor():
+                if bytes(key).startswith(b"counters:"):
+                    out[bytes(key)[9:].decode()] = json.loads(value)
+        return out
+
+    def recount(self) -> tuple[int, int]:
+        """Recompute the totals from the records (after a repair); returns (bytes, blocks)."""
+        with self.env.begin(write=True) as txn:
+            total = count = 0
+            for _, raw in txn.cursor(db=self._blocks):
+                try:
+                    total += BlockRecord.decode(raw).nbytes
+                    count += 1
+                except (ValueError, TypeError):
+                    pass
+            txn.put(b"bytes", str(total).encode(), db=self._meta)
+            txn.put(b"count", str(count).encode(), db=self._meta)
+        return total, count
 
     def register_model(self, fingerprint: str, description: dict) -> None:
         with self.env.begin(write=True, db=self._models) as txn:

@@ -192,6 +192,22 @@ class TieredStore:
         snapshot = Snapshot(block.arrays, block.skeleton or "")
         return self.plan is not None and snapshot_matches(snapshot, self.plan)
 
+    def pin_prefix(self, refs: list[BlockRef], tokens: Sequence[int], pinned: bool = True) -> int:
+        """Pin (or unpin) on disk every entry that holds part of `tokens`: its full blocks,
+        the block continuing its tail, and the snapshots along the way."""
+        size = self.config.block_size
+        tokens = np.asarray(tokens, np.uint32)
+        anchors = [root_key(self.fingerprint)] + [r.key for r in refs]
+        keys = [r.key for r in refs]
+        tail = tokens[len(refs) * size :]
+        keys += [k for k, raw in self.index.children(anchors[-1])
+                 if common_prefix(np.frombuffer(raw, dtype="<u4"), tail) > 0]
+        for j, anchor in enumerate(anchors):
+            window = tokens[j * size : (j + 1) * size]
+            keys += [k for k, raw in self.index.children(anchor, "snap")
+                     if common_prefix(np.frombuffer(raw, dtype="<u4"), window) == len(raw) // 4]
+        return self.index.set_pinned(keys, pinned)
+
     # -- store -------------------------------------------------------------------------
     def store(self, entries: list[NewEntry]) -> None:
         """Keep a request's new blocks and snapshots hot; queue them for the disk together.
@@ -281,7 +297,7 @@ class TieredStore:
     def _make_room(self, nbytes: int) -> bool:
         """Evict least recently used entries (any model) until `nbytes` more fit the budget."""
         while self.disk_used() + nbytes > self.config.disk_budget:
-            victims = self.index.oldest(16)
+            victims = self.index.oldest(1)  # one at a time: evict no more than needed
             if not victims:
                 return False
             for key in victims:

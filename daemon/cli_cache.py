@@ -1,0 +1,186 @@
+"""`kvtier stats | ls | purge | verify | pin | unpin | warm`: inspect and manage a cache
+directory, with the daemon running or stopped. Human output by default, `--json` for tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from kvtier.config import default_cache_dir, format_size, parse_size
+
+COMMANDS = ("stats", "ls", "purge", "verify", "pin", "unpin", "warm")
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30m, 12h, 7d)")
+    return float(match.group(1)) * _DURATION[match.group(2)]
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    commands.add_parser("stats", parents=[common], help="tiers, budgets, hit rates per model")
+    ls = commands.add_parser("ls", parents=[common], help="cached prefixes")
+    ls.add_argument("--limit", type=int, default=50)
+    purge = commands.add_parser("purge", parents=[common], help="remove cached entries")
+    what = purge.add_argument_group("what to remove (at least one)")
+    what.add_argument("--all", action="store_true", help="everything, pinned entries included")
+    what.add_argument("--model", help="a model's entries (name as served, directory name or fingerprint)")
+    what.add_argument("--older-than", type=parse_duration, help="entries unused for this long (7d, 12h)")
+    what.add_argument("--to-size", type=_size, help="evict least recently used entries down to this size")
+    verify = commands.add_parser("verify", parents=[common], help="check every file against the index")
+    verify.add_argument("--fix", action="store_true", help="remove what is broken")
+    for name in ("pin", "unpin"):
+        pin = commands.add_parser(name, parents=[common], help=f"{name} a cached prefix (protect it from eviction)")
+        pin.add_argument("key", help="the prefix key from `kvtier ls` (a unique start is enough)")
+    warm = commands.add_parser("warm", parents=[common], help="prefill a prompt and persist it")
+    warm.add_argument("--model", required=True)
+    warm.add_argument("file", help="a text file (used as the system prompt), a JSON file with "
+                                   "{messages, tools}, or - for standard input")
+    warm.add_argument("--pin", action="store_true", help="protect it from eviction")
+    warm.add_argument("--block-size", type=int, default=None, help="must match the daemon's")
+    warm.add_argument("--kv-bits", type=int, default=None, help="must match the daemon's")
+
+
+def run(args: argparse.Namespace) -> int:
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if args.command == "warm":
+        return _warm(args, cache_dir)
+    from kvtier.ops import CacheDir
+
+    try:
+        cache = CacheDir(cache_dir)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    with cache:
+        return {"stats": _stats, "ls": _ls, "purge": _purge, "verify": _verify,
+                "pin": _pin, "unpin": _pin}[args.command](args, cache)
+
+
+def _fail(message: str) -> int:
+    print(f"kvtier: {message}", file=sys.stderr)
+    return 2
+
+
+def _emit(args: argparse.Namespace, data, human: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else human)
+
+
+def _stats(args, cache) -> int:
+    from kvtier.ops import stats
+
+    data = stats(cache)
+    lines = [f"cache: {data['cache_dir']}",
+             f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
+             f"(+ {format_size(data['disk']['index_bytes'])} index)"]
+    for fingerprint, model in data["models"].items():
+        rate = "-" if model["hit_rate"] is None else f"{100 * model['hit_rate']:.0f}%"
+        token_rate = "-" if model["token_hit_rate"] is None else f"{100 * model['token_hit_rate']:.0f}%"
+        lines.append(f"model {model['model']} [{fingerprint[:12]}]: {model['blocks']} blocks, "
+                     f"{model['snapshots']} snapshots, {format_size(model['bytes'])} "
+                     f"({format_size(model['pinned_bytes'])} pinned); {model['requests']} requests, "
+                     f"hit rate {rate}, prompt tokens from cache {token_rate} "
+                     f"(RAM {model['tokens_from_ram']}, disk {model['tokens_from_disk']}, "
+                     f"computed {model['tokens_computed']})")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _ls(args, cache) -> int:
+    from kvtier.ops import prefixes
+
+    found = prefixes(cache)[: args.limit]
+    header = f"{'key':<16} {'model':<20} {'tokens':>7} {'size':>10} {'tier':<5} {'last used':<19} pin  preview"
+    rows = [f"{p.key[:16]:<16} {Path(p.model).name[:20]:<20} {p.tokens:>7} {format_size(p.bytes):>10} "
+            f"{'disk':<5} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p.last_used)):<19} "
+            f"{'yes' if p.pinned else 'no ':<4} {p.preview[:60]}" for p in found]
+    _emit(args, [dict(p.to_json(), tier="disk") for p in found], "\n".join([header, *rows]))
+    return 0
+
+
+def _purge(args, cache) -> int:
+    from kvtier.ops import purge
+
+    if not (args.all or args.model or args.older_than is not None or args.to_size is not None):
+        return _fail("purge needs --all, --model, --older-than or --to-size")
+    result = purge(cache, everything=args.all, model=args.model, older_than_s=args.older_than,
+                   to_size=args.to_size)
+    _emit(args, result, f"removed {result['removed']} entries; {result['entries']} left, "
+                        f"{format_size(result['bytes'])}")
+    return 0
+
+
+def _verify(args, cache) -> int:
+    from kvtier.ops import verify
+
+    problems = verify(cache, fix=args.fix)
+    data = {"problems": [p.__dict__ for p in problems], "fixed": bool(args.fix and problems)}
+    lines = [f"{p.kind:<18} {p.key[:32]:<32} {p.detail}" for p in problems]
+    summary = "cache is consistent" if not problems else \
+        f"{len(problems)} problem(s){', repaired' if args.fix else '; run `kvtier verify --fix` to repair'}"
+    _emit(args, data, "\n".join([*lines, summary]))
+    return 1 if problems and not args.fix else 0
+
+
+def _pin(args, cache) -> int:
+    from kvtier.ops import set_pinned
+
+    changed = set_pinned(cache, args.key, pinned=args.command == "pin")
+    if not changed:
+        return _fail(f"no cached prefix starts with {args.key!r} (see `kvtier ls`)")
+    _emit(args, {"entries": changed}, f"{args.command}ned {changed} entries")
+    return 0
+
+
+def _warm(args, cache_dir: Path) -> int:
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror}")
+    messages, tools = _warm_messages(text)
+    overrides = {k: v for k, v in {"block_size": args.block_size, "kv_bits": args.kv_bits}.items() if v}
+    engine = Engine(args.model, CacheConfig(cache_dir=cache_dir, **overrides))
+    try:
+        result = engine.warm(messages, tools, pin=args.pin, progress=_progress_bar)
+    finally:
+        engine.close()
+    print(file=sys.stderr)
+    _emit(args, result, f"warmed {result['tokens']} tokens ({result['computed_tokens']} computed)"
+                        f"{', pinned' if args.pin else ''}")
+    return 0
+
+
+def _warm_messages(text: str) -> tuple[list[dict], list[dict] | None]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return [{"role": "system", "content": text}], None
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        return data["messages"], data.get("tools")
+    return [{"role": "system", "content": text}], None
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    print(f"\rprefill [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens",
+          end="", file=sys.stderr, flush=True)

@@ -1,0 +1,264 @@
+"""Operations on a cache directory without a model: stats, list, purge, verify, pin.
+
+Used by the CLI (daemon running or not: LMDB is multi-process safe) and by the daemon's
+cache routes. Removal always deletes the index entry first, then the file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .disk import BlockFiles, DamagedBlock, decode_block, key_of_path
+from .index import BlockRecord, Index, now_ms
+
+# Files this young may be a running daemon's write in flight, not yet indexed.
+ORPHAN_GRACE_SECONDS = 60
+
+
+class CacheDir:
+    def __init__(self, path: Path):
+        self.path = Path(path).expanduser()
+        if not (self.path / "index").exists():
+            raise FileNotFoundError(f"no kvtier cache at {self.path}")
+        self.index = Index(self.path / "index")
+        self.files = BlockFiles(self.path / "blocks")
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "CacheDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def records(self) -> dict[bytes, BlockRecord]:
+        return {k: r for k, r in self.index.items() if r is not None}
+
+    def remove(self, keys: list[bytes]) -> int:
+        removed = 0
+        for key in keys:
+            if self.index.remove(key) is not None:
+                removed += 1
+            self.files.remove(key.hex())
+        return removed
+
+
+# -- stats --------------------------------------------------------------------------------
+def stats(cache: CacheDir) -> dict:
+    records = cache.records()
+    models = cache.index.models()
+    counters = cache.index.counters()
+    per_model: dict[str, dict] = {}
+    for record in records.values():
+        entry = per_model.setdefault(record.fingerprint, {"blocks": 0, "snapshots": 0, "bytes": 0,
+                                                          "pinned_bytes": 0})
+        entry["snapshots" if record.kind == "snap" else "blocks"] += 1
+        entry["bytes"] += record.nbytes
+        entry["pinned_bytes"] += record.nbytes if record.pinned else 0
+    for fingerprint in set(per_model) | set(counters):
+        entry = per_model.setdefault(fingerprint, {"blocks": 0, "snapshots": 0, "bytes": 0,
+                                                   "pinned_bytes": 0})
+        entry["model"] = models.get(fingerprint, {}).get("name", "?")
+        entry.update(_rates(counters.get(fingerprint, {})))
+    total_bytes, total_blocks = cache.index.totals()
+    return {"cache_dir": str(cache.path), "disk": {"entries": total_blocks, "bytes": total_bytes,
+                                                   "index_bytes": cache.index.disk_usage()},
+            "models": per_model}
+
+
+def _rates(counters: dict[str, int]) -> dict:
+    hits, misses = counters.get("requests_hit", 0), counters.get("requests_miss", 0)
+    cached = counters.get("tokens_from_ram", 0) + counters.get("tokens_from_disk", 0)
+    prompt = cached + counters.get("tokens_computed", 0)
+    return {"requests": hits + misses, "hits": hits, "misses": misses,
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "tokens_from_ram": counters.get("tokens_from_ram", 0),
+            "tokens_from_disk": counters.get("tokens_from_disk", 0),
+            "tokens_computed": counters.get("tokens_computed", 0),
+            "token_hit_rate": round(cached / prompt, 4) if prompt else None}
+
+
+# -- prefixes -----------------------------------------------------------------------------
+@dataclass
+class Prefix:
+    """A cached prefix: a chain of KV blocks ending in a block no other block extends."""
+
+    key: str
+    model: str
+    fingerprint: str
+    tokens: int
+    bytes: int
+    blocks: int
+    last_used: float
+    pinned: bool
+    preview: str = ""
+    chain: list[bytes] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("chain")
+        return out
+
+
+def prefixes(cache: CacheDir, preview_tokens: int = 12) -> list[Prefix]:
+    records = cache.records()
+    kv = {k: r for k, r in records.items() if r.kind == "kv"}
+    parents = {bytes.fromhex(r.parent) for r in kv.values()}
+    models = cache.index.models()
+    out = []
+    for key, record in kv.items():
+        if key in parents:
+            continue  # extended by another block: not the end of a prefix
+        chain = _chain(key, kv)
+        out.append(Prefix(
+            key=key.hex(), model=models.get(record.fingerprint, {}).get("name", "?"),
+            fingerprint=record.fingerprint, tokens=sum(kv[k].num_tokens for k in chain),
+            bytes=sum(kv[k].nbytes for k in chain), blocks=len(chain),
+            last_used=max(kv[k].access_ms for k in chain) / 1000,
+            pinned=all(kv[k].pinned for k in chain), chain=chain))
+    out.sort(key=lambda p: -p.last_used)
+    for prefix in out:
+        prefix.preview = _preview(cache, prefix, models, preview_tokens)
+    return out
+
+
+def _chain(key: bytes, kv: dict[bytes, BlockRecord]) -> list[bytes]:
+    """The key and its cached ancestors, root first (stops where an ancestor is missing)."""
+    chain = [key]
+    while (parent := bytes.fromhex(kv[chain[-1]].parent)) in kv:
+        chain.append(parent)
+    return chain[::-1]
+
+
+def _preview(cache: CacheDir, prefix: Prefix, models: dict, count: int) -> str:
+    """The first tokens decoded with the model's own tokenizer, when it is still on disk."""
+    tokenizer_file = Path(models.get(prefix.fingerprint, {}).get("path", "/nonexistent")) / "tokenizer.json"
+    record = cache.index.get(prefix.chain[0])
+    if not tokenizer_file.exists() or record is None:
+        return ""
+    try:
+        from tokenizers import Tokenizer
+
+        _, tokens, _ = decode_block(cache.files.read(prefix.chain[0].hex(), record.checksum, record.nbytes))
+        text = Tokenizer.from_file(str(tokenizer_file)).decode(tokens[:count].tolist())
+    except (DamagedBlock, OSError, ValueError):
+        return ""
+    return " ".join(text.split())
+
+
+def find_prefix(cache: CacheDir, key_prefix: str) -> list[Prefix]:
+    return [p for p in prefixes(cache, preview_tokens=0) if p.key.startswith(key_prefix.lower())]
+
+
+def set_pinned(cache: CacheDir, key_prefix: str, pinned: bool) -> int:
+    """Pin or unpin every prefix whose key starts with `key_prefix` (its whole chain)."""
+    matches = find_prefix(cache, key_prefix)
+    return sum(cache.index.set_pinned(p.chain, pinned) for p in matches)
+
+
+# -- purge --------------------------------------------------------------------------------
+def purge(cache: CacheDir, *, everything: bool = False, model: str | None = None,
+          older_than_s: float | None = None, to_size: int | None = None) -> dict:
+    """Remove entries matching the filters (pinned ones only with `everything`)."""
+    records = cache.records()
+    models = cache.index.models()
+    victims: list[bytes] = []
+    if everything:
+        victims = list(records)
+    else:
+        cutoff = now_ms() - older_than_s * 1000 if older_than_s is not None else None
+        for key, record in records.items():
+            name = models.get(record.fingerprint, {}).get("name", "")
+            if record.pinned:
+                continue
+            if model is not None and model not in (record.fingerprint, name, Path(name).name):
+                continue
+            if cutoff is not None and record.access_ms >= cutoff:
+                continue
+            if model is None and cutoff is None:
+                continue
+            victims.append(key)
+    removed = cache.remove(victims)
+    if to_size is not None:
+        removed += _shrink_to(cache, to_size)
+    total_bytes, total_blocks = cache.index.totals()
+    return {"removed": removed, "entries": total_blocks, "bytes": total_bytes}
+
+
+def _shrink_to(cache: CacheDir, target: int) -> int:
+    removed = 0
+    while cache.index.totals()[0] + cache.index.disk_usage() > target:
+        victims = cache.index.oldest(1)  # one at a time: evict no more than needed
+        if not victims:
+            break
+        removed += cache.remove(victims)
+    return removed
+
+
+# -- verify -------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    kind: str  # damaged, dangling, undecodable_record, orphan_file, temp_file, totals
+    key: str
+    detail: str
+
+
+def verify(cache: CacheDir, fix: bool = False) -> list[Problem]:
+    """Check every record against its file (size, checksum, format, tokens), and every file
+    against the index. With `fix`, remove what is broken and recount the totals."""
+    problems: list[Problem] = []
+    indexed = set()
+    for key, record in cache.index.items():
+        indexed.add(key.hex())
+        problem = _check_record(cache, key, record)
+        if problem:
+            problems.append(problem)
+            if fix:
+                cache.remove([key])
+    now = time.time()
+    for path in cache.files.iter_files():
+        key = key_of_path(path)
+        if key in indexed:
+            continue
+        if now - path.stat().st_mtime < ORPHAN_GRACE_SECONDS:
+            continue
+        problems.append(Problem("orphan_file" if key else "temp_file", key or path.name, str(path)))
+        if fix:
+            path.unlink(missing_ok=True)
+    total_bytes, total_blocks = cache.index.totals()
+    actual = [r for _, r in cache.index.items() if r is not None]
+    if (total_bytes, total_blocks) != (sum(r.nbytes for r in actual), len(actual)):
+        problems.append(Problem("totals", "", f"index totals {total_bytes} B / {total_blocks} "
+                                              f"differ from the records"))
+    if fix:
+        cache.index.recount()
+    return problems
+
+
+def _check_record(cache: CacheDir, key: bytes, record: BlockRecord | None) -> Problem | None:
+    if record is None:
+        return Problem("undecodable_record", key.hex(), "index record cannot be read")
+    path = cache.files.path_for(key.hex())
+    if not path.exists():
+        return Problem("dangling", key.hex(), "indexed but its file is missing")
+    try:
+        from .tiers import tokens_hash
+
+        payload = cache.files.read(key.hex(), record.checksum, record.nbytes)
+        arrays, tokens, _ = decode_block(payload)
+        if len(tokens) != record.num_tokens or tokens_hash(tokens) != record.tokens_hash:
+            raise DamagedBlock("tokens differ from the index")
+        if record.kind == "kv" and any(a.shape[2] != record.num_tokens for a in arrays.values()):
+            raise DamagedBlock("array lengths differ from the token count")
+    except DamagedBlock as exc:
+        return Problem("damaged", key.hex(), str(exc))
+    return None
+
+
+def to_json(value) -> str:
+    return json.dumps(value, indent=2, default=lambda o: o.to_json() if hasattr(o, "to_json") else asdict(o))
+

@@ -1,0 +1,143 @@
+"""The real `kvtier` CLI as a subprocess against a real cache directory, with the daemon
+running and stopped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
+
+MAX_TOKENS = 12
+
+
+def kvtier(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, input=input,
+                          capture_output=True, text=True, timeout=600)
+
+
+def kvtier_json(*args: str):
+    result = kvtier(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def ask(daemon, messages):
+    response = daemon.client().chat.completions.create(
+        model=str(daemon.model), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    return response.choices[0].message.content, response.usage
+
+
+@pytest.fixture
+def filled(daemon):
+    """A daemon that has served two projects' prompts."""
+    for project in ("alpha", "beta"):
+        ask(daemon, agent_messages(project))
+    daemon.get("/cache/stats")
+    return daemon
+
+
+def block_files(cache_dir):
+    return [p for p in (cache_dir / "blocks").rglob("*.safetensors")]
+
+
+def test_stats_and_ls_with_the_daemon_running(filled):
+    cache = str(filled.cache_dir)
+    filled.stop()  # SIGTERM flushes, so everything is on disk; then run it again
+    filled.start()
+    stats = kvtier_json("stats", "--cache-dir", cache)
+    (model,) = stats["models"].values()
+    assert model["requests"] == 2 and model["misses"] >= 1 and model["blocks"] > 0
+    assert model["tokens_computed"] > model["tokens_from_ram"] > 0  # beta reused only the template header
+    assert stats["disk"]["entries"] == len(block_files(filled.cache_dir))
+    prefixes = kvtier_json("ls", "--cache-dir", cache)
+    assert len(prefixes) == 2
+    assert all(p["tokens"] > TEST_BLOCK_SIZE and p["tier"] == "disk" for p in prefixes)
+    assert any("alpha" in p["preview"] or "coding agent" in p["preview"] for p in prefixes)
+    human = kvtier("ls", "--cache-dir", cache)
+    assert human.returncode == 0 and prefixes[0]["key"][:16] in human.stdout
+
+
+def test_verify_clean_damaged_and_fixed(filled, reference):
+    cache = str(filled.cache_dir)
+    filled.stop()
+    assert kvtier("verify", "--cache-dir", cache).returncode == 0
+    victim = sorted(block_files(filled.cache_dir))[0]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (filled.cache_dir / "blocks" / "ab").mkdir(exist_ok=True)
+    orphan = filled.cache_dir / "blocks" / "ab" / ("ab" * 16 + ".safetensors")
+    orphan.write_bytes(b"left over")
+    import os
+    os.utime(orphan, (0, 0))  # old enough not to be a write in flight
+
+    report = kvtier("verify", "--cache-dir", cache, "--json")
+    assert report.returncode == 1
+    kinds = sorted(p["kind"] for p in json.loads(report.stdout)["problems"])
+    assert kinds == ["damaged", "orphan_file"]
+    assert kvtier("verify", "--fix", "--cache-dir", cache).returncode == 0
+    assert kvtier("verify", "--cache-dir", cache).returncode == 0
+    assert not victim.exists() and not orphan.exists()
+
+    filled.start()
+    for project in ("alpha", "beta"):
+        messages = agent_messages(project)
+        assert ask(filled, messages)[0] == reference.chat(messages, MAX_TOKENS)
+
+
+def test_purge_filters(filled):
+    cache = str(filled.cache_dir)
+    filled.stop()
+    disk = kvtier_json("stats", "--cache-dir", cache)["disk"]
+    before, target = disk["entries"], disk["bytes"] // 2 + disk["index_bytes"]
+    assert kvtier_json("purge", "--older-than", "1h", "--cache-dir", cache)["removed"] == 0
+    assert kvtier_json("purge", "--model", "some-other-model", "--cache-dir", cache)["removed"] == 0
+    shrunk = kvtier_json("purge", "--to-size", str(target), "--cache-dir", cache)
+    assert 0 < shrunk["entries"] < before and shrunk["bytes"] + disk["index_bytes"] <= target
+    by_model = kvtier_json("purge", "--model", filled.model.name, "--cache-dir", cache)
+    assert by_model["entries"] == 0 and block_files(filled.cache_dir) == []
+    bad = kvtier("purge", "--cache-dir", cache)
+    assert bad.returncode == 2 and "needs --all" in bad.stderr
+
+
+def test_pins_survive_eviction_and_purge(filled):
+    cache = str(filled.cache_dir)
+    filled.stop()
+    prefixes = kvtier_json("ls", "--cache-dir", cache)
+    keep = prefixes[-1]
+    assert kvtier("pin", keep["key"][:10], "--cache-dir", cache).returncode == 0
+    kvtier_json("purge", "--to-size", "0", "--cache-dir", cache)
+    kvtier_json("purge", "--older-than", "0s", "--cache-dir", cache)
+    left = kvtier_json("ls", "--cache-dir", cache)
+    assert [p["key"] for p in left] == [keep["key"]] and left[0]["pinned"]
+    assert kvtier("unpin", keep["key"][:10], "--cache-dir", cache).returncode == 0
+    assert kvtier_json("purge", "--to-size", "0", "--cache-dir", cache)["entries"] == 0
+    missing = kvtier("pin", "ffffffff", "--cache-dir", cache)
+    assert missing.returncode == 2 and "no cached prefix" in missing.stderr
+
+
+def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, tmp_path):
+    cache_dir = tmp_path / "warm-cache"
+    system = agent_messages("omega")[0]["content"]
+    warmed = kvtier("warm", "--model", str(llama_model), "-", "--pin", "--cache-dir", str(cache_dir),
+                    "--block-size", str(TEST_BLOCK_SIZE), "--json", input=system)
+    assert warmed.returncode == 0, warmed.stderr
+    assert "prefill [" in warmed.stderr and json.loads(warmed.stdout)["pinned_entries"] > 0
+    daemon = daemon_factory(llama_model, cache_dir=cache_dir)
+    messages = agent_messages("omega", question="Start working.")
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS)
+    system_tokens = len(reference.tokenizer.apply_chat_template(messages[:1]))
+    assert usage.prompt_tokens_details.cached_tokens >= system_tokens - 1
+    assert usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
+def test_cli_errors_are_clear(tmp_path):
+    result = kvtier("stats", "--cache-dir", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "no kvtier cache" in result.stderr
+    result = kvtier("purge", "--older-than", "soon", "--cache-dir", str(tmp_path))
+    assert result.returncode == 2 and "not a duration" in result.stderr
