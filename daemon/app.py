@@ -12,6 +12,7 @@ from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
 from .errors import error_middleware
+from .pressure import PressureWatcher
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
 from .state import STATE, DaemonState
@@ -39,8 +40,11 @@ def init_app(config: ServeConfig) -> web.Application:
 
 async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     """Load the model in the background; on shutdown flush every block to disk."""
-    worker = app[STATE].worker
-    worker.start()
+    state = app[STATE]
+    state.worker.start()
+    watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
+    watcher.start()
     yield
     log.info("shutting down: flushing cached blocks to disk")
-    await asyncio.to_thread(worker.stop)
+    watcher.stop()
+    await asyncio.to_thread(state.worker.stop)

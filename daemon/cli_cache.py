@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
+from kvtier import config
 from kvtier.config import default_cache_dir, format_size, parse_size
 
 COMMANDS = ("stats", "ls", "purge", "verify", "pin", "unpin", "warm")
-_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> float:
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30m, 12h, 7d)")
-    return float(match.group(1)) * _DURATION[match.group(2)]
+    try:
+        return config.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:

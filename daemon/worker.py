@@ -41,6 +41,10 @@ class Worker:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Queue a request and stream its chunks; cancels the job if the caller stops reading."""
+        async for chunk in self._submit(request):
+            yield chunk
+
+    async def _submit(self, job: GenerationRequest | Callable) -> AsyncIterator:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
 
@@ -48,7 +52,7 @@ class Worker:
             loop.call_soon_threadsafe(out.put_nowait, item)
 
         try:
-            self._jobs.put_nowait((request, emit))
+            self._jobs.put_nowait((job, emit))
         except queue.Full:
             raise Overloaded() from None
         try:
@@ -57,7 +61,21 @@ class Worker:
                     raise item
                 yield item
         finally:
-            request.cancelled.set()
+            if isinstance(job, GenerationRequest):
+                job.cancelled.set()
+
+    async def call(self, fn: Callable[[Engine], object]) -> object:
+        """Run `fn(engine)` on the MLX thread, between generations, and return its result."""
+        async for item in self._submit(fn):
+            return item
+        return None
+
+    def call_soon(self, fn: Callable[[Engine], object]) -> None:
+        """Queue `fn(engine)` from any thread without waiting for it (e.g. freeing buffers)."""
+        try:
+            self._jobs.put_nowait((fn, lambda item: None))
+        except queue.Full:
+            pass  # busy: the running jobs free MLX buffers as they go
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running job, then flush blocks to disk and close the cache."""
@@ -75,15 +93,15 @@ class Worker:
         finally:
             self.ready.set()
         while (job := self._jobs.get()) is not None:
-            request, emit = job
-            if request.cancelled.is_set():
-                emit(_DONE)
-                continue
+            work, emit = job
             try:
-                for chunk in self.engine.generate(request):
-                    emit(chunk)
+                if not isinstance(work, GenerationRequest):
+                    emit(work(self.engine))
+                elif not work.cancelled.is_set():
+                    for chunk in self.engine.generate(work):
+                        emit(chunk)
             except Exception as exc:
-                log.exception("generation failed")
+                log.exception("a job on the MLX thread failed")
                 emit(exc)
             emit(_DONE)
         self.engine.close()

@@ -35,6 +35,17 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+_DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Parse '30m', '12h', '7d' into seconds."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", str(text))
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 30m, 12h, 7d)")
+    return float(match.group(1)) * _DURATIONS[match.group(2)]
+
+
 def format_size(num_bytes: int) -> str:
     value = float(num_bytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -84,6 +95,11 @@ class CacheConfig:
             raise ValueError("kv bits must be one of 2, 3, 4, 5, 6, 8")
 
 
+def default_pressure_threshold() -> int:
+    # Below a tenth of physical memory free, the OS starts compressing and swapping.
+    return psutil.virtual_memory().total // 10
+
+
 @dataclass
 class ServeConfig:
     model: str
@@ -91,4 +107,6 @@ class ServeConfig:
     port: int = 8420
     prefill_step_size: int = 2048
     max_tokens_default: int = 512
+    pressure_below: int = field(default_factory=default_pressure_threshold)  # bytes available
+    pressure_keep: float = 0.25  # fraction of the RAM budget kept hot after a spill
     cache: CacheConfig = field(default_factory=CacheConfig)

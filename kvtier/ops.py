@@ -19,15 +19,20 @@ ORPHAN_GRACE_SECONDS = 60
 
 
 class CacheDir:
-    def __init__(self, path: Path):
+    """A cache directory's index and files. The daemon passes its own open index: LMDB
+    allows one open environment per file in a process."""
+
+    def __init__(self, path: Path, index: Index | None = None, files: BlockFiles | None = None):
         self.path = Path(path).expanduser()
-        if not (self.path / "index").exists():
+        if index is None and not (self.path / "index").exists():
             raise FileNotFoundError(f"no kvtier cache at {self.path}")
-        self.index = Index(self.path / "index")
-        self.files = BlockFiles(self.path / "blocks")
+        self._owns_index = index is None
+        self.index = index or Index(self.path / "index")
+        self.files = files or BlockFiles(self.path / "blocks")
 
     def close(self) -> None:
-        self.index.close()
+        if self._owns_index:
+            self.index.close()
 
     def __enter__(self) -> "CacheDir":
         return self

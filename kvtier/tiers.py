@@ -310,6 +310,15 @@ class TieredStore:
         self.index.remove(key)
         self.files.remove(key.hex())
 
+    def spill(self, target_bytes: int) -> int:
+        """Shrink the hot tier to `target_bytes` (memory pressure): victims not yet on disk
+        are queued for it, not dropped. Returns the bytes released."""
+        victims = self.ram.shrink_to(target_bytes)
+        self._submit([b for b in victims if not b.persisted and not self.writer.is_queued(b.key)])
+        released = sum(b.nbytes for b in victims)
+        self.count("ram_bytes_spilled", released)
+        return released
+
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Persist every hot entry not yet on disk (retrying failed writes) and wait."""

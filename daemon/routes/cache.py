@@ -1,9 +1,15 @@
-"""Health and cache inspection routes."""
+"""Health, cache inspection and management routes, and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
+from kvtier import ops
+from kvtier.config import parse_duration, parse_size
+
+from ..errors import ApiError, field, json_body
 from ..state import STATE
 
 routes = web.RouteTableDef()
@@ -39,3 +45,95 @@ async def cache_stats(http: web.Request) -> web.Response:
                    "computed": counters.get("tokens_computed", 0)},
     })
     return web.json_response(stats)
+
+
+def _cache_dir(http: web.Request) -> ops.CacheDir:
+    store = http.app[STATE].engine().store
+    return ops.CacheDir(store.config.cache_dir, store.index, store.files)
+
+
+@routes.get("/cache/entries")
+async def cache_entries(http: web.Request) -> web.Response:
+    """Cached prefixes, as `kvtier ls --json` lists them, with the tier they are in now."""
+    store = http.app[STATE].engine().store
+    await asyncio.to_thread(store.writer.flush, 10.0)  # list what is being written too
+    found = await asyncio.to_thread(ops.prefixes, _cache_dir(http))
+    entries = []
+    for prefix in found:
+        hot = sum(1 for key in prefix.chain if key in store.ram)
+        tier = "ram+disk" if hot == len(prefix.chain) else ("partly ram" if hot else "disk")
+        entries.append(dict(prefix.to_json(), tier=tier))
+    return web.json_response({"object": "list", "data": entries})
+
+
+@routes.delete("/cache")
+async def purge_cache(http: web.Request) -> web.Response:
+    """The filters of `kvtier purge`, as query parameters: all, model, older_than, to_size."""
+    query = http.query
+    try:
+        older = parse_duration(query["older_than"]) if "older_than" in query else None
+        to_size = parse_size(query["to_size"]) if "to_size" in query else None
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="older_than" if "older_than" in query else "to_size") from None
+    everything = query.get("all", "").lower() in ("1", "true", "yes")
+    model = query.get("model")
+    if not (everything or model or older is not None or to_size is not None):
+        raise ApiError(400, "give at least one of all=true, model, older_than, to_size")
+    state = http.app[STATE]
+    result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
+                                     model=model, older_than_s=older, to_size=to_size)
+    if everything or (model and model in state.model_ids() | {state.engine().fingerprint}):
+        state.engine().store.ram.clear()  # the hot copies of what was purged go too
+    return web.json_response(result)
+
+
+@routes.post("/cache/warm")
+async def warm(http: web.Request) -> web.Response:
+    """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request."""
+    body = await json_body(http)
+    state = http.app[STATE]
+    state.engine()
+    messages = field(body, "messages", list, None)
+    if messages is None:
+        messages = [{"role": "system", "content": field(body, "prompt", str, required=True)}]
+    tools = field(body, "tools", list, None)
+    pin = field(body, "pin", bool, False)
+    result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=pin))
+    return web.json_response(result)
+
+
+@routes.get("/metrics")
+async def metrics(http: web.Request) -> web.Response:
+    """Prometheus text exposition of the tiers and counters."""
+    state = http.app[STATE]
+    stats = state.engine().store.stats()
+    counters = stats["counters"]
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP kvtier_{name} {help_text}", f"# TYPE kvtier_{name} {kind}"])
+        lines.extend(f"kvtier_{name}{labels} {value}" for labels, value in samples)
+
+    metric("ram_bytes", "gauge", "Bytes of KV in the hot tier.", [("", stats["ram"]["bytes"])])
+    metric("ram_budget_bytes", "gauge", "RAM budget.", [("", stats["ram"]["budget"])])
+    metric("ram_entries", "gauge", "Blocks and snapshots in RAM.", [("", stats["ram"]["blocks"])])
+    metric("disk_bytes", "gauge", "Bytes of cache files on disk.", [("", stats["disk"]["bytes"])])
+    metric("disk_budget_bytes", "gauge", "Disk budget.", [("", stats["disk"]["budget"])])
+    metric("disk_entries", "gauge", "Blocks and snapshots on disk.", [("", stats["disk"]["blocks"])])
+    metric("disk_writable", "gauge", "1 while the disk tier accepts writes.",
+           [("", int(stats["disk"]["writable"]))])
+    metric("requests_total", "counter", "Requests by whether any prefix was reused.",
+           [('{result="hit"}', counters.get("requests_hit", 0)),
+            ('{result="miss"}', counters.get("requests_miss", 0))])
+    metric("prompt_tokens_total", "counter", "Prompt tokens by where they came from.",
+           [(f'{{source="{s}"}}', counters.get(f"tokens_{k}", 0))
+            for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("computed", "computed"))])
+    for name, help_text in [("damaged_blocks", "Cache files found damaged (treated as misses)."),
+                            ("disk_evictions", "Entries evicted to keep the disk budget."),
+                            ("disk_write_errors", "Failed cache writes."),
+                            ("memory_pressure_events", "Hot-tier spills under memory pressure."),
+                            ("requests_unsupported_model", "Requests served without reuse.")]:
+        metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
+    metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
+           [("", state.worker.waiting)])
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

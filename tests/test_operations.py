@@ -1,0 +1,99 @@
+"""Operating the daemon over HTTP: entries, purge, warm, metrics; budgets held under load;
+memory pressure spills to disk without losing anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+from conftest import TEST_BLOCK_SIZE, agent_messages
+
+MAX_TOKENS = 8
+
+
+def request(daemon, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(daemon.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            raw = r.read().decode()
+            return r.status, json.loads(raw) if r.headers["Content-Type"].startswith("application/json") else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def ask(daemon, messages):
+    response = daemon.client().chat.completions.create(
+        model=str(daemon.model), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    return response.choices[0].message.content, response.usage
+
+
+def dir_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
+    ask(daemon, agent_messages("alpha"))
+    status, entries = request(daemon, "GET", "/cache/entries")
+    assert status == 200 and len(entries["data"]) == 1
+    assert entries["data"][0]["tier"] == "ram+disk" and entries["data"][0]["tokens"] > TEST_BLOCK_SIZE
+
+    status, metrics = request(daemon, "GET", "/metrics")
+    assert status == 200
+    assert 'kvtier_requests_total{result="miss"} 1' in metrics
+    assert "# TYPE kvtier_ram_bytes gauge" in metrics
+
+    assert request(daemon, "DELETE", "/cache")[0] == 400
+    assert request(daemon, "DELETE", "/cache?older_than=soon")[0] == 400
+    status, result = request(daemon, "DELETE", "/cache?all=true")
+    assert status == 200 and result["entries"] == 0
+    assert daemon.get("/cache/stats")["ram"]["blocks"] == 0
+
+    messages = agent_messages("omega", question="Go.")
+    status, warmed = request(daemon, "POST", "/cache/warm", {"messages": messages[:1], "pin": True})
+    assert status == 200 and warmed["pinned_entries"] > 0
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS)
+    assert usage.prompt_tokens_details.cached_tokens >= warmed["tokens"] - 8
+    status, result = request(daemon, "DELETE", "/cache?to_size=0")
+    assert result["entries"] > 0  # the warmed prefix is pinned
+
+
+def test_budgets_hold_well_past_tiny_limits_and_outputs_stay_exact(daemon_factory, llama_model, reference):
+    ram_budget, disk_budget = 3_000_000, 8_000_000  # a few blocks each
+    daemon = daemon_factory(llama_model, "--ram-budget", str(ram_budget), "--disk-budget", str(disk_budget))
+    projects = [f"project-{i}" for i in range(8)]
+    for project in projects:  # ~8 x 0.7K tokens x 8 KB/token: several times both budgets
+        messages = agent_messages(project)
+        assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+        stats = daemon.get("/cache/stats")
+        assert stats["ram"]["bytes"] <= ram_budget
+        assert dir_bytes(daemon.cache_dir) <= disk_budget
+    assert stats["counters"]["disk_evictions"] > 0
+    # The oldest project was evicted; it is recomputed, still exactly.
+    messages = agent_messages(projects[0])
+    assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+    daemon.stop()
+    assert dir_bytes(daemon.cache_dir) <= disk_budget
+
+
+def test_memory_pressure_spills_to_disk_and_loses_nothing(daemon_factory, llama_model, reference):
+    # "Pressure" whenever less than a petabyte is free: always, on this machine.
+    daemon = daemon_factory(llama_model, "--pressure-below", "1000TB", "--pressure-keep", "0")
+    messages = agent_messages("pressure")
+    expected = reference.chat(messages, MAX_TOKENS)
+    assert ask(daemon, messages)[0] == expected
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = daemon.get("/cache/stats")
+        if stats["counters"].get("memory_pressure_events") and stats["ram"]["bytes"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["ram"]["bytes"] == 0 and stats["disk"]["blocks"] > 0
+    text, usage = ask(daemon, messages)
+    assert text == expected
+    assert usage.model_extra["kvtier"]["disk_tokens"] > 0  # spilled, not dropped
