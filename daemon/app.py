@@ -11,6 +11,7 @@ from aiohttp import web
 from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
+from .auth import auth_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
 from .routes import cache as cache_routes
@@ -24,14 +25,17 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def init_app(config: ServeConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    middlewares = [error_middleware]
+    if config.api_key:
+        middlewares.append(auth_middleware(config.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
 
     def make_engine() -> Engine:
         engine = Engine(config.model, config.cache, config.prefill_step_size)
         log.info("model %s loaded; cache at %s", config.model, config.cache.cache_dir)
         return engine
 
-    app[STATE] = DaemonState(config, Worker(make_engine))
+    app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from . import cli_cache
+from . import cli_cache, service
 from kvtier.config import DEFAULT_DISK_BUDGET, CacheConfig, ServeConfig, default_cache_dir, \
     default_ram_budget, parse_size
 
@@ -40,8 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-group-size", type=int, default=64)
     serve.add_argument("--max-tokens", type=int, default=512,
                        help="completion length when a request gives none (default: 512)")
+    serve.add_argument("--pressure-below", type=_size, default=None,
+                       help="spill hot KV to disk when available memory falls below this "
+                            "(default: a tenth of physical memory)")
+    serve.add_argument("--pressure-keep", type=float, default=0.25,
+                       help="fraction of the RAM budget kept hot after a spill (default: 0.25)")
+    serve.add_argument("--api-key", default=None,
+                       help="require this bearer token on every route (or set KVTIER_API_KEY); "
+                            "needed to bind a non-loopback address")
+    serve.add_argument("--max-waiting", type=int, default=32,
+                       help="requests queued before the daemon answers 503 (default: 32)")
     serve.add_argument("--log-level", default="info")
     cli_cache.add_parsers(commands)
+    service.add_parser(commands)
     return parser
 
 
@@ -49,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .app import init_app
+    from .auth import is_loopback
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -56,7 +69,15 @@ def serve(args: argparse.Namespace) -> int:
                         **{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,
-                         max_tokens_default=args.max_tokens, cache=cache)
+                         max_tokens_default=args.max_tokens, pressure_keep=args.pressure_keep,
+                         cache=cache)
+    if args.pressure_below is not None:
+        config.pressure_below = args.pressure_below
+    config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
+    config.max_waiting = args.max_waiting
+    if not config.api_key and not is_loopback(config.host):
+        raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
+                         "set --api-key (or KVTIER_API_KEY) first")
     web.run_app(init_app(config), host=config.host, port=config.port,
                 print=lambda msg: logging.getLogger("kvtier").info(msg))
     return 0
@@ -78,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command in cli_cache.COMMANDS:
         return cli_cache.run(args)
+    if args.command == "service":
+        return service.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

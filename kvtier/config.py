@@ -109,4 +109,6 @@ class ServeConfig:
     max_tokens_default: int = 512
     pressure_below: int = field(default_factory=default_pressure_threshold)  # bytes available
     pressure_keep: float = 0.25  # fraction of the RAM budget kept hot after a spill
+    api_key: str | None = None  # required on every route when set
+    max_waiting: int = 32  # requests queued for the MLX thread before answering 503
     cache: CacheConfig = field(default_factory=CacheConfig)

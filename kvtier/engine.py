@@ -264,6 +264,7 @@ class Engine:
                 break
             if request.cancelled.is_set():
                 finish = "cancelled"
+                self.store.count("requests_cancelled")
                 break
             y = next_y
         tail = ""

@@ -77,6 +77,13 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _open(self, path: str, timeout: float):
+        extra = self.extra
+        key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers),
+                                      timeout=timeout)
+
     def start(self, timeout: float = 120) -> "Daemon":
         args = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
                 "--port", str(self.port), "--cache-dir", str(self.cache_dir),
@@ -88,7 +95,7 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                with self._open("/health", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
@@ -109,7 +116,7 @@ class Daemon:
         return self.start()
 
     def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+        with self._open(path, timeout=30) as r:
             return json.loads(r.read())
 
     def client(self):

@@ -1,0 +1,418 @@
+"""`kvtier service install | uninstall | status`: run the daemon as a per-user service that
+starts at login and comes back after a crash: a launchd LaunchAgent on macOS, a systemd user
+unit on Linux.
+
+The builders are pure functions of a `ServiceSpec`, so both formats can be generated and
+tested on any platform; only `run_command` and `apply` touch the system."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import plistlib
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtier.config import parse_size
+
+LABEL = "com.kvtier.daemon"
+UNIT = "kvtier.service"
+# Seconds the service manager waits between SIGTERM and SIGKILL: on SIGTERM kvtier writes
+# every block not yet on disk, which takes a while with a large RAM tier.
+STOP_TIMEOUT = 60
+_BASE_PATH = {"darwin": "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+              "linux": "/usr/local/bin:/usr/bin:/bin"}
+_MISSING_TOOL = {
+    "launchctl": "launchctl not found: LaunchAgents need macOS",
+    "systemctl": "systemctl not found: `kvtier service` needs systemd on Linux; "
+                 "run `kvtier serve` under another supervisor instead",
+}
+# Serve options a service may carry, in the order they are written; only given ones are.
+SERVE_OPTIONS = ("model", "host", "port", "cache_dir", "ram_budget", "disk_budget",
+                 "block_size", "kv_bits")
+
+
+class ServiceError(Exception):
+    """Reported as `kvtier: <message>`, exiting with `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Everything the service files depend on, passed explicitly so the builders stay pure."""
+
+    platform: str  # "darwin" or "linux"
+    home: Path
+    uid: int
+    python: str  # absolute path of the interpreter, as in the venv (symlink not resolved)
+    serve_args: tuple[str, ...]
+    working_dir: Path
+    cache_dir: str | None = None
+    config_home: Path | None = None  # $XDG_CONFIG_HOME, if set
+
+
+@dataclass(frozen=True)
+class Run:
+    argv: tuple[str, ...]
+    if_loaded: bool = False  # only when the service was already loaded/running before we began
+
+
+@dataclass(frozen=True)
+class MakeDir:
+    path: Path
+
+
+@dataclass(frozen=True)
+class Write:
+    path: Path
+    content: str
+
+
+@dataclass(frozen=True)
+class Remove:
+    path: Path
+
+
+Action = Run | MakeDir | Write | Remove
+
+
+# ---- pure builders -------------------------------------------------------------------------
+
+def normalize_platform(platform: str) -> str:
+    if platform == "darwin":
+        return "darwin"
+    if platform.startswith("linux"):
+        return "linux"
+    raise ServiceError(f"services are supported on macOS (launchd) and Linux (systemd), not {platform}")
+
+
+def serve_args(options: dict[str, object]) -> tuple[str, ...]:
+    """`--name value` for each given serve option, in SERVE_OPTIONS order."""
+    args: list[str] = []
+    for name in SERVE_OPTIONS:
+        if options.get(name) is not None:
+            args += [f"--{name.replace('_', '-')}", str(options[name])]
+    return tuple(args)
+
+
+def program_arguments(spec: ServiceSpec) -> list[str]:
+    return [spec.python, "-m", "daemon.cli", "serve", *spec.serve_args]
+
+
+def environment(spec: ServiceSpec) -> dict[str, str]:
+    # Services start with a bare PATH; put the venv first so tools it ships are found.
+    env = {"PATH": f"{Path(spec.python).parent}:{_BASE_PATH[spec.platform]}"}
+    if spec.cache_dir is not None:
+        env["KVTIER_CACHE_DIR"] = spec.cache_dir
+    return env
+
+
+def log_dir(spec: ServiceSpec) -> Path:
+    return spec.home / "Library" / "Logs" / "kvtier"
+
+
+def service_path(spec: ServiceSpec) -> Path:
+    if spec.platform == "darwin":
+        return spec.home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    return (spec.config_home or spec.home / ".config") / "systemd" / "user" / UNIT
+
+
+def launchd_plist(spec: ServiceSpec) -> dict:
+    logs = log_dir(spec)
+    return {
+        "Label": LABEL,
+        "ProgramArguments": program_arguments(spec),
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "WorkingDirectory": str(spec.working_dir),
+        "EnvironmentVariables": environment(spec),
+        "StandardOutPath": str(logs / "kvtier.out.log"),
+        "StandardErrorPath": str(logs / "kvtier.err.log"),
+        "ExitTimeOut": STOP_TIMEOUT,  # launchd's default (20 s) can cut the final flush short
+    }
+
+
+def _systemd_escape(text: str) -> str:
+    # `%` starts a unit specifier everywhere in a unit file; a newline would end the setting.
+    if "\n" in text:
+        raise ServiceError(f"cannot write a newline into a systemd unit: {text!r}")
+    return text.replace("%", "%%")
+
+
+def _systemd_quoted(text: str) -> str:
+    # systemd reads C escapes inside quotes, so backslashes and double quotes are escaped.
+    return _systemd_escape('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+
+
+def systemd_word(word: str) -> str:
+    """One ExecStart word: shlex quoting, plus systemd's `%` specifiers and `$` variables."""
+    if "'" in word or "\\" in word:
+        # systemd accepts a quote only at the start of a word, so shlex's '"'"' splicing
+        # would not parse: use one double-quoted word instead.
+        return _systemd_quoted(word).replace("$", "$$")
+    return _systemd_escape(shlex.quote(word)).replace("$", "$$")
+
+
+def systemd_unit(spec: ServiceSpec) -> str:
+    env_lines = [f"Environment={_systemd_quoted(f'{k}={v}')}" for k, v in environment(spec).items()]
+    exec_start = " ".join(systemd_word(w) for w in program_arguments(spec))
+    return "\n".join([
+        "# Written by `kvtier service install`; run it again to change the options.",
+        "[Unit]",
+        "Description=kvtier KV-cache daemon",
+        "After=network.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"WorkingDirectory={_systemd_escape(str(spec.working_dir))}",
+        *env_lines,
+        f"ExecStart={exec_start}",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        f"TimeoutStopSec={STOP_TIMEOUT}",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+        "",
+    ])
+
+
+def service_file(spec: ServiceSpec) -> str:
+    if spec.platform == "darwin":
+        return plistlib.dumps(launchd_plist(spec)).decode()
+    return systemd_unit(spec)
+
+
+def _launchd_domain(spec: ServiceSpec) -> str:
+    return f"gui/{spec.uid}"
+
+
+def _systemctl(*args: str) -> tuple[str, ...]:
+    return ("systemctl", "--user", *args)
+
+
+def install_plan(spec: ServiceSpec) -> list[Action]:
+    path = service_path(spec)
+    if spec.platform == "darwin":
+        target = f"{_launchd_domain(spec)}/{LABEL}"
+        return [MakeDir(log_dir(spec)), Write(path, service_file(spec)),
+                Run(("launchctl", "bootout", target), if_loaded=True),
+                Run(("launchctl", "bootstrap", _launchd_domain(spec), str(path)))]
+    # `enable --now` leaves a running service on its old command line, hence the restart.
+    return [Write(path, service_file(spec)), Run(_systemctl("daemon-reload")),
+            Run(_systemctl("enable", "--now", UNIT)), Run(_systemctl("restart", UNIT), if_loaded=True)]
+
+
+def uninstall_plan(spec: ServiceSpec) -> list[Action]:
+    path = service_path(spec)
+    if spec.platform == "darwin":
+        return [Run(("launchctl", "bootout", f"{_launchd_domain(spec)}/{LABEL}"), if_loaded=True),
+                Remove(path)]
+    return [Run(_systemctl("disable", "--now", UNIT)), Remove(path), Run(_systemctl("daemon-reload"))]
+
+
+def status_command(spec: ServiceSpec) -> tuple[str, ...]:
+    if spec.platform == "darwin":
+        return ("launchctl", "print", f"{_launchd_domain(spec)}/{LABEL}")
+    return _systemctl("status", UNIT)
+
+
+def describe(action: Action, spec: ServiceSpec) -> str:
+    if isinstance(action, Run):
+        note = ""
+        if action.if_loaded:
+            note = "   # only if already loaded" if spec.platform == "darwin" else "   # only if already running"
+        return f"would run: {shlex.join(action.argv)}{note}"
+    if isinstance(action, MakeDir):
+        return f"would create directory: {action.path}"
+    if isinstance(action, Write):
+        return f"would write {action.path}:\n{action.content.rstrip()}\n"
+    return f"would remove: {action.path}"
+
+
+# ---- the system ----------------------------------------------------------------------------
+
+def run_command(argv: Sequence[str], *, check: bool = True,
+                capture: bool = True) -> subprocess.CompletedProcess[str]:
+    """The one place launchctl/systemctl run: a missing tool or a failure becomes ServiceError."""
+    try:
+        return subprocess.run(list(argv), check=check, text=True, capture_output=capture)
+    except FileNotFoundError:
+        raise ServiceError(_MISSING_TOOL.get(argv[0], f"{argv[0]} not found"), 127) from None
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or exc.stdout or "").strip()
+        message = f"`{shlex.join(argv)}` failed (exit {exc.returncode})" + (f": {detail}" if detail else "")
+        raise ServiceError(message, exc.returncode if exc.returncode > 0 else 1) from None
+
+
+def is_loaded(spec: ServiceSpec) -> bool:
+    """Whether the service is loaded (launchd) or active (systemd); also checks the tool works."""
+    if spec.platform == "darwin":
+        return run_command(status_command(spec), check=False).returncode == 0
+    result = run_command(_systemctl("is-active", UNIT), check=False)
+    if not result.stdout.strip():  # no state printed: systemctl itself failed (e.g. no user bus)
+        raise ServiceError(f"`systemctl --user` is not usable: {result.stderr.strip()}"
+                           " (a user systemd instance needs a login session, or "
+                           "`loginctl enable-linger $USER`)")
+    return result.returncode == 0
+
+
+def apply(action: Action, loaded: bool) -> None:
+    if isinstance(action, Run):
+        if loaded or not action.if_loaded:
+            run_command(action.argv)
+    elif isinstance(action, MakeDir):
+        action.path.mkdir(parents=True, exist_ok=True)
+    elif isinstance(action, Write):
+        action.path.parent.mkdir(parents=True, exist_ok=True)
+        action.path.write_text(action.content)
+    else:
+        action.path.unlink(missing_ok=True)
+
+
+def status_info(spec: ServiceSpec) -> dict:
+    """Machine-readable status; `running` decides the exit code."""
+    info: dict = {"platform": spec.platform, "name": LABEL if spec.platform == "darwin" else UNIT,
+                  "path": str(service_path(spec)), "installed": service_path(spec).exists(),
+                  "loaded": False, "running": False, "state": None, "pid": None}
+    if spec.platform == "darwin":
+        result = run_command(status_command(spec), check=False)
+        state = re.search(r"^\s*state = (\S+)", result.stdout, re.M)
+        pid = re.search(r"^\s*pid = (\d+)", result.stdout, re.M)
+        info.update(loaded=result.returncode == 0, state=state and state.group(1),
+                    pid=pid and int(pid.group(1)))
+        info["running"] = info["state"] == "running"
+        return info
+    props = "LoadState,ActiveState,SubState,MainPID,UnitFileState"
+    result = run_command(_systemctl("show", UNIT, f"--property={props}"), check=False)
+    if result.returncode != 0:
+        info["error"] = result.stderr.strip() or f"systemctl exited with {result.returncode}"
+        return info
+    shown = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    info.update(loaded=shown.get("LoadState") == "loaded", running=shown.get("ActiveState") == "active",
+                state=f"{shown.get('ActiveState')}/{shown.get('SubState')}",
+                pid=int(shown["MainPID"]) if shown.get("MainPID", "0") != "0" else None,
+                enabled=shown.get("UnitFileState") == "enabled")
+    return info
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+def _size_text(text: str) -> str:
+    # Validate now, but keep the user's spelling ("4GB") in the service's command line.
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dry-run", action="store_true",
+                        help="print the file and the commands, change nothing")
+    common.add_argument("--platform", default=sys.platform, help=argparse.SUPPRESS)  # for tests
+
+    service = commands.add_parser("service", help="run the daemon as a login service (launchd/systemd)")
+    actions = service.add_subparsers(dest="action", required=True)
+    install = actions.add_parser("install", parents=[common], help="install and start the service")
+    install.add_argument("--model", required=True, help="model the service serves (see `serve`)")
+    install.add_argument("--host")
+    install.add_argument("--port", type=int)
+    install.add_argument("--cache-dir", help="also set as KVTIER_CACHE_DIR for the service")
+    install.add_argument("--ram-budget", type=_size_text)
+    install.add_argument("--disk-budget", type=_size_text)
+    install.add_argument("--block-size", type=int)
+    install.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8])
+    actions.add_parser("uninstall", parents=[common], help="stop the service and remove it")
+    status = actions.add_parser("status", parents=[common], help="whether the service is running")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
+    options = {name: getattr(args, name, None) for name in SERVE_OPTIONS}
+    # The service starts in another directory: make paths absolute. A model that is not a
+    # path is a repo id in the HF cache and stays as given.
+    if options["model"] is not None and Path(options["model"]).expanduser().exists():
+        options["model"] = str(Path(options["model"]).expanduser().resolve())
+    if options["cache_dir"] is not None:
+        options["cache_dir"] = str(Path(options["cache_dir"]).expanduser().resolve())
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return ServiceSpec(
+        platform=normalize_platform(args.platform),
+        home=Path.home(),
+        uid=os.getuid(),
+        python=os.path.abspath(sys.executable),  # not resolved: the venv's symlink selects the venv
+        serve_args=serve_args(options),
+        working_dir=Path(__file__).resolve().parent.parent,  # where `-m daemon.cli` imports from source
+        cache_dir=options["cache_dir"],
+        config_home=Path(xdg) if xdg and os.path.isabs(xdg) else None,
+    )
+
+
+def _execute(plan: list[Action], spec: ServiceSpec, dry_run: bool) -> None:
+    if dry_run:
+        for action in plan:
+            print(describe(action, spec))
+        return
+    loaded = is_loaded(spec)  # also fails early, before any file is written, if the tool is unusable
+    for action in plan:
+        apply(action, loaded)
+
+
+def _install(spec: ServiceSpec, dry_run: bool) -> int:
+    _execute(install_plan(spec), spec, dry_run)
+    if not dry_run:
+        print(f"kvtier service installed and started: {service_path(spec)}")
+        if spec.platform == "darwin":
+            print(f"logs: {log_dir(spec)}/")
+        else:
+            print(f"logs: journalctl --user -u {UNIT} -f\n"
+                  "to keep it running after logout: loginctl enable-linger $USER")
+    return 0
+
+
+def _uninstall(spec: ServiceSpec, dry_run: bool) -> int:
+    path = service_path(spec)
+    if not dry_run and not path.exists() and not (spec.platform == "darwin" and is_loaded(spec)):
+        print(f"kvtier: no service installed ({path} not found)")
+        return 0
+    _execute(uninstall_plan(spec), spec, dry_run)
+    if not dry_run:
+        print(f"kvtier service stopped and removed: {path}")
+    return 0
+
+
+def _status(spec: ServiceSpec, dry_run: bool, as_json: bool) -> int:
+    if dry_run:
+        print(f"would run: {shlex.join(status_command(spec))}")
+        return 0
+    if as_json:
+        info = status_info(spec)
+        print(json.dumps(info, indent=2))
+        return 1 if "error" in info else 0 if info["running"] else 3  # 3: not running, as systemctl
+    path = service_path(spec)
+    print(f"service file: {path}" + ("" if path.exists() else " (not installed)"), flush=True)
+    return run_command(status_command(spec), check=False, capture=False).returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = spec_from_args(args)
+        if args.action == "install":
+            return _install(spec, args.dry_run)
+        if args.action == "uninstall":
+            return _uninstall(spec, args.dry_run)
+        return _status(spec, args.dry_run, args.json)
+    except ServiceError as exc:
+        print(f"kvtier: {exc}", file=sys.stderr)
+        return exc.code

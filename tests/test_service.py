@@ -1,0 +1,197 @@
+"""`kvtier service`: the LaunchAgent plist and the systemd unit as their own parsers and
+verifiers read them, and the real CLI's dry runs, which must touch nothing."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import plistlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon import service
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_spec(platform: str, home: Path, **options) -> service.ServiceSpec:
+    return service.ServiceSpec(platform=platform, home=home, uid=501, python=sys.executable,
+                               serve_args=service.serve_args(options), working_dir=ROOT,
+                               cache_dir=options.get("cache_dir"))
+
+
+def kvtier_service(*args: str, home: Path, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process, with HOME pointed at a temporary directory."""
+    environ = {k: v for k, v in os.environ.items() if k != "XDG_CONFIG_HOME"}
+    environ.update(HOME=str(home), PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "service", *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=120)
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(path.rglob("*"))
+
+
+def assert_in_order(text: str, *parts: str) -> None:
+    positions = [text.find(part) for part in parts]
+    assert -1 not in positions, [p for p, i in zip(parts, positions) if i == -1]
+    assert positions == sorted(positions), positions
+
+
+# ---- the files ---------------------------------------------------------------------------
+
+def test_plist_round_trips_with_program_and_keys(tmp_path):
+    spec = make_spec("darwin", tmp_path, model="X", port=8500)
+    plist = plistlib.loads(plistlib.dumps(service.launchd_plist(spec)))
+    assert plist == plistlib.loads(service.service_file(spec).encode())
+    assert plist["Label"] == "com.kvtier.daemon"
+    assert plist["ProgramArguments"][:3] == [sys.executable, "-m", "daemon.cli"]
+    assert "serve --model X --port 8500" in " ".join(plist["ProgramArguments"])
+    assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
+    logs = tmp_path / "Library" / "Logs" / "kvtier"
+    assert Path(plist["StandardOutPath"]).parent == logs and Path(plist["StandardErrorPath"]).parent == logs
+    assert plist["WorkingDirectory"] == str(ROOT)
+    assert plist["EnvironmentVariables"]["PATH"].startswith(str(Path(sys.executable).parent) + ":")
+    assert "KVTIER_CACHE_DIR" not in plist["EnvironmentVariables"]
+    assert service.service_path(spec) == tmp_path / "Library" / "LaunchAgents" / "com.kvtier.daemon.plist"
+
+
+def test_only_given_serve_options_are_written_and_cache_dir_sets_env(tmp_path):
+    assert service.serve_args({"model": "m", "host": None, "kv_bits": 8, "ram_budget": "2GB"}) == \
+        ("--model", "m", "--ram-budget", "2GB", "--kv-bits", "8")
+    spec = make_spec("darwin", tmp_path, model="m", cache_dir="/data/kv")
+    assert service.launchd_plist(spec)["EnvironmentVariables"]["KVTIER_CACHE_DIR"] == "/data/kv"
+    assert "--cache-dir" in service.program_arguments(spec)
+
+
+def test_unit_parses_with_expected_settings(tmp_path):
+    spec = make_spec("linux", tmp_path, model="X", port=8500, cache_dir="/data/kv")
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read_string(service.systemd_unit(spec))
+    assert unit["Unit"]["After"] == "network.target" and unit["Unit"]["Description"]
+    svc = unit["Service"]
+    assert shlex.split(svc["ExecStart"]) == [sys.executable, "-m", "daemon.cli", "serve",
+                                             "--model", "X", "--port", "8500", "--cache-dir", "/data/kv"]
+    assert (svc["Restart"], svc["KillSignal"], svc["TimeoutStopSec"]) == ("on-failure", "SIGTERM", "60")
+    assert svc["WorkingDirectory"] == str(ROOT)
+    environment = re.findall(r"^Environment=(.*)$", service.systemd_unit(spec), re.M)
+    assert [shlex.split(e)[0].split("=", 1)[0] for e in environment] == ["PATH", "KVTIER_CACHE_DIR"]
+    assert unit["Install"]["WantedBy"] == "default.target"
+    assert service.service_path(spec) == tmp_path / ".config" / "systemd" / "user" / "kvtier.service"
+    xdg = service.ServiceSpec(**{**spec.__dict__, "config_home": tmp_path / "cfg"})
+    assert service.service_path(xdg) == tmp_path / "cfg" / "systemd" / "user" / "kvtier.service"
+
+
+def test_unit_quotes_awkward_words():
+    words = ["/models/my model", "it's", "50%", "$HOME", "plain"]
+    line = " ".join(service.systemd_word(w) for w in words)
+    # systemd unescapes `%%` and `$$` itself; what is left is ordinary shell quoting.
+    assert shlex.split(line.replace("%%", "%").replace("$$", "$")) == words
+    assert "%%" in line and "$$HOME" in line
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    spec = make_spec("linux", tmp_path, model="/models/it's a model", port=8500, cache_dir="/tmp/kv cache")
+    path = tmp_path / "kvtier.service"
+    path.write_text(service.systemd_unit(spec))
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode != 0 and "kvtier.service" not in result.stderr:
+        pytest.skip(f"systemd-analyze cannot run here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    assert "kvtier.service" not in result.stderr  # no warnings about our file either
+
+
+# ---- the CLI -----------------------------------------------------------------------------
+
+def test_install_dry_run_linux_prints_unit_and_commands_and_touches_nothing(tmp_path):
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
+                            "--port", "8500", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    unit_path = tmp_path / ".config" / "systemd" / "user" / "kvtier.service"
+    assert_in_order(result.stdout, str(unit_path), "[Service]",
+                    "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model",
+                                               "/some/model", "--port", "8500"]),
+                    "WantedBy=default.target",
+                    "systemctl --user daemon-reload", "systemctl --user enable --now kvtier.service",
+                    "systemctl --user restart kvtier.service")
+    assert "KVTIER_CACHE_DIR" not in result.stdout
+    assert files_under(tmp_path) == []
+
+
+def test_install_dry_run_honours_xdg_config_home_and_makes_paths_absolute(tmp_path):
+    (tmp_path / "work" / "mdl").mkdir(parents=True)
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "mdl",
+                            "--cache-dir", "kv", home=tmp_path / "home", cwd=tmp_path / "work",
+                            XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "cfg" / "systemd" / "user" / "kvtier.service") in result.stdout
+    assert f"--model {tmp_path.resolve() / 'work' / 'mdl'}" in result.stdout
+    assert f'Environment="KVTIER_CACHE_DIR={tmp_path.resolve() / "work" / "kv"}"' in result.stdout
+    assert files_under(tmp_path) == [tmp_path / "work", tmp_path / "work" / "mdl"]
+
+
+def test_uninstall_dry_run_linux_prints_commands_and_touches_nothing(tmp_path):
+    result = kvtier_service("uninstall", "--dry-run", "--platform", "linux", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    unit_path = tmp_path / ".config" / "systemd" / "user" / "kvtier.service"
+    assert_in_order(result.stdout, "systemctl --user disable --now kvtier.service", str(unit_path),
+                    "systemctl --user daemon-reload")
+    assert files_under(tmp_path) == []
+
+
+def test_install_dry_run_darwin_prints_plist_and_launchctl_sequence(tmp_path):
+    result = kvtier_service("install", "--dry-run", "--platform", "darwin", "--model", "/some/model",
+                            "--port", "8500", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plist_path = tmp_path / "Library" / "LaunchAgents" / "com.kvtier.daemon.plist"
+    xml = result.stdout[result.stdout.index("<?xml"):result.stdout.index("</plist>") + len("</plist>")]
+    plist = plistlib.loads(xml.encode())
+    assert plist["ProgramArguments"][-5:] == ["serve", "--model", "/some/model", "--port", "8500"]
+    uid = os.getuid()
+    assert_in_order(result.stdout, str(plist_path), "<?xml",
+                    f"launchctl bootout gui/{uid}/com.kvtier.daemon",
+                    f"launchctl bootstrap gui/{uid} {plist_path}")
+    assert files_under(tmp_path) == []
+
+    result = kvtier_service("uninstall", "--dry-run", "--platform", "darwin", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_in_order(result.stdout, f"launchctl bootout gui/{uid}/com.kvtier.daemon", str(plist_path))
+    assert files_under(tmp_path) == []
+
+
+def test_status_dry_run_prints_the_status_command(tmp_path):
+    linux = kvtier_service("status", "--dry-run", "--platform", "linux", home=tmp_path)
+    darwin = kvtier_service("status", "--dry-run", "--platform", "darwin", home=tmp_path)
+    assert linux.returncode == 0 and "systemctl --user status kvtier.service" in linux.stdout
+    assert darwin.returncode == 0 and f"launchctl print gui/{os.getuid()}/com.kvtier.daemon" in darwin.stdout
+
+
+def test_install_without_model_fails_clearly(tmp_path):
+    result = kvtier_service("install", "--platform", "linux", home=tmp_path)
+    assert result.returncode != 0
+    assert "--model" in result.stderr and "required" in result.stderr
+    assert files_under(tmp_path) == []
+
+
+def test_missing_service_manager_is_a_clear_error_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    result = kvtier_service("install", "--platform", "linux", "--model", "/some/model", home=home,
+                            PATH=str(empty))
+    assert result.returncode != 0
+    assert "systemctl not found" in result.stderr
+    assert files_under(home) == []
+    result = kvtier_service("status", "--platform", "darwin", home=home, PATH=str(empty))
+    assert result.returncode != 0 and "launchctl not found" in result.stderr
