@@ -48,6 +48,8 @@ class Usage:
     ram_tokens: int = 0
     disk_tokens: int = 0
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
+    restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
+    restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
 
     @property
     def cached_tokens(self) -> int:
@@ -153,6 +155,9 @@ class Engine:
         reuse, hit = self._restore_point(refs, tokens, match)
         usage = self._account(match, reuse, len(tokens))
         prompt_cache = self._rebuild(match, reuse, hit)
+        usage.restore_seconds = time.perf_counter() - started
+        usage.restored_bytes = (sum(b.nbytes for b in match.blocks) if reuse else 0) + \
+            (hit.snapshot.nbytes if hit else 0)
         snapshots: dict[int, kvstate.Snapshot] = {}
         fed: list[int] = []
         points = self._snapshot_points(request, reuse)
@@ -190,7 +195,7 @@ class Engine:
                   "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
         for name, value in deltas.items():
             self.store.count(name, value)
-        self.store.index.add_counters(self.fingerprint, deltas)  # for `kvtier stats` later
+        self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)
         return usage
 
     def _rebuild(self, match: Match, reuse: int, hit: SnapshotHit | None) -> list[Any]:

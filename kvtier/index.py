@@ -44,6 +44,16 @@ class BlockRecord:
     def decode(cls, raw: bytes) -> "BlockRecord":
         return cls(**json.loads(raw))
 
+    @classmethod
+    def decode_or_none(cls, raw: bytes | None) -> "BlockRecord | None":
+        """None for a missing or unreadable record: garbage in the index is a miss."""
+        if not raw:
+            return None
+        try:
+            return cls.decode(raw)
+        except (ValueError, TypeError):
+            return None
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -74,7 +84,7 @@ class Index:
     def get(self, key: bytes) -> BlockRecord | None:
         with self.env.begin(db=self._blocks) as txn:
             raw = txn.get(key)
-        return BlockRecord.decode(raw) if raw else None
+        return BlockRecord.decode_or_none(raw)
 
     def totals(self) -> tuple[int, int]:
         """(bytes, blocks) of every indexed file."""
@@ -114,8 +124,8 @@ class Index:
         with self.env.begin() as txn:
             for lru_key, _ in txn.cursor(db=self._lru):
                 key = bytes(lru_key[12:])
-                raw = txn.get(key, db=self._blocks)
-                if raw and not BlockRecord.decode(raw).pinned:
+                record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                if record and not record.pinned:
                     keys.append(key)
                 if len(keys) >= limit:
                     break
@@ -126,9 +136,9 @@ class Index:
         """Index (key, record, tokens) entries in one transaction: all or none."""
         with self.env.begin(write=True) as txn:
             for key, record, tokens in entries:
-                old = txn.get(key, db=self._blocks)
+                old = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
                 if old:
-                    self._drop(txn, key, BlockRecord.decode(old))
+                    self._drop(txn, key, old)
                 txn.put(key, record.encode(), db=self._blocks)
                 txn.put(_lru_key(record, key), b"", db=self._lru)
                 txn.put(bytes.fromhex(record.parent) + key, record.kind[:1].encode() + tokens,
@@ -173,10 +183,9 @@ class Index:
     def touch(self, keys: list[bytes], access_ms: int) -> None:
         with self.env.begin(write=True) as txn:
             for key in keys:
-                raw = txn.get(key, db=self._blocks)
-                if not raw:
+                record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                if record is None:
                     continue
-                record = BlockRecord.decode(raw)
                 txn.delete(_lru_key(record, key), db=self._lru)
                 record.access_ms = access_ms
                 txn.put(key, record.encode(), db=self._blocks)
@@ -186,9 +195,8 @@ class Index:
         changed = 0
         with self.env.begin(write=True) as txn:
             for key in keys:
-                raw = txn.get(key, db=self._blocks)
-                if raw:
-                    record = BlockRecord.decode(raw)
+                record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                if record:
                     record.pinned = pinned
                     txn.put(key, record.encode(), db=self._blocks)
                     changed += 1

@@ -15,7 +15,7 @@ import numpy as np
 from .kvstate import BlockArrays
 
 
-@dataclass
+@dataclass(eq=False)
 class HotBlock:
     """A KV block, or a snapshot of the non-sliceable layers at a boundary (kind "snap":
     then `parent` is the full block before the boundary and `tokens` the ones after it)."""

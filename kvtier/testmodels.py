@@ -7,14 +7,16 @@ exercise the cache types kvtier must handle.
 
 Random weights need shaping to be useful: default init gives the same token
 forever.  We use fan-in scaled normals, sharpen attention so greedy output
-depends on the context, and scale the output head so the top logit wins by a
-wide margin (cached and uncached runs must then pick identical tokens even
-though their float rounding differs).
+depends on the context, and scale the output head so the top logit usually
+wins by a wide margin (cached and uncached runs must pick identical tokens
+even though their float rounding differs).  Recurrent layers get slow decay
+rates so their state remembers the prefix.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import random
@@ -30,7 +32,7 @@ __all__ = ["ARCHES", "make_model", "demo_corpus"]
 ARCHES = ("llama", "qwen3_next", "mamba2", "sliding")
 
 # Bump when the generated files change, so stale cached models are rebuilt.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _MARKER = "kvtier_testmodel.json"
 
 _BOS = "<|endoftext|>"
@@ -116,6 +118,45 @@ _WORDS = (
     "retry error status result parse load save write read flush sync evict "
     "entry record table header payload schema user agent tool message prompt "
     "context window state array tensor shape dtype device kernel thread lock"
+).split()
+
+# Broader English/programming vocabulary so BPE training finds enough distinct
+# merges to fill a 4k vocabulary (a narrow corpus stops at ~2k tokens).
+_PROSE_WORDS = (
+    "the a an and or but if then else when while because although since until "
+    "before after during about above below between through across against "
+    "people time year way day thing man woman child world life hand part place "
+    "case week company system program question work government number night "
+    "point home water room mother area money story fact month lot right study "
+    "book eye job word business issue side kind head house service friend father "
+    "power hour game line end member law car city community name president team "
+    "minute idea kid body information back parent face others level office door "
+    "health person art war history party morning reason research girl guy moment "
+    "air teacher force education foot boy age policy everything process music "
+    "market sense nation plan college interest death experience effect use class "
+    "control care field development role effort rate heart drug show leader light "
+    "voice wife police mind price report decision son view relationship town road "
+    "arm difference value building action model season society tax director "
+    "position player record paper space ground form event official matter center "
+    "couple site project activity star table need court oil situation cost industry "
+    "figure street image phone data picture practice piece land product doctor "
+    "wall patient worker news test movie north love support technology step baby "
+    "computer type attention film tree source organization hair window evidence "
+    "population site network security database function variable argument module "
+    "package library framework interface method property attribute exception "
+    "iterator generator decorator coroutine dictionary integer boolean string "
+    "float tuple object instance inheritance compile runtime debug deploy release "
+    "version branch commit merge rebase pull push fetch clone install upgrade "
+    "dependency environment container image volume cluster node pod service "
+    "endpoint route middleware authentication authorization token session cookie "
+    "header query parameter response status latency throughput benchmark profile "
+    "allocate release pointer reference mutable immutable concurrent parallel "
+    "asynchronous synchronous callback promise future executor scheduler signal "
+    "observe measure improve reduce increase quickly slowly carefully correctly "
+    "simple complex large small new old good bad first last long short high low "
+    "early late important different possible available likely certain clear "
+    "recent strong free major whole real best better sure open full special easy "
+    "hard ready similar private public local global final internal external"
 ).split()
 
 _ENGLISH = (
@@ -338,6 +379,35 @@ def _chat_snippet(rng: random.Random) -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def _names() -> tuple[str, ...]:
+    """Pronounceable made-up names (people, projects, files): more BPE merges."""
+    rng = random.Random(7)
+    onsets = "b c d f g h j k l m n p r s t v w z br ch cl dr gr kr pl sh st tr".split()
+    vowels = "a e i o u ai ea io ou".split()
+    codas = ["", "", "n", "r", "s", "l", "x", "nd", "rt"]
+
+    def name() -> str:
+        syllables = (rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3)))
+        return "".join(syllables) + rng.choice(codas)
+
+    return tuple(name() for _ in range(1500))
+
+
+def _prose_snippet(rng: random.Random) -> str:
+    """Word-salad prose and comments: broad vocabulary, English-like spacing."""
+    sentences = []
+    names = _names()
+    for _ in range(rng.randint(3, 8)):
+        words = [
+            rng.choice(names) if rng.random() < 0.25 else rng.choice(_PROSE_WORDS)
+            for _ in range(rng.randint(6, 16))
+        ]
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", ",", "?", ":"]))
+    prefix = rng.choice(["", "", "# ", "// ", "> ", "- "])
+    return prefix + " ".join(sentences) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
 def _demo_corpus_cached() -> tuple[str, ...]:
     rng = random.Random(20240601)
     makers: tuple[Callable[[random.Random], str], ...] = (
@@ -345,9 +415,10 @@ def _demo_corpus_cached() -> tuple[str, ...]:
         _shell_snippet,
         _chat_snippet,
         lambda r: " ".join(r.sample(_ENGLISH, k=r.randint(2, 6))) + "\n",
+        _prose_snippet,
         lambda r: json.dumps(r.choice(_TOOLS), indent=2) + "\n",
     )
-    return tuple(makers[i % len(makers)](rng) for i in range(500))
+    return tuple(makers[i % len(makers)](rng) for i in range(600))
 
 
 def demo_corpus() -> list[str]:
@@ -409,8 +480,8 @@ def _write_tokenizer(out: Path, vocab_size: int) -> tuple[int, dict[str, int]]:
 # Architectures: config + how to initialise each parameter
 # --------------------------------------------------------------------------
 
-# An init rule maps (parameter name, shape, rng, config) to an array, or None to defer
-# to the generic fan-in rule.
+# An init rule maps (parameter name, shape, rng, config) to an array, or None
+# to defer to _generic_init.
 InitRule = Callable[
     [str, tuple[int, ...], np.random.Generator, dict[str, Any]], "np.ndarray | None"
 ]
@@ -468,7 +539,8 @@ def _qwen3_next_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
         "linear_key_head_dim": 64,
         "linear_value_head_dim": 64,
         "linear_conv_kernel_dim": 4,
-        "full_attention_interval": 4,
+        # Every 4th layer is full attention; mlx-lm needs at least one.
+        "full_attention_interval": min(4, layers),
         # num_experts=0 makes every layer a dense MLP (and sanitize a no-op).
         "num_experts": 0,
         "num_experts_per_tok": 1,
@@ -513,7 +585,8 @@ _QK_SCALE = 2.0
 # Same effect for models that RMS-normalise q and k (the norm undoes any
 # projection scale, so the norm weight carries it instead).
 _QK_NORM_GAIN = 2.0
-# lm_head gain: logit std ~ this value, so the top-1/top-2 gap is large.
+# lm_head gain: logit std ~10, so the softmax is peaked and the top-1/top-2
+# logprob gap (median ~2 nats) dwarfs chunked-vs-full prefill rounding (~2e-4).
 _HEAD_GAIN = 10.0
 
 
@@ -551,8 +624,8 @@ def _qwen3_next_init(
 # Mamba2 tuning, found by measuring how often greedy output changes when one
 # early or middle word of a 1,500-token prompt changes.  Default-like values
 # (dt_bias 1, unit dt gain) wash the prefix out of the SSM state.
-_MAMBA2_DT_GAIN = 4.0  # spiky dt: few tokens write strongly (selective memory)
-_MAMBA2_DT_BIAS = -4.0  # softplus(-4) ~ 0.02: most tokens barely write
+_MAMBA2_DT_GAIN = 8.0  # spiky dt: few tokens write strongly (selective memory)
+_MAMBA2_DT_BIAS = -6.0  # softplus(-6) ~ 0.0025: most tokens barely write
 _MAMBA2_OUT_GAIN = 2.0  # mixer output outweighs the token embedding
 
 
@@ -563,8 +636,6 @@ def _mamba2_init(
         return _log_timescales(shape[0], -12.0, -4.0)
     if name.endswith("dt_bias"):
         return np.full(shape, _MAMBA2_DT_BIAS, np.float32)
-    if name.endswith("mixer.D"):
-        return np.ones(shape, np.float32)
     if name.endswith("mixer.in_proj.weight"):
         w = _fan_in(shape, rng)
         w[-config["num_heads"] :] *= _MAMBA2_DT_GAIN  # the last rows produce dt
@@ -605,10 +676,9 @@ def _generic_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
 def _param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Parameter names/shapes of the mlx-lm model class for this config."""
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
 
-    model_cls, args_cls = _get_classes(config=config)
-    model = model_cls(args_cls.from_dict(config))  # params stay lazy: cheap
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(config))  # params stay lazy: cheap
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
@@ -684,10 +754,17 @@ def make_model(
     defaults = _ARCH_SPECS[arch][2]
     hidden = defaults["hidden"] if hidden is None else hidden
     layers = defaults["layers"] if layers is None else layers
+    if hidden <= 0 or hidden % 64:
+        raise ValueError(f"hidden must be a positive multiple of 64 (head_dim), got {hidden}")
+    if layers < (2 if arch == "qwen3_next" else 1):
+        raise ValueError(f"too few layers for {arch}: {layers}")
     path = Path(path)
     marker = _marker(arch, hidden, layers, seed, vocab_size)
     if not overwrite and _is_complete(path, marker):
         return path
+
+    if path.exists() and not overwrite and not (path / _MARKER).exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not a kvtier test model")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -695,7 +772,14 @@ def make_model(
         _generate(tmp, arch, hidden, layers, seed, vocab_size)
         # The marker goes last: its presence means the directory is complete.
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
-        _replace_dir(tmp, path)
+        # Another process may have finished the same model meanwhile: keep
+        # theirs rather than pulling the directory from under a reader.
+        if overwrite or not _is_complete(path, marker):
+            try:
+                _replace_dir(tmp, path)
+            except OSError:
+                if not _is_complete(path, marker):  # lost a race to an equal model: fine
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

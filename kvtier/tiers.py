@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+import lmdb
 import numpy as np
 import xxhash
 
@@ -87,6 +88,7 @@ class TieredStore:
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self.disk_error: str | None = None  # last disk failure, cleared by a good write
+        self._retry_unpersisted = False
         self.writer = DiskWriter(self._write_job, config.write_queue_bytes)
 
     def count(self, name: str, amount: int = 1) -> None:
@@ -138,7 +140,7 @@ class TieredStore:
     def _touch(self, keys: list[bytes]) -> None:
         if keys:
             self.ram.touch_chain(keys)
-            self.index.touch(keys, now_ms())
+            self.note_in_index(self.index.touch, keys, now_ms())
 
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray) -> tuple[HotBlock | None, str]:
         block = self.ram.get(ref.key)
@@ -229,6 +231,11 @@ class TieredStore:
             self.ram.remove(key)
         for block in blocks:
             self.ram.put(block)
+        if self._retry_unpersisted:
+            self._retry_unpersisted = False
+            new = {b.key for b in blocks}
+            blocks += [b for b in self.ram.unpersisted()
+                       if b.key not in new and not self.writer.is_queued(b.key)]
         self._submit(blocks, removed)
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
@@ -253,43 +260,59 @@ class TieredStore:
 
     # -- disk writer (runs on the writer thread) -----------------------------------------
     def _write_job(self, job: WriteJob) -> None:
-        for entry in job.entries:
-            if entry.payload is None:
-                self.drop(entry.key)
-        writes = [e for e in job.entries if e.payload is not None and self.index.get(e.key) is None]
-        if not self._make_room(sum(len(e.payload) for e in writes)):
-            self.count("disk_writes_skipped_budget")
-            log.warning("disk budget too small for %d cache entries: kept in RAM only", len(writes))
-            return
-        indexed, stamp = [], now_ms()
+        writes: list[Entry] = []
         try:
-            for entry in writes:
-                block: HotBlock = entry.block
-                size = self.files.write(entry.key.hex(), entry.payload)
-                record = BlockRecord(
-                    parent=block.parent.hex(), fingerprint=self.fingerprint, depth=block.index,
-                    num_tokens=len(block.tokens), nbytes=size, checksum=checksum(entry.payload),
-                    tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp,
-                    kind=block.kind)
-                indexed.append((entry.key, record, encode_tokens(block.tokens)))
+            for entry in job.entries:
+                if entry.payload is None:
+                    self.drop(entry.key)
+            writes = [e for e in job.entries if e.payload is not None and self.index.get(e.key) is None]
+            if not self._make_room(sum(len(e.payload) for e in writes)):
+                self.count("disk_writes_skipped_budget")
+                log.warning("disk budget too small for %d cache entries: kept in RAM only", len(writes))
+                return
+            indexed = self._write_files(writes)
             self.index.put_many(indexed)
-        except OSError as exc:
-            for entry in writes:
+        except (OSError, lmdb.Error) as exc:  # disk full, read-only, or the index cannot grow
+            for entry in writes:  # none of them got indexed
                 self.files.remove(entry.key.hex())
             self._disk_failed(exc)
             return
-        self.disk_error = None
+        if self.disk_error is not None:
+            self.disk_error = None
+            self._retry_unpersisted = True  # space is back: write what failed before
+            log.info("the disk tier accepts writes again")
         self.count("disk_writes", len(writes))
         self.count("disk_bytes_written", sum(r.nbytes for _, r, _ in indexed))
         for entry in job.entries:
             if entry.block is not None:
                 entry.block.persisted = True
 
-    def _disk_failed(self, exc: OSError) -> None:
+    def _write_files(self, writes: list[Entry]) -> list[tuple[bytes, BlockRecord, bytes]]:
+        indexed, stamp = [], now_ms()
+        for entry in writes:
+            block: HotBlock = entry.block
+            size = self.files.write(entry.key.hex(), entry.payload)
+            record = BlockRecord(
+                parent=block.parent.hex(), fingerprint=self.fingerprint, depth=block.index,
+                num_tokens=len(block.tokens), nbytes=size, checksum=checksum(entry.payload),
+                tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp,
+                kind=block.kind)
+            indexed.append((entry.key, record, encode_tokens(block.tokens)))
+        return indexed
+
+    def _disk_failed(self, exc: Exception) -> None:
         self.count("disk_write_errors")
         if self.disk_error is None:
             log.error("cannot write to %s (%s): serving from RAM only", self.files.root, exc)
-        self.disk_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        self.disk_error = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
+
+    def note_in_index(self, write, *args) -> None:
+        """Best-effort index bookkeeping (access times, counters): a full or read-only disk
+        must not fail a request that RAM can serve."""
+        try:
+            write(*args)
+        except lmdb.Error as exc:
+            self._disk_failed(exc)
 
     def disk_used(self) -> int:
         return self.index.totals()[0] + self.index.disk_usage()

@@ -1,0 +1,149 @@
+"""Faults injected into the real daemon and cache directory: kill -9 mid-write, a full or
+read-only disk, garbage in the index. Afterwards the cache verifies (or repairs) cleanly and
+every answer equals plain mlx-lm."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, agent_messages
+
+MAX_TOKENS = 8
+
+
+def ask(daemon, messages):
+    response = daemon.client().chat.completions.create(
+        model=str(daemon.model), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    return response.choices[0].message.content, response.usage
+
+
+def verify(cache_dir, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "verify", "--cache-dir", str(cache_dir), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_kill_9_at_random_moments_never_corrupts(daemon, reference):
+    rng = random.Random(7)
+    asked = []
+    for round_ in range(5):
+        messages = agent_messages(f"crash-{round_}", repeat=4 + round_)
+        asked.append(messages)
+        worker = threading.Thread(target=lambda m=messages: _ignore_errors(ask, daemon, m))
+        worker.start()
+        time.sleep(rng.uniform(0.3, 2.0))  # during prefill, decode or the background write
+        daemon.stop(signal.SIGKILL)
+        worker.join(timeout=60)
+        daemon.start()
+    daemon.stop(signal.SIGKILL)
+    report = verify(daemon.cache_dir)
+    if report.returncode != 0:  # only stray temp/orphan files may be left: repaired cleanly
+        assert "damaged" not in report.stdout and "dangling" not in report.stdout, report.stdout
+        assert verify(daemon.cache_dir, "--fix").returncode == 0
+    daemon.start()
+    for messages in asked:
+        assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+
+
+def _ignore_errors(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass  # the daemon was killed under this request
+
+
+def test_garbage_index_entry_is_a_miss_and_verify_repairs_it(daemon, reference):
+    messages = agent_messages("garbage")
+    expected = reference.chat(messages, MAX_TOKENS)
+    assert ask(daemon, messages)[0] == expected
+    daemon.stop()
+    import lmdb
+
+    env = lmdb.open(str(daemon.cache_dir / "index"), max_dbs=8)
+    blocks = env.open_db(b"blocks")
+    with env.begin(write=True, db=blocks) as txn:
+        keys = [bytes(k) for k, _ in txn.cursor()]
+        txn.put(keys[0], b"\x00garbage{")  # the first block of the chain
+        txn.put(b"\x01" * 16, b"not json at all")
+    env.close()
+    daemon.start()
+    text, usage = ask(daemon, messages)
+    assert text == expected
+    daemon.stop()
+    report = verify(daemon.cache_dir)
+    assert report.returncode == 1 and "undecodable_record" in report.stdout
+    assert verify(daemon.cache_dir, "--fix").returncode == 0
+    assert verify(daemon.cache_dir).returncode == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 24 MB filesystem (tmpfs) for the cache: it can be filled and remounted read-only."""
+    mount_point = tmp_path / "fs"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _wait_for(daemon, predicate, timeout=30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = daemon.get("/health")
+        if predicate(health):
+            return health
+        time.sleep(0.2)
+    raise AssertionError(f"condition not reached: {health}")
+
+
+def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_model, reference, small_fs):
+    daemon = daemon_factory(llama_model, cache_dir=small_fs / "cache")
+    filler = small_fs / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"], capture_output=True)
+    first = agent_messages("full-disk")
+    assert ask(daemon, first)[0] == reference.chat(first, MAX_TOKENS)
+    health = _wait_for(daemon, lambda h: not h["disk_writable"])
+    assert "No space" in health["disk_error"] or "ENOSPC" in health["disk_error"] or "MDB" in health["disk_error"]
+    text, usage = ask(daemon, first)  # still served, from RAM
+    assert text == reference.chat(first, MAX_TOKENS)
+    assert usage.prompt_tokens_details.cached_tokens > 0
+    assert daemon.get("/cache/stats")["disk"]["writable"] is False
+
+    filler.unlink()  # space is back
+    second = agent_messages("after-full")
+    assert ask(daemon, second)[0] == reference.chat(second, MAX_TOKENS)
+    _wait_for(daemon, lambda h: h["disk_writable"])
+    daemon.restart()  # what failed before was written once space returned
+    text, usage = ask(daemon, first)
+    assert text == reference.chat(first, MAX_TOKENS)
+    assert usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
+def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
+    """The block directory becomes read-only under a running daemon (a read-only bind mount
+    over it), then writable again."""
+    daemon = daemon_factory(llama_model)
+    blocks = daemon.cache_dir / "blocks"
+    if subprocess.run(["mount", "--bind", str(blocks), str(blocks)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(blocks)], check=True)
+        messages = agent_messages("read-only")
+        assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+        health = _wait_for(daemon, lambda h: not h["disk_writable"])
+        assert "Read-only" in health["disk_error"]
+        text, usage = ask(daemon, messages)  # served from RAM
+        assert text == reference.chat(messages, MAX_TOKENS) and usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        subprocess.run(["umount", str(blocks)], check=True)
+    other = agent_messages("writable-again")
+    assert ask(daemon, other)[0] == reference.chat(other, MAX_TOKENS)
+    _wait_for(daemon, lambda h: h["disk_writable"])
