@@ -195,14 +195,16 @@ def tool_definitions(count: int, seed: int = 0) -> list[dict]:
     return tools
 
 
-def agent_system_prompt(target_tokens: int, tokenizer, project: str = "kvtier", seed: int = 0) -> str:
-    """A system prompt with tool definitions, grown until it is about `target_tokens` long."""
+def agent_system_prompt(target_tokens: int, tokenizer, project: str = "kvtier", seed: int = 0,
+                        step: int = 4) -> str:
+    """A system prompt with tool definitions, grown `step` tools at a time until it is about
+    `target_tokens` long."""
     head = (f"You are an autonomous coding agent working in the {project} repository. Think step by "
             "step, call tools to inspect files before editing them, and keep answers short.\n"
             "# Tools\n")
     text, count = head, 0
     while len(tokenizer.encode(text)) < target_tokens:
-        count += 4
+        count += step
         text = head + "\n".join(json.dumps(t) for t in tool_definitions(count, seed))
     return text
 
@@ -215,10 +217,10 @@ def machine_description() -> str:
             f"MLX {mx.__version__} on {mx.default_device()}, Python {platform.python_version()}")
 
 
-def write_section(name: str, section: str) -> None:
+def write_section(name: str, section: str, doc: Path | None = None) -> None:
     """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in
-    docs/benchmarks.md (appending the markers if missing)."""
-    doc = ROOT / "docs" / "benchmarks.md"
+    docs/benchmarks.md, or `doc` when given (appending the markers if missing)."""
+    doc = doc or ROOT / "docs" / "benchmarks.md"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     if begin not in text:

@@ -14,6 +14,7 @@ from kvtier.engine import Engine
 from .auth import auth_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
+from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
 from .state import STATE, DaemonState
@@ -39,6 +40,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)
+    app.add_routes(anthropic_routes.routes)
     return app
 
 

@@ -15,6 +15,7 @@ from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
 from ..errors import ApiError, field, json_body
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
+from .tools import ToolCallBuffer, check_openai_tools, split_tool_calls, template_tool_calls
 
 routes = web.RouteTableDef()
 
@@ -50,9 +51,11 @@ def parse_messages(body: dict) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise ApiError(400, f"unknown role {message['role']!r}", param=f"messages[{i}].role")
         out = {"role": role, "content": message_text(message.get("content"), i)}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if key in message:
                 out[key] = message[key]
+        if message.get("tool_calls"):
+            out["tool_calls"] = template_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
         parsed.append(out)
     return parsed
 
@@ -107,7 +110,9 @@ def usage_json(usage: Usage) -> dict:
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         "kvtier": {"ram_tokens": usage.ram_tokens, "disk_tokens": usage.disk_tokens,
                    "computed_tokens": usage.computed_tokens,
-                   "time_to_first_token": round(usage.prefill_seconds, 4)},
+                   "time_to_first_token": round(usage.prefill_seconds, 4),
+                   "restore_seconds": round(usage.restore_seconds, 4),
+                   "restored_bytes": usage.restored_bytes},
     }
 
 
@@ -160,7 +165,10 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     body = await json_body(http)
     model = check_model(body, state)
     messages = parse_messages(body)
-    tools = field(body, "tools", list, None)
+    tools = check_openai_tools(field(body, "tools", list, None) or []) or None
+    # Tool calls are parsed from the output when the request offers tools (not tool_choice
+    # "none") and mlx-lm knows the model's tool-call format; otherwise output is plain text.
+    parse_tools = bool(tools) and body.get("tool_choice") != "none"
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
     engine = state.engine()
@@ -178,20 +186,34 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 
     if not stream:
         text, last = await collect(state, request)
+        calls = []
+        if parse_tools:
+            text, calls = split_tool_calls(text, engine.tokenizer, tools)
+        message = {"role": "assistant", "content": text, "refusal": None}
+        if calls:
+            message.update(content=text or None, tool_calls=[c.openai() for c in calls])
         return web.json_response(dict(base, object="chat.completion", choices=[{
-            "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-            "finish_reason": finish_reason(last), "logprobs": None}], usage=usage_json(last.usage)))
+            "index": 0, "message": message,
+            "finish_reason": "tool_calls" if calls else finish_reason(last), "logprobs": None}],
+            usage=usage_json(last.usage)))
 
     sent_role = False
+    buffer = ToolCallBuffer(engine.tokenizer, tools, enabled=parse_tools)
 
     def frame(chunk: Chunk) -> list[dict]:
         nonlocal sent_role
-        delta = {"content": chunk.text}
+        delta: dict = {"content": buffer.feed(chunk.text)}
+        calls = []
+        if chunk.finish_reason:
+            tail, calls = buffer.finish()
+            delta["content"] += tail
+            if calls:
+                delta["tool_calls"] = [c.openai(index) for index, c in enumerate(calls)]
         if not sent_role:
             delta["role"], sent_role = "assistant", True
+        reason = ("tool_calls" if calls else finish_reason(chunk)) if chunk.finish_reason else None
         out = [dict(base, object="chat.completion.chunk", choices=[{
-            "index": 0, "delta": delta, "logprobs": None,
-            "finish_reason": finish_reason(chunk) if chunk.finish_reason else None}])]
+            "index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])]
         if chunk.finish_reason and include_usage:
             out.append(dict(base, object="chat.completion.chunk", choices=[],
                             usage=usage_json(chunk.usage)))
