@@ -11,6 +11,7 @@ from aiohttp import web
 from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
+from . import openapi
 from .auth import auth_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
@@ -40,6 +41,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)
+    app.add_routes(openapi.routes)
     app.add_routes(anthropic_routes.routes)
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,9 @@ async def error_middleware(request: web.Request, handler):
             raise
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         return error_response(ApiError(exc.status, exc.reason, type_=kind))
+    except Exception:  # a bug: still answer in the API's shape, and log it loudly
+        logging.getLogger("kvtier.daemon").exception("unhandled error on %s", request.path)
+        return error_response(ApiError(500, "internal error (see the daemon log)", type_="server_error"))
 
 
 async def json_body(request: web.Request) -> dict:

@@ -11,6 +11,8 @@ from kvtier.config import parse_duration, parse_size
 
 from ..errors import ApiError, field, json_body
 from ..state import STATE
+from .openai import parse_messages
+from .tools import check_openai_tools
 
 routes = web.RouteTableDef()
 
@@ -93,10 +95,11 @@ async def warm(http: web.Request) -> web.Response:
     body = await json_body(http)
     state = http.app[STATE]
     state.engine()
-    messages = field(body, "messages", list, None)
-    if messages is None:
+    if "messages" in body:
+        messages = parse_messages(body)
+    else:
         messages = [{"role": "system", "content": field(body, "prompt", str, required=True)}]
-    tools = field(body, "tools", list, None)
+    tools = check_openai_tools(field(body, "tools", list, None) or []) or None
     pin = field(body, "pin", bool, False)
     result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=pin))
     return web.json_response(result)
