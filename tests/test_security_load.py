@@ -121,3 +121,29 @@ def test_overload_answers_503_with_retry_after(daemon_factory, llama_model, refe
     assert all(r.status_code == 503 and r.response.headers["Retry-After"] for r in refused)
     assert all(text == reference.chat(m, MAX_TOKENS) for text, m in served)
     assert daemon.get("/health")["status"] == "ok"
+
+
+def test_oversized_body_is_rejected_with_413(shared_daemon):
+    body = b'{"model": "x", "prompt": "' + b"a" * (33 * 2**20) + b'"}'
+    request = urllib.request.Request(shared_daemon.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=120)
+    assert err.value.code == 413 and "error" in json.loads(err.value.read())
+    assert shared_daemon.get("/health")["status"] == "ok"
+
+
+def test_bounded_soak_with_a_small_ram_budget(daemon_factory, llama_model, reference):
+    """Rounds of concurrent, repeated and new prompts: every answer exact, the hot tier within
+    budget, the queue drained, the daemon healthy at the end."""
+    budget = 4_000_000
+    daemon = daemon_factory(llama_model, "--ram-budget", str(budget))
+    for round_ in range(4):
+        jobs = [(agent_messages(f"soak-{(round_ + i) % 5}", question=f"Step {round_}."), i % 2 == 0)
+                for i in range(4)]
+        assert _run_clients(daemon, jobs) == [reference.chat(m, MAX_TOKENS) for m, _ in jobs]
+        stats = daemon.get("/cache/stats")
+        assert stats["ram"]["bytes"] <= budget
+    health = daemon.get("/health")
+    assert health["status"] == "ok" and health["waiting_requests"] == 0
+    assert stats["hits"] > 0
