@@ -132,13 +132,15 @@ def main() -> int:
         f"Command: `python bench/faults.py --rounds {args.rounds} --damage-each {args.damage_each}`", "",
         "| fault | injected | found by `kvtier verify` | answers equal to plain mlx-lm afterwards |",
         "|---|---:|---|---:|",
-        f"| kill -9 at a random moment (0.2-2.5 s into a request: load, prefill, decode or write) "
+        f"| kill -9 at a random moment (0.2-2.5 s into a request: prefill, decode or the background write) "
         f"| {args.rounds} | after each kill: {dict(kill_problems) or 'no problems'}; "
         f"clean rounds {sum(r['code'] == 0 for r in rounds)}/{args.rounds} "
         f"| {exact_kills}/{args.rounds} |",
         *(f"| {kind} | {n} | | |" for kind, n in injected.items()),
         f"| all damage above, then serving | | {dict(found['kinds'])}; the daemon counted "
         f"{damaged_seen} damaged files as misses while serving | {exact_damage}/{args.rounds} |", "",
+        "While serving, the daemon itself drops every damaged entry it meets, so `verify` "
+        "afterwards finds only the ones no request touched.",
         f"`verify --fix` after the damage exited {fixed['code']}; a second `verify` then found "
         f"{dict(clean['kinds']) or 'no problems'} (exit {clean['code']}).",
     ]
