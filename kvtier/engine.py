@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
@@ -23,7 +24,7 @@ from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
 from .stops import StopMatcher
-from .tiers import Match, NewEntry, SnapshotHit, TieredStore
+from .tiers import Match, NewEntry, SnapshotHit, TieredStore, common_prefix
 
 log = logging.getLogger("kvtier.engine")
 
@@ -135,7 +136,7 @@ class Engine:
         ends = []
         for count in sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)}):
             partial = self._render(messages[:count], tools, add_generation_prompt=False)
-            ends.append(_common_prefix(partial, tokens))
+            ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
         return sorted(set(e for e in ends if e > 0))
 
     def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> list[int]:
@@ -322,11 +323,3 @@ class Engine:
     def close(self) -> None:
         self.store.close()
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
