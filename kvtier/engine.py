@@ -68,6 +68,7 @@ class Chunk:
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    stop_sequence: str | None = None  # which of the request's stop strings ended it
 
 
 def resolve_model_path(model: str) -> Path:
@@ -278,7 +279,7 @@ class Engine:
             detokenizer.finalize()
             tail, matched_stop = stops.feed(detokenizer.last_segment)
             tail += "" if matched_stop else stops.flush()
-        yield Chunk(tail, finish, usage)
+        yield Chunk(tail, finish, usage, stops.matched)
 
     def _store_new(self, sequence: list[int], prompt_cache: list[Any], first_new: int,
                    snapshots: dict[int, kvstate.Snapshot]) -> None:

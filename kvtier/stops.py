@@ -8,13 +8,15 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
+        self.matched: str | None = None  # the stop sequence that ended the text, if any
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop sequence was reached)."""
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(at, s) for s in self.stops if (at := self._pending.find(s)) >= 0]
         if hits:
-            out, self._pending = self._pending[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self._pending = self._pending[:at], ""
             return out, True
         cut = max(0, len(self._pending) - self._hold)
         out, self._pending = self._pending[:cut], self._pending[cut:]

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import agent_messages
 
-from daemon.routes.anthropic import StopScan, tool_use_block
+from daemon.routes.anthropic import tool_use_block
+from kvtier.stops import StopMatcher
 from daemon.routes.tools import ToolCallBuffer, split_tool_calls
 
 GREEDY = {"temperature": 0}  # this SDK version has no temperature argument
@@ -334,10 +335,10 @@ def test_tool_call_parsing_with_the_real_tokenizer(reference):
     assert disabled.feed(CALL_TEXT) == CALL_TEXT and disabled.finish() == ("", [])
 
 
-def test_stop_scan_names_the_earliest_stop():
-    scan = StopScan(["END", "xy"])
-    out = [scan.feed(piece) for piece in ("abc x", "yz E", "ND")]
-    assert out[0] == ("abc", None) and out[1] == (" ", "xy")
+def test_stop_matcher_names_the_earliest_stop():
+    stops = StopMatcher(["END", "xy"])
+    out = [stops.feed(piece) for piece in ("abc x", "yz E")]
+    assert out == [("abc", False), (" ", True)] and stops.matched == "xy"
 
 
 # -- OpenAI side: tools through the chat template -----------------------------------------

@@ -317,38 +317,12 @@ def generation_request(body: dict, state: DaemonState, tokens: list[int],
 
 
 # -- generation -------------------------------------------------------------------------
-class StopScan:
-    """Stop sequences over streamed text, like kvtier.stops.StopMatcher, but says which one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, str | None]:
-        self.pending += text
-        hits = [(at, s) for s in self.stops if (at := self.pending.find(s)) >= 0]
-        if hits:
-            at, stop = min(hits, key=lambda hit: hit[0])
-            out, self.pending = self.pending[:at], ""
-            return out, stop
-        cut = max(0, len(self.pending) - self.hold)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, None
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 class Generation:
     """One request's answer as text pieces, then tool calls, stop reason and usage."""
 
-    def __init__(self, state: DaemonState, request: GenerationRequest, stops: list[str],
-                 prompt: Prompt):
+    def __init__(self, state: DaemonState, request: GenerationRequest, prompt: Prompt):
         engine = state.engine()
         self.state, self.request = state, request
-        self.scan = StopScan(stops)
         self.buffer = ToolCallBuffer(engine.tokenizer, prompt.tools, enabled=prompt.parse_tools)
         self.stop_sequence: str | None = None
         self.finish: str | None = None
@@ -361,16 +335,10 @@ class Generation:
         chunks = chunks_of(self.state, self.request)
         try:
             async for chunk in chunks:
-                if chunk.finish_reason:
+                if chunk.finish_reason:  # the engine matched stop sequences itself
                     self.finish, self.usage = chunk.finish_reason, chunk.usage
-                if self.stop_sequence is not None:
-                    continue  # draining what the engine made before it saw the cancel
-                text, self.stop_sequence = self.scan.feed(chunk.text)
-                if self.stop_sequence is not None:
-                    self.request.cancelled.set()
-                elif chunk.finish_reason:
-                    text += self.scan.flush()
-                yield self.buffer.feed(text)
+                    self.stop_sequence = chunk.stop_sequence
+                yield self.buffer.feed(chunk.text)
         finally:
             await chunks.aclose()
         tail, self.calls = self.buffer.finish()
@@ -415,7 +383,8 @@ async def messages(http: web.Request) -> web.StreamResponse:
     stream = field(body, "stream", bool, False)
     tokens, boundaries = await tokenize(state, prompt)
     request = generation_request(body, state, tokens, boundaries)
-    generation = Generation(state, request, stops, prompt)
+    request.stop = stops
+    generation = Generation(state, request, prompt)
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
                "model": model}
 
