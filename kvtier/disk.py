@@ -45,7 +45,17 @@ def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) 
     return st_save(tensors, metadata=metadata)
 
 
-def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray, dict[str, str]]:
+@dataclass
+class ParsedBlock:
+    """A block file parsed into numpy arrays: safe to build off the MLX thread."""
+
+    tensors: dict[str, np.ndarray]
+    tokens: np.ndarray
+    metadata: dict[str, str]
+    dtypes: dict[str, str]
+
+
+def parse_block(payload: bytes) -> ParsedBlock:
     try:
         tensors = st_load(payload)
         metadata = _metadata(payload)
@@ -55,14 +65,23 @@ def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray, dict[str, str
     tokens = tensors.pop(TOKENS_TENSOR, None)
     if tokens is None or set(dtypes) != set(tensors):
         raise DamagedBlock("block file lacks its tokens or dtypes")
+    return ParsedBlock(tensors, tokens, metadata, dtypes)
+
+
+def to_mlx(parsed: ParsedBlock) -> BlockArrays:
     arrays = {}
-    for name, value in tensors.items():
+    for name, value in parsed.tensors.items():
         array = mx.array(value)
-        target = getattr(mx, dtypes[name], None)
+        target = getattr(mx, parsed.dtypes[name], None)
         if not isinstance(target, mx.Dtype):
-            raise DamagedBlock(f"unknown dtype {dtypes[name]!r}")
+            raise DamagedBlock(f"unknown dtype {parsed.dtypes[name]!r}")
         arrays[name] = array.view(target) if array.dtype != target else array
-    return arrays, tokens, metadata
+    return arrays
+
+
+def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray, dict[str, str]]:
+    parsed = parse_block(payload)
+    return to_mlx(parsed), parsed.tokens, parsed.metadata
 
 
 def _metadata(payload: bytes) -> dict[str, str]:

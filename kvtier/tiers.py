@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,7 +16,7 @@ import xxhash
 
 from .blocks import BlockRef, encode_tokens, root_key
 from .config import CacheConfig
-from .disk import BlockFiles, DamagedBlock, checksum, decode_block, encode_block
+from .disk import BlockFiles, DamagedBlock, checksum, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
 from .kvstate import BlockArrays, CachePlan, Layout, Snapshot, matches_layout, nbytes, \
     snapshot_matches
@@ -90,6 +91,8 @@ class TieredStore:
         self.disk_error: str | None = None  # last disk failure, cleared by a good write
         self._retry_unpersisted = False
         self.writer = DiskWriter(self._write_job, config.write_queue_bytes)
+        # Reads files ahead of the restore loop: disk I/O overlaps decoding earlier blocks.
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._counter_lock:
@@ -102,13 +105,16 @@ class TieredStore:
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
         found = Match([], [], [])
+        reads = self._read_ahead(refs)
         for ref in refs:
             block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
-            block, source = self._lookup(ref, block_tokens)
+            block, source = self._lookup(ref, block_tokens, reads.get(ref.key))
             if block is None or not np.array_equal(block.tokens, block_tokens):
                 break
             self.ram.pin([ref.key])  # keep this request's earlier blocks while later ones load
             found.add(block, source, size)
+        for future in reads.values():
+            future.cancel()  # the chain ended before these
         parent = found.blocks[-1].key if found.blocks else root_key(self.fingerprint)
         self._match_tail(parent, len(found.blocks), tokens[len(found.blocks) * size :], found)
         keys = [b.key for b in found.blocks]
@@ -142,11 +148,28 @@ class TieredStore:
             self.ram.touch_chain(keys)
             self.note_in_index(self.index.touch, keys, now_ms())
 
-    def _lookup(self, ref: BlockRef, block_tokens: np.ndarray) -> tuple[HotBlock | None, str]:
+    def _read_ahead(self, refs: list[BlockRef]) -> dict[bytes, Future]:
+        """Start reading the files of the chain's blocks that are on disk only, in order,
+        up to the first one the index does not hold (the chain cannot go past it)."""
+        reads = {}
+        for ref in refs:
+            if ref.key in self.ram:
+                continue
+            record = self.index.get(ref.key)
+            if record is None:
+                break
+            reads[ref.key] = self._readers.submit(self._read_parsed, ref.hex, record)
+        return reads if len(reads) > 1 else {}
+
+    def _read_parsed(self, key_hex: str, record: BlockRecord):
+        return parse_block(self.files.read(key_hex, record.checksum, record.nbytes))
+
+    def _lookup(self, ref: BlockRef, block_tokens: np.ndarray,
+                read: Future | None = None) -> tuple[HotBlock | None, str]:
         block = self.ram.get(ref.key)
         if block is not None:
             return block, "ram"
-        return self._restore(ref, block_tokens), "disk"
+        return self._restore(ref, block_tokens, read), "disk"
 
     def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match) -> None:
         """Reuse the leading tokens of a cached child block: a block's KV for its first k
@@ -164,7 +187,7 @@ class TieredStore:
         if block is not None:
             found.add(block, source, common_prefix(block.tokens, tail))
 
-    def _restore(self, ref: BlockRef, block_tokens: np.ndarray) -> HotBlock | None:
+    def _restore(self, ref: BlockRef, block_tokens: np.ndarray, read: Future | None = None) -> HotBlock | None:
         record = self.index.get(ref.key)
         if record is None:
             return None
@@ -172,8 +195,8 @@ class TieredStore:
             self.count("key_collisions")
             return None
         try:
-            payload = self.files.read(ref.hex, record.checksum, record.nbytes)
-            arrays, stored_tokens, metadata = decode_block(payload)
+            parsed = read.result() if read else self._read_parsed(ref.hex, record)
+            arrays, stored_tokens, metadata = to_mlx(parsed), parsed.tokens, parsed.metadata
             if not np.array_equal(stored_tokens, block_tokens):
                 raise DamagedBlock("stored tokens differ from the index")
             block = HotBlock(ref.key, ref.parent, ref.index, stored_tokens, arrays, nbytes(arrays),
@@ -353,6 +376,7 @@ class TieredStore:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        self._readers.shutdown(wait=True)
         self.index.close()
 
     def stats(self) -> dict:
