@@ -128,9 +128,7 @@ class TieredStore:
         tokens = np.asarray(tokens, np.uint32)
         for j in range(min(limit // size, len(refs)), -1, -1):
             anchor = refs[j - 1].key if j else root_key(self.fingerprint)
-            candidates = {b.key: b.tokens for b in self.ram.children(anchor, "snap")}
-            for key, raw in self.index.children(anchor, "snap"):
-                candidates.setdefault(key, np.frombuffer(raw, dtype="<u4"))
+            candidates = self._children(anchor, "snap")
             for key, after in sorted(candidates.items(), key=lambda kv: -len(kv[1])):
                 position = j * size + len(after)
                 if position > limit or position == 0:
@@ -142,6 +140,13 @@ class TieredStore:
                     self._touch([key])
                     return SnapshotHit(position, Snapshot(block.arrays, block.skeleton or ""), source)
         return None
+
+    def _children(self, parent: bytes, kind: str = "kv") -> dict[bytes, np.ndarray]:
+        """Tokens of every entry of `kind` that continues `parent`, hot or on disk."""
+        children = {b.key: b.tokens for b in self.ram.children(parent, kind)}
+        for key, raw in self.index.children(parent, kind):
+            children.setdefault(key, np.frombuffer(raw, dtype="<u4"))
+        return children
 
     def _touch(self, keys: list[bytes]) -> None:
         if keys:
@@ -176,9 +181,7 @@ class TieredStore:
         tokens depends only on the prefix, so a repeated or extended prompt reuses them."""
         if len(tail) == 0:
             return
-        candidates = {b.key: b.tokens for b in self.ram.children(parent)}
-        for key, raw in self.index.children(parent):
-            candidates.setdefault(key, np.frombuffer(raw, dtype="<u4"))
+        candidates = self._children(parent)
         best = max(candidates.items(), key=lambda kv: common_prefix(kv[1], tail), default=None)
         if best is None or common_prefix(best[1], tail) == 0:
             return
@@ -225,12 +228,11 @@ class TieredStore:
         anchors = [root_key(self.fingerprint)] + [r.key for r in refs]
         keys = [r.key for r in refs]
         tail = tokens[len(refs) * size :]
-        keys += [k for k, raw in self.index.children(anchors[-1])
-                 if common_prefix(np.frombuffer(raw, dtype="<u4"), tail) > 0]
+        keys += [k for k, child in self._children(anchors[-1]).items() if common_prefix(child, tail) > 0]
         for j, anchor in enumerate(anchors):
             window = tokens[j * size : (j + 1) * size]
-            keys += [k for k, raw in self.index.children(anchor, "snap")
-                     if common_prefix(np.frombuffer(raw, dtype="<u4"), window) == len(raw) // 4]
+            keys += [k for k, after in self._children(anchor, "snap").items()
+                     if common_prefix(after, window) == len(after)]
         return self.index.set_pinned(keys, pinned)
 
     # -- store -------------------------------------------------------------------------
@@ -262,10 +264,7 @@ class TieredStore:
         self._submit(blocks, removed)
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
-        siblings = {b.key: b.tokens for b in self.ram.children(block.parent)}
-        for key, raw in self.index.children(block.parent):
-            siblings.setdefault(key, np.frombuffer(raw, dtype="<u4"))
-        return [key for key, tokens in siblings.items()
+        return [key for key, tokens in self._children(block.parent).items()
                 if key != block.key and len(tokens) < len(block.tokens)
                 and common_prefix(tokens, block.tokens) == len(tokens)]
 
