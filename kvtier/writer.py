@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,7 +44,7 @@ class DiskWriter:
         self._write_fn = write_fn
         self._max_bytes = max_bytes
         self._jobs: deque[WriteJob] = deque()
-        self._queued_keys: set[bytes] = set()
+        self._queued_keys: Counter[bytes] = Counter()  # a key may sit in several jobs
         self._pending_bytes = 0
         self._busy = False
         self._closed = False
@@ -58,13 +58,13 @@ class DiskWriter:
             while self._jobs and self._pending_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
             self._jobs.append(job)
-            self._queued_keys |= job.keys
+            self._queued_keys.update(job.keys)
             self._pending_bytes += job.nbytes
             self._cond.notify_all()
 
     def is_queued(self, key: bytes) -> bool:
         with self._cond:
-            return key in self._queued_keys
+            return self._queued_keys[key] > 0
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; True if the queue drained in time."""
@@ -97,7 +97,8 @@ class DiskWriter:
                 log.exception("writing %d cache entries failed", len(job.entries))
             with self._cond:
                 self._jobs.popleft()
-                self._queued_keys -= job.keys
+                self._queued_keys.subtract(job.keys)
+                self._queued_keys += Counter()  # drop the keys no job holds any more
                 self._pending_bytes -= job.nbytes
                 self._busy = False
                 self._cond.notify_all()
