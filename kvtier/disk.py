@@ -7,6 +7,7 @@ after that (see tiers.py), so an index entry always points at a complete file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 import xxhash
-from safetensors.numpy import load as st_load, save as st_save
+from safetensors.numpy import save as st_save
 
 from .kvstate import BlockArrays
 
@@ -45,27 +46,62 @@ def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) 
     return st_save(tensors, metadata=metadata)
 
 
+# safetensors dtype codes -> numpy dtypes (bfloat16 never appears: stored as uint16).
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+                 "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+                 "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
 @dataclass
 class ParsedBlock:
-    """A block file parsed into numpy arrays: safe to build off the MLX thread."""
+    """A block file parsed into numpy views over its bytes (no copy): safe to build off the
+    MLX thread, and copied only once, straight into the prompt cache being rebuilt."""
 
     tensors: dict[str, np.ndarray]
     tokens: np.ndarray
     metadata: dict[str, str]
-    dtypes: dict[str, str]
+    dtypes: dict[str, str]  # the real dtype of each tensor (bfloat16 is stored as uint16)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
 
 
 def parse_block(payload: bytes) -> ParsedBlock:
     try:
-        tensors = st_load(payload)
-        metadata = _metadata(payload)
+        tensors, metadata = _tensor_views(payload)
         dtypes = json.loads(metadata.get("dtypes", "{}"))
-    except Exception as exc:  # safetensors raises several types for malformed input
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DamagedBlock(f"unreadable block file: {exc}") from exc
     tokens = tensors.pop(TOKENS_TENSOR, None)
-    if tokens is None or set(dtypes) != set(tensors):
+    if tokens is None or not isinstance(dtypes, dict) or set(dtypes) != set(tensors):
         raise DamagedBlock("block file lacks its tokens or dtypes")
     return ParsedBlock(tensors, tokens, metadata, dtypes)
+
+
+def _tensor_views(payload: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The safetensors layout, read in place: an 8-byte header length, a JSON header of
+    dtype/shape/offsets per tensor, then the data. Every offset and size is checked."""
+    header_len = int.from_bytes(payload[:8], "little")
+    if len(payload) < 8 or header_len > len(payload) - 8:
+        raise ValueError("truncated header")
+    header = json.loads(payload[8 : 8 + header_len])
+    data_start, views = 8 + header_len, {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(_NUMPY_DTYPES[spec["dtype"]])
+        shape, (begin, end) = _naturals(spec["shape"]), _naturals(spec["data_offsets"])
+        if not begin <= end <= len(payload) - data_start or end - begin != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"tensor {name!r} lies outside the file or has the wrong size")
+        views[name] = np.frombuffer(payload, dtype, math.prod(shape), data_start + begin).reshape(shape)
+    return views, dict(header.get("__metadata__") or {})
+
+
+def _naturals(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(n) is int and n >= 0 for n in value):
+        raise ValueError(f"expected a list of non-negative integers, got {value!r}")
+    return tuple(value)
 
 
 def to_mlx(parsed: ParsedBlock) -> BlockArrays:
@@ -82,13 +118,6 @@ def to_mlx(parsed: ParsedBlock) -> BlockArrays:
 def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray, dict[str, str]]:
     parsed = parse_block(payload)
     return to_mlx(parsed), parsed.tokens, parsed.metadata
-
-
-def _metadata(payload: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(payload[:8], "little")
-    if header_len > len(payload) - 8:
-        raise DamagedBlock("truncated header")
-    return json.loads(payload[8 : 8 + header_len]).get("__metadata__", {})
 
 
 @dataclass

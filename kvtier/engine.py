@@ -92,7 +92,8 @@ class Engine:
         self.quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)
                              if cache_config.kv_bits else None)
         self.plan, layout = self._probe()
-        dtype = next(iter(layout.values()))[1] if layout else str(self._param_dtype())
+        # str() of the MLX dtype ("mlx.core.float32"): the form fingerprints have always hashed.
+        dtype = str(getattr(mx, next(iter(layout.values()))[1]) if layout else self._param_dtype())
         kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format)
         self.store = TieredStore(cache_config, self.fingerprint, layout, self.plan)
@@ -153,12 +154,13 @@ class Engine:
         tokens = request.prompt_tokens
         started = time.perf_counter()
         refs = block_refs(tokens, self.block_size, self.fingerprint)
-        match = self._match(refs, tokens)
+        buffers = kvstate.PromptBuffers(self.store.layout, capacity=len(tokens) + 1)
+        match = self._match(refs, tokens, lambda h: (buffers.add(h.arrays, h.usable), h.release()))
         reuse, hit = self._restore_point(refs, tokens, match)
         usage = self._account(match, reuse, len(tokens))
-        prompt_cache = self._rebuild(match, reuse, hit)
+        prompt_cache = self._rebuild(buffers, reuse, hit)
         usage.restore_seconds = time.perf_counter() - started
-        usage.restored_bytes = (sum(b.nbytes for b in match.blocks) if reuse else 0) + \
+        usage.restored_bytes = (sum(h.nbytes for h in match.hits) if reuse else 0) + \
             (hit.snapshot.nbytes if hit else 0)
         snapshots: dict[int, kvstate.Snapshot] = {}
         fed: list[int] = []
@@ -167,13 +169,15 @@ class Engine:
             self._prefill(prompt_cache, tokens, reuse, points, snapshots, request.progress)
             yield from self._decode(request, prompt_cache, usage, fed, started, points, snapshots)
         finally:
+            self.store.mark_used(match, hit)
+            self._promote_restored(prompt_cache, match, reuse)
             self._store_new(tokens + fed, prompt_cache, match.num_full_blocks, snapshots)
 
-    def _match(self, refs: list, tokens: list[int]) -> Match:
+    def _match(self, refs: list, tokens: list[int], on_hit: Callable) -> Match:
         if not self.reusable:
             self.store.count("requests_unsupported_model")
-            return Match([], [], [])
-        return self.store.match(refs, tokens)
+            return Match([])
+        return self.store.match(refs, tokens, on_hit)
 
     def _restore_point(self, refs: list, tokens: list[int], match: Match) -> tuple[int, SnapshotHit | None]:
         """Tokens to take from the cache: never the whole prompt (the last one is computed),
@@ -200,11 +204,10 @@ class Engine:
         self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)
         return usage
 
-    def _rebuild(self, match: Match, reuse: int, hit: SnapshotHit | None) -> list[Any]:
-        if not self.reusable or reuse == 0:
+    def _rebuild(self, buffers: kvstate.PromptBuffers, reuse: int, hit: SnapshotHit | None) -> list[Any]:
+        if not self.reusable:
             return kvstate.make_cache(self.model, self.quantization)
-        return kvstate.rebuild(self.model, self.plan, [b.arrays for b in match.blocks], reuse,
-                               hit.snapshot if hit else None)
+        return kvstate.rebuild(self.model, self.plan, buffers, reuse, hit.snapshot if hit else None)
 
     def _snapshot_points(self, request: GenerationRequest, reuse: int) -> set[int]:
         if not (self.plan and self.plan.needs_snapshots):
@@ -280,6 +283,17 @@ class Engine:
             tail, matched_stop = stops.feed(detokenizer.last_segment)
             tail += "" if matched_stop else stops.flush()
         yield Chunk(tail, finish, usage, stops.matched)
+
+    def _promote_restored(self, prompt_cache: list[Any], match: Match, reuse: int) -> None:
+        """Blocks read from disk become hot, cut from the cache they were copied into; only
+        those wholly before `reuse` (the cache holds computed tokens after it)."""
+        size, entries = self.block_size, []
+        for h in match.hits:
+            start = h.ref.index * size
+            if h.source == "disk" and h.usable == size and start + size <= reuse:
+                entries.append(NewEntry(h.ref, h.tokens, kvstate.slice_block(prompt_cache, self.plan, start,
+                                                                             start + size)))
+        self.store.promote(entries)
 
     def _store_new(self, sequence: list[int], prompt_cache: list[Any], first_new: int,
                    snapshots: dict[int, kvstate.Snapshot]) -> None:

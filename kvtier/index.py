@@ -86,6 +86,16 @@ class Index:
             raw = txn.get(key)
         return BlockRecord.decode_or_none(raw)
 
+    def get_many(self, keys: list[bytes]) -> dict[bytes, BlockRecord]:
+        """The records of those keys the index holds, read in one transaction."""
+        found = {}
+        with self.env.begin(db=self._blocks) as txn:
+            for key in keys:
+                record = BlockRecord.decode_or_none(txn.get(key))
+                if record is not None:
+                    found[key] = record
+        return found
+
     def totals(self) -> tuple[int, int]:
         """(bytes, blocks) of every indexed file."""
         with self.env.begin(db=self._meta) as txn:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 BlockArrays = dict[str, mx.array]
-Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (one-token shape, dtype)
+Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (one-token shape, dtype name)
 
 SLICED_TYPES = (mlx_cache.KVCache, mlx_cache.QuantizedKVCache)
 
@@ -78,7 +79,19 @@ def probe(model: Any, quantization: Quantization | None = None) -> tuple[CachePl
     mx.eval(state_arrays(prompt_cache))
     take_snapshot(prompt_cache, plan)  # raises UnsupportedCache for unknown state shapes
     arrays = slice_block(prompt_cache, plan, 0, 1)
-    return plan, {name: (tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
+    return plan, {name: (tuple(a.shape), dtype_name(a.dtype)) for name, a in arrays.items()}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def host_view(array: mx.array | np.ndarray) -> np.ndarray:
+    """A numpy view of an evaluated array's memory, without a copy; numpy has no bfloat16,
+    so such arrays are seen as their uint16 bits."""
+    if isinstance(array, np.ndarray):
+        return array
+    return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
 
 
 def cached_tokens(prompt_cache: list[Any]) -> int | None:
@@ -106,21 +119,70 @@ def slice_block(prompt_cache: list[Any], plan: CachePlan, start: int, end: int) 
     return arrays
 
 
-def matches_layout(arrays: BlockArrays, layout: Layout, num_tokens: int) -> bool:
+def matches_layout(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], layout: Layout,
+                   num_tokens: int) -> bool:
     """True when a block has exactly the names, shapes and dtypes this model makes."""
-    if set(arrays) != set(layout):
+    if set(shapes) != set(layout) or set(dtypes) != set(layout):
         return False
-    return all(tuple(arrays[k].shape) == shape[:2] + (num_tokens,) + shape[3:]
-               and str(arrays[k].dtype) == dtype for k, (shape, dtype) in layout.items())
+    return all(tuple(shapes[k]) == shape[:2] + (num_tokens,) + shape[3:] and dtypes[k] == dtype
+               for k, (shape, dtype) in layout.items())
 
 
-def _fill_sliced(layer: Any, i: int, blocks: list[BlockArrays], num_tokens: int) -> None:
-    for kind in ("keys", "values"):
-        count = sum(1 for name in blocks[0] if name.startswith(f"{i}.{kind}."))
-        parts = [mx.concatenate([b[f"{i}.{kind}.{j}"] for b in blocks], axis=2) for j in range(count)]
-        setattr(layer, kind, parts[0] if type(layer) is mlx_cache.KVCache else tuple(parts))
-    layer.offset = _parts(layer.keys)[0].shape[2]
-    layer.trim(layer.offset - num_tokens)
+class PromptBuffers:
+    """The sliced layers' keys and values for one request, allocated once at its full size.
+
+    Cached blocks are copied straight into them as they arrive (from RAM, or from files
+    still being read), and the prefill then writes the rest in place: no concatenation, no
+    growing the cache chunk by chunk. The copies go through numpy views of the MLX memory,
+    before any MLX computation uses it; `attach` hands the arrays to a cache exactly once.
+    """
+
+    def __init__(self, layout: Layout, capacity: int):
+        self.num_tokens = 0
+        self.capacity = _round_up(max(capacity, 1), mlx_cache.KVCache.step)
+        self._arrays = {name: mx.zeros(shape[:2] + (self.capacity,) + shape[3:], getattr(mx, dtype))
+                        for name, (shape, dtype) in layout.items()}
+        mx.async_eval(list(self._arrays.values()))  # the memory is touched while blocks load
+        self._views: dict[str, np.ndarray] | None = None
+        self._attached = False
+
+    @classmethod
+    def of(cls, layout: Layout, blocks: list[BlockArrays], capacity: int = 0) -> "PromptBuffers":
+        sizes = [next(iter(b.values())).shape[2] if b else 0 for b in blocks]
+        buffers = cls(layout, max(capacity, sum(sizes)))
+        for block, size in zip(blocks, sizes):
+            buffers.add(block, size)
+        return buffers
+
+    def add(self, arrays: dict[str, Any], num_tokens: int) -> None:
+        """Append the first `num_tokens` tokens of a block (MLX arrays or numpy views)."""
+        start, end = self.num_tokens, self.num_tokens + num_tokens
+        assert not self._attached, "buffers already attached to a cache"
+        if self._views is None:
+            self._views = {name: host_view(a) for name, a in self._arrays.items()}
+        if end > self.capacity or set(arrays) != set(self._views):
+            raise ValueError("block does not fit these buffers")
+        for name, array in arrays.items():
+            self._views[name][:, :, start:end] = host_view(array)[:, :, :num_tokens]
+        self.num_tokens = end
+
+    def attach(self, layer: Any, i: int, num_tokens: int) -> None:
+        """Give a fresh KVCache / QuantizedKVCache layer its buffers, holding `num_tokens`."""
+        assert num_tokens <= self.num_tokens, "the buffers hold fewer tokens than asked for"
+        self._views, self._attached = None, True  # no more writes: from here MLX owns the memory
+        for kind in ("keys", "values"):
+            names = sorted((n for n in self._arrays if n.startswith(f"{i}.{kind}.")), key=_part_number)
+            parts = [self._arrays.pop(name) for name in names]
+            setattr(layer, kind, parts[0] if type(layer) is mlx_cache.KVCache else tuple(parts))
+        layer.offset = num_tokens
+
+
+def _part_number(name: str) -> int:
+    return int(name.rsplit(".", 1)[1])
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 # -- snapshot layers ----------------------------------------------------------------------
@@ -167,24 +229,24 @@ def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
     return Snapshot(arrays, json.dumps({"classes": classes, "states": trees}, sort_keys=True))
 
 
-def snapshot_matches(snapshot: Snapshot, plan: CachePlan) -> bool:
+def snapshot_matches(skeleton: str, plan: CachePlan) -> bool:
+    """True when a snapshot's layer classes are this model's snapshot layers."""
     try:
-        skeleton = json.loads(snapshot.skeleton)
-        return skeleton["classes"] == {str(i): plan.classes[i] for i in plan.snapshot}
+        return json.loads(skeleton)["classes"] == {str(i): plan.classes[i] for i in plan.snapshot}
     except (ValueError, KeyError, TypeError):
         return False
 
 
 # -- rebuild ------------------------------------------------------------------------------
-def rebuild(model: Any, plan: CachePlan, blocks: list[BlockArrays], num_tokens: int,
+def rebuild(model: Any, plan: CachePlan, buffers: PromptBuffers, num_tokens: int,
             snapshot: Snapshot | None) -> list[Any]:
-    """A fresh prompt cache holding the first `num_tokens` tokens: sliced layers from the
-    concatenated blocks, snapshot layers from a snapshot taken at exactly `num_tokens`."""
+    """A fresh prompt cache holding the first `num_tokens` tokens (maybe none): sliced layers
+    in the request's buffers, snapshot layers from a snapshot taken at exactly `num_tokens`."""
     prompt_cache = make_cache(model, plan.quantization)
+    for i in plan.sliced:
+        buffers.attach(prompt_cache[i], i, num_tokens)
     if num_tokens == 0:
         return prompt_cache
-    for i in plan.sliced:
-        _fill_sliced(prompt_cache[i], i, blocks, num_tokens)
     if plan.needs_snapshots:
         assert snapshot is not None, "snapshot layers need a snapshot at the restore point"
         restore_snapshot(prompt_cache, plan, snapshot)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +28,6 @@ class HotBlock:
     kind: str = "kv"
     skeleton: str | None = None  # a snapshot's state layout (see kvstate.Snapshot)
     persisted: bool = False  # True once the disk tier holds it (or it came from there)
-    pins: int = field(default=0)
 
 
 class RamTier:
@@ -80,18 +78,6 @@ class RamTier:
         with self._lock:
             return self._evict_locked(target_bytes)
 
-    def pin(self, keys: Iterable[bytes]) -> None:
-        with self._lock:
-            for key in keys:
-                if key in self._blocks:
-                    self._blocks[key].pins += 1
-
-    def unpin(self, keys: Iterable[bytes]) -> None:
-        with self._lock:
-            for key in keys:
-                if key in self._blocks and self._blocks[key].pins > 0:
-                    self._blocks[key].pins -= 1
-
     def unpersisted(self) -> list[HotBlock]:
         with self._lock:
             return [b for b in self._blocks.values() if not b.persisted]
@@ -116,8 +102,6 @@ class RamTier:
             if self._bytes <= target_bytes:
                 break
             block = self._blocks[key]
-            if block.pins:
-                continue
             self._forget_locked(block)
             victims.append(block)
         return victims

@@ -8,7 +8,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lmdb
 import numpy as np
@@ -16,7 +16,7 @@ import xxhash
 
 from .blocks import BlockRef, encode_tokens, root_key
 from .config import CacheConfig
-from .disk import BlockFiles, DamagedBlock, checksum, encode_block, parse_block, to_mlx
+from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
 from .kvstate import BlockArrays, CachePlan, Layout, Snapshot, matches_layout, nbytes, \
     snapshot_matches
@@ -38,27 +38,59 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @dataclass
+class Hit:
+    """One block of a matched prefix: hot in RAM, or just read from its file on disk."""
+
+    ref: BlockRef
+    tokens: np.ndarray
+    usable: int  # its leading tokens that equal the prompt's
+    nbytes: int
+    hot: HotBlock | None = None  # the block in RAM
+    parsed: ParsedBlock | None = None  # or its file, as numpy views over the bytes read
+
+    @property
+    def source(self) -> str:
+        return "ram" if self.hot is not None else "disk"
+
+    @property
+    def arrays(self) -> dict:
+        """MLX arrays when hot, numpy views of the file when read from disk."""
+        return self.hot.arrays if self.hot is not None else self.parsed.tensors
+
+    def release(self) -> None:
+        """Let go of the file's bytes once they have been copied where they are needed."""
+        self.parsed = None
+
+
+@dataclass
 class Match:
-    blocks: list[HotBlock]
-    sources: list[str]  # "ram" or "disk", one per block
-    usable: list[int]  # leading tokens of each block that equal the prompt's
+    hits: list[Hit]
+
+    @property
+    def sources(self) -> list[str]:
+        return [h.source for h in self.hits]
+
+    @property
+    def usable(self) -> list[int]:
+        return [h.usable for h in self.hits]
 
     @property
     def num_full_blocks(self) -> int:
-        return sum(1 for b, n in zip(self.blocks, self.usable) if n == len(b.tokens))
+        return sum(1 for h in self.hits if h.usable == len(h.tokens))
 
     @property
     def num_tokens(self) -> int:
         return sum(self.usable)
 
-    def add(self, block: HotBlock, source: str, usable: int) -> None:
-        self.blocks.append(block)
-        self.sources.append(source)
-        self.usable.append(usable)
+    def add(self, hit: Hit, on_hit: Callable[[Hit], None] | None) -> None:
+        self.hits.append(hit)
+        if on_hit is not None:
+            on_hit(hit)
 
 
 @dataclass
 class SnapshotHit:
+    key: bytes
     position: int  # prompt tokens the snapshot covers
     snapshot: Snapshot
     source: str
@@ -99,28 +131,32 @@ class TieredStore:
             self.counters[name] += amount
 
     # -- lookup ------------------------------------------------------------------------
-    def match(self, refs: list[BlockRef], tokens: Sequence[int]) -> Match:
+    def match(self, refs: list[BlockRef], tokens: Sequence[int],
+              on_hit: Callable[[Hit], None] | None = None) -> Match:
         """The longest cached prefix of `tokens`: a chain of full blocks, RAM first then disk,
-        then the leading part of one more cached block that continues the chain."""
+        then the leading part of one more cached block that continues the chain. Blocks read
+        from disk arrive as numpy views of their files (`promote` makes them hot later);
+        `on_hit` sees each block once confirmed, while later files are still being read."""
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
-        found = Match([], [], [])
+        found = Match([])
         reads = self._read_ahead(refs)
         for ref in refs:
             block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
-            block, source = self._lookup(ref, block_tokens, reads.get(ref.key))
-            if block is None or not np.array_equal(block.tokens, block_tokens):
+            hit = self._lookup(ref, block_tokens, reads.get(ref.key))
+            if hit is None or len(hit.tokens) != size:
                 break
-            self.ram.pin([ref.key])  # keep this request's earlier blocks while later ones load
-            found.add(block, source, size)
-        for future in reads.values():
+            found.add(hit, on_hit)
+        for _, future in reads.values():
             future.cancel()  # the chain ended before these
-        parent = found.blocks[-1].key if found.blocks else root_key(self.fingerprint)
-        self._match_tail(parent, len(found.blocks), tokens[len(found.blocks) * size :], found)
-        keys = [b.key for b in found.blocks]
-        self.ram.unpin(keys)
-        self._touch(keys)
+        parent = found.hits[-1].ref.key if found.hits else root_key(self.fingerprint)
+        self._match_tail(parent, len(found.hits), tokens[len(found.hits) * size :], found, on_hit)
         return found
+
+    def mark_used(self, match: Match, snapshot: SnapshotHit | None = None) -> None:
+        """Every entry a request reused is now the most recently used (done after the
+        request: an index write is not worth delaying its first token for)."""
+        self._touch([h.ref.key for h in match.hits] + ([snapshot.key] if snapshot else []))
 
     def find_snapshot(self, refs: list[BlockRef], tokens: Sequence[int], limit: int) -> SnapshotHit | None:
         """The snapshot at the largest position <= `limit` whose prefix equals the prompt's."""
@@ -135,10 +171,10 @@ class TieredStore:
                     continue
                 if not np.array_equal(after, tokens[j * size : position]):
                     continue
-                block, source = self._lookup(BlockRef(key, anchor, j), np.asarray(after, np.uint32))
-                if block is not None and block.kind == "snap":
-                    self._touch([key])
-                    return SnapshotHit(position, Snapshot(block.arrays, block.skeleton or ""), source)
+                found = self._lookup_snapshot(BlockRef(key, anchor, j), np.asarray(after, np.uint32))
+                if found is not None:
+                    block, source = found
+                    return SnapshotHit(key, position, Snapshot(block.arrays, block.skeleton or ""), source)
         return None
 
     def _children(self, parent: bytes, kind: str = "kv") -> dict[bytes, np.ndarray]:
@@ -153,30 +189,54 @@ class TieredStore:
             self.ram.touch_chain(keys)
             self.note_in_index(self.index.touch, keys, now_ms())
 
-    def _read_ahead(self, refs: list[BlockRef]) -> dict[bytes, Future]:
+    def _read_ahead(self, refs: list[BlockRef]) -> dict[bytes, tuple[BlockRecord, Future]]:
         """Start reading the files of the chain's blocks that are on disk only, in order,
         up to the first one the index does not hold (the chain cannot go past it)."""
+        cold = [ref for ref in refs if ref.key not in self.ram]
+        records = self.index.get_many([ref.key for ref in cold])
         reads = {}
-        for ref in refs:
-            if ref.key in self.ram:
-                continue
-            record = self.index.get(ref.key)
+        for ref in cold:
+            record = records.get(ref.key)
             if record is None:
                 break
-            reads[ref.key] = self._readers.submit(self._read_parsed, ref.hex, record)
-        return reads if len(reads) > 1 else {}
+            reads[ref.key] = (record, self._readers.submit(self._read_parsed, ref.hex, record))
+        return reads
 
-    def _read_parsed(self, key_hex: str, record: BlockRecord):
+    def _read_parsed(self, key_hex: str, record: BlockRecord) -> ParsedBlock:
         return parse_block(self.files.read(key_hex, record.checksum, record.nbytes))
 
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray,
-                read: Future | None = None) -> tuple[HotBlock | None, str]:
+                pending: tuple[BlockRecord, Future] | None = None) -> Hit | None:
+        """The block at `ref` if its tokens start as `block_tokens` do (all of them, or the
+        leading part when it is the tail): from RAM, else read and checked from disk."""
         block = self.ram.get(ref.key)
         if block is not None:
-            return block, "ram"
-        return self._restore(ref, block_tokens, read), "disk"
+            if block.kind != "kv" or not np.array_equal(block.tokens[: len(block_tokens)], block_tokens):
+                return None
+            return Hit(ref, block.tokens, len(block_tokens), block.nbytes, hot=block)
+        parsed = self._read_checked(ref, block_tokens, "kv", *(pending or (None, None)))
+        if parsed is None:
+            return None
+        return Hit(ref, parsed.tokens.copy(), len(block_tokens), parsed.nbytes, parsed=parsed)
 
-    def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match) -> None:
+    def _lookup_snapshot(self, ref: BlockRef, after: np.ndarray) -> tuple[HotBlock, str] | None:
+        block = self.ram.get(ref.key)
+        if block is not None:
+            return (block, "ram") if block.kind == "snap" else None
+        parsed = self._read_checked(ref, after, "snap")
+        if parsed is None:
+            return None
+        try:
+            block = HotBlock(ref.key, ref.parent, ref.index, parsed.tokens, to_mlx(parsed), parsed.nbytes,
+                             kind="snap", skeleton=parsed.metadata.get("skeleton"), persisted=True)
+        except DamagedBlock as exc:
+            self._damaged(ref, exc)
+            return None
+        self.ram.put(block)
+        return block, "disk"
+
+    def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match,
+                    on_hit: Callable[[Hit], None] | None) -> None:
         """Reuse the leading tokens of a cached child block: a block's KV for its first k
         tokens depends only on the prefix, so a repeated or extended prompt reuses them."""
         if len(tail) == 0:
@@ -186,39 +246,42 @@ class TieredStore:
         if best is None or common_prefix(best[1], tail) == 0:
             return
         key, block_tokens = best
-        block, source = self._lookup(BlockRef(key, parent, index), np.asarray(block_tokens, np.uint32))
-        if block is not None:
-            found.add(block, source, common_prefix(block.tokens, tail))
+        hit = self._lookup(BlockRef(key, parent, index), np.asarray(block_tokens, np.uint32))
+        if hit is not None:
+            hit.usable = common_prefix(hit.tokens, tail)
+            found.add(hit, on_hit)
 
-    def _restore(self, ref: BlockRef, block_tokens: np.ndarray, read: Future | None = None) -> HotBlock | None:
-        record = self.index.get(ref.key)
-        if record is None:
+    def _read_checked(self, ref: BlockRef, block_tokens: np.ndarray, kind: str,
+                      record: BlockRecord | None = None, read: Future | None = None) -> ParsedBlock | None:
+        """A file read and checked against its index record, its tokens and this model's
+        layout; a damaged one is counted, dropped and reported as a miss (None)."""
+        record = record or self.index.get(ref.key)
+        if record is None or record.kind != kind:
             return None
         if record.fingerprint != self.fingerprint or record.tokens_hash != tokens_hash(block_tokens):
             self.count("key_collisions")
             return None
         try:
             parsed = read.result() if read else self._read_parsed(ref.hex, record)
-            arrays, stored_tokens, metadata = to_mlx(parsed), parsed.tokens, parsed.metadata
-            if not np.array_equal(stored_tokens, block_tokens):
+            if not np.array_equal(parsed.tokens, block_tokens):
                 raise DamagedBlock("stored tokens differ from the index")
-            block = HotBlock(ref.key, ref.parent, ref.index, stored_tokens, arrays, nbytes(arrays),
-                             kind=record.kind, skeleton=metadata.get("skeleton"), persisted=True)
-            if not self._fits_model(block):
+            if not self._fits_model(parsed, kind):
                 raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
         except DamagedBlock as exc:
-            log.warning("cache entry %s is damaged (%s): treated as a miss and dropped", ref.hex, exc)
-            self.count("damaged_blocks")
-            self.drop(ref.key)
+            self._damaged(ref, exc)
             return None
-        self.ram.put(block)
-        return block
+        return parsed
 
-    def _fits_model(self, block: HotBlock) -> bool:
-        if block.kind == "kv":
-            return matches_layout(block.arrays, self.layout, len(block.tokens))
-        snapshot = Snapshot(block.arrays, block.skeleton or "")
-        return self.plan is not None and snapshot_matches(snapshot, self.plan)
+    def _damaged(self, ref: BlockRef, exc: DamagedBlock) -> None:
+        log.warning("cache entry %s is damaged (%s): treated as a miss and dropped", ref.hex, exc)
+        self.count("damaged_blocks")
+        self.drop(ref.key)
+
+    def _fits_model(self, parsed: ParsedBlock, kind: str) -> bool:
+        if kind == "kv":
+            shapes = {name: t.shape for name, t in parsed.tensors.items()}
+            return matches_layout(shapes, parsed.dtypes, self.layout, len(parsed.tokens))
+        return self.plan is not None and snapshot_matches(parsed.metadata.get("skeleton") or "", self.plan)
 
     def pin_prefix(self, refs: list[BlockRef], tokens: Sequence[int], pinned: bool = True) -> int:
         """Pin (or unpin) on disk every entry that holds part of `tokens`: its full blocks,
@@ -262,6 +325,14 @@ class TieredStore:
             blocks += [b for b in self.ram.unpersisted()
                        if b.key not in new and not self.writer.is_queued(b.key)]
         self._submit(blocks, removed)
+
+    def promote(self, entries: list[NewEntry]) -> None:
+        """Blocks a request read from disk, cut back out of the cache they were restored
+        into: hot from now on, and not written again (their files hold the same bits)."""
+        for entry in entries:
+            self.ram.put(HotBlock(entry.ref.key, entry.ref.parent, entry.ref.index,
+                                  np.asarray(entry.tokens, np.uint32), entry.arrays, nbytes(entry.arrays),
+                                  persisted=True))
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
         return [key for key, tokens in self._children(block.parent).items()

@@ -29,7 +29,7 @@ def test_rebuilt_cache_continues_exactly_like_the_live_one(loaded):
     plan, layout = kvstate.probe(model)
     blocks = [kvstate.slice_block(live, plan, s, min(s + 64, 300)) for s in range(0, 300, 64)]
     snapshot = kvstate.take_snapshot(live, plan) if plan.needs_snapshots else None
-    rebuilt = kvstate.rebuild(model, plan, blocks, 300, snapshot)
+    rebuilt = kvstate.rebuild(model, plan, kvstate.PromptBuffers.of(layout, blocks), 300, snapshot)
     assert mx.array_equal(logits_after(model, rebuilt, 11), logits_after(model, live, 11))
 
 
@@ -37,7 +37,7 @@ def test_snapshots_do_not_alias_live_caches(loaded):
     """Sliding-window caches update their buffers in place; a snapshot taken before, and a
     cache rebuilt from it, must each keep their own arrays."""
     model, _ = loaded
-    plan, _ = kvstate.probe(model)
+    plan, layout = kvstate.probe(model)
     if not plan.needs_snapshots:
         pytest.skip("no snapshot layers in this architecture")
     live = kvstate.make_cache(model)
@@ -46,13 +46,14 @@ def test_snapshots_do_not_alias_live_caches(loaded):
     snapshot = kvstate.take_snapshot(live, plan)
     before = {k: mx.array(v) for k, v in snapshot.arrays.items()}
     blocks = [kvstate.slice_block(live, plan, 0, 5)]
-    first = kvstate.rebuild(model, plan, blocks, 5, snapshot)
-    expected = logits_after(model, kvstate.rebuild(model, plan, blocks, 5, snapshot), 10)
+    first = kvstate.rebuild(model, plan, kvstate.PromptBuffers.of(layout, blocks), 5, snapshot)
+    expected = logits_after(model, kvstate.rebuild(model, plan, kvstate.PromptBuffers.of(layout, blocks), 5,
+                                                   snapshot), 10)
     for token in (10, 11, 12):  # more single-token steps: written in place into that room
         logits_after(model, live, token)
         logits_after(model, first, token)
     assert all(mx.array_equal(before[k], v) for k, v in snapshot.arrays.items())
-    second = kvstate.rebuild(model, plan, blocks, 5, snapshot)
+    second = kvstate.rebuild(model, plan, kvstate.PromptBuffers.of(layout, blocks), 5, snapshot)
     assert mx.array_equal(logits_after(model, second, 10), expected)
 
 

@@ -14,7 +14,7 @@ from kvtier.disk import decode_block, encode_block
 from kvtier.tiers import NewEntry, TieredStore
 
 BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "mlx.core.float32") for i in range(2) for kv in ("keys", "values")}
+LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
 BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
 
 
@@ -49,10 +49,12 @@ def test_blocks_survive_a_restart_bit_for_bit(tmp_path):
     store = make_store(tmp_path)
     match = store.match(refs, tokens)
     assert match.sources == ["disk"] * 4
-    for block in match.blocks:
-        for name, array in arrays_for(block.index).items():
-            assert mx.array_equal(block.arrays[name], array)
+    for hit in match.hits:
+        for name, array in arrays_for(hit.ref.index).items():
+            assert np.array_equal(hit.arrays[name], np.asarray(array))
+    store.promote([NewEntry(h.ref, h.tokens, arrays_for(h.ref.index)) for h in match.hits])
     assert store.match(refs, tokens).sources == ["ram"] * 4
+    assert store.ram.unpersisted() == []  # their files hold them: not encoded and written again
     store.close()
 
 
