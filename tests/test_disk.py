@@ -1,0 +1,77 @@
+"""Block files: the zero-copy reader against the safetensors package, and damaged input."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from safetensors.numpy import load as st_load, save as st_save
+
+from kvtier.disk import DamagedBlock, TOKENS_TENSOR, encode_block, parse_block
+
+
+def sample_block() -> bytes:
+    arrays = {"0.keys.0": mx.random.normal((1, 2, 5, 8)),
+              "0.values.0": mx.random.normal((1, 2, 5, 8)).astype(mx.bfloat16),
+              "1.keys.0": mx.random.randint(0, 2**31, (1, 2, 5, 4)).astype(mx.uint32)}
+    return encode_block(arrays, np.arange(5, dtype=np.uint32), {"kind": "kv"})
+
+
+def test_reader_sees_exactly_what_safetensors_wrote():
+    payload = sample_block()
+    parsed = parse_block(payload)
+    reference = st_load(payload)
+    assert set(parsed.tensors) | {TOKENS_TENSOR} == set(reference)
+    for name, array in parsed.tensors.items():
+        assert array.dtype == reference[name].dtype and np.array_equal(array, reference[name])
+    assert parsed.tokens.tolist() == [0, 1, 2, 3, 4]
+    assert parsed.dtypes["0.values.0"] == "bfloat16" and parsed.metadata["kind"] == "kv"
+
+
+def with_header(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize("spec", [
+    {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]},  # past the end of the file
+    {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]},  # size differs from the shape
+    {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]},
+    {"dtype": "Q99", "shape": [4], "data_offsets": [0, 16]},
+    {"dtype": "F32", "shape": [4], "data_offsets": [8, 4]},
+    {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]},
+])
+def test_inconsistent_headers_are_damaged_blocks(spec):
+    tokens = {"dtype": "U32", "shape": [1], "data_offsets": [16, 20]}
+    payload = with_header({"t": spec, TOKENS_TENSOR: tokens, "__metadata__": {"dtypes": '{"t": "float32"}'}},
+                          bytes(20))
+    with pytest.raises(DamagedBlock):
+        parse_block(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_corruption_parses_or_is_a_damaged_block(data):
+    """Whatever bytes a file holds, reading it gives a block or DamagedBlock, nothing else."""
+    payload = bytearray(sample_block())
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(payload) - 1))
+        payload[position] = data.draw(st.integers(0, 255))
+    payload = bytes(payload[: data.draw(st.integers(0, len(payload)))])
+    try:
+        parsed = parse_block(payload)
+    except DamagedBlock:
+        return
+    for array in parsed.tensors.values():
+        assert array.nbytes <= len(payload)
+
+
+def test_file_written_by_safetensors_alone_is_read():
+    """The format is plain safetensors: a file from the library itself reads the same."""
+    tensors = {"0.keys.0": np.ones((1, 1, 2, 2), np.float32), TOKENS_TENSOR: np.array([7, 8], np.uint32)}
+    parsed = parse_block(st_save(tensors, metadata={"dtypes": '{"0.keys.0": "float32"}'}))
+    assert parsed.tokens.tolist() == [7, 8] and parsed.tensors["0.keys.0"].sum() == 4
