@@ -94,6 +94,7 @@ class Timed:
     total: float
     text: str
     usage: dict
+    messages: list[dict] | None = None  # what was sent, when a session keeps it
 
 
 def stream_chat(server: Server, model: str, messages: list[dict], max_tokens: int = 16) -> Timed:
@@ -163,6 +164,7 @@ def run_session(server: "Server", model: str, systems: dict[str, str], max_token
                 messages.append({"role": "tool", "content": step.tool_result})
             messages.append({"role": "user", "content": step.user})
             timed = stream_chat(server, model, messages, max_tokens)
+            timed.messages = [dict(m) for m in messages]
             messages.append({"role": "assistant", "content": timed.text})
             results.append((step, timed))
     finally:
