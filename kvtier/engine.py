@@ -8,7 +8,9 @@ Everything in this module runs on the single thread that owns MLX.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -135,16 +137,37 @@ class Engine:
         later request most likely shares, worth a snapshot for recurrent layers."""
         if not (self.plan and self.plan.needs_snapshots):
             return []
+        counts = sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)})
+        full = self._render(messages, tools, add_generation_prompt=True, tokenize=False)
+        token_ends = self._token_ends(full, tokens)
         ends = []
-        for count in sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)}):
-            partial = self._render(messages[:count], tools, add_generation_prompt=False)
-            ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
+        for count in counts:
+            if token_ends is not None:  # text renders are cheap; tokenizing a long prompt is not
+                partial = self._render(messages[:count], tools, add_generation_prompt=False, tokenize=False)
+                ends.append(bisect.bisect_right(token_ends, len(os.path.commonprefix([partial, full]))))
+            else:
+                partial = self._render(messages[:count], tools, add_generation_prompt=False)
+                ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
         return sorted(set(e for e in ends if e > 0))
 
-    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> list[int]:
+    def _token_ends(self, text: str, tokens: list[int]) -> list[int] | None:
+        """Where each of `tokens` ends in `text` (characters), from one tokenization with
+        offsets; None when the tokenizer gives no offsets or tokenizes `text` otherwise."""
+        try:
+            encoded = self.tokenizer._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ends = [end for _, end in encoded["offset_mapping"]]
+        except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
+            return None
+        if list(encoded["input_ids"]) != list(tokens) or ends != sorted(ends):
+            return None
+        return ends
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+                tokenize: bool = True) -> Any:
         kwargs = {"tools": tools} if tools else {}
-        return list(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs))
+        rendered = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+        return list(rendered) if tokenize else rendered
 
     def text_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))

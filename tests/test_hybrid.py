@@ -85,3 +85,36 @@ def test_partly_evicted_chain_falls_back_and_stays_exact(daemon_factory, arch_mo
     second = agent_messages("gamma", question="Now fix the failing test.")
     text, usage = ask(daemon, second)
     assert text == arch_reference.chat(second, MAX_TOKENS)
+
+
+def test_message_ends_from_one_tokenization_equal_retokenizing_each_prefix(arch_model, tmp_path):
+    """Snapshot points come from one tokenization with offsets; they must be exactly where
+    the system prompt and the last messages end when each prefix is tokenized on its own."""
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+
+    engine = Engine(str(arch_model), CacheConfig(cache_dir=tmp_path, block_size=64))
+    try:
+        if not engine.plan.needs_snapshots:
+            pytest.skip("no snapshot layers in this architecture")
+        conversation = agent_messages("delta", question="Run  the tests,\n\nthen  report. ") + [
+            {"role": "assistant", "content": "Running them now.  "},
+            {"role": "tool", "content": "FAILED test_total - assert 41 == 42\n\n"},
+            {"role": "user", "content": "Why? Übersicht, bitte."}]
+        tools = [{"type": "function", "function": {
+            "name": "run_shell", "description": "Run a command in the project root.",
+            "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}}]
+        for messages, tools in ((conversation, None), (conversation, tools), (conversation[:2], None)):
+            tokens = engine.chat_tokens(messages, tools)
+            text = engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                        tokenize=False)
+            assert engine._token_ends(text, tokens) is not None  # the one-tokenization path is taken
+            expected = set()
+            for count in {1, *range(max(1, len(messages) - 3), len(messages) + 1)}:
+                partial = engine.tokenizer.apply_chat_template(messages[:count], tools=tools)
+                shared = next((i for i, (a, b) in enumerate(zip(partial, tokens)) if a != b),
+                              min(len(partial), len(tokens)))
+                expected.add(shared)
+            assert engine.message_boundaries(messages, tools, tokens) == sorted(expected - {0})
+    finally:
+        engine.close()
