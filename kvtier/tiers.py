@@ -4,10 +4,13 @@ store, spill, flush."""
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import lmdb
@@ -29,6 +32,10 @@ log = logging.getLogger("kvtier.tiers")
 def tokens_hash(tokens: Sequence[int]) -> str:
     """A second, independent hash of a block's tokens, checked before a file is read."""
     return xxhash.xxh64_hexdigest(encode_tokens(tokens), seed=0x6B76)
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -114,17 +121,35 @@ class TieredStore:
         self.fingerprint = fingerprint
         self.layout = layout
         self.plan = plan
-        config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ram = RamTier(config.ram_budget)
-        self.index = Index(config.cache_dir / "index")
-        self.files = BlockFiles(config.cache_dir / "blocks")
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self.disk_error: str | None = None  # last disk failure, cleared by a good write
+        self._scratch: Path | None = None  # set when the cache directory cannot be used
+        self.index, self.files = self._open_disk(config.cache_dir)
         self._retry_unpersisted = False
         self.writer = DiskWriter(self._write_job, config.write_queue_bytes)
         # Reads files ahead of the restore loop: disk I/O overlaps decoding earlier blocks.
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
+
+    def _open_disk(self, cache_dir: Path) -> tuple[Index, BlockFiles]:
+        """The cache directory's index and files; when it cannot be used (no permission, a
+        read-only or full disk), an empty private index in a temporary directory, and the
+        disk tier off: the daemon still serves, from RAM, and says why in its stats."""
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return Index(cache_dir / "index"), BlockFiles(cache_dir / "blocks")
+        except (OSError, lmdb.Error) as exc:
+            self.count("disk_write_errors")
+            self.disk_error = _error_text(exc)
+            log.error("cache directory %s is unusable (%s): serving from RAM only, nothing is written "
+                      "to disk", cache_dir, self.disk_error)
+            self._scratch = Path(tempfile.mkdtemp(prefix="kvtier-ram-only-"))
+            return Index(self._scratch / "index"), BlockFiles(self._scratch / "blocks")
+
+    @property
+    def disk_enabled(self) -> bool:
+        return self.config.disk_budget > 0 and self._scratch is None
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._counter_lock:
@@ -340,7 +365,7 @@ class TieredStore:
                 and common_prefix(tokens, block.tokens) == len(tokens)]
 
     def _submit(self, blocks: list[HotBlock], removed: list[bytes] = ()) -> None:
-        if self.config.disk_budget == 0:
+        if not self.disk_enabled:
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
         for block in blocks:
@@ -397,7 +422,7 @@ class TieredStore:
         self.count("disk_write_errors")
         if self.disk_error is None:
             log.error("cannot write to %s (%s): serving from RAM only", self.files.root, exc)
-        self.disk_error = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
+        self.disk_error = _error_text(exc)
 
     def note_in_index(self, write, *args) -> None:
         """Best-effort index bookkeeping (access times, counters): a full or read-only disk
@@ -448,6 +473,8 @@ class TieredStore:
         self.writer.close()
         self._readers.shutdown(wait=True)
         self.index.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def stats(self) -> dict:
         disk_bytes, disk_blocks = self.index.totals()

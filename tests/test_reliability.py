@@ -147,3 +147,20 @@ def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, lla
     other = agent_messages("writable-again")
     assert ask(daemon, other)[0] == reference.chat(other, MAX_TOKENS)
     _wait_for(daemon, lambda h: h["disk_writable"])
+
+
+def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path):
+    """The cache path is taken by a file: the daemon loads anyway, serves exact answers from
+    RAM, and its health and stats say the disk tier is off and why."""
+    cache_path = tmp_path / "taken"
+    cache_path.write_text("not a directory")
+    daemon = daemon_factory(llama_model, cache_dir=cache_path)
+    health = daemon.get("/health")
+    assert health["disk_writable"] is False and "FileExistsError" in health["disk_error"]
+    messages = agent_messages("no-disk")
+    assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS)
+    assert usage.model_extra["kvtier"]["ram_tokens"] > 0
+    assert daemon.get("/cache/stats")["disk"]["blocks"] == 0
+    assert cache_path.read_text() == "not a directory"

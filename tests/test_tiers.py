@@ -184,3 +184,21 @@ def test_a_full_block_supersedes_the_partial_tail_it_extends(tmp_path):
     assert not store.files.path_for(partial_ref.hex).exists()
     assert store.index.totals()[1] == 2
     store.close()
+
+
+def test_unusable_cache_directory_serves_from_ram_and_says_why(tmp_path):
+    """A cache path that cannot be a directory (a file stands where it should be) must not
+    stop the store: RAM only, nothing written, the reason in the stats."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("in the way")
+    store = make_store(blocker / "cache")
+    tokens = list(range(3 * BLOCK))
+    refs = fill(store, tokens)
+    store.flush()
+    assert store.match(refs, tokens).sources == ["ram"] * 3
+    stats = store.stats()["disk"]
+    assert stats["writable"] is False and "NotADirectoryError" in stats["error"]
+    assert stats["blocks"] == 0 and blocker.read_text() == "in the way"
+    scratch = store._scratch
+    store.close()
+    assert scratch is not None and not scratch.exists()  # the temporary index is gone too
