@@ -26,7 +26,7 @@ from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
 from .stops import StopMatcher
-from .tiers import Match, NewEntry, SnapshotHit, TieredStore, common_prefix
+from .tiers import Hit, Match, NewEntry, SnapshotHit, TieredStore, common_prefix
 
 log = logging.getLogger("kvtier.engine")
 
@@ -178,7 +178,12 @@ class Engine:
         started = time.perf_counter()
         refs = block_refs(tokens, self.block_size, self.fingerprint)
         buffers = kvstate.PromptBuffers(self.store.layout, capacity=len(tokens) + 1)
-        match = self._match(refs, tokens, lambda h: (buffers.add(h.arrays, h.usable), h.release()))
+
+        def take(hit: Hit) -> None:  # each cached block, as soon as it is confirmed
+            buffers.add(hit.arrays, hit.usable)
+            hit.release()  # its file's bytes are copied: let them go
+
+        match = self._match(refs, tokens, take)
         reuse, hit = self._restore_point(refs, tokens, match)
         usage = self._account(match, reuse, len(tokens))
         prompt_cache = self._rebuild(buffers, reuse, hit)
