@@ -7,7 +7,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +114,41 @@ class NewEntry:
     skeleton: str | None = None
 
 
+class ReadAhead:
+    """Block files read on a thread pool in chain order, at most `window_bytes` ahead of the
+    block being used: reads overlap the work on earlier blocks, and the bytes of files read
+    but not yet used (or never used, when the chain breaks) stay bounded."""
+
+    def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, BlockRecord], ParsedBlock],
+                 planned: list[tuple[BlockRef, BlockRecord]], window_bytes: int = 256 << 20):
+        self._pool, self._read, self._window = pool, read, window_bytes
+        self._planned = deque(planned)
+        self._started: dict[bytes, tuple[BlockRecord, Future]] = {}
+        self._started_bytes = 0
+        self._top_up()
+
+    def take(self, key: bytes) -> tuple[BlockRecord, Future] | None:
+        """The record and pending read of `key`'s file, if it was planned."""
+        started = self._started.pop(key, None)
+        if started is not None:
+            self._started_bytes -= started[0].nbytes
+            self._top_up()
+        return started
+
+    def cancel(self) -> None:
+        for _, future in self._started.values():
+            future.cancel()
+        self._started.clear()
+        self._planned.clear()
+
+    def _top_up(self) -> None:
+        # At least two files in flight whatever their size, so reading never stalls.
+        while self._planned and (len(self._started) < 2 or self._started_bytes < self._window):
+            ref, record = self._planned.popleft()
+            self._started[ref.key] = (record, self._pool.submit(self._read, ref.hex, record))
+            self._started_bytes += record.nbytes
+
+
 class TieredStore:
     def __init__(self, config: CacheConfig, fingerprint: str, layout: Layout,
                  plan: CachePlan | None = None):
@@ -168,12 +203,11 @@ class TieredStore:
         reads = self._read_ahead(refs)
         for ref in refs:
             block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
-            hit = self._lookup(ref, block_tokens, reads.get(ref.key))
+            hit = self._lookup(ref, block_tokens, reads.take(ref.key))
             if hit is None or len(hit.tokens) != size:
                 break
             found.add(hit, on_hit)
-        for _, future in reads.values():
-            future.cancel()  # the chain ended before these
+        reads.cancel()  # the chain ended before these
         parent = found.hits[-1].ref.key if found.hits else root_key(self.fingerprint)
         self._match_tail(parent, len(found.hits), tokens[len(found.hits) * size :], found, on_hit)
         return found
@@ -214,18 +248,17 @@ class TieredStore:
             self.ram.touch_chain(keys)
             self.note_in_index(self.index.touch, keys, now_ms())
 
-    def _read_ahead(self, refs: list[BlockRef]) -> dict[bytes, tuple[BlockRecord, Future]]:
-        """Start reading the files of the chain's blocks that are on disk only, in order,
-        up to the first one the index does not hold (the chain cannot go past it)."""
+    def _read_ahead(self, refs: list[BlockRef]) -> "ReadAhead":
+        """Read the files of the chain's blocks that are on disk only, in order, up to the
+        first one the index does not hold (the chain cannot go past it)."""
         cold = [ref for ref in refs if ref.key not in self.ram]
         records = self.index.get_many([ref.key for ref in cold])
-        reads = {}
+        planned = []
         for ref in cold:
-            record = records.get(ref.key)
-            if record is None:
+            if ref.key not in records:
                 break
-            reads[ref.key] = (record, self._readers.submit(self._read_parsed, ref.hex, record))
-        return reads
+            planned.append((ref, records[ref.key]))
+        return ReadAhead(self._readers, self._read_parsed, planned)
 
     def _read_parsed(self, key_hex: str, record: BlockRecord) -> ParsedBlock:
         return parse_block(self.files.read(key_hex, record.checksum, record.nbytes))

@@ -202,3 +202,32 @@ def test_unusable_cache_directory_serves_from_ram_and_says_why(tmp_path):
     scratch = store._scratch
     store.close()
     assert scratch is not None and not scratch.exists()  # the temporary index is gone too
+
+
+def test_read_ahead_stays_within_its_window_and_keeps_chain_order(tmp_path):
+    """Files are read in chain order, never more than the window ahead of the block in use,
+    and a chain that breaks leaves nothing more to read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvtier.index import BlockRecord
+    from kvtier.tiers import ReadAhead
+
+    class CountingPool(ThreadPoolExecutor):
+        submitted: list = []
+
+        def submit(self, fn, *args):
+            self.submitted.append(args[0])
+            return super().submit(fn, *args)
+
+    refs = block_refs(list(range(12 * BLOCK)), BLOCK, "fp-test")
+    record = BlockRecord(parent="", fingerprint="fp-test", depth=0, num_tokens=BLOCK, nbytes=1000,
+                         checksum="", tokens_hash="", access_ms=0, created_ms=0)
+    with CountingPool(2) as pool:
+        reads = ReadAhead(pool, lambda key_hex, _: key_hex, [(ref, record) for ref in refs], window_bytes=3000)
+        assert len(pool.submitted) == 3  # three 1000-byte files fill the window
+        for ref in refs[:6]:
+            assert reads.take(ref.key)[1].result() == ref.hex
+            assert len(pool.submitted) == ref.index + 1 + 3
+        reads.cancel()
+        assert reads.take(refs[6].key) is None
+    assert pool.submitted == [ref.hex for ref in refs[:9]]
