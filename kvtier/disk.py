@@ -19,12 +19,9 @@ import numpy as np
 import xxhash
 from safetensors.numpy import save as st_save
 
-from .kvstate import BlockArrays
+from .kvstate import BlockArrays, dtype_name, host_view
 
 TOKENS_TENSOR = "__tokens__"
-# numpy has no bfloat16: such arrays are stored bit-for-bit as uint16 and the real dtype
-# is kept in the file's metadata.
-_STORAGE_VIEW = {mx.bfloat16: mx.uint16}
 
 
 class DamagedBlock(Exception):
@@ -39,9 +36,10 @@ def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) 
     tensors = {TOKENS_TENSOR: np.asarray(tokens, dtype=np.uint32)}
     dtypes = {}
     for name, array in arrays.items():
-        dtypes[name] = str(array.dtype).removeprefix("mlx.core.")
-        stored = array.view(_STORAGE_VIEW[array.dtype]) if array.dtype in _STORAGE_VIEW else array
-        tensors[name] = np.array(stored, copy=True)
+        # numpy has no bfloat16: such arrays are stored bit-for-bit as uint16, and the real
+        # dtype is kept in the file's metadata.
+        dtypes[name] = dtype_name(array.dtype)
+        tensors[name] = np.array(host_view(array), copy=True)
     metadata = dict(meta, dtypes=json.dumps(dtypes, sort_keys=True))
     return st_save(tensors, metadata=metadata)
 
