@@ -1,6 +1,9 @@
 """Hot tier: KV blocks in (unified) memory under a byte budget, least recently used first out.
 
 It only picks victims and hands them back; moving anything to disk is the caller's job.
+A block held for a queued disk write (`hold` .. `written`) is never a victim: it stays
+findable here until its file is indexed, so the tier may exceed its budget by what the
+write queue holds (`pending_bytes`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class HotBlock:
     kind: str = "kv"
     skeleton: str | None = None  # a snapshot's state layout (see kvstate.Snapshot)
     persisted: bool = False  # True once the disk tier holds it (or it came from there)
+    writes: int = 0  # queued disk writes of it: RAM keeps it until they are done
 
 
 class RamTier:
@@ -59,7 +63,8 @@ class RamTier:
                     self._blocks.move_to_end(key)
 
     def put(self, block: HotBlock) -> list[HotBlock]:
-        """Insert a block and return the blocks evicted to stay within budget."""
+        """Insert a block and return the blocks evicted to stay within budget (never one
+        held for its write: then the tier stays above budget until the write is done)."""
         with self._lock:
             if block.key in self._blocks:
                 self._blocks.move_to_end(block.key)
@@ -78,9 +83,32 @@ class RamTier:
         with self._lock:
             return self._evict_locked(target_bytes)
 
-    def unpersisted(self) -> list[HotBlock]:
+    def hold(self, blocks: list[HotBlock]) -> None:
+        """A write of these blocks is queued: keep them until `written` says it is done."""
         with self._lock:
-            return [b for b in self._blocks.values() if not b.persisted]
+            for block in blocks:
+                block.writes += 1
+
+    def written(self, blocks: list[HotBlock]) -> list[HotBlock]:
+        """A queued write of these blocks is done (or failed): they may leave again. Returns
+        the blocks evicted to get back within budget."""
+        with self._lock:
+            for block in blocks:
+                block.writes -= 1
+            return self._evict_locked(self.budget)
+
+    def unpersisted(self) -> list[HotBlock]:
+        """Blocks not on disk and not waiting for a write: what a flush or retry must queue."""
+        with self._lock:
+            return [b for b in self._blocks.values() if not b.persisted and not b.writes]
+
+    def usage(self) -> dict:
+        """Blocks and bytes held, and of them those held for queued writes: the only bytes
+        that may take the tier above its budget."""
+        with self._lock:
+            held = [b.nbytes for b in self._blocks.values() if b.writes]
+            return {"blocks": len(self._blocks), "bytes": self._bytes, "budget": self.budget,
+                    "pending_blocks": len(held), "pending_bytes": sum(held)}
 
     def clear(self) -> None:
         with self._lock:
@@ -102,6 +130,8 @@ class RamTier:
             if self._bytes <= target_bytes:
                 break
             block = self._blocks[key]
+            if block.writes:  # not on disk yet: evicting it now would lose it until written
+                continue
             self._forget_locked(block)
             victims.append(block)
         return victims

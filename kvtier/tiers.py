@@ -163,7 +163,7 @@ class TieredStore:
         self._scratch: Path | None = None  # set when the cache directory cannot be used
         self.index, self.files = self._open_disk(config.cache_dir)
         self._retry_unpersisted = False
-        self.writer = DiskWriter(self._write_job, config.write_queue_bytes)
+        self.writer = DiskWriter(self._write_then_release, config.write_queue_bytes)
         # Reads files ahead of the restore loop: disk I/O overlaps decoding earlier blocks.
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
 
@@ -290,7 +290,7 @@ class TieredStore:
         except DamagedBlock as exc:
             self._damaged(ref, exc)
             return None
-        self.ram.put(block)
+        self._evicted(self.ram.put(block))
         return block, "disk"
 
     def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match,
@@ -359,6 +359,7 @@ class TieredStore:
     # -- store -------------------------------------------------------------------------
     def store(self, entries: list[NewEntry]) -> None:
         """Keep a request's new blocks and snapshots hot; queue them for the disk together.
+        They are queued first, so RAM holds them (findable) until their files are indexed.
 
         A KV block may be partial (the tail of a request). Any partial sibling whose tokens a
         new block starts with is now redundant (the tail match finds them here): dropped.
@@ -375,22 +376,21 @@ class TieredStore:
             blocks.append(block)
         for key in removed:
             self.ram.remove(key)
-        for block in blocks:
-            self.ram.put(block)
+        retry = []
         if self._retry_unpersisted:
             self._retry_unpersisted = False
-            new = {b.key for b in blocks}
-            blocks += [b for b in self.ram.unpersisted()
-                       if b.key not in new and not self.writer.is_queued(b.key)]
-        self._submit(blocks, removed)
+            retry = self.ram.unpersisted()
+        self._submit(blocks + retry, removed)
+        for block in blocks:
+            self._evicted(self.ram.put(block))
 
     def promote(self, entries: list[NewEntry]) -> None:
         """Blocks a request read from disk, cut back out of the cache they were restored
         into: hot from now on, and not written again (their files hold the same bits)."""
         for entry in entries:
-            self.ram.put(HotBlock(entry.ref.key, entry.ref.parent, entry.ref.index,
-                                  np.asarray(entry.tokens, np.uint32), entry.arrays, nbytes(entry.arrays),
-                                  persisted=True))
+            self._evicted(self.ram.put(HotBlock(entry.ref.key, entry.ref.parent, entry.ref.index,
+                                                np.asarray(entry.tokens, np.uint32), entry.arrays,
+                                                nbytes(entry.arrays), persisted=True)))
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
         return [key for key, tokens in self._children(block.parent).items()
@@ -398,6 +398,8 @@ class TieredStore:
                 and common_prefix(tokens, block.tokens) == len(tokens)]
 
     def _submit(self, blocks: list[HotBlock], removed: list[bytes] = ()) -> None:
+        """Queue blocks for the disk; RAM holds them until the write is done, so a block is
+        findable from the moment it is computed (the overshoot is bounded by the queue)."""
         if not self.disk_enabled:
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
@@ -407,7 +409,28 @@ class TieredStore:
                 meta["skeleton"] = block.skeleton
             entries.append(Entry(block.key, encode_block(block.arrays, block.tokens, meta), block))
         if entries:
+            self.ram.hold(blocks)
             self.writer.submit(WriteJob(entries))
+
+    def _write_then_release(self, job: WriteJob) -> None:
+        """Runs on the writer thread: write the job, then let RAM evict its blocks again
+        (after the index commit, so a lookup finds each one in RAM or on disk throughout)."""
+        try:
+            self._write_job(job)
+        finally:
+            self._evicted(self.ram.written([e.block for e in job.entries if e.block is not None]))
+
+    def _evicted(self, victims: list[HotBlock]) -> None:
+        """Blocks RAM let go of. Those on disk are found there; one no tier holds any more
+        (the disk tier is off, or its write failed or did not fit) is dropped, counted."""
+        lost = [b for b in victims if not b.persisted]
+        if not lost:
+            return
+        self.count("ram_evictions_unwritten", len(lost))
+        if self.disk_enabled:  # abnormal: the write failed (disk.error says why)
+            log.warning("RAM budget full: dropped %d cache entries whose disk write failed", len(lost))
+        else:  # RAM only, by configuration or since start-up (logged then)
+            log.debug("RAM budget full: dropped %d cache entries (disk tier off)", len(lost))
 
     # -- disk writer (runs on the writer thread) -----------------------------------------
     def _write_job(self, job: WriteJob) -> None:
@@ -485,10 +508,12 @@ class TieredStore:
         self.files.remove(key.hex())
 
     def spill(self, target_bytes: int) -> int:
-        """Shrink the hot tier to `target_bytes` (memory pressure): victims not yet on disk
-        are queued for it, not dropped. Returns the bytes released."""
+        """Shrink the hot tier to `target_bytes` (memory pressure). Entries not yet on disk
+        are queued for it and stay until written (then RAM evicts down to its budget; the
+        next spill goes further). Returns the bytes released now."""
+        self._submit(self.ram.unpersisted())
         victims = self.ram.shrink_to(target_bytes)
-        self._submit([b for b in victims if not b.persisted and not self.writer.is_queued(b.key)])
+        self._evicted(victims)
         released = sum(b.nbytes for b in victims)
         self.count("ram_bytes_spilled", released)
         return released
@@ -496,8 +521,7 @@ class TieredStore:
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Persist every hot entry not yet on disk (retrying failed writes) and wait."""
-        pending = [b for b in self.ram.unpersisted()
-                   if not self.writer.is_queued(b.key) and self.index.get(b.key) is None]
+        pending = [b for b in self.ram.unpersisted() if self.index.get(b.key) is None]
         self._submit(pending)
         return self.writer.flush(timeout)
 
@@ -515,8 +539,7 @@ class TieredStore:
         with self._counter_lock:
             counters = dict(self.counters)
         return {
-            "ram": {"blocks": self.ram.num_blocks, "bytes": self.ram.num_bytes,
-                    "budget": self.ram.budget},
+            "ram": self.ram.usage(),
             "disk": {"blocks": disk_blocks, "bytes": disk_bytes,
                      "index_bytes": self.index.disk_usage(), "budget": self.config.disk_budget,
                      "writable": self.disk_error is None, "error": self.disk_error,

@@ -1,15 +1,19 @@
 """Background disk writer: takes blocks off the request path through a byte-bounded queue.
 
-A full queue makes the producer wait (back-pressure); nothing is ever dropped silently.
-Disk errors (full, read-only) are recorded and the block stays in RAM, unpersisted, to be
-retried by the next flush.
+A full queue makes the producer wait (back-pressure). The writer only writes: the RAM tier
+holds every block of a queued job, findable, until the write function returns (see
+TieredStore._submit), so this queue's bound is also how far RAM can exceed its budget.
+A failed write (disk full, read-only) is recorded by the write function; its blocks stay in
+RAM unwritten, retried by the next flush or once the disk accepts writes again, for as long
+as the RAM budget keeps them; evicted before that, they are dropped, counted and logged
+(`ram_evictions_unwritten`), never silently.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,17 +38,12 @@ class WriteJob:
     def nbytes(self) -> int:
         return sum(len(e.payload) for e in self.entries if e.payload)
 
-    @property
-    def keys(self) -> set[bytes]:
-        return {e.key for e in self.entries}
-
 
 class DiskWriter:
     def __init__(self, write_fn: Callable[[WriteJob], None], max_bytes: int):
         self._write_fn = write_fn
         self._max_bytes = max_bytes
         self._jobs: deque[WriteJob] = deque()
-        self._queued_keys: Counter[bytes] = Counter()  # a key may sit in several jobs
         self._pending_bytes = 0
         self._busy = False
         self._closed = False
@@ -58,13 +57,8 @@ class DiskWriter:
             while self._jobs and self._pending_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
             self._jobs.append(job)
-            self._queued_keys.update(job.keys)
             self._pending_bytes += job.nbytes
             self._cond.notify_all()
-
-    def is_queued(self, key: bytes) -> bool:
-        with self._cond:
-            return self._queued_keys[key] > 0
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; True if the queue drained in time."""
@@ -97,8 +91,6 @@ class DiskWriter:
                 log.exception("writing %d cache entries failed", len(job.entries))
             with self._cond:
                 self._jobs.popleft()
-                self._queued_keys.subtract(job.keys)
-                self._queued_keys += Counter()  # drop the keys no job holds any more
                 self._pending_bytes -= job.nbytes
                 self._busy = False
                 self._cond.notify_all()

@@ -146,3 +146,32 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+
+
+def test_next_request_reuses_blocks_still_waiting_for_their_write(daemon_factory, llama_model, reference):
+    """A tight RAM budget, and B sent by the same client the moment A answers: A's ten
+    blocks are far over budget and go to disk as one job (every file fsynced, then one
+    index commit), so B's lookup comes while they are still queued. It must find them,
+    held in RAM until written; once written, RAM is back within its budget."""
+    budget = 1 << 20  # two 64-token blocks of this model
+    daemon = daemon_factory(llama_model, "--ram-budget", str(budget))
+    first = agent_messages(question="List the files.")
+    second = agent_messages(question="Now run the tests and report what failed.")
+    client = daemon.client()  # made up front: a new client's set-up would give the writer time
+
+    def ask_now(messages):
+        response = client.chat.completions.create(model=str(daemon.model), messages=messages,
+                                                  max_tokens=MAX_TOKENS, temperature=0)
+        return response.choices[0].message.content, response.usage.model_dump()
+
+    ask_now(first)
+    text, usage = ask_now(second)
+    assert text == reference.chat(second, MAX_TOKENS)
+    shared = _common_prefix(reference.chat_tokens(first), reference.chat_tokens(second))
+    assert shared > 8 * TEST_BLOCK_SIZE
+    assert usage["kvtier"]["ram_tokens"] + usage["kvtier"]["disk_tokens"] == shared
+    daemon.get("/cache/entries")  # waits for the writer
+    ram = daemon.get("/cache/stats")["ram"]
+    assert ram["pending_bytes"] == 0 and ram["bytes"] <= budget

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
 from kvtier.disk import decode_block, encode_block
+from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
 
 BLOCK = 16
@@ -231,3 +235,82 @@ def test_read_ahead_stays_within_its_window_and_keeps_chain_order(tmp_path):
         reads.cancel()
         assert reads.take(refs[6].key) is None
     assert pool.submitted == [ref.hex for ref in refs[:9]]
+
+
+@contextmanager
+def index_writes_stalled(store: TieredStore):
+    """Another writer holds the index's write lock (as `kvtier purge` or `pin` from another
+    process may): the disk writer writes its files, then waits to commit, its job queued."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with store.index.env.begin(write=True):
+            locked.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    locked.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_ram_never_evicts_a_block_held_for_its_write():
+    ram = RamTier(budget=100)
+    a, b = (HotBlock(bytes([i]) * 16, b"\0" * 16, i, np.zeros(1, np.uint32), {}, nbytes=100) for i in range(2))
+    ram.hold([a, b])
+    assert ram.put(a) == [] and ram.put(b) == [] and ram.shrink_to(0) == []
+    assert ram.usage() == {"blocks": 2, "bytes": 200, "budget": 100,  # over budget, and says so
+                           "pending_blocks": 2, "pending_bytes": 200}
+    assert ram.written([a]) == [a]  # written: back within budget, oldest first
+    assert ram.usage()["pending_bytes"] == 100 and ram.get(b.key) is b
+    assert ram.written([b]) == [] and ram.usage()["pending_bytes"] == 0
+
+
+def test_blocks_waiting_for_their_write_are_found_in_ram(tmp_path):
+    """Over a tight RAM budget, a request's blocks stay in RAM until their files are indexed:
+    the next lookup finds every one while the write is provably still queued, memory
+    pressure cannot drop them either, the stats show the overshoot, and once written RAM
+    is back within budget with the rest found on disk."""
+    store = make_store(tmp_path, ram_budget=2 * BLOCK_BYTES)
+    tokens = list(range(6 * BLOCK))
+    with index_writes_stalled(store):
+        refs = fill(store, tokens)
+        assert store.writer.pending[0] == 1 and store.index.get_many([r.key for r in refs]) == {}
+        assert store.match(refs, tokens).sources == ["ram"] * 6
+        assert store.spill(0) == 0 and store.match(refs, tokens).num_full_blocks == 6
+        ram = store.stats()["ram"]
+        assert ram["pending_blocks"] == 6 and ram["pending_bytes"] == ram["bytes"] == 6 * BLOCK_BYTES
+    store.flush()
+    ram = store.stats()["ram"]
+    assert ram["pending_bytes"] == 0 and ram["bytes"] <= 2 * BLOCK_BYTES
+    match = store.match(refs, tokens)
+    assert match.num_full_blocks == 6 and match.sources[0] == "disk"
+    assert store.counters["ram_evictions_unwritten"] == 0
+    store.close()
+
+
+@pytest.mark.parametrize("disk", ["off", "failing"])
+def test_evicting_a_block_no_tier_holds_is_counted_and_logged(tmp_path, caplog, disk):
+    """With the disk tier off, or its writes failing, a block RAM evicts is gone: never
+    silently. The ones RAM still holds are written once the disk accepts writes again."""
+    caplog.set_level(logging.DEBUG, logger="kvtier.tiers")
+    store = make_store(tmp_path, ram_budget=2 * BLOCK_BYTES, **({"disk_budget": 0} if disk == "off" else {}))
+    if disk == "failing":  # a file where the block directory was: every write fails
+        store.files.root.rmdir()
+        store.files.root.write_text("in the way")
+    tokens = list(range(5 * BLOCK))
+    refs = fill(store, tokens)
+    store.flush()
+    assert store.counters["ram_evictions_unwritten"] == 3
+    assert any("dropped" in r.getMessage() for r in caplog.records if r.name == "kvtier.tiers")
+    assert store.ram.num_bytes == 2 * BLOCK_BYTES
+    if disk == "failing":
+        store.files.root.unlink()
+        store.files.root.mkdir()
+        store.flush()  # the two still in RAM are retried
+        assert set(store.index.get_many([r.key for r in refs])) == {r.key for r in refs[3:]}
+    store.close()
