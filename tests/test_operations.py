@@ -46,6 +46,7 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
     assert status == 200
     assert 'kvtier_requests_total{result="miss"} 1' in metrics
     assert "# TYPE kvtier_ram_bytes gauge" in metrics
+    assert "kvtier_ram_pending_bytes 0" in metrics  # /cache/entries waited for the writer
 
     assert request(daemon, "DELETE", "/cache")[0] == 400
     assert request(daemon, "DELETE", "/cache?older_than=soon")[0] == 400

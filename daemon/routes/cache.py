@@ -119,6 +119,8 @@ async def metrics(http: web.Request) -> web.Response:
 
     metric("ram_bytes", "gauge", "Bytes of KV in the hot tier.", [("", stats["ram"]["bytes"])])
     metric("ram_budget_bytes", "gauge", "RAM budget.", [("", stats["ram"]["budget"])])
+    metric("ram_pending_bytes", "gauge", "Bytes in RAM waiting for their disk write (may exceed the budget).",
+           [("", stats["ram"]["pending_bytes"])])
     metric("ram_entries", "gauge", "Blocks and snapshots in RAM.", [("", stats["ram"]["blocks"])])
     metric("disk_bytes", "gauge", "Bytes of cache files on disk.", [("", stats["disk"]["bytes"])])
     metric("disk_budget_bytes", "gauge", "Disk budget.", [("", stats["disk"]["budget"])])
@@ -135,6 +137,7 @@ async def metrics(http: web.Request) -> web.Response:
                             ("disk_evictions", "Entries evicted to keep the disk budget."),
                             ("disk_write_errors", "Failed cache writes."),
                             ("memory_pressure_events", "Hot-tier spills under memory pressure."),
+                            ("ram_evictions_unwritten", "Entries evicted from RAM with no copy on disk."),
                             ("requests_unsupported_model", "Requests served without reuse.")]:
         metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
     metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
