@@ -2,7 +2,8 @@
 
 A full queue makes the producer wait (back-pressure). The writer only writes: the RAM tier
 holds every block of a queued job, findable, until the write function returns (see
-TieredStore._submit), so this queue's bound is also how far RAM can exceed its budget.
+TieredStore._submit), so this queue's bound (plus a job waiting to enter) is also how far
+RAM can exceed its budget.
 A failed write (disk full, read-only) is recorded by the write function; its blocks stay in
 RAM unwritten, retried by the next flush or once the disk accepts writes again, for as long
 as the RAM budget keeps them; evicted before that, they are dropped, counted and logged

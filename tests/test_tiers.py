@@ -281,6 +281,8 @@ def test_blocks_waiting_for_their_write_are_found_in_ram(tmp_path):
         refs = fill(store, tokens)
         assert store.writer.pending[0] == 1 and store.index.get_many([r.key for r in refs]) == {}
         assert store.match(refs, tokens).sources == ["ram"] * 6
+        diverging = tokens[: 2 * BLOCK + 5] + [7]  # the leading part of a held block, too
+        assert store.match(block_refs(diverging, BLOCK, store.fingerprint), diverging).num_tokens == 2 * BLOCK + 5
         assert store.spill(0) == 0 and store.match(refs, tokens).num_full_blocks == 6
         ram = store.stats()["ram"]
         assert ram["pending_blocks"] == 6 and ram["pending_bytes"] == ram["bytes"] == 6 * BLOCK_BYTES
