@@ -154,6 +154,36 @@ def shared_daemon(tmp_path_factory, llama_model):
     daemon.stop(signal.SIGKILL)
 
 
+@pytest.fixture(scope="session")
+def keyed_daemon(tmp_path_factory, llama_model):
+    """One daemon started with --api-key, for the tests of what reaches it before the key check."""
+    daemon = Daemon(llama_model, tmp_path_factory.mktemp("keyed") / "cache", "--api-key", "s3cret").start()
+    yield daemon
+    daemon.stop(signal.SIGKILL)
+
+
+def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, bytes]:
+    """Send `request` as bytes (no client library checks what goes on the wire); return the
+    status and the body of the answer (the daemon closes the connection: Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | None = None,
+                 body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request as bytes; header names and values go out exactly as given."""
+    path = path.encode() if isinstance(path, str) else path
+    given = {b"Host": b"127.0.0.1", b"Connection": b"close", b"Content-Type": b"application/json",
+             b"Content-Length": b"%d" % len(body), **(headers or {})}
+    lines = [method.encode() + b" " + path + b" HTTP/1.1"] + [k + b": " + v for k, v in given.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
 def agent_messages(project: str = "kvtier", question: str = "List the files.", repeat: int = 6) -> list[dict]:
     """An agent-style conversation: a long system prompt with tools, then a question."""
     tools = "\n".join(f"- tool {name}: {desc}" for name, desc in [
