@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,13 +165,16 @@ def keyed_daemon(tmp_path_factory, llama_model):
 
 def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, bytes]:
     """Send `request` as bytes (no client library checks what goes on the wire); return the
-    status and the body of the answer (the daemon closes the connection: Connection: close)."""
+    status and the body of the answer: Content-Length bytes, or all until the daemon closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(request)
         received = b""
-        while chunk := sock.recv(65536):
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
             received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+        while (length is None or len(body) < int(length.group(1))) and (chunk := sock.recv(65536)):
+            body += chunk
     return int(head.split(b" ", 2)[1]), body
 
 
