@@ -9,7 +9,6 @@ import math
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -63,8 +62,8 @@ def error_response(path: str, error: ApiError) -> web.Response:
 
 def unrouted_error_body(status: int, message: str) -> dict:
     """For a request too malformed to have a route: both OpenAI's and Anthropic's SDKs read it."""
-    return {"type": "error", "error": {"message": message, "type": "invalid_request_error"
-                                       if status < 500 else "server_error", "param": None, "code": None}}
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"type": "error", "error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
 @web.middleware
@@ -92,7 +91,7 @@ async def json_body(request: web.Request) -> dict:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, "request body too large") from None
-    except (web.RequestPayloadError, HttpProcessingError):  # e.g. broken gzip or chunking
+    except web.RequestPayloadError:  # e.g. broken gzip or chunking, found after the headers
         raise ApiError(400, "could not read the request body: its Content-Encoding or "
                             "Transfer-Encoding is broken") from None
     body = parse_json(raw)
