@@ -33,15 +33,20 @@ class ApiRequestHandler(web.RequestHandler):
 
 
 class ApiServer(web.Server):
+    """aiohttp's Server (the protocol factory), making ApiRequestHandlers."""
+
     def __call__(self) -> web.RequestHandler:
         return ApiRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ApiRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()  # starts the app; builds aiohttp's own Server
+        # The app's own Server (its startup has run), rebuilt as an ApiServer with the same
+        # handler, request factory and connection settings; it has no connection yet.
+        server = await super()._make_server()
         return ApiServer(server.request_handler, request_factory=server.request_factory,
-                         handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
+                         handler_cancellation=server.handler_cancellation, loop=server._loop,
+                         **server._kwargs)
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
