@@ -100,42 +100,53 @@ async def json_body(request: web.Request) -> dict:
     return body
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes | str, what: str = "request body", param: str | None = None) -> Any:
     """Strict JSON (RFC 8259): UTF-8 whatever the declared charset, finite numbers only (no
     NaN/Infinity, no 1e400), nested at most MAX_JSON_DEPTH deep, and strings that are valid
-    Unicode: a "\\ud800" escape decodes to a lone surrogate that no tokenizer can encode."""
+    Unicode: a "\\ud800" escape decodes to a lone surrogate that no tokenizer can encode.
+    For the body, and for JSON a client sends inside a string (tool call arguments)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "request body is not valid UTF-8") from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise _too_deep() from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    except ValueError:  # Python reads integers of at most 4300 digits
-        raise ApiError(400, "request body has an integer too long to read") from None
-    bad = _bad_string_path(value, 1)
+        value = _strict_loads(raw)
+        bad = _bad_string_path(value, 1)
+    except _Invalid as exc:
+        raise ApiError(400, f"{what} {exc}", param=param) from None
     if bad is not None:
-        raise ApiError(400, "strings must be valid Unicode: a \\ud800-\\udfff escape must be "
-                            "half of a surrogate pair", param=".".join(map(str, reversed(bad))) or None)
+        inner = ".".join(map(str, reversed(bad)))
+        raise ApiError(400, "strings must be valid Unicode: a \\ud800-\\udfff escape must be half "
+                            "of a surrogate pair", param=".".join(p for p in (param, inner) if p) or None)
     return value
 
 
+class _Invalid(Exception):
+    """Why a JSON text is refused; parse_json adds whose text it was."""
+
+
+_TOO_DEEP = f"is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _strict_loads(raw: bytes | str) -> Any:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise _Invalid("is not valid UTF-8") from None
+    except RecursionError:
+        raise _Invalid(_TOO_DEEP) from None
+    except json.JSONDecodeError as exc:
+        raise _Invalid(f"is not valid JSON: {exc}") from None
+    except ValueError:  # Python reads integers of at most 4300 digits
+        raise _Invalid("has an integer too long to read") from None
+
+
 def _reject_constant(name: str) -> float:
-    raise ApiError(400, f"request body is not valid JSON: {name} is not a JSON number")
+    raise _Invalid(f"is not valid JSON: {name} is not a JSON number")
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ApiError(400, f"request body has a number out of range: {text[:40]}")
+        raise _Invalid(f"has a number out of range: {text[:40]}")
     return value
-
-
-def _too_deep() -> ApiError:
-    return ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 def _bad_string_path(value: Any, depth: int) -> list | None:
@@ -147,7 +158,7 @@ def _bad_string_path(value: Any, depth: int) -> list | None:
     if not isinstance(value, (dict, list)):
         return None
     if depth > MAX_JSON_DEPTH:
-        raise _too_deep()
+        raise _Invalid(_TOO_DEEP)
     for key, item in value.items() if isinstance(value, dict) else enumerate(value):
         if isinstance(key, str) and not _is_unicode(key):
             return []  # the object holding the key: the key itself cannot be echoed

@@ -80,6 +80,19 @@ def test_deeply_nested_json_is_a_400(shared_daemon, route):
     assert_api_error(route, status, answer, words="nested")
 
 
+@pytest.mark.parametrize("arguments", ["[" * 100_000 + "]" * 100_000, '{"path": "\\ud800"}',
+                                       '{"path": NaN}'], ids=["deep", "lone-surrogate", "nan"])
+def test_tool_call_arguments_are_parsed_as_strictly_as_the_body(shared_daemon, arguments):
+    """OpenAI sends an assistant tool call's arguments as JSON text inside a string."""
+    call = {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": arguments}}
+    body = {"model": str(shared_daemon.model), "max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+    status, answer = send(shared_daemon, "/v1/chat/completions", json.dumps(body))
+    assert_api_error("/v1/chat/completions", status, answer)
+    assert answer["error"]["param"].startswith("messages[1].tool_calls[0].function.arguments")
+
+
 @pytest.mark.parametrize("route,name,value", [
     ("/v1/chat/completions", "temperature", "NaN"), ("/v1/chat/completions", "top_p", "NaN"),
     ("/v1/completions", "temperature", "Infinity"), ("/v1/completions", "top_p", "-Infinity"),

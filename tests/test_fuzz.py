@@ -161,6 +161,10 @@ def valid_body(path: str, model: str) -> dict:
         return {"model": model, "prompt": "hi", "max_tokens": 2}
     if path == "/cache/warm":
         return {"prompt": "hi"}
+    if path == "/v1/chat/completions":  # with a tool call, whose arguments are JSON text
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
     body = {"model": model, "messages": messages}
     return body if path.endswith("count_tokens") else dict(body, max_tokens=2)
 
@@ -172,6 +176,8 @@ def places(spec: dict, path: str) -> list[tuple]:
         fields.remove(("messages",))  # warming real prompts is slow; its parser is the chat one
     elif path != "/v1/completions":
         fields += [("messages", 0, "content"), ("messages", 0, "role"), ("messages", 0, "name")]
+    if path == "/v1/chat/completions":
+        fields += [("messages", 1, "tool_calls", 0, "function", "arguments")]
     return fields + [("unknown_field",)]
 
 
@@ -190,6 +196,8 @@ def test_hostile_values_in_any_field_never_crash_the_daemon(shared_daemon, spec,
     def check(case):
         place, value = case
         body = valid_body(path, str(shared_daemon.model))
+        if place[-1] == "arguments":
+            value = to_json(value)  # OpenAI's arguments are JSON text in a string
         put(body, place, value)
         status, text = post(shared_daemon, path, body)
         assert_api_answer(path, status, text, (place, str(value)[:80]))
