@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from aiohttp import web
+from jinja2 import TemplateError, TemplateSyntaxError
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -79,7 +80,13 @@ async def error_middleware(request: web.Request, handler):
         return error_response(request.path, ApiError(exc.status, exc.reason, type_=kind))
     except ConnectionResetError:
         raise  # the client is gone: there is no one to answer
-    except Exception:  # a bug: still answer in the API's shape, and log it loudly
+    except Exception as exc:
+        if isinstance(exc, TemplateError) and not isinstance(exc, TemplateSyntaxError):
+            # The model's chat template refuses these messages (its raise_exception), e.g.
+            # roles that do not alternate: the request's fault, in the template's words.
+            return error_response(request.path, ApiError(
+                400, f"the model's chat template cannot render these messages: {exc}", param="messages"))
+        # A bug: still answer in the API's shape, and log it loudly.
         log.exception("unhandled error on %s", request.path)
         return error_response(request.path, ApiError(500, "internal error (see the daemon log)",
                                                      type_="server_error"))

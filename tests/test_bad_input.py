@@ -175,3 +175,38 @@ def test_non_streaming_client_disconnect_cancels_generation(shared_daemon, refer
     assert text == reference.chat(messages, 8)
     after = _counters(shared_daemon)
     assert after.get("requests_cancelled", 0) == before.get("requests_cancelled", 0) + 1
+
+
+ALTERNATE = ("{%- for m in messages -%}{%- if loop.index0 > 0 and m.role == 'user' and "
+             "messages[loop.index0 - 1].role == 'user' -%}{{ raise_exception('Conversation roles "
+             "must alternate user/assistant/user/assistant/...') }}{%- endif -%}{%- endfor -%}")
+
+
+@pytest.fixture
+def strict_template_model(llama_model, tmp_path):
+    """The test model with a chat template that, like Llama's and Mistral's, refuses two user
+    turns in a row (the weights are linked, not copied)."""
+    model = tmp_path / "strict"
+    model.mkdir()
+    for path in llama_model.iterdir():
+        (model / path.name).symlink_to(path)
+    (model / "tokenizer_config.json").unlink()
+    config = json.loads((llama_model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ALTERNATE + config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_messages_the_chat_template_refuses_are_a_400(daemon_factory, strict_template_model):
+    daemon = daemon_factory(strict_template_model)
+    model = str(strict_template_model)
+    twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    for route, body in [("/v1/chat/completions", {"model": model, "messages": twice, "max_tokens": 2}),
+                        ("/v1/messages", {"model": model, "messages": twice, "max_tokens": 2}),
+                        ("/v1/messages/count_tokens", {"model": model, "messages": twice}),
+                        ("/cache/warm", {"messages": twice})]:
+        status, answer = send(daemon, route, json.dumps(body))
+        assert_api_error(route, status, answer, words="must alternate")
+    once = [{"role": "user", "content": "hi"}]
+    assert send(daemon, "/v1/chat/completions", json.dumps({"model": model, "messages": once,
+                                                            "max_tokens": 2}))[0] == 200
