@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
+    from . import server
     from .app import init_app
     from .auth import is_loopback
 
@@ -78,8 +77,7 @@ def serve(args: argparse.Namespace) -> int:
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")
-    web.run_app(init_app(config), host=config.host, port=config.port,
-                print=lambda msg: logging.getLogger("kvtier").info(msg))
+    server.run(init_app(config), config.host, config.port)
     return 0
 
 

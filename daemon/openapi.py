@@ -22,7 +22,7 @@ _SAMPLING = {
     "max_completion_tokens": {"type": "integer", "minimum": 1},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "seed": {"type": "integer"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
     "n": {"type": "integer", "enum": [1]},
     "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
     "stream": {"type": "boolean"},
@@ -36,6 +36,8 @@ _ANTHROPIC_MESSAGES = {"type": "object", "required": ["model", "messages", "max_
     "tools": {"type": "array", "items": {"type": "object"}},
     "stop_sequences": {"type": "array", "items": {"type": "string"}},
     "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 0},
+    "tool_choice": {"type": "object"}, "metadata": {"type": "object"},
     "stream": {"type": "boolean"}}}
 
 

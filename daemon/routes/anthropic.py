@@ -15,18 +15,17 @@ counting it under both names would double the prompt in clients that add the thr
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
 
-from ..errors import ApiError, field, json_body
+from ..errors import ApiError, anthropic_body, field, json_body
 from ..state import STATE, DaemonState
 from .openai import chunks_of
 from .tools import ToolCall, ToolCallBuffer
@@ -35,50 +34,9 @@ log = logging.getLogger("kvtier.anthropic")
 
 routes = web.RouteTableDef()
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
-                529: "overloaded_error"}
-
-
 # -- errors -----------------------------------------------------------------------------
-def error_body(status: int, message: str) -> dict:
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def error_response(error: ApiError) -> web.Response:
-    status = error.status
-    if error.code == "overloaded":  # the worker's queue is full: Anthropic's 529
-        status = 529
-    message = error.message
-    if error.param and error.param not in message:
-        message = f"{error.param}: {message}"
-    return web.json_response(error_body(status, message), status=status, headers=error.headers)
-
-
-def anthropic_errors(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """Turn every failure of an Anthropic route into Anthropic's error shape."""
-
-    @functools.wraps(handler)
-    async def wrapped(http: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(http)
-        except ApiError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error_response(ApiError(exc.status, exc.reason))
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception as exc:
-            log.exception("request failed")
-            return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
-
-    return wrapped
-
-
+# The error middleware (daemon/errors.py) answers every failure of these routes in
+# Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
@@ -373,7 +331,6 @@ def tool_use_block(call: ToolCall) -> dict:
 
 # -- routes -----------------------------------------------------------------------------
 @routes.post("/v1/messages")
-@anthropic_errors
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
@@ -434,7 +391,7 @@ async def stream_events(http: web.Request, generation: Generation, message: dict
                 piece = await anext(pieces, None)
         except Exception as exc:
             log.exception("generation failed mid-stream")
-            await send("error", error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
+            await send("error", anthropic_body(500, f"internal error: {type(exc).__name__}: {exc}"))
             await response.write_eof()
             return response
         if not text_open and not generation.calls:
@@ -463,7 +420,6 @@ async def stream_events(http: web.Request, generation: Generation, message: dict
 
 
 @routes.post("/v1/messages/count_tokens")
-@anthropic_errors
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
     body = await json_body(http)

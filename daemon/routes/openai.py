@@ -19,6 +19,8 @@ from .tools import ToolCallBuffer, check_openai_tools, split_tool_calls, templat
 
 routes = web.RouteTableDef()
 
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+
 
 # -- request parsing --------------------------------------------------------------------
 def message_text(content: object, index: int) -> str:
@@ -88,7 +90,7 @@ def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> Gener
         max_tokens=max_tokens,
         temperature=field(body, "temperature", float, 1.0, minimum=0, maximum=2),
         top_p=field(body, "top_p", float, 1.0, minimum=0, maximum=1),
-        seed=field(body, "seed", int, None),
+        seed=field(body, "seed", int, None, minimum=0, maximum=MAX_SEED),
         stop=parse_stop(body),
     )
 
