@@ -423,6 +423,7 @@ class TieredStore:
                 return
             indexed = self._write_files(writes)
             self.index.put_many(indexed)
+            self._make_room(0)  # the index file grew with them: back under the budget
         except (OSError, lmdb.Error) as exc:  # disk full, read-only, or the index cannot grow
             for entry in writes:  # none of them got indexed
                 self.files.remove(entry.key.hex())
