@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     if args.command == "warm":
         return _warm(args, cache_dir)
+    from kvtier.index import IndexDamaged
     from kvtier.ops import CacheDir
 
     try:
@@ -69,10 +70,17 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         return _fail(str(exc))
     if cache.damage and args.command != "verify":
-        return _fail(f"the index is damaged ({cache.damage}): run `kvtier verify --fix`")
+        return _damaged(cache.damage)
     with cache:
-        return {"stats": _stats, "ls": _ls, "purge": _purge, "verify": _verify,
-                "pin": _pin, "unpin": _pin}[args.command](args, cache)
+        try:
+            return {"stats": _stats, "ls": _ls, "purge": _purge, "verify": _verify,
+                    "pin": _pin, "unpin": _pin}[args.command](args, cache)
+        except IndexDamaged as exc:  # met while reading it
+            return _damaged(str(exc))
+
+
+def _damaged(reason: str) -> int:
+    return _fail(f"the index is damaged ({reason}): run `kvtier verify --fix`")
 
 
 def _fail(message: str) -> int:

@@ -275,10 +275,13 @@ def _int(raw: bytes | None) -> int:
 
 def open_or_replace(path: Path) -> "Index":
     """The index at `path`, fully checked; a damaged one is moved aside and replaced by an
-    empty one marked for a rebuild from the block files (the caller runs it)."""
+    empty one marked for a rebuild from the block files (the caller runs it). One another
+    process still uses is left alone: IndexDamaged."""
     try:
         return Index(path, walk=True)
     except IndexDamaged as exc:
+        if in_use(path):
+            raise
         reason = str(exc)
     aside = move_aside(path)
     log.error("%s: moved to %s; a fresh index is rebuilt from the block files", reason, aside)
