@@ -187,3 +187,45 @@ def test_daemon_serves_and_reuses_after_its_index_is_damaged(served_cache, tmp_p
         assert usage.model_extra["kvtier"]["disk_tokens"] > 0  # the rebuilt index found the files
     finally:
         daemon.stop(signal.SIGKILL)
+
+
+def test_rebuild_indexes_only_files_that_check_out(tmp_path):
+    """A file whose tensors were altered, or that predates files carrying their parent key,
+    is removed by the rebuild, never indexed: a rebuilt index cannot serve wrong KV."""
+    from kvtier.disk import encode_block
+
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS)
+    store.close()
+    flipped = store.files.path_for(refs[2].hex)
+    data = bytearray(flipped.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8:8 + header_len])["1.values.0"]["data_offsets"]
+    data[8 + header_len + begin + 5] ^= 0x10  # one bit of the KV, not of the tokens or header
+    flipped.write_bytes(bytes(data))
+    old_ref = block_refs(list(range(7000, 7000 + BLOCK)), BLOCK, "fp-test")[0]
+    old_style = {"key": old_ref.hex, "fingerprint": "fp-test", "kind": "kv"}  # no parent, depth, content
+    store.files.write(old_ref.hex, encode_block(arrays_for(0), np.arange(7000, 7000 + BLOCK), old_style))
+    damage(tmp_path / "index", "truncate")
+
+    store = make_store(tmp_path)
+    assert store._rebuilder.wait(30)
+    assert store._rebuilder.last.indexed == 3 and store._rebuilder.last.removed == 2
+    assert not flipped.exists() and not store.files.path_for(old_ref.hex).exists()
+    assert store.match(refs, TOKENS).sources == ["disk", "disk"]  # the chain stops at the altered block
+    store.close()
+
+
+def test_keys_derived_from_a_file_are_the_ones_blocks_py_gives():
+    from kvtier.blocks import root_key, snapshot_ref
+    from kvtier.reindex import derived_key
+
+    tokens = list(range(3 * BLOCK + 5))
+    refs = block_refs(tokens, BLOCK, "fp", partial_tail=True)  # three full blocks and a partial one
+    for ref in refs:
+        assert derived_key("kv", ref.parent, np.asarray(tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK])) == ref.key
+    for position in (BLOCK - 3, 2 * BLOCK, 3 * BLOCK + 5):
+        snap = snapshot_ref(refs, tokens, position, BLOCK, "fp")
+        after = np.asarray(tokens[snap.index * BLOCK:position])
+        assert derived_key("snap", snap.parent, after) == snap.key
+    assert snapshot_ref(refs, tokens, BLOCK - 3, BLOCK, "fp").parent == root_key("fp")
