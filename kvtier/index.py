@@ -362,9 +362,10 @@ class Index:
         if not isinstance(exc, DAMAGE_ERRORS):
             log.warning("index read failed (%s): treated as a miss", exc)
             return
-        if generation != self._generation or self.damage is not None:
-            return  # already known, or from the file a reset replaced
-        self.damage = f"{type(exc).__name__}: {exc}"
+        with self._reset_lock:  # two threads meeting it at once: one reset
+            if generation != self._generation or self.damage is not None:
+                return  # already known, or from the file a reset replaced
+            self.damage = f"{type(exc).__name__}: {exc}"
         log.error("the index %s is damaged (%s)", self.path, self.damage)
         if self.on_damage is not None:
             self.on_damage(self.damage)
