@@ -256,6 +256,7 @@ def repair_index(cache: CacheDir, reason: str) -> str:
     cache.index, cache._owns_index, cache.damage = Index(path), True, None
     cache.index.mark_rebuild(reason)
     report = rebuild(cache.index, cache.files)
+    cache.index.mark_rebuild(None)
     return (f"moved to {aside.name}, rebuilt from the block files: {report.indexed} entries, "
             f"{report.removed} files removed")
 

@@ -35,7 +35,8 @@ class RebuildReport:
 
 def rebuild(index: Index, files: BlockFiles, stop: threading.Event | None = None) -> RebuildReport:
     """Index every block file the index does not hold yet; remove those that fail a check.
-    Safe while the daemon writes: a key it indexed meanwhile is left as it is."""
+    Safe while the daemon writes: a key it indexed meanwhile is left as it is. The caller
+    clears the index's rebuild mark once no other pass is due."""
     report, batch = RebuildReport(), []
     for path in files.iter_files():
         if stop is not None and stop.is_set():
@@ -53,7 +54,6 @@ def rebuild(index: Index, files: BlockFiles, stop: threading.Event | None = None
             report.indexed += _index_missing(index, batch)
             batch = []
     report.indexed += _index_missing(index, batch)
-    index.mark_rebuild(None)
     return report
 
 
@@ -108,7 +108,7 @@ class Rebuilder:
 
     def __init__(self, index: Index, files: BlockFiles):
         self.index, self.files = index, files
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a reset met while holding it calls start()
         self._stop = threading.Event()
         self._again = self._active = False
         self._thread: threading.Thread | None = None
@@ -147,6 +147,9 @@ class Rebuilder:
                 self._again = False
             try:
                 self.last = rebuild(self.index, self.files, self._stop)
+                with self._lock:
+                    if not self._again and not self._stop.is_set():
+                        self.index.mark_rebuild(None)  # else a restart resumes it
                 log.info("index rebuilt from the block files: %d entries indexed, %d files removed",
                          self.last.indexed, self.last.removed)
             except IndexDamaged:

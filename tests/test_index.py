@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, Daemon, agent_messages
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
-from kvtier.index import Index
+from kvtier.index import Index, open_or_replace
 from kvtier.tiers import NewEntry, TieredStore
 from kvtier import ops
 
@@ -95,6 +95,19 @@ def test_store_rebuilds_a_damaged_index_from_the_files(tmp_path, how):
     assert store.stats()["disk"]["blocks"] == len(refs)
     store.close()
     assert len(list(tmp_path.glob("index.damaged-*"))) == 1
+
+
+def test_a_rebuild_cut_short_by_a_restart_resumes(tmp_path):
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS)
+    store.close()
+    damage(tmp_path / "index", "zero_meta")
+    open_or_replace(tmp_path / "index").close()  # moved aside, marked; killed before any rebuild
+    store = make_store(tmp_path)
+    assert store._rebuilder.wait(30)
+    assert_restored_exactly(store, refs, TOKENS)
+    assert store.index.rebuild_pending() is None
+    store.close()
 
 
 def test_damage_met_while_running_is_recovered_and_writes_resume(tmp_path):
