@@ -32,6 +32,17 @@ def checksum(payload: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(payload)
 
 
+def content_hash(tensors: dict[str, np.ndarray]) -> str:
+    """xxh3-128 of every tensor's name, dtype, shape and bytes, in name order: kept in the
+    file's metadata so a file can be checked without its index record (index rebuild)."""
+    hasher = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        hasher.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        hasher.update(array.reshape(-1).view(np.uint8))
+    return hasher.hexdigest()
+
+
 def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) -> bytes:
     tensors = {TOKENS_TENSOR: np.asarray(tokens, dtype=np.uint32)}
     dtypes = {}
@@ -40,7 +51,7 @@ def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) 
         # dtype is kept in the file's metadata.
         dtypes[name] = dtype_name(array.dtype)
         tensors[name] = np.array(host_view(array), copy=True)
-    metadata = dict(meta, dtypes=json.dumps(dtypes, sort_keys=True))
+    metadata = dict(meta, dtypes=json.dumps(dtypes, sort_keys=True), content=content_hash(tensors))
     return st_save(tensors, metadata=metadata)
 
 

@@ -12,27 +12,40 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .disk import BlockFiles, DamagedBlock, decode_block, key_of_path
-from .index import BlockRecord, Index, now_ms
+from .index import BlockRecord, Index, IndexDamaged, in_use, move_aside, now_ms
 
 # Files this young may be a running daemon's write in flight, not yet indexed.
 ORPHAN_GRACE_SECONDS = 60
 
 
+class IndexInUse(RuntimeError):
+    """A damaged index another process (a running daemon) still has open."""
+
+
 class CacheDir:
     """A cache directory's index and files. The daemon passes its own open index: LMDB
-    allows one open environment per file in a process."""
+    allows one open environment per file in a process. An index that fails its checks
+    (`walk`: the full one) is not opened: `damage` says why, and only `verify` proceeds."""
 
-    def __init__(self, path: Path, index: Index | None = None, files: BlockFiles | None = None):
+    def __init__(self, path: Path, index: Index | None = None, files: BlockFiles | None = None,
+                 walk: bool = False):
         self.path = Path(path).expanduser()
         if index is None and not (self.path / "index").exists():
             raise FileNotFoundError(f"no kvtier cache at {self.path}")
         self._owns_index = index is None
-        self.index = index or Index(self.path / "index")
+        self.damage: str | None = None
+        if index is None:
+            try:
+                index = Index(self.path / "index", walk=walk)
+            except IndexDamaged as exc:
+                self.damage = str(exc)
+        self.index = index
         self.files = files or BlockFiles(self.path / "blocks")
 
     def close(self) -> None:
-        if self._owns_index:
+        if self._owns_index and self.index is not None:
             self.index.close()
+            self.index = None
 
     def __enter__(self) -> "CacheDir":
         return self
@@ -207,14 +220,48 @@ def _shrink_to(cache: CacheDir, target: int) -> int:
 # -- verify -------------------------------------------------------------------------------
 @dataclass
 class Problem:
-    kind: str  # damaged, dangling, undecodable_record, orphan_file, temp_file, totals
+    kind: str  # index_damaged, damaged, dangling, undecodable_record, orphan_file, temp_file, totals
     key: str
     detail: str
 
 
 def verify(cache: CacheDir, fix: bool = False) -> list[Problem]:
-    """Check every record against its file (size, checksum, format, tokens), and every file
-    against the index. With `fix`, remove what is broken and recount the totals."""
+    """Check the index file itself, every record against its file (size, checksum, format,
+    tokens), and every file against the index. With `fix`, remove what is broken and
+    recount the totals; a damaged index is moved aside and rebuilt from the block files."""
+    damage = cache.damage
+    if damage is None:
+        try:
+            return _verify_entries(cache, fix)
+        except IndexDamaged as exc:
+            damage = str(exc)
+    problem = Problem("index_damaged", "", damage)
+    if fix:
+        problem.detail += "; " + repair_index(cache, damage)
+        return [problem, *_verify_entries(cache, fix)]
+    return [problem]
+
+
+def repair_index(cache: CacheDir, reason: str) -> str:
+    """Move the damaged index aside and rebuild it from the block files (every file that
+    checks out is indexed again, the others removed). Refused while a daemon has it open."""
+    from .reindex import rebuild
+
+    cache.close()
+    path = cache.path / "index"
+    if in_use(path):
+        raise IndexInUse(f"{path} is damaged but a running kvtier has it open: it replaces the "
+                         f"index itself when it meets the damage; or stop it and run this again")
+    aside = move_aside(path)
+    cache.index, cache._owns_index, cache.damage = Index(path), True, None
+    cache.index.mark_rebuild(reason)
+    report = rebuild(cache.index, cache.files)
+    cache.index.mark_rebuild(None)
+    return (f"moved to {aside.name}, rebuilt from the block files: {report.indexed} entries, "
+            f"{report.removed} files removed")
+
+
+def _verify_entries(cache: CacheDir, fix: bool) -> list[Problem]:
     problems: list[Problem] = []
     indexed = set()
     for key, record in cache.index.items():

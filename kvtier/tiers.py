@@ -20,10 +20,11 @@ import xxhash
 from .blocks import BlockRef, encode_tokens, root_key
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, encode_block, parse_block, to_mlx
-from .index import BlockRecord, Index, now_ms
+from .index import BlockRecord, Index, now_ms, open_or_replace
 from .kvstate import BlockArrays, CachePlan, Layout, Snapshot, matches_layout, nbytes, \
     snapshot_matches
 from .ram import HotBlock, RamTier
+from .reindex import Rebuilder
 from .writer import DiskWriter, Entry, WriteJob
 
 log = logging.getLogger("kvtier.tiers")
@@ -162,6 +163,11 @@ class TieredStore:
         self.disk_error: str | None = None  # last disk failure, cleared by a good write
         self._scratch: Path | None = None  # set when the cache directory cannot be used
         self.index, self.files = self._open_disk(config.cache_dir)
+        self.index.on_damage = self._index_damaged
+        self._rebuilder = Rebuilder(self.index, self.files)
+        if self.index.rebuild_pending():
+            self.count("index_rebuilds")
+            self._rebuilder.start()
         self._retry_unpersisted = False
         self.writer = DiskWriter(self._write_then_release, config.write_queue_bytes)
         # Reads files ahead of the restore loop: disk I/O overlaps decoding earlier blocks.
@@ -170,10 +176,11 @@ class TieredStore:
     def _open_disk(self, cache_dir: Path) -> tuple[Index, BlockFiles]:
         """The cache directory's index and files; when it cannot be used (no permission, a
         read-only or full disk), an empty private index in a temporary directory, and the
-        disk tier off: the daemon still serves, from RAM, and says why in its stats."""
+        disk tier off: the daemon still serves, from RAM, and says why in its stats. A
+        damaged index is replaced by an empty one, refilled from the files (`Rebuilder`)."""
         try:
             cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return Index(cache_dir / "index"), BlockFiles(cache_dir / "blocks")
+            return open_or_replace(cache_dir / "index"), BlockFiles(cache_dir / "blocks")
         except (OSError, lmdb.Error) as exc:
             self.count("disk_write_errors")
             self.disk_error = _error_text(exc)
@@ -181,6 +188,17 @@ class TieredStore:
                       "to disk", cache_dir, self.disk_error)
             self._scratch = Path(tempfile.mkdtemp(prefix="kvtier-ram-only-"))
             return Index(self._scratch / "index"), BlockFiles(self._scratch / "blocks")
+
+    def _index_damaged(self, reason: str) -> None:
+        """The index met damage at run time (in whichever thread): go on with a fresh one,
+        refilled from the block files in the background; this access was a miss."""
+        self.count("index_rebuilds")
+        try:
+            self.index.reset(reason)
+        except (OSError, lmdb.Error) as exc:
+            self._disk_failed(exc)
+            return
+        self._rebuilder.start()
 
     @property
     def disk_enabled(self) -> bool:
@@ -404,7 +422,9 @@ class TieredStore:
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
         for block in blocks:
-            meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind}
+            # Parent and depth too: the index can be rebuilt from the files alone.
+            meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind,
+                    "parent": block.parent.hex(), "depth": str(block.index)}
             if block.skeleton:
                 meta["skeleton"] = block.skeleton
             entries.append(Entry(block.key, encode_block(block.arrays, block.tokens, meta), block))
@@ -446,6 +466,7 @@ class TieredStore:
                 return
             indexed = self._write_files(writes)
             self.index.put_many(indexed)
+            self._make_room(0)  # the index file grew with them: back under the budget
         except (OSError, lmdb.Error) as exc:  # disk full, read-only, or the index cannot grow
             for entry in writes:  # none of them got indexed
                 self.files.remove(entry.key.hex())
@@ -529,6 +550,7 @@ class TieredStore:
         self.flush()
         self.writer.close()
         self._readers.shutdown(wait=True)
+        self._rebuilder.stop()
         self.index.close()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -543,6 +565,7 @@ class TieredStore:
             "disk": {"blocks": disk_blocks, "bytes": disk_bytes,
                      "index_bytes": self.index.disk_usage(), "budget": self.config.disk_budget,
                      "writable": self.disk_error is None, "error": self.disk_error,
+                     "index_rebuilding": self._rebuilder.running,
                      "queued_jobs": queued_jobs, "queued_bytes": queued_bytes},
             "block_size": self.config.block_size,
             "counters": counters,
