@@ -128,30 +128,44 @@ def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_mode
 
 
 def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
-    """The block directory becomes read-only under a running daemon (a read-only bind mount
-    over it), then writable again."""
+    """The cache directory becomes read-only under a running daemon (a read-only bind mount
+    over it, its block subdirectories already there, as in a well-used cache), then writable
+    again: the failure is reported while it lasts and clears by itself."""
     daemon = daemon_factory(llama_model)
-    blocks = daemon.cache_dir / "blocks"
-    if subprocess.run(["mount", "--bind", str(blocks), str(blocks)], capture_output=True).returncode:
+    cache = daemon.cache_dir
+    for byte in range(256):
+        (cache / "blocks" / f"{byte:02x}").mkdir(exist_ok=True, mode=0o700)
+    if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode:
         pytest.skip("cannot bind-mount here (needs root)")
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(blocks)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
         messages = agent_messages("read-only")
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
         health = _wait_for(daemon, lambda h: not h["disk_writable"])
         assert "Read-only" in health["disk_error"]
         text, usage = ask(daemon, messages)  # served from RAM
         assert text == reference.chat(messages, MAX_TOKENS) and usage.prompt_tokens_details.cached_tokens > 0
+        stats = daemon.get("/cache/stats")
+        assert stats["counters"]["disk_write_errors"] > 0 and stats["disk"]["blocks"] == 0
+        assert not daemon.get("/health")["disk_writable"]  # still, not just once
     finally:
-        subprocess.run(["umount", str(blocks)], check=True)
+        subprocess.run(["umount", str(cache)], check=True)
+    _wait_for(daemon, lambda h: h["disk_writable"])  # no request needed to notice
     other = agent_messages("writable-again")
     assert ask(daemon, other)[0] == reference.chat(other, MAX_TOKENS)
-    _wait_for(daemon, lambda h: h["disk_writable"])
+    daemon.restart()  # what failed before was written once the disk took writes again
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
-def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path):
+def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path,
+                                                          monkeypatch):
     """The cache path is taken by a file: the daemon loads anyway, serves exact answers from
-    RAM, and its health and stats say the disk tier is off and why."""
+    RAM, and its health and stats say the disk tier is off and why. Its scratch index does
+    not outlive it, even killed with -9."""
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch_root))
     cache_path = tmp_path / "taken"
     cache_path.write_text("not a directory")
     daemon = daemon_factory(llama_model, cache_dir=cache_path)
@@ -164,3 +178,8 @@ def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama
     assert usage.model_extra["kvtier"]["ram_tokens"] > 0
     assert daemon.get("/cache/stats")["disk"]["blocks"] == 0
     assert cache_path.read_text() == "not a directory"
+    killed = list(scratch_root.glob("kvtier-ram-only-*"))
+    assert len(killed) == 1
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    assert not killed[0].exists() and len(list(scratch_root.glob("kvtier-ram-only-*"))) == 1
