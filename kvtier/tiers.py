@@ -456,8 +456,15 @@ class TieredStore:
             except (OSError, lmdb.Error) as exc:  # read-only, no permission, or still no space
                 self._disk_failed(exc)
                 return
-        if indexed is None:
-            return
+            if indexed is None:
+                return
+            self._written(job, indexed)
+            try:
+                self._trim()  # the directories and the index grew too
+            except (OSError, lmdb.Error) as exc:
+                self._disk_failed(exc)
+
+    def _written(self, job: WriteJob, indexed: list[tuple[bytes, BlockRecord, bytes]]) -> None:
         if self._write_error is not None:
             self._write_error = None
             log.info("the disk tier accepts writes again")
@@ -465,7 +472,7 @@ class TieredStore:
             self._writes_failed = False
             self._retry_unpersisted = True  # the disk takes writes again: write what failed before
         self._remove_strays()
-        self.count("disk_writes", len(writes))
+        self.count("disk_writes", len(indexed))
         self.count("disk_bytes_written", sum(r.nbytes for _, r, _ in indexed))
         for entry in job.entries:
             if entry.block is not None:
@@ -483,7 +490,6 @@ class TieredStore:
             try:
                 indexed = self._write_files(writes)
                 self.index.put_many(indexed)
-                self._trim()  # the directories and the index grew too
                 return indexed
             except (OSError, lmdb.Error) as exc:
                 for entry in writes:  # none of them got indexed
@@ -539,11 +545,15 @@ class TieredStore:
     def _make_room(self, nbytes: int) -> bool:
         """Evict least recently used entries (any model) until `nbytes` more fit the budget,
         or what the disk can hold when that is less (the disk is then full)."""
-        capacity = self.space.capacity(self.disk_used())
-        if self.disk_used() + nbytes > capacity and capacity < self.config.disk_budget:
+        self._remove_strays()
+        used = self.disk_used()
+        capacity = self.space.capacity(used)
+        if used + nbytes > capacity and capacity < self.config.disk_budget:
             self.space.mark_full(f"{format_size(nbytes)} to write, room for {format_size(max(capacity, 0))} of cache")
-        if self._evict_while(lambda: self.disk_used() + nbytes > capacity):
+        evictable = self.index.allocated() or 0
+        if used - evictable + nbytes <= capacity and self._evict_while(lambda: self.disk_used() + nbytes > capacity):
             return True
+        # Not even an empty cache would hold it: nothing is evicted in vain.
         self._skipped(nbytes, disk_full=capacity < self.config.disk_budget)
         return False
 
@@ -638,16 +648,17 @@ class TieredStore:
 
     def _sweep(self, subdir: Path) -> int:
         try:
-            names = os.listdir(subdir)
+            with os.scandir(subdir) as listing:
+                files = [entry for entry in listing if entry.is_file(follow_symlinks=False)]
         except OSError:
             return 0
-        keys = {name: _key_bytes(name) for name in names}
+        keys = {entry.name: _key_bytes(entry.name) for entry in files}
         indexed = self.index.has_many([k for k in keys.values() if k is not None])
         removed = 0
-        for name, key in keys.items():
-            if key in indexed:
+        for entry in files:
+            if keys[entry.name] in indexed:
                 continue
-            path = subdir / name
+            path = Path(entry.path)
             try:
                 if path.lstat().st_mtime >= self._started_at:
                     continue  # not a leftover: someone is writing it now

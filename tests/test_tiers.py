@@ -378,3 +378,37 @@ def test_an_index_from_before_allocated_sizes_is_counted_and_recounted(tmp_path)
     assert store.swept.wait(30)
     assert store.index.allocated() == sum(-(-size // 4096) * 4096 for size in sizes)
     store.close()
+
+
+def test_read_only_blocks_fail_visibly_count_what_they_keep_and_recover(tmp_path):
+    """Under a read-only bind mount, a write that must evict first removes the record but
+    cannot remove the file: the failure is reported (not hidden by the cleanup's own error),
+    the file stays counted in the budget, and once writable the report clears by itself and
+    the file goes."""
+    store = make_store(tmp_path / "cache")
+    long_chain(store, 1, blocks=12)
+    store.close()
+    for byte in range(256):  # a well-used cache: the new blocks' subdirectories are there
+        (store.files.root / f"{byte:02x}").mkdir(exist_ok=True)
+    store = make_store(tmp_path / "cache", disk_budget=du(tmp_path / "cache") + 16384)  # a chain must evict
+    blocks = store.files.root
+    if subprocess.run(["mount", "--bind", str(blocks), str(blocks)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(blocks)], check=True)
+        refs, tokens = long_chain(store, 2, blocks=3)
+        assert "Read-only" in store.disk_error and store.counters["disk_write_errors"] > 0
+        assert store.disk_used() == du(tmp_path / "cache")  # the evicted file is still counted
+        assert store.match(refs, tokens).sources == ["ram"] * 3
+    finally:
+        subprocess.run(["umount", str(blocks)], check=True)
+    deadline = time.time() + 30
+    while store.disk_error is not None and time.time() < deadline:
+        time.sleep(0.1)  # the disk is retried every few seconds
+    assert store.disk_error is None
+    store.flush()  # what failed is written now
+    assert store.disk_used() == du(tmp_path / "cache") <= store.config.disk_budget
+    assert len(list(store.files.iter_files())) == store.index.totals()[1]  # no stray file left
+    store.ram.clear()
+    assert store.match(refs, tokens).sources == ["disk"] * 3
+    store.close()
