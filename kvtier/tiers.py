@@ -677,7 +677,8 @@ class TieredStore:
         except (OSError, lmdb.Error) as exc:
             if not is_no_space(exc):
                 self._write_error = _error_text(exc)
-            return
+                return
+            self.space.mark_full(_error_text(exc))  # writable again, but full: reported as such
         log.info("the disk tier accepts writes again")
         self._write_error = None
         self._retry_unpersisted = True
