@@ -83,15 +83,29 @@ def test_garbage_index_entry_is_a_miss_and_verify_repairs_it(daemon, reference):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A real 24 MB filesystem (tmpfs) for the cache: it can be filled and remounted read-only."""
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+def tmpfs(tmp_path):
+    """Mount real filesystems (tmpfs) of a given size: they fill up, and can be resized or
+    remounted read-only (needs root, as CI has)."""
+    mounted = []
+
+    def mount(size: str):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmpfs):
+    """A real 24 MB filesystem for the cache."""
+    return tmpfs("24m")
 
 
 def _wait_for(daemon, predicate, timeout=30.0) -> dict:
@@ -125,6 +139,47 @@ def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_mode
     text, usage = ask(daemon, first)
     assert text == reference.chat(first, MAX_TOKENS)
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
+def _writes_done(daemon) -> dict:
+    return _wait_for_stats(daemon, lambda s: s["disk"]["queued_jobs"] == 0)
+
+
+def _wait_for_stats(daemon, predicate, timeout=30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = daemon.get("/cache/stats")
+        if predicate(stats):
+            return stats
+        time.sleep(0.2)
+    raise AssertionError(f"condition not reached: {stats['disk']}")
+
+
+def test_disk_smaller_than_the_budget_evicts_and_says_full_steadily(daemon_factory, llama_model, reference,
+                                                                    tmpfs):
+    """An 8 MB filesystem under a 1 GB budget: once the cache has filled it, the oldest
+    entries are evicted to make room, and "disk full" is reported on every look until the
+    filesystem grows; then it clears by itself, and the newest conversation is on disk."""
+    point = tmpfs("8m")
+    daemon = daemon_factory(llama_model, "--disk-budget", "1GB", cache_dir=point / "cache")
+    reports = []
+    for i in range(5):  # ~2.5 MB of blocks each
+        messages = agent_messages(f"small-disk-{i}")
+        assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+        _writes_done(daemon)
+        reports += [daemon.get("/health") for _ in range(3)]
+    first_full = next(i for i, health in enumerate(reports) if not health["disk_writable"])
+    assert first_full < len(reports) - 3
+    assert all(not h["disk_writable"] and h["disk_error"].startswith("disk full") for h in reports[first_full:])
+    stats = daemon.get("/cache/stats")
+    assert stats["disk"]["full"] and stats["counters"]["disk_evictions"] > 0
+    assert stats["counters"].get("disk_write_errors", 0) == 0  # room was made before writing
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(point)], check=True)
+    _wait_for(daemon, lambda h: h["disk_writable"])  # no request needed to notice
+    daemon.restart()
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
 def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
