@@ -168,12 +168,13 @@ def test_disk_smaller_than_the_budget_evicts_and_says_full_steadily(daemon_facto
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
         _writes_done(daemon)
         reports += [daemon.get("/health") for _ in range(3)]
+    stats = daemon.get("/cache/stats")
+    assert stats["counters"].get("disk_evictions", 0) > 0 and stats["disk"]["full"]
+    assert stats["counters"].get("disk_write_errors", 0) == 0  # room was made before writing
     first_full = next(i for i, health in enumerate(reports) if not health["disk_writable"])
     assert first_full < len(reports) - 3
-    assert all(not h["disk_writable"] and h["disk_error"].startswith("disk full") for h in reports[first_full:])
-    stats = daemon.get("/cache/stats")
-    assert stats["disk"]["full"] and stats["counters"]["disk_evictions"] > 0
-    assert stats["counters"].get("disk_write_errors", 0) == 0  # room was made before writing
+    assert [h["disk_writable"] for h in reports[first_full:]] == [False] * (len(reports) - first_full)  # steady
+    assert all(h["disk_error"].startswith("disk full") for h in reports[first_full:])
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(point)], check=True)
     _wait_for(daemon, lambda h: h["disk_writable"])  # no request needed to notice
