@@ -212,7 +212,10 @@ class TieredStore:
         full); None when it does. Re-checked on each call, so it clears by itself."""
         if self._write_error is not None or not self.disk_enabled:
             return self._write_error
-        return self.space.full_message(self.disk_used())
+        try:
+            return self.space.full_message(self.disk_used())
+        except OSError as exc:  # the cache directory itself is gone
+            return _error_text(exc)
 
     @property
     def disk_enabled(self) -> bool:
