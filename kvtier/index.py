@@ -11,6 +11,8 @@ Sub-databases:
   children parent(16 B) + key(16 B)      -> kind (1 B: k or s) + the child's tokens (uint32 LE)
   models  fingerprint                    -> JSON description
   meta    b"bytes" / b"count"            -> totals kept in the same transactions
+          b"allocated"                   -> total allocated bytes (absent in an index made
+                                            before it existed, until `recount`)
           b"counters:" + fingerprint     -> JSON request counters, so stats survive restarts
 """
 
@@ -56,13 +58,18 @@ class BlockRecord:
     fingerprint: str  # model fingerprint the block belongs to
     depth: int  # index of the block in its chain
     num_tokens: int
-    nbytes: int  # file size on disk
+    nbytes: int  # file size (what a read must find)
     checksum: str  # xxh3-128 of the whole file
     tokens_hash: str  # xxh64 of the tokens: an independent check of a key match
     access_ms: int
     created_ms: int
     pinned: bool = False
     kind: str = "kv"  # or "snap": a snapshot of the non-sliceable layers at a boundary
+    allocated: int = 0  # bytes the filesystem allocates for the file (st_blocks * 512)
+
+    def __post_init__(self) -> None:
+        if not self.allocated:  # a record written before this field existed
+            self.allocated = allocated_estimate(self.nbytes)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -87,6 +94,11 @@ def _json_or_none(raw: bytes | None):
         return json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def allocated_estimate(nbytes: int, block: int = 4096) -> int:
+    """What a file of `nbytes` most likely occupies: whole filesystem blocks."""
+    return -(-nbytes // block) * block
 
 
 def now_ms() -> int:
@@ -425,6 +437,18 @@ class Index:
         with self.env.begin(db=self._meta) as txn:
             return (_int(txn.get(b"bytes")), _int(txn.get(b"count")))
 
+    def allocated(self) -> int | None:
+        """Bytes the filesystem allocates for every indexed file; None until an index from
+        before this total has been recounted."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"allocated")
+        return None if raw is None else int(raw)
+
+    def has_many(self, keys: list[bytes]) -> set[bytes]:
+        """Those of `keys` that have a record (readable or not)."""
+        with self.env.begin(db=self._blocks) as txn:
+            return {key for key in keys if txn.get(key) is not None}
+
     def items(self) -> Iterator[tuple[bytes, BlockRecord | None]]:
         """Every (key, record); None for a record that cannot be decoded. Raises
         IndexDamaged when the walk meets a damaged page (a partial list is not the list)."""
@@ -485,7 +509,7 @@ class Index:
                 txn.put(_lru_key(record, key), b"", db=self._lru)
                 txn.put(bytes.fromhex(record.parent) + key, record.kind[:1].encode() + tokens,
                         db=self._children)
-                self._add_totals(txn, record.nbytes, 1)
+                self._add_totals(txn, record.nbytes, 1, record.allocated)
 
     @_writes
     def add_counters(self, fingerprint: str, deltas: dict[str, int]) -> None:
@@ -511,15 +535,16 @@ class Index:
     def recount(self) -> tuple[int, int]:
         """Recompute the totals from the records (after a repair); returns (bytes, blocks)."""
         with self.env.begin(write=True) as txn:
-            total = count = 0
+            total = count = allocated = 0
             for _, raw in txn.cursor(db=self._blocks):
                 try:
-                    total += BlockRecord.decode(raw).nbytes
-                    count += 1
+                    record = BlockRecord.decode(raw)
                 except (ValueError, TypeError):
-                    pass
+                    continue
+                total, count, allocated = total + record.nbytes, count + 1, allocated + record.allocated
             txn.put(b"bytes", str(total).encode(), db=self._meta)
             txn.put(b"count", str(count).encode(), db=self._meta)
+            txn.put(b"allocated", str(allocated).encode(), db=self._meta)
         return total, count
 
     @_writes
@@ -571,13 +596,17 @@ class Index:
         txn.delete(key, db=self._blocks)
         txn.delete(_lru_key(record, key), db=self._lru)
         txn.delete(bytes.fromhex(record.parent) + key, db=self._children)
-        self._add_totals(txn, -record.nbytes, -1)
+        self._add_totals(txn, -record.nbytes, -1, -record.allocated)
 
-    def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int) -> None:
+    def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int, allocated: int) -> None:
+        old_count = _int(txn.get(b"count", db=self._meta))
         total = _int(txn.get(b"bytes", db=self._meta)) + nbytes
-        blocks = _int(txn.get(b"count", db=self._meta)) + count
         txn.put(b"bytes", str(max(total, 0)).encode(), db=self._meta)
-        txn.put(b"count", str(max(blocks, 0)).encode(), db=self._meta)
+        txn.put(b"count", str(max(old_count + count, 0)).encode(), db=self._meta)
+        old_allocated = txn.get(b"allocated", db=self._meta)
+        if old_allocated is not None or old_count == 0:  # else it waits for a recount
+            new_allocated = int(old_allocated or 0) + allocated
+            txn.put(b"allocated", str(max(new_allocated, 0)).encode(), db=self._meta)
 
     def disk_usage(self) -> int:
         """Bytes the index files themselves occupy on disk (LMDB files are sparse)."""
