@@ -1,8 +1,8 @@
 """The one thread that owns MLX: loads the engine, then runs generation jobs one at a time.
 
 HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
-away sets the job's cancel flag, and the worker moves on to the next job. Nothing else in
-the daemon calls into MLX: other threads hand their MLX work to `call` / `call_soon`.
+away sets the job's cancel flag, and the worker moves on to the next job. No other thread in
+the daemon evaluates MLX arrays: they hand such work to `call` / `call_soon`.
 """
 
 from __future__ import annotations
