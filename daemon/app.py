@@ -47,7 +47,11 @@ def init_app(config: ServeConfig) -> web.Application:
 
 
 async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
-    """Load the model in the background; on shutdown flush every block to disk."""
+    """Load the model in the background; on shutdown flush every block to disk.
+
+    Shutdown waits for each thread to end: the watcher first (it queues work for the MLX
+    thread), then the MLX thread, which writes every queued block and frees its MLX state.
+    """
     state = app[STATE]
     state.worker.start()
     watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
@@ -56,3 +60,4 @@ async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     log.info("shutting down: flushing cached blocks to disk")
     watcher.stop()
     await asyncio.to_thread(state.worker.stop)
+    log.info("shutdown complete")

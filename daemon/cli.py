@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-group-size", type=int, default=64)
     serve.add_argument("--max-tokens", type=int, default=512,
                        help="completion length when a request gives none (default: 512)")
+    serve.add_argument("--max-context", type=service.positive_int, default=None,
+                       help="tokens a request may span, prompt and completion (default: the limit "
+                            "the model's config.json declares; none if it declares none)")
     serve.add_argument("--pressure-below", type=_size, default=None,
                        help="spill hot KV to disk when available memory falls below this "
                             "(default: a tenth of physical memory)")
@@ -69,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,
                          max_tokens_default=args.max_tokens, pressure_keep=args.pressure_keep,
-                         cache=cache)
+                         max_context=args.max_context, cache=cache)
     if args.pressure_below is not None:
         config.pressure_below = args.pressure_below
     config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None

@@ -29,6 +29,11 @@ class DaemonState:
                            headers={"Retry-After": "5"})
         return self.worker.engine
 
+    def context_limit(self) -> int | None:
+        """Tokens a request may span, prompt and completion: `--max-context`, else what the
+        model's own config declares; None when neither sets one (Mamba2: no position limit)."""
+        return self.config.max_context or self.engine().context_length
+
     def model_id(self) -> str:
         return self.config.model
 

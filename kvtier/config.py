@@ -111,4 +111,5 @@ class ServeConfig:
     pressure_keep: float = 0.25  # fraction of the RAM budget kept hot after a spill
     api_key: str | None = None  # required on every route when set
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
+    max_context: int | None = None  # tokens per request (prompt + completion); None: the model's
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -9,6 +9,7 @@ Everything in this module runs on the single thread that owns MLX.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 import threading
@@ -73,6 +74,30 @@ class Chunk:
     stop_sequence: str | None = None  # which of the request's stop strings ended it
 
 
+# Keys model configs use for the longest sequence the model takes, most common first:
+# max_position_embeddings (most mlx-lm models), n_positions and n_ctx (gpt2, gpt_bigcode,
+# gptj), max_seq_len (dbrx, mpt), seq_length (qwen v1, chatglm), model_max_length
+# (kimi_linear). Mamba2 configs have none: the architecture has no position limit.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length",
+                "model_max_length")
+
+
+def declared_context_length(config: dict) -> int | None:
+    """The context limit a model's config.json declares, or None when it declares none.
+
+    Read from the file, not from mlx-lm's ModelArgs: those fill a missing key with a
+    dataclass default (Mamba2's 2,056) that is no property of the model. Multimodal
+    configs keep the language model's settings in `text_config`, which comes first."""
+    for section in (config.get("text_config"), config):
+        if not isinstance(section, dict):
+            continue
+        for key in CONTEXT_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def resolve_model_path(model: str) -> Path:
     """A local directory, or a repo id already in the local Hugging Face cache (no download)."""
     path = Path(model).expanduser()
@@ -88,6 +113,8 @@ class Engine:
         self.model_path = resolve_model_path(model)
         self.model_name = model
         self.model, self.tokenizer = mlx_load(str(self.model_path))
+        config = json.loads((self.model_path / "config.json").read_text())
+        self.context_length = declared_context_length(config)  # None: no limit declared
         self.prefill_step_size = prefill_step_size
         self.block_size = cache_config.block_size
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
@@ -121,11 +148,6 @@ class Engine:
     @property
     def reusable(self) -> bool:
         return self.plan is not None
-
-    @property
-    def context_length(self) -> int | None:
-        args = getattr(self.model, "args", None)
-        return getattr(args, "max_position_embeddings", None)
 
     # -- tokenization ------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -261,7 +261,7 @@ def generation_request(body: dict, state: DaemonState, tokens: list[int],
     top_p = field(body, "top_p", float, 1.0, minimum=0, maximum=1)
     field(body, "top_k", int, None, minimum=0)  # accepted; the sampler has no top-k
     field(body, "metadata", dict, None)
-    limit = state.engine().context_length
+    limit = state.context_limit()
     if limit and len(tokens) >= limit:
         raise bad(f"prompt is too long: {len(tokens)} tokens > {limit - 1} maximum "
                   f"(this model's context is {limit} tokens)")

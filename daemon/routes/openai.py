@@ -76,7 +76,7 @@ def parse_stop(body: dict) -> list[str]:
 def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> GenerationRequest:
     if field(body, "n", int, 1, minimum=1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    limit = state.engine().context_length
+    limit = state.context_limit()
     max_tokens = field(body, "max_completion_tokens", int, None, minimum=1)
     max_tokens = field(body, "max_tokens", int, max_tokens, minimum=1)
     if max_tokens is None:
