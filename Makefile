@@ -15,12 +15,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: system-deps $(VENV)/.installed
 
-# Best effort: Debian's OpenBLAS on Linux when we may install packages; harmless elsewhere.
+# Best effort: Debian's OpenBLAS and redis-server on Linux when we may install packages; harmless elsewhere.
 system-deps:
 	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 \
 	   && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	   (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1 \
 	   || echo "note: could not install libopenblas0-pthread; MLX will use its slow bundled BLAS"; fi
+	@# redis-server for the shared tier's tests (tests/test_shared.py skips without it).
+	@if [ "$$(uname -s)" = Linux ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null \
+	   && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 \
+	   || echo "note: could not install redis-server; the shared-tier tests will be skipped"; fi
 
 test: install
 	$(BLAS) $(PY) -m pytest -q

@@ -9,12 +9,19 @@ import sys
 
 from . import cli_cache, service
 from kvtier.config import DEFAULT_DISK_BUDGET, CacheConfig, ServeConfig, default_cache_dir, \
-    default_ram_budget, parse_size
+    default_ram_budget, parse_duration, parse_size
 
 
 def _size(text: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -54,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "needed to bind a non-loopback address")
     serve.add_argument("--max-waiting", type=int, default=32,
                        help="requests queued before the daemon answers 503 (default: 32)")
+    serve.add_argument("--shared", default=None, metavar="URL",
+                       help="a team's shared tier on Redis/Valkey: redis://host:6379/0, rediss:// for "
+                            "TLS; the password in the URL or KVTIER_SHARED_PASSWORD")
+    serve.add_argument("--shared-ttl", type=_duration, default=None,
+                       help="how long a shared entry lives (e.g. 7d; default: until the store evicts it)")
     serve.add_argument("--log-level", default="info")
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
@@ -67,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
-                        kv_group_size=args.kv_group_size,
+                        kv_group_size=args.kv_group_size, shared_url=args.shared, shared_ttl=args.shared_ttl,
                         **{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,

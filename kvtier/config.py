@@ -84,6 +84,8 @@ class CacheConfig:
     snapshot_every_blocks: int = 16
     kv_bits: int | None = None  # quantize the KV cache (4 or 8 bits); None keeps the model dtype
     kv_group_size: int = 64
+    shared_url: str | None = None  # redis:// or rediss:// of a team's shared tier (shared.py)
+    shared_ttl: float | None = None  # seconds a shared entry lives; None: until the store evicts it
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()

@@ -51,13 +51,14 @@ class Usage:
     completion_tokens: int = 0
     ram_tokens: int = 0
     disk_tokens: int = 0
+    shared_tokens: int = 0  # read from the team's shared store (then kept locally)
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
 
     @property
     def cached_tokens(self) -> int:
-        return self.ram_tokens + self.disk_tokens
+        return self.ram_tokens + self.disk_tokens + self.shared_tokens
 
     @property
     def computed_tokens(self) -> int:
@@ -248,6 +249,7 @@ class Engine:
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
             left -= n
         deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
+                  "tokens_from_shared": usage.shared_tokens,
                   "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
         for name, value in deltas.items():
             self.store.count(name, value)
@@ -335,14 +337,14 @@ class Engine:
         yield Chunk(tail, finish, usage, stops.matched)
 
     def _promote_restored(self, prompt_cache: list[Any], match: Match, reuse: int) -> None:
-        """Blocks read from disk become hot, cut from the cache they were copied into; only
-        those wholly before `reuse` (the cache holds computed tokens after it)."""
+        """Blocks read from disk or the shared store become hot, cut from the cache they were
+        copied into; only those wholly before `reuse` (the cache holds computed tokens after it)."""
         size, entries = self.block_size, []
         for h in match.hits:
             start = h.ref.index * size
-            if h.source == "disk" and h.usable == size and start + size <= reuse:
+            if h.source != "ram" and h.usable == size and start + size <= reuse:
                 entries.append(NewEntry(h.ref, h.tokens, kvstate.slice_block(prompt_cache, self.plan, start,
-                                                                             start + size)))
+                                                                             start + size), source=h.source))
         self.store.promote(entries)
 
     def _store_new(self, sequence: list[int], prompt_cache: list[Any], first_new: int,

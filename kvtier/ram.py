@@ -31,10 +31,15 @@ class HotBlock:
     kind: str = "kv"
     skeleton: str | None = None  # a snapshot's state layout (see kvstate.Snapshot)
     persisted: bool = False  # True once the disk tier holds it (or it came from there)
+    shared: bool = False  # True when it came from the shared tier: not uploaded again
     writes: int = 0  # queued disk writes of it: RAM keeps it until they are done
 
 
 class RamTier:
+    """The hot tier (tier.Tier): entries are HotBlocks."""
+
+    name = "ram"
+
     def __init__(self, budget: int):
         self.budget = budget
         self._blocks: OrderedDict[bytes, HotBlock] = OrderedDict()
@@ -50,6 +55,20 @@ class RamTier:
         with self._lock:
             return [b for b in (self._blocks[k] for k in self._children.get(parent, ()))
                     if b.kind == kind]
+
+    def lookup(self, keys: list[bytes]) -> dict[bytes, int]:
+        with self._lock:
+            return {k: self._blocks[k].nbytes for k in keys if k in self._blocks}
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._blocks)
+
+    def stats(self) -> dict:
+        return self.usage()
+
+    def close(self) -> None:
+        self.clear()
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:

@@ -1,5 +1,5 @@
-"""The one place that moves blocks and snapshots between RAM and disk: match, restore,
-store, spill, flush."""
+"""The policy over the tiers: which tier to ask (RAM, then disk, then the shared store),
+what to promote, what to write and evict: match, restore, store, spill, flush."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import numpy as np
 import xxhash
 
 from .blocks import BlockRef, encode_tokens, root_key
+from .shared import SharedTier, Upload, decode_value, encode_value
 from .config import CacheConfig, format_size
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, encode_block, key_of_path, parse_block, \
     to_mlx
@@ -63,10 +64,11 @@ class Hit:
     nbytes: int
     hot: HotBlock | None = None  # the block in RAM
     parsed: ParsedBlock | None = None  # or its file, as numpy views over the bytes read
+    origin: str = "disk"  # where `parsed` was read: "disk" or "shared"
 
     @property
     def source(self) -> str:
-        return "ram" if self.hot is not None else "disk"
+        return "ram" if self.hot is not None else self.origin
 
     @property
     def arrays(self) -> dict:
@@ -121,6 +123,14 @@ class NewEntry:
     arrays: BlockArrays
     kind: str = "kv"
     skeleton: str | None = None
+    source: str = "computed"  # or the tier a restored block was read from ("disk", "shared")
+
+
+@dataclass
+class SharedSize:
+    """A block the shared store holds, as the read-ahead plans it."""
+
+    nbytes: int
 
 
 class ReadAhead:
@@ -129,7 +139,7 @@ class ReadAhead:
     but not yet used (or never used, when the chain breaks) stay bounded."""
 
     def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, BlockRecord], ParsedBlock],
-                 planned: list[tuple[BlockRef, BlockRecord]], window_bytes: int = 256 << 20):
+                 planned: list[tuple[BlockRef, BlockRecord | SharedSize]], window_bytes: int = 256 << 20):
         self._pool, self._read, self._window = pool, read, window_bytes
         self._planned = deque(planned)
         self._started: dict[bytes, tuple[BlockRecord, Future]] = {}
@@ -193,6 +203,8 @@ class TieredStore:
         self.swept = threading.Event()  # set once the start-up cleanup is done
         self._upkeep = threading.Thread(target=self._upkeep_loop, name="kvtier-disk-upkeep", daemon=True)
         self._upkeep.start()
+        self.shared = (SharedTier(config.shared_url, fingerprint, self.count, config.shared_ttl)
+                       if config.shared_url else None)
 
     def _open_disk(self, cache_dir: Path) -> tuple[Index, BlockFiles]:
         """The cache directory's index and files; when it cannot be used (no permission, a
@@ -255,14 +267,19 @@ class TieredStore:
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
         found = Match([])
-        reads = self._read_ahead(refs)
+        reads, remote = self._read_ahead(refs), None
         for ref in refs:
             block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
             hit = self._lookup(ref, block_tokens, reads.take(ref.key))
+            if hit is None and self.shared is not None:  # the local chain ends: the team's may go on
+                remote = remote or self._shared_read_ahead(refs[ref.index :])
+                hit = self._lookup_shared(ref, block_tokens, "kv", remote.take(ref.key))
             if hit is None or len(hit.tokens) != size:
                 break
             found.add(hit, on_hit)
-        reads.cancel()  # the chain ended before these
+        for pending in (reads, remote):
+            if pending is not None:
+                pending.cancel()  # the chain ended before these
         parent = found.hits[-1].ref.key if found.hits else root_key(self.fingerprint)
         self._match_tail(parent, len(found.hits), tokens[len(found.hits) * size :], found, on_hit)
         return found
@@ -278,7 +295,7 @@ class TieredStore:
         tokens = np.asarray(tokens, np.uint32)
         for j in range(min(limit // size, len(refs)), -1, -1):
             anchor = refs[j - 1].key if j else root_key(self.fingerprint)
-            candidates = self._children(anchor, "snap")
+            candidates = self._children(anchor, "snap", remote=True)
             for key, after in sorted(candidates.items(), key=lambda kv: -len(kv[1])):
                 position = j * size + len(after)
                 if position > limit or position == 0:
@@ -291,11 +308,15 @@ class TieredStore:
                     return SnapshotHit(key, position, Snapshot(block.arrays, block.skeleton or ""), source)
         return None
 
-    def _children(self, parent: bytes, kind: str = "kv") -> dict[bytes, np.ndarray]:
-        """Tokens of every entry of `kind` that continues `parent`, hot or on disk."""
+    def _children(self, parent: bytes, kind: str = "kv", remote: bool = False) -> dict[bytes, np.ndarray]:
+        """Tokens of every entry of `kind` that continues `parent`, hot or on disk (and, if
+        `remote`, listed by the shared store: candidates only, checked when read)."""
         children = {b.key: b.tokens for b in self.ram.children(parent, kind)}
         for key, raw in self.index.children(parent, kind):
             children.setdefault(key, np.frombuffer(raw, dtype="<u4"))
+        if remote and self.shared is not None:
+            for key, tokens in self.shared.children(parent, kind).items():
+                children.setdefault(key, tokens)
         return children
 
     def _touch(self, keys: list[bytes]) -> None:
@@ -318,8 +339,28 @@ class TieredStore:
     def _read_parsed(self, key_hex: str, record: BlockRecord) -> ParsedBlock:
         return parse_block(self.files.read(key_hex, record.checksum, record.nbytes))
 
+    def _shared_read_ahead(self, refs: list[BlockRef]) -> "ReadAhead":
+        """The rest of the chain from the shared store: which blocks it holds in one round
+        trip, then their values fetched in order, overlapping the restore of earlier ones."""
+        sizes = self.shared.lookup([ref.key for ref in refs])
+        planned = []
+        for ref in refs:
+            if ref.key not in sizes:
+                break
+            planned.append((ref, SharedSize(sizes[ref.key])))
+        return ReadAhead(self._readers, self._fetch_shared, planned)
+
+    def _fetch_shared(self, key_hex: str, _size: SharedSize | None = None) -> tuple[str, str, ParsedBlock] | None:
+        """A shared value, its header and payload checked: (kind, tokens hash, parsed), or
+        None when the store does not have it (or cannot be reached)."""
+        value = self.shared.get(bytes.fromhex(key_hex))
+        if value is None:
+            return None
+        header, payload = decode_value(value)
+        return header.kind, header.tokens_hash, parse_block(payload)
+
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray,
-                pending: tuple[BlockRecord, Future] | None = None) -> Hit | None:
+                pending: tuple[BlockRecord, Future] | None = None, shared: bool = False) -> Hit | None:
         """The block at `ref` if its tokens start as `block_tokens` do (all of them, or the
         leading part when it is the tail): from RAM, else read and checked from disk."""
         block = self.ram.get(ref.key)
@@ -329,24 +370,54 @@ class TieredStore:
             return Hit(ref, block.tokens, len(block_tokens), block.nbytes, hot=block)
         parsed = self._read_checked(ref, block_tokens, "kv", *(pending or (None, None)))
         if parsed is None:
+            if shared and self.shared is not None:  # a tail candidate the store may list
+                return self._lookup_shared(ref, block_tokens, "kv")
             return None
         return Hit(ref, parsed.tokens.copy(), len(block_tokens), parsed.nbytes, parsed=parsed)
+
+    def _lookup_shared(self, ref: BlockRef, block_tokens: np.ndarray, kind: str,
+                       pending: tuple[SharedSize, Future] | None = None) -> Hit | None:
+        """The block at `ref` from the shared store, checked as a disk file is (and its key
+        against its parent and tokens); a damaged value is a miss, removed from the store."""
+        try:
+            fetched = pending[1].result() if pending else self._fetch_shared(ref.hex)
+            if fetched is None:
+                return None
+            stored_kind, stored_tokens_hash, parsed = fetched
+            if stored_kind != kind or stored_tokens_hash != tokens_hash(block_tokens):
+                return None  # another entry's tokens, or a collision: not this block
+            self._check_parsed(ref, parsed, block_tokens, kind)
+            if kind == "kv" and xxhash.xxh3_128_digest(ref.parent + encode_tokens(parsed.tokens)) != ref.key:
+                raise DamagedBlock("its key is not the hash of its parent and tokens")
+        except DamagedBlock as exc:
+            log.warning("shared cache entry %s is damaged (%s): treated as a miss", ref.hex, exc)
+            self.count("shared_damaged")
+            self.shared.remove(ref.key, ref.parent, kind)
+            return None
+        self.count("shared_hits")
+        return Hit(ref, parsed.tokens.copy(), len(block_tokens), parsed.nbytes, parsed=parsed, origin="shared")
 
     def _lookup_snapshot(self, ref: BlockRef, after: np.ndarray) -> tuple[HotBlock, str] | None:
         block = self.ram.get(ref.key)
         if block is not None:
             return (block, "ram") if block.kind == "snap" else None
-        parsed = self._read_checked(ref, after, "snap")
+        parsed, source = self._read_checked(ref, after, "snap"), "disk"
+        if parsed is None and self.shared is not None:
+            hit = self._lookup_shared(ref, after, "snap")
+            parsed, source = (hit.parsed, "shared") if hit is not None else (None, source)
         if parsed is None:
             return None
         try:
             block = HotBlock(ref.key, ref.parent, ref.index, parsed.tokens, to_mlx(parsed), parsed.nbytes,
-                             kind="snap", skeleton=parsed.metadata.get("skeleton"), persisted=True)
+                             kind="snap", skeleton=parsed.metadata.get("skeleton"),
+                             persisted=source == "disk", shared=source == "shared")
         except DamagedBlock as exc:
             self._damaged(ref, exc)
             return None
+        if source == "shared":
+            self._submit([block])  # kept locally from now on
         self._evicted(self.ram.put(block))
-        return block, "disk"
+        return block, source
 
     def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match,
                     on_hit: Callable[[Hit], None] | None) -> None:
@@ -355,11 +426,13 @@ class TieredStore:
         if len(tail) == 0:
             return
         candidates = self._children(parent)
+        if self.shared is not None and max((common_prefix(t, tail) for t in candidates.values()), default=0) < len(tail):
+            candidates = self._children(parent, remote=True)  # the team may have a longer one
         best = max(candidates.items(), key=lambda kv: common_prefix(kv[1], tail), default=None)
         if best is None or common_prefix(best[1], tail) == 0:
             return
         key, block_tokens = best
-        hit = self._lookup(BlockRef(key, parent, index), np.asarray(block_tokens, np.uint32))
+        hit = self._lookup(BlockRef(key, parent, index), np.asarray(block_tokens, np.uint32), shared=True)
         if hit is not None:
             hit.usable = common_prefix(hit.tokens, tail)
             found.add(hit, on_hit)
@@ -376,14 +449,22 @@ class TieredStore:
             return None
         try:
             parsed = read.result() if read else self._read_parsed(ref.hex, record)
-            if not np.array_equal(parsed.tokens, block_tokens):
-                raise DamagedBlock("stored tokens differ from the index")
-            if not self._fits_model(parsed, kind):
-                raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
+            self._check_parsed(ref, parsed, block_tokens, kind)
         except DamagedBlock as exc:
             self._damaged(ref, exc)
             return None
         return parsed
+
+    def _check_parsed(self, ref: BlockRef, parsed: ParsedBlock, block_tokens: np.ndarray, kind: str) -> None:
+        """A parsed entry is the one asked for, and for this model: DamagedBlock if not."""
+        meta = parsed.metadata
+        if meta.get("key", ref.hex) != ref.hex or meta.get("fingerprint", self.fingerprint) != self.fingerprint \
+                or meta.get("kind", kind) != kind:
+            raise DamagedBlock("key, model or kind differ from the entry asked for")
+        if not np.array_equal(parsed.tokens, block_tokens):
+            raise DamagedBlock("stored tokens differ from the index")
+        if not self._fits_model(parsed, kind):
+            raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
 
     def _damaged(self, ref: BlockRef, exc: DamagedBlock) -> None:
         log.warning("cache entry %s is damaged (%s): treated as a miss and dropped", ref.hex, exc)
@@ -443,12 +524,16 @@ class TieredStore:
             self._evicted(self.ram.put(block))
 
     def promote(self, entries: list[NewEntry]) -> None:
-        """Blocks a request read from disk, cut back out of the cache they were restored
-        into: hot from now on, and not written again (their files hold the same bits)."""
-        for entry in entries:
-            self._evicted(self.ram.put(HotBlock(entry.ref.key, entry.ref.parent, entry.ref.index,
-                                                np.asarray(entry.tokens, np.uint32), entry.arrays,
-                                                nbytes(entry.arrays), persisted=True)))
+        """Blocks a request read from disk or the shared store, cut back out of the cache
+        they were restored into: hot from now on. Those from disk are not written again
+        (their files hold the same bits); those from the shared store are kept on the local
+        disk too, and not uploaded again."""
+        blocks = [HotBlock(e.ref.key, e.ref.parent, e.ref.index, np.asarray(e.tokens, np.uint32), e.arrays,
+                           nbytes(e.arrays), persisted=e.source != "shared", shared=e.source == "shared")
+                  for e in entries if e.ref.key not in self.ram]
+        self._submit([b for b in blocks if b.shared])
+        for block in blocks:
+            self._evicted(self.ram.put(block))
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
         return [key for key, tokens in self._children(block.parent).items()
@@ -459,18 +544,34 @@ class TieredStore:
         """Queue blocks for the disk; RAM holds them until the write is done, so a block is
         findable from the moment it is computed (the overshoot is bounded by the queue)."""
         if not self.disk_enabled:
+            if self.shared is not None:  # no local copy to wait for
+                self._upload([Entry(b.key, self._encode(b), b) for b in blocks if not b.shared])
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
-        for block in blocks:
-            # Parent and depth too: the index can be rebuilt from the files alone.
-            meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind,
-                    "parent": block.parent.hex(), "depth": str(block.index)}
-            if block.skeleton:
-                meta["skeleton"] = block.skeleton
-            entries.append(Entry(block.key, encode_block(block.arrays, block.tokens, meta), block))
+        entries += [Entry(block.key, self._encode(block), block) for block in blocks]
         if entries:
             self.ram.hold(blocks)
             self.writer.submit(WriteJob(entries))
+
+    def _encode(self, block: HotBlock) -> bytes:
+        # Parent and depth too: the index can be rebuilt from the files alone.
+        meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind,
+                "parent": block.parent.hex(), "depth": str(block.index)}
+        if block.skeleton:
+            meta["skeleton"] = block.skeleton
+        return encode_block(block.arrays, block.tokens, meta)
+
+    def _upload(self, entries: list[Entry]) -> None:
+        """Queue new entries for the shared store (best effort, in the background): the same
+        bytes as their files, with a header to check them by."""
+        if self.shared is None:
+            return
+        for entry in entries:
+            block: HotBlock = entry.block
+            if block is None or block.shared or entry.payload is None:
+                continue
+            value = encode_value(block.kind, entry.payload, tokens_hash(block.tokens))
+            self.shared.put(Upload(block.key, block.parent, block.kind, block.tokens, value))
 
     def _write_then_release(self, job: WriteJob) -> None:
         """Runs on the writer thread: write the job, then let RAM evict its blocks again
@@ -507,6 +608,8 @@ class TieredStore:
             if indexed is None:
                 return
             self._written(job, indexed)
+            written = {key for key, _, _ in indexed}
+            self._upload([e for e in writes if e.key in written])  # after the local write
             try:
                 self._trim()  # the directories and the index grew too
             except (OSError, lmdb.Error) as exc:
@@ -750,7 +853,10 @@ class TieredStore:
         """Persist every hot entry not yet on disk (retrying failed writes) and wait."""
         pending = [b for b in self.ram.unpersisted() if self.index.get(b.key) is None]
         self._submit(pending)
-        return self.writer.flush(timeout)
+        done = self.writer.flush(timeout)
+        if self.shared is not None:
+            self.shared.flush(timeout if timeout is not None else 10.0)  # best effort: never waits long
+        return done
 
     def close(self) -> None:
         self.flush()
@@ -759,6 +865,8 @@ class TieredStore:
         self._rebuilder.stop()
         self._upkeep.join()
         self._readers.shutdown(wait=True)
+        if self.shared is not None:
+            self.shared.close()
         self.index.close()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -776,6 +884,7 @@ class TieredStore:
                      "budget": self.config.disk_budget, "writable": error is None, "error": error,
                      "full": self.space.is_full, "index_rebuilding": self._rebuilder.running,
                      "queued_jobs": queued_jobs, "queued_bytes": queued_bytes},
+            "shared": self.shared.stats() if self.shared is not None else None,
             "block_size": self.config.block_size,
             "counters": counters,
         }

@@ -318,7 +318,7 @@ def usage_json(usage: Usage) -> dict:
         "cache_read_input_tokens": usage.cached_tokens,
         "output_tokens": usage.completion_tokens,
         "kvtier": {"prompt_tokens": usage.prompt_tokens, "ram_tokens": usage.ram_tokens,
-                   "disk_tokens": usage.disk_tokens, "computed_tokens": usage.computed_tokens,
+                   "disk_tokens": usage.disk_tokens, "shared_tokens": usage.shared_tokens, "computed_tokens": usage.computed_tokens,
                    "time_to_first_token": round(usage.prefill_seconds, 4)},
     }
 

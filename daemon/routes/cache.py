@@ -25,9 +25,11 @@ async def health(http: web.Request) -> web.Response:
         status = "error" if worker.load_error else "loading"
         return web.json_response({"status": status, "error": worker.load_error}, status=503)
     store = worker.engine.store
-    return web.json_response({
-        "status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-        "disk_writable": store.disk_error is None, "disk_error": store.disk_error})
+    body = {"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
+            "disk_writable": store.disk_error is None, "disk_error": store.disk_error}
+    if store.shared is not None:  # an unreachable shared store degrades nothing: still "ok"
+        body.update(shared_connected=store.shared.connected, shared_error=store.shared.error)
+    return web.json_response(body)
 
 
 @routes.get("/cache/stats")
@@ -44,6 +46,7 @@ async def cache_stats(http: web.Request) -> web.Response:
         "misses": counters.get("requests_miss", 0),
         "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
                    "from_disk": counters.get("tokens_from_disk", 0),
+                   "from_shared": counters.get("tokens_from_shared", 0),
                    "computed": counters.get("tokens_computed", 0)},
     })
     return web.json_response(stats)
@@ -132,13 +135,24 @@ async def metrics(http: web.Request) -> web.Response:
             ('{result="miss"}', counters.get("requests_miss", 0))])
     metric("prompt_tokens_total", "counter", "Prompt tokens by where they came from.",
            [(f'{{source="{s}"}}', counters.get(f"tokens_{k}", 0))
-            for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("computed", "computed"))])
+            for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("shared", "from_shared"),
+                         ("computed", "computed"))])
+    if stats["shared"] is not None:
+        metric("shared_connected", "gauge", "1 while the shared store is reachable.",
+               [("", int(stats["shared"]["connected"]))])
+        metric("shared_queued_bytes", "gauge", "Bytes waiting for their upload to the shared store.",
+               [("", stats["shared"]["queued_bytes"])])
     for name, help_text in [("damaged_blocks", "Cache files found damaged (treated as misses)."),
                             ("disk_evictions", "Entries evicted to keep the disk budget."),
                             ("disk_write_errors", "Failed cache writes."),
                             ("memory_pressure_events", "Hot-tier spills under memory pressure."),
                             ("ram_evictions_unwritten", "Entries evicted from RAM with no copy on disk."),
-                            ("requests_unsupported_model", "Requests served without reuse.")]:
+                            ("requests_unsupported_model", "Requests served without reuse."),
+                            ("shared_hits", "Blocks and snapshots read from the shared store."),
+                            ("shared_uploads", "Entries uploaded to the shared store."),
+                            ("shared_uploads_dropped", "Uploads dropped (queue full or store down)."),
+                            ("shared_errors", "Failed calls to the shared store."),
+                            ("shared_damaged", "Shared values that failed their checks (misses).")]:
         metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
     metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
            [("", state.worker.waiting)])

@@ -1,0 +1,302 @@
+"""The shared tier on a real redis-server (Debian's package), started on a free loopback port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from kvtier import shared
+from kvtier.shared import SharedTier, namespace
+
+from conftest import agent_messages, free_port
+from test_tiers import BLOCK, arrays_for, fill, make_store
+
+REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
+                                "(apt-get install redis-server, or `make system-deps`)")
+MAX_TOKENS = 8
+
+
+class RedisServer:
+    """A throwaway redis-server: no persistence, loopback only; stop() and start() again
+    keep its port (and lose its data, as a restarted cache would)."""
+
+    def __init__(self, workdir: Path, password: str | None = None):
+        self.workdir, self.password, self.port = workdir, password, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        for _ in range(200):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    if server.proc is not None:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_redis(redis_server):
+    redis_server.client().flushall()
+    return redis_server
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def shared_store(cache_dir, url, **overrides):
+    return make_store(cache_dir, shared_url=url, **overrides)
+
+
+def block_names(server: RedisServer, fingerprint: str = "fp-test") -> list[bytes]:
+    return sorted(server.client().scan_iter(match=namespace(fingerprint) + "b:*"))
+
+
+# -- in process: two stores with separate cache directories, one Redis ---------------------
+def test_a_second_store_restores_the_first_ones_blocks_from_the_shared_tier(tmp_path, fresh_redis):
+    tokens = list(range(200, 200 + 3 * BLOCK + 5))
+    first = shared_store(tmp_path / "a", fresh_redis.url)
+    refs = fill(first, tokens)
+    first.flush()
+    assert first.stats()["counters"]["shared_uploads"] == 3
+    second = shared_store(tmp_path / "b", fresh_redis.url)
+    match = second.match(refs, tokens)
+    assert match.sources == ["shared"] * 3 and match.num_tokens == 3 * BLOCK
+    for hit in match.hits:
+        for name, array in arrays_for(hit.ref.index).items():
+            assert np.array_equal(hit.arrays[name], np.array(array))
+    # Kept locally: on the second store's own disk from now on, found there without Redis.
+    second.promote([first_entry(hit) for hit in match.hits])
+    second.flush()
+    second.close()
+    first.close()
+    again = make_store(tmp_path / "b")
+    assert again.match(refs, tokens).sources == ["disk"] * 3
+    again.close()
+
+
+def first_entry(hit):
+    from kvtier.tiers import NewEntry
+
+    return NewEntry(hit.ref, hit.tokens, arrays_for(hit.ref.index), source=hit.source)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_damaged_shared_value_is_a_miss_and_removed(tmp_path, fresh_redis, damage):
+    tokens = list(range(300, 300 + 2 * BLOCK))
+    first = shared_store(tmp_path / "a", fresh_redis.url)
+    refs = fill(first, tokens)
+    first.flush()
+    first.close()
+    client = fresh_redis.client()
+    name = f"{namespace('fp-test')}b:{refs[1].hex}"
+    value = client.get(name)
+    damaged = {"truncate": value[:-100], "flip": value[:-7] + bytes([value[-7] ^ 1]) + value[-6:],
+               "garbage": b"not a block"}[damage]
+    client.set(name, damaged)
+    second = shared_store(tmp_path / "b", fresh_redis.url)
+    match = second.match(refs, tokens)
+    assert match.sources == ["shared"]  # the chain stops at the damaged block
+    assert second.stats()["counters"]["shared_damaged"] == 1
+    assert client.get(name) is None  # removed from the store
+    second.close()
+
+
+def test_a_value_stored_under_another_key_is_a_miss(tmp_path, fresh_redis):
+    """Values are checked against the key asked for: a value copied to another key (or
+    another key's listing) is not used."""
+    tokens = list(range(400, 400 + 2 * BLOCK))
+    first = shared_store(tmp_path / "a", fresh_redis.url)
+    refs = fill(first, tokens)
+    first.flush()
+    first.close()
+    client = fresh_redis.client()
+    prefix = namespace("fp-test")
+    client.set(f"{prefix}b:{refs[1].hex}", client.get(f"{prefix}b:{refs[0].hex}"))
+    second = shared_store(tmp_path / "b", fresh_redis.url)
+    assert second.match(refs, tokens).sources == ["shared"]
+    second.close()
+
+
+def test_redis_down_is_a_local_miss_counted_and_reuse_resumes_when_it_returns(tmp_path, redis_server):
+    redis_server.client().flushall()
+    tokens = list(range(500, 500 + 2 * BLOCK))
+    first = shared_store(tmp_path / "a", redis_server.url)
+    refs = fill(first, tokens)
+    first.flush()
+    second = shared_store(tmp_path / "b", redis_server.url)
+    redis_server.stop()
+    try:
+        assert second.match(refs, tokens).hits == []  # served as a miss, no exception
+        assert second.stats()["shared"]["connected"] is False
+        assert second.stats()["counters"]["shared_errors"] >= 1
+        assert second.match(refs, tokens).hits == []  # circuit open: the store is skipped
+    finally:
+        redis_server.start()
+    wait_for(lambda: second.shared.connected and first.shared.connected)
+    later = list(range(600, 600 + 2 * BLOCK))  # the restarted store is empty: new blocks fill it
+    later_refs = fill(first, later)
+    first.flush()
+    assert second.match(later_refs, later).sources == ["shared", "shared"]
+    assert second.stats()["shared"]["error"] is None
+    second.close()
+    first.close()
+
+
+def test_requirepass_is_honoured_and_a_wrong_password_is_a_warning(tmp_path, caplog, monkeypatch):
+    server = RedisServer(tmp_path, password="s3cret-pass").start()
+    try:
+        tokens = list(range(700, 700 + 2 * BLOCK))
+        first = shared_store(tmp_path / "a", server.url)
+        refs = fill(first, tokens)
+        first.flush()
+        assert first.stats()["shared"]["url"] == f"redis://:***@127.0.0.1:{server.port}/0"
+        first.close()
+        monkeypatch.setenv(shared.PASSWORD_ENV, "s3cret-pass")
+        from_env = shared_store(tmp_path / "b", f"redis://127.0.0.1:{server.port}/0")
+        assert from_env.match(refs, tokens).sources == ["shared", "shared"]
+        from_env.close()
+        monkeypatch.delenv(shared.PASSWORD_ENV)
+        wrong = shared_store(tmp_path / "c", f"redis://:wrong@127.0.0.1:{server.port}/0")
+        assert wrong.match(refs, tokens).hits == []
+        stats = wrong.stats()["shared"]
+        assert stats["connected"] is False and "authentication failed" in stats["error"]
+        assert any("authentication failed" in r.getMessage() for r in caplog.records)
+        wrong.close()
+    finally:
+        server.stop()
+
+
+def test_only_the_same_model_meets_its_blocks(tmp_path, fresh_redis):
+    tokens = list(range(800, 800 + 2 * BLOCK))
+    first = shared_store(tmp_path / "a", fresh_redis.url)
+    fill(first, tokens)
+    first.flush()
+    first.close()
+    assert len(block_names(fresh_redis)) == 2 and not block_names(fresh_redis, "fp-other")
+    usage = shared.model_usage(fresh_redis.url)
+    assert usage["fp-test"]["entries"] == 2 and usage["fp-test"]["bytes"] > 2 * 4 * 2 * 8 * BLOCK * 4
+    assert shared.purge(fresh_redis.url, "fp-other") == 0
+    assert shared.purge(fresh_redis.url, "fp-test") == 2
+    assert not list(fresh_redis.client().scan_iter(match="kvtier:*"))
+
+
+# -- two daemons, separate cache directories, one Redis ------------------------------------
+def chat(daemon, messages):
+    response = daemon.client().chat.completions.create(model="default", messages=messages,
+                                                       max_tokens=MAX_TOKENS, temperature=0)
+    return response.choices[0].message.content, response.usage.model_extra["kvtier"]
+
+
+def uploads_done(daemon) -> bool:
+    stats = daemon.get("/cache/stats")
+    return stats["shared"]["queued_uploads"] == 0 and stats["counters"].get("shared_uploads", 0) > 0
+
+
+def test_a_second_daemon_answers_the_first_ones_prompt_from_the_shared_tier(
+        tmp_path, daemon_factory, llama_model, reference, fresh_redis):
+    messages = agent_messages("atlas")
+    expected = reference.chat(messages, MAX_TOKENS)
+    first = daemon_factory(llama_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "a")
+    assert chat(first, messages)[0] == expected
+    wait_for(lambda: uploads_done(first))
+    second = daemon_factory(llama_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "b")
+    assert second.get("/health")["shared_connected"] is True
+    text, usage = chat(second, messages)
+    prompt_tokens = len(reference.chat_tokens(messages))
+    assert text == expected
+    assert usage["shared_tokens"] >= prompt_tokens - 64 - 1 and usage["computed_tokens"] < 64 + 1
+    stats = second.get("/cache/stats")
+    assert stats["tokens"]["from_shared"] == usage["shared_tokens"] and stats["counters"]["shared_hits"] > 0
+    assert "kvtier_shared_hits_total" in second_metrics(second)
+    # Kept locally: the second daemon's next identical request comes from its own tiers.
+    text, usage = chat(second, messages)
+    assert text == expected and usage["shared_tokens"] == 0 and usage["ram_tokens"] > 0
+
+
+def second_metrics(daemon) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(daemon.url + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def test_redis_stopped_mid_conversation_keeps_answers_right(
+        tmp_path, daemon_factory, llama_model, reference, redis_server):
+    redis_server.client().flushall()
+    first = daemon_factory(llama_model, "--shared", redis_server.url, cache_dir=tmp_path / "a")
+    second = daemon_factory(llama_model, "--shared", redis_server.url, cache_dir=tmp_path / "b")
+    turn = agent_messages("borealis", "Hello.")
+    assert chat(first, turn)[0] == reference.chat(turn, MAX_TOKENS)
+    wait_for(lambda: uploads_done(first))
+    redis_server.stop()
+    try:
+        turn = turn + [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Go on."}]
+        for daemon in (first, second):  # the first from its own tiers, the second computes it all
+            text, usage = chat(daemon, turn)
+            assert text == reference.chat(turn, MAX_TOKENS) and usage["shared_tokens"] == 0
+        health = second.get("/health")
+        assert health["status"] == "ok" and health["shared_connected"] is False and health["shared_error"]
+        assert second.get("/cache/stats")["counters"]["shared_errors"] >= 1
+    finally:
+        redis_server.start()
+    wait_for(lambda: all(d.get("/health")["shared_connected"] for d in (first, second)))
+    other = agent_messages("cygnus", "Hello.")  # the restarted store is empty: fill it again
+    assert chat(first, other)[0] == reference.chat(other, MAX_TOKENS)
+    wait_for(lambda: first.get("/cache/stats")["shared"]["queued_uploads"] == 0)
+    text, usage = chat(second, other)
+    assert text == reference.chat(other, MAX_TOKENS) and usage["shared_tokens"] > 0
+
+
+def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_factory, llama_model, reference):
+    server = RedisServer(tmp_path, password="right-one").start()
+    try:
+        url = f"redis://:badpass123@127.0.0.1:{server.port}/0"
+        daemon = daemon_factory(llama_model, "--shared", url, cache_dir=tmp_path / "a")
+        health = daemon.get("/health")
+        assert health["status"] == "ok" and health["shared_connected"] is False
+        assert "authentication failed" in health["shared_error"] and "badpass123" not in health["shared_error"]
+        messages = agent_messages("dorado")
+        assert chat(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+        assert "authentication failed" in daemon.log.read_text()
+        assert "badpass123" not in daemon.log.read_text()  # the password never reaches the log
+    finally:
+        server.stop()
