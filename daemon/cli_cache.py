@@ -34,10 +34,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     common.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    commands.add_parser("stats", parents=[common], help="tiers, budgets, hit rates per model")
-    ls = commands.add_parser("ls", parents=[common], help="cached prefixes")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--shared", metavar="URL", default=None,
+                        help="the shared tier (redis://host:6379/0, rediss://...): stats adds what it "
+                             "holds per model; ls and purge act on it instead of the cache directory")
+
+    commands.add_parser("stats", parents=[common, shared], help="tiers, budgets, hit rates per model")
+    ls = commands.add_parser("ls", parents=[common, shared], help="cached prefixes")
     ls.add_argument("--limit", type=int, default=50)
-    purge = commands.add_parser("purge", parents=[common], help="remove cached entries")
+    purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
     what.add_argument("--all", action="store_true", help="everything, pinned entries included")
     what.add_argument("--model", help="a model's entries (name as served, directory name or fingerprint)")
@@ -65,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from kvtier.index import IndexDamaged
     from kvtier.ops import CacheDir
 
+    if getattr(args, "shared", None):
+        return _on_shared(args, cache_dir)
     try:
         cache = CacheDir(cache_dir, walk=args.command == "verify")
     except FileNotFoundError as exc:
@@ -77,6 +84,75 @@ def run(args: argparse.Namespace) -> int:
                     "pin": _pin, "unpin": _pin}[args.command](args, cache)
         except IndexDamaged as exc:  # met while reading it
             return _damaged(str(exc))
+
+
+def _on_shared(args, cache_dir: Path) -> int:
+    """stats/ls/purge with --shared: what the shared store holds per model, or purge it;
+    model names come from the local cache directory's index when there is one."""
+    import redis
+
+    from kvtier import shared
+
+    try:
+        if args.command == "purge":
+            return _purge_shared(args, cache_dir)
+        usage = shared.model_usage(args.shared)
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return _fail(f"shared cache {shared.redacted(args.shared)}: {shared.describe_error(exc)}")
+    names = _model_names(cache_dir)
+    models = {fp: dict(entry, model=names.get(fp, "?")) for fp, entry in usage.items()}
+    data = {"url": shared.redacted(args.shared), "models": models}
+    lines = [f"shared: {data['url']}"] + [
+        f"model {m['model']} [{fp[:12]}]: {m['entries']} entries, {format_size(m['bytes'])}"
+        for fp, m in models.items()]
+    if args.command == "stats" and (cache_dir / "index").exists():
+        from kvtier.ops import CacheDir, stats
+
+        with CacheDir(cache_dir) as cache:
+            if cache.damage is None:
+                data = dict(stats(cache), shared=data)
+                lines = [f"cache: {data['cache_dir']}",
+                         f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])}"] + lines
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _purge_shared(args, cache_dir: Path) -> int:
+    from kvtier import shared
+
+    if not (args.all or args.model):
+        return _fail("purge --shared needs --all or --model (the store evicts by itself: maxmemory)")
+    fingerprint = None
+    if args.model:
+        names = _model_names(cache_dir)
+        known = set(shared.model_usage(args.shared)) | set(names)
+        matches = {fp for fp in known if args.model in (fp, names.get(fp), Path(names.get(fp) or "").name)}
+        if len(matches) != 1:
+            return _fail(f"{args.model!r} names {'no' if not matches else 'more than one'} model the "
+                         f"shared cache holds: give its fingerprint (see `kvtier stats --shared URL`)")
+        fingerprint = matches.pop()
+    removed = shared.purge(args.shared, fingerprint)
+    _emit(args, {"removed": removed, "fingerprint": fingerprint},
+          f"removed {removed} entries from {shared.redacted(args.shared)}")
+    return 0
+
+
+def _model_names(cache_dir: Path) -> dict[str, str]:
+    """Fingerprint -> model name, from the local index (empty when there is none)."""
+    if not (cache_dir / "index").exists():
+        return {}
+    import lmdb
+
+    from kvtier.index import IndexDamaged
+    from kvtier.ops import CacheDir
+
+    try:
+        with CacheDir(cache_dir) as cache:
+            if cache.damage is not None:
+                return {}
+            return {fp: model.get("name", "?") for fp, model in cache.index.models().items()}
+    except (OSError, lmdb.Error, IndexDamaged):  # names are a convenience: fingerprints still work
+        return {}
 
 
 def _damaged(reason: str) -> int:

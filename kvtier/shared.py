@@ -260,7 +260,7 @@ class SharedTier:
         self._count("shared_errors", 1)
         was_up = self._up.is_set()
         self._up.clear()
-        self.error = _describe(exc)
+        self.error = describe_error(exc)
         if was_up:
             log.warning("shared cache %s unreachable (%s): serving from the local tiers, "
                         "reconnecting in the background", self.url, self.error)
@@ -269,7 +269,7 @@ class SharedTier:
         try:
             self._client.ping()
         except (redis.RedisError, OSError) as exc:
-            self.error = _describe(exc)
+            self.error = describe_error(exc)
             if first:
                 self._count("shared_errors", 1)
                 log.warning("shared cache %s not usable at start-up (%s): serving from the local "
@@ -323,7 +323,7 @@ class SharedTier:
             self._count("shared_uploads_dropped", len(batch))
 
 
-def _describe(exc: Exception) -> str:
+def describe_error(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
         return (f"authentication failed ({text}): check the password in the URL or "

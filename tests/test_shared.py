@@ -12,10 +12,12 @@ import pytest
 import redis
 
 from kvtier import shared
-from kvtier.shared import SharedTier, namespace
+from kvtier.config import CacheConfig
+from kvtier.shared import namespace
+from kvtier.tiers import NewEntry, TieredStore
 
 from conftest import agent_messages, free_port
-from test_tiers import BLOCK, arrays_for, fill, make_store
+from test_tiers import BLOCK, LAYOUT, arrays_for, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
@@ -114,8 +116,6 @@ def test_a_second_store_restores_the_first_ones_blocks_from_the_shared_tier(tmp_
 
 
 def first_entry(hit):
-    from kvtier.tiers import NewEntry
-
     return NewEntry(hit.ref, hit.tokens, arrays_for(hit.ref.index), source=hit.source)
 
 
@@ -300,3 +300,27 @@ def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_fac
         assert "badpass123" not in daemon.log.read_text()  # the password never reaches the log
     finally:
         server.stop()
+
+
+def test_the_cli_shows_and_purges_one_models_shared_entries(tmp_path, fresh_redis):
+    from test_cli import kvtier, kvtier_json
+
+    for fingerprint, start in (("fp-test", 900), ("fp-other", 950)):
+        config = CacheConfig(cache_dir=tmp_path / fingerprint, block_size=BLOCK, shared_url=fresh_redis.url)
+        store = TieredStore(config, fingerprint, LAYOUT)
+        fill(store, list(range(start, start + 2 * BLOCK)))
+        store.index.register_model(fingerprint, {"name": f"model-{fingerprint}"})
+        store.close()
+    cache = str(tmp_path / "fp-test")
+    stats = kvtier_json("stats", "--shared", fresh_redis.url, "--cache-dir", cache)
+    assert stats["disk"]["entries"] == 2  # the local directory's, beside the shared store's
+    assert stats["shared"]["models"]["fp-test"] == {"entries": 2, "bytes": stats["shared"]["models"]["fp-test"]["bytes"],
+                                                    "model": "model-fp-test"}
+    assert stats["shared"]["models"]["fp-other"]["entries"] == 2
+    listed = kvtier_json("ls", "--shared", fresh_redis.url, "--cache-dir", cache)
+    assert set(listed["models"]) == {"fp-test", "fp-other"}
+    purged = kvtier_json("purge", "--shared", fresh_redis.url, "--model", "model-fp-test", "--cache-dir", cache)
+    assert purged == {"removed": 2, "fingerprint": "fp-test"}
+    assert set(shared.model_usage(fresh_redis.url)) == {"fp-other"}
+    down = kvtier("stats", "--shared", f"redis://127.0.0.1:{free_port()}/0", "--cache-dir", cache)
+    assert down.returncode == 2 and "shared cache" in down.stderr and "Traceback" not in down.stderr
