@@ -1,7 +1,8 @@
-"""Operations on a cache directory without a model: stats, list, purge, verify, pin.
+"""What the CLI does with a cache directory, without a model: stats, list, purge, verify, pin.
 
-Used by the CLI (daemon running or not: LMDB is multi-process safe) and by the daemon's
-cache routes. Removal always deletes the index entry first, then the file.
+The directory itself is the daemon's disk tier class (local.LocalDisk: index, files, budget,
+eviction, checked reads); the daemon's cache routes pass their own. Removal always deletes
+the index entry first, then the file.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .disk import BlockFiles, DamagedBlock, decode_block, key_of_path
+from .disk import DamagedBlock, decode_block, key_of_path
 from .index import BlockRecord, Index, IndexDamaged, in_use, move_aside, now_ms
+from .local import LocalDisk
 
 # Files this young may be a running daemon's write in flight, not yet indexed.
 ORPHAN_GRACE_SECONDS = 60
@@ -22,51 +24,12 @@ class IndexInUse(RuntimeError):
     """A damaged index another process (a running daemon) still has open."""
 
 
-class CacheDir:
-    """A cache directory's index and files. The daemon passes its own open index: LMDB
-    allows one open environment per file in a process. An index that fails its checks
-    (`walk`: the full one) is not opened: `damage` says why, and only `verify` proceeds."""
-
-    def __init__(self, path: Path, index: Index | None = None, files: BlockFiles | None = None,
-                 walk: bool = False):
-        self.path = Path(path).expanduser()
-        if index is None and not (self.path / "index").exists():
-            raise FileNotFoundError(f"no kvtier cache at {self.path}")
-        self._owns_index = index is None
-        self.damage: str | None = None
-        if index is None:
-            try:
-                index = Index(self.path / "index", walk=walk)
-            except IndexDamaged as exc:
-                self.damage = str(exc)
-        self.index = index
-        self.files = files or BlockFiles(self.path / "blocks")
-
-    def close(self) -> None:
-        if self._owns_index and self.index is not None:
-            self.index.close()
-            self.index = None
-
-    def __enter__(self) -> "CacheDir":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def records(self) -> dict[bytes, BlockRecord]:
-        return {k: r for k, r in self.index.items() if r is not None}
-
-    def remove(self, keys: list[bytes]) -> int:
-        removed = 0
-        for key in keys:
-            if self.index.remove(key) is not None:
-                removed += 1
-            self.files.remove(key.hex())
-        return removed
+# The cache directory as the CLI opens it: the daemon's own disk tier class, without its threads.
+CacheDir = LocalDisk.existing
 
 
 # -- stats --------------------------------------------------------------------------------
-def stats(cache: CacheDir) -> dict:
+def stats(cache: LocalDisk) -> dict:
     records = cache.records()
     models = cache.index.models()
     counters = cache.index.counters()
@@ -82,10 +45,9 @@ def stats(cache: CacheDir) -> dict:
                                                    "pinned_bytes": 0})
         entry["model"] = models.get(fingerprint, {}).get("name", "?")
         entry.update(_rates(counters.get(fingerprint, {})))
-    total_bytes, total_blocks = cache.index.totals()
-    return {"cache_dir": str(cache.path), "disk": {"entries": total_blocks, "bytes": total_bytes,
-                                                   "index_bytes": cache.index.disk_usage()},
-            "models": per_model}
+    # The disk tier's own stats (the daemon's schema), less what only a daemon knows (budget, queues).
+    disk = {k: v for k, v in cache.stats().items() if k in ("entries", "bytes", "index_bytes", "used_bytes")}
+    return {"cache_dir": str(cache.path), "disk": disk, "models": per_model}
 
 
 def _rates(counters: dict[str, int]) -> dict:
@@ -122,7 +84,7 @@ class Prefix:
         return out
 
 
-def prefixes(cache: CacheDir, preview_tokens: int = 12) -> list[Prefix]:
+def prefixes(cache: LocalDisk, preview_tokens: int = 12) -> list[Prefix]:
     records = cache.records()
     kv = {k: r for k, r in records.items() if r.kind == "kv"}
     parents = {bytes.fromhex(r.parent) for r in kv.values()}
@@ -152,7 +114,7 @@ def _chain(key: bytes, kv: dict[bytes, BlockRecord]) -> list[bytes]:
     return chain[::-1]
 
 
-def _preview(cache: CacheDir, prefix: Prefix, models: dict, count: int) -> str:
+def _preview(cache: LocalDisk, prefix: Prefix, models: dict, count: int) -> str:
     """The first tokens decoded with the model's own tokenizer, when it is still on disk."""
     tokenizer_file = Path(models.get(prefix.fingerprint, {}).get("path", "/nonexistent")) / "tokenizer.json"
     record = cache.index.get(prefix.chain[0])
@@ -168,18 +130,18 @@ def _preview(cache: CacheDir, prefix: Prefix, models: dict, count: int) -> str:
     return " ".join(text.split())
 
 
-def find_prefix(cache: CacheDir, key_prefix: str) -> list[Prefix]:
+def find_prefix(cache: LocalDisk, key_prefix: str) -> list[Prefix]:
     return [p for p in prefixes(cache, preview_tokens=0) if p.key.startswith(key_prefix.lower())]
 
 
-def set_pinned(cache: CacheDir, key_prefix: str, pinned: bool) -> int:
+def set_pinned(cache: LocalDisk, key_prefix: str, pinned: bool) -> int:
     """Pin or unpin every prefix whose key starts with `key_prefix` (its whole chain)."""
     matches = find_prefix(cache, key_prefix)
     return sum(cache.index.set_pinned(p.chain, pinned) for p in matches)
 
 
 # -- purge --------------------------------------------------------------------------------
-def purge(cache: CacheDir, *, everything: bool = False, model: str | None = None,
+def purge(cache: LocalDisk, *, everything: bool = False, model: str | None = None,
           older_than_s: float | None = None, to_size: int | None = None) -> dict:
     """Remove entries matching the filters (pinned ones only with `everything`)."""
     records = cache.records()
@@ -200,21 +162,11 @@ def purge(cache: CacheDir, *, everything: bool = False, model: str | None = None
             if model is None and cutoff is None:
                 continue
             victims.append(key)
-    removed = cache.remove(victims)
+    removed = cache.remove_many(victims)
     if to_size is not None:
-        removed += _shrink_to(cache, to_size)
+        removed += cache.evict_to(to_size)
     total_bytes, total_blocks = cache.index.totals()
     return {"removed": removed, "entries": total_blocks, "bytes": total_bytes}
-
-
-def _shrink_to(cache: CacheDir, target: int) -> int:
-    removed = 0
-    while cache.index.totals()[0] + cache.index.disk_usage() > target:
-        victims = cache.index.oldest(1)  # one at a time: evict no more than needed
-        if not victims:
-            break
-        removed += cache.remove(victims)
-    return removed
 
 
 # -- verify -------------------------------------------------------------------------------
@@ -225,7 +177,7 @@ class Problem:
     detail: str
 
 
-def verify(cache: CacheDir, fix: bool = False) -> list[Problem]:
+def verify(cache: LocalDisk, fix: bool = False) -> list[Problem]:
     """Check the index file itself, every record against its file (size, checksum, format,
     tokens), and every file against the index. With `fix`, remove what is broken and
     recount the totals; a damaged index is moved aside and rebuilt from the block files."""
@@ -242,7 +194,7 @@ def verify(cache: CacheDir, fix: bool = False) -> list[Problem]:
     return [problem]
 
 
-def repair_index(cache: CacheDir, reason: str) -> str:
+def repair_index(cache: LocalDisk, reason: str) -> str:
     """Move the damaged index aside and rebuild it from the block files (every file that
     checks out is indexed again, the others removed). Refused while a daemon has it open."""
     from .reindex import rebuild
@@ -261,7 +213,7 @@ def repair_index(cache: CacheDir, reason: str) -> str:
             f"{report.removed} files removed")
 
 
-def _verify_entries(cache: CacheDir, fix: bool) -> list[Problem]:
+def _verify_entries(cache: LocalDisk, fix: bool) -> list[Problem]:
     problems: list[Problem] = []
     indexed = set()
     for key, record in cache.index.items():
@@ -270,7 +222,7 @@ def _verify_entries(cache: CacheDir, fix: bool) -> list[Problem]:
         if problem:
             problems.append(problem)
             if fix:
-                cache.remove([key])
+                cache.remove_many([key])
     now = time.time()
     for path in cache.files.iter_files():
         key = key_of_path(path)
@@ -291,21 +243,14 @@ def _verify_entries(cache: CacheDir, fix: bool) -> list[Problem]:
     return problems
 
 
-def _check_record(cache: CacheDir, key: bytes, record: BlockRecord | None) -> Problem | None:
+def _check_record(cache: LocalDisk, key: bytes, record: BlockRecord | None) -> Problem | None:
     if record is None:
         return Problem("undecodable_record", key.hex(), "index record cannot be read")
     path = cache.files.path_for(key.hex())
     if not path.exists():
         return Problem("dangling", key.hex(), "indexed but its file is missing")
     try:
-        from .tiers import tokens_hash
-
-        payload = cache.files.read(key.hex(), record.checksum, record.nbytes)
-        arrays, tokens, _ = decode_block(payload)
-        if len(tokens) != record.num_tokens or tokens_hash(tokens) != record.tokens_hash:
-            raise DamagedBlock("tokens differ from the index")
-        if record.kind == "kv" and any(a.shape[2] != record.num_tokens for a in arrays.values()):
-            raise DamagedBlock("array lengths differ from the token count")
+        cache.read_checked(key, record)
     except DamagedBlock as exc:
         return Problem("damaged", key.hex(), str(exc))
     return None

@@ -89,7 +89,7 @@ def test_store_rebuilds_a_damaged_index_from_the_files(tmp_path, how):
     damage(tmp_path / "index", how)
 
     store = make_store(tmp_path)  # the old code died of SIGBUS here, or raised, or went RAM-only
-    assert store.disk_enabled and store._rebuilder.wait(30)
+    assert store.disk_enabled and store.disk.rebuilder.wait(30)
     assert store.counters["index_rebuilds"] == 1
     assert_restored_exactly(store, refs, TOKENS)
     assert store.stats()["disk"]["blocks"] == len(refs)
@@ -104,7 +104,7 @@ def test_a_rebuild_cut_short_by_a_restart_resumes(tmp_path):
     damage(tmp_path / "index", "zero_meta")
     open_or_replace(tmp_path / "index").close()  # moved aside, marked; killed before any rebuild
     store = make_store(tmp_path)
-    assert store._rebuilder.wait(30)
+    assert store.disk.rebuilder.wait(30)
     assert_restored_exactly(store, refs, TOKENS)
     assert store.index.rebuild_pending() is None
     store.close()
@@ -117,13 +117,13 @@ def test_damage_met_while_running_is_recovered_and_writes_resume(tmp_path):
     damage(tmp_path / "index", "page_headers")  # under the open environment
 
     assert store.match(refs, TOKENS).hits == []  # a miss, not an exception
-    assert store.counters["index_rebuilds"] == 1 and store._rebuilder.wait(30)
+    assert store.counters["index_rebuilds"] == 1 and store.disk.rebuilder.wait(30)
     assert_restored_exactly(store, refs, TOKENS)
 
     damage(tmp_path / "index", "page_headers")  # again: the next index write meets it
     more = list(range(900, 900 + 2 * BLOCK))
     more_refs = fill(store, more)  # the write that met it failed; flush wrote it again
-    assert store.counters["index_rebuilds"] == 2 and store._rebuilder.wait(30)
+    assert store.counters["index_rebuilds"] == 2 and store.disk.rebuilder.wait(30)
     stats = store.stats()["disk"]
     assert stats["writable"] and stats["blocks"] == len(refs) + len(more_refs)
     store.ram.clear()
@@ -222,8 +222,8 @@ def test_rebuild_indexes_only_files_that_check_out(tmp_path):
     damage(tmp_path / "index", "truncate")
 
     store = make_store(tmp_path)
-    assert store._rebuilder.wait(30)
-    assert store._rebuilder.last.indexed == 3 and store._rebuilder.last.removed == 2
+    assert store.disk.rebuilder.wait(30)
+    assert store.disk.rebuilder.last.indexed == 3 and store.disk.rebuilder.last.removed == 2
     assert not flipped.exists() and not store.files.path_for(old_ref.hex).exists()
     assert store.match(refs, TOKENS).sources == ["disk", "disk"]  # the chain stops at the altered block
     store.close()

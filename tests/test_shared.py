@@ -324,3 +324,16 @@ def test_the_cli_shows_and_purges_one_models_shared_entries(tmp_path, fresh_redi
     assert set(shared.model_usage(fresh_redis.url)) == {"fp-other"}
     down = kvtier("stats", "--shared", f"redis://127.0.0.1:{free_port()}/0", "--cache-dir", cache)
     assert down.returncode == 2 and "shared cache" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_every_tier_implements_the_one_interface(tmp_path, fresh_redis):
+    from kvtier.tier import Tier
+
+    store = shared_store(tmp_path, fresh_redis.url)
+    refs = fill(store, list(range(1000, 1000 + 2 * BLOCK)))
+    store.flush()
+    for tier in (store.ram, store.disk, store.shared):
+        assert isinstance(tier, Tier)
+        assert set(tier.lookup([r.key for r in refs])) == {r.key for r in refs}, tier.name
+        assert {r.key for r in refs} <= set(tier.keys())
+    store.close()

@@ -209,7 +209,7 @@ def test_unusable_cache_directory_serves_from_ram_and_says_why(tmp_path):
     stats = store.stats()["disk"]
     assert stats["writable"] is False and "NotADirectoryError" in stats["error"]
     assert stats["blocks"] == 0 and blocker.read_text() == "in the way"
-    scratch = store._scratch
+    scratch = store.disk.scratch
     store.close()
     assert scratch is not None and not scratch.exists()  # the temporary index is gone too
 

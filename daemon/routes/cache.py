@@ -8,6 +8,7 @@ from aiohttp import web
 
 from kvtier import ops
 from kvtier.config import parse_duration, parse_size
+from kvtier.local import LocalDisk
 
 from ..errors import ApiError, field, json_body
 from ..state import STATE
@@ -52,9 +53,8 @@ async def cache_stats(http: web.Request) -> web.Response:
     return web.json_response(stats)
 
 
-def _cache_dir(http: web.Request) -> ops.CacheDir:
-    store = http.app[STATE].engine().store
-    return ops.CacheDir(store.config.cache_dir, store.index, store.files)
+def _cache_dir(http: web.Request) -> LocalDisk:
+    return http.app[STATE].engine().store.disk  # the CLI's operations, on the daemon's own disk tier
 
 
 @routes.get("/cache/entries")
