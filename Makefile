@@ -33,9 +33,11 @@ test: install
 demo: install
 	$(BLAS) $(PY) bench/demo.py
 
-# The full suite (docs/benchmarks.md); bench/ttft.py still runs on its own.
+# The full suite and the shared tier's bench (docs/benchmarks.md); bench/ttft.py still runs on its own.
 bench: install
 	$(BLAS) $(PY) bench/suite.py
+	@if command -v redis-server >/dev/null || command -v valkey-server >/dev/null; then \
+	   $(BLAS) $(PY) bench/shared.py --write; else echo "note: no redis-server: bench/shared.py skipped"; fi
 
 clean:
 	rm -rf $(VENV) .models .demo .bench

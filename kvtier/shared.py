@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 MAGIC = b"KVT" + bytes([FORMAT_VERSION])
 PASSWORD_ENV = "KVTIER_SHARED_PASSWORD"
 CONNECT_TIMEOUT = 0.5  # seconds: a dead host must not hold a request up
-SOCKET_TIMEOUT = 2.0  # a block's GET on a LAN takes milliseconds
+SOCKET_TIMEOUT = 0.5  # per socket read: a stalled store holds a request up once, this long
 RECONNECT_SECONDS = 1.0  # while the store is unreachable, how often it is pinged
 UPLOAD_BATCH = 32  # entries per upload pipeline
 

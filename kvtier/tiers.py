@@ -534,10 +534,10 @@ class TieredStore:
         indexed = self.disk.write_job(job)
         if indexed is None:
             return
-        written = {key for key, _, _ in indexed}
-        for entry in job.entries:
-            if entry.block is not None and entry.key in written:
+        for entry in job.entries:  # those it found indexed already too
+            if entry.block is not None:
                 entry.block.persisted = True
+        written = {key for key, _, _ in indexed}
         self._upload([e for e in job.entries if e.key in written])
 
 

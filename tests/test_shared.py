@@ -337,3 +337,26 @@ def test_every_tier_implements_the_one_interface(tmp_path, fresh_redis):
         assert set(tier.lookup([r.key for r in refs])) == {r.key for r in refs}, tier.name
         assert {r.key for r in refs} <= set(tier.keys())
     store.close()
+
+
+def test_a_stalled_store_is_a_miss_not_a_hang(tmp_path, redis_server):
+    """A store that accepts connections but stops answering (SIGSTOP) times out, opens the
+    circuit and is skipped; it is used again once it answers."""
+    import signal
+
+    redis_server.client().flushall()
+    tokens = list(range(1100, 1100 + 2 * BLOCK))
+    first = shared_store(tmp_path / "a", redis_server.url)
+    refs = fill(first, tokens)
+    first.flush()
+    first.close()
+    second = shared_store(tmp_path / "b", redis_server.url)
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert second.match(refs, tokens).hits == []
+        assert second.stats()["shared"]["connected"] is False and "Timeout" in second.stats()["shared"]["error"]
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: second.shared.connected)
+    assert second.match(refs, tokens).sources == ["shared", "shared"]
+    second.close()
