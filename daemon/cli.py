@@ -9,7 +9,7 @@ import sys
 
 from . import cli_cache, service
 from kvtier.config import DEFAULT_DISK_BUDGET, CacheConfig, ServeConfig, default_cache_dir, \
-    default_ram_budget, parse_size
+    default_max_batch, default_ram_budget, parse_size
 
 
 def _size(text: str) -> int:
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "needed to bind a non-loopback address")
     serve.add_argument("--max-waiting", type=int, default=32,
                        help="requests queued before the daemon answers 503 (default: 32)")
+    serve.add_argument("--max-batch", type=int, default=None,
+                       help="requests decoded together in one batch, where batched decode is exact "
+                            f"for the model (default: {default_max_batch()}); 1 runs them one at a time")
+    serve.add_argument("--batch-inexact", action="store_true",
+                       help="batch even where batched decode is not bit-identical to decoding alone "
+                            "(as mlx_lm.server does): faster, but greedy text may differ from mlx-lm's")
     serve.add_argument("--log-level", default="info")
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
@@ -75,6 +81,11 @@ def serve(args: argparse.Namespace) -> int:
         config.pressure_below = args.pressure_below
     config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
     config.max_waiting = args.max_waiting
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
+        config.max_batch = args.max_batch
+    config.batch_inexact = args.batch_inexact
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")

@@ -27,7 +27,13 @@ async def health(http: web.Request) -> web.Response:
     store = worker.engine.store
     return web.json_response({
         "status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-        "disk_writable": store.disk_error is None, "disk_error": store.disk_error})
+        "disk_writable": store.disk_error is None, "disk_error": store.disk_error,
+        "batching": _batching(worker)})
+
+
+def _batching(worker) -> dict:
+    info = worker.describe()
+    return {k: info[k] for k in ("enabled", "max_batch", "reason", "max_logprob_difference", "running")}
 
 
 @routes.get("/cache/stats")
@@ -45,6 +51,7 @@ async def cache_stats(http: web.Request) -> web.Response:
         "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
                    "from_disk": counters.get("tokens_from_disk", 0),
                    "computed": counters.get("tokens_computed", 0)},
+        "batch": state.worker.describe(),
     })
     return web.json_response(stats)
 
@@ -142,4 +149,20 @@ async def metrics(http: web.Request) -> web.Response:
         metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
     metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
            [("", state.worker.waiting)])
+    batch = state.worker.describe()
+    metric("batch_enabled", "gauge", "1 when requests are decoded in one batch.", [("", int(batch["enabled"]))])
+    metric("batch_size", "gauge", "Requests in the running batch (prefilling or decoding).",
+           [("", batch["running"])])
+    metric("batch_max", "gauge", "Most requests served at once (--max-batch).", [("", batch["max_batch"])])
+    metric("queue_wait_seconds_total", "counter", "Seconds requests spent queued before they started.",
+           [("", batch["queue_wait_seconds_total"])])
+    metric("admitted_requests_total", "counter", "Requests taken off the queue.",
+           [("", batch["admitted_requests"])])
+    for phase in ("prefill", "decode"):
+        metric(f"{phase}_tokens_total", "counter", f"Tokens computed while {phase[:-1]}ing.",
+               [("", batch[f"{phase}_tokens"])])
+        metric(f"{phase}_seconds_total", "counter", f"Seconds spent {phase[:-1]}ing.",
+               [("", batch[f"{phase}_seconds"])])
+        metric(f"{phase}_tokens_per_second", "gauge", f"{phase.capitalize()} tokens per second since start-up.",
+               [("", batch[f"{phase}_tokens_per_second"] or 0)])
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
