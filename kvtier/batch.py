@@ -30,6 +30,7 @@ from mlx_lm.sample_utils import make_sampler
 from . import kvstate
 from .engine import Chunk, Engine, GenerationRequest, Session, Usage
 from .stops import StopMatcher
+from .tiers import common_prefix
 
 log = logging.getLogger("kvtier.batch")
 
@@ -177,6 +178,16 @@ class Member:
 
 
 @dataclass
+class Held:
+    """A request whose prompt shares blocks another member is computing: it is restored
+    once they are stored, instead of computing them a second time."""
+
+    request: GenerationRequest
+    emit: Callable[[object], None]
+    computing: Member
+
+
+@dataclass
 class BatchStats:
     """Totals since start-up; rates are derived from them."""
 
@@ -198,11 +209,12 @@ class Batch:
                                         prefill_step_size=engine.prefill_step_size)
         self.prefilling: deque[Member] = deque()
         self.decoding: dict[int, Member] = {}
+        self.held: list[Held] = []
         self.stats = BatchStats()
         self._last_step: float | None = None
 
     def __len__(self) -> int:
-        return len(self.prefilling) + len(self.decoding)
+        return len(self.prefilling) + len(self.decoding) + len(self.held)
 
     @property
     def idle(self) -> bool:
@@ -213,7 +225,34 @@ class Batch:
         return len(self) >= self.max_size
 
     def add(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
-        """Restore the request's cached prefix now; its prefill runs over the next steps."""
+        """Restore the request's cached prefix now; its prefill runs over the next steps. If a
+        member is computing blocks this prompt starts with, wait for them instead."""
+        computing = self._computing_prefix_of(request.prompt_tokens)
+        if computing is not None:
+            self.held.append(Held(request, emit, computing))
+            return
+        self._start(request, emit)
+
+    def _computing_prefix_of(self, tokens: list[int]) -> Member | None:
+        size = self.engine.block_size
+        for member in self.prefilling:
+            shared = common_prefix(np.asarray(member.session.request.prompt_tokens), np.asarray(tokens))
+            if shared // size > member.session.reuse // size:
+                return member
+        return None
+
+    def _release(self, member: Member) -> None:
+        """Start the requests held for `member`'s blocks (stored now, or never to be)."""
+        for held in [h for h in self.held if h.computing is member]:
+            self.held.remove(held)
+            try:
+                self.add(held.request, held.emit)
+            except Exception as exc:  # its restore failed: only this request fails
+                log.exception("restoring a held request failed")
+                held.emit(exc)
+                held.emit(self.done)
+
+    def _start(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
         session = self.engine.begin(request)
         tokens = request.prompt_tokens
         chunks = self.engine.prefill_chunks(session.prompt_cache, tokens, session.reuse, session.points,
@@ -222,10 +261,15 @@ class Batch:
                                       chunks, len(tokens) - 1 - session.reuse))
 
     def step(self) -> None:
-        """One prefill chunk of the oldest waiting request, then one decode step for all."""
+        """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
+        tokens (so short remainders join together), then one decode step for all."""
         self._drop_cancelled()
-        if self.prefilling:
-            self._prefill_step(self.prefilling[0])
+        budget, spent = self.engine.prefill_step_size, 0
+        while self.prefilling:
+            member = self.prefilling[0]
+            if spent and min(member.remaining, budget) > budget - spent:
+                break
+            spent += self._prefill_step(member)
         if self.decoding:
             self._decode_step()
         else:
@@ -233,9 +277,10 @@ class Batch:
 
     def fail(self, exc: BaseException) -> None:
         """A step raised: every member gets the error; the batch starts over empty."""
-        for member in [*self.prefilling, *self.decoding.values()]:
+        for member in [*self.prefilling, *self.decoding.values(), *self.held]:
             member.emit(exc)
             member.emit(self.done)
+        self.held.clear()
         self.prefilling.clear()
         self.decoding.clear()
         self.close()
@@ -245,7 +290,10 @@ class Batch:
         self.generator.close()
 
     # -- prefill -----------------------------------------------------------------------
-    def _prefill_step(self, member: Member) -> None:
+    def _prefill_step(self, member: Member) -> int:
+        """One chunk of `member`'s prefill (or its first token when none is left): the
+        tokens computed."""
+        computed = 0
         if member.remaining > 0:
             started = time.perf_counter()
             computed = next(member.chunks)
@@ -256,6 +304,7 @@ class Batch:
             self.prefilling.popleft()
             mx.clear_cache()
             self._first_token(member)
+        return max(computed, 1)  # the first token is a forward pass too
 
     def _first_token(self, member: Member) -> None:
         """The last prompt token goes through alone, as on the sequential path; the request
@@ -269,6 +318,9 @@ class Batch:
             session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.plan)
         token = y.item()
         session.usage.prefill_seconds = time.perf_counter() - session.started
+        if any(h.computing is member for h in self.held):
+            self.engine.store_prompt(session)
+            self._release(member)
         self._emit(member, member.text.feed(token))
         if member.text.finish:  # the token was never fed to the cache: it is not stored
             self._finish(member)
@@ -314,8 +366,13 @@ class Batch:
             self._finish(member)
 
     def _drop_cancelled(self) -> None:
+        for held in [h for h in self.held if h.request.cancelled.is_set()]:
+            self.held.remove(held)
+            held.emit(Chunk("", "cancelled", Usage(prompt_tokens=len(held.request.prompt_tokens))))
+            held.emit(self.done)
         for member in [m for m in self.prefilling if m.session.request.cancelled.is_set()]:
             self.prefilling.remove(member)
+            self._release(member)
             member.text.cancel()
             member.session.fed.clear()
             self.engine.abandon(member.session)

@@ -78,6 +78,7 @@ class Session:
     points: set[int]  # snapshot positions
     snapshots: dict[int, kvstate.Snapshot] = field(default_factory=dict)
     fed: list[int] = field(default_factory=list)  # generated tokens fed to the cache
+    stored_blocks: int = 0  # full prompt blocks already stored by `store_prompt`
 
 
 @dataclass
@@ -227,7 +228,15 @@ class Engine:
         self.store.mark_used(session.match, session.hit)
         self._promote_restored(session.prompt_cache, session.match, session.reuse)
         self._store_new(session.request.prompt_tokens + session.fed, session.prompt_cache,
-                        session.match.num_full_blocks, session.snapshots)
+                        max(session.match.num_full_blocks, session.stored_blocks), session.snapshots)
+
+    def store_prompt(self, session: "Session") -> None:
+        """Store the prompt's blocks as soon as its cache holds exactly the prompt, so that a
+        request waiting with the same prefix restores them instead of computing them again."""
+        tokens = session.request.prompt_tokens
+        self._store_new(tokens, session.prompt_cache, session.match.num_full_blocks, session.snapshots)
+        session.snapshots.clear()  # stored; `finish` adds the ones taken later
+        session.stored_blocks = len(tokens) // self.block_size
 
     def abandon(self, session: "Session") -> None:
         """A request dropped before its prefill ended: nothing new to store."""

@@ -136,3 +136,35 @@ def test_health_reports_the_batching_decision(daemon_factory, llama_model):
     assert batching["reason"] and batching["max_batch"] == 4
     # Batching is on by default only where batched decode measured bit-identical.
     assert batching["enabled"] == (batching["max_logprob_difference"] == 0)
+
+
+def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, tmp_path):
+    """Two requests arrive together with one long uncached system prompt: the second waits
+    for the blocks the first is computing and restores them instead of computing them."""
+    from kvtier.batch import Batch
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine, GenerationRequest
+
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    done = object()
+    try:
+        batch = Batch(engine, max_size=4, done=done)
+        conversations = [_conversation(QUESTIONS[0]), _conversation(QUESTIONS[1])]
+        tokens = [engine.chat_tokens(c) for c in conversations]
+        outputs: list[list] = [[], []]
+        for t, out in zip(tokens, outputs):
+            batch.add(GenerationRequest(t, MAX_TOKENS, temperature=0.0), out.append)
+        while not batch.idle:
+            batch.step()
+        shared = next(i for i, (a, b) in enumerate(zip(*tokens)) if a != b)
+        usages = [out[-2].usage for out in outputs]
+        assert usages[0].cached_tokens == 0
+        assert usages[1].cached_tokens == shared > 0  # the whole shared prefix, computed once
+        assert engine.store.stats()["counters"]["tokens_computed"] == \
+            len(tokens[0]) + len(tokens[1]) - usages[1].cached_tokens
+        texts = ["".join(item.text for item in out[:-1]) for out in outputs]
+        for conversation, text in zip(conversations, texts):
+            assert text == reference.chat(conversation, MAX_TOKENS)
+        assert texts[0] != texts[1]
+    finally:
+        engine.close()
