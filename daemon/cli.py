@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "needed to bind a non-loopback address")
     serve.add_argument("--max-waiting", type=int, default=32,
                        help="requests queued before the daemon answers 503 (default: 32)")
+    serve.add_argument("--model-alias", action="append", default=[], metavar="NAME[=MODEL]",
+                       help="another name for the served model, listed in /v1/models (repeatable)")
+    serve.add_argument("--strict-model-names", action="store_true",
+                       help="answer 404 for model names other than the served model's and its "
+                            "aliases (default: any name is served by the one model)")
     serve.add_argument("--log-level", default="info")
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
@@ -62,6 +67,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import init_app
     from .auth import is_loopback
+    from .model_names import parse_alias
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -75,6 +81,8 @@ def serve(args: argparse.Namespace) -> int:
         config.pressure_below = args.pressure_below
     config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
     config.max_waiting = args.max_waiting
+    config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
+    config.strict_model_names = args.strict_model_names
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")

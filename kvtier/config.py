@@ -111,4 +111,6 @@ class ServeConfig:
     pressure_keep: float = 0.25  # fraction of the RAM budget kept hot after a spill
     api_key: str | None = None  # required on every route when set
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
+    model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
+    strict_model_names: bool = False  # refuse names other than the served model's and aliases
     cache: CacheConfig = field(default_factory=CacheConfig)

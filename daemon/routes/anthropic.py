@@ -92,14 +92,6 @@ class Prompt:
     parse_tools: bool         # whether to read tool calls out of the answer
 
 
-def check_model(body: dict, state: DaemonState) -> str:
-    name = field(body, "model", str, required=True)
-    if name not in state.model_ids():
-        raise ApiError(404, f"model '{name}' is not served here; this daemon serves "
-                            f"'{state.model_id()}' (or use 'default')", param="model")
-    return name
-
-
 def _blocks(content: Any, path: str) -> list[dict]:
     """Content as a list of blocks: a string is one text block."""
     if isinstance(content, str):
@@ -377,7 +369,7 @@ def tool_use_block(call: ToolCall) -> dict:
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     prompt = parse_prompt(body)
     stops = parse_stop_sequences(body)
     stream = field(body, "stream", bool, False)
@@ -467,7 +459,7 @@ async def stream_events(http: web.Request, generation: Generation, message: dict
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
     body = await json_body(http)
-    check_model(body, state)
+    state.requested_model(body)
     prompt = parse_prompt(body)
     tokens, _ = await tokenize(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})

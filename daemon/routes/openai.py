@@ -93,14 +93,6 @@ def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> Gener
     )
 
 
-def check_model(body: dict, state: DaemonState) -> str:
-    name = field(body, "model", str, required=True)
-    if name not in state.model_ids():
-        raise ApiError(404, f"model '{name}' is not served here; this daemon serves "
-                            f"'{state.model_id()}'", param="model", code="model_not_found")
-    return name
-
-
 # -- responses --------------------------------------------------------------------------
 def usage_json(usage: Usage) -> dict:
     return {
@@ -163,7 +155,7 @@ def finish_reason(chunk: Chunk) -> str:
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     messages = parse_messages(body)
     tools = check_openai_tools(field(body, "tools", list, None) or []) or None
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
@@ -226,7 +218,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 async def completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     prompt = field(body, "prompt", str, required=True)
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
@@ -259,4 +251,5 @@ async def completions(http: web.Request) -> web.StreamResponse:
 async def list_models(http: web.Request) -> web.Response:
     state = http.app[STATE]
     return web.json_response({"object": "list", "data": [
-        {"id": state.model_id(), "object": "model", "created": state.started, "owned_by": "kvtier"}]})
+        {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier"}
+        for name in state.names.listed()]})
