@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
@@ -81,6 +82,27 @@ def resolve_model_path(model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model, local_files_only=True))
+
+
+def fold_system_messages(messages: list[dict]) -> list[dict]:
+    """Messages for a chat template that takes a system message only first: each later system
+    message is appended to the user message before it, else put before the next user message,
+    else becomes a user message of its own."""
+    out: list[dict] = []
+    pending: list[str] = []  # system texts waiting for the next user message
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
+                out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{message['content']}")
+            else:
+                pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user" and isinstance(message["content"], str):
+            message = dict(message, content="\n\n".join([*pending, message["content"]]))
+            pending = []
+        out.append(message)
+    out.extend({"role": "user", "content": text} for text in pending)
+    return out
 
 
 class Engine:
@@ -165,8 +187,19 @@ class Engine:
     def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                 tokenize: bool = True) -> Any:
         kwargs = {"tools": tools} if tools else {}
-        rendered = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        def render(messages: list[dict]) -> Any:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        try:
+            rendered = render(messages)
+        except TemplateError:
+            folded = fold_system_messages(messages)
+            if folded == messages:
+                raise
+            # Templates such as Qwen's refuse a system message after the first one.
+            rendered = render(folded)
         return list(rendered) if tokenize else rendered
 
     def text_tokens(self, prompt: str) -> list[int]:

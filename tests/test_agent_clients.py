@@ -4,6 +4,7 @@ as Claude Code sends them (recorded bodies in tests/fixtures/claude_code), disco
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -58,3 +59,72 @@ def test_strict_names_refuse_others_and_aliases_are_listed(daemon_factory, llama
         anthropic_client(daemon).messages.create(model="claude-9", messages=MESSAGE, max_tokens=1)
     assert err.value.body["error"]["type"] == "not_found_error"
     assert "claude-9" in err.value.body["error"]["message"]
+
+
+# -- Anthropic Messages as Claude Code sends it ------------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "claude_code"
+QWEN_SYSTEM_CHECK = ("{%- for m in messages %}{% if m.role == 'system' and not loop.first %}"
+                     "{{ raise_exception('System message must be at the beginning.') }}"
+                     "{% endif %}{% endfor %}")
+
+
+def recorded(name: str) -> tuple[dict, dict]:
+    """A request body Claude Code sent (and its headers), recorded from a real run."""
+    data = json.loads((FIXTURES / f"{name}.json").read_text())
+    return data["body"], data["headers"]
+
+
+@pytest.fixture(scope="module")
+def first_system_only_model(llama_model, tmp_path_factory) -> Path:
+    """The test model with a chat template that, like Qwen's, refuses a system message
+    anywhere but first (same weights, linked)."""
+    out = tmp_path_factory.mktemp("qwen-style") / "model"
+    out.mkdir()
+    for item in llama_model.iterdir():
+        if item.name != "tokenizer_config.json":
+            (out / item.name).symlink_to(item)
+    config = json.loads((llama_model / "tokenizer_config.json").read_text())
+    config["chat_template"] = QWEN_SYSTEM_CHECK + config["chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+MID_SYSTEM = {"system": "You are a coding agent.", "messages": [
+    {"role": "user", "content": "List the files."},
+    {"role": "system", "content": [{"type": "text", "text": "# Environment\nDirectory: /work"}]}]}
+
+
+def test_mid_conversation_system_message_is_rendered_where_it_stands(shared_daemon, reference):
+    reply = anthropic_client(shared_daemon).messages.create(
+        model="claude-opus-5-5", max_tokens=10, extra_body={"temperature": 0}, **MID_SYSTEM)
+    expected = reference.chat([{"role": "system", "content": "You are a coding agent."},
+                               {"role": "user", "content": "List the files."},
+                               {"role": "system", "content": "# Environment\nDirectory: /work"}], 10)
+    assert reply.content[0].text == expected
+
+
+def test_mid_conversation_system_message_is_folded_when_the_template_refuses_it(
+        daemon_factory, first_system_only_model, reference):
+    daemon = daemon_factory(first_system_only_model)
+    reply = anthropic_client(daemon).messages.create(
+        model="claude-opus-5-5", max_tokens=10, extra_body={"temperature": 0}, **MID_SYSTEM)
+    expected = reference.chat([{"role": "system", "content": "You are a coding agent."},
+                               {"role": "user", "content": "List the files.\n\n# Environment\n"
+                                                           "Directory: /work"}], 10)
+    assert reply.content[0].text == expected
+
+
+def test_unknown_role_is_refused_in_anthropic_shape(shared_daemon):
+    status, body = post(shared_daemon, "/v1/messages", {
+        "model": "m", "max_tokens": 2, "messages": [{"role": "wizard", "content": "hi"}]})
+    assert status == 400 and body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "messages.0.role" in body["error"]["message"]
+
+
+def test_recorded_claude_code_request_is_accepted_as_sent(shared_daemon):
+    """Every field and beta header of a real Claude Code request (thinking, context_management,
+    output_config, metadata, cache_control, a system message inside messages)."""
+    body, headers = recorded("first_conversation")
+    status, counted = post(shared_daemon, "/v1/messages/count_tokens", body, headers)
+    assert status == 200 and counted["input_tokens"] > 5000

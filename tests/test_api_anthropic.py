@@ -255,7 +255,7 @@ MESSAGE = [{"role": "user", "content": "hi"}]
      400, "invalid_request_error", "prompt is too long"),
     ({"model": "MODEL", "max_tokens": 5}, 400, "invalid_request_error", "messages"),
     ({"model": "MODEL", "messages": [], "max_tokens": 5}, 400, "invalid_request_error", "messages"),
-    ({"model": "MODEL", "messages": [{"role": "system", "content": "x"}], "max_tokens": 5},
+    ({"model": "MODEL", "messages": [{"role": "tool", "content": "x"}], "max_tokens": 5},
      400, "invalid_request_error", "messages.0.role"),
     ({"model": "MODEL", "messages": [{"role": "user"}], "max_tokens": 5}, 400, "invalid_request_error", "content"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": [

@@ -120,11 +120,16 @@ def parse_system(body: dict) -> str | None:
     system = body.get("system")
     if system is None:
         return None
+    return _system_text(_blocks(system, "system"), "system")
+
+
+def _system_text(blocks: list[dict], path: str) -> str:
+    """System text blocks joined with a newline (cache_control is accepted and ignored)."""
     parts = []
-    for i, block in enumerate(_blocks(system, "system")):
+    for i, block in enumerate(blocks):
         if block["type"] != "text":
-            raise bad(f"system.{i}: system blocks must be of type 'text'")
-        parts.append(_text(block, f"system.{i}"))  # cache_control is accepted and ignored
+            raise bad(f"{path}.{i}: system blocks must be of type 'text'")
+        parts.append(_text(block, f"{path}.{i}"))
     return "\n".join(parts)
 
 
@@ -243,12 +248,15 @@ def parse_prompt(body: dict) -> Prompt:
         if not isinstance(message, dict):
             raise bad(f"{path} must be an object")
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise bad(f"{path}.role must be 'user' or 'assistant' (put the system prompt in "
-                      "the top-level 'system' field)")
+        if role not in ("user", "assistant", "system"):
+            raise bad(f"{path}.role: role {role!r} is not supported; use 'user', 'assistant' "
+                      "or 'system'")
         if "content" not in message:
             raise bad(f"{path}.content is required")
         blocks = _blocks(message["content"], f"{path}.content")
+        if role == "system":  # a mid-conversation system message: rendered where it stands
+            out.append({"role": "system", "content": _system_text(blocks, f"{path}.content")})
+            continue
         if not blocks and not (role == "assistant" and i == len(messages) - 1):
             raise bad(f"{path}.content must not be empty")
         if role == "user":
