@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strict-model-names", action="store_true",
                        help="answer 404 for model names other than the served model's and its "
                             "aliases (default: any name is served by the one model)")
+    serve.add_argument("--keep-billing-header", action="store_true",
+                       help="keep Claude Code's x-anthropic-billing-header system line in the "
+                            "prompt (default: dropped; it changes per conversation)")
     serve.add_argument("--log-level", default="info")
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
@@ -83,6 +86,7 @@ def serve(args: argparse.Namespace) -> int:
     config.max_waiting = args.max_waiting
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
     config.strict_model_names = args.strict_model_names
+    config.keep_billing_header = args.keep_billing_header
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")

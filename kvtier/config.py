@@ -113,4 +113,5 @@ class ServeConfig:
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
     model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
     strict_model_names: bool = False  # refuse names other than the served model's and aliases
+    keep_billing_header: bool = False  # keep Claude Code's per-conversation system line
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -34,6 +34,14 @@ def llama_model() -> Path:
     return make_model(MODELS / "llama", "llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """2 layers, hidden 64: prefills a 20K-token Claude Code prompt in a few seconds."""
+    from kvtier.testmodels import make_model
+
+    return make_model(MODELS / "tiny", "llama", hidden=64, layers=2)
+
+
 @lru_cache(maxsize=None)
 def _loaded(path: str):
     import mlx_lm

@@ -128,3 +128,41 @@ def test_recorded_claude_code_request_is_accepted_as_sent(shared_daemon):
     body, headers = recorded("first_conversation")
     status, counted = post(shared_daemon, "/v1/messages/count_tokens", body, headers)
     assert status == 200 and counted["input_tokens"] > 5000
+
+
+# -- the billing line -------------------------------------------------------------------
+def ask_recorded(daemon, name: str) -> dict:
+    body, headers = recorded(name)
+    status, reply = post(daemon, "/v1/messages", dict(body, max_tokens=2, stream=False), headers)
+    assert status == 200, reply
+    return reply["usage"]
+
+
+def test_new_claude_code_conversation_reuses_the_system_prompt_and_tools(daemon_factory, tiny_model):
+    """Two recorded conversations differ in the billing line (cc_version=…1c9 / …34c), the
+    question, and what follows it: all before the question comes from the cache."""
+    daemon = daemon_factory(tiny_model)
+    first = ask_recorded(daemon, "first_conversation")
+    second = ask_recorded(daemon, "second_conversation")
+    assert first["cache_read_input_tokens"] == 0
+    prompt = second["kvtier"]["prompt_tokens"]
+    assert second["cache_read_input_tokens"] > 0.75 * prompt
+
+
+def billing_request(version: str) -> dict:
+    system = [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.332.{version}; "
+                                       "cc_entrypoint=sdk-cli; cch=00000;"},
+              {"type": "text", "text": "You are a careful coding agent. " * 40,
+               "cache_control": {"type": "ephemeral"}}]
+    return {"model": "claude-opus-5-5", "max_tokens": 2, "system": system, "messages": MESSAGE}
+
+
+@pytest.mark.parametrize("flags,reused", [((), True), (("--keep-billing-header",), False)])
+def test_billing_line_is_dropped_unless_kept(daemon_factory, tiny_model, flags, reused):
+    daemon = daemon_factory(tiny_model, *flags)
+    post(daemon, "/v1/messages", billing_request("1c9"))
+    status, reply = post(daemon, "/v1/messages", billing_request("34c"))
+    assert status == 200
+    cached, prompt = reply["usage"]["cache_read_input_tokens"], reply["usage"]["kvtier"]["prompt_tokens"]
+    # Kept, only the line's own first words match ("…billing-header: cc_version=2.1.332.").
+    assert (cached == prompt - 1) if reused else (cached < prompt / 10)

@@ -28,6 +28,7 @@ from kvtier.engine import GenerationRequest, Usage
 
 from ..errors import ApiError, field, json_body
 from ..state import STATE, DaemonState
+from ..volatile import drop_billing_line
 from .openai import chunks_of
 from .tools import ToolCall, ToolCallBuffer
 
@@ -116,21 +117,22 @@ def _unsupported(kind: str, path: str) -> ApiError:
     return bad(f"{path}: unsupported content block type '{kind}'")
 
 
-def parse_system(body: dict) -> str | None:
+def parse_system(body: dict, keep_billing_line: bool = False) -> str | None:
     system = body.get("system")
     if system is None:
         return None
-    return _system_text(_blocks(system, "system"), "system")
+    return _system_text(_blocks(system, "system"), "system", keep_billing_line)
 
 
-def _system_text(blocks: list[dict], path: str) -> str:
-    """System text blocks joined with a newline (cache_control is accepted and ignored)."""
+def _system_text(blocks: list[dict], path: str, keep_billing_line: bool = False) -> str:
+    """System text blocks joined with a newline (cache_control is accepted and ignored),
+    without Claude Code's per-conversation billing line unless asked to keep it."""
     parts = []
     for i, block in enumerate(blocks):
         if block["type"] != "text":
             raise bad(f"{path}.{i}: system blocks must be of type 'text'")
         parts.append(_text(block, f"{path}.{i}"))
-    return "\n".join(parts)
+    return "\n".join(parts if keep_billing_line else drop_billing_line(parts))
 
 
 def _tool_result_text(block: dict, path: str) -> str:
@@ -234,12 +236,12 @@ def parse_tool_choice(body: dict, tools: list[dict] | None) -> bool:
     return bool(tools) and choice["type"] != "none"
 
 
-def parse_prompt(body: dict) -> Prompt:
+def parse_prompt(body: dict, keep_billing_line: bool = False) -> Prompt:
     messages = field(body, "messages", list, required=True)
     if not messages:
         raise bad("messages: at least one message is required", param="messages")
     out: list[dict] = []
-    system = parse_system(body)
+    system = parse_system(body, keep_billing_line)
     if system is not None:
         out.append({"role": "system", "content": system})
     prefill = ""
@@ -255,7 +257,8 @@ def parse_prompt(body: dict) -> Prompt:
             raise bad(f"{path}.content is required")
         blocks = _blocks(message["content"], f"{path}.content")
         if role == "system":  # a mid-conversation system message: rendered where it stands
-            out.append({"role": "system", "content": _system_text(blocks, f"{path}.content")})
+            out.append({"role": "system", "content": _system_text(blocks, f"{path}.content",
+                                                                  keep_billing_line)})
             continue
         if not blocks and not (role == "assistant" and i == len(messages) - 1):
             raise bad(f"{path}.content must not be empty")
@@ -378,7 +381,7 @@ async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
     model = state.requested_model(body)
-    prompt = parse_prompt(body)
+    prompt = parse_prompt(body, state.config.keep_billing_header)
     stops = parse_stop_sequences(body)
     stream = field(body, "stream", bool, False)
     tokens, boundaries = await tokenize(state, prompt)
@@ -468,6 +471,6 @@ async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
     body = await json_body(http)
     state.requested_model(body)
-    prompt = parse_prompt(body)
+    prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, _ = await tokenize(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})
