@@ -4,6 +4,8 @@ as Claude Code sends them (recorded bodies in tests/fixtures/claude_code), disco
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 import urllib.error
 import urllib.request
@@ -166,3 +168,36 @@ def test_billing_line_is_dropped_unless_kept(daemon_factory, tiny_model, flags, 
     cached, prompt = reply["usage"]["cache_read_input_tokens"], reply["usage"]["kvtier"]["prompt_tokens"]
     # Kept, only the line's own first words match ("…billing-header: cc_version=2.1.332.").
     assert (cached == prompt - 1) if reused else (cached < prompt / 10)
+
+
+# -- clients that leave mid-stream ------------------------------------------------------
+def read_then_hang_up(daemon, path: str, body: dict, nbytes: int = 400) -> bytes:
+    """What `curl -N … | head -c 400` does: read the start of a stream, close the socket."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=120) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        received = b""
+        while len(received) < nbytes:
+            received += sock.recv(nbytes)
+    return received
+
+
+def test_a_client_leaving_mid_stream_is_an_info_line_and_a_counter(daemon_factory, tiny_model):
+    daemon = daemon_factory(tiny_model)
+    long_answer = {"model": "m", "stream": True, "messages": MESSAGE, "temperature": 1}
+    assert b" 200 OK" in read_then_hang_up(daemon, "/v1/messages", dict(long_answer, max_tokens=30000))
+    assert b" 200 OK" in read_then_hang_up(daemon, "/v1/chat/completions",
+                                           dict(long_answer, max_tokens=20000))
+    deadline = time.time() + 120
+    while daemon.get("/cache/stats")["counters"].get("client_disconnects", 0) < 2:
+        assert time.time() < deadline, daemon.log.read_text()[-3000:]
+        time.sleep(0.2)
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and " ERROR " not in log
+    assert log.count("client went away during POST") == 2
+    access = [line for line in log.splitlines() if '"POST /v1/' in line]
+    assert len(access) == 2 and all('HTTP/1.1" 200' in line for line in access)
+    assert "kvtier_client_disconnects_total 2" in urllib.request.urlopen(daemon.url + "/metrics").read().decode()
+    # The MLX thread is free again: the next request is answered.
+    assert anthropic_client(daemon).messages.create(model="m", messages=MESSAGE, max_tokens=2).content

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
 
+from ..disconnects import client_gone
 from ..errors import ApiError, field, json_body
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
@@ -417,52 +418,62 @@ async def stream_events(http: web.Request, generation: Generation, message: dict
         async def send(event: str, data: dict) -> None:
             await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
-        # The cache split is known only at the end: message_start counts the whole prompt
-        # as input, message_delta then gives the final (cumulative) numbers.
-        await send("message_start", {"type": "message_start", "message": dict(
-            message, content=[], stop_reason=None, stop_sequence=None,
-            usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
-                   "cache_read_input_tokens": 0, "output_tokens": 0})})
-        await send("ping", {"type": "ping"})
-        index, text_open = 0, False
         try:
-            while piece is not None:
-                if piece:
-                    if not text_open:
-                        text_open = True
-                        await send("content_block_start", {"type": "content_block_start", "index": index,
-                                                           "content_block": {"type": "text", "text": ""}})
-                    await send("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                       "delta": {"type": "text_delta", "text": piece}})
-                piece = await anext(pieces, None)
-        except Exception as exc:
-            log.exception("generation failed mid-stream")
-            await send("error", error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
+            await _send_events(send, generation, message, prompt_tokens, piece, pieces)
             await response.write_eof()
-            return response
-        if not text_open and not generation.calls:
-            text_open = True
-            await send("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": {"type": "text", "text": ""}})
-        if text_open:
-            await send("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        for call in generation.calls:
-            block = tool_use_block(call)
-            await send("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": dict(block, input={})})
-            await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
-            await send("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        await send("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
-            "usage": usage_json(generation.usage)})
-        await send("message_stop", {"type": "message_stop"})
-        await response.write_eof()
+        except ConnectionResetError:
+            return client_gone(http, response)
         return response
     finally:
         await pieces.aclose()  # a vanished client cancels its generation here
+
+
+async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation: Generation,
+                       message: dict, prompt_tokens: int, piece: str | None,
+                       pieces: AsyncIterator[str]) -> None:
+    # The cache split is known only at the end: message_start counts the whole prompt
+    # as input, message_delta then gives the final (cumulative) numbers.
+    await send("message_start", {"type": "message_start", "message": dict(
+        message, content=[], stop_reason=None, stop_sequence=None,
+        usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
+               "cache_read_input_tokens": 0, "output_tokens": 0})})
+    await send("ping", {"type": "ping"})
+    index, text_open = 0, False
+    try:
+        while piece is not None:
+            if piece:
+                if not text_open:
+                    text_open = True
+                    await send("content_block_start", {"type": "content_block_start", "index": index,
+                                                       "content_block": {"type": "text", "text": ""}})
+                await send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "text_delta", "text": piece}})
+            piece = await anext(pieces, None)
+    except ConnectionResetError:
+        raise  # the client left: not a failure of ours
+    except Exception as exc:
+        log.exception("generation failed mid-stream")
+        await send("error", error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
+        return
+    if not text_open and not generation.calls:
+        text_open = True
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": {"type": "text", "text": ""}})
+    if text_open:
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    for call in generation.calls:
+        block = tool_use_block(call)
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": dict(block, input={})})
+        await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+            "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    await send("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
+        "usage": usage_json(generation.usage)})
+    await send("message_stop", {"type": "message_stop"})
 
 
 @routes.post("/v1/messages/count_tokens")

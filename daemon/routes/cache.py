@@ -135,7 +135,8 @@ async def metrics(http: web.Request) -> web.Response:
                             ("disk_evictions", "Entries evicted to keep the disk budget."),
                             ("disk_write_errors", "Failed cache writes."),
                             ("memory_pressure_events", "Hot-tier spills under memory pressure."),
-                            ("requests_unsupported_model", "Requests served without reuse.")]:
+                            ("requests_unsupported_model", "Requests served without reuse."),
+                            ("client_disconnects", "Streams whose client went away before the end.")]:
         metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
     metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
            [("", state.worker.waiting)])

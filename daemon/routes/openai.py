@@ -12,6 +12,7 @@ from aiohttp import web
 
 from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
 
+from ..disconnects import client_gone
 from ..errors import ApiError, field, json_body
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
@@ -135,12 +136,15 @@ async def stream_sse(http: web.Request, state: DaemonState, request: GenerationR
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(http)
-        while chunk is not None:
-            for payload in frame(chunk):
-                await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-            chunk = await anext(chunks, None)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            while chunk is not None:
+                for payload in frame(chunk):
+                    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+                chunk = await anext(chunks, None)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            return client_gone(http, response)
         return response
     finally:
         await chunks.aclose()  # a vanished client cancels its generation here
