@@ -259,7 +259,10 @@ class Engine:
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
             left -= n
         deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
-                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
+                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1,
+                  # A "hit" of 3 tokens is still a cold request: count the ones served mostly
+                  # from the cache apart.
+                  "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.store.count(name, value)
         self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)
