@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible HTTP API)")
-    serve.add_argument("--model", required=True, help="model directory, or a repo id in the local HF cache")
+    serve.add_argument("--model", required=True,
+                       help="model directory, or a Hugging Face repo id (downloaded on first use)")
+    serve.add_argument("--offline", action="store_true",
+                       help="never download: the model must be a directory or in the HF cache")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8420)
     serve.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
@@ -71,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
     from .app import init_app
     from .auth import is_loopback
     from .model_names import parse_alias
+    from kvtier.hub import fetch_model
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -90,6 +94,7 @@ def serve(args: argparse.Namespace) -> int:
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")
+    fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
     web.run_app(init_app(config), host=config.host, port=config.port,
                 print=lambda msg: logging.getLogger("kvtier").info(msg))
     return 0

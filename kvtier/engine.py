@@ -26,6 +26,7 @@ from mlx_lm.sample_utils import make_sampler
 from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
+from .hub import ModelUnavailable, cached_model
 from .stops import StopMatcher
 from .tiers import Hit, Match, NewEntry, SnapshotHit, TieredStore, common_prefix
 
@@ -75,13 +76,12 @@ class Chunk:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local directory, or a repo id already in the local Hugging Face cache (no download)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, local_files_only=True))
+    """A local directory, or a repo id already in the local Hugging Face cache (no download
+    here: `kvtier serve` fetches a missing model before it starts, see kvtier.hub)."""
+    path = cached_model(model)
+    if path is None:
+        raise ModelUnavailable(f"model {model!r} is not a directory nor in the Hugging Face cache")
+    return path
 
 
 def fold_system_messages(messages: list[dict]) -> list[dict]:
