@@ -179,7 +179,8 @@ def test_previous_response_id_continues_the_conversation(client, reference):
     ({"model": "m", "input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
     ({"model": "m", "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]},
      "input[0].arguments"),
-    ({"model": "m", "input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"model": "m", "input": "hi", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
+    ({"model": "m", "input": "hi", "tools": ["read_file"]}, "tools[0]"),
     ({"model": "m", "input": "hi", "tool_choice": "maybe"}, "tool_choice"),
     ({"model": "m", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"model": "m", "input": "hi", "temperature": 3}, "temperature"),
@@ -190,3 +191,34 @@ def test_bad_requests_get_openai_errors(shared_daemon, validate, body, param):
     assert status == 400
     validate(response, "ErrorResponse")
     assert response["error"]["param"] == param
+
+
+# -- Codex, as recorded -------------------------------------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "codex"
+
+
+def recorded(name: str) -> dict:
+    """A request body the Codex CLI sent (wire_api = "responses"), recorded from a real run:
+    developer and user messages, function tools, a `namespace` tool of functions, a built-in
+    `web_search` tool, `store: false`, `include`, `reasoning`, `prompt_cache_key`."""
+    return json.loads((FIXTURES / f"{name}.json").read_text())["body"]
+
+
+def test_recorded_codex_conversations_are_served_and_share_the_cache(daemon_factory, tiny_model,
+                                                                     validate):
+    daemon = daemon_factory(tiny_model)
+    finals = []
+    for name in ("first_conversation", "second_conversation"):
+        status, text = post(daemon, dict(recorded(name), max_output_tokens=4))
+        assert status == 200, text
+        events = sse(text)
+        for event in events:
+            validate(event, "ResponseStreamEvent")
+        finals.append(events[-1]["response"])
+    names = [tool.get("name") for tool in finals[0]["tools"]]
+    assert "multi_agent_v1" in names and {"type": "web_search", "external_web_access": False} in finals[0]["tools"]
+    first, second = (final["usage"] for final in finals)
+    assert first["input_tokens_details"]["cached_tokens"] == 0
+    # Everything before the question (instructions, tools, environment) came from the cache.
+    assert second["input_tokens_details"]["cached_tokens"] > 0.9 * second["input_tokens"]
+    assert "built-in tool type 'web_search' is not available here" in daemon.log.read_text()

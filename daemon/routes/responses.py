@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from aiohttp import web
@@ -66,7 +67,7 @@ def _text_of(content: Any, param: str) -> str:
     return "".join(texts)
 
 
-def _call_item(item: dict, param: str) -> dict:
+def _input_call(item: dict, param: str) -> dict:
     """A `function_call` input item as an HF-shaped tool call (arguments an object)."""
     if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
         raise bad("function_call items need a string 'call_id' and 'name'", param)
@@ -100,7 +101,7 @@ def parse_input(value: Any, param: str = "input") -> list[dict]:
                           "'system' or 'developer'", f"{where}.role")
             out.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            call = _call_item(item, where)
+            call = _input_call(item, where)
             if out and out[-1]["role"] == "assistant":  # calls join the turn that made them
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -118,28 +119,59 @@ def parse_input(value: Any, param: str = "input") -> list[dict]:
     return out
 
 
-def parse_tools(body: dict) -> tuple[list[dict] | None, list[dict]]:
-    """(tools in the HF function shape for the template, tools as the response echoes them)."""
+@dataclass
+class Tools:
+    template: list[dict] | None  # function tools in the HF shape, for the chat template
+    echoed: list[dict]           # the request's tools, as the response repeats them
+    namespaces: dict[str, str]   # function name -> the `namespace` tool that holds it
+
+
+def parse_tools(body: dict) -> Tools:
+    """Function tools, also those grouped in `namespace` tools (Codex sends both), go to the
+    template. Built-in tools (`web_search`, …) run on OpenAI's servers, not here: they are not
+    offered to the model, and logged once, rather than refused (agents send them anyway)."""
     tools = field(body, "tools", list, None) or []
-    template, echoed = [], []
+    found = Tools([], [], {})
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise bad(f"only function tools are supported, not {kind!r}", f"tools[{i}]")
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise bad("each function tool needs a string 'name'", f"tools[{i}].name")
-        parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(parameters, dict):
-            raise bad("'parameters' must be a JSON schema object", f"tools[{i}].parameters")
-        function = {"name": tool["name"]}  # in the order templates print it (tojson keeps it)
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        function["parameters"] = parameters
-        template.append({"type": "function", "function": function})
-        echoed.append({"type": "function", "name": tool["name"],
-                       "description": tool.get("description"), "parameters": parameters,
-                       "strict": bool(tool.get("strict", False))})
-    return template or None, echoed
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise bad("each tool must be an object with a 'type'", f"tools[{i}]")
+        if tool["type"] == "function":
+            found.template.append(_function(tool, f"tools[{i}]"))
+            found.echoed.append(_echoed(tool, found.template[-1]["function"]))
+            continue
+        found.echoed.append(tool)
+        if tool["type"] == "namespace" and isinstance(tool.get("tools"), list):
+            for j, inner in enumerate(tool["tools"]):
+                if isinstance(inner, dict) and inner.get("type") == "function":
+                    found.template.append(_function(inner, f"tools[{i}].tools[{j}]"))
+                    found.namespaces[inner["name"]] = str(tool.get("name"))
+        elif tool["type"] not in _SKIPPED_LOGGED:
+            _SKIPPED_LOGGED.add(tool["type"])
+            log.info("built-in tool type '%s' is not available here; not offered to the model",
+                     tool["type"])
+    found.template = found.template or None
+    return found
+
+
+_SKIPPED_LOGGED: set[str] = set()
+
+
+def _function(tool: dict, param: str) -> dict:
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise bad("each function tool needs a string 'name'", f"{param}.name")
+    parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise bad("'parameters' must be a JSON schema object", f"{param}.parameters")
+    function = {"name": tool["name"]}  # in the order templates print it (tojson keeps it)
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+def _echoed(tool: dict, function: dict) -> dict:
+    return {"type": "function", "name": function["name"], "description": tool.get("description"),
+            "parameters": function["parameters"], "strict": bool(tool.get("strict", False))}
 
 
 def parse_tool_choice(body: dict) -> Any:
@@ -213,22 +245,26 @@ def output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def call_item(call: ToolCall, status: str = "completed") -> dict:
+def call_item(call: ToolCall, namespaces: dict[str, str], status: str = "completed") -> dict:
     arguments = "" if status == "in_progress" else json.dumps(call.arguments, ensure_ascii=False)
-    return {"id": f"fc_{call.id}", "type": "function_call", "status": status,
+    item = {"id": f"fc_{call.id}", "type": "function_call", "status": status,
             "call_id": call.id, "name": call.name, "arguments": arguments}
+    if call.name in namespaces:
+        item["namespace"] = namespaces[call.name]
+    return item
 
 
 class Answer:
     """One response's fixed fields, and its output as the generation fills it in."""
 
-    def __init__(self, body: dict, model: str, instructions: str | None, tools: list[dict],
+    def __init__(self, body: dict, model: str, instructions: str | None, tools: Tools,
                  tool_choice: Any, previous: str | None, request: GenerationRequest):
+        self.namespaces = tools.namespaces
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.base = {
             "id": self.id, "object": "response", "created_at": int(time.time()),
-            "model": model, "instructions": instructions, "tools": tools,
+            "model": model, "instructions": instructions, "tools": tools.echoed,
             "tool_choice": tool_choice, "previous_response_id": previous,
             "parallel_tool_calls": bool(body.get("parallel_tool_calls", True)),
             "temperature": request.temperature, "top_p": request.top_p,
@@ -253,7 +289,7 @@ class Answer:
         output = []
         if text or not generation.calls:
             output.append(message_item(self.message_id, text))
-        output.extend(call_item(call) for call in generation.calls)
+        output.extend(call_item(call, self.namespaces) for call in generation.calls)
         incomplete = generation.finish == "length" and not generation.calls
         return self.snapshot("incomplete" if incomplete else "completed", output,
                              generation.usage, incomplete)
@@ -279,7 +315,7 @@ async def create_response(http: web.Request) -> web.StreamResponse:
     previous, earlier = history(http, body)
     conversation = [*earlier, *parse_input(body["input"])]
     instructions = field(body, "instructions", str, None)
-    tools, echoed_tools = parse_tools(body)
+    tools = parse_tools(body)
     tool_choice = parse_tool_choice(body)
     stream = field(body, "stream", bool, False)
     # Instructions are not carried over to the next response (as with OpenAI).
@@ -289,14 +325,14 @@ async def create_response(http: web.Request) -> web.StreamResponse:
     engine = state.engine()
 
     def tokenize() -> tuple[list[int], list[int]]:
-        tokens = engine.chat_tokens(messages, tools)
-        return tokens, engine.message_boundaries(messages, tools, tokens)
+        tokens = engine.chat_tokens(messages, tools.template)
+        return tokens, engine.message_boundaries(messages, tools.template, tokens)
 
     tokens, boundaries = await asyncio.to_thread(tokenize)
     request = generation_request(body, state, tokens, boundaries)
-    prompt = Prompt(messages, tools, "", bool(tools) and tool_choice != "none")
+    prompt = Prompt(messages, tools.template, "", bool(tools.template) and tool_choice != "none")
     generation = Generation(state, request, prompt)
-    answer = Answer(body, model, instructions, echoed_tools, tool_choice, previous, request)
+    answer = Answer(body, model, instructions, tools, tool_choice, previous, request)
 
     if not stream:
         text = "".join([piece async for piece in generation.texts()])
@@ -372,8 +408,9 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: str 
                    item=message_item(answer.message_id, text))
         index = 1
     for call in generation.calls:
-        item = call_item(call)
-        await send("response.output_item.added", output_index=index, item=call_item(call, "in_progress"))
+        item = call_item(call, answer.namespaces)
+        await send("response.output_item.added", output_index=index,
+                   item=call_item(call, answer.namespaces, "in_progress"))
         await send("response.function_call_arguments.delta", item_id=item["id"],
                    output_index=index, delta=item["arguments"])
         await send("response.function_call_arguments.done", item_id=item["id"],
