@@ -25,7 +25,7 @@ system-deps:
 test: install
 	$(BLAS) $(PY) -m pytest -q
 
-# Real agents end to end (Claude Code from npm via npx; skips where npm cannot install it).
+# Real agents end to end (Claude Code and Codex from npm via npx; skip where npm cannot install them).
 e2e: install
 	$(BLAS) $(PY) -m pytest -q -m e2e
 
