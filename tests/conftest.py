@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def openai_spec() -> Path | None:
+    """../shared/specs/openai-openapi.json, beside the repository or a worktree of it."""
+    for parent in ROOT.parents:
+        spec = parent / "shared" / "specs" / "openai-openapi.json"
+        if spec.exists():
+            return spec
+    return None
+
+
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
     from kvtier.testmodels import make_model

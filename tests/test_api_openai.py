@@ -11,9 +11,9 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import agent_messages
+from conftest import agent_messages, openai_spec
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "openai-openapi.json"
+SPEC = openai_spec() or Path("shared/specs/openai-openapi.json")
 
 
 def _null_to_type(node):

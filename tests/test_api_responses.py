@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import agent_messages
+from conftest import agent_messages, openai_spec
 from test_api_openai import _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]
@@ -23,18 +23,9 @@ TEMPLATE_TOOLS = [{"type": "function", "function": {
     "name": "read_file", "description": "Read a file.", "parameters": TOOLS[0]["parameters"]}}]
 
 
-def find_spec() -> Path | None:
-    """../shared/specs/openai-openapi.json, from the repository or a worktree beside it."""
-    for parent in Path(__file__).resolve().parents:
-        spec = parent / "shared" / "specs" / "openai-openapi.json"
-        if spec.exists():
-            return spec
-    return None
-
-
 @pytest.fixture(scope="module")
 def validate():
-    spec = find_spec()
+    spec = openai_spec()
     if spec is None:
         pytest.skip("OpenAI spec (shared/specs/openai-openapi.json) not found")
     components = _null_to_type(json.loads(spec.read_text())["components"])
