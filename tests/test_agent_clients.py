@@ -189,15 +189,17 @@ def test_a_client_leaving_mid_stream_is_an_info_line_and_a_counter(daemon_factor
     assert b" 200 OK" in read_then_hang_up(daemon, "/v1/messages", dict(long_answer, max_tokens=30000))
     assert b" 200 OK" in read_then_hang_up(daemon, "/v1/chat/completions",
                                            dict(long_answer, max_tokens=20000))
+    assert b" 200 OK" in read_then_hang_up(daemon, "/v1/responses", {
+        "model": "m", "stream": True, "input": "hi", "max_output_tokens": 20000}, nbytes=3000)
     deadline = time.time() + 120
-    while daemon.get("/cache/stats")["counters"].get("client_disconnects", 0) < 2:
+    while daemon.get("/cache/stats")["counters"].get("client_disconnects", 0) < 3:
         assert time.time() < deadline, daemon.log.read_text()[-3000:]
         time.sleep(0.2)
     log = daemon.log.read_text()
     assert "Traceback" not in log and " ERROR " not in log
-    assert log.count("client went away during POST") == 2
+    assert log.count("client went away during POST") == 3
     access = [line for line in log.splitlines() if '"POST /v1/' in line]
-    assert len(access) == 2 and all('HTTP/1.1" 200' in line for line in access)
-    assert "kvtier_client_disconnects_total 2" in urllib.request.urlopen(daemon.url + "/metrics").read().decode()
+    assert len(access) == 3 and all('HTTP/1.1" 200' in line for line in access)
+    assert "kvtier_client_disconnects_total 3" in urllib.request.urlopen(daemon.url + "/metrics").read().decode()
     # The MLX thread is free again: the next request is answered.
     assert anthropic_client(daemon).messages.create(model="m", messages=MESSAGE, max_tokens=2).content
