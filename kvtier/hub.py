@@ -35,6 +35,8 @@ def fetch_model(model: str, offline: bool = False) -> Path:
     found = cached_model(model)
     if found is not None:
         return found
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelUnavailable(f"no model directory at {model!r}")
     if offline:
         raise ModelUnavailable(f"model {model!r} is not a directory nor in the Hugging Face cache, "
                                "and --offline forbids downloading it")

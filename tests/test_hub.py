@@ -122,5 +122,7 @@ def test_offline_and_unknown_models_stop_the_daemon_with_a_clear_message(hub_env
     with HubMirror({REPO: tiny_model}) as mirror:
         monkeypatch.setenv("HF_ENDPOINT", mirror.url)
         unknown = serve_exit("kvtier-test/no-such-model")
+        missing_dir = serve_exit(str(hub_env / "no-such-dir"))
     assert unknown.returncode == 2 and "no model 'kvtier-test/no-such-model'" in unknown.stderr
+    assert missing_dir.returncode == 2 and "no model directory at" in missing_dir.stderr
     assert mirror.downloads == []
