@@ -13,6 +13,9 @@ import openai
 import pytest
 
 from conftest import agent_messages, openai_spec
+from daemon.routes.responses import Answer, parse_tools
+from daemon.routes.tools import split_tool_calls
+from kvtier.engine import GenerationRequest, Usage
 from test_api_openai import _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]
@@ -213,3 +216,23 @@ def test_recorded_codex_conversations_are_served_and_share_the_cache(daemon_fact
     # Everything before the question (instructions, tools, environment) came from the cache.
     assert second["input_tokens_details"]["cached_tokens"] > 0.9 * second["input_tokens"]
     assert "built-in tool type 'web_search' is not available here" in daemon.log.read_text()
+
+
+def test_function_calls_in_the_output_match_the_schema(reference, validate):
+    """The output side of tool calls, which the random test models never produce: a call the
+    real tokenizer's parser reads becomes a function_call item (with its namespace)."""
+    shell = {"type": "function", "name": "exec_command", "parameters": {
+        "type": "object", "properties": {"cmd": {"type": "string"}}}}
+    tools = parse_tools({"tools": [{"type": "namespace", "name": "shell", "description": "Shell.",
+                                    "tools": [shell]}, {"type": "web_search"}]})
+    generated = 'Listing.\n<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "ls"}}\n</tool_call>'
+    text, calls = split_tool_calls(generated, reference.tokenizer, tools.template)
+    answer = Answer({}, "m", None, tools, "auto", None, GenerationRequest(prompt_tokens=[1], max_tokens=9))
+    final = answer.final(text, calls, "stop", Usage(prompt_tokens=10, completion_tokens=9, ram_tokens=6))
+    validate(final, "Response")
+    message, call = final["output"]
+    assert message["content"][0]["text"] == "Listing." and final["status"] == "completed"
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "exec_command", "shell")
+    assert json.loads(call["arguments"]) == {"cmd": "ls"}
+    parsed = openai.types.responses.Response.model_validate(final)  # as the SDK reads it
+    assert parsed.output[1].call_id == calls[0].id and parsed.output_text == "Listing."

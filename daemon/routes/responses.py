@@ -285,14 +285,17 @@ class Answer:
             out["incomplete_details"] = {"reason": "max_output_tokens"}
         return out
 
-    def final(self, text: str, generation: Generation) -> dict:
+    def final(self, text: str, calls: list[ToolCall], finish: str | None, usage: Usage) -> dict:
+        """The finished response: the text as a message item, then one item per tool call."""
         output = []
-        if text or not generation.calls:
+        if text or not calls:
             output.append(message_item(self.message_id, text))
-        output.extend(call_item(call, self.namespaces) for call in generation.calls)
-        incomplete = generation.finish == "length" and not generation.calls
-        return self.snapshot("incomplete" if incomplete else "completed", output,
-                             generation.usage, incomplete)
+        output.extend(call_item(call, self.namespaces) for call in calls)
+        incomplete = finish == "length" and not calls
+        return self.snapshot("incomplete" if incomplete else "completed", output, usage, incomplete)
+
+    def of(self, text: str, generation: Generation) -> dict:
+        return self.final(text, generation.calls, generation.finish, generation.usage)
 
 
 def answered_messages(messages: list[dict], text: str, generation: Generation) -> list[dict]:
@@ -336,7 +339,7 @@ async def create_response(http: web.Request) -> web.StreamResponse:
 
     if not stream:
         text = "".join([piece async for piece in generation.texts()])
-        result = answer.final(text, generation)
+        result = answer.of(text, generation)
         if result["store"]:
             remember(http, answer.id, answered_messages(conversation, text, generation))
         return web.json_response(result)
@@ -417,7 +420,7 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: str 
                    output_index=index, name=call.name, arguments=item["arguments"])
         await send("response.output_item.done", output_index=index, item=item)
         index += 1
-    final = answer.final(text, generation)
+    final = answer.of(text, generation)
     await send("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                response=final)
     return text
