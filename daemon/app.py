@@ -18,6 +18,7 @@ from .pressure import PressureWatcher
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
+from .routes import responses as responses_routes
 from .state import STATE, DaemonState
 from .worker import Worker
 
@@ -43,6 +44,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.add_routes(cache_routes.routes)
     app.add_routes(openapi.routes)
     app.add_routes(anthropic_routes.routes)
+    responses_routes.setup(app)
     return app
 
 

@@ -112,4 +112,7 @@ class ServeConfig:
     api_key: str | None = None  # required on every route when set
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
     max_context: int | None = None  # tokens per request (prompt + completion); None: the model's
+    model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
+    strict_model_names: bool = False  # refuse names other than the served model's and aliases
+    keep_billing_header: bool = False  # keep Claude Code's per-conversation system line
     cache: CacheConfig = field(default_factory=CacheConfig)

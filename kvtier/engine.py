@@ -20,12 +20,14 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
+from .hub import ModelUnavailable, cached_model
 from .stops import StopMatcher
 from .tiers import Hit, Match, NewEntry, SnapshotHit, TieredStore, common_prefix
 
@@ -99,13 +101,33 @@ def declared_context_length(config: dict) -> int | None:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local directory, or a repo id already in the local Hugging Face cache (no download)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    from huggingface_hub import snapshot_download
+    """A local directory, or a repo id already in the local Hugging Face cache (no download
+    here: `kvtier serve` fetches a missing model before it starts, see kvtier.hub)."""
+    path = cached_model(model)
+    if path is None:
+        raise ModelUnavailable(f"model {model!r} is not a directory nor in the Hugging Face cache")
+    return path
 
-    return Path(snapshot_download(model, local_files_only=True))
+
+def fold_system_messages(messages: list[dict]) -> list[dict]:
+    """Messages for a chat template that takes a system message only first: each later system
+    message is appended to the user message before it, else put before the next user message,
+    else becomes a user message of its own."""
+    out: list[dict] = []
+    pending: list[str] = []  # system texts waiting for the next user message
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
+                out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{message['content']}")
+            else:
+                pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user" and isinstance(message["content"], str):
+            message = dict(message, content="\n\n".join([*pending, message["content"]]))
+            pending = []
+        out.append(message)
+    out.extend({"role": "user", "content": text} for text in pending)
+    return out
 
 
 class Engine:
@@ -187,8 +209,19 @@ class Engine:
     def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                 tokenize: bool = True) -> Any:
         kwargs = {"tools": tools} if tools else {}
-        rendered = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        def render(messages: list[dict]) -> Any:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        try:
+            rendered = render(messages)
+        except TemplateError:
+            folded = fold_system_messages(messages)
+            if folded == messages:
+                raise
+            # Templates such as Qwen's refuse a system message after the first one.
+            rendered = render(folded)
         return list(rendered) if tokenize else rendered
 
     def text_tokens(self, prompt: str) -> list[int]:
@@ -248,7 +281,10 @@ class Engine:
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
             left -= n
         deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
-                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
+                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1,
+                  # A "hit" of 3 tokens is still a cold request: count the ones served mostly
+                  # from the cache apart.
+                  "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.store.count(name, value)
         self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)

@@ -28,11 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def openai_spec() -> Path | None:
+    """../shared/specs/openai-openapi.json, beside the repository or a worktree of it."""
+    for parent in ROOT.parents:
+        spec = parent / "shared" / "specs" / "openai-openapi.json"
+        if spec.exists():
+            return spec
+    return None
+
+
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
     from kvtier.testmodels import make_model
 
     return make_model(MODELS / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """2 layers, hidden 64: prefills a 20K-token Claude Code prompt in a few seconds."""
+    from kvtier.testmodels import make_model
+
+    return make_model(MODELS / "tiny", "llama", hidden=64, layers=2)
 
 
 @lru_cache(maxsize=None)
