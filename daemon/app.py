@@ -18,6 +18,7 @@ from .pressure import PressureWatcher
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
+from .routes import responses as responses_routes
 from .state import STATE, DaemonState
 from .worker import Worker
 
@@ -44,11 +45,16 @@ def init_app(config: ServeConfig) -> web.Application:
     app.add_routes(cache_routes.routes)
     app.add_routes(openapi.routes)
     app.add_routes(anthropic_routes.routes)
+    responses_routes.setup(app)
     return app
 
 
 async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
-    """Load the model in the background; on shutdown flush every block to disk."""
+    """Load the model in the background; on shutdown flush every block to disk.
+
+    Shutdown waits for each thread to end: the watcher first (it queues work for the MLX
+    thread), then the MLX thread, which writes every queued block and frees its MLX state.
+    """
     state = app[STATE]
     state.worker.start()
     watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
@@ -57,3 +63,4 @@ async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     log.info("shutting down: flushing cached blocks to disk")
     watcher.stop()
     await asyncio.to_thread(state.worker.stop)
+    log.info("shutdown complete")

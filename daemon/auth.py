@@ -9,14 +9,15 @@ import socket
 
 from aiohttp import web
 
-from .errors import ApiError, error_response
+from .errors import ApiError
 
 
-def presented_key(request: web.Request) -> str:
+def presented_key(request: web.Request) -> bytes:
+    """The key as the client sent it, byte for byte: aiohttp decodes header values as UTF-8
+    with surrogateescape, so any bytes at all (not only UTF-8) come back unchanged."""
     auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    return key.encode("utf-8", "surrogateescape")
 
 
 def auth_middleware(api_key: str):
@@ -24,13 +25,10 @@ def auth_middleware(api_key: str):
 
     @web.middleware
     async def check(request: web.Request, handler):
-        if not hmac.compare_digest(presented_key(request).encode(), expected):
-            error = ApiError(401, "missing or wrong API key", type_="authentication_error",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            if request.path.startswith("/v1/messages"):  # Anthropic clients expect their shape
-                return web.json_response({"type": "error", "error": {
-                    "type": "authentication_error", "message": error.message}}, status=401)
-            return error_response(error)
+        if not hmac.compare_digest(presented_key(request), expected):
+            # Raised, not returned: the error middleware answers in the route's API shape.
+            raise ApiError(401, "missing or wrong API key", type_="authentication_error",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return check

@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible HTTP API)")
-    serve.add_argument("--model", required=True, help="model directory, or a repo id in the local HF cache")
+    serve.add_argument("--model", required=True,
+                       help="model directory, or a Hugging Face repo id (downloaded on first use)")
+    serve.add_argument("--offline", action="store_true",
+                       help="never download: the model must be a directory or in the HF cache")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8420)
     serve.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-group-size", type=int, default=64)
     serve.add_argument("--max-tokens", type=int, default=512,
                        help="completion length when a request gives none (default: 512)")
+    serve.add_argument("--max-context", type=service.positive_int, default=None,
+                       help="tokens a request may span, prompt and completion (default: the limit "
+                            "the model's config.json declares; none if it declares none)")
     serve.add_argument("--pressure-below", type=_size, default=None,
                        help="spill hot KV to disk when available memory falls below this "
                             "(default: a tenth of physical memory)")
@@ -57,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-inexact", action="store_true",
                        help="batch even where batched decode is not bit-identical to decoding alone "
                             "(as mlx_lm.server does): faster, but greedy text may differ from mlx-lm's")
+    serve.add_argument("--model-alias", action="append", default=[], metavar="NAME[=MODEL]",
+                       help="another name for the served model, listed in /v1/models (repeatable)")
+    serve.add_argument("--strict-model-names", action="store_true",
+                       help="answer 404 for model names other than the served model's and its "
+                            "aliases (default: any name is served by the one model)")
+    serve.add_argument("--keep-billing-header", action="store_true",
+                       help="keep Claude Code's x-anthropic-billing-header system line in the "
+                            "prompt (default: dropped; it changes per conversation)")
     serve.add_argument("--log-level", default="info")
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
@@ -64,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
+    from . import server
     from .app import init_app
     from .auth import is_loopback
+    from .model_names import parse_alias
+    from kvtier.hub import fetch_model
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -76,7 +91,7 @@ def serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,
                          max_tokens_default=args.max_tokens, pressure_keep=args.pressure_keep,
-                         cache=cache)
+                         max_context=args.max_context, cache=cache)
     if args.pressure_below is not None:
         config.pressure_below = args.pressure_below
     config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
@@ -86,11 +101,14 @@ def serve(args: argparse.Namespace) -> int:
             raise ValueError("--max-batch must be at least 1")
         config.max_batch = args.max_batch
     config.batch_inexact = args.batch_inexact
+    config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
+    config.strict_model_names = args.strict_model_names
+    config.keep_billing_header = args.keep_billing_header
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")
-    web.run_app(init_app(config), host=config.host, port=config.port,
-                print=lambda msg: logging.getLogger("kvtier").info(msg))
+    fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
+    server.run(init_app(config), config.host, config.port)
     return 0
 
 

@@ -43,8 +43,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     what.add_argument("--model", help="a model's entries (name as served, directory name or fingerprint)")
     what.add_argument("--older-than", type=parse_duration, help="entries unused for this long (7d, 12h)")
     what.add_argument("--to-size", type=_size, help="evict least recently used entries down to this size")
-    verify = commands.add_parser("verify", parents=[common], help="check every file against the index")
-    verify.add_argument("--fix", action="store_true", help="remove what is broken")
+    verify = commands.add_parser("verify", parents=[common], help="check the index, and every file against it")
+    verify.add_argument("--fix", action="store_true",
+                        help="remove what is broken; rebuild a damaged index from the block files")
     for name in ("pin", "unpin"):
         pin = commands.add_parser(name, parents=[common], help=f"{name} a cached prefix (protect it from eviction)")
         pin.add_argument("key", help="the prefix key from `kvtier ls` (a unique start is enough)")
@@ -61,15 +62,25 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     if args.command == "warm":
         return _warm(args, cache_dir)
+    from kvtier.index import IndexDamaged
     from kvtier.ops import CacheDir
 
     try:
-        cache = CacheDir(cache_dir)
+        cache = CacheDir(cache_dir, walk=args.command == "verify")
     except FileNotFoundError as exc:
         return _fail(str(exc))
+    if cache.damage and args.command != "verify":
+        return _damaged(cache.damage)
     with cache:
-        return {"stats": _stats, "ls": _ls, "purge": _purge, "verify": _verify,
-                "pin": _pin, "unpin": _pin}[args.command](args, cache)
+        try:
+            return {"stats": _stats, "ls": _ls, "purge": _purge, "verify": _verify,
+                    "pin": _pin, "unpin": _pin}[args.command](args, cache)
+        except IndexDamaged as exc:  # met while reading it
+            return _damaged(str(exc))
+
+
+def _damaged(reason: str) -> int:
+    return _fail(f"the index is damaged ({reason}): run `kvtier verify --fix`")
 
 
 def _fail(message: str) -> int:
@@ -89,16 +100,21 @@ def _stats(args, cache) -> int:
              f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
              f"(+ {format_size(data['disk']['index_bytes'])} index)"]
     for fingerprint, model in data["models"].items():
-        rate = "-" if model["hit_rate"] is None else f"{100 * model['hit_rate']:.0f}%"
-        token_rate = "-" if model["token_hit_rate"] is None else f"{100 * model['token_hit_rate']:.0f}%"
         lines.append(f"model {model['model']} [{fingerprint[:12]}]: {model['blocks']} blocks, "
                      f"{model['snapshots']} snapshots, {format_size(model['bytes'])} "
-                     f"({format_size(model['pinned_bytes'])} pinned); {model['requests']} requests, "
-                     f"hit rate {rate}, prompt tokens from cache {token_rate} "
-                     f"(RAM {model['tokens_from_ram']}, disk {model['tokens_from_disk']}, "
-                     f"computed {model['tokens_computed']})")
+                     f"({format_size(model['pinned_bytes'])} pinned)")
+        lines.append(f"  {_rates_line(model)}")
+    lines.append(f"all models: {_rates_line(data['overall'])}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _rates_line(rates: dict) -> str:
+    rate = "-" if rates["hit_rate"] is None else f"{100 * rates['hit_rate']:.0f}%"
+    return (f"hit rate {rate} of {rates['prompt_tokens']} prompt tokens (RAM "
+            f"{rates['tokens_from_ram']}, disk {rates['tokens_from_disk']}, computed "
+            f"{rates['tokens_computed']}); {rates['half_cached']} of {rates['requests']} requests "
+            f"reused at least half their prompt")
 
 
 def _ls(args, cache) -> int:
@@ -126,9 +142,13 @@ def _purge(args, cache) -> int:
 
 
 def _verify(args, cache) -> int:
-    from kvtier.ops import verify
+    from kvtier.ops import IndexInUse, verify
 
-    problems = verify(cache, fix=args.fix)
+    try:
+        problems = verify(cache, fix=args.fix)
+    except IndexInUse as exc:
+        print(f"kvtier: {exc}", file=sys.stderr)
+        return 1
     data = {"problems": [p.__dict__ for p in problems], "fixed": bool(args.fix and problems)}
     lines = [f"{p.kind:<18} {p.key[:32]:<32} {p.detail}" for p in problems]
     summary = "cache is consistent" if not problems else \

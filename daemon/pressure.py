@@ -1,5 +1,9 @@
 """Memory-pressure watcher: when the machine runs short of memory, spill the hot tier to
-SSD down to a low watermark and give MLX's buffer cache back to the OS."""
+SSD down to a low watermark and give MLX's buffer cache back to the OS.
+
+The watcher thread only measures; the spill (which copies MLX arrays out to encode them)
+runs on the MLX thread, between requests, like every other use of MLX in the daemon.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import threading
 
 import mlx.core as mx
 import psutil
+
+from kvtier.engine import Engine
 
 from .worker import Worker
 
@@ -23,6 +29,7 @@ class PressureWatcher:
         self.interval = interval
         self.events = 0
         self._stop = threading.Event()
+        self._spill_queued = threading.Event()  # one spill waits for the MLX thread at a time
         self._thread = threading.Thread(target=self._run, name="kvtier-pressure", daemon=True)
 
     def start(self) -> None:
@@ -30,19 +37,29 @@ class PressureWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            engine = self.worker.engine
-            if engine is None or psutil.virtual_memory().available >= self.available_below:
+            if self.worker.engine is None or self._spill_queued.is_set():
                 continue
+            if psutil.virtual_memory().available >= self.available_below:
+                continue
+            self._spill_queued.set()
+            if not self.worker.call_soon(self._spill):
+                self._spill_queued.clear()  # the queue is full: measure again next time
+
+    def _spill(self, engine: Engine) -> None:
+        """On the MLX thread: shrink the hot tier to the low watermark."""
+        try:
             store = engine.store
             target = int(store.ram.budget * self.keep_fraction)
             if store.ram.num_bytes <= target:
-                continue
+                return
             released = store.spill(target)
             self.events += 1
             store.count("memory_pressure_events")
             log.warning("memory pressure: spilled %d MiB of hot KV to disk", released >> 20)
-            self.worker.call_soon(lambda _engine: mx.clear_cache())
+            mx.clear_cache()
+        finally:
+            self._spill_queued.clear()

@@ -35,7 +35,7 @@ _MISSING_TOOL = {
 }
 # Serve options a service may carry, in the order they are written; only given ones are.
 SERVE_OPTIONS = ("model", "host", "port", "cache_dir", "ram_budget", "disk_budget",
-                 "block_size", "kv_bits")
+                 "block_size", "kv_bits", "max_context")
 
 
 class ServiceError(Exception):
@@ -316,6 +316,16 @@ def _size_text(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dry-run", action="store_true",
@@ -333,6 +343,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     install.add_argument("--disk-budget", type=_size_text)
     install.add_argument("--block-size", type=int)
     install.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8])
+    install.add_argument("--max-context", type=positive_int,
+                         help="tokens a request may span (see `serve`)")
     actions.add_parser("uninstall", parents=[common], help="stop the service and remove it")
     status = actions.add_parser("status", parents=[common], help="whether the service is running")
     status.add_argument("--json", action="store_true", help="machine-readable output")

@@ -3,6 +3,7 @@
 
 HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
 away sets the job's cancel flag, and the worker drops it (from the batch at its next step).
+No other thread in the daemon evaluates MLX arrays: they hand such work to `call` / `call_soon`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import queue
 import threading
 import time
 from typing import AsyncIterator, Callable
+
+import mlx.core as mx
 
 from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
 from kvtier.engine import Chunk, Engine, GenerationRequest
@@ -80,20 +83,29 @@ class Worker:
             return item
         return None
 
-    def call_soon(self, fn: Callable[[Engine], object]) -> None:
-        """Queue `fn(engine)` from any thread without waiting for it (e.g. freeing buffers)."""
+    def call_soon(self, fn: Callable[[Engine], object]) -> bool:
+        """Queue `fn(engine)` from any thread without waiting for it; False when the queue
+        is full (the caller may try again later)."""
         try:
             self._jobs.put_nowait((fn, lambda item: None))
         except queue.Full:
-            pass  # busy: the running jobs free MLX buffers as they go
+            return False
+        return True
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running job, then flush blocks to disk and close the cache."""
+    def stop(self) -> None:
+        """Finish the queued jobs, flush every block to disk, close the cache, and wait for
+        all of it: no MLX work may still run when the interpreter shuts down."""
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join(timeout)
+            self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            release_thread_state()
+
+    def _serve(self) -> None:
         try:
             engine = self._make_engine()
             self.batching_enabled = self._decide_batching(engine)
@@ -241,3 +253,15 @@ class WorkerStats:
 
 def _rate(tokens: int, seconds: float) -> float | None:
     return round(tokens / seconds, 1) if seconds > 0 else None
+
+
+def release_thread_state() -> None:
+    """Finish this thread's queued MLX work and free what MLX keeps per thread (its streams,
+    and the cache of mx.compile'd functions, which holds Python objects). Left to the
+    thread's C++ exit destructors, that cache is freed after `join()` has returned and can
+    need the interpreter while it is shutting down: Python then kills the thread inside a
+    destructor and the process aborts ("terminate called without an active exception")."""
+    mx.synchronize()
+    clear_streams = getattr(mx, "clear_streams", None)  # MLX versions with per-thread state
+    if clear_streams is not None:
+        clear_streams()

@@ -32,6 +32,17 @@ def checksum(payload: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(payload)
 
 
+def content_hash(tensors: dict[str, np.ndarray]) -> str:
+    """xxh3-128 of every tensor's name, dtype, shape and bytes, in name order: kept in the
+    file's metadata so a file can be checked without its index record (index rebuild)."""
+    hasher = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        hasher.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        hasher.update(array.reshape(-1).view(np.uint8))
+    return hasher.hexdigest()
+
+
 def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) -> bytes:
     tensors = {TOKENS_TENSOR: np.asarray(tokens, dtype=np.uint32)}
     dtypes = {}
@@ -40,7 +51,7 @@ def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) 
         # dtype is kept in the file's metadata.
         dtypes[name] = dtype_name(array.dtype)
         tensors[name] = np.array(host_view(array), copy=True)
-    metadata = dict(meta, dtypes=json.dumps(dtypes, sort_keys=True))
+    metadata = dict(meta, dtypes=json.dumps(dtypes, sort_keys=True), content=content_hash(tensors))
     return st_save(tensors, metadata=metadata)
 
 
@@ -119,20 +130,28 @@ def decode_block(payload: bytes) -> tuple[BlockArrays, np.ndarray, dict[str, str
 
 
 @dataclass
+class Written:
+    nbytes: int  # the file's size
+    allocated: int  # what the filesystem allocates for it (st_blocks * 512)
+
+
+@dataclass
 class BlockFiles:
     root: Path
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._dir_bytes: dict[str, int] | None = None  # allocated size of root and its subdirectories
 
     def path_for(self, key_hex: str) -> Path:
         return self.root / key_hex[:2] / f"{key_hex}.safetensors"
 
-    def write(self, key_hex: str, payload: bytes) -> int:
-        """Write a block durably; returns the bytes it occupies."""
+    def write(self, key_hex: str, payload: bytes) -> Written:
+        """Write a block durably; returns its size and what it occupies. A missing block
+        directory (removed under a running daemon) is made again."""
         path = self.path_for(key_hex)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
+        self._make_dirs(path.parent)
         tmp = path.parent / f".{key_hex}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -140,12 +159,63 @@ class BlockFiles:
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
+                allocated = os.fstat(f.fileno()).st_blocks * 512
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink_quietly(tmp)  # on a read-only or vanished directory this fails too
             raise
         _fsync_dir(path.parent)
-        return len(payload)
+        self._note_dir(path.parent)
+        return Written(len(payload), allocated)
+
+    def _make_dirs(self, subdir: Path) -> None:
+        for directory in (self.root, subdir):
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            if directory == self.root:
+                self._dir_bytes = None  # it was gone, and its subdirectories with it
+
+    def _note_dir(self, subdir: Path) -> None:
+        """Directories grow with their entries: keep their allocated size current."""
+        if self._dir_bytes is None:
+            self.dir_bytes()
+        self._dir_bytes[subdir.name] = _allocated(subdir)
+
+    def dir_bytes(self) -> int:
+        """What the block directories themselves occupy (a listing of the root only)."""
+        if self._dir_bytes is None:
+            sizes = {"": _allocated(self.root)}
+            try:
+                with os.scandir(self.root) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            sizes[entry.name] = entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                pass
+            self._dir_bytes = sizes
+        return sum(tuple(self._dir_bytes.values()))
+
+    def free_space(self) -> tuple[int, int]:
+        """(bytes free to us, total bytes) of the filesystem holding the block files."""
+        path = self.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        stat = os.statvfs(path)
+        return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
+    def probe(self) -> None:
+        """Create, sync and remove a small file: raises the OSError a block write would meet."""
+        self._make_dirs(self.root)
+        tmp = self.root / f".probe.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"kvtier")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            tmp.unlink()
 
     def read(self, key_hex: str, expected_checksum: str, expected_size: int) -> bytes:
         path = self.path_for(key_hex)
@@ -162,11 +232,27 @@ class BlockFiles:
     def remove(self, key_hex: str) -> None:
         self.path_for(key_hex).unlink(missing_ok=True)
 
+    def prune_dir(self, key_hex: str) -> None:
+        """Remove the key's subdirectory if it is empty now: an empty directory still takes
+        a block of the budget. Only the writer may call this (it recreates what it needs)."""
+        subdir = self.path_for(key_hex).parent
+        try:
+            subdir.rmdir()
+        except OSError:  # not empty (or gone, or read-only): nothing to do
+            return
+        if self._dir_bytes is not None:
+            self._dir_bytes.pop(subdir.name, None)
+
+    def subdirs(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.root.iterdir() if p.is_dir())
+        except OSError:
+            return []
+
     def iter_files(self) -> Iterator[Path]:
         """Every file under the block root, temp leftovers included."""
-        for sub in sorted(self.root.iterdir()) if self.root.exists() else []:
-            if sub.is_dir():
-                yield from sorted(sub.iterdir())
+        for sub in self.subdirs():
+            yield from sorted(sub.iterdir())
 
 
 def key_of_path(path: Path) -> str | None:
@@ -174,6 +260,20 @@ def key_of_path(path: Path) -> str | None:
     if name.endswith(".safetensors") and not name.startswith("."):
         return name.removesuffix(".safetensors")
     return None
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

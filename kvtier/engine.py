@@ -9,6 +9,7 @@ Everything in this module runs on the single thread that owns MLX.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 import threading
@@ -19,12 +20,14 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
+from .hub import ModelUnavailable, cached_model
 from .stops import StopMatcher
 from .tiers import Hit, Match, NewEntry, SnapshotHit, TieredStore, common_prefix
 
@@ -91,14 +94,58 @@ class Chunk:
     stop_sequence: str | None = None  # which of the request's stop strings ended it
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory, or a repo id already in the local Hugging Face cache (no download)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    from huggingface_hub import snapshot_download
+# Keys model configs use for the longest sequence the model takes, most common first:
+# max_position_embeddings (most mlx-lm models), n_positions and n_ctx (gpt2, gpt_bigcode,
+# gptj), max_seq_len (dbrx, mpt), seq_length (qwen v1, chatglm), model_max_length
+# (kimi_linear). Mamba2 configs have none: the architecture has no position limit.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length",
+                "model_max_length")
 
-    return Path(snapshot_download(model, local_files_only=True))
+
+def declared_context_length(config: dict) -> int | None:
+    """The context limit a model's config.json declares, or None when it declares none.
+
+    Read from the file, not from mlx-lm's ModelArgs: those fill a missing key with a
+    dataclass default (Mamba2's 2,056) that is no property of the model. Multimodal
+    configs keep the language model's settings in `text_config`, which comes first."""
+    for section in (config.get("text_config"), config):
+        if not isinstance(section, dict):
+            continue
+        for key in CONTEXT_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory, or a repo id already in the local Hugging Face cache (no download
+    here: `kvtier serve` fetches a missing model before it starts, see kvtier.hub)."""
+    path = cached_model(model)
+    if path is None:
+        raise ModelUnavailable(f"model {model!r} is not a directory nor in the Hugging Face cache")
+    return path
+
+
+def fold_system_messages(messages: list[dict]) -> list[dict]:
+    """Messages for a chat template that takes a system message only first: each later system
+    message is appended to the user message before it, else put before the next user message,
+    else becomes a user message of its own."""
+    out: list[dict] = []
+    pending: list[str] = []  # system texts waiting for the next user message
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
+                out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{message['content']}")
+            else:
+                pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user" and isinstance(message["content"], str):
+            message = dict(message, content="\n\n".join([*pending, message["content"]]))
+            pending = []
+        out.append(message)
+    out.extend({"role": "user", "content": text} for text in pending)
+    return out
 
 
 class Engine:
@@ -106,6 +153,8 @@ class Engine:
         self.model_path = resolve_model_path(model)
         self.model_name = model
         self.model, self.tokenizer = mlx_load(str(self.model_path))
+        config = json.loads((self.model_path / "config.json").read_text())
+        self.context_length = declared_context_length(config)  # None: no limit declared
         self.prefill_step_size = prefill_step_size
         self.block_size = cache_config.block_size
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
@@ -139,11 +188,6 @@ class Engine:
     @property
     def reusable(self) -> bool:
         return self.plan is not None
-
-    @property
-    def context_length(self) -> int | None:
-        args = getattr(self.model, "args", None)
-        return getattr(args, "max_position_embeddings", None)
 
     # -- tokenization ------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -183,8 +227,19 @@ class Engine:
     def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                 tokenize: bool = True) -> Any:
         kwargs = {"tools": tools} if tools else {}
-        rendered = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        def render(messages: list[dict]) -> Any:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        try:
+            rendered = render(messages)
+        except TemplateError:
+            folded = fold_system_messages(messages)
+            if folded == messages:
+                raise
+            # Templates such as Qwen's refuse a system message after the first one.
+            rendered = render(folded)
         return list(rendered) if tokenize else rendered
 
     def text_tokens(self, prompt: str) -> list[int]:
@@ -268,7 +323,10 @@ class Engine:
             setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
             left -= n
         deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
-                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
+                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1,
+                  # A "hit" of 3 tokens is still a cold request: count the ones served mostly
+                  # from the cache apart.
+                  "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.store.count(name, value)
         self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)

@@ -1,26 +1,55 @@
 """The LMDB index of the cold tier: one record per block file, an LRU order, and totals.
 
 LMDB is safe across processes, so the CLI can read and purge while the daemon runs.
+The index is a cache of what the block files hold (kvtier/reindex.py rebuilds it from
+them): a damaged one is detected before use (the meta pages and the file size, then a full
+read walk in a child process, since LMDB can abort or fault on a bad page), reads as a miss
+at run time, and is moved aside for a fresh one (`IndexDamaged`, `Index.reset`).
 Sub-databases:
   blocks  key(16 B)                      -> JSON record (see BlockRecord)
   lru     access_ms(8 B BE) + inverted depth(4 B) + key(16 B)  -> b""   (oldest first = evicted first)
   children parent(16 B) + key(16 B)      -> kind (1 B: k or s) + the child's tokens (uint32 LE)
   models  fingerprint                    -> JSON description
   meta    b"bytes" / b"count"            -> totals kept in the same transactions
+          b"allocated"                   -> total allocated bytes (absent in an index made
+                                            before it existed, until `recount`)
           b"counters:" + fingerprint     -> JSON request counters, so stats survive restarts
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 
+log = logging.getLogger("kvtier.index")
+
 MAP_SIZE = 4 << 30  # LMDB's address-space reservation, not disk use
+DB_NAMES = (b"blocks", b"lru", b"children", b"models", b"meta")
+KEY_LENGTHS = {b"blocks": 16, b"lru": 28, b"children": 32}
+REBUILD_KEY = b"rebuild"  # in meta: set while the index is being refilled from the files
+
+# What LMDB raises for a file it cannot trust (other lmdb.Error are I/O, space, limits).
+# MDB_BAD_TXN too: each method here runs a fresh transaction, so a bad one means LMDB
+# failed inside it (a named database whose record it could not read, say).
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+                 lmdb.VersionMismatchError, lmdb.IncompatibleError, lmdb.BadTxnError)
+
+
+class IndexDamaged(lmdb.Error):
+    """The index file is corrupt or truncated: move it aside and rebuild it from the files."""
 
 
 @dataclass
@@ -29,13 +58,18 @@ class BlockRecord:
     fingerprint: str  # model fingerprint the block belongs to
     depth: int  # index of the block in its chain
     num_tokens: int
-    nbytes: int  # file size on disk
+    nbytes: int  # file size (what a read must find)
     checksum: str  # xxh3-128 of the whole file
     tokens_hash: str  # xxh64 of the tokens: an independent check of a key match
     access_ms: int
     created_ms: int
     pinned: bool = False
     kind: str = "kv"  # or "snap": a snapshot of the non-sliceable layers at a boundary
+    allocated: int = 0  # bytes the filesystem allocates for the file (st_blocks * 512)
+
+    def __post_init__(self) -> None:
+        if not self.allocated:  # a record written before this field existed
+            self.allocated = allocated_estimate(self.nbytes)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -55,6 +89,18 @@ class BlockRecord:
             return None
 
 
+def _json_or_none(raw: bytes | None):
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def allocated_estimate(nbytes: int, block: int = 4096) -> int:
+    """What a file of `nbytes` most likely occupies: whole filesystem blocks."""
+    return -(-nbytes // block) * block
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -66,26 +112,315 @@ def _lru_key(record: "BlockRecord", key: bytes) -> bytes:
             + (0xFFFFFFFF - min(record.depth, 0xFFFFFFFF)).to_bytes(4, "big") + key)
 
 
+# -- checks before the file is mapped ------------------------------------------------------
+# LMDB's two meta pages (pages 0 and 1), as mdb.c lays them out on 64-bit little-endian
+# machines: a page header, then MDB_meta (magic, version, address, mapsize, the free and main
+# databases, the last page used, the transaction id). Read only to decide whether LMDB can
+# map the file safely: a file shorter than its last page is a SIGBUS on first touch.
+_PAGE_HEADER = struct.Struct("<QHHHH")  # pgno, pad, flags, lower, upper
+_META = struct.Struct("<IIQQ48s48sQQ")
+_DB = struct.Struct("<IHHQQQQQ")  # pad (page size, in the free db), flags, depth, pages x3, entries, root
+_MDB_MAGIC, _MDB_VERSION, _P_META, _NO_PAGE = 0xBEEFC0DE, 1, 0x08, (1 << 64) - 1
+
+
+@dataclass
+class MetaPage:
+    page_size: int
+    map_size: int
+    last_page: int
+    txnid: int
+    roots: tuple[int, int]  # free and main database root pages
+
+
+def _read_meta(data: bytes, number: int, page_size: int) -> MetaPage | str:
+    offset = number * page_size
+    if len(data) < offset + _PAGE_HEADER.size + _META.size:
+        return f"meta page {number} is cut off"
+    pgno, _, flags, _, _ = _PAGE_HEADER.unpack_from(data, offset)
+    magic, version, _, map_size, free, main, last_page, txnid = _META.unpack_from(data, offset + _PAGE_HEADER.size)
+    if magic != _MDB_MAGIC or not flags & _P_META or pgno != number:
+        return f"meta page {number} is not an LMDB meta page"
+    if version != _MDB_VERSION:
+        return f"meta page {number} has LMDB data version {version}"
+    psize, roots = _DB.unpack(free)[0], (_DB.unpack(free)[7], _DB.unpack(main)[7])
+    if psize < 512 or psize > 65536 or psize & (psize - 1):
+        return f"meta page {number} claims a page size of {psize}"
+    if last_page < 1 or any(root != _NO_PAGE and not 1 < root <= last_page for root in roots):
+        return f"meta page {number} points outside its pages"
+    if map_size < (last_page + 1) * psize:
+        return f"meta page {number} claims a map smaller than its pages"
+    return MetaPage(psize, map_size, last_page, txnid, roots)
+
+
+def data_file_problem(data_file: Path) -> str | None:
+    """Why LMDB must not map `data_file`, or None. A missing or empty file is fine (LMDB
+    creates it); both meta pages must be valid, like LMDB itself requires, and the file must
+    hold every page the newest one uses."""
+    try:
+        size = data_file.stat().st_size
+        with data_file.open("rb") as f:
+            head = f.read(2 * 65536)
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    first = _read_meta(head, 0, 4096)
+    if isinstance(first, str):
+        return first
+    second = _read_meta(head, 1, first.page_size)
+    if isinstance(second, str):
+        return second
+    if second.page_size != first.page_size:
+        return "the meta pages disagree on the page size"
+    newest = max(first, second, key=lambda m: m.txnid)
+    if size < (newest.last_page + 1) * newest.page_size:
+        return (f"data.mdb is truncated: {size} bytes, its meta page uses "
+                f"{(newest.last_page + 1) * newest.page_size}")
+    return None
+
+
+def walk_problem(path: Path, timeout: float = 600) -> str | None:
+    """Read every record of the index in a child process (`python -m kvtier.index PATH`):
+    a bad page makes LMDB raise, but it can also abort or fault, which must not take the
+    daemon down. None when the walk found nothing wrong (or could not tell)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    try:
+        done = subprocess.run([sys.executable, "-m", "kvtier.index", str(path)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not check the index %s: %s", path, exc)
+        return None
+    if done.returncode < 0:
+        return f"LMDB crashed reading it (signal {-done.returncode})"
+    if done.returncode == _WALK_DAMAGED:
+        return done.stdout.strip() or "damaged"
+    if done.returncode != 0:
+        log.warning("could not check the index %s: %s", path, (done.stderr or done.stdout).strip()[-500:])
+    return None
+
+
+_WALK_DAMAGED = 3
+
+
+def _walk(path: Path) -> str | None:
+    """Every page of every database, through LMDB's own checks, plus the shape of our keys:
+    strictly increasing, of their fixed length, as many as each database counts."""
+    env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(DB_NAMES), readonly=True,
+                    lock=True, subdir=True)
+    try:
+        with env.begin() as txn:
+            names = [bytes(k) for k, _ in txn.cursor()]
+        for name in [None, *names]:
+            if name is not None and name not in DB_NAMES:
+                return f"unknown database {name!r}"
+            db = env.open_db(name, create=False) if name else None
+            with env.begin(db=db) as txn:
+                problem = _walk_db(name or b"main", txn, txn.stat(db)["entries"])
+            if problem:
+                return problem
+    finally:
+        env.close()
+    return _probe_free_pages(path)
+
+
+def _probe_free_pages(path: Path) -> None:
+    """LMDB's list of free pages is no database a reader can walk: a write transaction,
+    aborted, makes LMDB read the head of it (where the next pages come from)."""
+    env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(DB_NAMES), lock=True, subdir=True)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"walk:probe", b"")
+            txn.abort()
+    finally:
+        env.close()
+
+
+def _walk_db(name: bytes, txn: lmdb.Transaction, entries: int) -> str | None:
+    previous, count, length = None, 0, KEY_LENGTHS.get(name)
+    for key, value in txn.cursor():
+        if previous is not None and key <= previous:
+            return f"{name.decode()}: keys out of order"
+        if length and len(key) != length:
+            return f"{name.decode()}: a key of {len(key)} bytes"
+        if (name == b"lru" and value) or (name == b"children" and value[:1] not in (b"k", b"s")):
+            return f"{name.decode()}: a value of the wrong form"
+        previous, count = key, count + 1
+    return None if count == entries else f"{name.decode()}: {count} entries, LMDB counts {entries}"
+
+
+def _reads(empty: Callable[[], object]):
+    """A read that meets an index it cannot read returns `empty()`: a miss, never an error."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self: "Index", *args, **kwargs):
+            generation = self._generation
+            try:
+                return method(self, *args, **kwargs)
+            except lmdb.Error as exc:
+                self._failed(exc, generation)
+                return empty()
+        return guarded
+    return wrap
+
+
+def _writes(method):
+    """A write that meets a damaged index raises IndexDamaged (an lmdb.Error, so callers
+    treat it like any failed disk write) after reporting the damage."""
+    @functools.wraps(method)
+    def guarded(self: "Index", *args, **kwargs):
+        generation = self._generation
+        try:
+            return method(self, *args, **kwargs)
+        except DAMAGE_ERRORS as exc:
+            self._failed(exc, generation)
+            raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+    return guarded
+
+
+def _int(raw: bytes | None) -> int:
+    try:
+        return int(raw or 0)
+    except ValueError:
+        return 0
+
+
+def open_or_replace(path: Path) -> "Index":
+    """The index at `path`, fully checked; a damaged one is moved aside and replaced by an
+    empty one marked for a rebuild from the block files (the caller runs it). One another
+    process still uses is left alone: IndexDamaged."""
+    try:
+        return Index(path, walk=True)
+    except IndexDamaged as exc:
+        if in_use(path):
+            raise
+        reason = str(exc)
+    aside = move_aside(path)
+    log.error("%s: moved to %s; a fresh index is rebuilt from the block files", reason, aside)
+    index = Index(path)
+    index.mark_rebuild(reason)
+    return index
+
+
+def in_use(path: Path) -> bool:
+    """Whether another process has the index open: LMDB holds a lock on the first byte of
+    lock.mdb in every process using it. Only ask with the index closed in this process
+    (closing any descriptor of the file drops this process's locks on it)."""
+    import fcntl
+
+    try:
+        fd = os.open(path / "lock.mdb", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged index directory to `<name>.damaged-<time>`, removing older damaged
+    copies first so they do not pile up."""
+    for old in path.parent.glob(f"{path.name}.damaged-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(path, aside)
+    return aside
+
+
 class Index:
-    def __init__(self, path: Path, readonly: bool = False):
+    """Raises IndexDamaged when the file fails its checks: the meta pages and size always,
+    and with `walk` a full read in a child process (the daemon and `verify` walk)."""
+
+    def __init__(self, path: Path, readonly: bool = False, walk: bool = False):
+        self.path, self._readonly = path, readonly
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=5, readonly=readonly,
-                             lock=True, subdir=True, mode=0o600)
-        self._blocks = self.env.open_db(b"blocks", create=not readonly)
-        self._lru = self.env.open_db(b"lru", create=not readonly)
-        self._children = self.env.open_db(b"children", create=not readonly)
-        self._models = self.env.open_db(b"models", create=not readonly)
-        self._meta = self.env.open_db(b"meta", create=not readonly)
+        data_file = path / "data.mdb"
+        problem = data_file_problem(data_file) or (
+            walk and data_file.exists() and data_file.stat().st_size > 0 and walk_problem(path))
+        if problem:
+            raise IndexDamaged(f"{path}: {problem}")
+        self.damage: str | None = None  # set when damage is met at run time
+        self.on_damage: Callable[[str], None] | None = None  # the daemon recovers here
+        self._generation = 0  # bumped by reset: late errors from the old file are ignored
+        self._reset_lock = threading.RLock()
+        self._registered: dict[str, dict] = {}  # models this process registered, kept over a reset
+        try:
+            self._open()
+        except DAMAGE_ERRORS as exc:
+            raise IndexDamaged(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+    def _open(self) -> None:
+        create = not self._readonly
+        env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=len(DB_NAMES),
+                        readonly=self._readonly, lock=True, subdir=True, mode=0o600)
+        try:
+            dbs = [env.open_db(name, create=create) for name in DB_NAMES]
+        except BaseException:
+            env.close()
+            raise
+        self._blocks, self._lru, self._children, self._models, self._meta = dbs
+        self.env = env
 
     def close(self) -> None:
         self.env.close()
 
+    # -- damage --------------------------------------------------------------------------
+    def _failed(self, exc: lmdb.Error, generation: int) -> None:
+        if not isinstance(exc, DAMAGE_ERRORS):
+            log.warning("index read failed (%s): treated as a miss", exc)
+            return
+        with self._reset_lock:  # two threads meeting it at once: one reset
+            if generation != self._generation or self.damage is not None:
+                return  # already known, or from the file a reset replaced
+            self.damage = f"{type(exc).__name__}: {exc}"
+        log.error("the index %s is damaged (%s)", self.path, self.damage)
+        if self.on_damage is not None:
+            self.on_damage(self.damage)
+
+    def reset(self, reason: str) -> Path:
+        """Move this index aside and go on with a fresh, empty one marked for a rebuild
+        from the files. Threads still inside the old one finish on it (it is closed when the
+        last of them lets go). Returns where the old one went."""
+        with self._reset_lock:
+            aside = move_aside(self.path)
+            self.path.mkdir(mode=0o700)
+            self._open()
+            self._generation += 1
+            self.damage = None
+            self.mark_rebuild(reason)
+            for fingerprint, description in self._registered.items():
+                self.register_model(fingerprint, description)
+        log.warning("the damaged index was moved to %s; a fresh one is rebuilt from the block files", aside)
+        return aside
+
+    @_reads(lambda: None)
+    def rebuild_pending(self) -> str | None:
+        """Why the index is being refilled from the block files, if it is."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(REBUILD_KEY)
+        return None if raw is None else bytes(raw).decode(errors="replace")
+
+    @_writes
+    def mark_rebuild(self, reason: str | None) -> None:
+        with self.env.begin(write=True, db=self._meta) as txn:
+            if reason is None:
+                txn.delete(REBUILD_KEY)
+            else:
+                txn.put(REBUILD_KEY, reason.encode())
+
     # -- reads -------------------------------------------------------------------------
+    @_reads(lambda: None)
     def get(self, key: bytes) -> BlockRecord | None:
         with self.env.begin(db=self._blocks) as txn:
             raw = txn.get(key)
         return BlockRecord.decode_or_none(raw)
 
+    @_reads(dict)
     def get_many(self, keys: list[bytes]) -> dict[bytes, BlockRecord]:
         """The records of those keys the index holds, read in one transaction."""
         found = {}
@@ -96,20 +431,37 @@ class Index:
                     found[key] = record
         return found
 
+    @_reads(lambda: (0, 0))
     def totals(self) -> tuple[int, int]:
         """(bytes, blocks) of every indexed file."""
         with self.env.begin(db=self._meta) as txn:
-            return (int(txn.get(b"bytes") or 0), int(txn.get(b"count") or 0))
+            return (_int(txn.get(b"bytes")), _int(txn.get(b"count")))
+
+    def allocated(self) -> int | None:
+        """Bytes the filesystem allocates for every indexed file; None until an index from
+        before this total has been recounted."""
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"allocated")
+        return None if raw is None else int(raw)
+
+    def has_many(self, keys: list[bytes]) -> set[bytes]:
+        """Those of `keys` that have a record (readable or not)."""
+        with self.env.begin(db=self._blocks) as txn:
+            return {key for key in keys if txn.get(key) is not None}
 
     def items(self) -> Iterator[tuple[bytes, BlockRecord | None]]:
-        """Every (key, record); None for a record that cannot be decoded."""
-        with self.env.begin(db=self._blocks) as txn:
-            for key, raw in txn.cursor():
-                try:
-                    yield bytes(key), BlockRecord.decode(raw)
-                except (ValueError, TypeError):
-                    yield bytes(key), None
+        """Every (key, record); None for a record that cannot be decoded. Raises
+        IndexDamaged when the walk meets a damaged page (a partial list is not the list)."""
+        generation = self._generation
+        try:
+            with self.env.begin(db=self._blocks) as txn:
+                for key, raw in txn.cursor():
+                    yield bytes(key), BlockRecord.decode_or_none(raw)
+        except DAMAGE_ERRORS as exc:
+            self._failed(exc, generation)
+            raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
 
+    @_reads(list)
     def children(self, parent: bytes, kind: str = "kv") -> list[tuple[bytes, bytes]]:
         """(key, token bytes) of every indexed entry of `kind` whose parent is `parent`."""
         with self.env.begin(db=self._children) as txn:
@@ -124,10 +476,13 @@ class Index:
                     found.append((bytes(composite[16:]), bytes(tokens[1:])))
             return found
 
+    @_reads(dict)
     def models(self) -> dict[str, dict]:
         with self.env.begin(db=self._models) as txn:
-            return {k.decode(): json.loads(v) for k, v in txn.cursor()}
+            return {bytes(k).decode(errors="replace"): value for k, v in txn.cursor()
+                    if isinstance(value := _json_or_none(v), dict)}
 
+    @_reads(list)
     def oldest(self, limit: int) -> list[bytes]:
         """Keys of up to `limit` unpinned blocks, least recently used first."""
         keys = []
@@ -142,6 +497,7 @@ class Index:
         return keys
 
     # -- writes ------------------------------------------------------------------------
+    @_writes
     def put_many(self, entries: list[tuple[bytes, BlockRecord, bytes]]) -> None:
         """Index (key, record, tokens) entries in one transaction: all or none."""
         with self.env.begin(write=True) as txn:
@@ -153,43 +509,51 @@ class Index:
                 txn.put(_lru_key(record, key), b"", db=self._lru)
                 txn.put(bytes.fromhex(record.parent) + key, record.kind[:1].encode() + tokens,
                         db=self._children)
-                self._add_totals(txn, record.nbytes, 1)
+                self._add_totals(txn, record.nbytes, 1, record.allocated)
 
+    @_writes
     def add_counters(self, fingerprint: str, deltas: dict[str, int]) -> None:
         with self.env.begin(write=True, db=self._meta) as txn:
             key = b"counters:" + fingerprint.encode()
-            counters = json.loads(txn.get(key) or b"{}")
+            counters = _json_or_none(txn.get(key))
+            counters = counters if isinstance(counters, dict) else {}
             for name, value in deltas.items():
                 counters[name] = counters.get(name, 0) + value
             txn.put(key, json.dumps(counters).encode())
 
+    @_reads(dict)
     def counters(self) -> dict[str, dict[str, int]]:
         """Persisted request counters per model fingerprint."""
         out = {}
         with self.env.begin(db=self._meta) as txn:
             for key, value in txn.cursor():
-                if bytes(key).startswith(b"counters:"):
-                    out[bytes(key)[9:].decode()] = json.loads(value)
+                if bytes(key).startswith(b"counters:") and isinstance(found := _json_or_none(value), dict):
+                    out[bytes(key)[9:].decode(errors="replace")] = found
         return out
 
+    @_writes
     def recount(self) -> tuple[int, int]:
         """Recompute the totals from the records (after a repair); returns (bytes, blocks)."""
         with self.env.begin(write=True) as txn:
-            total = count = 0
+            total = count = allocated = 0
             for _, raw in txn.cursor(db=self._blocks):
                 try:
-                    total += BlockRecord.decode(raw).nbytes
-                    count += 1
+                    record = BlockRecord.decode(raw)
                 except (ValueError, TypeError):
-                    pass
+                    continue
+                total, count, allocated = total + record.nbytes, count + 1, allocated + record.allocated
             txn.put(b"bytes", str(total).encode(), db=self._meta)
             txn.put(b"count", str(count).encode(), db=self._meta)
+            txn.put(b"allocated", str(allocated).encode(), db=self._meta)
         return total, count
 
+    @_writes
     def register_model(self, fingerprint: str, description: dict) -> None:
+        self._registered[fingerprint] = description
         with self.env.begin(write=True, db=self._models) as txn:
             txn.put(fingerprint.encode(), json.dumps(description).encode())
 
+    @_writes
     def touch(self, keys: list[bytes], access_ms: int) -> None:
         with self.env.begin(write=True) as txn:
             for key in keys:
@@ -201,6 +565,7 @@ class Index:
                 txn.put(key, record.encode(), db=self._blocks)
                 txn.put(_lru_key(record, key), b"", db=self._lru)
 
+    @_writes
     def set_pinned(self, keys: list[bytes], pinned: bool) -> int:
         changed = 0
         with self.env.begin(write=True) as txn:
@@ -212,6 +577,7 @@ class Index:
                     changed += 1
         return changed
 
+    @_writes
     def remove(self, key: bytes) -> BlockRecord | None:
         """Delete a record (the caller deletes the file afterwards)."""
         with self.env.begin(write=True) as txn:
@@ -230,15 +596,29 @@ class Index:
         txn.delete(key, db=self._blocks)
         txn.delete(_lru_key(record, key), db=self._lru)
         txn.delete(bytes.fromhex(record.parent) + key, db=self._children)
-        self._add_totals(txn, -record.nbytes, -1)
+        self._add_totals(txn, -record.nbytes, -1, -record.allocated)
 
-    def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int) -> None:
-        total = int(txn.get(b"bytes", db=self._meta) or 0) + nbytes
-        blocks = int(txn.get(b"count", db=self._meta) or 0) + count
+    def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int, allocated: int) -> None:
+        old_count = _int(txn.get(b"count", db=self._meta))
+        total = _int(txn.get(b"bytes", db=self._meta)) + nbytes
         txn.put(b"bytes", str(max(total, 0)).encode(), db=self._meta)
-        txn.put(b"count", str(max(blocks, 0)).encode(), db=self._meta)
+        txn.put(b"count", str(max(old_count + count, 0)).encode(), db=self._meta)
+        old_allocated = txn.get(b"allocated", db=self._meta)
+        if old_allocated is not None or old_count == 0:  # else it waits for a recount
+            new_allocated = int(old_allocated or 0) + allocated
+            txn.put(b"allocated", str(max(new_allocated, 0)).encode(), db=self._meta)
 
     def disk_usage(self) -> int:
         """Bytes the index files themselves occupy on disk (LMDB files are sparse)."""
         path = Path(self.env.path())
         return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())
+
+
+if __name__ == "__main__":  # the child process of walk_problem
+    try:
+        found = _walk(Path(sys.argv[1]))
+    except DAMAGE_ERRORS as exc:
+        found = f"{type(exc).__name__}: {exc}"
+    if found:
+        print(found)
+        sys.exit(_WALK_DAMAGED)

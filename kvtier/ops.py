@@ -12,27 +12,40 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .disk import BlockFiles, DamagedBlock, decode_block, key_of_path
-from .index import BlockRecord, Index, now_ms
+from .index import BlockRecord, Index, IndexDamaged, in_use, move_aside, now_ms
 
 # Files this young may be a running daemon's write in flight, not yet indexed.
 ORPHAN_GRACE_SECONDS = 60
 
 
+class IndexInUse(RuntimeError):
+    """A damaged index another process (a running daemon) still has open."""
+
+
 class CacheDir:
     """A cache directory's index and files. The daemon passes its own open index: LMDB
-    allows one open environment per file in a process."""
+    allows one open environment per file in a process. An index that fails its checks
+    (`walk`: the full one) is not opened: `damage` says why, and only `verify` proceeds."""
 
-    def __init__(self, path: Path, index: Index | None = None, files: BlockFiles | None = None):
+    def __init__(self, path: Path, index: Index | None = None, files: BlockFiles | None = None,
+                 walk: bool = False):
         self.path = Path(path).expanduser()
         if index is None and not (self.path / "index").exists():
             raise FileNotFoundError(f"no kvtier cache at {self.path}")
         self._owns_index = index is None
-        self.index = index or Index(self.path / "index")
+        self.damage: str | None = None
+        if index is None:
+            try:
+                index = Index(self.path / "index", walk=walk)
+            except IndexDamaged as exc:
+                self.damage = str(exc)
+        self.index = index
         self.files = files or BlockFiles(self.path / "blocks")
 
     def close(self) -> None:
-        if self._owns_index:
+        if self._owns_index and self.index is not None:
             self.index.close()
+            self.index = None
 
     def __enter__(self) -> "CacheDir":
         return self
@@ -68,23 +81,31 @@ def stats(cache: CacheDir) -> dict:
         entry = per_model.setdefault(fingerprint, {"blocks": 0, "snapshots": 0, "bytes": 0,
                                                    "pinned_bytes": 0})
         entry["model"] = models.get(fingerprint, {}).get("name", "?")
-        entry.update(_rates(counters.get(fingerprint, {})))
+        entry.update(rates(counters.get(fingerprint, {})))
     total_bytes, total_blocks = cache.index.totals()
+    overall: dict[str, int] = {}
+    for model_counters in counters.values():
+        for name, value in model_counters.items():
+            overall[name] = overall.get(name, 0) + value
     return {"cache_dir": str(cache.path), "disk": {"entries": total_blocks, "bytes": total_bytes,
                                                    "index_bytes": cache.index.disk_usage()},
-            "models": per_model}
+            "overall": rates(overall), "models": per_model}
 
 
-def _rates(counters: dict[str, int]) -> dict:
+def rates(counters: dict[str, int]) -> dict:
+    """Request and token counts, and the hit rate weighted by tokens: prompt tokens restored
+    from the cache over all prompt tokens (a request reusing 3 of 45,000 tokens barely counts).
+    `hits` are requests that reused anything at all; `half_cached` reused at least half."""
     hits, misses = counters.get("requests_hit", 0), counters.get("requests_miss", 0)
     cached = counters.get("tokens_from_ram", 0) + counters.get("tokens_from_disk", 0)
     prompt = cached + counters.get("tokens_computed", 0)
     return {"requests": hits + misses, "hits": hits, "misses": misses,
-            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "half_cached": counters.get("requests_half_cached", 0),
+            "hit_rate": round(cached / prompt, 4) if prompt else None,
+            "prompt_tokens": prompt,
             "tokens_from_ram": counters.get("tokens_from_ram", 0),
             "tokens_from_disk": counters.get("tokens_from_disk", 0),
-            "tokens_computed": counters.get("tokens_computed", 0),
-            "token_hit_rate": round(cached / prompt, 4) if prompt else None}
+            "tokens_computed": counters.get("tokens_computed", 0)}
 
 
 # -- prefixes -----------------------------------------------------------------------------
@@ -207,14 +228,48 @@ def _shrink_to(cache: CacheDir, target: int) -> int:
 # -- verify -------------------------------------------------------------------------------
 @dataclass
 class Problem:
-    kind: str  # damaged, dangling, undecodable_record, orphan_file, temp_file, totals
+    kind: str  # index_damaged, damaged, dangling, undecodable_record, orphan_file, temp_file, totals
     key: str
     detail: str
 
 
 def verify(cache: CacheDir, fix: bool = False) -> list[Problem]:
-    """Check every record against its file (size, checksum, format, tokens), and every file
-    against the index. With `fix`, remove what is broken and recount the totals."""
+    """Check the index file itself, every record against its file (size, checksum, format,
+    tokens), and every file against the index. With `fix`, remove what is broken and
+    recount the totals; a damaged index is moved aside and rebuilt from the block files."""
+    damage = cache.damage
+    if damage is None:
+        try:
+            return _verify_entries(cache, fix)
+        except IndexDamaged as exc:
+            damage = str(exc)
+    problem = Problem("index_damaged", "", damage)
+    if fix:
+        problem.detail += "; " + repair_index(cache, damage)
+        return [problem, *_verify_entries(cache, fix)]
+    return [problem]
+
+
+def repair_index(cache: CacheDir, reason: str) -> str:
+    """Move the damaged index aside and rebuild it from the block files (every file that
+    checks out is indexed again, the others removed). Refused while a daemon has it open."""
+    from .reindex import rebuild
+
+    cache.close()
+    path = cache.path / "index"
+    if in_use(path):
+        raise IndexInUse(f"{path} is damaged but a running kvtier has it open: it replaces the "
+                         f"index itself when it meets the damage; or stop it and run this again")
+    aside = move_aside(path)
+    cache.index, cache._owns_index, cache.damage = Index(path), True, None
+    cache.index.mark_rebuild(reason)
+    report = rebuild(cache.index, cache.files)
+    cache.index.mark_rebuild(None)
+    return (f"moved to {aside.name}, rebuilt from the block files: {report.indexed} entries, "
+            f"{report.removed} files removed")
+
+
+def _verify_entries(cache: CacheDir, fix: bool) -> list[Problem]:
     problems: list[Problem] = []
     indexed = set()
     for key, record in cache.index.items():

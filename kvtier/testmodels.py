@@ -32,7 +32,7 @@ __all__ = ["ARCHES", "make_model", "demo_corpus"]
 ARCHES = ("llama", "qwen3_next", "mamba2", "sliding")
 
 # Bump when the generated files change, so stale cached models are rebuilt.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _MARKER = "kvtier_testmodel.json"
 
 _BOS = "<|endoftext|>"
@@ -558,7 +558,8 @@ def _qwen3_next_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
 
 
 def _mamba2_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
-    """Pure SSM: every layer's cache is an ArraysCache (conv state, ssm state)."""
+    """Pure SSM: every layer's cache is an ArraysCache (conv state, ssm state). Like real
+    Mamba2 configs, no max_position_embeddings: the architecture has no position limit."""
     return {
         "model_type": "mamba2",
         "hidden_size": hidden,
@@ -574,7 +575,6 @@ def _mamba2_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
         "layer_norm_epsilon": 1e-5,
         "time_step_limit": [0.001, 100.0],
         "time_step_rank": "auto",
-        "max_position_embeddings": 32768,
         "tie_word_embeddings": False,
     }
 

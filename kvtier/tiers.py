@@ -4,9 +4,12 @@ store, spill, flush."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,15 +21,21 @@ import numpy as np
 import xxhash
 
 from .blocks import BlockRef, encode_tokens, root_key
-from .config import CacheConfig
-from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, encode_block, parse_block, to_mlx
-from .index import BlockRecord, Index, now_ms
+from .config import CacheConfig, format_size
+from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, encode_block, key_of_path, parse_block, \
+    to_mlx
+from .index import BlockRecord, Index, allocated_estimate, now_ms, open_or_replace
 from .kvstate import BlockArrays, CachePlan, Layout, Snapshot, matches_layout, nbytes, \
     snapshot_matches
 from .ram import HotBlock, RamTier
+from .reindex import Rebuilder
+from .space import DiskSpace, is_no_space
 from .writer import DiskWriter, Entry, WriteJob
 
 log = logging.getLogger("kvtier.tiers")
+
+SCRATCH_PREFIX = "kvtier-ram-only-"  # + owner pid + "-": the index of a daemon without a disk tier
+PROBE_SECONDS = 2.0  # while writes fail, how often the disk is tried again
 
 
 def tokens_hash(tokens: Sequence[int]) -> str:
@@ -159,28 +168,74 @@ class TieredStore:
         self.ram = RamTier(config.ram_budget)
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
-        self.disk_error: str | None = None  # last disk failure, cleared by a good write
+        self._write_error: str | None = None  # last disk failure, cleared by a good write
         self._scratch: Path | None = None  # set when the cache directory cannot be used
+        self._dirs_bytes = 0  # the cache directory's own and its index directory's
+        self._started_at = time.time()
         self.index, self.files = self._open_disk(config.cache_dir)
+        self._index_replaced = threading.Event()
+        self.index.on_damage = self._index_damaged
+        self._rebuilder = Rebuilder(self.index, self.files)
+        if self.index.rebuild_pending():
+            self.count("index_rebuilds")
+            self._rebuilder.start()
+        self.space = DiskSpace(self.files, config.disk_budget)
         self._retry_unpersisted = False
+        self._writes_failed = False  # some blocks are in RAM only since a failed or skipped write
+        # Files left behind (not indexed) that could not be removed yet: counted in the budget.
+        self._strays: dict[Path, int] = {}
+        self._strays_lock = threading.Lock()
+        self._files_lock = threading.Lock()  # a write job, or the sweep of one subdirectory
         self.writer = DiskWriter(self._write_then_release, config.write_queue_bytes)
         # Reads files ahead of the restore loop: disk I/O overlaps decoding earlier blocks.
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
+        self._closing = threading.Event()
+        self.swept = threading.Event()  # set once the start-up cleanup is done
+        self._upkeep = threading.Thread(target=self._upkeep_loop, name="kvtier-disk-upkeep", daemon=True)
+        self._upkeep.start()
 
     def _open_disk(self, cache_dir: Path) -> tuple[Index, BlockFiles]:
         """The cache directory's index and files; when it cannot be used (no permission, a
         read-only or full disk), an empty private index in a temporary directory, and the
-        disk tier off: the daemon still serves, from RAM, and says why in its stats."""
+        disk tier off: the daemon still serves, from RAM, and says why in its stats. A
+        damaged index is replaced by an empty one, refilled from the files (`Rebuilder`)."""
         try:
             cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return Index(cache_dir / "index"), BlockFiles(cache_dir / "blocks")
+            _make_private(cache_dir)
+            index, files = open_or_replace(cache_dir / "index"), BlockFiles(cache_dir / "blocks")
+            self._dirs_bytes = sum(p.stat().st_blocks * 512 for p in (cache_dir, cache_dir / "index"))
+            return index, files
         except (OSError, lmdb.Error) as exc:
             self.count("disk_write_errors")
-            self.disk_error = _error_text(exc)
+            self._write_error = _error_text(exc)
             log.error("cache directory %s is unusable (%s): serving from RAM only, nothing is written "
-                      "to disk", cache_dir, self.disk_error)
-            self._scratch = Path(tempfile.mkdtemp(prefix="kvtier-ram-only-"))
+                      "to disk", cache_dir, self._write_error)
+            remove_stale_scratch_dirs()  # those of RAM-only daemons killed before their cleanup
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
             return Index(self._scratch / "index"), BlockFiles(self._scratch / "blocks")
+
+    def _index_damaged(self, reason: str) -> None:
+        """The index met damage at run time (in whichever thread): go on with a fresh one,
+        refilled from the block files in the background; this access was a miss."""
+        self.count("index_rebuilds")
+        self._index_replaced.set()  # the start-up sweep stops: the new index lacks the files
+        try:
+            self.index.reset(reason)
+        except (OSError, lmdb.Error) as exc:
+            self._disk_failed(exc)
+            return
+        self._rebuilder.start()
+
+    @property
+    def disk_error(self) -> str | None:
+        """Why the disk tier does not take every write now (it cannot write, or the disk is
+        full); None when it does. Re-checked on each call, so it clears by itself."""
+        if self._write_error is not None or not self.disk_enabled:
+            return self._write_error
+        try:
+            return self.space.full_message(self.disk_used())
+        except OSError as exc:  # the cache directory itself is gone
+            return _error_text(exc)
 
     @property
     def disk_enabled(self) -> bool:
@@ -333,7 +388,10 @@ class TieredStore:
     def _damaged(self, ref: BlockRef, exc: DamagedBlock) -> None:
         log.warning("cache entry %s is damaged (%s): treated as a miss and dropped", ref.hex, exc)
         self.count("damaged_blocks")
-        self.drop(ref.key)
+        try:
+            self.drop(ref.key)
+        except (OSError, lmdb.Error) as error:  # a miss all the same
+            self._disk_failed(error)
 
     def _fits_model(self, parsed: ParsedBlock, kind: str) -> bool:
         if kind == "kv":
@@ -404,7 +462,9 @@ class TieredStore:
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
         for block in blocks:
-            meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind}
+            # Parent and depth too: the index can be rebuilt from the files alone.
+            meta = {"key": block.key.hex(), "fingerprint": self.fingerprint, "kind": block.kind,
+                    "parent": block.parent.hex(), "depth": str(block.index)}
             if block.skeleton:
                 meta["skeleton"] = block.skeleton
             entries.append(Entry(block.key, encode_block(block.arrays, block.tokens, meta), block))
@@ -434,51 +494,82 @@ class TieredStore:
 
     # -- disk writer (runs on the writer thread) -----------------------------------------
     def _write_job(self, job: WriteJob) -> None:
-        writes: list[Entry] = []
-        try:
-            for entry in job.entries:
-                if entry.payload is None:
-                    self.drop(entry.key)
-            writes = [e for e in job.entries if e.payload is not None and self.index.get(e.key) is None]
-            if not self._make_room(sum(len(e.payload) for e in writes)):
-                self.count("disk_writes_skipped_budget")
-                log.warning("disk budget too small for %d cache entries: kept in RAM only", len(writes))
+        with self._files_lock:  # the sweep must not meet this job's files before they are indexed
+            try:
+                for entry in job.entries:
+                    if entry.payload is None:
+                        self.drop(entry.key)
+                writes = [e for e in job.entries if e.payload is not None and self.index.get(e.key) is None]
+                indexed = self._write_within_room(writes)
+            except (OSError, lmdb.Error) as exc:  # read-only, no permission, or still no space
+                self._disk_failed(exc)
                 return
-            indexed = self._write_files(writes)
-            self.index.put_many(indexed)
-        except (OSError, lmdb.Error) as exc:  # disk full, read-only, or the index cannot grow
-            for entry in writes:  # none of them got indexed
-                self.files.remove(entry.key.hex())
-            self._disk_failed(exc)
-            return
-        if self.disk_error is not None:
-            self.disk_error = None
-            self._retry_unpersisted = True  # space is back: write what failed before
+            if indexed is None:
+                return
+            self._written(job, indexed)
+            try:
+                self._trim()  # the directories and the index grew too
+            except (OSError, lmdb.Error) as exc:
+                self._disk_failed(exc)
+
+    def _written(self, job: WriteJob, indexed: list[tuple[bytes, BlockRecord, bytes]]) -> None:
+        if self._write_error is not None:
+            self._write_error = None
             log.info("the disk tier accepts writes again")
-        self.count("disk_writes", len(writes))
+        if self._writes_failed:
+            self._writes_failed = False
+            self._retry_unpersisted = True  # the disk takes writes again: write what failed before
+        self._remove_strays()
+        self.count("disk_writes", len(indexed))
         self.count("disk_bytes_written", sum(r.nbytes for _, r, _ in indexed))
         for entry in job.entries:
             if entry.block is not None:
                 entry.block.persisted = True
 
+    def _write_within_room(self, writes: list[Entry]) -> list[tuple[bytes, BlockRecord, bytes]] | None:
+        """Evict to make room, write the files and index them; a write the disk turns down for
+        lack of space is tried once more after evicting to what the disk really holds. None
+        when the entries cannot fit at all (they stay in RAM)."""
+        needed = sum(allocated_estimate(len(e.payload)) for e in writes)
+        self.space.note_write(needed)
+        for last_try in (False, True):
+            if not self._make_room(needed):
+                return None
+            try:
+                indexed = self._write_files(writes)
+                self.index.put_many(indexed)
+                return indexed
+            except (OSError, lmdb.Error) as exc:
+                for entry in writes:  # none of them got indexed
+                    self._remove_file(entry.key.hex(), raise_errors=False)
+                if last_try or not is_no_space(exc):
+                    raise
+                self.count("disk_write_errors")
+                self.space.mark_full(_error_text(exc))
+        return None
+
     def _write_files(self, writes: list[Entry]) -> list[tuple[bytes, BlockRecord, bytes]]:
         indexed, stamp = [], now_ms()
         for entry in writes:
             block: HotBlock = entry.block
-            size = self.files.write(entry.key.hex(), entry.payload)
+            written = self.files.write(entry.key.hex(), entry.payload)
             record = BlockRecord(
                 parent=block.parent.hex(), fingerprint=self.fingerprint, depth=block.index,
-                num_tokens=len(block.tokens), nbytes=size, checksum=checksum(entry.payload),
+                num_tokens=len(block.tokens), nbytes=written.nbytes, checksum=checksum(entry.payload),
                 tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp,
-                kind=block.kind)
+                kind=block.kind, allocated=written.allocated)
             indexed.append((entry.key, record, encode_tokens(block.tokens)))
         return indexed
 
     def _disk_failed(self, exc: Exception) -> None:
         self.count("disk_write_errors")
-        if self.disk_error is None:
+        self._writes_failed = True
+        if is_no_space(exc):
+            self.space.mark_full(_error_text(exc))
+            return
+        if self._write_error is None:
             log.error("cannot write to %s (%s): serving from RAM only", self.files.root, exc)
-        self.disk_error = _error_text(exc)
+        self._write_error = _error_text(exc)
 
     def note_in_index(self, write, *args) -> None:
         """Best-effort index bookkeeping (access times, counters): a full or read-only disk
@@ -489,23 +580,159 @@ class TieredStore:
             self._disk_failed(exc)
 
     def disk_used(self) -> int:
-        return self.index.totals()[0] + self.index.disk_usage()
+        """What the disk tier occupies, as the filesystem (and `du`) counts it: the blocks
+        allocated for every file, the directories, the index, and leftovers not removed yet."""
+        allocated = self.index.allocated()
+        if allocated is None:  # an index from before this total, until its recount
+            total, count = self.index.totals()
+            allocated = total + count * 4096
+        with self._strays_lock:
+            strays = sum(self._strays.values())
+        return allocated + self._dirs_bytes + self.files.dir_bytes() + self.index.disk_usage() + strays
 
     def _make_room(self, nbytes: int) -> bool:
-        """Evict least recently used entries (any model) until `nbytes` more fit the budget."""
-        while self.disk_used() + nbytes > self.config.disk_budget:
+        """Evict least recently used entries (any model) until `nbytes` more fit the budget,
+        or what the disk can hold when that is less (the disk is then full)."""
+        self._remove_strays()
+        used = self.disk_used()
+        capacity = self.space.capacity(used)
+        if used + nbytes > capacity and capacity < self.config.disk_budget:
+            self.space.mark_full(f"{format_size(nbytes)} to write, room for {format_size(max(capacity, 0))} of cache")
+        evictable = self.index.allocated() or 0
+        if used - evictable + nbytes <= capacity and self._evict_while(lambda: self.disk_used() + nbytes > capacity):
+            return True
+        # Not even an empty cache would hold it: nothing is evicted in vain.
+        self._skipped(nbytes, disk_full=capacity < self.config.disk_budget)
+        return False
+
+    def _trim(self) -> None:
+        capacity = self.space.capacity(self.disk_used())
+        self._evict_while(lambda: self.disk_used() > capacity)
+
+    def _evict_while(self, too_big: Callable[[], bool]) -> bool:
+        """Evict the least recently used entry while `too_big`; False if none is left."""
+        while too_big():
             victims = self.index.oldest(1)  # one at a time: evict no more than needed
             if not victims:
                 return False
-            for key in victims:
-                self.drop(key)
-                self.count("disk_evictions")
+            self.drop(victims[0])
+            self.files.prune_dir(victims[0].hex())
+            self.count("disk_evictions")
         return True
+
+    def _skipped(self, nbytes: int, disk_full: bool) -> None:
+        if disk_full:  # written once the disk has room again
+            self._writes_failed = True
+            self.count("disk_writes_skipped_full")
+        else:  # larger than the whole budget: stays in RAM
+            self.count("disk_writes_skipped_budget")
+        log.warning("%s for %d bytes of cache entries: kept in RAM only",
+                    "disk full" if disk_full else "disk budget too small", nbytes)
 
     def drop(self, key: bytes) -> None:
         """Remove an entry from disk: index entry first, then the file."""
         self.index.remove(key)
-        self.files.remove(key.hex())
+        self._remove_file(key.hex())
+
+    def _remove_file(self, key_hex: str, raise_errors: bool = True) -> None:
+        """A file that cannot be removed (a read-only disk) stays counted until it can be."""
+        try:
+            self.files.remove(key_hex)
+        except OSError:
+            self._note_stray(self.files.path_for(key_hex))
+            if raise_errors:
+                raise
+
+    def _note_stray(self, path: Path) -> None:
+        try:
+            size = path.lstat().st_blocks * 512
+        except OSError:
+            return
+        with self._strays_lock:
+            self._strays[path] = size
+
+    def _remove_strays(self) -> None:
+        with self._strays_lock:
+            strays = list(self._strays)
+        for path in strays:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                continue
+            with self._strays_lock:
+                self._strays.pop(path, None)
+
+    # -- upkeep (its own thread) ---------------------------------------------------------
+    def _upkeep_loop(self) -> None:
+        """After start-up: recount an old index's allocated total, sweep what a killed daemon
+        left behind; then, while writes fail, try the disk again so the error clears by itself."""
+        try:
+            if self.disk_enabled:
+                if self.index.allocated() is None:
+                    self.note_in_index(self.index.recount)
+                self._rebuilder.wait()  # files a rebuild has not reached yet are not leftovers
+                self.sweep_leftovers()
+            remove_stale_scratch_dirs()
+        except Exception:  # upkeep must never take the daemon down
+            log.exception("start-up cleanup of %s failed", self.files.root)
+        self.swept.set()
+        while not self._closing.wait(PROBE_SECONDS):
+            if self._write_error is not None and self.disk_enabled:
+                self._probe_disk()
+
+    def sweep_leftovers(self) -> int:
+        """Remove temp files and unindexed block files older than this process: a killed
+        daemon's (only one daemon owns a cache directory). One listing per subdirectory and
+        the index's keys, no file is opened; our own writer's files are safe, as a
+        subdirectory is swept only between its jobs. Returns the files removed."""
+        removed = 0
+        for subdir in self.files.subdirs():
+            if self._closing.is_set():
+                break
+            with self._files_lock:
+                removed += self._sweep(subdir)
+        if removed:
+            log.info("removed %d files left behind in %s", removed, self.files.root)
+        return removed
+
+    def _sweep(self, subdir: Path) -> int:
+        try:
+            with os.scandir(subdir) as listing:
+                files = [entry for entry in listing if entry.is_file(follow_symlinks=False)]
+        except OSError:
+            return 0
+        keys = {entry.name: _key_bytes(entry.name) for entry in files}
+        indexed = self.index.has_many([k for k in keys.values() if k is not None])
+        if self._rebuilder.running or self._index_replaced.is_set():
+            return 0  # an index being refilled does not list every file yet
+        removed = 0
+        for entry in files:
+            if keys[entry.name] in indexed:
+                continue
+            path = Path(entry.path)
+            try:
+                if path.lstat().st_mtime >= self._started_at:
+                    continue  # not a leftover: someone is writing it now
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError:
+                self._note_stray(path)
+        return removed
+
+    def _probe_disk(self) -> None:
+        try:
+            self.files.probe()
+            self.index.add_counters(self.fingerprint, {})  # an index write, changing nothing
+        except (OSError, lmdb.Error) as exc:
+            if not is_no_space(exc):
+                self._write_error = _error_text(exc)
+                return
+            self.space.mark_full(_error_text(exc))  # writable again, but full: reported as such
+        log.info("the disk tier accepts writes again")
+        self._write_error = None
+        self._retry_unpersisted = True
 
     def spill(self, target_bytes: int) -> int:
         """Shrink the hot tier to `target_bytes` (memory pressure). Entries not yet on disk
@@ -528,6 +755,9 @@ class TieredStore:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        self._closing.set()  # before the rebuild stops: the sweep must not follow a partial one
+        self._rebuilder.stop()
+        self._upkeep.join()
         self._readers.shutdown(wait=True)
         self.index.close()
         if self._scratch is not None:
@@ -535,15 +765,70 @@ class TieredStore:
 
     def stats(self) -> dict:
         disk_bytes, disk_blocks = self.index.totals()
+        error = self.disk_error
         queued_jobs, queued_bytes = self.writer.pending
         with self._counter_lock:
             counters = dict(self.counters)
         return {
             "ram": self.ram.usage(),
             "disk": {"blocks": disk_blocks, "bytes": disk_bytes,
-                     "index_bytes": self.index.disk_usage(), "budget": self.config.disk_budget,
-                     "writable": self.disk_error is None, "error": self.disk_error,
+                     "index_bytes": self.index.disk_usage(), "used_bytes": self.disk_used(),
+                     "budget": self.config.disk_budget, "writable": error is None, "error": error,
+                     "full": self.space.is_full, "index_rebuilding": self._rebuilder.running,
                      "queued_jobs": queued_jobs, "queued_bytes": queued_bytes},
             "block_size": self.config.block_size,
             "counters": counters,
         }
+
+
+def _key_bytes(name: str) -> bytes | None:
+    key = key_of_path(Path(name))
+    try:
+        return bytes.fromhex(key) if key is not None else None
+    except ValueError:
+        return None
+
+
+def _make_private(cache_dir: Path) -> None:
+    """The cache holds prompts' KV: only its owner may read it. A kvtier directory open to
+    others (made by hand, or by an older version) is tightened to 0700; a directory that
+    holds anything else is refused rather than changed."""
+    for path in (cache_dir, cache_dir / "index", cache_dir / "blocks"):
+        if not path.is_dir() or path.stat().st_mode & 0o077 == 0:
+            continue
+        if path == cache_dir and (foreign := set(os.listdir(cache_dir)) - {"index", "blocks"}):
+            raise PermissionError(
+                f"{cache_dir} is open to other users (mode {path.stat().st_mode & 0o777:o}) and holds "
+                f"other files ({', '.join(sorted(foreign)[:3])}): not used for the cache; choose a "
+                f"private directory, or chmod 700 it")
+        log.warning("%s was open to other users (mode %o): now 0700", path, path.stat().st_mode & 0o777)
+        os.chmod(path, 0o700)
+
+
+def remove_stale_scratch_dirs() -> None:
+    """Remove RAM-only scratch directories whose daemon is gone (killed before its cleanup)."""
+    pattern = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-")
+    root = Path(tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        match = pattern.match(path.name)
+        if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        try:
+            if path.lstat().st_uid == os.getuid() and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,11 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def openai_spec() -> Path | None:
+    """../shared/specs/openai-openapi.json, beside the repository or a worktree of it."""
+    for parent in ROOT.parents:
+        spec = parent / "shared" / "specs" / "openai-openapi.json"
+        if spec.exists():
+            return spec
+    return None
+
+
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
     from kvtier.testmodels import make_model
 
     return make_model(MODELS / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """2 layers, hidden 64: prefills a 20K-token Claude Code prompt in a few seconds."""
+    from kvtier.testmodels import make_model
+
+    return make_model(MODELS / "tiny", "llama", hidden=64, layers=2)
 
 
 @lru_cache(maxsize=None)
@@ -154,6 +172,39 @@ def shared_daemon(tmp_path_factory, llama_model):
     daemon = Daemon(llama_model, tmp_path_factory.mktemp("shared") / "cache").start()
     yield daemon
     daemon.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def keyed_daemon(tmp_path_factory, llama_model):
+    """One daemon started with --api-key, for the tests of what reaches it before the key check."""
+    daemon = Daemon(llama_model, tmp_path_factory.mktemp("keyed") / "cache", "--api-key", "s3cret").start()
+    yield daemon
+    daemon.stop(signal.SIGKILL)
+
+
+def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, bytes]:
+    """Send `request` as bytes (no client library checks what goes on the wire); return the
+    status and the body of the answer: Content-Length bytes, or all until the daemon closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+        while (length is None or len(body) < int(length.group(1))) and (chunk := sock.recv(65536)):
+            body += chunk
+    return int(head.split(b" ", 2)[1]), body
+
+
+def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | None = None,
+                 body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request as bytes; header names and values go out exactly as given."""
+    path = path.encode() if isinstance(path, str) else path
+    given = {b"Host": b"127.0.0.1", b"Connection": b"close", b"Content-Type": b"application/json",
+             b"Content-Length": b"%d" % len(body), **(headers or {})}
+    lines = [method.encode() + b" " + path + b" HTTP/1.1"] + [k + b": " + v for k, v in given.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def agent_messages(project: str = "kvtier", question: str = "List the files.", repeat: int = 6) -> list[dict]:

@@ -83,15 +83,29 @@ def test_garbage_index_entry_is_a_miss_and_verify_repairs_it(daemon, reference):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A real 24 MB filesystem (tmpfs) for the cache: it can be filled and remounted read-only."""
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+def tmpfs(tmp_path):
+    """Mount real filesystems (tmpfs) of a given size: they fill up, and can be resized or
+    remounted read-only (needs root, as CI has)."""
+    mounted = []
+
+    def mount(size: str):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmpfs):
+    """A real 24 MB filesystem for the cache."""
+    return tmpfs("24m")
 
 
 def _wait_for(daemon, predicate, timeout=30.0) -> dict:
@@ -127,31 +141,87 @@ def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_mode
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
+def _writes_done(daemon) -> dict:
+    return _wait_for_stats(daemon, lambda s: s["disk"]["queued_jobs"] == 0)
+
+
+def _wait_for_stats(daemon, predicate, timeout=30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = daemon.get("/cache/stats")
+        if predicate(stats):
+            return stats
+        time.sleep(0.2)
+    raise AssertionError(f"condition not reached: {stats['disk']}")
+
+
+def test_disk_smaller_than_the_budget_evicts_and_says_full_steadily(daemon_factory, llama_model, reference,
+                                                                    tmpfs):
+    """An 8 MB filesystem under a 1 GB budget: once the cache has filled it, the oldest
+    entries are evicted to make room, and "disk full" is reported on every look until the
+    filesystem grows; then it clears by itself, and the newest conversation is on disk."""
+    point = tmpfs("8m")
+    daemon = daemon_factory(llama_model, "--disk-budget", "1GB", cache_dir=point / "cache")
+    reports = []
+    for i in range(5):  # ~2.5 MB of blocks each
+        messages = agent_messages(f"small-disk-{i}")
+        assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+        _writes_done(daemon)
+        reports += [daemon.get("/health") for _ in range(3)]
+    stats = daemon.get("/cache/stats")
+    assert stats["counters"].get("disk_evictions", 0) > 0 and stats["disk"]["full"]
+    assert stats["counters"].get("disk_write_errors", 0) == 0  # room was made before writing
+    first_full = next(i for i, health in enumerate(reports) if not health["disk_writable"])
+    assert first_full < len(reports) - 3
+    assert [h["disk_writable"] for h in reports[first_full:]] == [False] * (len(reports) - first_full)  # steady
+    assert all(h["disk_error"].startswith("disk full") for h in reports[first_full:])
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(point)], check=True)
+    _wait_for(daemon, lambda h: h["disk_writable"])  # no request needed to notice
+    daemon.restart()
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
 def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
-    """The block directory becomes read-only under a running daemon (a read-only bind mount
-    over it), then writable again."""
+    """The cache directory becomes read-only under a running daemon (a read-only bind mount
+    over it, its block subdirectories already there, as in a well-used cache), then writable
+    again: the failure is reported while it lasts and clears by itself."""
     daemon = daemon_factory(llama_model)
-    blocks = daemon.cache_dir / "blocks"
-    if subprocess.run(["mount", "--bind", str(blocks), str(blocks)], capture_output=True).returncode:
+    cache = daemon.cache_dir
+    for byte in range(256):
+        (cache / "blocks" / f"{byte:02x}").mkdir(exist_ok=True, mode=0o700)
+    if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode:
         pytest.skip("cannot bind-mount here (needs root)")
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(blocks)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
         messages = agent_messages("read-only")
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
         health = _wait_for(daemon, lambda h: not h["disk_writable"])
         assert "Read-only" in health["disk_error"]
         text, usage = ask(daemon, messages)  # served from RAM
         assert text == reference.chat(messages, MAX_TOKENS) and usage.prompt_tokens_details.cached_tokens > 0
+        stats = daemon.get("/cache/stats")
+        assert stats["counters"]["disk_write_errors"] > 0 and stats["disk"]["blocks"] == 0
+        assert not daemon.get("/health")["disk_writable"]  # still, not just once
     finally:
-        subprocess.run(["umount", str(blocks)], check=True)
+        subprocess.run(["umount", str(cache)], check=True)
+    _wait_for(daemon, lambda h: h["disk_writable"])  # no request needed to notice
     other = agent_messages("writable-again")
     assert ask(daemon, other)[0] == reference.chat(other, MAX_TOKENS)
-    _wait_for(daemon, lambda h: h["disk_writable"])
+    daemon.restart()  # what failed before was written once the disk took writes again
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
-def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path):
+def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path,
+                                                          monkeypatch):
     """The cache path is taken by a file: the daemon loads anyway, serves exact answers from
-    RAM, and its health and stats say the disk tier is off and why."""
+    RAM, and its health and stats say the disk tier is off and why. Its scratch index does
+    not outlive it, even killed with -9."""
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch_root))
     cache_path = tmp_path / "taken"
     cache_path.write_text("not a directory")
     daemon = daemon_factory(llama_model, cache_dir=cache_path)
@@ -164,3 +234,8 @@ def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama
     assert usage.model_extra["kvtier"]["ram_tokens"] > 0
     assert daemon.get("/cache/stats")["disk"]["blocks"] == 0
     assert cache_path.read_text() == "not a directory"
+    killed = list(scratch_root.glob("kvtier-ram-only-*"))
+    assert len(killed) == 1
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    assert not killed[0].exists() and len(list(scratch_root.glob("kvtier-ram-only-*"))) == 1

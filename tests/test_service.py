@@ -115,12 +115,12 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
 
 def test_install_dry_run_linux_prints_unit_and_commands_and_touches_nothing(tmp_path):
     result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
-                            "--port", "8500", home=tmp_path)
+                            "--port", "8500", "--max-context", "8192", home=tmp_path)
     assert result.returncode == 0, result.stderr
     unit_path = tmp_path / ".config" / "systemd" / "user" / "kvtier.service"
     assert_in_order(result.stdout, str(unit_path), "[Service]",
                     "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model",
-                                               "/some/model", "--port", "8500"]),
+                                               "/some/model", "--port", "8500", "--max-context", "8192"]),
                     "WantedBy=default.target",
                     "systemctl --user daemon-reload", "systemctl --user enable --now kvtier.service",
                     "systemctl --user restart kvtier.service")

@@ -6,6 +6,9 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
+import shutil
+import subprocess
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -39,9 +42,10 @@ def fill(store: TieredStore, tokens: list[int]) -> list:
     return refs
 
 
-def dir_bytes(path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
-               if "index" not in d)
+def du(path) -> int:
+    """What the filesystem allocates under `path`, directories included, as `du` counts it."""
+    return os.lstat(path).st_blocks * 512 + sum(
+        os.lstat(os.path.join(d, name)).st_blocks * 512 for d, dirs, files in os.walk(path) for name in dirs + files)
 
 
 def test_blocks_survive_a_restart_bit_for_bit(tmp_path):
@@ -101,19 +105,21 @@ def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
 
 
 def test_disk_budget_is_never_exceeded_and_evicts_oldest(tmp_path):
+    """The budget holds for what the filesystem allocates (whole blocks per file, the
+    directories, the index), not just the files' sizes: a small file takes a 4 KiB block."""
     probe = make_store(tmp_path / "probe")
-    index_bytes = probe.index.disk_usage()
+    for chain in range(3):
+        fill(probe, [chain * 1000 + i for i in range(2 * BLOCK)])
     probe.close()
-    budget = index_bytes + 64 * 1024 + 6 * (BLOCK_BYTES + 512)  # the index and ~6 block files
+    budget = du(tmp_path / "probe") + 4096  # room for about three chains
     store = make_store(tmp_path / "cache", disk_budget=budget, ram_budget=BLOCK_BYTES * 2)
     chains = []
     for chain in range(12):
         tokens = [chain * 1000 + i for i in range(2 * BLOCK)]
         chains.append((fill(store, tokens), tokens))
         store.flush()
-        assert store.disk_used() <= budget
-    measured = dir_bytes(tmp_path / "cache") + store.index.disk_usage()
-    assert measured <= budget
+        assert du(tmp_path / "cache") <= budget
+        assert store.disk_used() == du(tmp_path / "cache")  # the accounting is exact
     assert store.counters["disk_evictions"] > 0
     newest_refs, newest_tokens = chains[-1]
     store.ram.clear()
@@ -315,4 +321,176 @@ def test_evicting_a_block_no_tier_holds_is_counted_and_logged(tmp_path, caplog, 
         store.files.root.mkdir()
         store.flush()  # the two still in RAM are retried
         assert set(store.index.get_many([r.key for r in refs])) == {r.key for r in refs[3:]}
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a real tmpfs of a given size (needs root, as CI has); resizable with `resize`."""
+    mounted = []
+
+    def mount(size: str):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def long_chain(store: TieredStore, chain: int, blocks: int = 32) -> tuple[list, list[int]]:
+    tokens = [chain * 10_000 + i for i in range(blocks * BLOCK)]
+    refs = fill(store, tokens)
+    store.flush()
+    return refs, tokens
+
+
+def test_full_disk_evicts_to_what_it_holds_says_so_steadily_and_resumes(tmpfs):
+    """A 4 MB filesystem under a 1 GB budget: the cache fills the disk, then evicts to make
+    room (the newest prefixes stay on disk), says "disk full" from then on without flipping,
+    and grows again by itself once the filesystem is larger."""
+    point = tmpfs("4m")
+    store = make_store(point / "cache", disk_budget=10**9, ram_budget=BLOCK_BYTES * 4)
+    reports = []
+    for chain in range(24):  # ~6 MB of block files
+        refs, tokens = long_chain(store, chain)
+        reports.append(store.disk_error)
+    first_full = next(i for i, error in enumerate(reports) if error is not None)
+    assert all(error is not None and error.startswith("disk full") for error in reports[first_full:]), reports
+    assert store.counters["disk_evictions"] > 0
+    store.ram.clear()
+    assert store.match(refs, tokens).num_full_blocks == 32  # the newest prefix is on disk
+    assert store.stats()["disk"]["full"] is True
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(point)], check=True)
+    assert store.disk_error is None  # no write needed to notice
+    evictions = store.counters["disk_evictions"]
+    blocks_before = store.index.totals()[1]
+    long_chain(store, 100)
+    assert store.counters["disk_evictions"] == evictions and store.index.totals()[1] == blocks_before + 32
+    store.close()
+
+
+def test_removed_block_directory_is_made_again(tmp_path):
+    store = make_store(tmp_path)
+    long_chain(store, 1, blocks=2)
+    shutil.rmtree(store.files.root)
+    refs, tokens = long_chain(store, 2, blocks=2)
+    assert store.disk_error is None and store.counters["disk_write_errors"] == 0
+    store.close()
+    store = make_store(tmp_path)
+    assert store.match(refs, tokens).sources == ["disk", "disk"]
+    assert oct(store.files.root.stat().st_mode & 0o777) == "0o700"
+    store.close()
+
+
+def test_leftovers_of_a_killed_daemon_are_swept_at_start_up(tmp_path):
+    """Temp files and block files the index does not hold (a kill -9 between the file and
+    the index commit) are removed after start-up, from a listing, leaving indexed ones."""
+    store = make_store(tmp_path)
+    refs, tokens = long_chain(store, 1, blocks=3)
+    store.close()
+    kept = store.files.path_for(refs[0].hex)
+    orphan = store.files.path_for("ab" * 16)
+    orphan.parent.mkdir(exist_ok=True)
+    shutil.copy(kept, orphan)
+    temp = kept.parent / f".{refs[0].hex}.1234abcd.tmp"
+    temp.write_bytes(b"half a block")
+    old = time.time() - 5
+    for path in (orphan, temp):
+        os.utime(path, (old, old))
+
+    store = make_store(tmp_path)
+    assert store.swept.wait(30)
+    assert not orphan.exists() and not temp.exists()
+    assert store.match(refs, tokens).sources == ["disk"] * 3
+    store.close()
+
+
+def test_an_existing_cache_directory_open_to_others_is_made_private(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "blocks").mkdir(parents=True)
+    os.chmod(cache, 0o755)
+    os.chmod(cache / "blocks", 0o755)
+    store = make_store(cache)
+    assert store.disk_error is None
+    assert cache.stat().st_mode & 0o777 == 0o700 and (cache / "blocks").stat().st_mode & 0o777 == 0o700
+    store.close()
+
+
+def test_a_shared_directory_is_refused_not_changed(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("someone else's")
+    os.chmod(shared, 0o755)
+    store = make_store(shared)
+    assert "open to other users" in store.disk_error and not store.disk_enabled
+    assert shared.stat().st_mode & 0o777 == 0o755 and not (shared / "index").exists()
+    store.close()
+
+
+def test_an_index_from_before_allocated_sizes_is_counted_and_recounted(tmp_path):
+    """Records without `allocated` decode with the size rounded up to 4 KiB, and the total
+    an older index lacks is recounted after start-up (until then, an upper estimate)."""
+    import json
+
+    import lmdb
+
+    from kvtier.index import BlockRecord
+
+    store = make_store(tmp_path)
+    long_chain(store, 1, blocks=3)
+    store.close()
+    env = lmdb.open(str(tmp_path / "index"), max_dbs=8)
+    blocks, meta = env.open_db(b"blocks"), env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        sizes = []
+        for key, raw in list(txn.cursor(db=blocks)):
+            old = json.loads(raw)
+            old.pop("allocated")
+            sizes.append(old["nbytes"])
+            txn.put(key, json.dumps(old).encode(), db=blocks)
+        txn.delete(b"allocated", db=meta)
+    env.close()
+    assert BlockRecord.decode(json.dumps(old).encode()).allocated == -(-old["nbytes"] // 4096) * 4096
+
+    store = make_store(tmp_path)
+    assert store.swept.wait(30)
+    assert store.index.allocated() == sum(-(-size // 4096) * 4096 for size in sizes)
+    store.close()
+
+
+def test_read_only_blocks_fail_visibly_count_what_they_keep_and_recover(tmp_path):
+    """Under a read-only bind mount, a write that must evict first removes the record but
+    cannot remove the file: the failure is reported (not hidden by the cleanup's own error),
+    the file stays counted in the budget, and once writable the report clears by itself and
+    the file goes."""
+    store = make_store(tmp_path / "cache")
+    long_chain(store, 1, blocks=12)
+    store.close()
+    for byte in range(256):  # a well-used cache: the new blocks' subdirectories are there
+        (store.files.root / f"{byte:02x}").mkdir(exist_ok=True)
+    store = make_store(tmp_path / "cache", disk_budget=du(tmp_path / "cache") + 16384)  # a chain must evict
+    blocks = store.files.root
+    if subprocess.run(["mount", "--bind", str(blocks), str(blocks)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(blocks)], check=True)
+        refs, tokens = long_chain(store, 2, blocks=3)
+        assert "Read-only" in store.disk_error and store.counters["disk_write_errors"] > 0
+        assert store.disk_used() == du(tmp_path / "cache")  # the evicted file is still counted
+        assert store.match(refs, tokens).sources == ["ram"] * 3
+    finally:
+        subprocess.run(["umount", str(blocks)], check=True)
+    deadline = time.time() + 30
+    while store.disk_error is not None and time.time() < deadline:
+        time.sleep(0.1)  # the disk is retried every few seconds
+    assert store.disk_error is None
+    store.flush()  # what failed is written now
+    assert store.disk_used() == du(tmp_path / "cache") <= store.config.disk_budget
+    assert len(list(store.files.iter_files())) == store.index.totals()[1]  # no stray file left
+    store.ram.clear()
+    assert store.match(refs, tokens).sources == ["disk"] * 3
     store.close()

@@ -15,19 +15,20 @@ counting it under both names would double the prompt in clients that add the thr
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
 
-from ..errors import ApiError, field, json_body
+from ..disconnects import client_gone
+from ..errors import ApiError, anthropic_body, field, json_body
 from ..state import STATE, DaemonState
+from ..volatile import drop_billing_line
 from .openai import chunks_of
 from .tools import ToolCall, ToolCallBuffer
 
@@ -35,50 +36,9 @@ log = logging.getLogger("kvtier.anthropic")
 
 routes = web.RouteTableDef()
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
-                529: "overloaded_error"}
-
-
 # -- errors -----------------------------------------------------------------------------
-def error_body(status: int, message: str) -> dict:
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def error_response(error: ApiError) -> web.Response:
-    status = error.status
-    if error.code == "overloaded":  # the worker's queue is full: Anthropic's 529
-        status = 529
-    message = error.message
-    if error.param and error.param not in message:
-        message = f"{error.param}: {message}"
-    return web.json_response(error_body(status, message), status=status, headers=error.headers)
-
-
-def anthropic_errors(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """Turn every failure of an Anthropic route into Anthropic's error shape."""
-
-    @functools.wraps(handler)
-    async def wrapped(http: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(http)
-        except ApiError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error_response(ApiError(exc.status, exc.reason))
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception as exc:
-            log.exception("request failed")
-            return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
-
-    return wrapped
-
-
+# The error middleware (daemon/errors.py) answers every failure of these routes in
+# Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
@@ -90,14 +50,6 @@ class Prompt:
     tools: list[dict] | None  # tools in the OpenAI/HF function shape
     prefill: str              # a final assistant text the answer continues ("" if none)
     parse_tools: bool         # whether to read tool calls out of the answer
-
-
-def check_model(body: dict, state: DaemonState) -> str:
-    name = field(body, "model", str, required=True)
-    if name not in state.model_ids():
-        raise ApiError(404, f"model '{name}' is not served here; this daemon serves "
-                            f"'{state.model_id()}' (or use 'default')", param="model")
-    return name
 
 
 def _blocks(content: Any, path: str) -> list[dict]:
@@ -124,16 +76,22 @@ def _unsupported(kind: str, path: str) -> ApiError:
     return bad(f"{path}: unsupported content block type '{kind}'")
 
 
-def parse_system(body: dict) -> str | None:
+def parse_system(body: dict, keep_billing_line: bool = False) -> str | None:
     system = body.get("system")
     if system is None:
         return None
+    return _system_text(_blocks(system, "system"), "system", keep_billing_line)
+
+
+def _system_text(blocks: list[dict], path: str, keep_billing_line: bool = False) -> str:
+    """System text blocks joined with a newline (cache_control is accepted and ignored),
+    without Claude Code's per-conversation billing line unless asked to keep it."""
     parts = []
-    for i, block in enumerate(_blocks(system, "system")):
+    for i, block in enumerate(blocks):
         if block["type"] != "text":
-            raise bad(f"system.{i}: system blocks must be of type 'text'")
-        parts.append(_text(block, f"system.{i}"))  # cache_control is accepted and ignored
-    return "\n".join(parts)
+            raise bad(f"{path}.{i}: system blocks must be of type 'text'")
+        parts.append(_text(block, f"{path}.{i}"))
+    return "\n".join(parts if keep_billing_line else drop_billing_line(parts))
 
 
 def _tool_result_text(block: dict, path: str) -> str:
@@ -237,12 +195,12 @@ def parse_tool_choice(body: dict, tools: list[dict] | None) -> bool:
     return bool(tools) and choice["type"] != "none"
 
 
-def parse_prompt(body: dict) -> Prompt:
+def parse_prompt(body: dict, keep_billing_line: bool = False) -> Prompt:
     messages = field(body, "messages", list, required=True)
     if not messages:
         raise bad("messages: at least one message is required", param="messages")
     out: list[dict] = []
-    system = parse_system(body)
+    system = parse_system(body, keep_billing_line)
     if system is not None:
         out.append({"role": "system", "content": system})
     prefill = ""
@@ -251,12 +209,16 @@ def parse_prompt(body: dict) -> Prompt:
         if not isinstance(message, dict):
             raise bad(f"{path} must be an object")
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise bad(f"{path}.role must be 'user' or 'assistant' (put the system prompt in "
-                      "the top-level 'system' field)")
+        if role not in ("user", "assistant", "system"):
+            raise bad(f"{path}.role: role {role!r} is not supported; use 'user', 'assistant' "
+                      "or 'system'")
         if "content" not in message:
             raise bad(f"{path}.content is required")
         blocks = _blocks(message["content"], f"{path}.content")
+        if role == "system":  # a mid-conversation system message: rendered where it stands
+            out.append({"role": "system", "content": _system_text(blocks, f"{path}.content",
+                                                                  keep_billing_line)})
+            continue
         if not blocks and not (role == "assistant" and i == len(messages) - 1):
             raise bad(f"{path}.content must not be empty")
         if role == "user":
@@ -303,7 +265,7 @@ def generation_request(body: dict, state: DaemonState, tokens: list[int],
     top_p = field(body, "top_p", float, 1.0, minimum=0, maximum=1)
     field(body, "top_k", int, None, minimum=0)  # accepted; the sampler has no top-k
     field(body, "metadata", dict, None)
-    limit = state.engine().context_length
+    limit = state.context_limit()
     if limit and len(tokens) >= limit:
         raise bad(f"prompt is too long: {len(tokens)} tokens > {limit - 1} maximum "
                   f"(this model's context is {limit} tokens)")
@@ -373,12 +335,11 @@ def tool_use_block(call: ToolCall) -> dict:
 
 # -- routes -----------------------------------------------------------------------------
 @routes.post("/v1/messages")
-@anthropic_errors
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
-    prompt = parse_prompt(body)
+    model = state.requested_model(body)
+    prompt = parse_prompt(body, state.config.keep_billing_header)
     stops = parse_stop_sequences(body)
     stream = field(body, "stream", bool, False)
     tokens, boundaries = await tokenize(state, prompt)
@@ -414,60 +375,69 @@ async def stream_events(http: web.Request, generation: Generation, message: dict
         async def send(event: str, data: dict) -> None:
             await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
-        # The cache split is known only at the end: message_start counts the whole prompt
-        # as input, message_delta then gives the final (cumulative) numbers.
-        await send("message_start", {"type": "message_start", "message": dict(
-            message, content=[], stop_reason=None, stop_sequence=None,
-            usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
-                   "cache_read_input_tokens": 0, "output_tokens": 0})})
-        await send("ping", {"type": "ping"})
-        index, text_open = 0, False
         try:
-            while piece is not None:
-                if piece:
-                    if not text_open:
-                        text_open = True
-                        await send("content_block_start", {"type": "content_block_start", "index": index,
-                                                           "content_block": {"type": "text", "text": ""}})
-                    await send("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                       "delta": {"type": "text_delta", "text": piece}})
-                piece = await anext(pieces, None)
-        except Exception as exc:
-            log.exception("generation failed mid-stream")
-            await send("error", error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
+            await _send_events(send, generation, message, prompt_tokens, piece, pieces)
             await response.write_eof()
-            return response
-        if not text_open and not generation.calls:
-            text_open = True
-            await send("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": {"type": "text", "text": ""}})
-        if text_open:
-            await send("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        for call in generation.calls:
-            block = tool_use_block(call)
-            await send("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": dict(block, input={})})
-            await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
-            await send("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        await send("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
-            "usage": usage_json(generation.usage)})
-        await send("message_stop", {"type": "message_stop"})
-        await response.write_eof()
+        except ConnectionResetError:
+            return client_gone(http, response)
         return response
     finally:
         await pieces.aclose()  # a vanished client cancels its generation here
 
 
+async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation: Generation,
+                       message: dict, prompt_tokens: int, piece: str | None,
+                       pieces: AsyncIterator[str]) -> None:
+    # The cache split is known only at the end: message_start counts the whole prompt
+    # as input, message_delta then gives the final (cumulative) numbers.
+    await send("message_start", {"type": "message_start", "message": dict(
+        message, content=[], stop_reason=None, stop_sequence=None,
+        usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
+               "cache_read_input_tokens": 0, "output_tokens": 0})})
+    await send("ping", {"type": "ping"})
+    index, text_open = 0, False
+    try:
+        while piece is not None:
+            if piece:
+                if not text_open:
+                    text_open = True
+                    await send("content_block_start", {"type": "content_block_start", "index": index,
+                                                       "content_block": {"type": "text", "text": ""}})
+                await send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "text_delta", "text": piece}})
+            piece = await anext(pieces, None)
+    except ConnectionResetError:
+        raise  # the client left: not a failure of ours
+    except Exception as exc:
+        log.exception("generation failed mid-stream")
+        await send("error", anthropic_body(500, "internal error (see the daemon log)"))
+        return
+    if not text_open and not generation.calls:
+        text_open = True
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": {"type": "text", "text": ""}})
+    if text_open:
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    for call in generation.calls:
+        block = tool_use_block(call)
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": dict(block, input={})})
+        await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+            "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    await send("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
+        "usage": usage_json(generation.usage)})
+    await send("message_stop", {"type": "message_stop"})
+
+
 @routes.post("/v1/messages/count_tokens")
-@anthropic_errors
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
     body = await json_body(http)
-    check_model(body, state)
-    prompt = parse_prompt(body)
+    state.requested_model(body)
+    prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, _ = await tokenize(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})

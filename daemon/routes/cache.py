@@ -48,6 +48,8 @@ async def cache_stats(http: web.Request) -> web.Response:
         "prefix_reuse": engine.reusable,
         "hits": counters.get("requests_hit", 0),
         "misses": counters.get("requests_miss", 0),
+        "half_cached": counters.get("requests_half_cached", 0),
+        "hit_rate": ops.rates(counters)["hit_rate"],  # weighted by tokens
         "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
                    "from_disk": counters.get("tokens_from_disk", 0),
                    "computed": counters.get("tokens_computed", 0)},
@@ -137,6 +139,9 @@ async def metrics(http: web.Request) -> web.Response:
     metric("requests_total", "counter", "Requests by whether any prefix was reused.",
            [('{result="hit"}', counters.get("requests_hit", 0)),
             ('{result="miss"}', counters.get("requests_miss", 0))])
+    metric("requests_half_cached_total", "counter",
+           "Requests that took at least half their prompt from the cache.",
+           [("", counters.get("requests_half_cached", 0))])
     metric("prompt_tokens_total", "counter", "Prompt tokens by where they came from.",
            [(f'{{source="{s}"}}', counters.get(f"tokens_{k}", 0))
             for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("computed", "computed"))])
@@ -145,7 +150,8 @@ async def metrics(http: web.Request) -> web.Response:
                             ("disk_write_errors", "Failed cache writes."),
                             ("memory_pressure_events", "Hot-tier spills under memory pressure."),
                             ("ram_evictions_unwritten", "Entries evicted from RAM with no copy on disk."),
-                            ("requests_unsupported_model", "Requests served without reuse.")]:
+                            ("requests_unsupported_model", "Requests served without reuse."),
+                            ("client_disconnects", "Streams whose client went away before the end.")]:
         metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
     metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
            [("", state.worker.waiting)])

@@ -12,12 +12,15 @@ from aiohttp import web
 
 from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
 
+from ..disconnects import client_gone
 from ..errors import ApiError, field, json_body
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
 from .tools import ToolCallBuffer, check_openai_tools, split_tool_calls, template_tool_calls
 
 routes = web.RouteTableDef()
+
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
 
 # -- request parsing --------------------------------------------------------------------
@@ -74,7 +77,7 @@ def parse_stop(body: dict) -> list[str]:
 def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> GenerationRequest:
     if field(body, "n", int, 1, minimum=1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    limit = state.engine().context_length
+    limit = state.context_limit()
     max_tokens = field(body, "max_completion_tokens", int, None, minimum=1)
     max_tokens = field(body, "max_tokens", int, max_tokens, minimum=1)
     if max_tokens is None:
@@ -88,17 +91,9 @@ def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> Gener
         max_tokens=max_tokens,
         temperature=field(body, "temperature", float, 1.0, minimum=0, maximum=2),
         top_p=field(body, "top_p", float, 1.0, minimum=0, maximum=1),
-        seed=field(body, "seed", int, None),
+        seed=field(body, "seed", int, None, minimum=0, maximum=MAX_SEED),
         stop=parse_stop(body),
     )
-
-
-def check_model(body: dict, state: DaemonState) -> str:
-    name = field(body, "model", str, required=True)
-    if name not in state.model_ids():
-        raise ApiError(404, f"model '{name}' is not served here; this daemon serves "
-                            f"'{state.model_id()}'", param="model", code="model_not_found")
-    return name
 
 
 # -- responses --------------------------------------------------------------------------
@@ -143,12 +138,15 @@ async def stream_sse(http: web.Request, state: DaemonState, request: GenerationR
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(http)
-        while chunk is not None:
-            for payload in frame(chunk):
-                await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-            chunk = await anext(chunks, None)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            while chunk is not None:
+                for payload in frame(chunk):
+                    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+                chunk = await anext(chunks, None)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            return client_gone(http, response)
         return response
     finally:
         await chunks.aclose()  # a vanished client cancels its generation here
@@ -163,7 +161,7 @@ def finish_reason(chunk: Chunk) -> str:
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     messages = parse_messages(body)
     tools = check_openai_tools(field(body, "tools", list, None) or []) or None
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
@@ -226,7 +224,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 async def completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     prompt = field(body, "prompt", str, required=True)
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
@@ -259,4 +257,5 @@ async def completions(http: web.Request) -> web.StreamResponse:
 async def list_models(http: web.Request) -> web.Response:
     state = http.app[STATE]
     return web.json_response({"object": "list", "data": [
-        {"id": state.model_id(), "object": "model", "created": state.started, "owned_by": "kvtier"}]})
+        {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier"}
+        for name in state.names.listed()]})

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ApiError
+from ..errors import ApiError, parse_json
 
 log = logging.getLogger("kvtier.tools")
 
@@ -82,8 +82,8 @@ def _parse(tokenizer: Any, body: str, tools: list | None) -> list[ToolCall] | No
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
+            except (json.JSONDecodeError, RecursionError):
+                pass  # the model's own text: kept as it wrote it
         calls.append(ToolCall(item["name"], arguments, *([item["id"]] if item.get("id") else [])))
     return calls
 
@@ -158,12 +158,9 @@ def template_tool_calls(tool_calls: Any, param: str) -> list[dict]:
             raise ApiError(400, "each tool call needs a 'function' with a 'name'",
                            param=f"{param}[{i}]")
         arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
-                raise ApiError(400, "tool call 'arguments' must be a JSON object",
-                               param=f"{param}[{i}].function.arguments") from None
+        if isinstance(arguments, str):  # as strictly as the body: it goes into the prompt
+            arguments = parse_json(arguments, "tool call 'arguments'",
+                                   f"{param}[{i}].function.arguments") if arguments.strip() else {}
         out.append(dict(call, type="function",
                         function=dict(function, arguments={} if arguments is None else arguments)))
     return out

@@ -1,0 +1,82 @@
+"""Serving the app: aiohttp's AppRunner, as `web.run_app` uses it, with two changes.
+
+- A request aiohttp cannot parse (a URL or a header line over 8190 bytes, bytes that are
+  not HTTP) gets the API's JSON error instead of aiohttp's plain text. The parser fails
+  before any route or middleware runs, so the one hook is the connection's RequestHandler
+  (aiohttp has no setting for it: aio-libs/aiohttp#3287).
+- A handler whose client disconnects is cancelled (`handler_cancellation`), so a
+  non-streamed completion stops generating, as a stream does when its write fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from aiohttp import web
+
+from .errors import unrouted_error_body
+
+log = logging.getLogger("kvtier.daemon")
+
+
+class ApiRequestHandler(web.RequestHandler):
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses once a response started
+        if status >= 500 or not message:
+            message = "internal error (see the daemon log)" if status >= 500 else "bad request"
+        response = web.json_response(unrouted_error_body(status, message), status=status)
+        response.force_close()  # as aiohttp does: the connection's framing may be lost
+        return response
+
+
+class ApiServer(web.Server):
+    """aiohttp's Server (the protocol factory), making ApiRequestHandlers."""
+
+    def __call__(self) -> web.RequestHandler:
+        return ApiRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        # The app's own Server (its startup has run), rebuilt as an ApiServer with the same
+        # handler, request factory and connection settings; it has no connection yet.
+        server = await super()._make_server()
+        return ApiServer(server.request_handler, request_factory=server.request_factory,
+                         handler_cancellation=server.handler_cancellation, loop=server._loop,
+                         **server._kwargs)
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = ApiRunner(app, handle_signals=True, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("listening on http://%s:%s", host, port)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()  # lets running requests finish, then the app's cleanup
+
+
+def run(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, shutting down the way `web.run_app` does."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, host, port))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not main.done():
+            main.cancel()
+            with suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        rest = asyncio.all_tasks(loop)
+        for task in rest:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

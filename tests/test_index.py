@@ -1,0 +1,244 @@
+"""A damaged LMDB index (truncated, random bytes over its pages, meta pages zeroed, or damage
+met while running) is detected before LMDB maps it, moved aside and rebuilt from the block
+files: the store, the CLI's verify and the daemon keep working and reuse what the files hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, Daemon, agent_messages
+from kvtier.blocks import block_refs
+from kvtier.config import CacheConfig
+from kvtier.index import Index, open_or_replace
+from kvtier.tiers import NewEntry, TieredStore
+from kvtier import ops
+
+DAMAGES = ["truncate", "random_pages", "zero_meta"]
+BLOCK = 16
+LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
+MAX_TOKENS = 8
+
+
+def damage(index_dir, how: str) -> None:
+    """Damage data.mdb the way a bad disk or a stray tool would."""
+    data = index_dir / "data.mdb"
+    size, page = data.stat().st_size, resource.getpagesize()
+    if how == "truncate":
+        os.truncate(data, size // 2)
+        return
+    with data.open("r+b") as f:
+        if how == "zero_meta":
+            f.write(bytes(2 * page))
+        elif how == "random_pages":  # every page but the two meta pages
+            rng = random.Random(3)
+            for number in range(2, size // page):
+                f.seek(number * page)
+                f.write(rng.randbytes(page))
+        elif how == "page_headers":  # pages that are neither branch nor leaf: LMDB says MDB_CORRUPTED
+            for number in range(2, size // page):
+                f.seek(number * page + 10)
+                f.write(b"\x00\x00")
+
+
+def make_store(cache_dir) -> TieredStore:
+    return TieredStore(CacheConfig(cache_dir=cache_dir, block_size=BLOCK), "fp-test", LAYOUT)
+
+
+def arrays_for(seed: int) -> dict:
+    import mlx.core as mx
+
+    rng = np.random.default_rng(seed)
+    return {name: mx.array(rng.standard_normal((1, 2, BLOCK, 8)).astype(np.float32)) for name in LAYOUT}
+
+
+def fill(store: TieredStore, tokens: list[int]) -> list:
+    refs = block_refs(tokens, BLOCK, store.fingerprint)
+    store.store([NewEntry(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))
+                 for ref in refs])
+    store.flush()
+    return refs
+
+
+def assert_restored_exactly(store: TieredStore, refs, tokens) -> None:
+    match = store.match(refs, tokens)
+    assert match.sources == ["disk"] * len(refs)
+    for hit in match.hits:
+        for name, array in arrays_for(hit.ref.index).items():
+            assert np.array_equal(hit.arrays[name], np.asarray(array))
+
+
+TOKENS = list(range(500, 500 + 4 * BLOCK))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_store_rebuilds_a_damaged_index_from_the_files(tmp_path, how):
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS)
+    store.close()
+    damage(tmp_path / "index", how)
+
+    store = make_store(tmp_path)  # the old code died of SIGBUS here, or raised, or went RAM-only
+    assert store.disk_enabled and store._rebuilder.wait(30)
+    assert store.counters["index_rebuilds"] == 1
+    assert_restored_exactly(store, refs, TOKENS)
+    assert store.stats()["disk"]["blocks"] == len(refs)
+    store.close()
+    assert len(list(tmp_path.glob("index.damaged-*"))) == 1
+
+
+def test_a_rebuild_cut_short_by_a_restart_resumes(tmp_path):
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS)
+    store.close()
+    damage(tmp_path / "index", "zero_meta")
+    open_or_replace(tmp_path / "index").close()  # moved aside, marked; killed before any rebuild
+    store = make_store(tmp_path)
+    assert store._rebuilder.wait(30)
+    assert_restored_exactly(store, refs, TOKENS)
+    assert store.index.rebuild_pending() is None
+    store.close()
+
+
+def test_damage_met_while_running_is_recovered_and_writes_resume(tmp_path):
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS)
+    store.ram.clear()  # the next lookup goes to the index
+    damage(tmp_path / "index", "page_headers")  # under the open environment
+
+    assert store.match(refs, TOKENS).hits == []  # a miss, not an exception
+    assert store.counters["index_rebuilds"] == 1 and store._rebuilder.wait(30)
+    assert_restored_exactly(store, refs, TOKENS)
+
+    damage(tmp_path / "index", "page_headers")  # again: the next index write meets it
+    more = list(range(900, 900 + 2 * BLOCK))
+    more_refs = fill(store, more)  # the write that met it failed; flush wrote it again
+    assert store.counters["index_rebuilds"] == 2 and store._rebuilder.wait(30)
+    stats = store.stats()["disk"]
+    assert stats["writable"] and stats["blocks"] == len(refs) + len(more_refs)
+    store.ram.clear()
+    assert_restored_exactly(store, more_refs, more)
+    store.close()
+    assert len(list(tmp_path.glob("index.damaged-*"))) == 1  # damaged copies do not pile up
+
+
+def kvtier_verify(cache_dir, *extra):
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "verify", "--cache-dir", str(cache_dir), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_verify_reports_a_damaged_index_and_fix_rebuilds_it(tmp_path, how):
+    store = make_store(tmp_path)
+    fill(store, TOKENS)
+    store.close()
+    before = {k: (r.checksum, r.parent, r.depth) for k, r in Index(tmp_path / "index").items()}
+    damage(tmp_path / "index", how)
+
+    report = kvtier_verify(tmp_path, "--json")
+    assert report.returncode == 1, report.stdout + report.stderr
+    assert [p["kind"] for p in json.loads(report.stdout)["problems"]] == ["index_damaged"]
+    fixed = kvtier_verify(tmp_path, "--fix")
+    assert fixed.returncode == 0 and "rebuilt from the block files: 4 entries" in fixed.stdout, fixed.stdout + fixed.stderr
+    with ops.CacheDir(tmp_path, walk=True) as cache:
+        assert ops.verify(cache) == []
+        assert {k: (r.checksum, r.parent, r.depth) for k, r in cache.index.items()} == before
+
+
+@pytest.fixture(scope="module")
+def served_cache(tmp_path_factory, llama_model):
+    """A cache directory a real daemon filled with one agent prompt, then flushed on SIGTERM."""
+    cache_dir = tmp_path_factory.mktemp("served") / "cache"
+    daemon = Daemon(llama_model, cache_dir).start()
+    messages = agent_messages("rebuild")
+    ask(daemon, messages)
+    daemon.stop()
+    return cache_dir, messages
+
+
+def ask(daemon, messages):
+    response = daemon.client().chat.completions.create(
+        model=str(daemon.model), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    return response.choices[0].message.content, response.usage
+
+
+def wait_for_rebuild(daemon, timeout=60.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = daemon.get("/cache/stats")
+        if not stats["disk"]["index_rebuilding"]:
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"the rebuild did not end: {stats}")
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_daemon_serves_and_reuses_after_its_index_is_damaged(served_cache, tmp_path, llama_model, reference, how):
+    template, messages = served_cache
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(template, cache_dir)
+    files = len(list((cache_dir / "blocks").rglob("*.safetensors")))
+    damage(cache_dir / "index", how)
+
+    daemon = Daemon(llama_model, cache_dir).start()  # the old code died of SIGBUS, or stayed 503
+    try:
+        assert daemon.get("/health")["disk_writable"] is True
+        stats = wait_for_rebuild(daemon)
+        assert stats["disk"]["blocks"] == files and stats["counters"]["index_rebuilds"] == 1
+        text, usage = ask(daemon, messages)
+        assert text == reference.chat(messages, MAX_TOKENS)
+        assert usage.model_extra["kvtier"]["disk_tokens"] > 0  # the rebuilt index found the files
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+
+def test_rebuild_indexes_only_files_that_check_out(tmp_path):
+    """A file whose tensors were altered, or that predates files carrying their parent key,
+    is removed by the rebuild, never indexed: a rebuilt index cannot serve wrong KV."""
+    from kvtier.disk import encode_block
+
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS)
+    store.close()
+    flipped = store.files.path_for(refs[2].hex)
+    data = bytearray(flipped.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8:8 + header_len])["1.values.0"]["data_offsets"]
+    data[8 + header_len + begin + 5] ^= 0x10  # one bit of the KV, not of the tokens or header
+    flipped.write_bytes(bytes(data))
+    old_ref = block_refs(list(range(7000, 7000 + BLOCK)), BLOCK, "fp-test")[0]
+    old_style = {"key": old_ref.hex, "fingerprint": "fp-test", "kind": "kv"}  # no parent, depth, content
+    store.files.write(old_ref.hex, encode_block(arrays_for(0), np.arange(7000, 7000 + BLOCK), old_style))
+    damage(tmp_path / "index", "truncate")
+
+    store = make_store(tmp_path)
+    assert store._rebuilder.wait(30)
+    assert store._rebuilder.last.indexed == 3 and store._rebuilder.last.removed == 2
+    assert not flipped.exists() and not store.files.path_for(old_ref.hex).exists()
+    assert store.match(refs, TOKENS).sources == ["disk", "disk"]  # the chain stops at the altered block
+    store.close()
+
+
+def test_keys_derived_from_a_file_are_the_ones_blocks_py_gives():
+    from kvtier.blocks import root_key, snapshot_ref
+    from kvtier.reindex import derived_key
+
+    tokens = list(range(3 * BLOCK + 5))
+    refs = block_refs(tokens, BLOCK, "fp", partial_tail=True)  # three full blocks and a partial one
+    for ref in refs:
+        assert derived_key("kv", ref.parent, np.asarray(tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK])) == ref.key
+    for position in (BLOCK - 3, 2 * BLOCK, 3 * BLOCK + 5):
+        snap = snapshot_ref(refs, tokens, position, BLOCK, "fp")
+        after = np.asarray(tokens[snap.index * BLOCK:position])
+        assert derived_key("snap", snap.parent, after) == snap.key
+    assert snapshot_ref(refs, tokens, BLOCK - 3, BLOCK, "fp").parent == root_key("fp")
