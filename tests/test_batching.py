@@ -168,3 +168,16 @@ def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, t
         assert texts[0] != texts[1]
     finally:
         engine.close()
+
+
+def test_a_quantized_kv_cache_runs_one_at_a_time(llama_model, tmp_path):
+    from kvtier.batch import measure_exactness
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64, kv_bits=8))
+    try:
+        verdict = measure_exactness(engine)
+        assert not verdict.exact and "QuantizedKVCache" in verdict.reason
+    finally:
+        engine.close()
