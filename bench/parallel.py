@@ -1,7 +1,8 @@
 """Parallel agents: N conversations at once sharing one system prompt, kvtier vs mlx_lm.server.
 
-For N = 1, 2, 4, 8: N conversations, each with its own question, send their turns at the same
-time; each round appends the answers and a follow-up. Per server and N: wall time per round,
+For N = 1, 2, 4, 8: N conversations, each with its own question and sharing a system prompt
+new to the server (so the first round is cold), send their turns at the same time; each
+round appends the answers and a follow-up. Per server and N: wall time per round,
 aggregate decode tokens/s (all streams' tokens over the round's decode span), TTFT p50/p95,
 and the longest gap between two streamed chunks of one stream. Then a long-prefill probe: one
 stream decodes while another request prefills a cold ~8K-token prompt; the stream's longest
@@ -166,6 +167,7 @@ def main() -> None:
 
     _, tokenizer = mlx_lm.load(str(model_path))
     system = system_prompt(system_tokens, tokenizer)
+    systems = {n: system_prompt(system_tokens, tokenizer, project=f"project-{n}") for n in ns}
     long_text = system_prompt(long_tokens, tokenizer, project="unrelated")  # shares no prefix
     work = Path(tempfile.mkdtemp(prefix="kvtier-parallel-"))
     servers = {
@@ -182,8 +184,8 @@ def main() -> None:
             model = str(model_path)
             stream(server, model, [{"role": "user", "content": "warm up"}], 4)
             per_n = {}
-            for n in ns:
-                per_n[n] = run_parallel(server, model, system, n, rounds, max_tokens)
+            for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
+                per_n[n] = run_parallel(server, model, systems[n], n, rounds, max_tokens)
                 print(name, n, per_n[n], flush=True)
             prefill = run_long_prefill(server, model, system, long_text, 4000)
             print(name, "long prefill", prefill, flush=True)
@@ -199,7 +201,8 @@ def main() -> None:
 
 def render(results: dict) -> str:
     lines = [f"### Parallel agents ({results['machine']})", "",
-             f"N conversations at once sharing a {results['system_tokens']}-token system prompt, "
+             f"N conversations at once sharing a {results['system_tokens']}-token system prompt (new for each N: "
+             "the first round is cold), "
              f"{results['max_tokens']} tokens each, {results['rounds']} rounds (bench/parallel.py).", "",
              "| server | N | wall per round (s) | decode tok/s (all streams) | TTFT p50 (s) | TTFT p95 (s) "
              "| longest gap (s) |", "|---|---|---|---|---|---|---|"]
