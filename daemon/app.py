@@ -13,6 +13,7 @@ from kvtier.engine import Engine
 
 from . import openapi
 from .auth import auth_middleware
+from .disconnects import disconnect_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
 from .routes import anthropic as anthropic_routes
@@ -28,7 +29,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def init_app(config: ServeConfig) -> web.Application:
-    middlewares = [error_middleware]
+    middlewares = [disconnect_middleware, error_middleware]
     if config.api_key:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
