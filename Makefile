@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see docs/linux.md).
 BLAS    = LD_PRELOAD="$$($(PY) -c 'from daemon.blas import openblas_path; print(openblas_path() or "")')"
 
-.PHONY: install system-deps test demo bench clean
+.PHONY: install system-deps test e2e demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +30,18 @@ system-deps:
 test: install
 	$(BLAS) $(PY) -m pytest -q
 
+# Real agents end to end (Claude Code and Codex from npm via npx; skip where npm cannot install them).
+e2e: install
+	$(BLAS) $(PY) -m pytest -q -m e2e
+
 demo: install
 	$(BLAS) $(PY) bench/demo.py
 
-# The full suite and the shared tier's bench (docs/benchmarks.md); bench/ttft.py still runs on its own.
+# The full suite, the parallel-agents run and the shared tier's bench (docs/benchmarks.md);
+# bench/ttft.py still runs on its own.
 bench: install
 	$(BLAS) $(PY) bench/suite.py
+	$(BLAS) $(PY) bench/parallel.py
 	@if command -v redis-server >/dev/null || command -v valkey-server >/dev/null; then \
 	   $(BLAS) $(PY) bench/shared.py --write; else echo "note: no redis-server: bench/shared.py skipped"; fi
 

@@ -13,11 +13,13 @@ from kvtier.engine import Engine
 
 from . import openapi
 from .auth import auth_middleware
+from .disconnects import disconnect_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
+from .routes import responses as responses_routes
 from .state import STATE, DaemonState
 from .worker import Worker
 
@@ -27,7 +29,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def init_app(config: ServeConfig) -> web.Application:
-    middlewares = [error_middleware]
+    middlewares = [disconnect_middleware, error_middleware]
     if config.api_key:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
@@ -37,12 +39,14 @@ def init_app(config: ServeConfig) -> web.Application:
         log.info("model %s loaded; cache at %s", config.model, config.cache.cache_dir)
         return engine
 
-    app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting))
+    app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting, config.max_batch,
+                                                      config.batch_inexact))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)
     app.add_routes(openapi.routes)
     app.add_routes(anthropic_routes.routes)
+    responses_routes.setup(app)
     return app
 
 

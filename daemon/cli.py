@@ -9,7 +9,7 @@ import sys
 
 from . import cli_cache, service
 from kvtier.config import DEFAULT_DISK_BUDGET, CacheConfig, ServeConfig, default_cache_dir, \
-    default_ram_budget, parse_duration, parse_size
+    default_max_batch, default_ram_budget, parse_duration, parse_size
 
 
 def _size(text: str) -> int:
@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible HTTP API)")
-    serve.add_argument("--model", required=True, help="model directory, or a repo id in the local HF cache")
+    serve.add_argument("--model", required=True,
+                       help="model directory, or a Hugging Face repo id (downloaded on first use)")
+    serve.add_argument("--offline", action="store_true",
+                       help="never download: the model must be a directory or in the HF cache")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8420)
     serve.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
@@ -61,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "needed to bind a non-loopback address")
     serve.add_argument("--max-waiting", type=int, default=32,
                        help="requests queued before the daemon answers 503 (default: 32)")
+    serve.add_argument("--max-batch", type=int, default=None,
+                       help="requests decoded together in one batch, where batched decode is exact "
+                            f"for the model (default: {default_max_batch()}); 1 runs them one at a time")
+    serve.add_argument("--batch-inexact", action="store_true",
+                       help="batch even where batched decode is not bit-identical to decoding alone "
+                            "(as mlx_lm.server does): faster, but greedy text may differ from mlx-lm's")
+    serve.add_argument("--model-alias", action="append", default=[], metavar="NAME[=MODEL]",
+                       help="another name for the served model, listed in /v1/models (repeatable)")
+    serve.add_argument("--strict-model-names", action="store_true",
+                       help="answer 404 for model names other than the served model's and its "
+                            "aliases (default: any name is served by the one model)")
+    serve.add_argument("--keep-billing-header", action="store_true",
+                       help="keep Claude Code's x-anthropic-billing-header system line in the "
+                            "prompt (default: dropped; it changes per conversation)")
     serve.add_argument("--shared", default=None, metavar="URL",
                        help="a team's shared tier on Redis/Valkey: redis://host:6379/0, rediss:// for "
                             "TLS; the password in the URL or KVTIER_SHARED_PASSWORD")
@@ -76,6 +93,8 @@ def serve(args: argparse.Namespace) -> int:
     from . import server
     from .app import init_app
     from .auth import is_loopback
+    from .model_names import parse_alias
+    from kvtier.hub import fetch_model
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -89,9 +108,18 @@ def serve(args: argparse.Namespace) -> int:
         config.pressure_below = args.pressure_below
     config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
     config.max_waiting = args.max_waiting
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
+        config.max_batch = args.max_batch
+    config.batch_inexact = args.batch_inexact
+    config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
+    config.strict_model_names = args.strict_model_names
+    config.keep_billing_header = args.keep_billing_header
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")
+    fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
     server.run(init_app(config), config.host, config.port)
     return 0
 

@@ -176,16 +176,22 @@ def _stats(args, cache) -> int:
              f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
              f"(+ {format_size(data['disk']['index_bytes'])} index)"]
     for fingerprint, model in data["models"].items():
-        rate = "-" if model["hit_rate"] is None else f"{100 * model['hit_rate']:.0f}%"
-        token_rate = "-" if model["token_hit_rate"] is None else f"{100 * model['token_hit_rate']:.0f}%"
         lines.append(f"model {model['model']} [{fingerprint[:12]}]: {model['blocks']} blocks, "
                      f"{model['snapshots']} snapshots, {format_size(model['bytes'])} "
-                     f"({format_size(model['pinned_bytes'])} pinned); {model['requests']} requests, "
-                     f"hit rate {rate}, prompt tokens from cache {token_rate} "
-                     f"(RAM {model['tokens_from_ram']}, disk {model['tokens_from_disk']}, "
-                     f"computed {model['tokens_computed']})")
+                     f"({format_size(model['pinned_bytes'])} pinned)")
+        lines.append(f"  {_rates_line(model)}")
+    lines.append(f"all models: {_rates_line(data['overall'])}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _rates_line(rates: dict) -> str:
+    rate = "-" if rates["hit_rate"] is None else f"{100 * rates['hit_rate']:.0f}%"
+    return (f"hit rate {rate} of {rates['prompt_tokens']} prompt tokens (RAM "
+            f"{rates['tokens_from_ram']}, disk {rates['tokens_from_disk']}, shared "
+            f"{rates['tokens_from_shared']}, computed "
+            f"{rates['tokens_computed']}); {rates['half_cached']} of {rates['requests']} requests "
+            f"reused at least half their prompt")
 
 
 def _ls(args, cache) -> int:

@@ -62,6 +62,16 @@ def document() -> dict:
         tool_choice={"anyOf": [{"type": "string"}, {"type": "object"}]})}
     completion = {"type": "object", "required": ["model", "prompt"],
                   "properties": dict(_SAMPLING, prompt={"type": "string", "minLength": 1})}
+    responses = {"type": "object", "required": ["model", "input"], "properties": {
+        "model": {"type": "string"}, "instructions": {"type": "string"},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+        "previous_response_id": {"type": "string"}, "store": {"type": "boolean"},
+        "stream": {"type": "boolean"}}}
     warm = {"type": "object", "properties": {
         "messages": {"type": "array", "items": _CHAT_MESSAGE}, "prompt": {"type": "string"},
         "tools": {"type": "array", "items": {"type": "object"}}, "pin": {"type": "boolean"}}}
@@ -72,6 +82,7 @@ def document() -> dict:
         "paths": {
             "/v1/chat/completions": _post("Chat completion (OpenAI)", chat),
             "/v1/completions": _post("Text completion (OpenAI)", completion),
+            "/v1/responses": _post("Response (OpenAI Responses API)", responses),
             "/v1/messages": _post("Messages (Anthropic)", _ANTHROPIC_MESSAGES),
             "/v1/messages/count_tokens": _post("Count prompt tokens (Anthropic)",
                                                dict(_ANTHROPIC_MESSAGES, required=["model", "messages"])),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aiohttp import web
 
@@ -12,6 +11,8 @@ from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
 from .errors import ApiError
+from .errors import field as body_field
+from .model_names import ModelNames
 from .worker import Worker
 
 
@@ -20,6 +21,11 @@ class DaemonState:
     config: ServeConfig
     worker: Worker
     started: int = field(default_factory=lambda: int(time.time()))
+    names: ModelNames = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = ModelNames(self.config.model, self.config.model_aliases,
+                                self.config.strict_model_names)
 
     def engine(self) -> Engine:
         """The loaded engine, or a 503 while the model is still loading."""
@@ -38,8 +44,14 @@ class DaemonState:
         return self.config.model
 
     def model_ids(self) -> set[str]:
-        """Names a request may use for the loaded model: as given, or the directory's name."""
-        return {self.config.model, Path(self.config.model).name, "default"}
+        """Names that always mean the loaded model: as given, its directory name, "default",
+        and the aliases."""
+        return self.names.known()
+
+    def requested_model(self, body: dict) -> str:
+        """The request's `model` (required), checked by the daemon's naming policy; this is
+        the name the response echoes."""
+        return self.names.resolve(body_field(body, "model", str, required=True))
 
 
 STATE = web.AppKey("state", DaemonState)

@@ -20,12 +20,14 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
+from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
 from .config import CacheConfig
+from .hub import ModelUnavailable, cached_model
 from .stops import StopMatcher
 from .tiers import Hit, Match, NewEntry, SnapshotHit, TieredStore, common_prefix
 
@@ -43,6 +45,7 @@ class GenerationRequest:
     boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
+    queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
 
 
 @dataclass
@@ -63,6 +66,23 @@ class Usage:
     @property
     def computed_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass
+class Session:
+    """One request between restore and store: what `finish` needs to cut its new blocks."""
+
+    request: GenerationRequest
+    match: Match
+    reuse: int  # prompt tokens restored from the cache
+    hit: SnapshotHit | None
+    usage: "Usage"
+    prompt_cache: list[Any]  # replaced by the batch's extracted cache when a batch decoded it
+    started: float
+    points: set[int]  # snapshot positions
+    snapshots: dict[int, kvstate.Snapshot] = field(default_factory=dict)
+    fed: list[int] = field(default_factory=list)  # generated tokens fed to the cache
+    stored_blocks: int = 0  # full prompt blocks already stored by `store_prompt`
 
 
 @dataclass
@@ -100,13 +120,33 @@ def declared_context_length(config: dict) -> int | None:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local directory, or a repo id already in the local Hugging Face cache (no download)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    from huggingface_hub import snapshot_download
+    """A local directory, or a repo id already in the local Hugging Face cache (no download
+    here: `kvtier serve` fetches a missing model before it starts, see kvtier.hub)."""
+    path = cached_model(model)
+    if path is None:
+        raise ModelUnavailable(f"model {model!r} is not a directory nor in the Hugging Face cache")
+    return path
 
-    return Path(snapshot_download(model, local_files_only=True))
+
+def fold_system_messages(messages: list[dict]) -> list[dict]:
+    """Messages for a chat template that takes a system message only first: each later system
+    message is appended to the user message before it, else put before the next user message,
+    else becomes a user message of its own."""
+    out: list[dict] = []
+    pending: list[str] = []  # system texts waiting for the next user message
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
+                out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{message['content']}")
+            else:
+                pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user" and isinstance(message["content"], str):
+            message = dict(message, content="\n\n".join([*pending, message["content"]]))
+            pending = []
+        out.append(message)
+    out.extend({"role": "user", "content": text} for text in pending)
+    return out
 
 
 class Engine:
@@ -188,8 +228,19 @@ class Engine:
     def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                 tokenize: bool = True) -> Any:
         kwargs = {"tools": tools} if tools else {}
-        rendered = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        def render(messages: list[dict]) -> Any:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        try:
+            rendered = render(messages)
+        except TemplateError:
+            folded = fold_system_messages(messages)
+            if folded == messages:
+                raise
+            # Templates such as Qwen's refuse a system message after the first one.
+            rendered = render(folded)
         return list(rendered) if tokenize else rendered
 
     def text_tokens(self, prompt: str) -> list[int]:
@@ -197,6 +248,17 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        session = self.begin(request)
+        try:
+            self._prefill(session.prompt_cache, request.prompt_tokens, session.reuse, session.points,
+                          session.snapshots, request.progress)
+            yield from self._decode(request, session.prompt_cache, session.usage, session.fed,
+                                    session.started, session.points, session.snapshots)
+        finally:
+            self.finish(session)
+
+    def begin(self, request: GenerationRequest) -> "Session":
+        """Restore the longest cached prefix of the request's prompt into a fresh prompt cache."""
         tokens = request.prompt_tokens
         started = time.perf_counter()
         refs = block_refs(tokens, self.block_size, self.fingerprint)
@@ -213,16 +275,29 @@ class Engine:
         usage.restore_seconds = time.perf_counter() - started
         usage.restored_bytes = (sum(h.nbytes for h in match.hits) if reuse else 0) + \
             (hit.snapshot.nbytes if hit else 0)
-        snapshots: dict[int, kvstate.Snapshot] = {}
-        fed: list[int] = []
-        points = self._snapshot_points(request, reuse)
-        try:
-            self._prefill(prompt_cache, tokens, reuse, points, snapshots, request.progress)
-            yield from self._decode(request, prompt_cache, usage, fed, started, points, snapshots)
-        finally:
-            self.store.mark_used(match, hit)
-            self._promote_restored(prompt_cache, match, reuse)
-            self._store_new(tokens + fed, prompt_cache, match.num_full_blocks, snapshots)
+        return Session(request, match, reuse, hit, usage, prompt_cache, started,
+                       self._snapshot_points(request, reuse))
+
+    def finish(self, session: "Session") -> None:
+        """Store the request's new blocks (prompt and answer) and snapshots, from the cache
+        it ends with; mark the reused ones used and promote those read from disk."""
+        self.store.mark_used(session.match, session.hit)
+        self._promote_restored(session.prompt_cache, session.match, session.reuse)
+        self._store_new(session.request.prompt_tokens + session.fed, session.prompt_cache,
+                        max(session.match.num_full_blocks, session.stored_blocks), session.snapshots)
+
+    def store_prompt(self, session: "Session") -> None:
+        """Store the prompt's blocks as soon as its cache holds exactly the prompt, so that a
+        request waiting with the same prefix restores them instead of computing them again."""
+        tokens = session.request.prompt_tokens
+        self._store_new(tokens, session.prompt_cache, session.match.num_full_blocks, session.snapshots)
+        session.snapshots.clear()  # stored; `finish` adds the ones taken later
+        session.stored_blocks = len(tokens) // self.block_size
+
+    def abandon(self, session: "Session") -> None:
+        """A request dropped before its prefill ended: nothing new to store."""
+        self.store.mark_used(session.match, session.hit)
+        self._promote_restored(session.prompt_cache, session.match, session.reuse)
 
     def _match(self, refs: list, tokens: list[int], on_hit: Callable) -> Match:
         if not self.reusable:
@@ -250,7 +325,10 @@ class Engine:
             left -= n
         deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
                   "tokens_from_shared": usage.shared_tokens,
-                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1}
+                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1,
+                  # A "hit" of 3 tokens is still a cold request: count the ones served mostly
+                  # from the cache apart.
+                  "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.store.count(name, value)
         self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)
@@ -270,7 +348,15 @@ class Engine:
 
     def _prefill(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
                  snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None) -> None:
-        """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points."""
+        for _ in self.prefill_chunks(prompt_cache, tokens, start, points, snapshots, progress):
+            pass
+        mx.clear_cache()
+
+    def prefill_chunks(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
+                       snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None
+                       ) -> Iterator[int]:
+        """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points;
+        yields the tokens computed after each chunk (a batch decodes between chunks)."""
         end = len(tokens) - 1
         cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
         cuts |= {p for p in points if p < end}
@@ -278,12 +364,12 @@ class Engine:
         for cut in sorted(c for c in cuts if c > start):
             self.model(mx.array(tokens[position:cut])[None], cache=prompt_cache)
             mx.eval(kvstate.state_arrays(prompt_cache))
-            position = cut
+            computed, position = cut - position, cut
             if cut in points:
                 snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.plan)
             if progress:
                 progress(cut, len(tokens))
-        mx.clear_cache()
+            yield computed
 
     def _decode(self, request: GenerationRequest, prompt_cache: list[Any], usage: Usage, fed: list[int],
                 started: float, points: set[int], snapshots: dict[int, kvstate.Snapshot]) -> Iterator[Chunk]:

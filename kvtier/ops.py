@@ -44,22 +44,31 @@ def stats(cache: LocalDisk) -> dict:
         entry = per_model.setdefault(fingerprint, {"blocks": 0, "snapshots": 0, "bytes": 0,
                                                    "pinned_bytes": 0})
         entry["model"] = models.get(fingerprint, {}).get("name", "?")
-        entry.update(_rates(counters.get(fingerprint, {})))
+        entry.update(rates(counters.get(fingerprint, {})))
+    overall: dict[str, int] = {}
+    for model_counters in counters.values():
+        for name, value in model_counters.items():
+            overall[name] = overall.get(name, 0) + value
     # The disk tier's own stats (the daemon's schema), less what only a daemon knows (budget, queues).
     disk = {k: v for k, v in cache.stats().items() if k in ("entries", "bytes", "index_bytes", "used_bytes")}
-    return {"cache_dir": str(cache.path), "disk": disk, "models": per_model}
+    return {"cache_dir": str(cache.path), "disk": disk, "overall": rates(overall), "models": per_model}
 
 
-def _rates(counters: dict[str, int]) -> dict:
+def rates(counters: dict[str, int]) -> dict:
+    """Request and token counts, and the hit rate weighted by tokens: prompt tokens restored
+    from the cache over all prompt tokens (a request reusing 3 of 45,000 tokens barely counts).
+    `hits` are requests that reused anything at all; `half_cached` reused at least half."""
     hits, misses = counters.get("requests_hit", 0), counters.get("requests_miss", 0)
-    cached = counters.get("tokens_from_ram", 0) + counters.get("tokens_from_disk", 0)
+    cached = sum(counters.get(f"tokens_from_{tier}", 0) for tier in ("ram", "disk", "shared"))
     prompt = cached + counters.get("tokens_computed", 0)
     return {"requests": hits + misses, "hits": hits, "misses": misses,
-            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "half_cached": counters.get("requests_half_cached", 0),
+            "hit_rate": round(cached / prompt, 4) if prompt else None,
+            "prompt_tokens": prompt,
             "tokens_from_ram": counters.get("tokens_from_ram", 0),
             "tokens_from_disk": counters.get("tokens_from_disk", 0),
-            "tokens_computed": counters.get("tokens_computed", 0),
-            "token_hit_rate": round(cached / prompt, 4) if prompt else None}
+            "tokens_from_shared": counters.get("tokens_from_shared", 0),
+            "tokens_computed": counters.get("tokens_computed", 0)}
 
 
 # -- prefixes -----------------------------------------------------------------------------

@@ -28,11 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def openai_spec() -> Path | None:
+    """../shared/specs/openai-openapi.json, beside the repository or a worktree of it."""
+    for parent in ROOT.parents:
+        spec = parent / "shared" / "specs" / "openai-openapi.json"
+        if spec.exists():
+            return spec
+    return None
+
+
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
     from kvtier.testmodels import make_model
 
     return make_model(MODELS / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """2 layers, hidden 64: prefills a 20K-token Claude Code prompt in a few seconds."""
+    from kvtier.testmodels import make_model
+
+    return make_model(MODELS / "tiny", "llama", hidden=64, layers=2)
 
 
 @lru_cache(maxsize=None)
@@ -88,7 +105,9 @@ class Daemon:
     def start(self, timeout: float = 120) -> "Daemon":
         args = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
                 "--port", str(self.port), "--cache-dir", str(self.cache_dir),
-                "--block-size", str(TEST_BLOCK_SIZE), *self.extra]
+                "--block-size", str(TEST_BLOCK_SIZE),
+                # Sequential unless a test asks for a batch: skips the start-up batching probe.
+                "--max-batch", "1", *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -11,9 +11,9 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import agent_messages
+from conftest import agent_messages, openai_spec
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "openai-openapi.json"
+SPEC = openai_spec() or Path("shared/specs/openai-openapi.json")
 
 
 def _null_to_type(node):
@@ -123,7 +123,6 @@ def test_stop_sequences_max_tokens_and_seed(shared_daemon, reference):
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
 ])
 def test_bad_chat_requests_get_openai_errors(shared_daemon, validate, body, status, param):
     body = {k: (str(shared_daemon.model) if v == "MODEL" else v) for k, v in body.items()}

@@ -141,3 +141,24 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "no kvtier cache" in result.stderr
     result = kvtier("purge", "--older-than", "soon", "--cache-dir", str(tmp_path))
     assert result.returncode == 2 and "not a duration" in result.stderr
+
+
+def test_hit_rate_is_weighted_by_tokens(daemon_factory, tiny_model):
+    """A request that shares only the template's first tokens is a "hit" of a few tokens: the
+    hit rate counts tokens, and such a request is not among those that reused half their prompt."""
+    daemon = daemon_factory(tiny_model)
+    usages = [ask(daemon, agent_messages(project))[1] for project in ("alpha", "alpha", "omega")]
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    prompt = [u.prompt_tokens for u in usages]
+    assert cached[0] == 0 and cached[1] == prompt[1] - 1 and 0 < cached[2] < prompt[2] / 10
+    live = daemon.get("/cache/stats")
+    daemon.stop()
+    stats = kvtier_json("stats", "--cache-dir", str(daemon.cache_dir))
+    (model,) = stats["models"].values()
+    for rates in (model, stats["overall"]):
+        assert rates["requests"] == 3 and rates["hits"] == 2 and rates["half_cached"] == 1
+        assert rates["hit_rate"] == round(sum(cached) / sum(prompt), 4)
+    assert live["hit_rate"] == model["hit_rate"] and live["half_cached"] == 1
+    human = kvtier("stats", "--cache-dir", str(daemon.cache_dir)).stdout
+    assert f"hit rate {100 * model['hit_rate']:.0f}% of {sum(prompt)} prompt tokens" in human
+    assert "1 of 3 requests reused at least half their prompt" in human

@@ -25,8 +25,10 @@ from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
 
+from ..disconnects import client_gone
 from ..errors import ApiError, anthropic_body, field, json_body
 from ..state import STATE, DaemonState
+from ..volatile import drop_billing_line
 from .openai import chunks_of
 from .tools import ToolCall, ToolCallBuffer
 
@@ -48,14 +50,6 @@ class Prompt:
     tools: list[dict] | None  # tools in the OpenAI/HF function shape
     prefill: str              # a final assistant text the answer continues ("" if none)
     parse_tools: bool         # whether to read tool calls out of the answer
-
-
-def check_model(body: dict, state: DaemonState) -> str:
-    name = field(body, "model", str, required=True)
-    if name not in state.model_ids():
-        raise ApiError(404, f"model '{name}' is not served here; this daemon serves "
-                            f"'{state.model_id()}' (or use 'default')", param="model")
-    return name
 
 
 def _blocks(content: Any, path: str) -> list[dict]:
@@ -82,16 +76,22 @@ def _unsupported(kind: str, path: str) -> ApiError:
     return bad(f"{path}: unsupported content block type '{kind}'")
 
 
-def parse_system(body: dict) -> str | None:
+def parse_system(body: dict, keep_billing_line: bool = False) -> str | None:
     system = body.get("system")
     if system is None:
         return None
+    return _system_text(_blocks(system, "system"), "system", keep_billing_line)
+
+
+def _system_text(blocks: list[dict], path: str, keep_billing_line: bool = False) -> str:
+    """System text blocks joined with a newline (cache_control is accepted and ignored),
+    without Claude Code's per-conversation billing line unless asked to keep it."""
     parts = []
-    for i, block in enumerate(_blocks(system, "system")):
+    for i, block in enumerate(blocks):
         if block["type"] != "text":
-            raise bad(f"system.{i}: system blocks must be of type 'text'")
-        parts.append(_text(block, f"system.{i}"))  # cache_control is accepted and ignored
-    return "\n".join(parts)
+            raise bad(f"{path}.{i}: system blocks must be of type 'text'")
+        parts.append(_text(block, f"{path}.{i}"))
+    return "\n".join(parts if keep_billing_line else drop_billing_line(parts))
 
 
 def _tool_result_text(block: dict, path: str) -> str:
@@ -195,12 +195,12 @@ def parse_tool_choice(body: dict, tools: list[dict] | None) -> bool:
     return bool(tools) and choice["type"] != "none"
 
 
-def parse_prompt(body: dict) -> Prompt:
+def parse_prompt(body: dict, keep_billing_line: bool = False) -> Prompt:
     messages = field(body, "messages", list, required=True)
     if not messages:
         raise bad("messages: at least one message is required", param="messages")
     out: list[dict] = []
-    system = parse_system(body)
+    system = parse_system(body, keep_billing_line)
     if system is not None:
         out.append({"role": "system", "content": system})
     prefill = ""
@@ -209,12 +209,16 @@ def parse_prompt(body: dict) -> Prompt:
         if not isinstance(message, dict):
             raise bad(f"{path} must be an object")
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise bad(f"{path}.role must be 'user' or 'assistant' (put the system prompt in "
-                      "the top-level 'system' field)")
+        if role not in ("user", "assistant", "system"):
+            raise bad(f"{path}.role: role {role!r} is not supported; use 'user', 'assistant' "
+                      "or 'system'")
         if "content" not in message:
             raise bad(f"{path}.content is required")
         blocks = _blocks(message["content"], f"{path}.content")
+        if role == "system":  # a mid-conversation system message: rendered where it stands
+            out.append({"role": "system", "content": _system_text(blocks, f"{path}.content",
+                                                                  keep_billing_line)})
+            continue
         if not blocks and not (role == "assistant" and i == len(messages) - 1):
             raise bad(f"{path}.content must not be empty")
         if role == "user":
@@ -318,7 +322,8 @@ def usage_json(usage: Usage) -> dict:
         "cache_read_input_tokens": usage.cached_tokens,
         "output_tokens": usage.completion_tokens,
         "kvtier": {"prompt_tokens": usage.prompt_tokens, "ram_tokens": usage.ram_tokens,
-                   "disk_tokens": usage.disk_tokens, "shared_tokens": usage.shared_tokens, "computed_tokens": usage.computed_tokens,
+                   "disk_tokens": usage.disk_tokens, "shared_tokens": usage.shared_tokens,
+                   "computed_tokens": usage.computed_tokens,
                    "time_to_first_token": round(usage.prefill_seconds, 4)},
     }
 
@@ -334,8 +339,8 @@ def tool_use_block(call: ToolCall) -> dict:
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
-    prompt = parse_prompt(body)
+    model = state.requested_model(body)
+    prompt = parse_prompt(body, state.config.keep_billing_header)
     stops = parse_stop_sequences(body)
     stream = field(body, "stream", bool, False)
     tokens, boundaries = await tokenize(state, prompt)
@@ -371,59 +376,69 @@ async def stream_events(http: web.Request, generation: Generation, message: dict
         async def send(event: str, data: dict) -> None:
             await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
-        # The cache split is known only at the end: message_start counts the whole prompt
-        # as input, message_delta then gives the final (cumulative) numbers.
-        await send("message_start", {"type": "message_start", "message": dict(
-            message, content=[], stop_reason=None, stop_sequence=None,
-            usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
-                   "cache_read_input_tokens": 0, "output_tokens": 0})})
-        await send("ping", {"type": "ping"})
-        index, text_open = 0, False
         try:
-            while piece is not None:
-                if piece:
-                    if not text_open:
-                        text_open = True
-                        await send("content_block_start", {"type": "content_block_start", "index": index,
-                                                           "content_block": {"type": "text", "text": ""}})
-                    await send("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                       "delta": {"type": "text_delta", "text": piece}})
-                piece = await anext(pieces, None)
-        except Exception as exc:
-            log.exception("generation failed mid-stream")
-            await send("error", anthropic_body(500, f"internal error: {type(exc).__name__}: {exc}"))
+            await _send_events(send, generation, message, prompt_tokens, piece, pieces)
             await response.write_eof()
-            return response
-        if not text_open and not generation.calls:
-            text_open = True
-            await send("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": {"type": "text", "text": ""}})
-        if text_open:
-            await send("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        for call in generation.calls:
-            block = tool_use_block(call)
-            await send("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": dict(block, input={})})
-            await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
-            await send("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        await send("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
-            "usage": usage_json(generation.usage)})
-        await send("message_stop", {"type": "message_stop"})
-        await response.write_eof()
+        except ConnectionResetError:
+            return client_gone(http, response)
         return response
     finally:
         await pieces.aclose()  # a vanished client cancels its generation here
+
+
+async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation: Generation,
+                       message: dict, prompt_tokens: int, piece: str | None,
+                       pieces: AsyncIterator[str]) -> None:
+    # The cache split is known only at the end: message_start counts the whole prompt
+    # as input, message_delta then gives the final (cumulative) numbers.
+    await send("message_start", {"type": "message_start", "message": dict(
+        message, content=[], stop_reason=None, stop_sequence=None,
+        usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
+               "cache_read_input_tokens": 0, "output_tokens": 0})})
+    await send("ping", {"type": "ping"})
+    index, text_open = 0, False
+    try:
+        while piece is not None:
+            if piece:
+                if not text_open:
+                    text_open = True
+                    await send("content_block_start", {"type": "content_block_start", "index": index,
+                                                       "content_block": {"type": "text", "text": ""}})
+                await send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "text_delta", "text": piece}})
+            piece = await anext(pieces, None)
+    except ConnectionResetError:
+        raise  # the client left: not a failure of ours
+    except Exception as exc:
+        log.exception("generation failed mid-stream")
+        await send("error", anthropic_body(500, "internal error (see the daemon log)"))
+        return
+    if not text_open and not generation.calls:
+        text_open = True
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": {"type": "text", "text": ""}})
+    if text_open:
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    for call in generation.calls:
+        block = tool_use_block(call)
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": dict(block, input={})})
+        await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+            "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    await send("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
+        "usage": usage_json(generation.usage)})
+    await send("message_stop", {"type": "message_stop"})
 
 
 @routes.post("/v1/messages/count_tokens")
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
     body = await json_body(http)
-    check_model(body, state)
-    prompt = parse_prompt(body)
+    state.requested_model(body)
+    prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, _ = await tokenize(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})

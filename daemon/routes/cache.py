@@ -27,10 +27,16 @@ async def health(http: web.Request) -> web.Response:
         return web.json_response({"status": status, "error": worker.load_error}, status=503)
     store = worker.engine.store
     body = {"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-            "disk_writable": store.disk_error is None, "disk_error": store.disk_error}
+            "disk_writable": store.disk_error is None, "disk_error": store.disk_error,
+            "batching": _batching(worker)}
     if store.shared is not None:  # an unreachable shared store degrades nothing: still "ok"
         body.update(shared_connected=store.shared.connected, shared_error=store.shared.error)
     return web.json_response(body)
+
+
+def _batching(worker) -> dict:
+    info = worker.describe()
+    return {k: info[k] for k in ("enabled", "max_batch", "reason", "max_logprob_difference", "running")}
 
 
 @routes.get("/cache/stats")
@@ -45,10 +51,13 @@ async def cache_stats(http: web.Request) -> web.Response:
         "prefix_reuse": engine.reusable,
         "hits": counters.get("requests_hit", 0),
         "misses": counters.get("requests_miss", 0),
+        "half_cached": counters.get("requests_half_cached", 0),
+        "hit_rate": ops.rates(counters)["hit_rate"],  # weighted by tokens
         "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
                    "from_disk": counters.get("tokens_from_disk", 0),
                    "from_shared": counters.get("tokens_from_shared", 0),
                    "computed": counters.get("tokens_computed", 0)},
+        "batch": state.worker.describe(),
     })
     return web.json_response(stats)
 
@@ -133,6 +142,9 @@ async def metrics(http: web.Request) -> web.Response:
     metric("requests_total", "counter", "Requests by whether any prefix was reused.",
            [('{result="hit"}', counters.get("requests_hit", 0)),
             ('{result="miss"}', counters.get("requests_miss", 0))])
+    metric("requests_half_cached_total", "counter",
+           "Requests that took at least half their prompt from the cache.",
+           [("", counters.get("requests_half_cached", 0))])
     metric("prompt_tokens_total", "counter", "Prompt tokens by where they came from.",
            [(f'{{source="{s}"}}', counters.get(f"tokens_{k}", 0))
             for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("shared", "from_shared"),
@@ -148,6 +160,7 @@ async def metrics(http: web.Request) -> web.Response:
                             ("memory_pressure_events", "Hot-tier spills under memory pressure."),
                             ("ram_evictions_unwritten", "Entries evicted from RAM with no copy on disk."),
                             ("requests_unsupported_model", "Requests served without reuse."),
+                            ("client_disconnects", "Streams whose client went away before the end."),
                             ("shared_hits", "Blocks and snapshots read from the shared store."),
                             ("shared_uploads", "Entries uploaded to the shared store."),
                             ("shared_uploads_dropped", "Uploads dropped (queue full or store down)."),
@@ -156,4 +169,20 @@ async def metrics(http: web.Request) -> web.Response:
         metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
     metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
            [("", state.worker.waiting)])
+    batch = state.worker.describe()
+    metric("batch_enabled", "gauge", "1 when requests are decoded in one batch.", [("", int(batch["enabled"]))])
+    metric("batch_size", "gauge", "Requests in the running batch (prefilling or decoding).",
+           [("", batch["running"])])
+    metric("batch_max", "gauge", "Most requests served at once (--max-batch).", [("", batch["max_batch"])])
+    metric("queue_wait_seconds_total", "counter", "Seconds requests spent queued before they started.",
+           [("", batch["queue_wait_seconds_total"])])
+    metric("admitted_requests_total", "counter", "Requests taken off the queue.",
+           [("", batch["admitted_requests"])])
+    for phase in ("prefill", "decode"):
+        metric(f"{phase}_tokens_total", "counter", f"Tokens computed while {phase[:-1]}ing.",
+               [("", batch[f"{phase}_tokens"])])
+        metric(f"{phase}_seconds_total", "counter", f"Seconds spent {phase[:-1]}ing.",
+               [("", batch[f"{phase}_seconds"])])
+        metric(f"{phase}_tokens_per_second", "gauge", f"{phase.capitalize()} tokens per second since start-up.",
+               [("", batch[f"{phase}_tokens_per_second"] or 0)])
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

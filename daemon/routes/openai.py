@@ -12,6 +12,7 @@ from aiohttp import web
 
 from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
 
+from ..disconnects import client_gone
 from ..errors import ApiError, field, json_body
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
@@ -95,14 +96,6 @@ def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> Gener
     )
 
 
-def check_model(body: dict, state: DaemonState) -> str:
-    name = field(body, "model", str, required=True)
-    if name not in state.model_ids():
-        raise ApiError(404, f"model '{name}' is not served here; this daemon serves "
-                            f"'{state.model_id()}'", param="model", code="model_not_found")
-    return name
-
-
 # -- responses --------------------------------------------------------------------------
 def usage_json(usage: Usage) -> dict:
     return {
@@ -146,12 +139,15 @@ async def stream_sse(http: web.Request, state: DaemonState, request: GenerationR
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(http)
-        while chunk is not None:
-            for payload in frame(chunk):
-                await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-            chunk = await anext(chunks, None)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            while chunk is not None:
+                for payload in frame(chunk):
+                    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+                chunk = await anext(chunks, None)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            return client_gone(http, response)
         return response
     finally:
         await chunks.aclose()  # a vanished client cancels its generation here
@@ -166,7 +162,7 @@ def finish_reason(chunk: Chunk) -> str:
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     messages = parse_messages(body)
     tools = check_openai_tools(field(body, "tools", list, None) or []) or None
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
@@ -229,7 +225,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 async def completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await json_body(http)
-    model = check_model(body, state)
+    model = state.requested_model(body)
     prompt = field(body, "prompt", str, required=True)
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
@@ -262,4 +258,5 @@ async def completions(http: web.Request) -> web.StreamResponse:
 async def list_models(http: web.Request) -> web.Response:
     state = http.app[STATE]
     return web.json_response({"object": "list", "data": [
-        {"id": state.model_id(), "object": "model", "created": state.started, "owned_by": "kvtier"}]})
+        {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier"}
+        for name in state.names.listed()]})
