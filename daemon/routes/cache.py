@@ -133,10 +133,10 @@ async def metrics(http: web.Request) -> web.Response:
     metric("ram_budget_bytes", "gauge", "RAM budget.", [("", stats["ram"]["budget"])])
     metric("ram_pending_bytes", "gauge", "Bytes in RAM waiting for their disk write (may exceed the budget).",
            [("", stats["ram"]["pending_bytes"])])
-    metric("ram_entries", "gauge", "Blocks and snapshots in RAM.", [("", stats["ram"]["blocks"])])
+    metric("ram_entries", "gauge", "Blocks and snapshots in RAM.", [("", stats["ram"]["entries"])])
     metric("disk_bytes", "gauge", "Bytes of cache files on disk.", [("", stats["disk"]["bytes"])])
     metric("disk_budget_bytes", "gauge", "Disk budget.", [("", stats["disk"]["budget"])])
-    metric("disk_entries", "gauge", "Blocks and snapshots on disk.", [("", stats["disk"]["blocks"])])
+    metric("disk_entries", "gauge", "Blocks and snapshots on disk.", [("", stats["disk"]["entries"])])
     metric("disk_writable", "gauge", "1 while the disk tier accepts writes.",
            [("", int(stats["disk"]["writable"]))])
     metric("requests_total", "counter", "Requests by whether any prefix was reused.",
