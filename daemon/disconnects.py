@@ -13,6 +13,11 @@ from .state import STATE
 log = logging.getLogger("kvtier.daemon")
 
 
+def client_left(http: web.Request) -> bool:
+    transport = http.transport
+    return transport is None or transport.is_closing()
+
+
 def client_gone(http: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Note a vanished client; return the response already started, for the access log."""
     log.info("client went away during %s %s; generation stopped", http.method, http.path)

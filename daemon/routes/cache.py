@@ -1,4 +1,4 @@
-"""Health, cache inspection and management routes, and Prometheus metrics."""
+"""Health, cache inspection and management routes (/metrics: daemon/metrics.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from aiohttp import web
 from kvtier import ops
 from kvtier.config import parse_duration, parse_size
 
-from ..errors import ApiError, field, json_body
+from ..errors import ApiError, json_body
+from ..request_models import WarmRequest, validate
 from ..state import STATE
-from .openai import parse_messages
-from .tools import check_openai_tools
+from .openai import template_messages
 
 routes = web.RouteTableDef()
 
@@ -94,58 +94,15 @@ async def purge_cache(http: web.Request) -> web.Response:
 @routes.post("/cache/warm")
 async def warm(http: web.Request) -> web.Response:
     """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request."""
-    body = await json_body(http)
+    body = validate(WarmRequest, await json_body(http))
     state = http.app[STATE]
     state.engine()
-    if "messages" in body:
-        messages = parse_messages(body)
+    if body.messages is not None:
+        messages = template_messages(body.messages)
+    elif body.prompt is not None:
+        messages = [{"role": "system", "content": body.prompt}]
     else:
-        messages = [{"role": "system", "content": field(body, "prompt", str, required=True)}]
-    tools = check_openai_tools(field(body, "tools", list, None) or []) or None
-    pin = field(body, "pin", bool, False)
-    result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=pin))
+        raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
+    tools = body.tools or None
+    result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=body.pin))
     return web.json_response(result)
-
-
-@routes.get("/metrics")
-async def metrics(http: web.Request) -> web.Response:
-    """Prometheus text exposition of the tiers and counters."""
-    state = http.app[STATE]
-    stats = state.engine().store.stats()
-    counters = stats["counters"]
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP kvtier_{name} {help_text}", f"# TYPE kvtier_{name} {kind}"])
-        lines.extend(f"kvtier_{name}{labels} {value}" for labels, value in samples)
-
-    metric("ram_bytes", "gauge", "Bytes of KV in the hot tier.", [("", stats["ram"]["bytes"])])
-    metric("ram_budget_bytes", "gauge", "RAM budget.", [("", stats["ram"]["budget"])])
-    metric("ram_pending_bytes", "gauge", "Bytes in RAM waiting for their disk write (may exceed the budget).",
-           [("", stats["ram"]["pending_bytes"])])
-    metric("ram_entries", "gauge", "Blocks and snapshots in RAM.", [("", stats["ram"]["blocks"])])
-    metric("disk_bytes", "gauge", "Bytes of cache files on disk.", [("", stats["disk"]["bytes"])])
-    metric("disk_budget_bytes", "gauge", "Disk budget.", [("", stats["disk"]["budget"])])
-    metric("disk_entries", "gauge", "Blocks and snapshots on disk.", [("", stats["disk"]["blocks"])])
-    metric("disk_writable", "gauge", "1 while the disk tier accepts writes.",
-           [("", int(stats["disk"]["writable"]))])
-    metric("requests_total", "counter", "Requests by whether any prefix was reused.",
-           [('{result="hit"}', counters.get("requests_hit", 0)),
-            ('{result="miss"}', counters.get("requests_miss", 0))])
-    metric("requests_half_cached_total", "counter",
-           "Requests that took at least half their prompt from the cache.",
-           [("", counters.get("requests_half_cached", 0))])
-    metric("prompt_tokens_total", "counter", "Prompt tokens by where they came from.",
-           [(f'{{source="{s}"}}', counters.get(f"tokens_{k}", 0))
-            for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("computed", "computed"))])
-    for name, help_text in [("damaged_blocks", "Cache files found damaged (treated as misses)."),
-                            ("disk_evictions", "Entries evicted to keep the disk budget."),
-                            ("disk_write_errors", "Failed cache writes."),
-                            ("memory_pressure_events", "Hot-tier spills under memory pressure."),
-                            ("ram_evictions_unwritten", "Entries evicted from RAM with no copy on disk."),
-                            ("requests_unsupported_model", "Requests served without reuse."),
-                            ("client_disconnects", "Streams whose client went away before the end.")]:
-        metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
-    metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
-           [("", state.worker.waiting)])
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
