@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
+from aiohttp import web
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from .errors import ApiError, InvalidField, parse_json
+from .errors import ApiError, InvalidField, json_body, parse_json
 
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
@@ -31,6 +32,11 @@ class Body(BaseModel):
 
 M = TypeVar("M", bound=Body)
 T = TypeVar("T")
+
+
+async def read_body(http: web.Request, model: type[M]) -> M:
+    """The request's body: strict JSON (errors.json_body), then checked as `model`."""
+    return validate(model, await json_body(http))
 
 
 def validate(model: type[M], body: dict) -> M:

@@ -26,9 +26,9 @@ from aiohttp import web
 from kvtier.engine import GenerationRequest, Usage
 
 from .. import sse
-from ..errors import INTERNAL_ERROR, ApiError, anthropic_body, json_body
+from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
 from ..request_models import (AnthropicTool, CountTokensRequest, MessagesRequest, TextBlock,
-                              ThinkingBlock, ToolResultBlock, ToolUseBlock, validate)
+                              ThinkingBlock, ToolResultBlock, ToolUseBlock, read_body)
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
 from .openai import chunks_of
@@ -254,7 +254,7 @@ def tool_use_block(call: ToolCall) -> dict:
 @routes.post("/v1/messages")
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = validate(MessagesRequest, await json_body(http))
+    body = await read_body(http, MessagesRequest)
     model = state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, boundaries = await tokenize(state, prompt)
@@ -339,7 +339,7 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
 @routes.post("/v1/messages/count_tokens")
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
-    body = validate(CountTokensRequest, await json_body(http))
+    body = await read_body(http, CountTokensRequest)
     state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, _ = await tokenize(state, prompt)

@@ -9,8 +9,8 @@ from aiohttp import web
 from kvtier import ops
 from kvtier.config import parse_duration, parse_size
 
-from ..errors import ApiError, json_body
-from ..request_models import WarmRequest, validate
+from ..errors import ApiError
+from ..request_models import WarmRequest, read_body
 from ..state import STATE
 from .openai import template_messages
 
@@ -94,7 +94,7 @@ async def purge_cache(http: web.Request) -> web.Response:
 @routes.post("/cache/warm")
 async def warm(http: web.Request) -> web.Response:
     """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request."""
-    body = validate(WarmRequest, await json_body(http))
+    body = await read_body(http, WarmRequest)
     state = http.app[STATE]
     state.engine()
     if body.messages is not None:

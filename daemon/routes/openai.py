@@ -12,9 +12,9 @@ from aiohttp import web
 from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
 
 from .. import sse
-from ..errors import ApiError, json_body
+from ..errors import ApiError
 from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
-                              OpenAISampling, validate)
+                              OpenAISampling, read_body)
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
 from .tools import ToolCallBuffer, split_tool_calls
@@ -105,7 +105,7 @@ def finish_reason(chunk: Chunk) -> str:
 @routes.post("/v1/chat/completions")
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = validate(ChatCompletionRequest, await json_body(http))
+    body = await read_body(http, ChatCompletionRequest)
     model = state.requested_model(body.model)
     messages = template_messages(body.messages)
     tools = body.tools or None
@@ -167,7 +167,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = validate(CompletionRequest, await json_body(http))
+    body = await read_body(http, CompletionRequest)
     model = state.requested_model(body.model)
     include_usage = body.stream_options.include_usage
     engine = state.engine()

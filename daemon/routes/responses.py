@@ -27,10 +27,10 @@ from aiohttp import web
 from kvtier.engine import GenerationRequest, Usage
 
 from .. import sse
-from ..errors import INTERNAL_ERROR, ApiError, json_body
+from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import (FunctionCallItem, FunctionCallOutputItem, FunctionChoice,
                               FunctionTool, InputText, MessageItem, NamespaceTool,
-                              ResponsesRequest, validate)
+                              ResponsesRequest, read_body)
 from ..state import STATE, DaemonState
 from .anthropic import Generation, Prompt
 from .tools import ToolCall
@@ -259,7 +259,7 @@ def answered_messages(messages: list[dict], text: str, generation: Generation) -
 @routes.post("/v1/responses")
 async def create_response(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = validate(ResponsesRequest, await json_body(http))
+    body = await read_body(http, ResponsesRequest)
     model = state.requested_model(body.model)
     previous, earlier = history(http, body.previous_response_id)
     conversation = [*earlier, *parse_input(body.input)]
