@@ -32,9 +32,10 @@ e2e: install
 demo: install
 	$(BLAS) $(PY) bench/demo.py
 
-# The full suite (docs/benchmarks.md); bench/ttft.py still runs on its own.
+# The full suite and the parallel-agents run (docs/benchmarks.md); bench/ttft.py still runs on its own.
 bench: install
 	$(BLAS) $(PY) bench/suite.py
+	$(BLAS) $(PY) bench/parallel.py
 
 clean:
 	rm -rf $(VENV) .models .demo .bench

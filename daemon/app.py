@@ -13,6 +13,7 @@ from kvtier.engine import Engine
 
 from . import metrics, openapi
 from .auth import auth_middleware
+from .disconnects import disconnect_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
 from .routes import anthropic as anthropic_routes
@@ -28,7 +29,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def init_app(config: ServeConfig) -> web.Application:
-    middlewares = [error_middleware]
+    middlewares = [disconnect_middleware, error_middleware]
     if config.api_key:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
@@ -38,7 +39,8 @@ def init_app(config: ServeConfig) -> web.Application:
         log.info("model %s loaded; cache at %s", config.model, config.cache.cache_dir)
         return engine
 
-    app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting))
+    app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting, config.max_batch,
+                                                      config.batch_inexact))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)

@@ -42,6 +42,11 @@ def serve(args: argparse.Namespace) -> int:
         config.pressure_below = args.pressure_below
     config.api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
     config.max_waiting = args.max_waiting
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
+        config.max_batch = args.max_batch
+    config.batch_inexact = args.batch_inexact
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
     config.strict_model_names = args.strict_model_names
     config.keep_billing_header = args.keep_billing_header

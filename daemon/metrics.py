@@ -71,6 +71,30 @@ class StoreCollector(Collector):
             yield CounterMetricFamily(f"kvtier_{name}", help_text, value=counters.get(name, 0))
         yield GaugeMetricFamily("kvtier_waiting_requests", "Requests queued for the MLX thread.",
                                 value=self.state.worker.waiting)
+        yield from _batch_metrics(self.state.worker.describe())
+
+
+def _batch_metrics(batch: dict) -> Iterator[Metric]:
+    """The worker's batching: what runs now, and totals since start-up."""
+    yield GaugeMetricFamily("kvtier_batch_enabled", "1 when requests are decoded in one batch.",
+                            value=int(batch["enabled"]))
+    yield GaugeMetricFamily("kvtier_batch_size", "Requests in the running batch (prefilling or decoding).",
+                            value=batch["running"])
+    yield GaugeMetricFamily("kvtier_batch_max", "Most requests served at once (--max-batch).",
+                            value=batch["max_batch"])
+    yield CounterMetricFamily("kvtier_queue_wait_seconds", "Seconds requests spent queued before they started.",
+                              value=batch["queue_wait_seconds_total"])
+    yield CounterMetricFamily("kvtier_admitted_requests", "Requests taken off the queue.",
+                              value=batch["admitted_requests"])
+    for phase in ("prefill", "decode"):
+        doing = phase[:-1] + "ing"
+        yield CounterMetricFamily(f"kvtier_{phase}_tokens", f"Tokens computed while {doing}.",
+                                  value=batch[f"{phase}_tokens"])
+        yield CounterMetricFamily(f"kvtier_{phase}_seconds", f"Seconds spent {doing}.",
+                                  value=batch[f"{phase}_seconds"])
+        yield GaugeMetricFamily(f"kvtier_{phase}_tokens_per_second",
+                                f"{phase.capitalize()} tokens per second since start-up.",
+                                value=batch[f"{phase}_tokens_per_second"] or 0)
 
 
 routes = web.RouteTableDef()

@@ -40,7 +40,7 @@ async def read_body(http: web.Request, model: type[M]) -> M:
 
 
 def validate(model: type[M], body: dict) -> M:
-    """The body as `model`, or the API's 400 naming the first field that is wrong."""
+    """The body as `model`, or the API's 400 naming the field that is wrong."""
     given = {key: value for key, value in body.items() if value is not None}
     try:
         return model.model_validate(given)

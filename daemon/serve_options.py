@@ -8,7 +8,7 @@ import argparse
 from typing import Any, Callable, TypeVar
 
 from kvtier import config
-from kvtier.config import DEFAULT_DISK_BUDGET, default_cache_dir, default_ram_budget
+from kvtier.config import DEFAULT_DISK_BUDGET, default_cache_dir, default_max_batch, default_ram_budget
 
 T = TypeVar("T")
 
@@ -81,6 +81,13 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                             "needed to bind a non-loopback address")),
     ("--max-waiting", dict(type=int, default=32,
                            help="requests queued before the daemon answers 503 (default: 32)")),
+    ("--max-batch", dict(type=int, default=None,
+                         help="requests decoded together in one batch, where batched decode is exact "
+                              f"for the model (default: {default_max_batch()}); 1 runs them one at a time")),
+    ("--batch-inexact", dict(action="store_true",
+                             help="batch even where batched decode is not bit-identical to decoding "
+                                  "alone (as mlx_lm.server does): faster, but greedy text may differ "
+                                  "from mlx-lm's")),
     ("--model-alias", dict(action="append", default=[], metavar="NAME[=MODEL]",
                            help="another name for the served model, listed in /v1/models (repeatable)")),
     ("--strict-model-names", dict(action="store_true",

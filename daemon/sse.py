@@ -3,13 +3,12 @@ life of a streamed answer (first piece before the headers, a vanished client, ca
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
-from .disconnects import client_gone, client_left
+from .disconnects import client_gone
 
 T = TypeVar("T")
 Send = Callable[..., Awaitable[None]]  # send(data, event=None)
@@ -38,14 +37,7 @@ async def stream(http: web.Request, pieces: AsyncIterator[T],
         try:
             await events(send, first, pieces)
             await response.write_eof()
-        except ConnectionResetError:
-            return client_gone(http, response)
-        except asyncio.CancelledError:
-            # aiohttp cancels the handler of a closed connection (server.py), which may come
-            # before a write fails: the same client gone. Any other cancellation goes on.
-            if not client_left(http):
-                raise
-            asyncio.current_task().uncancel()
+        except ConnectionResetError:  # a cancelled handler: disconnects.disconnect_middleware
             return client_gone(http, response)
         return response
     finally:

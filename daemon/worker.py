@@ -1,8 +1,9 @@
-"""The one thread that owns MLX: loads the engine, then runs generation jobs one at a time.
+"""The one thread that owns MLX: loads the engine, then runs generation jobs, batched
+(kvtier/batch.py) where batched decode is exact for the model, else one at a time.
 
 HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
-away sets the job's cancel flag, and the worker moves on to the next job. No other thread in
-the daemon evaluates MLX arrays: they hand such work to `call` / `call_soon`.
+away sets the job's cancel flag, and the worker drops it (from the batch at its next step).
+No other thread in the daemon evaluates MLX arrays: they hand such work to `call` / `call_soon`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 import mlx.core as mx
 
+from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
 from kvtier.engine import Chunk, Engine, GenerationRequest
 
 log = logging.getLogger("kvtier.worker")
@@ -27,8 +30,15 @@ class Overloaded(Exception):
 
 
 class Worker:
-    def __init__(self, make_engine: Callable[[], Engine], max_waiting: int = 32):
+    def __init__(self, make_engine: Callable[[], Engine], max_waiting: int = 32, max_batch: int = 1,
+                 batch_inexact: bool = False):
         self._make_engine = make_engine
+        self.max_batch = max_batch
+        self.batch_inexact = batch_inexact  # batch even where it is not bit-exact
+        self.batching: Exactness | None = None  # decided once the model is loaded
+        self.batch: Batch | None = None
+        self.batching_enabled = False
+        self.stats = WorkerStats()
         self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
         self.engine: Engine | None = None
         self.load_error: str | None = None
@@ -97,26 +107,152 @@ class Worker:
 
     def _serve(self) -> None:
         try:
-            self.engine = self._make_engine()
+            engine = self._make_engine()
+            self.batching_enabled = self._decide_batching(engine)
+            self.engine = engine
         except Exception as exc:
             log.exception("could not load the model")
             self.load_error = f"{type(exc).__name__}: {exc}"
             return
         finally:
             self.ready.set()
-        while (job := self._jobs.get()) is not None:
-            work, emit = job
-            try:
-                if not isinstance(work, GenerationRequest):
-                    emit(work(self.engine))
-                elif not work.cancelled.is_set():
-                    for chunk in self.engine.generate(work):
-                        emit(chunk)
-            except Exception as exc:
-                log.exception("a job on the MLX thread failed")
-                emit(exc)
-            emit(_DONE)
+        if self.batching_enabled:
+            self._serve_batched()
+        else:
+            self._serve_sequential()
         self.engine.close()
+
+    def _decide_batching(self, engine: Engine) -> bool:
+        """Batch only where batched decode measured bit-identical (or the user allows it)."""
+        if self.max_batch <= 1:
+            self.batching = Exactness(False, "--max-batch 1")
+        else:
+            try:
+                self.batching = measure_exactness(engine)
+            except Exception as exc:
+                log.exception("measuring batched decode failed")
+                self.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+        enabled = self.max_batch > 1 and (self.batching.exact or
+                                          (self.batch_inexact and self.batching.max_difference is not None))
+        if enabled:
+            log.info("continuous batching on, up to %d requests: %s", self.max_batch, self.batching.reason)
+        else:
+            log.warning("requests run one at a time: %s", self.batching.reason)
+        return enabled
+
+    def _serve_sequential(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._run_job(*job)
+
+    def _run_job(self, work: GenerationRequest | Callable, emit: Callable) -> None:
+        try:
+            if not isinstance(work, GenerationRequest):
+                emit(work(self.engine))
+            elif not work.cancelled.is_set():
+                self.stats.waited(work)
+                begun = time.perf_counter()
+                for chunk in self.engine.generate(work):
+                    self.stats.finished(chunk, begun)
+                    emit(chunk)
+        except Exception as exc:
+            log.exception("a job on the MLX thread failed")
+            emit(exc)
+        emit(_DONE)
+
+    def _serve_batched(self) -> None:
+        """Admit jobs while the batch has room (block only when it is empty), step it.
+        A seeded sampling request runs alone once the batch drains: its random stream is
+        the process's one."""
+        self.batch = batch = Batch(self.engine, self.max_batch, _DONE)
+        alone, stopping = None, False
+        while True:
+            while not stopping and alone is None and not batch.full:
+                try:
+                    job = self._jobs.get(block=batch.idle)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                elif not isinstance(job[0], GenerationRequest) or job[0].cancelled.is_set():
+                    self._run_job(*job)
+                elif job[0].seed is not None and job[0].temperature > 0:
+                    alone = job
+                else:
+                    self._admit(batch, *job)
+            if batch.idle:
+                if alone is not None:
+                    self._run_job(*alone)
+                    alone = None
+                elif stopping:
+                    break
+                continue
+            try:
+                batch.step()
+            except Exception as exc:
+                log.exception("a batch step on the MLX thread failed")
+                batch.fail(exc)
+        batch.close()
+
+    def _admit(self, batch: Batch, request: GenerationRequest, emit: Callable) -> None:
+        self.stats.waited(request)
+        try:
+            batch.add(request, emit)
+        except Exception as exc:
+            log.exception("restoring a request failed")
+            emit(exc)
+            emit(_DONE)
+
+    def describe(self) -> dict:
+        """Batching mode and live numbers, for /health, /cache/stats and /metrics."""
+        batching = self.batching
+        running = len(self.batch) if self.batch is not None else 0
+        return {"enabled": self.batching_enabled, "max_batch": self.max_batch,
+                "reason": batching.reason if batching else "model loading",
+                "max_logprob_difference": batching.max_difference if batching else None,
+                "running": running, **self.stats.as_dict(self.batch.stats if self.batch is not None else None)}
+
+
+class WorkerStats:
+    """Queue wait and token rates, from either path (written on the MLX thread only)."""
+
+    def __init__(self):
+        self.admitted = 0
+        self.queue_wait_seconds = 0.0
+        self.prefill_tokens = 0
+        self.prefill_seconds = 0.0
+        self.decode_tokens = 0
+        self.decode_seconds = 0.0
+
+    def waited(self, request: GenerationRequest) -> None:
+        self.admitted += 1
+        self.queue_wait_seconds += time.perf_counter() - request.queued_at
+
+    def finished(self, chunk: Chunk, begun: float) -> None:
+        """A request run alone: its prefill and decode times come from its usage."""
+        if chunk.usage is not None:
+            usage = chunk.usage
+            self.prefill_tokens += usage.computed_tokens
+            self.prefill_seconds += usage.prefill_seconds - usage.restore_seconds
+            self.decode_tokens += usage.completion_tokens
+            self.decode_seconds += time.perf_counter() - begun - usage.prefill_seconds
+
+    def as_dict(self, batch: BatchStats | None) -> dict:
+        batch = batch or BatchStats()
+        prefill = (self.prefill_tokens + batch.prefill_tokens, self.prefill_seconds + batch.prefill_seconds)
+        decode = (self.decode_tokens + batch.decode_tokens, self.decode_seconds + batch.decode_seconds)
+        return {
+            "admitted_requests": self.admitted,
+            "queue_wait_seconds_total": round(self.queue_wait_seconds, 6),
+            "prefill_tokens": prefill[0], "prefill_seconds": round(prefill[1], 6),
+            "prefill_tokens_per_second": _rate(*prefill),
+            "decode_tokens": decode[0], "decode_seconds": round(decode[1], 6),
+            "decode_tokens_per_second": _rate(*decode),
+            "longest_decode_step_gap_seconds": round(batch.longest_step_gap, 6),
+        }
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 1) if seconds > 0 else None
 
 
 def release_thread_state() -> None:

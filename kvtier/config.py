@@ -95,6 +95,11 @@ class CacheConfig:
             raise ValueError("kv bits must be one of 2, 3, 4, 5, 6, 8")
 
 
+def default_max_batch() -> int:
+    # Each running request holds its KV in memory; small machines get fewer at once.
+    return 8 if psutil.virtual_memory().total >= 16 * 2**30 else 4
+
+
 def default_pressure_threshold() -> int:
     # Below a tenth of physical memory free, the OS starts compressing and swapping.
     return psutil.virtual_memory().total // 10
@@ -111,6 +116,8 @@ class ServeConfig:
     pressure_keep: float = 0.25  # fraction of the RAM budget kept hot after a spill
     api_key: str | None = None  # required on every route when set
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
+    max_batch: int = field(default_factory=lambda: default_max_batch())  # requests decoded at once
+    batch_inexact: bool = False  # batch even where batched decode is not bit-exact
     max_context: int | None = None  # tokens per request (prompt + completion); None: the model's
     model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
     strict_model_names: bool = False  # refuse names other than the served model's and aliases

@@ -45,6 +45,7 @@ class GenerationRequest:
     boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
+    queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
 
 
 @dataclass
@@ -64,6 +65,23 @@ class Usage:
     @property
     def computed_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass
+class Session:
+    """One request between restore and store: what `finish` needs to cut its new blocks."""
+
+    request: GenerationRequest
+    match: Match
+    reuse: int  # prompt tokens restored from the cache
+    hit: SnapshotHit | None
+    usage: "Usage"
+    prompt_cache: list[Any]  # replaced by the batch's extracted cache when a batch decoded it
+    started: float
+    points: set[int]  # snapshot positions
+    snapshots: dict[int, kvstate.Snapshot] = field(default_factory=dict)
+    fed: list[int] = field(default_factory=list)  # generated tokens fed to the cache
+    stored_blocks: int = 0  # full prompt blocks already stored by `store_prompt`
 
 
 @dataclass
@@ -229,6 +247,17 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        session = self.begin(request)
+        try:
+            self._prefill(session.prompt_cache, request.prompt_tokens, session.reuse, session.points,
+                          session.snapshots, request.progress)
+            yield from self._decode(request, session.prompt_cache, session.usage, session.fed,
+                                    session.started, session.points, session.snapshots)
+        finally:
+            self.finish(session)
+
+    def begin(self, request: GenerationRequest) -> "Session":
+        """Restore the longest cached prefix of the request's prompt into a fresh prompt cache."""
         tokens = request.prompt_tokens
         started = time.perf_counter()
         refs = block_refs(tokens, self.block_size, self.fingerprint)
@@ -245,16 +274,29 @@ class Engine:
         usage.restore_seconds = time.perf_counter() - started
         usage.restored_bytes = (sum(h.nbytes for h in match.hits) if reuse else 0) + \
             (hit.snapshot.nbytes if hit else 0)
-        snapshots: dict[int, kvstate.Snapshot] = {}
-        fed: list[int] = []
-        points = self._snapshot_points(request, reuse)
-        try:
-            self._prefill(prompt_cache, tokens, reuse, points, snapshots, request.progress)
-            yield from self._decode(request, prompt_cache, usage, fed, started, points, snapshots)
-        finally:
-            self.store.mark_used(match, hit)
-            self._promote_restored(prompt_cache, match, reuse)
-            self._store_new(tokens + fed, prompt_cache, match.num_full_blocks, snapshots)
+        return Session(request, match, reuse, hit, usage, prompt_cache, started,
+                       self._snapshot_points(request, reuse))
+
+    def finish(self, session: "Session") -> None:
+        """Store the request's new blocks (prompt and answer) and snapshots, from the cache
+        it ends with; mark the reused ones used and promote those read from disk."""
+        self.store.mark_used(session.match, session.hit)
+        self._promote_restored(session.prompt_cache, session.match, session.reuse)
+        self._store_new(session.request.prompt_tokens + session.fed, session.prompt_cache,
+                        max(session.match.num_full_blocks, session.stored_blocks), session.snapshots)
+
+    def store_prompt(self, session: "Session") -> None:
+        """Store the prompt's blocks as soon as its cache holds exactly the prompt, so that a
+        request waiting with the same prefix restores them instead of computing them again."""
+        tokens = session.request.prompt_tokens
+        self._store_new(tokens, session.prompt_cache, session.match.num_full_blocks, session.snapshots)
+        session.snapshots.clear()  # stored; `finish` adds the ones taken later
+        session.stored_blocks = len(tokens) // self.block_size
+
+    def abandon(self, session: "Session") -> None:
+        """A request dropped before its prefill ended: nothing new to store."""
+        self.store.mark_used(session.match, session.hit)
+        self._promote_restored(session.prompt_cache, session.match, session.reuse)
 
     def _match(self, refs: list, tokens: list[int], on_hit: Callable) -> Match:
         if not self.reusable:
@@ -304,7 +346,15 @@ class Engine:
 
     def _prefill(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
                  snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None) -> None:
-        """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points."""
+        for _ in self.prefill_chunks(prompt_cache, tokens, start, points, snapshots, progress):
+            pass
+        mx.clear_cache()
+
+    def prefill_chunks(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
+                       snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None
+                       ) -> Iterator[int]:
+        """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points;
+        yields the tokens computed after each chunk (a batch decodes between chunks)."""
         end = len(tokens) - 1
         cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
         cuts |= {p for p in points if p < end}
@@ -312,12 +362,12 @@ class Engine:
         for cut in sorted(c for c in cuts if c > start):
             self.model(mx.array(tokens[position:cut])[None], cache=prompt_cache)
             mx.eval(kvstate.state_arrays(prompt_cache))
-            position = cut
+            computed, position = cut - position, cut
             if cut in points:
                 snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.plan)
             if progress:
                 progress(cut, len(tokens))
-        mx.clear_cache()
+            yield computed
 
     def _decode(self, request: GenerationRequest, prompt_cache: list[Any], usage: Usage, fed: list[int],
                 started: float, points: set[int], snapshots: dict[int, kvstate.Snapshot]) -> Iterator[Chunk]:

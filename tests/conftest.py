@@ -105,7 +105,9 @@ class Daemon:
     def start(self, timeout: float = 120) -> "Daemon":
         args = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
                 "--port", str(self.port), "--cache-dir", str(self.cache_dir),
-                "--block-size", str(TEST_BLOCK_SIZE), *self.extra]
+                "--block-size", str(TEST_BLOCK_SIZE),
+                # Sequential unless a test asks for a batch: skips the start-up batching probe.
+                "--max-batch", "1", *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -27,7 +27,13 @@ async def health(http: web.Request) -> web.Response:
     store = worker.engine.store
     return web.json_response({
         "status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-        "disk_writable": store.disk_error is None, "disk_error": store.disk_error})
+        "disk_writable": store.disk_error is None, "disk_error": store.disk_error,
+        "batching": _batching(worker)})
+
+
+def _batching(worker) -> dict:
+    info = worker.describe()
+    return {k: info[k] for k in ("enabled", "max_batch", "reason", "max_logprob_difference", "running")}
 
 
 @routes.get("/cache/stats")
@@ -47,6 +53,7 @@ async def cache_stats(http: web.Request) -> web.Response:
         "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
                    "from_disk": counters.get("tokens_from_disk", 0),
                    "computed": counters.get("tokens_computed", 0)},
+        "batch": state.worker.describe(),
     })
     return web.json_response(stats)
 

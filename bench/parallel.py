@@ -1,0 +1,261 @@
+"""Parallel agents: N conversations at once sharing one system prompt, kvtier vs mlx_lm.server.
+
+For N = 1, 2, 4, 8: N conversations, each with its own question and sharing a system prompt
+new to the server (so the first round is cold), send their turns at the same time; each
+round appends the answers and a follow-up. Per server and N: wall time per round,
+aggregate decode tokens/s (all streams' tokens over the round's decode span), TTFT p50/p95,
+and the longest gap between two streamed chunks of one stream. Then a long-prefill probe: one
+stream decodes while another request prefills a cold ~8K-token prompt; the stream's longest
+gap is reported (chunked prefill keeps it near one prefill chunk plus one decode step).
+
+Servers: kvtier as configured by default (batched only where exact: on Linux with OpenBLAS
+that means one at a time), kvtier --batch-inexact, and mlx_lm.server.
+
+    python bench/parallel.py [--quick] [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import ROOT, Server, agent_system_prompt, machine_description, write_section
+
+from kvtier.testmodels import make_model
+
+MODEL = {"arch": "llama", "hidden": 256, "layers": 4}
+
+
+@dataclass
+class Stream:
+    ttft: float = 0.0
+    arrivals: list[float] = field(default_factory=list)  # seconds since the request was sent
+    text: str = ""
+    completion_tokens: int = 0
+    sent: float = 0.0
+
+    @property
+    def longest_gap(self) -> float:
+        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:])), default=0.0)
+
+
+def stream(server: Server, model: str, messages: list[dict], max_tokens: int,
+           on_first: threading.Event | None = None) -> Stream:
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=3600)
+    result = Stream(sent=time.perf_counter())
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"{server.name}: HTTP {response.status}: {response.read()[:300]!r}")
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            result.completion_tokens = event["usage"].get("completion_tokens", 0)
+        for choice in event.get("choices", []):
+            text = choice.get("delta", {}).get("content") or ""
+            if text:
+                result.arrivals.append(time.perf_counter() - result.sent)
+                result.text += text
+                if on_first is not None:
+                    on_first.set()
+    conn.close()
+    result.ttft = result.arrivals[0] if result.arrivals else time.perf_counter() - result.sent
+    return result
+
+
+def at_once(server: Server, model: str, conversations: list[list[dict]], max_tokens: int) -> list[Stream]:
+    results: list[Stream | None] = [None] * len(conversations)
+
+    def run(i: int) -> None:
+        results[i] = stream(server, model, conversations[i], max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(conversations))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results  # type: ignore[return-value]
+
+
+def system_prompt(tokens: int, tokenizer, project: str = "kvtier") -> str:
+    return agent_system_prompt(tokens, tokenizer, project=project)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_parallel(server: Server, model: str, system: str, n: int, rounds: int, max_tokens: int) -> dict:
+    conversations = [[{"role": "system", "content": system},
+                      {"role": "user", "content": f"Agent {n}-{i}: look at module {i} and list its tests."}]
+                     for i in range(n)]
+    walls, rates, ttfts, gaps = [], [], [], []
+    for r in range(rounds):
+        started = time.perf_counter()
+        results = at_once(server, model, conversations, max_tokens)
+        walls.append(time.perf_counter() - started)
+        first = min(s.sent + s.ttft for s in results)
+        last = max(s.sent + (s.arrivals[-1] if s.arrivals else s.ttft) for s in results)
+        tokens = sum(s.completion_tokens for s in results)
+        rates.append(tokens / (last - first) if last > first else 0.0)
+        ttfts += [s.ttft for s in results]
+        gaps += [s.longest_gap for s in results]
+        for conversation, s in zip(conversations, results):
+            conversation += [{"role": "assistant", "content": s.text},
+                             {"role": "user", "content": f"Round {r + 1}: now run them."}]
+    return {"wall_per_round": statistics.mean(walls), "decode_tokens_per_s": statistics.mean(rates),
+            "ttft_p50": percentile(ttfts, 0.5), "ttft_p95": percentile(ttfts, 0.95),
+            "longest_gap": max(gaps)}
+
+
+def run_long_prefill(server: Server, model: str, system: str, long_text: str, max_tokens: int) -> dict:
+    """One stream decodes while a cold long prompt arrives: the stream's longest gap between
+    two chunks while that prompt is prefilled (from its sending to its first token)."""
+    out: dict = {}
+    decoding = threading.Event()
+
+    def decode() -> None:
+        out["stream"] = stream(server, model, [{"role": "system", "content": system},
+                                               {"role": "user", "content": "Write a long plan."}],
+                               max_tokens, decoding)
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    decoding.wait()
+    time.sleep(0.05)
+    long_request = stream(server, model, [{"role": "user", "content": long_text}], 4)
+    thread.join()
+    running = out["stream"]
+    window = (long_request.sent - running.sent, long_request.sent - running.sent + long_request.ttft)
+    times = [t for t in running.arrivals]
+    inside = [b - a for a, b in zip(times, times[1:]) if b > window[0] and a < window[1]]
+    return {"longest_gap": max(inside, default=0.0), "long_request_ttft": long_request.ttft,
+            "stream_ran_through": bool(times) and times[-1] > window[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 1, 2, 4; 2 rounds; short prompts")
+    parser.add_argument("--out", default=None, help="where benchmarks.md and bench/ are (default: docs)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the section from parallel.json")
+    args = parser.parse_args()
+    if args.render:
+        out = Path(args.out) if args.out else ROOT / "docs"
+        results = json.loads((out / "bench" / "parallel.json").read_text())
+        write_section("parallel", render(results), out / "benchmarks.md")
+        plot(results, out / "bench" / "parallel.png")
+        return
+    ns, rounds, max_tokens, system_tokens, long_tokens = (
+        ([1, 2, 4], 2, 24, 600, 2000) if args.quick else ([1, 2, 4, 8], 3, 48, 2600, 8000))
+    out = Path(args.out) if args.out else ROOT / "docs"
+    model_path = make_model(ROOT / ".models" / "llama-h256-l4", MODEL["arch"], hidden=MODEL["hidden"],
+                            layers=MODEL["layers"])
+    import mlx_lm
+
+    _, tokenizer = mlx_lm.load(str(model_path))
+    system = system_prompt(system_tokens, tokenizer)
+    systems = {n: system_prompt(system_tokens, tokenizer, project=f"project-{n}") for n in ns}
+    long_text = system_prompt(long_tokens, tokenizer, project="unrelated")  # shares no prefix
+    work = Path(tempfile.mkdtemp(prefix="kvtier-parallel-"))
+    servers = {
+        "kvtier": lambda: Server.kvtier(model_path, work / "c1", work / "kvtier.log", "--max-batch", "8"),
+        "kvtier --batch-inexact": lambda: Server.kvtier(model_path, work / "c2", work / "kvtier-inexact.log",
+                                                        "--max-batch", "8", "--batch-inexact"),
+        "mlx_lm.server": lambda: Server.mlx_lm(model_path, work / "mlx.log"),
+    }
+    results: dict = {"machine": machine_description(), "model": MODEL, "system_tokens": system_tokens,
+                     "rounds": rounds, "max_tokens": max_tokens, "servers": {}}
+    for name, make in servers.items():
+        server = make().start()
+        try:
+            model = str(model_path)
+            stream(server, model, [{"role": "user", "content": "warm up"}], 4)
+            per_n = {}
+            for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
+                per_n[n] = run_parallel(server, model, systems[n], n, rounds, max_tokens)
+                print(name, n, per_n[n], flush=True)
+            prefill = run_long_prefill(server, model, system, long_text, 4000)
+            print(name, "long prefill", prefill, flush=True)
+            results["servers"][name] = {"parallel": per_n, "long_prefill": prefill}
+        finally:
+            server.stop()
+    results = json.loads(json.dumps(results))  # N keys as strings, as when rendered from the file
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    (out / "bench" / "parallel.json").write_text(json.dumps(results, indent=2))
+    write_section("parallel", render(results), out / "benchmarks.md")
+    plot(results, out / "bench" / "parallel.png")
+
+
+def render(results: dict) -> str:
+    lines = [f"### Parallel agents ({results['machine']})", "",
+             f"N conversations at once sharing a {results['system_tokens']}-token system prompt (new for each N: "
+             "the first round is cold), "
+             f"{results['max_tokens']} tokens each, {results['rounds']} rounds (bench/parallel.py).", "",
+             "| server | N | wall per round (s) | decode tok/s (all streams) | TTFT p50 (s) | TTFT p95 (s) "
+             "| longest gap (s) |", "|---|---|---|---|---|---|---|"]
+    for name, r in results["servers"].items():
+        for n, m in r["parallel"].items():
+            lines.append(f"| {name} | {n} | {m['wall_per_round']:.2f} | {m['decode_tokens_per_s']:.1f} "
+                         f"| {m['ttft_p50']:.2f} | {m['ttft_p95']:.2f} | {m['longest_gap']:.2f} |")
+    lines += ["", *targets(results)]
+    lines += ["", "While another request prefills a cold long prompt, the longest gap of a decoding stream:", "",
+              "| server | longest gap (s) | long request TTFT (s) | stream still decoding when it got its first token |",
+              "|---|---|---|---|"]
+    for name, r in results["servers"].items():
+        p = r["long_prefill"]
+        lines.append(f"| {name} | {p['longest_gap']:.2f} | {p['long_request_ttft']:.2f} "
+                     f"| {'yes' if p.get('stream_ran_through') else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets at N = 4, for each kvtier configuration against mlx_lm.server."""
+    servers = results["servers"]
+    theirs = servers.get("mlx_lm.server", {}).get("parallel", {}).get("4")
+    if theirs is None:
+        return []
+    lines = ["| at N = 4 | wall time / mlx_lm.server's (target <= 0.8) | decode tok/s / mlx_lm.server's (target >= 1) |",
+             "|---|---|---|"]
+    for name, r in servers.items():
+        mine = r["parallel"].get("4")
+        if name != "mlx_lm.server" and mine:
+            lines.append(f"| {name} | {mine['wall_per_round'] / theirs['wall_per_round']:.2f} "
+                         f"| {mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f} |")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in results["servers"].items():
+        ns = [int(n) for n in r["parallel"]]
+        axes[0].plot(ns, [m["wall_per_round"] for m in r["parallel"].values()], marker="o", label=name)
+        axes[1].plot(ns, [m["decode_tokens_per_s"] for m in r["parallel"].values()], marker="o", label=name)
+    axes[0].set(xlabel="parallel conversations", ylabel="wall time per round (s)")
+    axes[1].set(xlabel="parallel conversations", ylabel="decode tokens/s, all streams")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

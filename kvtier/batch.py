@@ -1,0 +1,398 @@
+"""Continuous batching on the MLX thread, over mlx-lm's own `BatchGenerator`.
+
+A request flows: `Engine.begin` restores its cached prefix (RAM, then SSD; snapshots) into
+its own prompt cache -> its remainder is prefilled alone, one chunk per scheduler step, so the
+streams already decoding get a token between chunks -> its first token is computed alone
+(as the sequential path does; the snapshot at the prompt's end is taken here) -> the cache
+is merged into the generator's batch (mlx-lm's `insert`, `BatchKVCache.merge`) and decodes
+with the others -> when it ends (length, EOS, stop string, cancel) its cache is extracted
+(`remove(..., return_prompt_caches=True)`) and `Engine.finish` stores its new blocks.
+
+Batched decode is only used where `measure_exactness` finds it bit-identical to decoding
+alone on this machine's backend (a GEMM's rows can depend on the batch size: OpenBLAS,
+for one, computes a single row another way than several).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.sample_utils import make_sampler
+
+from . import kvstate
+from .engine import Chunk, Engine, GenerationRequest, Session, Usage
+from .stops import StopMatcher
+from .tiers import common_prefix
+
+log = logging.getLogger("kvtier.batch")
+
+PROBE_STEPS = 4  # decode steps compared per prompt: a difference shows from the first
+
+
+# -- which models may batch -------------------------------------------------------------
+@dataclass
+class Exactness:
+    exact: bool
+    reason: str  # why not, or how it was checked
+    max_difference: float | None = None  # largest |logprob| difference measured
+
+
+def unbatchable_reason(engine: Engine) -> str | None:
+    """Why mlx-lm cannot batch this model's cache at all, or None."""
+    if not engine.reusable:
+        return "its prompt cache cannot be stored"
+    for layer in kvstate.make_cache(engine.model, engine.quantization):
+        if not hasattr(layer, "merge"):
+            return f"mlx-lm cannot batch {type(layer).__name__} layers"
+    return None
+
+
+def measure_exactness(engine: Engine) -> Exactness:
+    """Decode a few prompts of different lengths (one past any sliding window) alone and
+    joined into one batch at different steps; exact only if every log-probability of every
+    step is bit-identical."""
+    reason = unbatchable_reason(engine)
+    if reason:
+        return Exactness(False, reason)
+    windows = [layer.max_size for layer in kvstate.make_cache(engine.model, engine.quantization)
+               if isinstance(layer, mlx_cache.RotatingKVCache)]
+    lengths = [5, 37, min(max(windows) + 23, 1024) if windows else 20]
+    rng = np.random.default_rng(0)
+    vocab = min(getattr(getattr(engine.model, "args", None), "vocab_size", 256) or 256, 1000)
+    prompts = [rng.integers(10, vocab, n).tolist() for n in lengths]
+    alone = [_decode_alone(engine, p) for p in prompts]
+    together = _decode_batched(engine, prompts, join_at=[0, 0, 1])
+    worst, exact = 0.0, True
+    for mine, theirs in zip(together, alone):
+        for a, b in zip(mine, theirs):
+            worst = max(worst, float(mx.max(mx.abs(a - b)).item()))
+            exact &= bool(mx.array_equal(a, b).item())
+    mx.clear_cache()
+    if exact:
+        return Exactness(True, f"batched decode measured bit-identical at start-up ({len(prompts)} prompts)", 0.0)
+    return Exactness(False, f"batched decode differs from decoding alone on this backend "
+                            f"(max |logprob difference| {worst:.3g})", worst)
+
+
+def _prefilled(engine: Engine, tokens: list[int]) -> list[Any]:
+    prompt_cache = kvstate.make_cache(engine.model, engine.quantization)
+    engine.model(mx.array(tokens[:-1])[None], cache=prompt_cache)
+    mx.eval(kvstate.state_arrays(prompt_cache))
+    return prompt_cache
+
+
+def _logprobs(engine: Engine, token: int, prompt_cache: list[Any]) -> mx.array:
+    logits = engine.model(mx.array([[token]]), cache=prompt_cache)[:, -1, :]
+    return (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
+
+
+def _decode_alone(engine: Engine, tokens: list[int]) -> list[mx.array]:
+    prompt_cache, token, out = _prefilled(engine, tokens), tokens[-1], []
+    for _ in range(PROBE_STEPS):
+        out.append(_logprobs(engine, token, prompt_cache))
+        token = int(mx.argmax(out[-1]).item())
+    return out[1:]  # the first step is computed alone on either path
+
+
+def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]) -> list[list[mx.array]]:
+    generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=len(prompts))
+    out: dict[int, list[mx.array]] = {}
+    uids: list[int] = []
+    try:
+        for step in range(PROBE_STEPS + max(join_at)):
+            for i in (i for i, at in enumerate(join_at) if at == step):
+                prompt_cache = _prefilled(engine, prompts[i])
+                first = int(mx.argmax(_logprobs(engine, prompts[i][-1], prompt_cache)).item())
+                (uid,) = generator.insert([[first]], max_tokens=[PROBE_STEPS - 1], caches=[prompt_cache],
+                                          all_tokens=[list(prompts[i])])
+                uids.append(uid)
+                out[uid] = []
+            for response in generator.next()[1]:
+                out[response.uid].append(response.logprobs)
+    finally:
+        generator.close()
+    return [out[uid] for uid in uids]
+
+
+# -- one request's text ------------------------------------------------------------------
+class TextStream:
+    """Tokens to text chunks for one request, with the sequential decode loop's rules: EOS,
+    stop strings, max_tokens, cancellation."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, usage: Usage):
+        self.request, self.usage, self.engine = request, usage, engine
+        self.detokenizer = engine.tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.stops = StopMatcher(request.stop)
+        self.eos = set(engine.tokenizer.eos_token_ids)
+        self.finish: str | None = None
+        self.matched_stop = False
+        self.count = 0
+
+    def feed(self, token: int) -> list[Chunk]:
+        self.count += 1
+        if token in self.eos:
+            self.finish = "stop"
+            return []
+        self.usage.completion_tokens += 1
+        self.detokenizer.add_token(token)
+        text, self.matched_stop = self.stops.feed(self.detokenizer.last_segment)
+        if self.matched_stop:
+            self.finish = "stop"
+        elif self.request.cancelled.is_set():
+            self.cancel()
+        elif self.count >= self.request.max_tokens:
+            self.finish = "length"
+        return [Chunk(text)] if text else []
+
+    def cancel(self) -> None:
+        self.finish = "cancelled"
+        self.engine.store.count("requests_cancelled")
+
+    def close(self) -> Chunk:
+        tail = ""
+        if not self.matched_stop:
+            self.detokenizer.finalize()
+            tail, self.matched_stop = self.stops.feed(self.detokenizer.last_segment)
+            tail += "" if self.matched_stop else self.stops.flush()
+        return Chunk(tail, self.finish or "length", self.usage, self.stops.matched)
+
+
+# -- the batch ---------------------------------------------------------------------------
+@dataclass
+class Member:
+    session: Session
+    emit: Callable[[object], None]
+    text: TextStream
+    chunks: Any  # the prefill's chunk iterator
+    remaining: int  # prompt tokens still to prefill (the last one is decoded)
+    sampler: Callable = None
+
+
+@dataclass
+class Held:
+    """A request whose prompt shares blocks another member is computing: it is restored
+    once they are stored, instead of computing them a second time."""
+
+    request: GenerationRequest
+    emit: Callable[[object], None]
+    computing: Member
+
+
+@dataclass
+class BatchStats:
+    """Totals since start-up; rates are derived from them."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    longest_step_gap: float = 0.0  # longest time between two decode steps of a running batch
+
+
+class Batch:
+    """The requests the MLX thread is serving at once; `step` advances them all a little."""
+
+    def __init__(self, engine: Engine, max_size: int, done: object):
+        self.engine, self.max_size, self.done = engine, max_size, done
+        self.generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=max_size,
+                                        prefill_batch_size=max_size,
+                                        prefill_step_size=engine.prefill_step_size)
+        self.prefilling: deque[Member] = deque()
+        self.decoding: dict[int, Member] = {}
+        self.held: list[Held] = []
+        self.stats = BatchStats()
+        self._last_step: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.prefilling) + len(self.decoding) + len(self.held)
+
+    @property
+    def idle(self) -> bool:
+        return not len(self)
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= self.max_size
+
+    def add(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
+        """Restore the request's cached prefix now; its prefill runs over the next steps. If a
+        member is computing blocks this prompt starts with, wait for them instead."""
+        computing = self._computing_prefix_of(request.prompt_tokens)
+        if computing is not None:
+            self.held.append(Held(request, emit, computing))
+            return
+        self._start(request, emit)
+
+    def _computing_prefix_of(self, tokens: list[int]) -> Member | None:
+        size = self.engine.block_size
+        for member in self.prefilling:
+            shared = common_prefix(np.asarray(member.session.request.prompt_tokens), np.asarray(tokens))
+            if shared // size > member.session.reuse // size:
+                return member
+        return None
+
+    def _release(self, member: Member) -> None:
+        """Start the requests held for `member`'s blocks (stored now, or never to be)."""
+        for held in [h for h in self.held if h.computing is member]:
+            self.held.remove(held)
+            try:
+                self.add(held.request, held.emit)
+            except Exception as exc:  # its restore failed: only this request fails
+                log.exception("restoring a held request failed")
+                held.emit(exc)
+                held.emit(self.done)
+
+    def _start(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
+        session = self.engine.begin(request)
+        tokens = request.prompt_tokens
+        chunks = self.engine.prefill_chunks(session.prompt_cache, tokens, session.reuse, session.points,
+                                            session.snapshots, request.progress)
+        self.prefilling.append(Member(session, emit, TextStream(self.engine, request, session.usage),
+                                      chunks, len(tokens) - 1 - session.reuse))
+
+    def step(self) -> None:
+        """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
+        tokens (so short remainders join together), then one decode step for all."""
+        self._drop_cancelled()
+        budget, spent = self.engine.prefill_step_size, 0
+        while self.prefilling:
+            member = self.prefilling[0]
+            if spent and min(member.remaining, budget) > budget - spent:
+                break
+            spent += self._prefill_step(member)
+        if self.decoding:
+            self._decode_step()
+        else:
+            self._last_step = None
+
+    def fail(self, exc: BaseException) -> None:
+        """A step raised: every member gets the error; the batch starts over empty."""
+        for member in [*self.prefilling, *self.decoding.values(), *self.held]:
+            member.emit(exc)
+            member.emit(self.done)
+        self.held.clear()
+        self.prefilling.clear()
+        self.decoding.clear()
+        self.close()
+        self.__init__(self.engine, self.max_size, self.done)
+
+    def close(self) -> None:
+        self.generator.close()
+
+    # -- prefill -----------------------------------------------------------------------
+    def _prefill_step(self, member: Member) -> int:
+        """One chunk of `member`'s prefill (or its first token when none is left): the
+        tokens computed."""
+        computed = 0
+        if member.remaining > 0:
+            started = time.perf_counter()
+            computed = next(member.chunks)
+            member.remaining -= computed
+            self.stats.prefill_tokens += computed
+            self.stats.prefill_seconds += time.perf_counter() - started
+        if member.remaining <= 0:
+            self.prefilling.popleft()
+            mx.clear_cache()
+            self._first_token(member)
+        return max(computed, 1)  # the first token is a forward pass too
+
+    def _first_token(self, member: Member) -> None:
+        """The last prompt token goes through alone, as on the sequential path; the request
+        joins the batch with the token it produced."""
+        session, request = member.session, member.session.request
+        tokens = request.prompt_tokens
+        member.sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+        logits = self.engine.model(mx.array(tokens[-1:])[None], cache=session.prompt_cache)[:, -1, :]
+        y = member.sampler(logits - mx.logsumexp(logits, keepdims=True))
+        if len(tokens) in session.points:
+            session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.plan)
+        token = y.item()
+        session.usage.prefill_seconds = time.perf_counter() - session.started
+        if any(h.computing is member for h in self.held):
+            self.engine.store_prompt(session)
+            self._release(member)
+        self._emit(member, member.text.feed(token))
+        if member.text.finish:  # the token was never fed to the cache: it is not stored
+            self._finish(member)
+            return
+        session.fed.append(token)
+        (uid,) = self.generator.insert([[token]], max_tokens=[request.max_tokens - 1],
+                                       caches=[session.prompt_cache], all_tokens=[list(tokens)],
+                                       samplers=[member.sampler])
+        self.decoding[uid] = member
+
+    # -- decode ------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        started = time.perf_counter()
+        if self._last_step is not None:
+            self.stats.longest_step_gap = max(self.stats.longest_step_gap, started - self._last_step)
+        _, responses = self.generator.next()
+        ended: dict[int, Any] = {}
+        for response in responses:
+            member = self.decoding.get(response.uid)
+            if member is None:
+                continue
+            member.session.fed.append(response.token)  # a returned token is already in the cache
+            self._emit(member, member.text.feed(response.token))
+            if response.finish_reason is not None:
+                member.text.finish = member.text.finish or "length"
+                ended[response.uid] = response.prompt_cache
+            elif member.text.finish:
+                ended[response.uid] = None
+        self._leave(ended)
+        now = time.perf_counter()
+        self.stats.decode_tokens += len(responses)
+        self.stats.decode_seconds += now - started
+        self.stats.decode_steps += 1
+        self._last_step = now if self.decoding else None
+
+    def _leave(self, ended: dict[int, Any]) -> None:
+        """Take ended members out of the generator with their caches, and store them."""
+        still_in = [uid for uid, cache in ended.items() if cache is None]
+        extracted = self.generator.remove(still_in, return_prompt_caches=True) if still_in else {}
+        for uid, cache in ended.items():
+            member = self.decoding.pop(uid)
+            member.session.prompt_cache = cache if cache is not None else extracted[uid][0]
+            self._finish(member)
+
+    def _drop_cancelled(self) -> None:
+        for held in [h for h in self.held if h.request.cancelled.is_set()]:
+            self.held.remove(held)
+            held.emit(Chunk("", "cancelled", Usage(prompt_tokens=len(held.request.prompt_tokens))))
+            held.emit(self.done)
+        for member in [m for m in self.prefilling if m.session.request.cancelled.is_set()]:
+            self.prefilling.remove(member)
+            self._release(member)
+            member.text.cancel()
+            member.session.fed.clear()
+            self.engine.abandon(member.session)
+            member.emit(member.text.close())
+            member.emit(self.done)
+        cancelled = {uid: None for uid, m in self.decoding.items() if m.session.request.cancelled.is_set()}
+        for uid in cancelled:
+            self.decoding[uid].text.cancel()
+        if cancelled:
+            self._leave(cancelled)
+
+    def _emit(self, member: Member, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            member.emit(chunk)
+
+    def _finish(self, member: Member) -> None:
+        member.emit(member.text.close())
+        try:
+            self.engine.finish(member.session)
+        except Exception as exc:  # the answer is out; only its storing failed
+            log.exception("storing a batched request's blocks failed")
+            member.emit(exc)
+        member.emit(self.done)
