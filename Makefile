@@ -27,8 +27,12 @@ system-deps:
 	   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 \
 	   || echo "note: could not install redis-server; the shared-tier tests will be skipped"; fi
 
+# Two test processes, a file each at a time (module-scoped daemons stay in one process):
+# most tests wait on a daemon's start-up or I/O, so two share two cores well.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BLAS) $(PY) -m pytest -q
+	$(BLAS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Real agents end to end (Claude Code and Codex from npm via npx; skip where npm cannot install them).
 e2e: install

@@ -11,7 +11,7 @@ from aiohttp import web
 from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
-from . import openapi
+from . import metrics, openapi
 from .auth import auth_middleware
 from .disconnects import disconnect_middleware
 from .errors import error_middleware
@@ -47,6 +47,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.add_routes(openapi.routes)
     app.add_routes(anthropic_routes.routes)
     responses_routes.setup(app)
+    metrics.setup(app)
     return app
 
 

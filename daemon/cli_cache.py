@@ -9,24 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from kvtier import config
-from kvtier.config import default_cache_dir, format_size, parse_size
+from kvtier.config import default_cache_dir, format_size
+
+from .serve_options import duration, size
 
 COMMANDS = ("stats", "ls", "purge", "verify", "pin", "unpin", "warm")
-
-
-def parse_duration(text: str) -> float:
-    try:
-        return config.parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -46,8 +33,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     what = purge.add_argument_group("what to remove (at least one)")
     what.add_argument("--all", action="store_true", help="everything, pinned entries included")
     what.add_argument("--model", help="a model's entries (name as served, directory name or fingerprint)")
-    what.add_argument("--older-than", type=parse_duration, help="entries unused for this long (7d, 12h)")
-    what.add_argument("--to-size", type=_size, help="evict least recently used entries down to this size")
+    what.add_argument("--older-than", type=duration, help="entries unused for this long (7d, 12h)")
+    what.add_argument("--to-size", type=size, help="evict least recently used entries down to this size")
     verify = commands.add_parser("verify", parents=[common], help="check the index, and every file against it")
     verify.add_argument("--fix", action="store_true",
                         help="remove what is broken; rebuild a damaged index from the block files")

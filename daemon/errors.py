@@ -1,5 +1,5 @@
 """API errors, the one place that shapes them (OpenAI's or Anthropic's, by route), and the
-checks that raise them for request bodies."""
+strict JSON reading of request bodies (their fields are checked by daemon/request_models.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ log = logging.getLogger("kvtier.daemon")
 # Deeper bodies are refused before anything recurses over them (the chat template, tool
 # schemas); real requests, tool schemas included, nest a few dozen levels at most.
 MAX_JSON_DEPTH = 64
+
+# What a client is told of a failure of ours: the details go to the daemon log only.
+INTERNAL_ERROR = "internal error (see the daemon log)"
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                     403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -35,6 +38,29 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
+    def anthropic_message(self) -> str:
+        if self.param and self.param not in self.message:
+            return f"{self.param}: {self.message}"
+        return self.message
+
+
+class InvalidField(ApiError):
+    """A request body field that is wrong, at `path` (its keys and indexes): OpenAI's error
+    names it as `param` messages[0].content, Anthropic's message as messages.0.content."""
+
+    def __init__(self, path: tuple, detail: str, missing: bool = False):
+        param = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path).lstrip(".")
+        if missing:
+            message = f"missing required parameter: '{param}'"
+        else:
+            message = f"invalid '{param}': {detail}" if param else detail
+        super().__init__(400, message, param=param or None)
+        self.path, self.detail = path, detail
+
+    def anthropic_message(self) -> str:
+        where = ".".join(map(str, self.path))
+        return f"{where}: {self.detail}" if where else self.detail
+
 
 def is_anthropic_route(path: str) -> bool:
     return path.startswith("/v1/messages")
@@ -47,10 +73,8 @@ def anthropic_body(status: int, message: str) -> dict:
 
 def _anthropic_response(error: ApiError) -> web.Response:
     status = 529 if error.code == "overloaded" else error.status  # Anthropic's "queue full"
-    message = error.message
-    if error.param and error.param not in message:
-        message = f"{error.param}: {message}"
-    return web.json_response(anthropic_body(status, message), status=status, headers=error.headers)
+    return web.json_response(anthropic_body(status, error.anthropic_message()), status=status,
+                             headers=error.headers)
 
 
 def error_response(path: str, error: ApiError) -> web.Response:
@@ -88,7 +112,7 @@ async def error_middleware(request: web.Request, handler):
                 400, f"the model's chat template cannot render these messages: {exc}", param="messages"))
         # A bug: still answer in the API's shape, and log it loudly.
         log.exception("unhandled error on %s", request.path)
-        return error_response(request.path, ApiError(500, "internal error (see the daemon log)",
+        return error_response(request.path, ApiError(500, INTERNAL_ERROR,
                                                      type_="server_error"))
 
 
@@ -188,33 +212,3 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-# -- fields -----------------------------------------------------------------------------
-_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-          list: "an array", dict: "an object"}
-
-
-def field(body: dict, name: str, kind: type, default: Any = None, required: bool = False,
-          minimum: float | None = None, maximum: float | None = None) -> Any:
-    """Read one field, checking type and range; bool is never accepted as a number."""
-    if name not in body or body[name] is None:
-        if required:
-            raise ApiError(400, f"missing required parameter: '{name}'", param=name)
-        return default
-    value = body[name]
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if not (ok or (kind is float and is_int)):
-        raise ApiError(400, f"'{name}' must be {_TYPES[kind]}", param=name)
-    # Bounds first: an int compares exactly with them, however large it is.
-    if minimum is not None and value < minimum:
-        raise ApiError(400, f"'{name}' must be >= {minimum}", param=name)
-    if maximum is not None and value > maximum:
-        raise ApiError(400, f"'{name}' must be <= {maximum}", param=name)
-    if kind is float and is_int:
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ApiError(400, f"'{name}' is out of range", param=name) from None
-    return value

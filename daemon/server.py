@@ -16,7 +16,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from .errors import unrouted_error_body
+from .errors import INTERNAL_ERROR, unrouted_error_body
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -26,7 +26,7 @@ class ApiRequestHandler(web.RequestHandler):
                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; refuses once a response started
         if status >= 500 or not message:
-            message = "internal error (see the daemon log)" if status >= 500 else "bad request"
+            message = INTERNAL_ERROR if status >= 500 else "bad request"
         response = web.json_response(unrouted_error_body(status, message), status=status)
         response.force_close()  # as aiohttp does: the connection's framing may be lost
         return response

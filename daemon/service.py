@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvtier.config import parse_size
+from .serve_options import add_serve_flags, serve_args
 
 LABEL = "com.kvtier.daemon"
 UNIT = "kvtier.service"
@@ -33,11 +33,6 @@ _MISSING_TOOL = {
     "systemctl": "systemctl not found: `kvtier service` needs systemd on Linux; "
                  "run `kvtier serve` under another supervisor instead",
 }
-# Serve options a service may carry, in the order they are written; only given ones are.
-SERVE_OPTIONS = ("model", "host", "port", "cache_dir", "ram_budget", "disk_budget",
-                 "block_size", "kv_bits", "max_context")
-
-
 class ServiceError(Exception):
     """Reported as `kvtier: <message>`, exiting with `code`."""
 
@@ -93,15 +88,6 @@ def normalize_platform(platform: str) -> str:
     if platform.startswith("linux"):
         return "linux"
     raise ServiceError(f"services are supported on macOS (launchd) and Linux (systemd), not {platform}")
-
-
-def serve_args(options: dict[str, object]) -> tuple[str, ...]:
-    """`--name value` for each given serve option, in SERVE_OPTIONS order."""
-    args: list[str] = []
-    for name in SERVE_OPTIONS:
-        if options.get(name) is not None:
-            args += [f"--{name.replace('_', '-')}", str(options[name])]
-    return tuple(args)
 
 
 def program_arguments(spec: ServiceSpec) -> list[str]:
@@ -307,25 +293,6 @@ def status_info(spec: ServiceSpec) -> dict:
 
 # ---- the command ---------------------------------------------------------------------------
 
-def _size_text(text: str) -> str:
-    # Validate now, but keep the user's spelling ("4GB") in the service's command line.
-    try:
-        parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return value
-
-
 def add_parser(commands: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dry-run", action="store_true",
@@ -335,28 +302,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     service = commands.add_parser("service", help="run the daemon as a login service (launchd/systemd)")
     actions = service.add_subparsers(dest="action", required=True)
     install = actions.add_parser("install", parents=[common], help="install and start the service")
-    install.add_argument("--model", required=True, help="model the service serves (see `serve`)")
-    install.add_argument("--host")
-    install.add_argument("--port", type=int)
-    install.add_argument("--cache-dir", help="also set as KVTIER_CACHE_DIR for the service")
-    install.add_argument("--ram-budget", type=_size_text)
-    install.add_argument("--disk-budget", type=_size_text)
-    install.add_argument("--block-size", type=int)
-    install.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8])
-    install.add_argument("--max-context", type=positive_int,
-                         help="tokens a request may span (see `serve`)")
+    add_serve_flags(install, for_service=True)
     actions.add_parser("uninstall", parents=[common], help="stop the service and remove it")
     status = actions.add_parser("status", parents=[common], help="whether the service is running")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
-    options = {name: getattr(args, name, None) for name in SERVE_OPTIONS}
+    options = vars(args).copy()
     # The service starts in another directory: make paths absolute. A model that is not a
     # path is a repo id in the HF cache and stays as given.
-    if options["model"] is not None and Path(options["model"]).expanduser().exists():
+    if options.get("model") is not None and Path(options["model"]).expanduser().exists():
         options["model"] = str(Path(options["model"]).expanduser().resolve())
-    if options["cache_dir"] is not None:
+    if options.get("cache_dir") is not None:
         options["cache_dir"] = str(Path(options["cache_dir"]).expanduser().resolve())
     xdg = os.environ.get("XDG_CONFIG_HOME")
     return ServiceSpec(
@@ -366,7 +324,7 @@ def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
         python=os.path.abspath(sys.executable),  # not resolved: the venv's symlink selects the venv
         serve_args=serve_args(options),
         working_dir=Path(__file__).resolve().parent.parent,  # where `-m daemon.cli` imports from source
-        cache_dir=options["cache_dir"],
+        cache_dir=options.get("cache_dir"),
         config_home=Path(xdg) if xdg and os.path.isabs(xdg) else None,
     )
 

@@ -11,7 +11,6 @@ from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
 from .errors import ApiError
-from .errors import field as body_field
 from .model_names import ModelNames
 from .worker import Worker
 
@@ -48,10 +47,10 @@ class DaemonState:
         and the aliases."""
         return self.names.known()
 
-    def requested_model(self, body: dict) -> str:
-        """The request's `model` (required), checked by the daemon's naming policy; this is
-        the name the response echoes."""
-        return self.names.resolve(body_field(body, "model", str, required=True))
+    def requested_model(self, requested: str) -> str:
+        """The request's `model`, checked by the daemon's naming policy; this is the name
+        the response echoes."""
+        return self.names.resolve(requested)
 
 
 STATE = web.AppKey("state", DaemonState)

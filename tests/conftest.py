@@ -207,6 +207,25 @@ def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | N
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount real filesystems (tmpfs) of a given size: they fill up, and can be resized or
+    remounted read-only (needs root, as CI has)."""
+    mounted = []
+
+    def mount(size: str):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
 def agent_messages(project: str = "kvtier", question: str = "List the files.", repeat: int = 6) -> list[dict]:
     """An agent-style conversation: a long system prompt with tools, then a question."""
     tools = "\n".join(f"- tool {name}: {desc}" for name, desc in [

@@ -375,7 +375,7 @@ def test_openai_tools_are_rendered_and_tool_turns_equal_mlx_lm(shared_daemon, mo
 def test_openai_rejects_malformed_tools(shared_daemon, model):
     code, response, _ = post(shared_daemon, "/v1/chat/completions", {
         "model": model, "messages": MESSAGE, "tools": [{"type": "function"}]})
-    assert code == 400 and response["error"]["param"] == "tools[0]"
+    assert code == 400 and response["error"]["param"] == "tools[0].function"
     code, response, _ = post(shared_daemon, "/v1/chat/completions", {
         "model": model, "max_tokens": 2, "messages": MESSAGE + [
             {"role": "assistant", "tool_calls": [{"type": "function", "function": {

@@ -115,7 +115,7 @@ def test_stop_sequences_max_tokens_and_seed(shared_daemon, reference):
     ({"model": "MODEL"}, 400, "messages"),
     ({"model": "MODEL", "messages": []}, 400, "messages"),
     ({"model": "MODEL", "messages": "hello"}, 400, "messages"),
-    ({"model": "MODEL", "messages": [{"content": "hi"}]}, 400, "messages[0]"),
+    ({"model": "MODEL", "messages": [{"content": "hi"}]}, 400, "messages[0].role"),
     ({"model": "MODEL", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, "max_tokens"),

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import agent_messages, openai_spec
 from daemon.routes.responses import Answer, parse_tools
+from daemon.request_models import ResponsesRequest, validate as validate_body
 from daemon.routes.tools import split_tool_calls
 from kvtier.engine import GenerationRequest, Usage
 from test_api_openai import _null_to_type
@@ -223,11 +224,13 @@ def test_function_calls_in_the_output_match_the_schema(reference, validate):
     real tokenizer's parser reads becomes a function_call item (with its namespace)."""
     shell = {"type": "function", "name": "exec_command", "parameters": {
         "type": "object", "properties": {"cmd": {"type": "string"}}}}
-    tools = parse_tools({"tools": [{"type": "namespace", "name": "shell", "description": "Shell.",
-                                    "tools": [shell]}, {"type": "web_search"}]})
+    body = validate_body(ResponsesRequest, {"model": "m", "input": "x", "tools": [
+        {"type": "namespace", "name": "shell", "description": "Shell.", "tools": [shell]},
+        {"type": "web_search"}]})
+    tools = parse_tools(body.tools)
     generated = 'Listing.\n<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "ls"}}\n</tool_call>'
     text, calls = split_tool_calls(generated, reference.tokenizer, tools.template)
-    answer = Answer({}, "m", None, tools, "auto", None, GenerationRequest(prompt_tokens=[1], max_tokens=9))
+    answer = Answer(body, "m", tools, None, GenerationRequest(prompt_tokens=[1], max_tokens=9))
     final = answer.final(text, calls, "stop", Usage(prompt_tokens=10, completion_tokens=9, ram_tokens=6))
     validate(final, "Response")
     message, call = final["output"]

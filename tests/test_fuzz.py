@@ -15,7 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import agent_messages, http_request, raw_http
+from daemon import openapi
+from daemon.app import init_app
 from daemon.errors import MAX_JSON_DEPTH
+from daemon.request_models import POST_BODIES
+from kvtier.config import CacheConfig, ServeConfig
 
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages",
                "/v1/messages/count_tokens", "/cache/warm"]
@@ -77,9 +81,15 @@ SETTINGS = dict(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
+def schema_type(prop: dict) -> str | None:
+    """"integer" for {"type": "integer"} and for an optional {"anyOf": [{"type": "integer"}, {"type": "null"}]}."""
+    types = [member.get("type") for member in prop.get("anyOf", [prop])]
+    return next((kind for kind in types if kind != "null"), None)
+
+
 def value_for(name: str, prop: dict) -> st.SearchStrategy:
     """Mostly a well-typed value (so valid requests reach generation), sometimes any JSON."""
-    typed = TYPED[name] if name in TYPED else BY_TYPE.get(prop.get("type"), ANY_JSON)
+    typed = TYPED[name] if name in TYPED else BY_TYPE.get(schema_type(prop), ANY_JSON)
     return st.one_of(typed, typed, typed, ANY_JSON.filter(lambda v: not isinstance(v, int) or abs(v) < 4))
 
 
@@ -135,6 +145,30 @@ def test_openapi_document_is_valid_and_complete(spec):
             schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
             if schema:
                 jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_openapi_document_matches_the_routes(tmp_path):
+    """Every route the app serves is documented, every POST with its body's schema, and every
+    documented route is served: the document cannot drift from the routes."""
+    app = init_app(ServeConfig(model=str(tmp_path), cache=CacheConfig(cache_dir=tmp_path)))
+    served = {(route.method.lower(), route.resource.canonical) for route in app.router.routes()
+              if route.method != "HEAD"}
+    document = openapi.document()
+    documented = {(method, path) for path, item in document["paths"].items() for method in item}
+    assert served == documented
+    for path in (path for method, path in served if method == "post"):
+        fields = POST_BODIES[path].model_fields  # what the route's body model reads
+        schema = request_schema(document, path)
+        assert set(schema["properties"]) == set(fields)
+        assert set(schema.get("required", [])) == {name for name, f in fields.items() if f.is_required()}
+    refs = {ref.rsplit("/", 1)[1] for ref in _refs(document)}
+    assert refs <= set(document["components"]["schemas"])
+
+
+def _refs(value) -> list[str]:
+    if isinstance(value, dict):
+        return ([value["$ref"]] if "$ref" in value else []) + [r for v in value.values() for r in _refs(v)]
+    return [r for v in value for r in _refs(v)] if isinstance(value, list) else []
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)

@@ -9,6 +9,9 @@ import time
 import urllib.error
 import urllib.request
 
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
 from conftest import TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 8
@@ -47,6 +50,11 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
     assert 'kvtier_requests_total{result="miss"} 1' in metrics
     assert "# TYPE kvtier_ram_bytes gauge" in metrics
     assert "kvtier_ram_pending_bytes 0" in metrics  # /cache/entries waited for the writer
+    with urllib.request.urlopen(daemon.url + "/metrics") as r:  # what Prometheus reads
+        assert r.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        families = {family.name: family for family in text_string_to_metric_families(r.read().decode())}
+    assert families["kvtier_requests"].type == "counter" and families["kvtier_ram_bytes"].type == "gauge"
+    assert {s.labels["source"] for s in families["kvtier_prompt_tokens"].samples} == {"ram", "disk", "computed"}
 
     assert request(daemon, "DELETE", "/cache")[0] == 400
     assert request(daemon, "DELETE", "/cache?older_than=soon")[0] == 400

@@ -83,26 +83,6 @@ def test_garbage_index_entry_is_a_miss_and_verify_repairs_it(daemon, reference):
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """Mount real filesystems (tmpfs) of a given size: they fill up, and can be resized or
-    remounted read-only (needs root, as CI has)."""
-    mounted = []
-
-    def mount(size: str):
-        point = tmp_path / f"fs{len(mounted)}"
-        point.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
-@pytest.fixture
 def small_fs(tmpfs):
     """A real 24 MB filesystem for the cache."""
     return tmpfs("24m")

@@ -195,3 +195,18 @@ def test_missing_service_manager_is_a_clear_error_and_writes_nothing(tmp_path):
     assert files_under(home) == []
     result = kvtier_service("status", "--platform", "darwin", home=home, PATH=str(empty))
     assert result.returncode != 0 and "launchctl not found" in result.stderr
+
+
+def test_install_takes_every_serve_flag_but_the_api_key(tmp_path):
+    """`service install` and `serve` share one declaration of the serve flags: any of them is
+    written into the service's command line as given (sizes as typed)."""
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
+                            "--ram-budget", "2GB", "--max-waiting", "8", "--strict-model-names",
+                            "--model-alias", "a", "--model-alias", "b", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", "/some/model",
+                                      "--ram-budget", "2GB", "--max-waiting", "8", "--model-alias", "a",
+                                      "--model-alias", "b", "--strict-model-names"]) in result.stdout
+    refused = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "m",
+                             "--api-key", "secret", home=tmp_path)  # the unit file may be readable
+    assert refused.returncode == 2 and "--api-key" in refused.stderr

@@ -321,25 +321,6 @@ def test_evicting_a_block_no_tier_holds_is_counted_and_logged(tmp_path, caplog, 
         store.files.root.mkdir()
         store.flush()  # the two still in RAM are retried
         assert set(store.index.get_many([r.key for r in refs])) == {r.key for r in refs[3:]}
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount a real tmpfs of a given size (needs root, as CI has); resizable with `resize`."""
-    mounted = []
-
-    def mount(size: str):
-        point = tmp_path / f"fs{len(mounted)}"
-        point.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
 def long_chain(store: TieredStore, chain: int, blocks: int = 32) -> tuple[list, list[int]]:
     tokens = [chain * 10_000 + i for i in range(blocks * BLOCK)]
     refs = fill(store, tokens)

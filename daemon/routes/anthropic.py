@@ -19,14 +19,16 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
 
-from ..disconnects import client_gone
-from ..errors import ApiError, anthropic_body, field, json_body
+from .. import sse
+from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
+from ..request_models import (AnthropicTool, CountTokensRequest, MessagesRequest, TextBlock,
+                              ThinkingBlock, ToolResultBlock, ToolUseBlock, read_body)
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
 from .openai import chunks_of
@@ -36,9 +38,10 @@ log = logging.getLogger("kvtier.anthropic")
 
 routes = web.RouteTableDef()
 
-# -- errors -----------------------------------------------------------------------------
 # The error middleware (daemon/errors.py) answers every failure of these routes in
-# Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
+# Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}; the body's
+# fields are checked by its model (daemon/request_models.py), what is left here is how the
+# blocks fit the turns they are in.
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
@@ -52,61 +55,30 @@ class Prompt:
     parse_tools: bool         # whether to read tool calls out of the answer
 
 
-def _blocks(content: Any, path: str) -> list[dict]:
+def _blocks(content: str | list) -> list:
     """Content as a list of blocks: a string is one text block."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise bad(f"{path} must be a string or an array of content blocks")
-    for i, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise bad(f"{path}.{i} must be an object with a 'type'")
-    return content
+    return [TextBlock(type="text", text=content)] if isinstance(content, str) else content
 
 
-def _text(block: dict, path: str) -> str:
-    if not isinstance(block.get("text"), str):
-        raise bad(f"{path}.text must be a string")
-    return block["text"]
+def _unsupported(block: Any, path: str) -> ApiError:
+    return bad(f"{path}: unsupported content block type '{block.type}' in this turn")
 
 
-def _unsupported(kind: str, path: str) -> ApiError:
-    if kind in ("image", "document", "search_result"):
-        return bad(f"{path}: '{kind}' blocks are not supported; this model takes text only")
-    return bad(f"{path}: unsupported content block type '{kind}'")
-
-
-def parse_system(body: dict, keep_billing_line: bool = False) -> str | None:
-    system = body.get("system")
-    if system is None:
-        return None
-    return _system_text(_blocks(system, "system"), "system", keep_billing_line)
-
-
-def _system_text(blocks: list[dict], path: str, keep_billing_line: bool = False) -> str:
+def _system_text(blocks: list, path: str, keep_billing_line: bool = False) -> str:
     """System text blocks joined with a newline (cache_control is accepted and ignored),
     without Claude Code's per-conversation billing line unless asked to keep it."""
-    parts = []
     for i, block in enumerate(blocks):
-        if block["type"] != "text":
+        if not isinstance(block, TextBlock):
             raise bad(f"{path}.{i}: system blocks must be of type 'text'")
-        parts.append(_text(block, f"{path}.{i}"))
+    parts = [block.text for block in blocks]
     return "\n".join(parts if keep_billing_line else drop_billing_line(parts))
 
 
-def _tool_result_text(block: dict, path: str) -> str:
-    content = block.get("content")
-    if content is None:
-        return ""
-    parts = []
-    for i, part in enumerate(_blocks(content, f"{path}.content")):
-        if part["type"] != "text":
-            raise _unsupported(part["type"], f"{path}.content.{i}")
-        parts.append(_text(part, f"{path}.content.{i}"))
-    return "\n".join(parts)
+def _tool_result_text(block: ToolResultBlock) -> str:
+    return "\n".join(part.text for part in _blocks(block.content or []))
 
 
-def _user_messages(blocks: list[dict], path: str) -> list[dict]:
+def _user_messages(blocks: list, path: str) -> list[dict]:
     """A user turn: text blocks -> user messages, tool_result blocks -> tool messages, in order."""
     out: list[dict] = []
     texts: list[str] = []
@@ -117,115 +89,68 @@ def _user_messages(blocks: list[dict], path: str) -> list[dict]:
             texts.clear()
 
     for i, block in enumerate(blocks):
-        kind, where = block["type"], f"{path}.{i}"
-        if kind == "text":
-            texts.append(_text(block, where))
-        elif kind == "tool_result":
-            if not isinstance(block.get("tool_use_id"), str) or not block["tool_use_id"]:
-                raise bad(f"{where}.tool_use_id must be a non-empty string")
-            if not isinstance(block.get("is_error", False), bool):
-                raise bad(f"{where}.is_error must be a boolean")
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolResultBlock):
             flush()
-            out.append({"role": "tool", "tool_call_id": block["tool_use_id"],
-                        "content": _tool_result_text(block, where)})
+            out.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                        "content": _tool_result_text(block)})
         else:
-            raise _unsupported(kind, where)
+            raise _unsupported(block, f"{path}.{i}")
     flush()
     return out
 
 
-def _assistant_message(blocks: list[dict], path: str) -> dict:
+def _assistant_message(blocks: list, path: str) -> dict:
     """An assistant turn: text, and tool_use blocks as HF-shaped tool_calls (arguments a dict)."""
     texts, calls = [], []
     for i, block in enumerate(blocks):
-        kind, where = block["type"], f"{path}.{i}"
-        if kind == "text":
-            texts.append(_text(block, where))
-        elif kind == "tool_use":
-            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
-                raise bad(f"{where}: tool_use blocks need a string 'id' and 'name'")
-            if not isinstance(block.get("input", {}), dict):
-                raise bad(f"{where}.input must be an object")
-            calls.append({"id": block["id"], "type": "function",
-                          "function": {"name": block["name"], "arguments": block.get("input", {})}})
-        elif kind in ("thinking", "redacted_thinking"):
-            continue  # this daemon never produces them; a client may echo them back
-        else:
-            raise _unsupported(kind, where)
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            calls.append({"id": block.id, "type": "function",
+                          "function": {"name": block.name, "arguments": block.input}})
+        elif not isinstance(block, ThinkingBlock):  # thinking: a client may echo it back
+            raise _unsupported(block, f"{path}.{i}")
     message = {"role": "assistant", "content": "\n".join(texts)}
     if calls:
         message["tool_calls"] = calls
     return message
 
 
-def parse_tools(body: dict) -> list[dict] | None:
-    tools = field(body, "tools", list, None)
-    if not tools:
-        return None
+def parse_tools(tools: list[AnthropicTool] | None) -> list[dict] | None:
+    """Tools in the function shape chat templates take (cache_control is ignored)."""
     out = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise bad(f"tools.{i}: each tool needs a string 'name'")
-        if tool.get("type") not in (None, "custom"):
-            raise bad(f"tools.{i}: server tools ('{tool['type']}') are not supported; "
-                      "define the tool with an input_schema")
-        schema = tool.get("input_schema")
-        if not isinstance(schema, dict):
-            raise bad(f"tools.{i}.input_schema must be a JSON schema object")
-        function = {"name": tool["name"]}
-        if tool.get("description") is not None:
-            if not isinstance(tool["description"], str):
-                raise bad(f"tools.{i}.description must be a string")
-            function["description"] = tool["description"]
-        function["parameters"] = schema  # cache_control on a tool is accepted and ignored
+    for tool in tools or []:
+        function = {"name": tool.name}
+        if tool.description is not None:
+            function["description"] = tool.description
+        function["parameters"] = tool.input_schema
         out.append({"type": "function", "function": function})
-    return out
+    return out or None
 
 
-def parse_tool_choice(body: dict, tools: list[dict] | None) -> bool:
-    """Whether to parse tool calls. "any" and "tool" cannot be forced without constrained
-    decoding: they are accepted and act like "auto"."""
-    choice = field(body, "tool_choice", dict, None)
-    if choice is None:
-        return bool(tools)
-    if choice.get("type") not in ("auto", "any", "tool", "none"):
-        raise bad("tool_choice.type must be one of 'auto', 'any', 'tool', 'none'")
-    if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
-        raise bad("tool_choice.name must name a tool")
-    return bool(tools) and choice["type"] != "none"
-
-
-def parse_prompt(body: dict, keep_billing_line: bool = False) -> Prompt:
-    messages = field(body, "messages", list, required=True)
-    if not messages:
-        raise bad("messages: at least one message is required", param="messages")
+def parse_prompt(body: CountTokensRequest, keep_billing_line: bool = False) -> Prompt:
     out: list[dict] = []
-    system = parse_system(body, keep_billing_line)
-    if system is not None:
-        out.append({"role": "system", "content": system})
+    if body.system is not None:
+        out.append({"role": "system",
+                    "content": _system_text(_blocks(body.system), "system", keep_billing_line)})
     prefill = ""
-    for i, message in enumerate(messages):
+    last = len(body.messages) - 1
+    for i, message in enumerate(body.messages):
         path = f"messages.{i}"
-        if not isinstance(message, dict):
-            raise bad(f"{path} must be an object")
-        role = message.get("role")
-        if role not in ("user", "assistant", "system"):
-            raise bad(f"{path}.role: role {role!r} is not supported; use 'user', 'assistant' "
-                      "or 'system'")
-        if "content" not in message:
-            raise bad(f"{path}.content is required")
-        blocks = _blocks(message["content"], f"{path}.content")
-        if role == "system":  # a mid-conversation system message: rendered where it stands
+        blocks = _blocks(message.content)
+        if message.role == "system":  # a mid-conversation system message: rendered where it stands
             out.append({"role": "system", "content": _system_text(blocks, f"{path}.content",
                                                                   keep_billing_line)})
             continue
-        if not blocks and not (role == "assistant" and i == len(messages) - 1):
+        if not blocks and not (message.role == "assistant" and i == last):
             raise bad(f"{path}.content must not be empty")
-        if role == "user":
+        if message.role == "user":
             out.extend(_user_messages(blocks, f"{path}.content"))
             continue
         assistant = _assistant_message(blocks, f"{path}.content")
-        if i == len(messages) - 1 and "tool_calls" not in assistant:
+        if i == last and "tool_calls" not in assistant:
             # A final assistant turn is a prefill: the answer continues it.
             prefill = assistant["content"]
             if prefill != prefill.rstrip():
@@ -234,15 +159,10 @@ def parse_prompt(body: dict, keep_billing_line: bool = False) -> Prompt:
         out.append(assistant)
     if not out:
         raise bad("messages: the conversation has nothing to answer", param="messages")
-    tools = parse_tools(body)
-    return Prompt(out, tools, prefill, parse_tool_choice(body, tools))
-
-
-def parse_stop_sequences(body: dict) -> list[str]:
-    stops = field(body, "stop_sequences", list, [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise bad("stop_sequences must be an array of non-empty strings", param="stop_sequences")
-    return stops
+    tools = parse_tools(body.tools)
+    # "any" and "tool" cannot be forced without constrained decoding: they act like "auto".
+    choice = body.tool_choice.type if body.tool_choice else "auto"
+    return Prompt(out, tools, prefill, bool(tools) and choice != "none")
 
 
 async def tokenize(state: DaemonState, prompt: Prompt) -> tuple[list[int], list[int]]:
@@ -258,13 +178,9 @@ async def tokenize(state: DaemonState, prompt: Prompt) -> tuple[list[int], list[
     return await asyncio.to_thread(run)
 
 
-def generation_request(body: dict, state: DaemonState, tokens: list[int],
+def generation_request(body: MessagesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> GenerationRequest:
-    max_tokens = field(body, "max_tokens", int, required=True, minimum=1)
-    temperature = field(body, "temperature", float, 1.0, minimum=0, maximum=1)
-    top_p = field(body, "top_p", float, 1.0, minimum=0, maximum=1)
-    field(body, "top_k", int, None, minimum=0)  # accepted; the sampler has no top-k
-    field(body, "metadata", dict, None)
+    max_tokens = body.max_tokens
     limit = state.context_limit()
     if limit and len(tokens) >= limit:
         raise bad(f"prompt is too long: {len(tokens)} tokens > {limit - 1} maximum "
@@ -274,8 +190,9 @@ def generation_request(body: dict, state: DaemonState, tokens: list[int],
         # the end of the context rather than refuse (stop_reason "max_tokens" there).
         max_tokens = min(max_tokens, limit - len(tokens))
     # Stop sequences are matched here, not in the engine, to know which one matched.
-    return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, temperature=temperature,
-                             top_p=top_p, boundaries=boundaries)
+    return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
+                             temperature=body.temperature, top_p=body.top_p, boundaries=boundaries,
+                             stop=body.stop_sequences)
 
 
 # -- generation -------------------------------------------------------------------------
@@ -338,19 +255,16 @@ def tool_use_block(call: ToolCall) -> dict:
 @routes.post("/v1/messages")
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = await json_body(http)
-    model = state.requested_model(body)
+    body = await read_body(http, MessagesRequest)
+    model = state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
-    stops = parse_stop_sequences(body)
-    stream = field(body, "stream", bool, False)
     tokens, boundaries = await tokenize(state, prompt)
     request = generation_request(body, state, tokens, boundaries)
-    request.stop = stops
     generation = Generation(state, request, prompt)
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
                "model": model}
 
-    if not stream:
+    if not body.stream:
         text = "".join([piece async for piece in generation.texts()])
         content = []
         if text or not generation.calls:
@@ -364,26 +278,15 @@ async def messages(http: web.Request) -> web.StreamResponse:
 
 async def stream_events(http: web.Request, generation: Generation, message: dict,
                         prompt_tokens: int) -> web.StreamResponse:
-    """Anthropic's SSE events. The first piece is awaited before the headers go out, so an
-    overloaded queue still gets a status code; later failures become an `error` event."""
-    pieces = generation.texts()
-    try:
-        piece: str | None = await anext(pieces)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(http)
+    """Anthropic's SSE events (named after their `type`); a failure after the first piece
+    becomes an `error` event."""
+    async def events(send: sse.Send, piece: str, pieces: AsyncIterator[str]) -> None:
+        async def send_event(kind: str, data: dict) -> None:
+            await send(data, kind)
 
-        async def send(event: str, data: dict) -> None:
-            await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+        await _send_events(send_event, generation, message, prompt_tokens, piece, pieces)
 
-        try:
-            await _send_events(send, generation, message, prompt_tokens, piece, pieces)
-            await response.write_eof()
-        except ConnectionResetError:
-            return client_gone(http, response)
-        return response
-    finally:
-        await pieces.aclose()  # a vanished client cancels its generation here
+    return await sse.stream(http, generation.texts(), events)
 
 
 async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation: Generation,
@@ -409,9 +312,9 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
             piece = await anext(pieces, None)
     except ConnectionResetError:
         raise  # the client left: not a failure of ours
-    except Exception as exc:
+    except Exception:
         log.exception("generation failed mid-stream")
-        await send("error", anthropic_body(500, "internal error (see the daemon log)"))
+        await send("error", anthropic_body(500, INTERNAL_ERROR))
         return
     if not text_open and not generation.calls:
         text_open = True
@@ -437,8 +340,8 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
 @routes.post("/v1/messages/count_tokens")
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
-    body = await json_body(http)
-    state.requested_model(body)
+    body = await read_body(http, CountTokensRequest)
+    state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, _ = await tokenize(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})

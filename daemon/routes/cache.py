@@ -1,4 +1,4 @@
-"""Health, cache inspection and management routes, and Prometheus metrics."""
+"""Health, cache inspection and management routes (/metrics: daemon/metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from kvtier import ops
 from kvtier.config import parse_duration, parse_size
 from kvtier.local import LocalDisk
 
-from ..errors import ApiError, field, json_body
+from ..errors import ApiError
+from ..request_models import WarmRequest, read_body
 from ..state import STATE
-from .openai import parse_messages
-from .tools import check_openai_tools
+from .openai import template_messages
 
 routes = web.RouteTableDef()
 
@@ -104,85 +104,15 @@ async def purge_cache(http: web.Request) -> web.Response:
 @routes.post("/cache/warm")
 async def warm(http: web.Request) -> web.Response:
     """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request."""
-    body = await json_body(http)
+    body = await read_body(http, WarmRequest)
     state = http.app[STATE]
     state.engine()
-    if "messages" in body:
-        messages = parse_messages(body)
+    if body.messages is not None:
+        messages = template_messages(body.messages)
+    elif body.prompt is not None:
+        messages = [{"role": "system", "content": body.prompt}]
     else:
-        messages = [{"role": "system", "content": field(body, "prompt", str, required=True)}]
-    tools = check_openai_tools(field(body, "tools", list, None) or []) or None
-    pin = field(body, "pin", bool, False)
-    result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=pin))
+        raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
+    tools = body.tools or None
+    result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=body.pin))
     return web.json_response(result)
-
-
-@routes.get("/metrics")
-async def metrics(http: web.Request) -> web.Response:
-    """Prometheus text exposition of the tiers and counters."""
-    state = http.app[STATE]
-    stats = state.engine().store.stats()
-    counters = stats["counters"]
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP kvtier_{name} {help_text}", f"# TYPE kvtier_{name} {kind}"])
-        lines.extend(f"kvtier_{name}{labels} {value}" for labels, value in samples)
-
-    metric("ram_bytes", "gauge", "Bytes of KV in the hot tier.", [("", stats["ram"]["bytes"])])
-    metric("ram_budget_bytes", "gauge", "RAM budget.", [("", stats["ram"]["budget"])])
-    metric("ram_pending_bytes", "gauge", "Bytes in RAM waiting for their disk write (may exceed the budget).",
-           [("", stats["ram"]["pending_bytes"])])
-    metric("ram_entries", "gauge", "Blocks and snapshots in RAM.", [("", stats["ram"]["entries"])])
-    metric("disk_bytes", "gauge", "Bytes of cache files on disk.", [("", stats["disk"]["bytes"])])
-    metric("disk_budget_bytes", "gauge", "Disk budget.", [("", stats["disk"]["budget"])])
-    metric("disk_entries", "gauge", "Blocks and snapshots on disk.", [("", stats["disk"]["entries"])])
-    metric("disk_writable", "gauge", "1 while the disk tier accepts writes.",
-           [("", int(stats["disk"]["writable"]))])
-    metric("requests_total", "counter", "Requests by whether any prefix was reused.",
-           [('{result="hit"}', counters.get("requests_hit", 0)),
-            ('{result="miss"}', counters.get("requests_miss", 0))])
-    metric("requests_half_cached_total", "counter",
-           "Requests that took at least half their prompt from the cache.",
-           [("", counters.get("requests_half_cached", 0))])
-    metric("prompt_tokens_total", "counter", "Prompt tokens by where they came from.",
-           [(f'{{source="{s}"}}', counters.get(f"tokens_{k}", 0))
-            for s, k in (("ram", "from_ram"), ("disk", "from_disk"), ("shared", "from_shared"),
-                         ("computed", "computed"))])
-    if stats["shared"] is not None:
-        metric("shared_connected", "gauge", "1 while the shared store is reachable.",
-               [("", int(stats["shared"]["connected"]))])
-        metric("shared_queued_bytes", "gauge", "Bytes waiting for their upload to the shared store.",
-               [("", stats["shared"]["queued_bytes"])])
-    for name, help_text in [("damaged_blocks", "Cache files found damaged (treated as misses)."),
-                            ("disk_evictions", "Entries evicted to keep the disk budget."),
-                            ("disk_write_errors", "Failed cache writes."),
-                            ("memory_pressure_events", "Hot-tier spills under memory pressure."),
-                            ("ram_evictions_unwritten", "Entries evicted from RAM with no copy on disk."),
-                            ("requests_unsupported_model", "Requests served without reuse."),
-                            ("client_disconnects", "Streams whose client went away before the end."),
-                            ("shared_hits", "Blocks and snapshots read from the shared store."),
-                            ("shared_uploads", "Entries uploaded to the shared store."),
-                            ("shared_uploads_dropped", "Uploads dropped (queue full or store down)."),
-                            ("shared_errors", "Failed calls to the shared store."),
-                            ("shared_damaged", "Shared values that failed their checks (misses).")]:
-        metric(f"{name}_total", "counter", help_text, [("", counters.get(name, 0))])
-    metric("waiting_requests", "gauge", "Requests queued for the MLX thread.",
-           [("", state.worker.waiting)])
-    batch = state.worker.describe()
-    metric("batch_enabled", "gauge", "1 when requests are decoded in one batch.", [("", int(batch["enabled"]))])
-    metric("batch_size", "gauge", "Requests in the running batch (prefilling or decoding).",
-           [("", batch["running"])])
-    metric("batch_max", "gauge", "Most requests served at once (--max-batch).", [("", batch["max_batch"])])
-    metric("queue_wait_seconds_total", "counter", "Seconds requests spent queued before they started.",
-           [("", batch["queue_wait_seconds_total"])])
-    metric("admitted_requests_total", "counter", "Requests taken off the queue.",
-           [("", batch["admitted_requests"])])
-    for phase in ("prefill", "decode"):
-        metric(f"{phase}_tokens_total", "counter", f"Tokens computed while {phase[:-1]}ing.",
-               [("", batch[f"{phase}_tokens"])])
-        metric(f"{phase}_seconds_total", "counter", f"Seconds spent {phase[:-1]}ing.",
-               [("", batch[f"{phase}_seconds"])])
-        metric(f"{phase}_tokens_per_second", "gauge", f"{phase.capitalize()} tokens per second since start-up.",
-               [("", batch[f"{phase}_tokens_per_second"] or 0)])
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import AsyncIterator, Callable
@@ -12,88 +11,45 @@ from aiohttp import web
 
 from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
 
-from ..disconnects import client_gone
-from ..errors import ApiError, field, json_body
+from .. import sse
+from ..errors import ApiError
+from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
+                              OpenAISampling, read_body)
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
-from .tools import ToolCallBuffer, check_openai_tools, split_tool_calls, template_tool_calls
+from .tools import ToolCallBuffer, split_tool_calls
 
 routes = web.RouteTableDef()
 
-MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
-
-
 # -- request parsing --------------------------------------------------------------------
-def message_text(content: object, index: int) -> str:
-    """A message's content as text: a string, or an array of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, "only text content parts are supported",
-                               param=f"messages[{index}].content")
-            parts.append(part["text"])
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise ApiError(400, "message content must be a string or an array of parts",
-                   param=f"messages[{index}].content")
-
-
-def parse_messages(body: dict) -> list[dict]:
-    messages = field(body, "messages", list, required=True)
-    if not messages:
-        raise ApiError(400, "'messages' must not be empty", param="messages")
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Checked chat messages as the chat template takes them: content as text, "developer"
+    as "system", tool calls with their arguments as objects (as mlx_lm.server does)."""
     parsed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, "each message needs a string 'role'", param=f"messages[{i}]")
-        role = "system" if message["role"] == "developer" else message["role"]
-        if role not in ("system", "user", "assistant", "tool"):
-            raise ApiError(400, f"unknown role {message['role']!r}", param=f"messages[{i}].role")
-        out = {"role": role, "content": message_text(message.get("content"), i)}
-        for key in ("name", "tool_call_id"):
-            if key in message:
-                out[key] = message[key]
-        if message.get("tool_calls"):
-            out["tool_calls"] = template_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+    for message in messages:
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        out = {"role": "system" if message.role == "developer" else message.role,
+               "content": content or ""}
+        out.update(message.model_dump(include={"name", "tool_call_id"}, exclude_none=True))
+        if message.tool_calls:
+            out["tool_calls"] = [call.template() for call in message.tool_calls]
         parsed.append(out)
     return parsed
 
 
-def parse_stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        return stop
-    raise ApiError(400, "'stop' must be a string or an array of up to 4 strings", param="stop")
-
-
-def parse_generation(body: dict, state: DaemonState, tokens: list[int]) -> GenerationRequest:
-    if field(body, "n", int, 1, minimum=1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]) -> GenerationRequest:
     limit = state.context_limit()
-    max_tokens = field(body, "max_completion_tokens", int, None, minimum=1)
-    max_tokens = field(body, "max_tokens", int, max_tokens, minimum=1)
-    if max_tokens is None:
-        max_tokens = state.config.max_tokens_default
+    max_tokens = body.max_tokens or body.max_completion_tokens or state.config.max_tokens_default
     if limit and len(tokens) + max_tokens > limit:
         raise ApiError(400, f"this model's context is {limit} tokens; the prompt has "
                             f"{len(tokens)} and max_tokens asks for {max_tokens} more",
                        param="messages", code="context_length_exceeded")
-    return GenerationRequest(
-        prompt_tokens=tokens,
-        max_tokens=max_tokens,
-        temperature=field(body, "temperature", float, 1.0, minimum=0, maximum=2),
-        top_p=field(body, "top_p", float, 1.0, minimum=0, maximum=1),
-        seed=field(body, "seed", int, None, minimum=0, maximum=MAX_SEED),
-        stop=parse_stop(body),
-    )
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
+                             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                             stop=stop)
 
 
 # -- responses --------------------------------------------------------------------------
@@ -129,28 +85,17 @@ async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, 
     return "".join(texts), last
 
 
-async def stream_sse(http: web.Request, state: DaemonState, request: GenerationRequest,
-                     frame: Callable[[Chunk], list[dict]]) -> web.StreamResponse:
-    """Send each chunk as SSE `data:` lines; the first chunk is awaited before headers go out
-    so errors such as an overloaded queue still get a proper status code."""
-    chunks = chunks_of(state, request)
-    try:
-        chunk: Chunk | None = await anext(chunks)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(http)
-        try:
-            while chunk is not None:
-                for payload in frame(chunk):
-                    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-                chunk = await anext(chunks, None)
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except ConnectionResetError:
-            return client_gone(http, response)
-        return response
-    finally:
-        await chunks.aclose()  # a vanished client cancels its generation here
+async def stream_chunks(http: web.Request, state: DaemonState, request: GenerationRequest,
+                        frame: Callable[[Chunk], list[dict]]) -> web.StreamResponse:
+    """Each chunk as SSE `data:` lines, then `data: [DONE]`."""
+    async def events(send: sse.Send, chunk: Chunk | None, chunks: AsyncIterator[Chunk]) -> None:
+        while chunk is not None:
+            for payload in frame(chunk):
+                await send(payload)
+            chunk = await anext(chunks, None)
+        await send("[DONE]")
+
+    return await sse.stream(http, chunks_of(state, request), events)
 
 
 def finish_reason(chunk: Chunk) -> str:
@@ -161,15 +106,14 @@ def finish_reason(chunk: Chunk) -> str:
 @routes.post("/v1/chat/completions")
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = await json_body(http)
-    model = state.requested_model(body)
-    messages = parse_messages(body)
-    tools = check_openai_tools(field(body, "tools", list, None) or []) or None
+    body = await read_body(http, ChatCompletionRequest)
+    model = state.requested_model(body.model)
+    messages = template_messages(body.messages)
+    tools = body.tools or None
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
     # "none") and mlx-lm knows the model's tool-call format; otherwise output is plain text.
-    parse_tools = bool(tools) and body.get("tool_choice") != "none"
-    stream = field(body, "stream", bool, False)
-    include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
+    parse_tools = bool(tools) and body.tool_choice != "none"
+    include_usage = body.stream_options.include_usage
     engine = state.engine()
 
     def tokenize() -> tuple[list[int], list[int]]:
@@ -183,7 +127,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     base = {"id": ident, "created": created, "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
 
-    if not stream:
+    if not body.stream:
         text, last = await collect(state, request)
         calls = []
         if parse_tools:
@@ -218,19 +162,17 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
                             usage=usage_json(chunk.usage)))
         return out
 
-    return await stream_sse(http, state, request, frame)
+    return await stream_chunks(http, state, request, frame)
 
 
 @routes.post("/v1/completions")
 async def completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = await json_body(http)
-    model = state.requested_model(body)
-    prompt = field(body, "prompt", str, required=True)
-    stream = field(body, "stream", bool, False)
-    include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
+    body = await read_body(http, CompletionRequest)
+    model = state.requested_model(body.model)
+    include_usage = body.stream_options.include_usage
     engine = state.engine()
-    tokens = await asyncio.to_thread(engine.text_tokens, prompt)
+    tokens = await asyncio.to_thread(engine.text_tokens, body.prompt)
     if not tokens:
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
     request = parse_generation(body, state, tokens)
@@ -238,7 +180,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
             "created": int(time.time()), "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
 
-    if not stream:
+    if not body.stream:
         text, last = await collect(state, request)
         return web.json_response(dict(base, choices=[{
             "index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(last)}],
@@ -251,7 +193,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
             out.append(dict(base, choices=[], usage=usage_json(chunk.usage)))
         return out
 
-    return await stream_sse(http, state, request, frame)
+    return await stream_chunks(http, state, request, frame)
 
 
 @routes.get("/v1/models")

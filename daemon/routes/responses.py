@@ -26,8 +26,11 @@ from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
 
-from ..disconnects import client_gone
-from ..errors import ApiError, field, json_body
+from .. import sse
+from ..errors import INTERNAL_ERROR, ApiError
+from ..request_models import (FunctionCallItem, FunctionCallOutputItem, FunctionChoice,
+                              FunctionTool, InputText, MessageItem, NamespaceTool,
+                              ResponsesRequest, read_body)
 from ..state import STATE, DaemonState
 from .anthropic import Generation, Prompt
 from .tools import ToolCall
@@ -45,77 +48,39 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
     return ApiError(400, message, param=param, code=code)
 
 
-def _text_of(content: Any, param: str) -> str:
-    """A message's content: a string, or text parts (input_text, output_text, text)."""
+def _text_of(content: str | list) -> str:
+    """A message's content: a string, or text parts (input_text, output_text, text, refusal)."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise bad("content must be a string or an array of content parts", param)
-    texts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("input_image", "input_file", "input_audio"):
-            raise bad(f"'{kind}' parts are not supported; this model takes text only",
-                      f"{param}[{i}]")
-        elif kind == "refusal":
-            texts.append(part.get("refusal") or "")
-        else:
-            raise bad("each content part needs a 'type' of input_text or output_text and a "
-                      "string 'text'", f"{param}[{i}]")
-    return "".join(texts)
+    return "".join(part.text if isinstance(part, InputText) else part.refusal or ""
+                   for part in content)
 
 
-def _input_call(item: dict, param: str) -> dict:
+def _input_call(item: FunctionCallItem) -> dict:
     """A `function_call` input item as an HF-shaped tool call (arguments an object)."""
-    if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
-        raise bad("function_call items need a string 'call_id' and 'name'", param)
-    arguments = item.get("arguments", "")
-    if not isinstance(arguments, str):
-        raise bad("'arguments' must be a JSON string", f"{param}.arguments")
-    try:
-        decoded = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError:
-        raise bad("'arguments' must be a JSON object encoded as a string", f"{param}.arguments") from None
-    return {"id": item["call_id"], "type": "function",
-            "function": {"name": item["name"], "arguments": decoded}}
+    arguments = json.loads(item.arguments) if item.arguments.strip() else {}  # checked already
+    return {"id": item.call_id, "type": "function",
+            "function": {"name": item.name, "arguments": arguments}}
 
 
-def parse_input(value: Any, param: str = "input") -> list[dict]:
+def parse_input(value: str | list) -> list[dict]:
     """`input` as chat-template messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise bad("'input' must be a string or an array of input items", param)
     out: list[dict] = []
-    for i, item in enumerate(value):
-        where = f"{param}[{i}]"
-        if not isinstance(item, dict):
-            raise bad("each input item must be an object", where)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = {"developer": "system"}.get(item.get("role"), item.get("role"))
-            if role not in ("user", "assistant", "system"):
-                raise bad(f"role {item.get('role')!r} is not supported; use 'user', 'assistant', "
-                          "'system' or 'developer'", f"{where}.role")
-            out.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
-        elif kind == "function_call":
-            call = _input_call(item, where)
+    for item in value:
+        if isinstance(item, MessageItem):
+            role = "system" if item.role == "developer" else item.role
+            out.append({"role": role, "content": _text_of(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = _input_call(item)
             if out and out[-1]["role"] == "assistant":  # calls join the turn that made them
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
-            if not isinstance(item.get("call_id"), str):
-                raise bad("function_call_output items need a string 'call_id'", where)
-            output = item.get("output")
-            text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
-            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
-        elif kind == "reasoning":
-            continue  # this daemon never produces them; a client may send them back
-        else:
-            raise bad(f"input items of type '{kind}' are not supported", f"{where}.type")
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text_of(item.output)})
+        # reasoning items: this daemon never produces them; a client may send them back
     return out
 
 
@@ -126,29 +91,26 @@ class Tools:
     namespaces: dict[str, str]   # function name -> the `namespace` tool that holds it
 
 
-def parse_tools(body: dict) -> Tools:
+def parse_tools(tools: list) -> Tools:
     """Function tools, also those grouped in `namespace` tools (Codex sends both), go to the
     template. Built-in tools (`web_search`, …) run on OpenAI's servers, not here: they are not
     offered to the model, and logged once, rather than refused (agents send them anyway)."""
-    tools = field(body, "tools", list, None) or []
     found = Tools([], [], {})
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
-            raise bad("each tool must be an object with a 'type'", f"tools[{i}]")
-        if tool["type"] == "function":
-            found.template.append(_function(tool, f"tools[{i}]"))
+    for tool in tools:
+        if isinstance(tool, FunctionTool):
+            found.template.append(_function(tool))
             found.echoed.append(_echoed(tool, found.template[-1]["function"]))
             continue
-        found.echoed.append(tool)
-        if tool["type"] == "namespace" and isinstance(tool.get("tools"), list):
-            for j, inner in enumerate(tool["tools"]):
-                if isinstance(inner, dict) and inner.get("type") == "function":
-                    found.template.append(_function(inner, f"tools[{i}].tools[{j}]"))
-                    found.namespaces[inner["name"]] = str(tool.get("name"))
-        elif tool["type"] not in _SKIPPED_LOGGED:
-            _SKIPPED_LOGGED.add(tool["type"])
+        found.echoed.append(tool.model_dump(exclude_unset=True))
+        if isinstance(tool, NamespaceTool):
+            for inner in tool.tools:
+                if isinstance(inner, FunctionTool):
+                    found.template.append(_function(inner))
+                    found.namespaces[inner.name] = str(tool.name)
+        elif tool.type not in _SKIPPED_LOGGED:
+            _SKIPPED_LOGGED.add(tool.type)
             log.info("built-in tool type '%s' is not available here; not offered to the model",
-                     tool["type"])
+                     tool.type)
     found.template = found.template or None
     return found
 
@@ -156,37 +118,25 @@ def parse_tools(body: dict) -> Tools:
 _SKIPPED_LOGGED: set[str] = set()
 
 
-def _function(tool: dict, param: str) -> dict:
-    if not isinstance(tool.get("name"), str) or not tool["name"]:
-        raise bad("each function tool needs a string 'name'", f"{param}.name")
-    parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-    if not isinstance(parameters, dict):
-        raise bad("'parameters' must be a JSON schema object", f"{param}.parameters")
-    function = {"name": tool["name"]}  # in the order templates print it (tojson keeps it)
-    if isinstance(tool.get("description"), str):
-        function["description"] = tool["description"]
-    function["parameters"] = parameters
+def _function(tool: FunctionTool) -> dict:
+    function = {"name": tool.name}  # in the order templates print it (tojson keeps it)
+    if tool.description is not None:
+        function["description"] = tool.description
+    function["parameters"] = tool.parameters or {"type": "object", "properties": {}}
     return {"type": "function", "function": function}
 
 
-def _echoed(tool: dict, function: dict) -> dict:
-    return {"type": "function", "name": function["name"], "description": tool.get("description"),
-            "parameters": function["parameters"], "strict": bool(tool.get("strict", False))}
+def _echoed(tool: FunctionTool, function: dict) -> dict:
+    return {"type": "function", "name": function["name"], "description": tool.description,
+            "parameters": function["parameters"], "strict": bool(tool.strict)}
 
 
-def parse_tool_choice(body: dict) -> Any:
-    choice = body.get("tool_choice", "auto")
-    if choice in ("auto", "none", "required"):
-        return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "name": choice["name"]}
-    raise bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
-              "\"name\": ...}", "tool_choice")
+def echoed_tool_choice(choice: str | FunctionChoice) -> Any:
+    return choice if isinstance(choice, str) else {"type": "function", "name": choice.name}
 
 
-def history(http: web.Request, body: dict) -> tuple[str | None, list[dict]]:
+def history(http: web.Request, previous: str | None) -> tuple[str | None, list[dict]]:
     """The earlier turns named by `previous_response_id`, if any."""
-    previous = field(body, "previous_response_id", str, None)
     if previous is None:
         return None, []
     conversations = http.app[_CONVERSATIONS]
@@ -205,9 +155,9 @@ def remember(http: web.Request, response_id: str, messages: list[dict]) -> None:
         conversations.popitem(last=False)
 
 
-def generation_request(body: dict, state: DaemonState, tokens: list[int],
+def generation_request(body: ResponsesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> GenerationRequest:
-    max_tokens = field(body, "max_output_tokens", int, None, minimum=1)
+    max_tokens = body.max_output_tokens
     limit = state.engine().context_length
     if limit and len(tokens) >= limit:
         raise bad(f"this model's context is {limit} tokens; the input has {len(tokens)}",
@@ -217,8 +167,7 @@ def generation_request(body: dict, state: DaemonState, tokens: list[int],
     if limit:  # answer up to the end of the context (status "incomplete" there)
         max_tokens = min(max_tokens, limit - len(tokens))
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
-                             temperature=field(body, "temperature", float, 1.0, minimum=0, maximum=2),
-                             top_p=field(body, "top_p", float, 1.0, minimum=0, maximum=1),
+                             temperature=body.temperature, top_p=body.top_p,
                              boundaries=boundaries)
 
 
@@ -257,20 +206,19 @@ def call_item(call: ToolCall, namespaces: dict[str, str], status: str = "complet
 class Answer:
     """One response's fixed fields, and its output as the generation fills it in."""
 
-    def __init__(self, body: dict, model: str, instructions: str | None, tools: Tools,
-                 tool_choice: Any, previous: str | None, request: GenerationRequest):
+    def __init__(self, body: ResponsesRequest, model: str, tools: Tools, previous: str | None,
+                 request: GenerationRequest):
         self.namespaces = tools.namespaces
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.base = {
             "id": self.id, "object": "response", "created_at": int(time.time()),
-            "model": model, "instructions": instructions, "tools": tools.echoed,
-            "tool_choice": tool_choice, "previous_response_id": previous,
-            "parallel_tool_calls": bool(body.get("parallel_tool_calls", True)),
+            "model": model, "instructions": body.instructions, "tools": tools.echoed,
+            "tool_choice": echoed_tool_choice(body.tool_choice), "previous_response_id": previous,
+            "parallel_tool_calls": body.parallel_tool_calls,
             "temperature": request.temperature, "top_p": request.top_p,
-            "max_output_tokens": body.get("max_output_tokens"),
-            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
-            "store": body.get("store", True) is not False, "text": {"format": {"type": "text"}},
+            "max_output_tokens": body.max_output_tokens, "metadata": body.metadata or {},
+            "store": body.store, "text": {"format": {"type": "text"}},
             "truncation": "disabled", "reasoning": None, "error": None,
             "incomplete_details": None}
 
@@ -311,18 +259,14 @@ def answered_messages(messages: list[dict], text: str, generation: Generation) -
 @routes.post("/v1/responses")
 async def create_response(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
-    body = await json_body(http)
-    model = state.requested_model(body)
-    if "input" not in body:
-        raise bad("missing required parameter: 'input'", "input")
-    previous, earlier = history(http, body)
-    conversation = [*earlier, *parse_input(body["input"])]
-    instructions = field(body, "instructions", str, None)
-    tools = parse_tools(body)
-    tool_choice = parse_tool_choice(body)
-    stream = field(body, "stream", bool, False)
+    body = await read_body(http, ResponsesRequest)
+    model = state.requested_model(body.model)
+    previous, earlier = history(http, body.previous_response_id)
+    conversation = [*earlier, *parse_input(body.input)]
+    tools = parse_tools(body.tools)
     # Instructions are not carried over to the next response (as with OpenAI).
-    messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
+    instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages = instructions + conversation
     if not messages:
         raise bad("'input' must not be empty", "input")
     engine = state.engine()
@@ -333,11 +277,11 @@ async def create_response(http: web.Request) -> web.StreamResponse:
 
     tokens, boundaries = await asyncio.to_thread(tokenize)
     request = generation_request(body, state, tokens, boundaries)
-    prompt = Prompt(messages, tools.template, "", bool(tools.template) and tool_choice != "none")
+    prompt = Prompt(messages, tools.template, "", bool(tools.template) and body.tool_choice != "none")
     generation = Generation(state, request, prompt)
-    answer = Answer(body, model, instructions, tools, tool_choice, previous, request)
+    answer = Answer(body, model, tools, previous, request)
 
-    if not stream:
+    if not body.stream:
         text = "".join([piece async for piece in generation.texts()])
         result = answer.of(text, generation)
         if result["store"]:
@@ -348,32 +292,21 @@ async def create_response(http: web.Request) -> web.StreamResponse:
 
 async def stream_events(http: web.Request, generation: Generation, answer: Answer,
                         conversation: list[dict]) -> web.StreamResponse:
-    """The Responses SSE events. The first piece is awaited before the headers go out, so an
-    overloaded queue still gets a status code; a later failure ends with `response.failed`."""
-    pieces = generation.texts()
-    try:
-        piece: str | None = await anext(pieces)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(http)
+    """The Responses SSE events, numbered; a failure after the first piece ends with
+    `response.failed`."""
+    async def events(send: sse.Send, piece: str, pieces: AsyncIterator[str]) -> None:
         sequence = 0
 
-        async def send(kind: str, **data: Any) -> None:
+        async def send_event(kind: str, **data: Any) -> None:
             nonlocal sequence
-            payload = {"type": kind, "sequence_number": sequence, **data}
+            await send({"type": kind, "sequence_number": sequence, **data}, kind)
             sequence += 1
-            await response.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
 
-        try:
-            text = await _send_events(send, generation, answer, piece, pieces)
-            await response.write_eof()
-        except ConnectionResetError:
-            return client_gone(http, response)
+        text = await _send_events(send_event, generation, answer, piece, pieces)
         if text is not None and answer.base["store"]:
             remember(http, answer.id, answered_messages(conversation, text, generation))
-        return response
-    finally:
-        await pieces.aclose()  # a vanished client cancels its generation here
+
+    return await sse.stream(http, generation.texts(), events)
 
 
 async def _send_events(send, generation: Generation, answer: Answer, piece: str | None,
@@ -393,10 +326,10 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: str 
             piece = await anext(pieces, None)
     except ConnectionResetError:
         raise  # the client left: not a failure of ours
-    except Exception as exc:
+    except Exception:
         log.exception("generation failed mid-stream")
         failed = answer.snapshot("failed", [])
-        failed["error"] = {"code": "server_error", "message": f"{type(exc).__name__}: {exc}"}
+        failed["error"] = {"code": "server_error", "message": INTERNAL_ERROR}
         await send("response.failed", response=failed)
         return None
     text = "".join(texts)

@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ApiError, parse_json
 
 log = logging.getLogger("kvtier.tools")
 
@@ -129,38 +128,3 @@ def _partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:n]):
             return n
     return 0
-
-
-# -- requests ---------------------------------------------------------------------------
-def check_openai_tools(tools: list, param: str = "tools") -> list[dict]:
-    """OpenAI `tools`: [{"type": "function", "function": {"name", "description"?, "parameters"?}}]."""
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if (not isinstance(function, dict) or tool.get("type", "function") != "function"
-                or not isinstance(function.get("name"), str) or not function["name"]):
-            raise ApiError(400, "each tool must be {\"type\": \"function\", \"function\": "
-                                "{\"name\": ..., \"parameters\": {...}}}", param=f"{param}[{i}]")
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise ApiError(400, "a function's 'parameters' must be a JSON schema object",
-                           param=f"{param}[{i}].function.parameters")
-    return tools
-
-
-def template_tool_calls(tool_calls: Any, param: str) -> list[dict]:
-    """An assistant message's OpenAI `tool_calls` in the shape HF chat templates expect:
-    `arguments` as a dict (OpenAI sends a JSON string), as mlx_lm.server does."""
-    if not isinstance(tool_calls, list):
-        raise ApiError(400, "'tool_calls' must be an array", param=param)
-    out = []
-    for i, call in enumerate(tool_calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ApiError(400, "each tool call needs a 'function' with a 'name'",
-                           param=f"{param}[{i}]")
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):  # as strictly as the body: it goes into the prompt
-            arguments = parse_json(arguments, "tool call 'arguments'",
-                                   f"{param}[{i}].function.arguments") if arguments.strip() else {}
-        out.append(dict(call, type="function",
-                        function=dict(function, arguments={} if arguments is None else arguments)))
-    return out

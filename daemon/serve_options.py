@@ -1,0 +1,140 @@
+"""The flags of `kvtier serve`, declared once: `serve` reads them, `service install` takes the
+same ones and writes those given into the service's command line. And the argparse types
+the commands share (sizes, durations, positive counts)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, TypeVar
+
+from kvtier import config
+from kvtier.config import DEFAULT_DISK_BUDGET, default_cache_dir, default_max_batch, default_ram_budget
+
+T = TypeVar("T")
+
+
+def argument_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError: its message is argparse's."""
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = name
+    return convert
+
+
+class Size(int):
+    """Bytes, as given on the command line: a service's command line keeps "4GB" as typed."""
+
+    def __new__(cls, text: str) -> "Size":
+        size = super().__new__(cls, config.parse_size(text))
+        size.text = text
+        return size
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+size = argument_type(Size, "size")
+duration = argument_type(config.parse_duration, "duration")
+positive_int = argument_type(_positive, "positive_int")
+
+# (flag, argparse keywords); a `service install` writes only the flags it was given.
+SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--model", dict(required=True,
+                     help="model directory, or a Hugging Face repo id (downloaded on first use)")),
+    ("--offline", dict(action="store_true",
+                       help="never download: the model must be a directory or in the HF cache")),
+    ("--host", dict(default="127.0.0.1")),
+    ("--port", dict(type=int, default=8420)),
+    ("--cache-dir", dict(default=None, help=f"default: {default_cache_dir()}")),
+    ("--ram-budget", dict(type=size, default=None,
+                          help=f"bytes of KV kept in memory (default: {default_ram_budget() // 2**20} "
+                               "MiB, a fifth of RAM capped at 8 GiB)")),
+    ("--disk-budget", dict(type=size, default=DEFAULT_DISK_BUDGET,
+                           help="bytes of cache files on disk (default: 20GB)")),
+    ("--block-size", dict(type=int, default=None, help="tokens per cached block (default: 128)")),
+    ("--prefill-step-size", dict(type=int, default=2048,
+                                 help="tokens computed per forward pass while prefilling (default: 2048)")),
+    ("--kv-bits", dict(type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
+                       help="quantize the KV cache to this many bits (default: model dtype)")),
+    ("--kv-group-size", dict(type=int, default=64)),
+    ("--max-tokens", dict(type=int, default=512,
+                          help="completion length when a request gives none (default: 512)")),
+    ("--max-context", dict(type=positive_int, default=None,
+                           help="tokens a request may span, prompt and completion (default: the "
+                                "limit the model's config.json declares; none if it declares none)")),
+    ("--pressure-below", dict(type=size, default=None,
+                              help="spill hot KV to disk when available memory falls below this "
+                                   "(default: a tenth of physical memory)")),
+    ("--pressure-keep", dict(type=float, default=0.25,
+                             help="fraction of the RAM budget kept hot after a spill (default: 0.25)")),
+    ("--api-key", dict(default=None,
+                       help="require this bearer token on every route (or set KVTIER_API_KEY); "
+                            "needed to bind a non-loopback address")),
+    ("--max-waiting", dict(type=int, default=32,
+                           help="requests queued before the daemon answers 503 (default: 32)")),
+    ("--max-batch", dict(type=int, default=None,
+                         help="requests decoded together in one batch, where batched decode is exact "
+                              f"for the model (default: {default_max_batch()}); 1 runs them one at a time")),
+    ("--batch-inexact", dict(action="store_true",
+                             help="batch even where batched decode is not bit-identical to decoding "
+                                  "alone (as mlx_lm.server does): faster, but greedy text may differ "
+                                  "from mlx-lm's")),
+    ("--model-alias", dict(action="append", default=[], metavar="NAME[=MODEL]",
+                           help="another name for the served model, listed in /v1/models (repeatable)")),
+    ("--strict-model-names", dict(action="store_true",
+                                  help="answer 404 for model names other than the served model's "
+                                       "and its aliases (default: any name is served by the one model)")),
+    ("--keep-billing-header", dict(action="store_true",
+                                   help="keep Claude Code's x-anthropic-billing-header system line in "
+                                        "the prompt (default: dropped; it changes per conversation)")),
+    ("--shared", dict(default=None, metavar="URL",
+                      help="a team's shared tier on Redis/Valkey: redis://host:6379/0, rediss:// for "
+                           "TLS; the password in the URL or KVTIER_SHARED_PASSWORD (keep it out of "
+                           "the URL for a service)")),
+    ("--shared-ttl", dict(type=duration, default=None,
+                          help="how long a shared entry lives (e.g. 7d; default: until the store evicts it)")),
+    ("--log-level", dict(default="info")),
+]
+# Not written into a service file, which other users may be able to read.
+SERVE_ONLY = {"--api-key"}
+SERVICE_HELP = {"--cache-dir": "also set as KVTIER_CACHE_DIR for the service"}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def add_serve_flags(parser: argparse.ArgumentParser, for_service: bool = False) -> None:
+    """The serve flags; for a service without defaults, so that only those given are written."""
+    for flag, options in SERVE_FLAGS:
+        if for_service and flag in SERVE_ONLY:
+            continue
+        if for_service and flag != "--model":
+            options = dict(options, default=argparse.SUPPRESS)
+            options["help"] = SERVICE_HELP.get(flag, options.get("help"))
+        parser.add_argument(flag, **options)
+
+
+def serve_args(options: dict[str, Any]) -> tuple[str, ...]:
+    """The `kvtier serve` command line of the given options (by dest; None: not given), in
+    the order the flags are declared."""
+    args: list[str] = []
+    for flag, declared in SERVE_FLAGS:
+        value = options.get(_dest(flag))
+        if value is None or value is False or value == []:
+            continue
+        if declared.get("action") == "store_true":
+            args.append(flag)
+        else:
+            for item in value if declared.get("action") == "append" else [value]:
+                args += [flag, str(item)]
+    return tuple(args)
