@@ -54,7 +54,7 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
         assert r.headers["Content-Type"] == CONTENT_TYPE_LATEST
         families = {family.name: family for family in text_string_to_metric_families(r.read().decode())}
     assert families["kvtier_requests"].type == "counter" and families["kvtier_ram_bytes"].type == "gauge"
-    assert {s.labels["source"] for s in families["kvtier_prompt_tokens"].samples} == {"ram", "disk", "computed"}
+    assert {s.labels["source"] for s in families["kvtier_prompt_tokens"].samples} == {"ram", "disk", "shared", "computed"}
 
     assert request(daemon, "DELETE", "/cache")[0] == 400
     assert request(daemon, "DELETE", "/cache?older_than=soon")[0] == 400
