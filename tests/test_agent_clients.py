@@ -71,7 +71,8 @@ QWEN_SYSTEM_CHECK = ("{%- for m in messages %}{% if m.role == 'system' and not l
 
 
 def recorded(name: str) -> tuple[dict, dict]:
-    """A request body Claude Code sent (and its headers), recorded from a real run."""
+    """A request body Claude Code sent (and its headers), recorded from a real run; its prose
+    (system prompt, tool descriptions, reminders) is replaced with synthetic words."""
     data = json.loads((FIXTURES / f"{name}.json").read_text())
     return data["body"], data["headers"]
 

@@ -195,7 +195,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "codex"
 def recorded(name: str) -> dict:
     """A request body the Codex CLI sent (wire_api = "responses"), recorded from a real run:
     developer and user messages, function tools, a `namespace` tool of functions, a built-in
-    `web_search` tool, `store: false`, `include`, `reasoning`, `prompt_cache_key`."""
+    `web_search` tool, `store: false`, `include`, `reasoning`, `prompt_cache_key`. Its prose
+    (instructions, tool descriptions) is replaced with synthetic words."""
     return json.loads((FIXTURES / f"{name}.json").read_text())["body"]
 
 
