@@ -53,8 +53,8 @@ class PressureWatcher:
         """On the MLX thread: shrink the hot tier to the low watermark."""
         try:
             store = engine.store
-            target = int(store.ram.budget * self.keep_fraction)
-            if store.ram.num_bytes <= target:
+            target = int(store.config.ram_budget * self.keep_fraction)
+            if store.hot_bytes <= target:
                 return
             released = store.spill(target)
             self.events += 1

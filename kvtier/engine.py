@@ -167,8 +167,7 @@ class Engine:
         kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format)
         self.store = TieredStore(cache_config, self.fingerprint, layout, self.plan)
-        self.store.index.register_model(self.fingerprint, dict(describe_model(self.model_path),
-                                                               name=model))
+        self.store.register_model(dict(describe_model(self.model_path), name=model))
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
         try:
@@ -331,7 +330,7 @@ class Engine:
                   "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.store.count(name, value)
-        self.store.note_in_index(self.store.index.add_counters, self.fingerprint, deltas)
+        self.store.add_request_counters(deltas)
         return usage
 
     def _rebuild(self, buffers: kvstate.PromptBuffers, reuse: int, hit: SnapshotHit | None) -> list[Any]:

@@ -195,6 +195,30 @@ class TieredStore:
     def drop(self, key: bytes) -> None:
         self.disk.drop(key)
 
+    # -- what the engine, routes and pressure watcher ask of the store -------------------
+    def register_model(self, description: dict) -> None:
+        """Name this store's model in the index, for `kvtier stats` and `ls`."""
+        self.note_in_index(self.disk.index.register_model, self.fingerprint, description)
+
+    def add_request_counters(self, deltas: dict[str, int]) -> None:
+        """This model's request counters, persisted in the index (best effort)."""
+        self.note_in_index(self.disk.index.add_counters, self.fingerprint, deltas)
+
+    @property
+    def hot_bytes(self) -> int:
+        return self.ram.num_bytes
+
+    def is_hot(self, key: bytes) -> bool:
+        return key in self.ram
+
+    def forget_hot(self) -> None:
+        """Drop every hot copy (after a purge: RAM must not serve what was purged)."""
+        self.ram.clear()
+
+    def wait_for_writes(self, timeout: float | None = None) -> bool:
+        """Wait until the queued disk writes are done; True if they were in time."""
+        return self.writer.flush(timeout)
+
     def sweep_leftovers(self) -> int:
         return self.disk.sweep_leftovers()
 

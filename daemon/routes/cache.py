@@ -70,11 +70,11 @@ def _cache_dir(http: web.Request) -> LocalDisk:
 async def cache_entries(http: web.Request) -> web.Response:
     """Cached prefixes, as `kvtier ls --json` lists them, with the tier they are in now."""
     store = http.app[STATE].engine().store
-    await asyncio.to_thread(store.writer.flush, 10.0)  # list what is being written too
+    await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
     found = await asyncio.to_thread(ops.prefixes, _cache_dir(http))
     entries = []
     for prefix in found:
-        hot = sum(1 for key in prefix.chain if key in store.ram)
+        hot = sum(1 for key in prefix.chain if store.is_hot(key))
         tier = "ram+disk" if hot == len(prefix.chain) else ("partly ram" if hot else "disk")
         entries.append(dict(prefix.to_json(), tier=tier))
     return web.json_response({"object": "list", "data": entries})
@@ -97,7 +97,7 @@ async def purge_cache(http: web.Request) -> web.Response:
     result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
                                      model=model, older_than_s=older, to_size=to_size)
     if everything or (model and model in state.model_ids() | {state.engine().fingerprint}):
-        state.engine().store.ram.clear()  # the hot copies of what was purged go too
+        state.engine().store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
 
 
