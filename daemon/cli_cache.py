@@ -85,7 +85,8 @@ def _on_shared(args, cache_dir: Path) -> int:
             return _purge_shared(args, cache_dir)
         usage = shared.model_usage(args.shared)
     except (redis.RedisError, OSError, ValueError) as exc:
-        return _fail(f"shared cache {shared.redacted(args.shared)}: {shared.describe_error(exc)}")
+        reason = shared.describe_error(exc, tls=args.shared.startswith("rediss://"))
+        return _fail(f"shared cache {shared.redacted(args.shared)}: {reason}")
     names = _model_names(cache_dir)
     models = {fp: dict(entry, model=names.get(fp, "?")) for fp, entry in usage.items()}
     data = {"url": shared.redacted(args.shared), "models": models}

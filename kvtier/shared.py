@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
@@ -62,7 +62,8 @@ def redacted(url: str) -> str:
 def connect(url: str, socket_timeout: float = SOCKET_TIMEOUT):
     """A client for `url` (redis://, rediss:// for TLS, ?cluster=true for Redis Cluster), with
     short timeouts and no retries: the tier's own circuit breaker decides when to try again.
-    The password comes from the URL, else from KVTIER_SHARED_PASSWORD."""
+    The password comes from the URL, else from KVTIER_SHARED_PASSWORD; other query parameters
+    are redis-py's (e.g. ?ssl_ca_certs=/path/ca.pem to trust a private CA)."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(f"not a Redis URL: {redacted(url)!r} (try redis://host:6379/0 or rediss://...)")
@@ -72,7 +73,8 @@ def connect(url: str, socket_timeout: float = SOCKET_TIMEOUT):
                    retry=Retry(NoBackoff(), 0))
     if parts.password is None and os.environ.get(PASSWORD_ENV):
         options["password"] = os.environ[PASSWORD_ENV]
-    clean = urlunsplit(parts._replace(query="&".join(f"{k}={v[0]}" for k, v in query.items())))
+    # Re-encoded: parse_qs decoded the values, and redis-py decodes them again.
+    clean = urlunsplit(parts._replace(query=urlencode({k: v[0] for k, v in query.items()})))
     if cluster:
         from redis.cluster import RedisCluster
 
@@ -133,6 +135,7 @@ class SharedTier:
     def __init__(self, url: str, fingerprint: str, count: Callable[[str, int], None],
                  ttl_seconds: float | None = None, queue_bytes: int = 256 << 20):
         self.url = redacted(url)
+        self._tls = url.startswith("rediss://")
         self.ttl = int(ttl_seconds) if ttl_seconds else None
         self._count = count
         self._prefix = namespace(fingerprint)
@@ -260,7 +263,7 @@ class SharedTier:
         self._count("shared_errors", 1)
         was_up = self._up.is_set()
         self._up.clear()
-        self.error = describe_error(exc)
+        self.error = describe_error(exc, self._tls)
         if was_up:
             log.warning("shared cache %s unreachable (%s): serving from the local tiers, "
                         "reconnecting in the background", self.url, self.error)
@@ -269,7 +272,7 @@ class SharedTier:
         try:
             self._client.ping()
         except (redis.RedisError, OSError) as exc:
-            self.error = describe_error(exc)
+            self.error = describe_error(exc, self._tls)
             if first:
                 self._count("shared_errors", 1)
                 log.warning("shared cache %s not usable at start-up (%s): serving from the local "
@@ -323,11 +326,16 @@ class SharedTier:
             self._count("shared_uploads_dropped", len(batch))
 
 
-def describe_error(exc: Exception) -> str:
+def describe_error(exc: Exception, tls: bool = False) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
         return (f"authentication failed ({text}): check the password in the URL or "
                 f"{PASSWORD_ENV}")
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (f"TLS certificate not trusted ({text}): add ?ssl_ca_certs=/path/to/ca.pem "
+                "to the URL")
+    if not tls and ("reset by peer" in text or "closed by server" in text):
+        return f"{type(exc).__name__}: {text} (if the store expects TLS, use rediss://)"
     return f"{type(exc).__name__}: {text}"
 
 

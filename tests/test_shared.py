@@ -360,3 +360,138 @@ def test_a_stalled_store_is_a_miss_not_a_hang(tmp_path, redis_server):
     wait_for(lambda: second.shared.connected)
     assert second.match(refs, tokens).sources == ["shared", "shared"]
     second.close()
+
+
+# -- TLS and Redis Cluster, each on its own throwaway servers ------------------------------
+OPENSSL = shutil.which("openssl")
+REDIS_CLI = shutil.which("redis-cli") or shutil.which("valkey-cli")
+
+
+def wait_for_ping(client) -> None:
+    for _ in range(200):
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise TimeoutError("redis-server did not start")
+
+
+def make_certificates(workdir: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate it signs, for 127.0.0.1."""
+    paths = {name: workdir / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key")}
+    run = lambda *args: subprocess.run([OPENSSL, *args], check=True, capture_output=True, cwd=workdir)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kvtier test CA",
+        "-keyout", paths["ca-key"], "-out", paths["ca"])
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", paths["server-key"], "-out", workdir / "server.csr")
+    (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", workdir / "server.csr", "-CA", paths["ca"], "-CAkey", paths["ca-key"],
+        "-CAcreateserial", "-days", "1", "-extfile", workdir / "san.ext", "-out", paths["server"])
+    return paths
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed (needed to make test certificates)")
+def test_a_tls_store_is_used_with_the_ca_from_the_url_and_plain_text_is_a_warning(tmp_path, caplog):
+    from urllib.parse import quote
+
+    (tmp_path / "certs+ca").mkdir()  # a "+" must reach redis-py percent-encoded, not as a space
+    certs = make_certificates(tmp_path / "certs+ca")
+    port = free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", certs["server"], "--tls-key-file", certs["server-key"],
+                             "--tls-ca-cert-file", certs["ca"], "--tls-auth-clients", "no",
+                             "--save", "", "--appendonly", "no", "--dir", tmp_path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_ping(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(certs["ca"])))
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={quote(str(certs['ca']), safe='/')}"
+        tokens = list(range(1200, 1200 + 2 * BLOCK))
+        first = shared_store(tmp_path / "a", url)
+        refs = fill(first, tokens)
+        first.flush()
+        assert first.stats()["counters"]["shared_uploads"] == 2
+        first.close()
+        second = shared_store(tmp_path / "b", url)
+        assert second.match(refs, tokens).sources == ["shared", "shared"]
+        second.close()
+        untrusted = shared_store(tmp_path / "c", f"rediss://127.0.0.1:{port}/0")  # the system CAs
+        assert untrusted.match(refs, tokens).hits == []
+        assert untrusted.stats()["shared"]["connected"] is False
+        assert "not trusted" in untrusted.stats()["shared"]["error"]
+        assert "ssl_ca_certs" in untrusted.stats()["shared"]["error"]
+        untrusted.close()
+        plain = shared_store(tmp_path / "d", f"redis://127.0.0.1:{port}/0")  # TLS port, no TLS
+        assert plain.match(refs, tokens).hits == []
+        assert plain.stats()["shared"]["connected"] is False
+        assert "use rediss://" in plain.stats()["shared"]["error"]
+        assert any("not usable at start-up" in r.getMessage() for r in caplog.records)
+        plain.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class RedisClusterServers:
+    """Three throwaway cluster-enabled redis-servers (masters, no replicas), one cluster."""
+
+    def __init__(self, workdir: Path, count: int = 3):
+        self.workdir, self.ports, self.procs = workdir, [free_port() for _ in range(count)], []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0?cluster=true"
+
+    def start(self) -> "RedisClusterServers":
+        for n, port in enumerate(self.ports):
+            node_dir = self.workdir / f"node-{n}"
+            node_dir.mkdir()
+            self.procs.append(subprocess.Popen(
+                [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"nodes-{n}.conf", "--save", "", "--appendonly", "no",
+                 "--dir", node_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_for_ping(redis.Redis(host="127.0.0.1", port=port))
+        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        clients = [redis.Redis(host="127.0.0.1", port=p) for p in self.ports]
+        wait_for(lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in clients))
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed (needed to create the cluster)")
+def test_a_redis_cluster_store_is_shared_with_a_models_keys_spread_over_slots(tmp_path):
+    from redis.cluster import RedisCluster
+
+    cluster = RedisClusterServers(tmp_path).start()
+    try:
+        tokens = list(range(1300, 1300 + 3 * BLOCK + 5))
+        first = shared_store(tmp_path / "a", cluster.url)
+        refs = fill(first, tokens)
+        first.flush()
+        assert first.stats()["counters"]["shared_uploads"] == 3
+        assert first.stats()["counters"].get("shared_errors", 0) == 0
+        first.close()
+        second = shared_store(tmp_path / "b", cluster.url)
+        match = second.match(refs, tokens)
+        assert match.sources == ["shared"] * 3
+        for hit in match.hits:
+            for name, array in arrays_for(hit.ref.index).items():
+                assert np.array_equal(hit.arrays[name], np.array(array))
+        assert {r.key for r in refs} <= set(second.shared.keys())
+        second.close()
+        client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+        names = list(client.scan_iter(match=namespace("fp-test") + "*"))
+        assert len({client.keyslot(name) for name in names}) > 1  # the pipelines crossed slots
+        assert shared.model_usage(cluster.url)["fp-test"]["entries"] == 3
+        assert shared.purge(cluster.url, "fp-test") == 3
+        assert not list(client.scan_iter(match="kvtier:*"))
+        client.close()
+    finally:
+        cluster.stop()
