@@ -88,14 +88,15 @@ def small_fs(tmpfs):
     return tmpfs("24m")
 
 
-def _wait_for(daemon, predicate, timeout=30.0) -> dict:
+def _wait_for(daemon, predicate, timeout=30.0, path="/health") -> dict:
+    """Poll `path` until `predicate` holds of its JSON; return that JSON."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        health = daemon.get("/health")
-        if predicate(health):
-            return health
+        seen = daemon.get(path)
+        if predicate(seen):
+            return seen
         time.sleep(0.2)
-    raise AssertionError(f"condition not reached: {health}")
+    raise AssertionError(f"condition not reached on {path}: {seen}")
 
 
 def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_model, reference, small_fs):
@@ -122,17 +123,7 @@ def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_mode
 
 
 def _writes_done(daemon) -> dict:
-    return _wait_for_stats(daemon, lambda s: s["disk"]["queued_jobs"] == 0)
-
-
-def _wait_for_stats(daemon, predicate, timeout=30.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        stats = daemon.get("/cache/stats")
-        if predicate(stats):
-            return stats
-        time.sleep(0.2)
-    raise AssertionError(f"condition not reached: {stats['disk']}")
+    return _wait_for(daemon, lambda s: s["disk"]["queued_jobs"] == 0, path="/cache/stats")
 
 
 def test_disk_smaller_than_the_budget_evicts_and_says_full_steadily(daemon_factory, llama_model, reference,
