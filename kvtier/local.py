@@ -290,10 +290,10 @@ class LocalDisk:
         return True
 
     def evict_to(self, target: int) -> int:
-        """Evict least recently used entries until files and index take at most `target`
-        bytes (`kvtier purge --to-size`); returns the entries removed."""
+        """Evict least recently used entries until the tier takes at most `target` bytes,
+        counted as the budget counts them (`kvtier purge --to-size`); returns the entries removed."""
         before = self.index.totals()[1]
-        self._evict_while(lambda: self.index.totals()[0] + self.index.disk_usage() > target, prune=False)
+        self._evict_while(lambda: self.disk_used() > target, prune=False)
         return before - self.index.totals()[1]
 
     def _skipped(self, nbytes: int, disk_full: bool) -> None:
