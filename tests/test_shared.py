@@ -367,14 +367,36 @@ OPENSSL = shutil.which("openssl")
 REDIS_CLI = shutil.which("redis-cli") or shutil.which("valkey-cli")
 
 
-def wait_for_ping(client) -> None:
+def wait_for_ping(client, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait for a server to answer; if its process exits first, fail with what it logged."""
     for _ in range(200):
         try:
             client.ping()
             return
         except redis.ConnectionError:
+            if proc is not None and proc.poll() is not None:
+                break
             time.sleep(0.05)
-    raise TimeoutError("redis-server did not start")
+    said = log.read_text()[-2000:] if log is not None and log.exists() else ""
+    raise TimeoutError(f"redis-server did not start:\n{said}")
+
+
+def cluster_node_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too: a cluster node refuses
+    ports above 55535, which the kernel's ephemeral range (up to 60999) often hands out."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def make_certificates(workdir: Path) -> dict[str, Path]:
@@ -436,22 +458,23 @@ class RedisClusterServers:
     """Three throwaway cluster-enabled redis-servers (masters, no replicas), one cluster."""
 
     def __init__(self, workdir: Path, count: int = 3):
-        self.workdir, self.ports, self.procs = workdir, [free_port() for _ in range(count)], []
+        self.workdir, self.ports, self.procs = workdir, [cluster_node_port() for _ in range(count)], []
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.ports[0]}/0?cluster=true"
 
     def start(self) -> "RedisClusterServers":
+        logs = [self.workdir / f"node-{n}.log" for n in range(len(self.ports))]
         for n, port in enumerate(self.ports):
             node_dir = self.workdir / f"node-{n}"
             node_dir.mkdir()
             self.procs.append(subprocess.Popen(
                 [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", f"nodes-{n}.conf", "--save", "", "--appendonly", "no",
-                 "--dir", node_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            wait_for_ping(redis.Redis(host="127.0.0.1", port=port))
+                 "--dir", node_dir, "--logfile", logs[n]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        for port, proc, log in zip(self.ports, self.procs, logs):
+            wait_for_ping(redis.Redis(host="127.0.0.1", port=port), proc, log)
         subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         clients = [redis.Redis(host="127.0.0.1", port=p) for p in self.ports]
