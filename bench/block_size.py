@@ -16,7 +16,7 @@ from harness import ROOT, agent_system_prompt, machine_description
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine, GenerationRequest
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 SIZES = [32, 64, 128, 256, 512, 1024]
 TURNS = 6

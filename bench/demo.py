@@ -39,7 +39,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     work = ROOT / ".demo"
     shutil.rmtree(work, ignore_errors=True)

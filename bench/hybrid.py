@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness import ROOT, Server, agent_system_prompt, machine_description, run_session, write_section
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 
 def reference_texts(model: Path, results, max_tokens: int) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from harness import ROOT, Server, agent_system_prompt, machine_description, write_section
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 MODEL = {"arch": "llama", "hidden": 256, "layers": 4}
 

@@ -18,7 +18,7 @@ import suite
 from harness import ROOT, Server, agent_system_prompt, stream_chat
 from ttft import QUESTIONS, messages_for
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 
 def cached_prefix(model: Path, system: str, cache: Path) -> None:

@@ -26,7 +26,7 @@ from harness import ROOT, Server, agent_system_prompt, free_port, machine_descri
     write_section
 from ttft import QUESTIONS, messages_for
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:

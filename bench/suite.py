@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from transformers import AutoTokenizer
 
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     started = time.perf_counter()
     model = make_model(ROOT / ".models" / "llama", "llama")

@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
 
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
     from transformers import AutoTokenizer
 
     model = make_model(ROOT / ".models" / "llama", "llama")

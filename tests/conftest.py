@@ -39,7 +39,7 @@ def openai_spec() -> Path | None:
 
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     return make_model(MODELS / "llama", "llama")
 
@@ -47,7 +47,7 @@ def llama_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """2 layers, hidden 64: prefills a 20K-token Claude Code prompt in a few seconds."""
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     return make_model(MODELS / "tiny", "llama", hidden=64, layers=2)
 
