@@ -7,7 +7,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 
@@ -17,7 +16,7 @@ from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
 
 from conftest import agent_messages, free_port
-from test_tiers import BLOCK, LAYOUT, arrays_for, fill, make_store
+from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
@@ -102,9 +101,7 @@ def test_a_second_store_restores_the_first_ones_blocks_from_the_shared_tier(tmp_
     second = shared_store(tmp_path / "b", fresh_redis.url)
     match = second.match(refs, tokens)
     assert match.sources == ["shared"] * 3 and match.num_tokens == 3 * BLOCK
-    for hit in match.hits:
-        for name, array in arrays_for(hit.ref.index).items():
-            assert np.array_equal(hit.arrays[name], np.array(array))
+    assert_hits_hold_their_arrays(match.hits)
     # Kept locally: on the second store's own disk from now on, found there without Redis.
     second.promote([first_entry(hit) for hit in match.hits])
     second.flush()
@@ -504,9 +501,7 @@ def test_a_redis_cluster_store_is_shared_with_a_models_keys_spread_over_slots(tm
         second = shared_store(tmp_path / "b", cluster.url)
         match = second.match(refs, tokens)
         assert match.sources == ["shared"] * 3
-        for hit in match.hits:
-            for name, array in arrays_for(hit.ref.index).items():
-                assert np.array_equal(hit.arrays[name], np.array(array))
+        assert_hits_hold_their_arrays(match.hits)
         assert {r.key for r in refs} <= set(second.shared.keys())
         second.close()
         client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
