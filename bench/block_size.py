@@ -12,7 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, agent_system_prompt, machine_description
+from harness import ROOT, machine_description
+from prompts import agent_system_prompt
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine, GenerationRequest

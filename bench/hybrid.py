@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, Server, agent_system_prompt, machine_description, run_session, write_section
+from harness import ROOT, Server, machine_description, run_session, write_section
+from prompts import agent_system_prompt
 
 from tests.support.testmodels import make_model
 

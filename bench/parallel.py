@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import ROOT, Server, agent_system_prompt, machine_description, write_section
+from harness import ROOT, Server, machine_description, write_section
+from prompts import agent_system_prompt
 
 from tests.support.testmodels import make_model
 
