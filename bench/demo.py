@@ -15,6 +15,7 @@ import sys
 from harness import ROOT, Server, Step, Timed, run_session
 from prompts import agent_system_prompt
 
+
 def print_table(cached: list[tuple[Step, Timed]], plain: list[tuple[Step, Timed]]) -> None:
     print(f"\n{'#':>2}  {'request':<15} {'prompt':>7} {'TTFT':>8} {'no cache':>9} "
           f"{'from RAM':>9} {'from disk':>9} {'computed':>9}  same text")
