@@ -23,7 +23,7 @@ from mlx_lm.models.cache import make_prompt_cache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvtier.testmodels import ARCHES, make_model  # noqa: E402
+from tests.support.testmodels import ARCHES, make_model  # noqa: E402
 
 PROMPTS = [
     "You are a careful coding agent. List the files in the project and explain each one.",

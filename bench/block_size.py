@@ -12,11 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, agent_system_prompt, machine_description
+from harness import ROOT, machine_description
+from prompts import agent_system_prompt
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine, GenerationRequest
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 SIZES = [32, 64, 128, 256, 512, 1024]
 TURNS = 6

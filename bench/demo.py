@@ -12,7 +12,9 @@ import argparse
 import shutil
 import sys
 
-from harness import ROOT, Server, Step, Timed, agent_system_prompt, run_session
+from harness import ROOT, Server, Step, Timed, run_session
+from prompts import agent_system_prompt
+
 
 def print_table(cached: list[tuple[Step, Timed]], plain: list[tuple[Step, Timed]]) -> None:
     print(f"\n{'#':>2}  {'request':<15} {'prompt':>7} {'TTFT':>8} {'no cache':>9} "
@@ -39,7 +41,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     work = ROOT / ".demo"
     shutil.rmtree(work, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from harness import ROOT, Server, machine_description, stream_chat, write_section
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8
 

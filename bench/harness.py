@@ -1,5 +1,5 @@
 """Shared by the demo and the benchmarks: servers as subprocesses, streamed requests timed
-on the client side, and agent-shaped prompts."""
+on the client side, an agent session, and where results are written (prompts: prompts.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import platform
-import random
 import signal
 import socket
 import subprocess
@@ -87,6 +86,12 @@ class Server:
         with urllib.request.urlopen(self.url + "/cache/stats", timeout=30) as r:
             return json.loads(r.read())
 
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @dataclass
 class Timed:
@@ -123,6 +128,27 @@ def stream_chat(server: Server, model: str, messages: list[dict], max_tokens: in
     total = time.perf_counter() - started
     conn.close()
     return Timed(ttft if ttft is not None else total, total, "".join(parts), usage)
+
+
+def warm_up(server: Server, model: str) -> None:
+    """One short unrelated request after each (re)start: MLX's first-call set-up (kernels,
+    buffers) would otherwise land in whichever scenario happens to come first."""
+    stream_chat(server, model, [{"role": "user", "content": "Say hi."}], max_tokens=2)
+
+
+def cached_tokens(usage: dict) -> int:
+    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+def record(timed: Timed) -> dict:
+    """The raw numbers of one streamed request, as the benchmarks store them in their JSON."""
+    return {"ttft": round(timed.ttft, 4), "prompt_tokens": timed.usage.get("prompt_tokens"),
+            "cached_tokens": cached_tokens(timed.usage), "kvtier": timed.usage.get("kvtier"),
+            "text": timed.text}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # -- an agent session --------------------------------------------------------------------
@@ -170,45 +196,6 @@ def run_session(server: "Server", model: str, systems: dict[str, str], max_token
     finally:
         server.stop()
     return results
-
-
-# -- agent-shaped prompts ---------------------------------------------------------------
-_VERBS = ["read", "write", "list", "search", "run", "patch", "format", "lint", "test", "fetch",
-          "diff", "commit", "open", "rename", "delete", "build", "profile", "trace", "review"]
-_NOUNS = ["file", "directory", "symbol", "test", "command", "branch", "issue", "module", "config",
-          "log", "package", "function", "class", "snippet", "workspace", "terminal", "notebook"]
-
-
-def tool_definitions(count: int, seed: int = 0) -> list[dict]:
-    """OpenAI-style tool definitions, deterministic, shaped like a coding agent's."""
-    rng = random.Random(seed)
-    tools = []
-    for i in range(count):
-        verb, noun = rng.choice(_VERBS), rng.choice(_NOUNS)
-        params = {f"{rng.choice(_NOUNS)}_{j}": {"type": rng.choice(["string", "integer", "boolean"]),
-                                                "description": f"The {rng.choice(_NOUNS)} to {verb}, "
-                                                               f"relative to the {rng.choice(_NOUNS)}."}
-                  for j in range(rng.randint(2, 4))}
-        tools.append({"type": "function", "function": {
-            "name": f"{verb}_{noun}_{i}",
-            "description": f"{verb.capitalize()} a {noun} in the current {rng.choice(_NOUNS)}. "
-                           f"Use it when the user asks to {verb} a {noun}; never guess paths.",
-            "parameters": {"type": "object", "properties": params, "required": list(params)[:1]}}})
-    return tools
-
-
-def agent_system_prompt(target_tokens: int, tokenizer, project: str = "kvtier", seed: int = 0,
-                        step: int = 4) -> str:
-    """A system prompt with tool definitions, grown `step` tools at a time until it is about
-    `target_tokens` long."""
-    head = (f"You are an autonomous coding agent working in the {project} repository. Think step by "
-            "step, call tools to inspect files before editing them, and keep answers short.\n"
-            "# Tools\n")
-    text, count = head, 0
-    while len(tokenizer.encode(text)) < target_tokens:
-        count += step
-        text = head + "\n".join(json.dumps(t) for t in tool_definitions(count, seed))
-    return text
 
 
 def machine_description() -> str:

@@ -14,9 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, Server, agent_system_prompt, machine_description, run_session, write_section
+from harness import ROOT, Server, machine_description, run_session, write_section
+from prompts import agent_system_prompt
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 
 def reference_texts(model: Path, results, max_tokens: int) -> list[str]:

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import ROOT, Server, agent_system_prompt, machine_description, write_section
+from harness import ROOT, Server, machine_description, write_section
+from prompts import agent_system_prompt
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 MODEL = {"arch": "llama", "hidden": 256, "layers": 4}
 

@@ -14,11 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import suite
-from harness import ROOT, Server, agent_system_prompt, stream_chat
-from ttft import QUESTIONS, messages_for
+from harness import ROOT, Server, stream_chat, warm_up
+from prompts import QUESTIONS, agent_system_prompt, messages_for
+from scenarios.restore_bandwidth import drop_page_cache, raw_read
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 
 def cached_prefix(model: Path, system: str, cache: Path) -> None:
@@ -37,14 +37,14 @@ def trial(model: Path, system: str, cache: Path) -> tuple[float, float, float]:
         server = Server.kvtier(model, work / "cache", work / "kvtier.log")
         server.start()
         try:
-            suite.warm_up(server, str(model))
-            suite.drop_page_cache()
+            warm_up(server, str(model))
+            drop_page_cache()
             timed = stream_chat(server, str(model), messages_for(system, QUESTIONS[3]))
             usage = timed.usage["kvtier"]
         finally:
             server.stop()
-        suite.drop_page_cache()
-        raw = suite.raw_read(work / "cache" / "blocks")["gb_per_s"]
+        drop_page_cache()
+        raw = raw_read(work / "cache" / "blocks")["gb_per_s"]
         return usage["restored_bytes"] / usage["restore_seconds"] / 1e9, raw, timed.ttft
     finally:
         shutil.rmtree(work, ignore_errors=True)

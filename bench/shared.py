@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import suite
-from harness import ROOT, Server, agent_system_prompt, free_port, machine_description, stream_chat, \
-    write_section
-from ttft import QUESTIONS, messages_for
+from harness import ROOT, Server, free_port, machine_description, stream_chat, warm_up, write_section
+from prompts import QUESTIONS, agent_system_prompt, messages_for
 
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -83,7 +81,7 @@ def run(prompt_tokens: int, work: Path) -> dict:
     try:
         first = Server.kvtier(model, work / "a", work / "a.log", "--shared", url).start()
         try:
-            suite.warm_up(first, str(model))
+            warm_up(first, str(model))
             stream_chat(first, str(model), messages_for(system, QUESTIONS[0]))
             wait_for_uploads(first)
             fingerprint = first.stats()["fingerprint"]
@@ -91,16 +89,16 @@ def run(prompt_tokens: int, work: Path) -> dict:
             first.stop()
         second = Server.kvtier(model, work / "b", work / "b.log", "--shared", url).start()
         try:
-            suite.warm_up(second, str(model))
+            warm_up(second, str(model))
             from_shared = stream_chat(second, str(model), messages_for(system, QUESTIONS[1]))
             second.restart()  # SIGTERM writes what it kept; RAM starts empty
-            suite.warm_up(second, str(model))
+            warm_up(second, str(model))
             from_ssd = stream_chat(second, str(model), messages_for(system, QUESTIONS[2]))
         finally:
             second.stop()
         cold_server = Server.kvtier(model, work / "c", work / "c.log").start()
         try:
-            suite.warm_up(cold_server, str(model))
+            warm_up(cold_server, str(model))
             cold = stream_chat(cold_server, str(model), messages_for(system, QUESTIONS[1]))
         finally:
             cold_server.stop()

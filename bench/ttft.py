@@ -21,17 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, Server, agent_system_prompt, machine_description, stream_chat, write_section
-
-QUESTIONS = ["Find where the block size is configured and explain it.",
-             "Run the unit tests and summarise any failure.",
-             "Add a --verbose flag to the CLI.",
-             "Which module writes files to disk?"]
-
-
-def messages_for(system: str, question: str) -> list[dict]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
-
+from harness import ROOT, Server, machine_description, stream_chat, write_section
+from prompts import QUESTIONS, agent_system_prompt, messages_for
 
 def run_server(server: Server, model: str, system: str, repeats: int) -> dict:
     server.start()
@@ -82,7 +73,7 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
 
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
     from transformers import AutoTokenizer
 
     model = make_model(ROOT / ".models" / "llama", "llama")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,7 @@ def openai_spec() -> Path | None:
 
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     return make_model(MODELS / "llama", "llama")
 
@@ -47,9 +48,22 @@ def llama_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """2 layers, hidden 64: prefills a 20K-token Claude Code prompt in a few seconds."""
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     return make_model(MODELS / "tiny", "llama", hidden=64, layers=2)
+
+
+def model_variant(model: Path, out: Path, json_file: str, change) -> Path:
+    """`model` at `out` with one JSON file (config.json, tokenizer_config.json) passed through
+    `change`; every other file is a link, so the weights are the same."""
+    out.mkdir()
+    for item in model.iterdir():
+        if item.name != json_file:
+            (out / item.name).symlink_to(item)
+    config = json.loads((model / json_file).read_text())
+    change(config)
+    (out / json_file).write_text(json.dumps(config))
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -195,6 +209,20 @@ def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, byte
         while (length is None or len(body) < int(length.group(1))) and (chunk := sock.recv(65536)):
             body += chunk
     return int(head.split(b" ", 2)[1]), body
+
+
+def post(daemon, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
+    """POST `body` as JSON (or `raw` bytes as they are); return the status, the JSON (or text)
+    answer and its headers, for errors too."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(daemon.url + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            text = r.read().decode()
+            return r.status, (json.loads(text) if "json" in r.headers["Content-Type"] else text), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
 
 
 def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | None = None,

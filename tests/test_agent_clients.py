@@ -14,6 +14,8 @@ import anthropic
 import openai
 import pytest
 
+from conftest import model_variant
+
 MESSAGE = [{"role": "user", "content": "hi"}]
 
 
@@ -81,15 +83,11 @@ def recorded(name: str) -> tuple[dict, dict]:
 def first_system_only_model(llama_model, tmp_path_factory) -> Path:
     """The test model with a chat template that, like Qwen's, refuses a system message
     anywhere but first (same weights, linked)."""
-    out = tmp_path_factory.mktemp("qwen-style") / "model"
-    out.mkdir()
-    for item in llama_model.iterdir():
-        if item.name != "tokenizer_config.json":
-            (out / item.name).symlink_to(item)
-    config = json.loads((llama_model / "tokenizer_config.json").read_text())
-    config["chat_template"] = QWEN_SYSTEM_CHECK + config["chat_template"]
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return out
+    def check_system_first(config: dict) -> None:
+        config["chat_template"] = QWEN_SYSTEM_CHECK + config["chat_template"]
+
+    return model_variant(llama_model, tmp_path_factory.mktemp("qwen-style") / "model", "tokenizer_config.json",
+                         check_system_first)
 
 
 MID_SYSTEM = {"system": "You are a coding agent.", "messages": [

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import model_variant
+
 pytestmark = pytest.mark.e2e
 CLAUDE_CODE = f"@anthropic-ai/claude-code@{os.environ.get('KVTIER_CLAUDE_CODE_VERSION', 'latest')}"
 CODEX = f"@openai/codex@{os.environ.get('KVTIER_CODEX_VERSION', 'latest')}"
@@ -46,15 +48,11 @@ def terse_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny model (enough context for Claude Code's ~19K-token prompt, prefilled in
     seconds) with half its vocabulary as end-of-turn tokens, so that its random answers end
     with `end_turn` after a token or two instead of hitting Claude Code's output limit."""
-    out = tmp_path_factory.mktemp("terse") / "model"
-    out.mkdir()
-    for item in tiny_model.iterdir():
-        if item.name != "config.json":
-            (out / item.name).symlink_to(item)
-    config = json.loads((tiny_model / "config.json").read_text())
-    config["eos_token_id"] = list(range(0, config["vocab_size"], 2))
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    def half_the_vocabulary_ends_a_turn(config: dict) -> None:
+        config["eos_token_id"] = list(range(0, config["vocab_size"], 2))
+
+    return model_variant(tiny_model, tmp_path_factory.mktemp("terse") / "model", "config.json",
+                         half_the_vocabulary_ends_a_turn)
 
 
 def ask_claude(claude: list[str], daemon, home: Path, project: Path, question: str) -> dict:

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 
 import anthropic
 import pytest
 
-from conftest import agent_messages
+from conftest import agent_messages, post
 
 from daemon.routes.anthropic import tool_use_block
 from kvtier.stops import StopMatcher
@@ -49,18 +48,6 @@ def model(shared_daemon) -> str:
 def reference_tokens(reference, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     kwargs = {"tools": tools} if tools else {}
     return list(reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
-
-
-def post(daemon, path: str, body: dict | None, raw: bytes | None = None) -> tuple[int, object, dict]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(daemon.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as r:
-            text = r.read().decode()
-            return r.status, (json.loads(text) if "json" in r.headers["Content-Type"] else text), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), dict(e.headers)
 
 
 def sse_events(text: str) -> list[tuple[str, dict]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import agent_messages, openai_spec
+from conftest import agent_messages, openai_spec, post
 
 SPEC = openai_spec() or Path("shared/specs/openai-openapi.json")
 
@@ -39,18 +38,6 @@ def validate():
         jsonschema.Draft202012Validator(schema).validate(instance)
 
     return check
-
-
-def post(daemon, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(daemon.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            text = r.read().decode()
-            return r.status, (json.loads(text) if "json" in r.headers["Content-Type"] else text), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), dict(e.headers)
 
 
 def test_chat_completion_matches_schema(shared_daemon, validate):

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from conftest import MODELS, Reference, agent_messages
-from kvtier.testmodels import ARCHES, make_model
+from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 10
 QUESTIONS = ("List the files.", "Run the tests now and say which fail.", "Why?")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import MODELS, Reference, agent_messages
 from kvtier.engine import declared_context_length
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import MODELS, Reference, agent_messages
-from kvtier.testmodels import ARCHES, make_model
+from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 16
 

@@ -19,14 +19,12 @@ import pytest
 
 from conftest import ROOT, Daemon, agent_messages
 from kvtier.blocks import block_refs
-from kvtier.config import CacheConfig
 from kvtier.index import Index, open_or_replace
-from kvtier.tiers import NewEntry, TieredStore
+from kvtier.tiers import TieredStore
+from tests.support.blocks import BLOCK, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 from kvtier import ops
 
 DAMAGES = ["truncate", "random_pages", "zero_meta"]
-BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
 MAX_TOKENS = 8
 
 
@@ -51,31 +49,10 @@ def damage(index_dir, how: str) -> None:
                 f.write(b"\x00\x00")
 
 
-def make_store(cache_dir) -> TieredStore:
-    return TieredStore(CacheConfig(cache_dir=cache_dir, block_size=BLOCK), "fp-test", LAYOUT)
-
-
-def arrays_for(seed: int) -> dict:
-    import mlx.core as mx
-
-    rng = np.random.default_rng(seed)
-    return {name: mx.array(rng.standard_normal((1, 2, BLOCK, 8)).astype(np.float32)) for name in LAYOUT}
-
-
-def fill(store: TieredStore, tokens: list[int]) -> list:
-    refs = block_refs(tokens, BLOCK, store.fingerprint)
-    store.store([NewEntry(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))
-                 for ref in refs])
-    store.flush()
-    return refs
-
-
 def assert_restored_exactly(store: TieredStore, refs, tokens) -> None:
     match = store.match(refs, tokens)
     assert match.sources == ["disk"] * len(refs)
-    for hit in match.hits:
-        for name, array in arrays_for(hit.ref.index).items():
-            assert np.array_equal(hit.arrays[name], np.asarray(array))
+    assert_hits_hold_their_arrays(match.hits)
 
 
 TOKENS = list(range(500, 500 + 4 * BLOCK))
@@ -84,7 +61,7 @@ TOKENS = list(range(500, 500 + 4 * BLOCK))
 @pytest.mark.parametrize("how", DAMAGES)
 def test_store_rebuilds_a_damaged_index_from_the_files(tmp_path, how):
     store = make_store(tmp_path)
-    refs = fill(store, TOKENS)
+    refs = fill(store, TOKENS, flush=True)
     store.close()
     damage(tmp_path / "index", how)
 
@@ -99,7 +76,7 @@ def test_store_rebuilds_a_damaged_index_from_the_files(tmp_path, how):
 
 def test_a_rebuild_cut_short_by_a_restart_resumes(tmp_path):
     store = make_store(tmp_path)
-    refs = fill(store, TOKENS)
+    refs = fill(store, TOKENS, flush=True)
     store.close()
     damage(tmp_path / "index", "zero_meta")
     open_or_replace(tmp_path / "index").close()  # moved aside, marked; killed before any rebuild
@@ -112,7 +89,7 @@ def test_a_rebuild_cut_short_by_a_restart_resumes(tmp_path):
 
 def test_damage_met_while_running_is_recovered_and_writes_resume(tmp_path):
     store = make_store(tmp_path)
-    refs = fill(store, TOKENS)
+    refs = fill(store, TOKENS, flush=True)
     store.ram.clear()  # the next lookup goes to the index
     damage(tmp_path / "index", "page_headers")  # under the open environment
 
@@ -122,7 +99,7 @@ def test_damage_met_while_running_is_recovered_and_writes_resume(tmp_path):
 
     damage(tmp_path / "index", "page_headers")  # again: the next index write meets it
     more = list(range(900, 900 + 2 * BLOCK))
-    more_refs = fill(store, more)  # the write that met it failed; flush wrote it again
+    more_refs = fill(store, more, flush=True)  # the write that met it failed; flush wrote it again
     assert store.counters["index_rebuilds"] == 2 and store.disk.rebuilder.wait(30)
     stats = store.stats()["disk"]
     assert stats["writable"] and stats["blocks"] == len(refs) + len(more_refs)
@@ -140,7 +117,7 @@ def kvtier_verify(cache_dir, *extra):
 @pytest.mark.parametrize("how", DAMAGES)
 def test_verify_reports_a_damaged_index_and_fix_rebuilds_it(tmp_path, how):
     store = make_store(tmp_path)
-    fill(store, TOKENS)
+    fill(store, TOKENS, flush=True)
     store.close()
     before = {k: (r.checksum, r.parent, r.depth) for k, r in Index(tmp_path / "index").items()}
     damage(tmp_path / "index", how)
@@ -208,7 +185,7 @@ def test_rebuild_indexes_only_files_that_check_out(tmp_path):
     from kvtier.disk import encode_block
 
     store = make_store(tmp_path)
-    refs = fill(store, TOKENS)
+    refs = fill(store, TOKENS, flush=True)
     store.close()
     flipped = store.files.path_for(refs[2].hex)
     data = bytearray(flipped.read_bytes())

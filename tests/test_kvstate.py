@@ -7,7 +7,7 @@ import pytest
 
 from conftest import MODELS
 from kvtier import kvstate
-from kvtier.testmodels import ARCHES, make_model
+from tests.support.testmodels import ARCHES, make_model
 
 
 @pytest.fixture(scope="module", params=ARCHES)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import MODELS, ROOT, TEST_BLOCK_SIZE, Daemon, agent_messages
-from kvtier.testmodels import make_model
+from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8
 CRASH_MARKERS = ("terminate called", "Traceback", "Fatal")

@@ -7,7 +7,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 
@@ -17,7 +16,7 @@ from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
 
 from conftest import agent_messages, free_port
-from test_tiers import BLOCK, LAYOUT, arrays_for, fill, make_store
+from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
@@ -96,15 +95,12 @@ def block_names(server: RedisServer, fingerprint: str = "fp-test") -> list[bytes
 def test_a_second_store_restores_the_first_ones_blocks_from_the_shared_tier(tmp_path, fresh_redis):
     tokens = list(range(200, 200 + 3 * BLOCK + 5))
     first = shared_store(tmp_path / "a", fresh_redis.url)
-    refs = fill(first, tokens)
-    first.flush()
+    refs = fill(first, tokens, flush=True)
     assert first.stats()["counters"]["shared_uploads"] == 3
     second = shared_store(tmp_path / "b", fresh_redis.url)
     match = second.match(refs, tokens)
     assert match.sources == ["shared"] * 3 and match.num_tokens == 3 * BLOCK
-    for hit in match.hits:
-        for name, array in arrays_for(hit.ref.index).items():
-            assert np.array_equal(hit.arrays[name], np.array(array))
+    assert_hits_hold_their_arrays(match.hits)
     # Kept locally: on the second store's own disk from now on, found there without Redis.
     second.promote([first_entry(hit) for hit in match.hits])
     second.flush()
@@ -123,8 +119,7 @@ def first_entry(hit):
 def test_a_damaged_shared_value_is_a_miss_and_removed(tmp_path, fresh_redis, damage):
     tokens = list(range(300, 300 + 2 * BLOCK))
     first = shared_store(tmp_path / "a", fresh_redis.url)
-    refs = fill(first, tokens)
-    first.flush()
+    refs = fill(first, tokens, flush=True)
     first.close()
     client = fresh_redis.client()
     name = f"{namespace('fp-test')}b:{refs[1].hex}"
@@ -145,8 +140,7 @@ def test_a_value_stored_under_another_key_is_a_miss(tmp_path, fresh_redis):
     another key's listing) is not used."""
     tokens = list(range(400, 400 + 2 * BLOCK))
     first = shared_store(tmp_path / "a", fresh_redis.url)
-    refs = fill(first, tokens)
-    first.flush()
+    refs = fill(first, tokens, flush=True)
     first.close()
     client = fresh_redis.client()
     prefix = namespace("fp-test")
@@ -160,8 +154,7 @@ def test_redis_down_is_a_local_miss_counted_and_reuse_resumes_when_it_returns(tm
     redis_server.client().flushall()
     tokens = list(range(500, 500 + 2 * BLOCK))
     first = shared_store(tmp_path / "a", redis_server.url)
-    refs = fill(first, tokens)
-    first.flush()
+    refs = fill(first, tokens, flush=True)
     second = shared_store(tmp_path / "b", redis_server.url)
     redis_server.stop()
     try:
@@ -173,8 +166,7 @@ def test_redis_down_is_a_local_miss_counted_and_reuse_resumes_when_it_returns(tm
         redis_server.start()
     wait_for(lambda: second.shared.connected and first.shared.connected)
     later = list(range(600, 600 + 2 * BLOCK))  # the restarted store is empty: new blocks fill it
-    later_refs = fill(first, later)
-    first.flush()
+    later_refs = fill(first, later, flush=True)
     assert second.match(later_refs, later).sources == ["shared", "shared"]
     assert second.stats()["shared"]["error"] is None
     second.close()
@@ -186,8 +178,7 @@ def test_requirepass_is_honoured_and_a_wrong_password_is_a_warning(tmp_path, cap
     try:
         tokens = list(range(700, 700 + 2 * BLOCK))
         first = shared_store(tmp_path / "a", server.url)
-        refs = fill(first, tokens)
-        first.flush()
+        refs = fill(first, tokens, flush=True)
         assert first.stats()["shared"]["url"] == f"redis://:***@127.0.0.1:{server.port}/0"
         first.close()
         monkeypatch.setenv(shared.PASSWORD_ENV, "s3cret-pass")
@@ -208,8 +199,7 @@ def test_requirepass_is_honoured_and_a_wrong_password_is_a_warning(tmp_path, cap
 def test_only_the_same_model_meets_its_blocks(tmp_path, fresh_redis):
     tokens = list(range(800, 800 + 2 * BLOCK))
     first = shared_store(tmp_path / "a", fresh_redis.url)
-    fill(first, tokens)
-    first.flush()
+    fill(first, tokens, flush=True)
     first.close()
     assert len(block_names(fresh_redis)) == 2 and not block_names(fresh_redis, "fp-other")
     usage = shared.model_usage(fresh_redis.url)
@@ -330,8 +320,7 @@ def test_every_tier_implements_the_one_interface(tmp_path, fresh_redis):
     from kvtier.tier import Tier
 
     store = shared_store(tmp_path, fresh_redis.url)
-    refs = fill(store, list(range(1000, 1000 + 2 * BLOCK)))
-    store.flush()
+    refs = fill(store, list(range(1000, 1000 + 2 * BLOCK)), flush=True)
     for tier in (store.ram, store.disk, store.shared):
         assert isinstance(tier, Tier)
         assert set(tier.lookup([r.key for r in refs])) == {r.key for r in refs}, tier.name
@@ -347,8 +336,7 @@ def test_a_stalled_store_is_a_miss_not_a_hang(tmp_path, redis_server):
     redis_server.client().flushall()
     tokens = list(range(1100, 1100 + 2 * BLOCK))
     first = shared_store(tmp_path / "a", redis_server.url)
-    refs = fill(first, tokens)
-    first.flush()
+    refs = fill(first, tokens, flush=True)
     first.close()
     second = shared_store(tmp_path / "b", redis_server.url)
     redis_server.proc.send_signal(signal.SIGSTOP)
@@ -430,8 +418,7 @@ def test_a_tls_store_is_used_with_the_ca_from_the_url_and_plain_text_is_a_warnin
         url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={quote(str(certs['ca']), safe='/')}"
         tokens = list(range(1200, 1200 + 2 * BLOCK))
         first = shared_store(tmp_path / "a", url)
-        refs = fill(first, tokens)
-        first.flush()
+        refs = fill(first, tokens, flush=True)
         assert first.stats()["counters"]["shared_uploads"] == 2
         first.close()
         second = shared_store(tmp_path / "b", url)
@@ -496,17 +483,14 @@ def test_a_redis_cluster_store_is_shared_with_a_models_keys_spread_over_slots(tm
     try:
         tokens = list(range(1300, 1300 + 3 * BLOCK + 5))
         first = shared_store(tmp_path / "a", cluster.url)
-        refs = fill(first, tokens)
-        first.flush()
+        refs = fill(first, tokens, flush=True)
         assert first.stats()["counters"]["shared_uploads"] == 3
         assert first.stats()["counters"].get("shared_errors", 0) == 0
         first.close()
         second = shared_store(tmp_path / "b", cluster.url)
         match = second.match(refs, tokens)
         assert match.sources == ["shared"] * 3
-        for hit in match.hits:
-            for name, array in arrays_for(hit.ref.index).items():
-                assert np.array_equal(hit.arrays[name], np.array(array))
+        assert_hits_hold_their_arrays(match.hits)
         assert {r.key for r in refs} <= set(second.shared.keys())
         second.close()
         client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])

@@ -15,31 +15,10 @@ import numpy as np
 import pytest
 
 from kvtier.blocks import block_refs
-from kvtier.config import CacheConfig
 from kvtier.disk import decode_block, encode_block
 from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
-
-BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
-BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
-
-
-def make_store(cache_dir, **overrides) -> TieredStore:
-    config = CacheConfig(cache_dir=cache_dir, block_size=BLOCK, **overrides)
-    return TieredStore(config, "fp-test", LAYOUT)
-
-
-def arrays_for(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {name: mx.array(rng.standard_normal((1, 2, BLOCK, 8)).astype(np.float32)) for name in LAYOUT}
-
-
-def fill(store: TieredStore, tokens: list[int]) -> list:
-    refs = block_refs(tokens, BLOCK, store.fingerprint)
-    store.store([NewEntry(ref, tokens[ref.index * BLOCK:(ref.index + 1) * BLOCK], arrays_for(ref.index))
-                 for ref in refs])
-    return refs
+from tests.support.blocks import BLOCK, BLOCK_BYTES, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 
 def du(path) -> int:
@@ -57,9 +36,7 @@ def test_blocks_survive_a_restart_bit_for_bit(tmp_path):
     store = make_store(tmp_path)
     match = store.match(refs, tokens)
     assert match.sources == ["disk"] * 4
-    for hit in match.hits:
-        for name, array in arrays_for(hit.ref.index).items():
-            assert np.array_equal(hit.arrays[name], np.asarray(array))
+    assert_hits_hold_their_arrays(match.hits)
     store.promote([NewEntry(h.ref, h.tokens, arrays_for(h.ref.index)) for h in match.hits])
     assert store.match(refs, tokens).sources == ["ram"] * 4
     assert store.ram.unpersisted() == []  # their files hold them: not encoded and written again

@@ -1,0 +1,66 @@
+"""Part 3: restore bandwidth from SSD (kvtier after a restart, page cache dropped) against a
+raw sequential read of the same block files: the device's limit."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from harness import Server, log, record, stream_chat, warm_up
+from prompts import QUESTIONS, messages_for
+
+
+def page_cache_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def drop_page_cache() -> dict:
+    """Best effort (needs root on Linux): both reads below should come from the device."""
+    before = page_cache_mb()
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        ok, error = True, None
+    except OSError as exc:
+        ok, error = False, str(exc)
+    return {"ok": ok, "error": error, "page_cache_mb_before": before, "page_cache_mb_after": page_cache_mb()}
+
+
+def raw_read(root: Path, chunk: int = 64 << 20) -> dict:
+    """Sequential read of every block file with large reads: the device's bandwidth."""
+    buffer = memoryview(bytearray(chunk))
+    files, total = sorted(root.rglob("*.safetensors")), 0
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    seconds = time.perf_counter() - started
+    return {"files": len(files), "bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+
+
+def run_restore(model: Path, system: str, work: Path) -> dict:
+    log("part 3: restore bandwidth from SSD vs a raw read of the block files")
+    cache = work / "restore-cache"
+    server = Server.kvtier(model, cache, work / "restore.log")
+    with server:  # stopping writes every block before the process exits
+        warm_up(server, str(model))
+        cold = record(stream_chat(server, str(model), messages_for(system, QUESTIONS[0])))
+    with server:
+        warm_up(server, str(model))
+        restore_drop = drop_page_cache()  # after start: the model load is not what we time
+        restored = record(stream_chat(server, str(model), messages_for(system, QUESTIONS[3])))
+    raw_drop = drop_page_cache()
+    raw = raw_read(cache / "blocks")
+    k = restored["kvtier"] or {}
+    bandwidth = k.get("restored_bytes", 0) / k["restore_seconds"] / 1e9 if k.get("restore_seconds") else 0.0
+    return {"cold": cold, "restored": restored, "restore_gb_per_s": bandwidth, "raw_read": raw,
+            "ratio": bandwidth / raw["gb_per_s"] if raw["gb_per_s"] else 0.0,
+            "drop_caches": {"before_restore": restore_drop, "before_raw_read": raw_drop}}
