@@ -9,7 +9,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
+from kvtier.engine import Chunk, GenerationRequest, Usage
 
 from .. import sse
 from ..errors import ApiError
