@@ -16,12 +16,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import lmdb
 import xxhash
 
-from .blocks import encode_tokens
+from .blocks import Tokens, encode_tokens
 from .config import format_size
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, key_of_path, parse_block, to_mlx
 from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
@@ -36,7 +36,7 @@ SCRATCH_PREFIX = "kvtier-ram-only-"  # + owner pid + "-": the index of a daemon 
 PROBE_SECONDS = 2.0  # while writes fail, how often the disk is tried again
 
 
-def tokens_hash(tokens: Sequence[int]) -> str:
+def tokens_hash(tokens: Tokens) -> str:
     """A second, independent hash of a block's tokens, checked before a file is read."""
     return xxhash.xxh64_hexdigest(encode_tokens(tokens), seed=0x6B76)
 

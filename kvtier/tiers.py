@@ -8,12 +8,12 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import xxhash
 
-from .blocks import BlockRef, encode_tokens, root_key
+from .blocks import BlockRef, Tokens, encode_tokens, root_key
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
@@ -97,7 +97,7 @@ class NewEntry:
     """A block or snapshot computed by a request, to be kept hot and written to disk."""
 
     ref: BlockRef
-    tokens: Sequence[int]
+    tokens: Tokens
     arrays: BlockArrays
     kind: str = "kv"
     skeleton: str | None = None
@@ -227,7 +227,7 @@ class TieredStore:
             self.counters[name] += amount
 
     # -- lookup ------------------------------------------------------------------------
-    def match(self, refs: list[BlockRef], tokens: Sequence[int],
+    def match(self, refs: list[BlockRef], tokens: Tokens,
               on_hit: Callable[[Hit], None] | None = None) -> Match:
         """The longest cached prefix of `tokens`: a chain of full blocks, RAM first then disk,
         then the leading part of one more cached block that continues the chain. Blocks read
@@ -258,7 +258,7 @@ class TieredStore:
         request: an index write is not worth delaying its first token for)."""
         self._touch([h.ref.key for h in match.hits] + ([snapshot.key] if snapshot else []))
 
-    def find_snapshot(self, refs: list[BlockRef], tokens: Sequence[int], limit: int) -> SnapshotHit | None:
+    def find_snapshot(self, refs: list[BlockRef], tokens: Tokens, limit: int) -> SnapshotHit | None:
         """The snapshot at the largest position <= `limit` whose prefix equals the prompt's."""
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
@@ -441,7 +441,7 @@ class TieredStore:
             return matches_layout(shapes, parsed.dtypes, self.layout, len(parsed.tokens))
         return self.plan is not None and snapshot_matches(parsed.metadata.get("skeleton") or "", self.plan)
 
-    def pin_prefix(self, refs: list[BlockRef], tokens: Sequence[int], pinned: bool = True) -> int:
+    def pin_prefix(self, refs: list[BlockRef], tokens: Tokens, pinned: bool = True) -> int:
         """Pin (or unpin) on disk every entry that holds part of `tokens`: its full blocks,
         the block continuing its tail, and the snapshots along the way."""
         size = self.config.block_size
