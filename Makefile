@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see docs/linux.md).
 BLAS    = LD_PRELOAD="$$($(PY) -c 'from daemon.blas import openblas_path; print(openblas_path() or "")')"
 
-.PHONY: install system-deps test e2e demo bench clean
+.PHONY: install system-deps lint test e2e demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ system-deps:
 # most tests wait on a daemon's start-up or I/O, so two share two cores well.
 TEST_WORKERS ?= 2
 
-test: install
+# Lint before the tests, so that a lint failure stops `make test` (seconds; mypy caches in .mypy_cache).
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: install lint
 	$(BLAS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Real agents end to end (Claude Code and Codex from npm via npx; skip where npm cannot install them).
@@ -50,4 +55,4 @@ bench: install
 	   $(BLAS) $(PY) bench/shared.py --write; else echo "note: no redis-server: bench/shared.py skipped"; fi
 
 clean:
-	rm -rf $(VENV) .models .demo .bench
+	rm -rf $(VENV) .models .demo .bench .mypy_cache .ruff_cache

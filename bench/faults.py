@@ -117,7 +117,7 @@ def main() -> int:
     try:
         server = Server.kvtier(model, work / "cache", work / "kvtier.log", "--block-size", "64")
         rounds = kill_loop(server, str(model), work / "cache", args.rounds, rng)
-        after_kills = verify(work / "cache", "--fix")
+        verify(work / "cache", "--fix")  # what the kills left, so that `found` below is the damage only
         exact_kills, _ = answers_exact(server, model, args.rounds)
         injected = damage(work / "cache", rng, args.damage_each)
         exact_damage, damaged_seen = answers_exact(server, model, args.rounds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -24,7 +25,7 @@ def openblas_path() -> str | None:
     return next((p for p in CANDIDATES if Path(p).exists()), None)
 
 
-def with_openblas(env: dict[str, str]) -> dict[str, str]:
+def with_openblas(env: Mapping[str, str]) -> dict[str, str]:
     """A copy of `env` that preloads OpenBLAS, when this is Linux and it is installed."""
     env = dict(env)
     library = openblas_path()

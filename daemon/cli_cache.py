@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kvtier.config import default_cache_dir, format_size
 
@@ -89,7 +90,7 @@ def _on_shared(args, cache_dir: Path) -> int:
         return _fail(f"shared cache {shared.redacted(args.shared)}: {reason}")
     names = _model_names(cache_dir)
     models = {fp: dict(entry, model=names.get(fp, "?")) for fp, entry in usage.items()}
-    data = {"url": shared.redacted(args.shared), "models": models}
+    data: dict[str, Any] = {"url": shared.redacted(args.shared), "models": models}
     lines = [f"shared: {data['url']}"] + [
         f"model {m['model']} [{fp[:12]}]: {m['entries']} entries, {format_size(m['bytes'])}"
         for fp, m in models.items()]

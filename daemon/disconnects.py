@@ -35,12 +35,12 @@ def _connection_lost(http: web.Request) -> bool:
 
 
 @web.middleware
-async def disconnect_middleware(http: web.Request, handler):
+async def disconnect_middleware(request: web.Request, handler):  # aiohttp's parameter names
     """aiohttp cancels the handler of a client that disconnects (`handler_cancellation`,
     daemon/server.py), often before a write could fail: that is a client gone too."""
     try:
-        return await handler(http)
+        return await handler(request)
     except asyncio.CancelledError:
-        if _connection_lost(http):
-            note_client_gone(http)
+        if _connection_lost(request):
+            note_client_gone(request)
         raise

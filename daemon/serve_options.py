@@ -27,6 +27,8 @@ def argument_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
 class Size(int):
     """Bytes, as given on the command line: a service's command line keeps "4GB" as typed."""
 
+    text: str
+
     def __new__(cls, text: str) -> "Size":
         size = super().__new__(cls, config.parse_size(text))
         size.text = text

@@ -4,7 +4,7 @@ life of a streamed answer (first piece before the headers, a vanished client, ca
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
@@ -20,7 +20,7 @@ def frame(data: dict | str, event: str | None = None) -> bytes:
     return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode()
 
 
-async def stream(http: web.Request, pieces: AsyncIterator[T],
+async def stream(http: web.Request, pieces: AsyncGenerator[T, None],
                  events: Callable[[Send, T, AsyncIterator[T]], Awaitable[Any]]) -> web.StreamResponse:
     """Answer with `events(send, first, pieces)`. The first piece is awaited before the headers
     go out, so errors such as an overloaded queue still get a proper status code; a client

@@ -146,6 +146,7 @@ class Worker:
 
     def _run_job(self, work: GenerationRequest | Callable, emit: Callable) -> None:
         try:
+            assert self.engine is not None  # loaded before any job is served
             if not isinstance(work, GenerationRequest):
                 emit(work(self.engine))
             elif not work.cancelled.is_set():
@@ -163,6 +164,7 @@ class Worker:
         """Admit jobs while the batch has room (block only when it is empty), step it.
         A seeded sampling request runs alone once the batch drains: its random stream is
         the process's one."""
+        assert self.engine is not None  # loaded before any job is served
         self.batch = batch = Batch(self.engine, self.max_batch, _DONE)
         alone, stopping = None, False
         while True:

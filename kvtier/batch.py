@@ -174,7 +174,7 @@ class Member:
     text: TextStream
     chunks: Any  # the prefill's chunk iterator
     remaining: int  # prompt tokens still to prefill (the last one is decoded)
-    sampler: Callable = None
+    sampler: Callable | None = None  # set when its first token is sampled
 
 
 @dataclass
@@ -204,6 +204,10 @@ class Batch:
 
     def __init__(self, engine: Engine, max_size: int, done: object):
         self.engine, self.max_size, self.done = engine, max_size, done
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        engine, max_size = self.engine, self.max_size
         self.generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=max_size,
                                         prefill_batch_size=max_size,
                                         prefill_step_size=engine.prefill_step_size)
@@ -277,14 +281,15 @@ class Batch:
 
     def fail(self, exc: BaseException) -> None:
         """A step raised: every member gets the error; the batch starts over empty."""
-        for member in [*self.prefilling, *self.decoding.values(), *self.held]:
+        members: list[Member | Held] = [*self.prefilling, *self.decoding.values(), *self.held]
+        for member in members:
             member.emit(exc)
             member.emit(self.done)
         self.held.clear()
         self.prefilling.clear()
         self.decoding.clear()
         self.close()
-        self.__init__(self.engine, self.max_size, self.done)
+        self._start_empty()
 
     def close(self) -> None:
         self.generator.close()
@@ -315,7 +320,7 @@ class Batch:
         logits = self.engine.model(mx.array(tokens[-1:])[None], cache=session.prompt_cache)[:, -1, :]
         y = member.sampler(logits - mx.logsumexp(logits, keepdims=True))
         if len(tokens) in session.points:
-            session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.plan)
+            session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.cache_plan)
         token = y.item()
         session.usage.prefill_seconds = time.perf_counter() - session.started
         if any(h.computing is member for h in self.held):

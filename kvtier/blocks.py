@@ -18,9 +18,11 @@ import xxhash
 from .config import LAYOUT_VERSION
 
 KEY_BYTES = 16
+# Token ids, as a list or an array (to a type checker numpy's arrays are no Sequence).
+Tokens = Sequence[int] | np.ndarray
 
 
-def encode_tokens(tokens: Sequence[int]) -> bytes:
+def encode_tokens(tokens: Tokens) -> bytes:
     """Canonical, platform-independent token bytes."""
     return np.asarray(tokens, dtype="<u4").tobytes()
 
@@ -29,7 +31,7 @@ def root_key(fingerprint: str) -> bytes:
     return xxhash.xxh3_128_digest(b"kvtier-root\x00" + fingerprint.encode())
 
 
-def chain_keys(tokens: Sequence[int], block_size: int, fingerprint: str,
+def chain_keys(tokens: Tokens, block_size: int, fingerprint: str,
                partial_tail: bool = False) -> list[bytes]:
     """Keys of every full block of `tokens` (and of the partly filled last one if asked),
     each one covering the whole prefix before it."""
@@ -41,7 +43,7 @@ def chain_keys(tokens: Sequence[int], block_size: int, fingerprint: str,
     return keys
 
 
-def snapshot_ref(refs: list["BlockRef"], tokens: Sequence[int], position: int, block_size: int,
+def snapshot_ref(refs: list["BlockRef"], tokens: Tokens, position: int, block_size: int,
                  fingerprint: str) -> "BlockRef":
     """Where a snapshot taken after `position` tokens lives: its parent (anchor) is the last
     full block before the position, and its key covers the exact prefix it summarises."""
@@ -65,7 +67,7 @@ class BlockRef:
         return self.key.hex()
 
 
-def block_refs(tokens: Sequence[int], block_size: int, fingerprint: str,
+def block_refs(tokens: Tokens, block_size: int, fingerprint: str,
                partial_tail: bool = False) -> list[BlockRef]:
     keys = chain_keys(tokens, block_size, fingerprint, partial_tail)
     parents = [root_key(fingerprint)] + keys[:-1]

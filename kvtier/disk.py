@@ -39,7 +39,7 @@ def content_hash(tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         hasher.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        hasher.update(array.reshape(-1).view(np.uint8))
+        hasher.update(array.reshape(-1).view(np.uint8).data)  # .data: typed as a buffer, as the array is not
     return hasher.hexdigest()
 
 
@@ -179,13 +179,15 @@ class BlockFiles:
 
     def _note_dir(self, subdir: Path) -> None:
         """Directories grow with their entries: keep their allocated size current."""
-        if self._dir_bytes is None:
-            self.dir_bytes()
-        self._dir_bytes[subdir.name] = _allocated(subdir)
+        self._dir_sizes()[subdir.name] = _allocated(subdir)
 
     def dir_bytes(self) -> int:
         """What the block directories themselves occupy (a listing of the root only)."""
-        if self._dir_bytes is None:
+        return sum(tuple(self._dir_sizes().values()))
+
+    def _dir_sizes(self) -> dict[str, int]:
+        sizes = self._dir_bytes
+        if sizes is None:
             sizes = {"": _allocated(self.root)}
             try:
                 with os.scandir(self.root) as entries:
@@ -195,7 +197,7 @@ class BlockFiles:
             except OSError:
                 pass
             self._dir_bytes = sizes
-        return sum(tuple(self._dir_bytes.values()))
+        return sizes
 
     def free_space(self) -> tuple[int, int]:
         """(bytes free to us, total bytes) of the filesystem holding the block files."""

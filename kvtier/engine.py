@@ -189,6 +189,12 @@ class Engine:
     def reusable(self) -> bool:
         return self.plan is not None
 
+    @property
+    def cache_plan(self) -> kvstate.CachePlan:
+        """The plan of a reusable model: only those reach the code that cuts and snapshots caches."""
+        assert self.plan is not None
+        return self.plan
+
     # -- tokenization ------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self._render(messages, tools, add_generation_prompt=True)
@@ -308,7 +314,7 @@ class Engine:
         """Tokens to take from the cache: never the whole prompt (the last one is computed),
         and for recurrent layers only up to a boundary that has a snapshot."""
         limit = min(match.num_tokens, len(tokens) - 1)
-        if limit <= 0 or not self.plan.needs_snapshots:
+        if limit <= 0 or not self.cache_plan.needs_snapshots:
             return max(limit, 0), None
         hit = self.store.find_snapshot(refs, tokens, limit)
         if hit is None:
@@ -334,7 +340,7 @@ class Engine:
         return usage
 
     def _rebuild(self, buffers: kvstate.PromptBuffers, reuse: int, hit: SnapshotHit | None) -> list[Any]:
-        if not self.reusable:
+        if self.plan is None:  # not reusable
             return kvstate.make_cache(self.model, self.quantization)
         return kvstate.rebuild(self.model, self.plan, buffers, reuse, hit.snapshot if hit else None)
 
@@ -365,7 +371,7 @@ class Engine:
             mx.eval(kvstate.state_arrays(prompt_cache))
             computed, position = cut - position, cut
             if cut in points:
-                snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.plan)
+                snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
             if progress:
                 progress(cut, len(tokens))
             yield computed
@@ -382,7 +388,7 @@ class Engine:
 
         y = step(mx.array(request.prompt_tokens[-1:]))
         if len(request.prompt_tokens) in points:
-            snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.plan)
+            snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
         mx.async_eval(y)
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
@@ -428,7 +434,7 @@ class Engine:
         for h in match.hits:
             start = h.ref.index * size
             if h.source != "ram" and h.usable == size and start + size <= reuse:
-                entries.append(NewEntry(h.ref, h.tokens, kvstate.slice_block(prompt_cache, self.plan, start,
+                entries.append(NewEntry(h.ref, h.tokens, kvstate.slice_block(prompt_cache, self.cache_plan, start,
                                                                              start + size), source=h.source))
         self.store.promote(entries)
 
@@ -436,7 +442,7 @@ class Engine:
                    snapshots: dict[int, kvstate.Snapshot]) -> None:
         """Cut every block the cache now holds, past the reused ones, into the tiers (the
         partly filled last block too), with the snapshots taken on the way: one commit."""
-        if not self.reusable:
+        if self.plan is None:  # not reusable
             return
         held_count = kvstate.cached_tokens(prompt_cache)
         held = sequence[: len(sequence) if held_count is None else held_count]
@@ -465,6 +471,7 @@ class Engine:
         request = GenerationRequest(tokens, max_tokens=1, temperature=0.0, progress=progress,
                                     boundaries=self.message_boundaries(messages, tools, tokens))
         usage = list(self.generate(request))[-1].usage
+        assert usage is not None  # the last chunk carries it
         self.store.flush()
         pinned = self.pin(tokens) if pin else 0
         return {"tokens": len(tokens), "computed_tokens": usage.computed_tokens, "pinned_entries": pinned}

@@ -221,7 +221,8 @@ def _walk(path: Path) -> str | None:
                 return problem
     finally:
         env.close()
-    return _probe_free_pages(path)
+    _probe_free_pages(path)  # damage there raises
+    return None
 
 
 def _probe_free_pages(path: Path) -> None:
@@ -236,7 +237,7 @@ def _probe_free_pages(path: Path) -> None:
         env.close()
 
 
-def _walk_db(name: bytes, txn: lmdb.Transaction, entries: int) -> str | None:
+def _walk_db(name: bytes, txn: lmdb.Transaction[bytes], entries: int) -> str | None:
     previous, count, length = None, 0, KEY_LENGTHS.get(name)
     for key, value in txn.cursor():
         if previous is not None and key <= previous:
@@ -592,13 +593,13 @@ class Index:
             self._drop(txn, key, record)
             return record
 
-    def _drop(self, txn: lmdb.Transaction, key: bytes, record: BlockRecord) -> None:
+    def _drop(self, txn: lmdb.Transaction[bytes], key: bytes, record: BlockRecord) -> None:
         txn.delete(key, db=self._blocks)
         txn.delete(_lru_key(record, key), db=self._lru)
         txn.delete(bytes.fromhex(record.parent) + key, db=self._children)
         self._add_totals(txn, -record.nbytes, -1, -record.allocated)
 
-    def _add_totals(self, txn: lmdb.Transaction, nbytes: int, count: int, allocated: int) -> None:
+    def _add_totals(self, txn: lmdb.Transaction[bytes], nbytes: int, count: int, allocated: int) -> None:
         old_count = _int(txn.get(b"count", db=self._meta))
         total = _int(txn.get(b"bytes", db=self._meta)) + nbytes
         txn.put(b"bytes", str(max(total, 0)).encode(), db=self._meta)

@@ -16,18 +16,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import lmdb
 import xxhash
 
-from .blocks import encode_tokens
+from .blocks import Tokens, encode_tokens
 from .config import format_size
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, key_of_path, parse_block, to_mlx
 from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
 from .ram import HotBlock
 from .reindex import Rebuilder
 from .space import DiskSpace, is_no_space
+from .tier import Count
 from .writer import Entry, WriteJob
 
 log = logging.getLogger("kvtier.local")
@@ -36,7 +37,7 @@ SCRATCH_PREFIX = "kvtier-ram-only-"  # + owner pid + "-": the index of a daemon 
 PROBE_SECONDS = 2.0  # while writes fail, how often the disk is tried again
 
 
-def tokens_hash(tokens: Sequence[int]) -> str:
+def tokens_hash(tokens: Tokens) -> str:
     """A second, independent hash of a block's tokens, checked before a file is read."""
     return xxhash.xxh64_hexdigest(encode_tokens(tokens), seed=0x6B76)
 
@@ -55,10 +56,12 @@ class LocalDisk:
     name = "disk"
 
     def __init__(self, path: Path, index: Index | None, files: BlockFiles, budget: int,
-                 count: Callable[[str, int], None] = _no_count, fingerprint: str = "",
+                 count: Count = _no_count, fingerprint: str = "",
                  scratch: Path | None = None, write_error: str | None = None, dirs_bytes: int = 0,
                  damage: str | None = None, owns_index: bool = True):
-        self.path, self.index, self.files, self.budget = Path(path), index, files, budget
+        self.path, self.files, self.budget = Path(path), files, budget
+        # None once closed, or while `damage` says why: then only verify uses it, opening a new index first.
+        self.index: Index = index  # type: ignore[assignment]
         self.count, self.fingerprint = count, fingerprint
         self.damage = damage  # why an existing index was not opened (the CLI's verify repairs it)
         self._owns_index = owns_index
@@ -76,12 +79,12 @@ class LocalDisk:
         self._files_lock = threading.Lock()  # a write job, or the sweep of one subdirectory
         self._closing = threading.Event()
         self.swept = threading.Event()  # set once the start-up cleanup is done
-        self.rebuilder = Rebuilder(index, files) if index is not None else None
+        self.rebuilder: Rebuilder = Rebuilder(index, files) if index is not None else None  # type: ignore[assignment]
         self._upkeep: threading.Thread | None = None
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, cache_dir: Path, budget: int, count: Callable[[str, int], None],
+    def open(cls, cache_dir: Path, budget: int, count: Count,
              fingerprint: str) -> "LocalDisk":
         """The daemon's disk tier: the cache directory's index and files; when it cannot be
         used (no permission, a read-only or full disk), an empty private index in a temporary
@@ -196,7 +199,7 @@ class LocalDisk:
         """Evict to make room, write the files and index them; a write the disk turns down for
         lack of space is tried once more after evicting to what the disk really holds. None
         when the entries cannot fit at all (they stay in RAM)."""
-        needed = sum(allocated_estimate(len(e.payload)) for e in writes)
+        needed = sum(allocated_estimate(len(e.payload)) for e in writes if e.payload is not None)
         self.space.note_write(needed)
         for last_try in (False, True):
             if not self._make_room(needed):
@@ -218,10 +221,12 @@ class LocalDisk:
         indexed, stamp = [], now_ms()
         for entry in writes:
             block: HotBlock = entry.block
-            written = self.files.write(entry.key.hex(), entry.payload)
+            payload = entry.payload
+            assert payload is not None  # removals are not among the writes
+            written = self.files.write(entry.key.hex(), payload)
             record = BlockRecord(
                 parent=block.parent.hex(), fingerprint=self.fingerprint, depth=block.index,
-                num_tokens=len(block.tokens), nbytes=written.nbytes, checksum=checksum(entry.payload),
+                num_tokens=len(block.tokens), nbytes=written.nbytes, checksum=checksum(payload),
                 tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp,
                 kind=block.kind, allocated=written.allocated)
             indexed.append((entry.key, record, encode_tokens(block.tokens)))
@@ -482,7 +487,7 @@ class LocalDisk:
             self._upkeep.join()
         if self._owns_index and self.index is not None:
             self.index.close()
-            self.index = None
+            self.index = None  # type: ignore[assignment]  # closed: see __init__
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 

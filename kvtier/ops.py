@@ -7,6 +7,7 @@ the index entry first, then the file.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,7 +86,7 @@ class Prefix:
     last_used: float
     pinned: bool
     preview: str = ""
-    chain: list[bytes] = field(default_factory=list, repr=False)
+    chain: list[builtins.bytes] = field(default_factory=list, repr=False)  # not the field `bytes`
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -234,12 +235,12 @@ def _verify_entries(cache: LocalDisk, fix: bool) -> list[Problem]:
                 cache.remove_many([key])
     now = time.time()
     for path in cache.files.iter_files():
-        key = key_of_path(path)
-        if key in indexed:
+        file_key = key_of_path(path)
+        if file_key in indexed:
             continue
         if now - path.stat().st_mtime < ORPHAN_GRACE_SECONDS:
             continue
-        problems.append(Problem("orphan_file" if key else "temp_file", key or path.name, str(path)))
+        problems.append(Problem("orphan_file" if file_key else "temp_file", file_key or path.name, str(path)))
         if fix:
             path.unlink(missing_ok=True)
     total_bytes, total_blocks = cache.index.totals()

@@ -32,6 +32,7 @@ from redis.retry import Retry
 
 from .blocks import encode_tokens
 from .disk import DamagedBlock, checksum
+from .tier import Count
 
 log = logging.getLogger("kvtier.shared")
 
@@ -132,7 +133,7 @@ class SharedTier:
 
     name = "shared"
 
-    def __init__(self, url: str, fingerprint: str, count: Callable[[str, int], None],
+    def __init__(self, url: str, fingerprint: str, count: Count,
                  ttl_seconds: float | None = None, queue_bytes: int = 256 << 20):
         self.url = redacted(url)
         self._tls = url.startswith("rediss://")

@@ -10,6 +10,12 @@ from __future__ import annotations
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 
+class Count(Protocol):
+    """Adds to one of the daemon's counters (by 1 unless told)."""
+
+    def __call__(self, name: str, amount: int = 1) -> None: ...
+
+
 @runtime_checkable
 class Tier(Protocol):
     name: str  # "ram", "disk", "shared": where a hit came from, in stats and usage

@@ -8,12 +8,12 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 import xxhash
 
-from .blocks import BlockRef, encode_tokens, root_key
+from .blocks import BlockRef, Tokens, encode_tokens, root_key
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
@@ -51,7 +51,10 @@ class Hit:
     @property
     def arrays(self) -> dict:
         """MLX arrays when hot, numpy views of the file when read from disk."""
-        return self.hot.arrays if self.hot is not None else self.parsed.tensors
+        if self.hot is not None:
+            return self.hot.arrays
+        assert self.parsed is not None, "the file's arrays were released"
+        return self.parsed.tensors
 
     def release(self) -> None:
         """Let go of the file's bytes once they have been copied where they are needed."""
@@ -97,7 +100,7 @@ class NewEntry:
     """A block or snapshot computed by a request, to be kept hot and written to disk."""
 
     ref: BlockRef
-    tokens: Sequence[int]
+    tokens: Tokens
     arrays: BlockArrays
     kind: str = "kv"
     skeleton: str | None = None
@@ -111,20 +114,25 @@ class SharedSize:
     nbytes: int
 
 
-class ReadAhead:
+# What a read-ahead plans each block by: its disk record, or its size in the shared store.
+Planned = TypeVar("Planned", BlockRecord, SharedSize)
+
+
+class ReadAhead(Generic[Planned]):
     """Block files read on a thread pool in chain order, at most `window_bytes` ahead of the
     block being used: reads overlap the work on earlier blocks, and the bytes of files read
     but not yet used (or never used, when the chain breaks) stay bounded."""
 
-    def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, BlockRecord], ParsedBlock],
-                 planned: list[tuple[BlockRef, BlockRecord | SharedSize]], window_bytes: int = 256 << 20):
-        self._pool, self._read, self._window = pool, read, window_bytes
-        self._planned = deque(planned)
-        self._started: dict[bytes, tuple[BlockRecord, Future]] = {}
+    def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, Planned], object],
+                 planned: list[tuple[BlockRef, Planned]], window_bytes: int = 256 << 20):
+        self._pool, self._window = pool, window_bytes
+        self._read: Callable[[str, Planned], object] = read
+        self._planned: deque[tuple[BlockRef, Planned]] = deque(planned)
+        self._started: dict[bytes, tuple[Planned, Future]] = {}
         self._started_bytes = 0
         self._top_up()
 
-    def take(self, key: bytes) -> tuple[BlockRecord, Future] | None:
+    def take(self, key: bytes) -> tuple[Planned, Future] | None:
         """The record and pending read of `key`'s file, if it was planned."""
         started = self._started.pop(key, None)
         if started is not None:
@@ -227,7 +235,7 @@ class TieredStore:
             self.counters[name] += amount
 
     # -- lookup ------------------------------------------------------------------------
-    def match(self, refs: list[BlockRef], tokens: Sequence[int],
+    def match(self, refs: list[BlockRef], tokens: Tokens,
               on_hit: Callable[[Hit], None] | None = None) -> Match:
         """The longest cached prefix of `tokens`: a chain of full blocks, RAM first then disk,
         then the leading part of one more cached block that continues the chain. Blocks read
@@ -258,7 +266,7 @@ class TieredStore:
         request: an index write is not worth delaying its first token for)."""
         self._touch([h.ref.key for h in match.hits] + ([snapshot.key] if snapshot else []))
 
-    def find_snapshot(self, refs: list[BlockRef], tokens: Sequence[int], limit: int) -> SnapshotHit | None:
+    def find_snapshot(self, refs: list[BlockRef], tokens: Tokens, limit: int) -> SnapshotHit | None:
         """The snapshot at the largest position <= `limit` whose prefix equals the prompt's."""
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
@@ -293,7 +301,7 @@ class TieredStore:
             self.ram.touch_chain(keys)
             self.note_in_index(self.index.touch, keys, now_ms())
 
-    def _read_ahead(self, refs: list[BlockRef]) -> "ReadAhead":
+    def _read_ahead(self, refs: list[BlockRef]) -> ReadAhead[BlockRecord]:
         """Read the files of the chain's blocks that are on disk only, in order, up to the
         first one the index does not hold (the chain cannot go past it)."""
         cold = [ref for ref in refs if ref.key not in self.ram]
@@ -305,9 +313,10 @@ class TieredStore:
             planned.append((ref, records[ref.key]))
         return ReadAhead(self._readers, self.disk.read_parsed, planned)
 
-    def _shared_read_ahead(self, refs: list[BlockRef]) -> "ReadAhead":
+    def _shared_read_ahead(self, refs: list[BlockRef]) -> ReadAhead[SharedSize]:
         """The rest of the chain from the shared store: which blocks it holds in one round
         trip, then their values fetched in order, overlapping the restore of earlier ones."""
+        assert self.shared is not None  # asked only when there is a shared tier
         sizes = self.shared.lookup([ref.key for ref in refs])
         planned = []
         for ref in refs:
@@ -319,6 +328,7 @@ class TieredStore:
     def _fetch_shared(self, key_hex: str, _size: SharedSize | None = None) -> tuple[str, str, ParsedBlock] | None:
         """A shared value, its header and payload checked: (kind, tokens hash, parsed), or
         None when the store does not have it (or cannot be reached)."""
+        assert self.shared is not None  # asked only when there is a shared tier
         value = self.shared.get(bytes.fromhex(key_hex))
         if value is None:
             return None
@@ -345,6 +355,7 @@ class TieredStore:
                        pending: tuple[SharedSize, Future] | None = None) -> Hit | None:
         """The block at `ref` from the shared store, checked as a disk file is (and its key
         against its parent and tokens); a damaged value is a miss, removed from the store."""
+        assert self.shared is not None  # asked only when there is a shared tier
         try:
             fetched = pending[1].result() if pending else self._fetch_shared(ref.hex)
             if fetched is None:
@@ -441,7 +452,7 @@ class TieredStore:
             return matches_layout(shapes, parsed.dtypes, self.layout, len(parsed.tokens))
         return self.plan is not None and snapshot_matches(parsed.metadata.get("skeleton") or "", self.plan)
 
-    def pin_prefix(self, refs: list[BlockRef], tokens: Sequence[int], pinned: bool = True) -> int:
+    def pin_prefix(self, refs: list[BlockRef], tokens: Tokens, pinned: bool = True) -> int:
         """Pin (or unpin) on disk every entry that holds part of `tokens`: its full blocks,
         the block continuing its tail, and the snapshots along the way."""
         size = self.config.block_size
@@ -498,7 +509,7 @@ class TieredStore:
                 if key != block.key and len(tokens) < len(block.tokens)
                 and common_prefix(tokens, block.tokens) == len(tokens)]
 
-    def _submit(self, blocks: list[HotBlock], removed: list[bytes] = ()) -> None:
+    def _submit(self, blocks: list[HotBlock], removed: Sequence[bytes] = ()) -> None:
         """Queue blocks for the disk; RAM holds them until the write is done, so a block is
         findable from the moment it is computed (the overshoot is bounded by the queue)."""
         if not self.disk_enabled:

@@ -101,10 +101,10 @@ def test_message_ends_from_one_tokenization_equal_retokenizing_each_prefix(arch_
             {"role": "assistant", "content": "Running them now.  "},
             {"role": "tool", "content": "FAILED test_total - assert 41 == 42\n\n"},
             {"role": "user", "content": "Why? Übersicht, bitte."}]
-        tools = [{"type": "function", "function": {
+        shell_tools = [{"type": "function", "function": {
             "name": "run_shell", "description": "Run a command in the project root.",
             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}}]
-        for messages, tools in ((conversation, None), (conversation, tools), (conversation[:2], None)):
+        for messages, tools in ((conversation, None), (conversation, shell_tools), (conversation[:2], None)):
             tokens = engine.chat_tokens(messages, tools)
             text = engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                         tokenize=False)

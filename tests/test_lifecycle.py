@@ -49,7 +49,7 @@ def index_count(cache_dir) -> int:
 def test_sigterm_after_requests_exits_0_with_every_block_on_disk(tmp_path, hybrid_model):
     daemon = Daemon(hybrid_model, tmp_path / "cache")
     first_texts = None
-    for cycle in range(2):  # the second start reuses what the first one wrote
+    for _ in range(2):  # the second start reuses what the first one wrote
         daemon.start()
         answers = [ask(daemon, messages) for messages in conversation()]
         stats = daemon.get("/cache/stats")

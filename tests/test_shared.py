@@ -390,7 +390,8 @@ def cluster_node_port() -> int:
 def make_certificates(workdir: Path) -> dict[str, Path]:
     """A throwaway CA and a server certificate it signs, for 127.0.0.1."""
     paths = {name: workdir / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key")}
-    run = lambda *args: subprocess.run([OPENSSL, *args], check=True, capture_output=True, cwd=workdir)
+    def run(*args):
+        subprocess.run([OPENSSL, *args], check=True, capture_output=True, cwd=workdir)
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kvtier test CA",
         "-keyout", paths["ca-key"], "-out", paths["ca"])
     run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",

@@ -19,7 +19,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -112,7 +112,7 @@ def _assistant_message(blocks: list, path: str) -> dict:
                           "function": {"name": block.name, "arguments": block.input}})
         elif not isinstance(block, ThinkingBlock):  # thinking: a client may echo it back
             raise _unsupported(block, f"{path}.{i}")
-    message = {"role": "assistant", "content": "\n".join(texts)}
+    message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
     if calls:
         message["tool_calls"] = calls
     return message
@@ -122,7 +122,7 @@ def parse_tools(tools: list[AnthropicTool] | None) -> list[dict] | None:
     """Tools in the function shape chat templates take (cache_control is ignored)."""
     out = []
     for tool in tools or []:
-        function = {"name": tool.name}
+        function: dict[str, Any] = {"name": tool.name}
         if tool.description is not None:
             function["description"] = tool.description
         function["parameters"] = tool.input_schema
@@ -208,7 +208,7 @@ class Generation:
         self.calls: list[ToolCall] = []
         self.usage: Usage | None = None
 
-    async def texts(self) -> AsyncIterator[str]:
+    async def texts(self) -> AsyncGenerator[str, None]:
         """Text to show, piece by piece ("" pieces included: the first one says generation
         has started). Tool calls are held back and parsed at the end."""
         chunks = chunks_of(self.state, self.request)
@@ -232,7 +232,8 @@ class Generation:
         return "max_tokens" if self.finish == "length" else "end_turn"
 
 
-def usage_json(usage: Usage) -> dict:
+def usage_json(usage: Usage | None) -> dict:
+    assert usage is not None, "only a generation's last chunk carries usage, and only it is asked"
     return {
         "input_tokens": usage.computed_tokens,
         "cache_creation_input_tokens": 0,  # see the module docstring

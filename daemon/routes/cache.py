@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from aiohttp import web
 
@@ -113,6 +114,6 @@ async def warm(http: web.Request) -> web.Response:
         messages = [{"role": "system", "content": body.prompt}]
     else:
         raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
-    tools = body.tools or None
+    tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
     result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=body.pin))
     return web.json_response(result)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, cast
 
 from aiohttp import web
 
-from kvtier.engine import Chunk, Engine, GenerationRequest, Usage
+from kvtier.engine import Chunk, GenerationRequest, Usage
 
 from .. import sse
 from ..errors import ApiError
@@ -17,7 +17,7 @@ from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequ
                               OpenAISampling, read_body)
 from ..state import DaemonState, STATE
 from ..worker import Overloaded
-from .tools import ToolCallBuffer, split_tool_calls
+from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 
 routes = web.RouteTableDef()
 
@@ -30,7 +30,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
         content = message.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        out = {"role": "system" if message.role == "developer" else message.role,
+        out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                "content": content or ""}
         out.update(message.model_dump(include={"name", "tool_call_id"}, exclude_none=True))
         if message.tool_calls:
@@ -53,7 +53,8 @@ def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]
 
 
 # -- responses --------------------------------------------------------------------------
-def usage_json(usage: Usage) -> dict:
+def usage_json(usage: Usage | None) -> dict:
+    assert usage is not None, "only a generation's last chunk carries usage, and only it is asked"
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -68,7 +69,7 @@ def usage_json(usage: Usage) -> dict:
     }
 
 
-async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncIterator[Chunk]:
+async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
     try:
         async for chunk in state.worker.generate(request):
             yield chunk
@@ -82,6 +83,7 @@ async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, 
     async for chunk in chunks_of(state, request):
         texts.append(chunk.text)
         last = chunk
+    assert last is not None  # a generation ends with its last chunk, or raises
     return "".join(texts), last
 
 
@@ -109,7 +111,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     body = await read_body(http, ChatCompletionRequest)
     model = state.requested_model(body.model)
     messages = template_messages(body.messages)
-    tools = body.tools or None
+    tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
     # "none") and mlx-lm knows the model's tool-call format; otherwise output is plain text.
     parse_tools = bool(tools) and body.tool_choice != "none"
@@ -129,10 +131,10 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 
     if not body.stream:
         text, last = await collect(state, request)
-        calls = []
+        calls: list[ToolCall] = []
         if parse_tools:
             text, calls = split_tool_calls(text, engine.tokenizer, tools)
-        message = {"role": "assistant", "content": text, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         if calls:
             message.update(content=text or None, tool_calls=[c.openai() for c in calls])
         return web.json_response(dict(base, object="chat.completion", choices=[{
@@ -146,7 +148,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     def frame(chunk: Chunk) -> list[dict]:
         nonlocal sent_role
         delta: dict = {"content": buffer.feed(chunk.text)}
-        calls = []
+        calls: list[ToolCall] = []
         if chunk.finish_reason:
             tail, calls = buffer.finish()
             delta["content"] += tail

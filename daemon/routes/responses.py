@@ -95,23 +95,24 @@ def parse_tools(tools: list) -> Tools:
     """Function tools, also those grouped in `namespace` tools (Codex sends both), go to the
     template. Built-in tools (`web_search`, …) run on OpenAI's servers, not here: they are not
     offered to the model, and logged once, rather than refused (agents send them anyway)."""
-    found = Tools([], [], {})
+    template: list[dict] = []
+    found = Tools(template, [], {})
     for tool in tools:
         if isinstance(tool, FunctionTool):
-            found.template.append(_function(tool))
-            found.echoed.append(_echoed(tool, found.template[-1]["function"]))
+            template.append(_function(tool))
+            found.echoed.append(_echoed(tool, template[-1]["function"]))
             continue
         found.echoed.append(tool.model_dump(exclude_unset=True))
         if isinstance(tool, NamespaceTool):
             for inner in tool.tools:
                 if isinstance(inner, FunctionTool):
-                    found.template.append(_function(inner))
+                    template.append(_function(inner))
                     found.namespaces[inner.name] = str(tool.name)
         elif tool.type not in _SKIPPED_LOGGED:
             _SKIPPED_LOGGED.add(tool.type)
             log.info("built-in tool type '%s' is not available here; not offered to the model",
                      tool.type)
-    found.template = found.template or None
+    found.template = template or None
     return found
 
 
@@ -119,7 +120,7 @@ _SKIPPED_LOGGED: set[str] = set()
 
 
 def _function(tool: FunctionTool) -> dict:
-    function = {"name": tool.name}  # in the order templates print it (tojson keeps it)
+    function: dict[str, Any] = {"name": tool.name}  # in the order templates print it (tojson keeps it)
     if tool.description is not None:
         function["description"] = tool.description
     function["parameters"] = tool.parameters or {"type": "object", "properties": {}}
@@ -233,7 +234,7 @@ class Answer:
             out["incomplete_details"] = {"reason": "max_output_tokens"}
         return out
 
-    def final(self, text: str, calls: list[ToolCall], finish: str | None, usage: Usage) -> dict:
+    def final(self, text: str, calls: list[ToolCall], finish: str | None, usage: Usage | None) -> dict:
         """The finished response: the text as a message item, then one item per tool call."""
         output = []
         if text or not calls:

@@ -25,7 +25,7 @@ class ToolCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def openai(self, index: int | None = None) -> dict:
-        out = {"id": self.id, "type": "function",
+        out: dict[str, Any] = {"id": self.id, "type": "function",
                "function": {"name": self.name,
                             "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
         if index is not None:

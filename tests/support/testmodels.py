@@ -472,8 +472,8 @@ def _write_tokenizer(out: Path, vocab_size: int) -> tuple[int, dict[str, int]]:
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
     tok = Tokenizer.from_str(text)
-    ids = {t: tok.token_to_id(t) for t in _SPECIAL_TOKENS}
-    return tok.get_vocab_size(with_added_tokens=True), ids
+    ids = {t: tok.token_to_id(t) for t in _SPECIAL_TOKENS}  # all in the vocabulary written above
+    return tok.get_vocab_size(with_added_tokens=True), ids  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------
