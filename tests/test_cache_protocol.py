@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from conftest import MODELS
 from kvtier import kvstate
+from kvtier.disk import decode_block, encode_block
 from kvtier.testmodels import make_model
 
 PROMPT = [(7 * i) % 200 + 3 for i in range(300)]  # past the sliding window (128)
@@ -36,11 +37,19 @@ def _live_cache(model):
     return live
 
 
+def _through_a_file(snapshot: kvstate.Snapshot) -> kvstate.Snapshot:
+    """The snapshot as a restarted daemon reads it back from its block file."""
+    payload = encode_block(snapshot.arrays, PROMPT[:CACHED], {"skeleton": snapshot.skeleton})
+    arrays, _, metadata = decode_block(payload)
+    return kvstate.Snapshot(arrays, metadata["skeleton"])
+
+
 def _restored(model, live):
     plan, layout = kvstate.probe(model)
     blocks = [kvstate.slice_block(live, plan, s, min(s + 64, CACHED)) for s in range(0, CACHED, 64)]
     buffers = kvstate.PromptBuffers.of(layout, blocks, capacity=len(PROMPT) + 1)
-    return plan, kvstate.rebuild(model, plan, buffers, CACHED, kvstate.take_snapshot(live, plan))
+    snapshot = _through_a_file(kvstate.take_snapshot(live, plan))
+    return plan, kvstate.rebuild(model, plan, buffers, CACHED, snapshot)
 
 
 def _whole_state(layer):
