@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see docs/linux.md).
 BLAS    = LD_PRELOAD="$$($(PY) -c 'from daemon.blas import openblas_path; print(openblas_path() or "")')"
 
-.PHONY: install system-deps lint test e2e demo bench clean
+.PHONY: install system-deps lint test test-oldest e2e demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,27 @@ lint: install
 test: install lint
 	$(BLAS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# The cache-protocol and exactness tests on the lowest mlx and mlx-lm pyproject.toml allows, in
+# a venv of their own (mlx-lm before 0.32 splits a cache's state into state + meta_state).
+OLDEST_VENV   ?= .venv-oldest
+OLDEST_PY     := $(OLDEST_VENV)/bin/python
+MLX_LM_OLDEST := $(shell sed -n 's/^ *"mlx-lm>=\([0-9.]*\)",$$/\1/p' pyproject.toml)
+MLX_OLDEST    := $(shell sed -n 's/^ *"mlx\[cpu\]>=\([0-9.]*\);.*/\1/p' pyproject.toml)
+OLDEST_TESTS  ?= tests/test_cache_protocol.py tests/test_kvstate.py tests/test_quantized.py
+
+$(OLDEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q -e '.[test]' 'mlx-lm==$(MLX_LM_OLDEST)' \
+	  "$$(if [ "$$(uname -s)" = Darwin ]; then echo mlx; else echo 'mlx[cpu]'; fi)==$(MLX_OLDEST)"
+	touch $@
+
+test-oldest: system-deps $(OLDEST_VENV)/.installed
+	@$(OLDEST_PY) -c 'import mlx.core as mx, mlx_lm; v = (mx.__version__, mlx_lm.__version__); \
+	  assert v == ("$(MLX_OLDEST)", "$(MLX_LM_OLDEST)"), v; print("mlx %s, mlx-lm %s" % v)'
+	LD_PRELOAD="$$($(OLDEST_PY) -c 'from daemon.blas import openblas_path; print(openblas_path() or "")')" \
+	  $(OLDEST_PY) -m pytest -q $(OLDEST_TESTS)
+
 # Real agents end to end (Claude Code and Codex from npm via npx; skip where npm cannot install them).
 e2e: install
 	$(BLAS) $(PY) -m pytest -q -m e2e
@@ -55,4 +76,4 @@ bench: install
 	   $(BLAS) $(PY) bench/shared.py --write; else echo "note: no redis-server: bench/shared.py skipped"; fi
 
 clean:
-	rm -rf $(VENV) .models .demo .bench .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .models .demo .bench .mypy_cache .ruff_cache

@@ -6,8 +6,10 @@ Two kinds of layer cache:
 - snapshot: a running summary of every token so far (ArraysCache for SSM / linear attention,
   RotatingKVCache for sliding windows, ChunkedKVCache, CacheList). It cannot be cut; its
   whole state is copied at chosen boundaries and restored only at exactly that boundary.
-Every cache type goes through mlx-lm's own `state` protocol; a state that is not a tree of
-arrays and plain values is refused (UnsupportedCache), never guessed at.
+Every cache type is read and restored only through mlx-lm's own protocol: the `state` and
+(before mlx-lm 0.32) `meta_state` properties and their setters, in the order `from_state` uses.
+A state that is not a tree of arrays and plain values is refused (UnsupportedCache), never
+guessed at.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
@@ -24,6 +27,11 @@ BlockArrays = dict[str, mx.array]
 Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (one-token shape, dtype name)
 
 SLICED_TYPES = (mlx_cache.KVCache, mlx_cache.QuantizedKVCache)
+
+# mlx-lm before 0.32 splits a cache's state in two: arrays in `state`, everything else as
+# strings in `meta_state` (RotatingKVCache's offset and ring position among them); 0.32
+# keeps it all in `state`.
+SPLIT_STATE = hasattr(mlx_cache.KVCache, "meta_state")
 
 
 class UnsupportedCache(Exception):
@@ -111,9 +119,9 @@ def slice_block(prompt_cache: list[Any], plan: CachePlan, start: int, end: int) 
     """Copies of every sliced layer's keys/values for tokens [start, end)."""
     arrays: BlockArrays = {}
     for i in plan.sliced:
-        layer = prompt_cache[i]
-        for kind in ("keys", "values"):
-            for j, part in enumerate(_parts(getattr(layer, kind))):
+        keys, values = prompt_cache[i].state[:2]  # (keys, values, ...) in either mlx-lm form
+        for kind, value in (("keys", keys), ("values", values)):
+            for j, part in enumerate(_parts(value)):
                 arrays[f"{i}.{kind}.{j}"] = mx.contiguous(part[..., start:end, :])
     mx.eval(list(arrays.values()))
     return arrays
@@ -170,11 +178,27 @@ class PromptBuffers:
         """Give a fresh KVCache / QuantizedKVCache layer its buffers, holding `num_tokens`."""
         assert num_tokens <= self.num_tokens, "the buffers hold fewer tokens than asked for"
         self._views, self._attached = None, True  # no more writes: from here MLX owns the memory
-        for kind in ("keys", "values"):
-            names = sorted((n for n in self._arrays if n.startswith(f"{i}.{kind}.")), key=_part_number)
-            parts = [self._arrays.pop(name) for name in names]
-            setattr(layer, kind, parts[0] if type(layer) is mlx_cache.KVCache else tuple(parts))
-        layer.offset = num_tokens
+        keys, values = (self._take(i, kind, type(layer) is mlx_cache.KVCache) for kind in ("keys", "values"))
+        hold_tokens(layer, keys, values, num_tokens)
+
+    def _take(self, i: int, kind: str, single: bool) -> Any:
+        names = sorted((n for n in self._arrays if n.startswith(f"{i}.{kind}.")), key=_part_number)
+        parts = [self._arrays.pop(name) for name in names]
+        return parts[0] if single else tuple(parts)
+
+
+def hold_tokens(layer: Any, keys: Any, values: Any, num_tokens: int) -> None:
+    """Set a fresh KVCache / QuantizedKVCache to hold the first `num_tokens` tokens of buffers
+    that may be longer (the prefill then writes on in place), through its own setters."""
+    quantized = (layer.group_size, layer.bits) if type(layer) is mlx_cache.QuantizedKVCache else ()
+    if not SPLIT_STATE:
+        layer.state = (keys, values, num_tokens, *quantized)
+        return
+    layer.state = (keys, values)
+    if quantized:
+        layer.meta_state = tuple(str(n) for n in (num_tokens, *quantized))
+    else:  # KVCache's setter counts the whole buffer as tokens: trim it to those held
+        layer.trim(keys.shape[2] - num_tokens)
 
 
 def _part_number(name: str) -> int:
@@ -186,10 +210,14 @@ def _round_up(n: int, step: int) -> int:
 
 
 # -- snapshot layers ----------------------------------------------------------------------
+# Version 2 stores `meta_state` beside `state`; a skeleton of another version is a miss.
+SNAPSHOT_FORMAT = 2
+
+
 @dataclass
 class Snapshot:
     arrays: BlockArrays
-    skeleton: str  # JSON: the state trees with arrays replaced by their names
+    skeleton: str  # JSON: format, mlx-lm version, classes, state trees with arrays as names
 
     @property
     def nbytes(self) -> int:
@@ -205,6 +233,8 @@ def _pack(node: Any, arrays: BlockArrays, name: str) -> Any:
     if isinstance(node, (list, tuple)):
         return {"tuple" if isinstance(node, tuple) else "list":
                 [_pack(x, arrays, f"{name}.{i}") for i, x in enumerate(node)]}
+    if isinstance(node, dict) and all(isinstance(k, str) for k in node):
+        return {"dict": {k: _pack(x, arrays, f"{name}.{k}") for k, x in node.items()}}
     if node is None or isinstance(node, (bool, int, float, str)):
         return {"value": node}
     raise UnsupportedCache(f"cache state holds a {type(node).__name__}, which kvtier cannot store")
@@ -217,22 +247,45 @@ def _unpack(node: dict, arrays: BlockArrays) -> Any:
         return [_unpack(x, arrays) for x in node["list"]]
     if "tuple" in node:
         return tuple(_unpack(x, arrays) for x in node["tuple"])
+    if "dict" in node:
+        return {k: _unpack(x, arrays) for k, x in node["dict"].items()}
     return node["value"]
+
+
+def layer_state(layer: Any) -> dict[str, Any]:
+    """A cache layer's whole state as mlx-lm hands it out: `state`, and `meta_state` where
+    this mlx-lm has one."""
+    return {"state": layer.state, "meta_state": layer.meta_state} if SPLIT_STATE else {"state": layer.state}
+
+
+def set_layer_state(layer: Any, state: dict[str, Any]) -> None:
+    """Restore what `layer_state` gave, through the setters, in `from_state`'s order."""
+    layer.state = state["state"]
+    if SPLIT_STATE:
+        layer.meta_state = state["meta_state"]
+
+
+def _snapshot_header(plan: CachePlan) -> dict[str, Any]:
+    # A state's layout is mlx-lm's own and changes between its versions (0.32 folded
+    # meta_state into state): a snapshot is restored only by the mlx-lm that took it.
+    return {"format": SNAPSHOT_FORMAT, "mlx_lm": mlx_lm.__version__,
+            "classes": {str(i): plan.classes[i] for i in plan.snapshot}}
 
 
 def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
     """The full state of every snapshot layer, as it is now, in arrays of its own."""
     arrays: BlockArrays = {}
-    trees = {str(i): _pack(prompt_cache[i].state, arrays, f"s{i}") for i in plan.snapshot}
+    trees = {str(i): _pack(layer_state(prompt_cache[i]), arrays, f"s{i}") for i in plan.snapshot}
     mx.eval(list(arrays.values()))
-    classes = {str(i): plan.classes[i] for i in plan.snapshot}
-    return Snapshot(arrays, json.dumps({"classes": classes, "states": trees}, sort_keys=True))
+    return Snapshot(arrays, json.dumps(dict(_snapshot_header(plan), states=trees), sort_keys=True))
 
 
 def snapshot_matches(skeleton: str, plan: CachePlan) -> bool:
-    """True when a snapshot's layer classes are this model's snapshot layers."""
+    """True when a snapshot is of this format, taken by this mlx-lm, for this model's
+    snapshot layers."""
     try:
-        return json.loads(skeleton)["classes"] == {str(i): plan.classes[i] for i in plan.snapshot}
+        stored = json.loads(skeleton)
+        return all(stored[k] == v for k, v in _snapshot_header(plan).items())
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -255,10 +308,10 @@ def rebuild(model: Any, plan: CachePlan, buffers: PromptBuffers, num_tokens: int
 
 
 def restore_snapshot(prompt_cache: list[Any], plan: CachePlan, snapshot: Snapshot) -> None:
-    """Set every snapshot layer of a fresh cache to the snapshot's state, through `state`."""
+    """Set every snapshot layer of a fresh cache to the snapshot's state, through the setters."""
     states = json.loads(snapshot.skeleton)["states"]
     for i in plan.snapshot:
-        prompt_cache[i].state = _unpack(states[str(i)], snapshot.arrays)
+        set_layer_state(prompt_cache[i], _unpack(states[str(i)], snapshot.arrays))
 
 
 def state_arrays(prompt_cache: list[Any]) -> list[mx.array]:
