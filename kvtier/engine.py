@@ -173,12 +173,12 @@ class Engine:
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         """One request: restore its cached prefix, prefill the rest, decode, keep what it computed."""
-        session = self.begin(request)
+        session = self.begin(request)  # store.restore
         try:
             self._prefill(session)
             yield from self._decode(session)
         finally:
-            self.finish(session)
+            self.finish(session)  # store.keep
 
     def begin(self, request: GenerationRequest) -> Session:
         """Restore the longest cached prefix of the request's prompt into a fresh prompt cache."""
@@ -206,7 +206,7 @@ class Engine:
 
     def abandon(self, session: Session) -> None:
         """A request dropped before its prefill ended: nothing new to store."""
-        self.store.keep(session.restored, session.prompt_cache, None, {})
+        self.store.keep(session.restored, session.prompt_cache, sequence=None, snapshots={})
 
     def _rebuild(self, buffers: kvstate.PromptBuffers, restored: Restore) -> list[Any]:
         if not self.reusable:

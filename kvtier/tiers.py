@@ -237,7 +237,8 @@ class TieredStore:
         entries = []
         for ref in refs[restored.kept_blocks:]:
             start, end = ref.index * size, min((ref.index + 1) * size, len(held))
-            entries.append(NewEntry(ref, held[start:end], kvstate.slice_block(prompt_cache, self.plan, start, end)))
+            arrays = kvstate.slice_block(prompt_cache, self.plan, start, end)
+            entries.append(NewEntry(ref, held[start:end], arrays))
         for position, snapshot in sorted(snapshots.items()):
             if position <= len(held):
                 ref = snapshot_ref(refs, held, position, size, self.fingerprint)
@@ -261,17 +262,17 @@ class TieredStore:
 
     def _account(self, restored: Restore, num_prompt: int) -> None:
         """Split the restored tokens by the tier each block came from; count the request."""
-        left = restored.reuse
+        reuse, left = restored.reuse, restored.reuse
         for source, usable in zip(restored.match.sources, restored.match.usable):
             n = min(usable, left)
             setattr(restored, f"{source}_tokens", getattr(restored, f"{source}_tokens") + n)
             left -= n
-        restored.restored_bytes = (sum(h.nbytes for h in restored.match.hits) if restored.reuse else 0) + \
+        restored.restored_bytes = (sum(h.nbytes for h in restored.match.hits) if reuse else 0) + \
             (restored.snapshot.snapshot.nbytes if restored.snapshot else 0)
-        reuse = restored.reuse
         deltas = {"tokens_from_ram": restored.ram_tokens, "tokens_from_disk": restored.disk_tokens,
                   "tokens_from_shared": restored.shared_tokens,
-                  "tokens_computed": num_prompt - restored.cached_tokens, "requests_hit" if reuse else "requests_miss": 1,
+                  "tokens_computed": num_prompt - restored.cached_tokens,
+                  "requests_hit" if reuse else "requests_miss": 1,
                   # A "hit" of 3 tokens is still a cold request: count the ones served mostly
                   # from the cache apart.
                   "requests_half_cached": int(2 * reuse >= num_prompt)}
