@@ -1,6 +1,6 @@
 """A request's prompt as tokens: the model's chat template rendered and tokenized, and where
-its messages end (the snapshot points of recurrent layers). No MLX here: the routes call it
-on the event loop's thread pool, before the request reaches the MLX thread."""
+its messages end (the snapshot points of recurrent layers). Nothing here runs MLX: the routes
+call it on the event loop's thread pool, before the request reaches the MLX thread."""
 
 from __future__ import annotations
 
