@@ -24,7 +24,7 @@ TURNS = 6
 
 
 def run(engine: Engine, messages: list[dict]) -> tuple[str, float]:
-    chunks = list(engine.generate(GenerationRequest(engine.chat_tokens(messages), 16, temperature=0)))
+    chunks = list(engine.generate(GenerationRequest(engine.renderer.chat_tokens(messages), 16, temperature=0)))
     return "".join(c.text for c in chunks), chunks[-1].usage.prefill_seconds
 
 

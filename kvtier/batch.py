@@ -1,12 +1,13 @@
 """Continuous batching on the MLX thread, over mlx-lm's own `BatchGenerator`.
 
-A request flows: `Engine.begin` restores its cached prefix (RAM, then SSD; snapshots) into
-its own prompt cache -> its remainder is prefilled alone, one chunk per scheduler step, so the
-streams already decoding get a token between chunks -> its first token is computed alone
-(as the sequential path does; the snapshot at the prompt's end is taken here) -> the cache
-is merged into the generator's batch (mlx-lm's `insert`, `BatchKVCache.merge`) and decodes
-with the others -> when it ends (length, EOS, stop string, cancel) its cache is extracted
-(`remove(..., return_prompt_caches=True)`) and `Engine.finish` stores its new blocks.
+A request flows: `Engine.begin` restores its cached prefix (`TieredStore.restore`: RAM, then
+SSD; snapshots) into its own prompt cache -> its remainder is prefilled alone, one chunk per
+scheduler step, so the streams already decoding get a token between chunks -> its first
+token is computed alone (as the sequential path does; the snapshot at the prompt's end is
+taken here) -> the cache is merged into the generator's batch (mlx-lm's `insert`,
+`BatchKVCache.merge`) and decodes with the others -> when it ends (length, EOS, stop string,
+cancel) its cache is extracted (`remove(..., return_prompt_caches=True)`) and `Engine.finish`
+stores its new blocks (`TieredStore.keep`).
 
 Batched decode is only used where `measure_exactness` finds it bit-identical to decoding
 alone on this machine's backend (a GEMM's rows can depend on the batch size: OpenBLAS,
@@ -241,7 +242,7 @@ class Batch:
         size = self.engine.block_size
         for member in self.prefilling:
             shared = common_prefix(np.asarray(member.session.request.prompt_tokens), np.asarray(tokens))
-            if shared // size > member.session.reuse // size:
+            if shared // size > member.session.restored.reuse // size:
                 return member
         return None
 
@@ -258,11 +259,9 @@ class Batch:
 
     def _start(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
         session = self.engine.begin(request)
-        tokens = request.prompt_tokens
-        chunks = self.engine.prefill_chunks(session.prompt_cache, tokens, session.reuse, session.points,
-                                            session.snapshots, request.progress)
+        remaining = len(request.prompt_tokens) - 1 - session.restored.reuse
         self.prefilling.append(Member(session, emit, TextStream(self.engine, request, session.usage),
-                                      chunks, len(tokens) - 1 - session.reuse))
+                                      self.engine.prefill_chunks(session), remaining))
 
     def step(self) -> None:
         """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of

@@ -1,17 +1,16 @@
 """Load a model, restore the longest cached prefix, prefill the rest, decode. No HTTP here.
 
-One request reads as a straight line: block keys -> longest cached prefix (RAM, then disk;
-for recurrent layers, the longest one that also has a snapshot) -> rebuild the prompt cache
--> prefill the remainder in chunks, snapshotting at chosen boundaries -> decode -> store.
+One request (its prompt rendered by kvtier.prompt) reads as a straight line: `store.restore`
+(the longest cached prefix: RAM, then disk, then the shared store; for recurrent layers the
+longest one that also has a snapshot) -> rebuild the prompt cache on it -> prefill the rest
+in chunks, snapshotting at chosen boundaries -> decode -> `store.keep` (what it computed).
 Everything in this module runs on the single thread that owns MLX.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,17 +18,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
-import numpy as np
-from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
-from .blocks import block_refs, describe_model, model_fingerprint, snapshot_ref
+from .blocks import describe_model, model_fingerprint
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
+from .prompt import Renderer
 from .stops import StopMatcher
-from .tiers import Hit, Match, NewEntry, SnapshotHit, TieredStore, common_prefix
+from .tiers import Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
 
@@ -59,6 +57,12 @@ class Usage:
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
 
+    @classmethod
+    def restored(cls, restored: Restore, prompt_tokens: int, seconds: float) -> "Usage":
+        return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
+                   shared_tokens=restored.shared_tokens, restore_seconds=seconds,
+                   restored_bytes=restored.restored_bytes)
+
     @property
     def cached_tokens(self) -> int:
         return self.ram_tokens + self.disk_tokens + self.shared_tokens
@@ -70,19 +74,16 @@ class Usage:
 
 @dataclass
 class Session:
-    """One request between restore and store: what `finish` needs to cut its new blocks."""
+    """One request between `begin` (restore) and `finish` (keep)."""
 
     request: GenerationRequest
-    match: Match
-    reuse: int  # prompt tokens restored from the cache
-    hit: SnapshotHit | None
-    usage: "Usage"
+    restored: Restore  # what the cache gave it; `store.keep` ends it
+    usage: Usage
     prompt_cache: list[Any]  # replaced by the batch's extracted cache when a batch decoded it
     started: float
     points: set[int]  # snapshot positions
     snapshots: dict[int, kvstate.Snapshot] = field(default_factory=dict)
     fed: list[int] = field(default_factory=list)  # generated tokens fed to the cache
-    stored_blocks: int = 0  # full prompt blocks already stored by `store_prompt`
 
 
 @dataclass
@@ -128,27 +129,6 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-def fold_system_messages(messages: list[dict]) -> list[dict]:
-    """Messages for a chat template that takes a system message only first: each later system
-    message is appended to the user message before it, else put before the next user message,
-    else becomes a user message of its own."""
-    out: list[dict] = []
-    pending: list[str] = []  # system texts waiting for the next user message
-    for i, message in enumerate(messages):
-        if message["role"] == "system" and i > 0:
-            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
-                out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{message['content']}")
-            else:
-                pending.append(message["content"])
-            continue
-        if pending and message["role"] == "user" and isinstance(message["content"], str):
-            message = dict(message, content="\n\n".join([*pending, message["content"]]))
-            pending = []
-        out.append(message)
-    out.extend({"role": "user", "content": text} for text in pending)
-    return out
-
-
 class Engine:
     def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int = 2048):
         self.model_path = resolve_model_path(model)
@@ -161,12 +141,13 @@ class Engine:
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
         self.quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)
                              if cache_config.kv_bits else None)
-        self.plan, layout = self._probe()
+        self.plan, self.layout = self._probe()
+        self.renderer = Renderer(self.tokenizer, boundaries=bool(self.plan and self.plan.needs_snapshots))
         # str() of the MLX dtype ("mlx.core.float32"): the form fingerprints have always hashed.
-        dtype = str(getattr(mx, next(iter(layout.values()))[1]) if layout else self._param_dtype())
+        dtype = str(getattr(mx, next(iter(self.layout.values()))[1]) if self.layout else self._param_dtype())
         kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format)
-        self.store = TieredStore(cache_config, self.fingerprint, layout, self.plan)
+        self.store = TieredStore(cache_config, self.fingerprint, self.layout, self.plan)
         self.store.register_model(dict(describe_model(self.model_path), name=model))
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
@@ -195,154 +176,49 @@ class Engine:
         assert self.plan is not None
         return self.plan
 
-    # -- tokenization ------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self._render(messages, tools, add_generation_prompt=True)
-
-    def message_boundaries(self, messages: list[dict], tools: list[dict] | None,
-                           tokens: list[int]) -> list[int]:
-        """Where the system prompt and the last few messages end in `tokens`: the points a
-        later request most likely shares, worth a snapshot for recurrent layers."""
-        if not (self.plan and self.plan.needs_snapshots):
-            return []
-        counts = sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)})
-        full = self._render(messages, tools, add_generation_prompt=True, tokenize=False)
-        token_ends = self._token_ends(full, tokens)
-        ends = []
-        for count in counts:
-            if token_ends is not None:  # text renders are cheap; tokenizing a long prompt is not
-                partial = self._render(messages[:count], tools, add_generation_prompt=False, tokenize=False)
-                ends.append(bisect.bisect_right(token_ends, len(os.path.commonprefix([partial, full]))))
-            else:
-                partial = self._render(messages[:count], tools, add_generation_prompt=False)
-                ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
-        return sorted(set(e for e in ends if e > 0))
-
-    def _token_ends(self, text: str, tokens: list[int]) -> list[int] | None:
-        """Where each of `tokens` ends in `text` (characters), from one tokenization with
-        offsets; None when the tokenizer gives no offsets or tokenizes `text` otherwise."""
-        try:
-            encoded = self.tokenizer._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ends = [end for _, end in encoded["offset_mapping"]]
-        except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
-            return None
-        if list(encoded["input_ids"]) != list(tokens) or ends != sorted(ends):
-            return None
-        return ends
-
-    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
-                tokenize: bool = True) -> Any:
-        kwargs = {"tools": tools} if tools else {}
-
-        def render(messages: list[dict]) -> Any:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
-
-        try:
-            rendered = render(messages)
-        except TemplateError:
-            folded = fold_system_messages(messages)
-            if folded == messages:
-                raise
-            # Templates such as Qwen's refuse a system message after the first one.
-            rendered = render(folded)
-        return list(rendered) if tokenize else rendered
-
-    def text_tokens(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.encode(prompt))
-
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        session = self.begin(request)
+        """One request: restore its cached prefix, prefill the rest, decode, keep what it computed."""
+        session = self.begin(request)  # store.restore
         try:
-            self._prefill(session.prompt_cache, request.prompt_tokens, session.reuse, session.points,
-                          session.snapshots, request.progress)
-            yield from self._decode(request, session.prompt_cache, session.usage, session.fed,
-                                    session.started, session.points, session.snapshots)
+            self._prefill(session)
+            yield from self._decode(session)
         finally:
-            self.finish(session)
+            self.finish(session)  # store.keep
 
-    def begin(self, request: GenerationRequest) -> "Session":
+    def begin(self, request: GenerationRequest) -> Session:
         """Restore the longest cached prefix of the request's prompt into a fresh prompt cache."""
-        tokens = request.prompt_tokens
-        started = time.perf_counter()
-        refs = block_refs(tokens, self.block_size, self.fingerprint)
-        buffers = kvstate.PromptBuffers(self.store.layout, capacity=len(tokens) + 1)
+        started, tokens = time.perf_counter(), request.prompt_tokens
+        # Allocated before the lookup: MLX zero-fills them while it starts.
+        buffers = kvstate.PromptBuffers(self.layout, capacity=len(tokens) + 1)
+        restored = self.store.restore(tokens, into=buffers)
+        prompt_cache = self._rebuild(buffers, restored)
+        usage = Usage.restored(restored, len(tokens), time.perf_counter() - started)
+        return Session(request, restored, usage, prompt_cache, started,
+                       self._snapshot_points(request, restored.reuse))
 
-        def take(hit: Hit) -> None:  # each cached block, as soon as it is confirmed
-            buffers.add(hit.arrays, hit.usable)
-            hit.release()  # its file's bytes are copied: let them go
+    def finish(self, session: Session) -> None:
+        """Keep the request's new blocks (prompt and answer) and snapshots, from the cache it
+        ends with; the reused entries are marked used, those read from disk made hot."""
+        self.store.keep(session.restored, session.prompt_cache, session.request.prompt_tokens + session.fed,
+                        session.snapshots)
 
-        match = self._match(refs, tokens, take)
-        reuse, hit = self._restore_point(refs, tokens, match)
-        usage = self._account(match, reuse, len(tokens))
-        prompt_cache = self._rebuild(buffers, reuse, hit)
-        usage.restore_seconds = time.perf_counter() - started
-        usage.restored_bytes = (sum(h.nbytes for h in match.hits) if reuse else 0) + \
-            (hit.snapshot.nbytes if hit else 0)
-        return Session(request, match, reuse, hit, usage, prompt_cache, started,
-                       self._snapshot_points(request, reuse))
-
-    def finish(self, session: "Session") -> None:
-        """Store the request's new blocks (prompt and answer) and snapshots, from the cache
-        it ends with; mark the reused ones used and promote those read from disk."""
-        self.store.mark_used(session.match, session.hit)
-        self._promote_restored(session.prompt_cache, session.match, session.reuse)
-        self._store_new(session.request.prompt_tokens + session.fed, session.prompt_cache,
-                        max(session.match.num_full_blocks, session.stored_blocks), session.snapshots)
-
-    def store_prompt(self, session: "Session") -> None:
+    def store_prompt(self, session: Session) -> None:
         """Store the prompt's blocks as soon as its cache holds exactly the prompt, so that a
         request waiting with the same prefix restores them instead of computing them again."""
-        tokens = session.request.prompt_tokens
-        self._store_new(tokens, session.prompt_cache, session.match.num_full_blocks, session.snapshots)
+        self.store.keep_computed(session.restored, session.prompt_cache, session.request.prompt_tokens,
+                                 session.snapshots)
         session.snapshots.clear()  # stored; `finish` adds the ones taken later
-        session.stored_blocks = len(tokens) // self.block_size
 
-    def abandon(self, session: "Session") -> None:
+    def abandon(self, session: Session) -> None:
         """A request dropped before its prefill ended: nothing new to store."""
-        self.store.mark_used(session.match, session.hit)
-        self._promote_restored(session.prompt_cache, session.match, session.reuse)
+        self.store.keep(session.restored, session.prompt_cache, sequence=None, snapshots={})
 
-    def _match(self, refs: list, tokens: list[int], on_hit: Callable) -> Match:
+    def _rebuild(self, buffers: kvstate.PromptBuffers, restored: Restore) -> list[Any]:
         if not self.reusable:
-            self.store.count("requests_unsupported_model")
-            return Match([])
-        return self.store.match(refs, tokens, on_hit)
-
-    def _restore_point(self, refs: list, tokens: list[int], match: Match) -> tuple[int, SnapshotHit | None]:
-        """Tokens to take from the cache: never the whole prompt (the last one is computed),
-        and for recurrent layers only up to a boundary that has a snapshot."""
-        limit = min(match.num_tokens, len(tokens) - 1)
-        if limit <= 0 or not self.cache_plan.needs_snapshots:
-            return max(limit, 0), None
-        hit = self.store.find_snapshot(refs, tokens, limit)
-        if hit is None:
-            self.store.count("snapshot_misses")
-            return 0, None
-        return hit.position, hit
-
-    def _account(self, match: Match, reuse: int, num_prompt: int) -> Usage:
-        usage, left = Usage(prompt_tokens=num_prompt), reuse
-        for source, usable in zip(match.sources, match.usable):
-            n = min(usable, left)
-            setattr(usage, f"{source}_tokens", getattr(usage, f"{source}_tokens") + n)
-            left -= n
-        deltas = {"tokens_from_ram": usage.ram_tokens, "tokens_from_disk": usage.disk_tokens,
-                  "tokens_from_shared": usage.shared_tokens,
-                  "tokens_computed": usage.computed_tokens, "requests_hit" if reuse else "requests_miss": 1,
-                  # A "hit" of 3 tokens is still a cold request: count the ones served mostly
-                  # from the cache apart.
-                  "requests_half_cached": int(2 * reuse >= num_prompt)}
-        for name, value in deltas.items():
-            self.store.count(name, value)
-        self.store.add_request_counters(deltas)
-        return usage
-
-    def _rebuild(self, buffers: kvstate.PromptBuffers, reuse: int, hit: SnapshotHit | None) -> list[Any]:
-        if self.plan is None:  # not reusable
             return kvstate.make_cache(self.model, self.quantization)
-        return kvstate.rebuild(self.model, self.plan, buffers, reuse, hit.snapshot if hit else None)
+        snapshot = restored.snapshot.snapshot if restored.snapshot else None
+        return kvstate.rebuild(self.model, self.cache_plan, buffers, restored.reuse, snapshot)
 
     def _snapshot_points(self, request: GenerationRequest, reuse: int) -> set[int]:
         if not (self.plan and self.plan.needs_snapshots):
@@ -351,33 +227,32 @@ class Engine:
         regular = range(self.snapshot_every, end, self.snapshot_every)
         return {p for p in (*request.boundaries, *regular, end) if reuse < p <= end}
 
-    def _prefill(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
-                 snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None) -> None:
-        for _ in self.prefill_chunks(prompt_cache, tokens, start, points, snapshots, progress):
+    def _prefill(self, session: Session) -> None:
+        for _ in self.prefill_chunks(session):
             pass
         mx.clear_cache()
 
-    def prefill_chunks(self, prompt_cache: list[Any], tokens: list[int], start: int, points: set[int],
-                       snapshots: dict[int, kvstate.Snapshot], progress: Callable | None = None
-                       ) -> Iterator[int]:
-        """Compute tokens[start:-1] in chunks of the prefill step, cut at snapshot points;
-        yields the tokens computed after each chunk (a batch decodes between chunks)."""
-        end = len(tokens) - 1
+    def prefill_chunks(self, session: Session) -> Iterator[int]:
+        """Compute the prompt past the restored prefix but its last token, in chunks of the
+        prefill step cut at snapshot points; yields the tokens computed after each chunk (a
+        batch decodes between chunks)."""
+        tokens, progress, points = session.request.prompt_tokens, session.request.progress, session.points
+        start, end = session.restored.reuse, len(tokens) - 1
         cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
         cuts |= {p for p in points if p < end}
         position = start
         for cut in sorted(c for c in cuts if c > start):
-            self.model(mx.array(tokens[position:cut])[None], cache=prompt_cache)
-            mx.eval(kvstate.state_arrays(prompt_cache))
+            self.model(mx.array(tokens[position:cut])[None], cache=session.prompt_cache)
+            mx.eval(kvstate.state_arrays(session.prompt_cache))
             computed, position = cut - position, cut
             if cut in points:
-                snapshots[cut] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
+                session.snapshots[cut] = kvstate.take_snapshot(session.prompt_cache, self.cache_plan)
             if progress:
                 progress(cut, len(tokens))
             yield computed
 
-    def _decode(self, request: GenerationRequest, prompt_cache: list[Any], usage: Usage, fed: list[int],
-                started: float, points: set[int], snapshots: dict[int, kvstate.Snapshot]) -> Iterator[Chunk]:
+    def _decode(self, session: Session) -> Iterator[Chunk]:
+        request, prompt_cache, usage = session.request, session.prompt_cache, session.usage
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
@@ -387,8 +262,8 @@ class Engine:
             return sampler(logits - mx.logsumexp(logits, keepdims=True))
 
         y = step(mx.array(request.prompt_tokens[-1:]))
-        if len(request.prompt_tokens) in points:
-            snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
+        if len(request.prompt_tokens) in session.points:
+            session.snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
         mx.async_eval(y)
         detokenizer = self.tokenizer.detokenizer
         detokenizer.reset()
@@ -401,8 +276,8 @@ class Engine:
             mx.async_eval(next_y)
             token = y.item()
             if n == 0:
-                usage.prefill_seconds = time.perf_counter() - started
-            fed.append(token)
+                usage.prefill_seconds = time.perf_counter() - session.started
+            session.fed.append(token)
             n += 1
             if token in eos:
                 finish = "stop"
@@ -427,49 +302,13 @@ class Engine:
             tail += "" if matched_stop else stops.flush()
         yield Chunk(tail, finish, usage, stops.matched)
 
-    def _promote_restored(self, prompt_cache: list[Any], match: Match, reuse: int) -> None:
-        """Blocks read from disk or the shared store become hot, cut from the cache they were
-        copied into; only those wholly before `reuse` (the cache holds computed tokens after it)."""
-        size, entries = self.block_size, []
-        for h in match.hits:
-            start = h.ref.index * size
-            if h.source != "ram" and h.usable == size and start + size <= reuse:
-                entries.append(NewEntry(h.ref, h.tokens, kvstate.slice_block(prompt_cache, self.cache_plan, start,
-                                                                             start + size), source=h.source))
-        self.store.promote(entries)
-
-    def _store_new(self, sequence: list[int], prompt_cache: list[Any], first_new: int,
-                   snapshots: dict[int, kvstate.Snapshot]) -> None:
-        """Cut every block the cache now holds, past the reused ones, into the tiers (the
-        partly filled last block too), with the snapshots taken on the way: one commit."""
-        if self.plan is None:  # not reusable
-            return
-        held_count = kvstate.cached_tokens(prompt_cache)
-        held = sequence[: len(sequence) if held_count is None else held_count]
-        if self.plan.needs_snapshots and held:
-            snapshots[len(held)] = kvstate.take_snapshot(prompt_cache, self.plan)
-        refs = block_refs(held, self.block_size, self.fingerprint, partial_tail=True)
-        entries = []
-        for ref in refs[first_new:]:
-            start = ref.index * self.block_size
-            end = min(start + self.block_size, len(held))
-            entries.append(NewEntry(ref, held[start:end],
-                                    kvstate.slice_block(prompt_cache, self.plan, start, end)))
-        for position, snapshot in sorted(snapshots.items()):
-            if position <= len(held):
-                ref = snapshot_ref(refs, held, position, self.block_size, self.fingerprint)
-                start = ref.index * self.block_size
-                entries.append(NewEntry(ref, held[start:position], snapshot.arrays, "snap",
-                                        snapshot.skeleton))
-        self.store.store(entries)
-
     # -- operations ------------------------------------------------------------------------
     def warm(self, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,
              progress: Callable[[int, int], None] | None = None) -> dict:
         """Prefill a prompt (an agent's system prompt and tools, say) and persist it."""
-        tokens = self.chat_tokens(messages, tools)
+        tokens, boundaries = self.renderer.render(messages, tools)
         request = GenerationRequest(tokens, max_tokens=1, temperature=0.0, progress=progress,
-                                    boundaries=self.message_boundaries(messages, tools, tokens))
+                                    boundaries=boundaries)
         usage = list(self.generate(request))[-1].usage
         assert usage is not None  # the last chunk carries it
         self.store.flush()
@@ -477,7 +316,7 @@ class Engine:
         return {"tokens": len(tokens), "computed_tokens": usage.computed_tokens, "pinned_entries": pinned}
 
     def pin(self, tokens: list[int], pinned: bool = True) -> int:
-        return self.store.pin_prefix(block_refs(tokens, self.block_size, self.fingerprint), tokens, pinned)
+        return self.store.pin_prefix(tokens, pinned)
 
     def close(self) -> None:
         self.store.close()

@@ -491,6 +491,11 @@ class LocalDisk:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
+    def replace_index(self, index: Index) -> None:
+        """Use `index` from now on (a new one, after the damaged one was closed and moved
+        aside): this tier owns it and closes it."""
+        self.index, self._owns_index, self.damage = index, True, None
+
     def __enter__(self) -> "LocalDisk":
         return self
 

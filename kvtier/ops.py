@@ -215,7 +215,7 @@ def repair_index(cache: LocalDisk, reason: str) -> str:
         raise IndexInUse(f"{path} is damaged but a running kvtier has it open: it replaces the "
                          f"index itself when it meets the damage; or stop it and run this again")
     aside = move_aside(path)
-    cache.index, cache._owns_index, cache.damage = Index(path), True, None
+    cache.replace_index(Index(path))
     cache.index.mark_rebuild(reason)
     report = rebuild(cache.index, cache.files)
     cache.index.mark_rebuild(None)

@@ -1,5 +1,10 @@
 """The policy over the tiers: which tier to ask (RAM, then disk, then the shared store),
-what to promote, what to write and evict: match, restore, store, spill, flush."""
+what to promote, what to write and evict.
+
+A request sees two calls: `restore` (the longest cached prefix of its prompt, copied into its
+buffers, with the snapshot for recurrent layers and the counts: one `Restore`) and `keep`
+(afterwards: what it reused is marked used, what it read from disk made hot, what it
+computed stored). The rest: spill, flush, pin, stats, close."""
 
 from __future__ import annotations
 
@@ -8,16 +13,18 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 import xxhash
 
-from .blocks import BlockRef, Tokens, encode_tokens, root_key
+from . import kvstate
+from .blocks import BlockRef, Tokens, block_refs, encode_tokens, root_key, snapshot_ref
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
-from .kvstate import BlockArrays, CachePlan, Layout, Snapshot, matches_layout, nbytes, snapshot_matches
+from .kvstate import (BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes,
+                      snapshot_matches)
 from .local import LocalDisk, tokens_hash
 from .ram import HotBlock, RamTier
 from .shared import SharedTier, Upload, decode_value, encode_value
@@ -81,10 +88,13 @@ class Match:
     def num_tokens(self) -> int:
         return sum(self.usable)
 
-    def add(self, hit: Hit, on_hit: Callable[[Hit], None] | None) -> None:
+    def add(self, hit: Hit, into: PromptBuffers | None) -> None:
+        """One more block of the prefix; copied into `into` at once (later files are still
+        being read), then its file's bytes are let go."""
         self.hits.append(hit)
-        if on_hit is not None:
-            on_hit(hit)
+        if into is not None:
+            into.add(hit.arrays, hit.usable)
+            hit.release()
 
 
 @dataclass
@@ -96,11 +106,30 @@ class SnapshotHit:
 
 
 @dataclass
+class Restore:
+    """What `TieredStore.restore` took from the cache for one prompt, and what `keep` needs
+    once the request is done."""
+
+    match: Match  # the cached blocks found (all copied into the prompt's buffers)
+    reuse: int  # prompt tokens restored: never the last; for recurrent layers a snapshot's position
+    snapshot: SnapshotHit | None  # the recurrent layers' state at `reuse`
+    ram_tokens: int = 0  # `reuse`, by the tier its blocks came from
+    disk_tokens: int = 0
+    shared_tokens: int = 0
+    restored_bytes: int = 0  # KV and snapshot bytes of the restored prefix
+    kept_blocks: int = 0  # full blocks of the request's tokens the tiers hold: new ones follow
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.ram_tokens + self.disk_tokens + self.shared_tokens
+
+
+@dataclass
 class NewEntry:
     """A block or snapshot computed by a request, to be kept hot and written to disk."""
 
     ref: BlockRef
-    tokens: Tokens
+    tokens: Sequence[int] | np.ndarray
     arrays: BlockArrays
     kind: str = "kv"
     skeleton: str | None = None
@@ -171,7 +200,144 @@ class TieredStore:
         self.shared = (SharedTier(config.shared_url, fingerprint, self.count, config.shared_ttl)
                        if config.shared_url else None)
 
-    # -- the local disk tier (local.LocalDisk), as the engine, routes and tests see it ------
+    # -- one request: restore, then keep -----------------------------------------------
+    def restore(self, tokens: Sequence[int], into: PromptBuffers) -> Restore:
+        """The longest cached prefix of `tokens` this model can restore: its blocks (RAM,
+        then disk, then the shared store) copied into `into` as each is confirmed, and for
+        recurrent layers the snapshot it ends at; never the last token (it is computed, for
+        fresh logits). Counted per tier, in the stats and the index's request counters."""
+        refs = block_refs(tokens, self.config.block_size, self.fingerprint)
+        if self.plan is None:  # the model's cache cannot be stored: nothing to restore
+            self.count("requests_unsupported_model")
+            found = Match([])
+        else:
+            found = self.match(refs, tokens, into)
+        reuse, snapshot = self._restore_point(refs, tokens, found)
+        restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks)
+        self._account(restored, len(tokens))
+        return restored
+
+    def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
+             snapshots: dict[int, Snapshot]) -> None:
+        """After a request: the entries it reused are now the most recently used (an index
+        write is not worth delaying its first token for), the blocks it read from disk or the
+        shared store become hot, and what it computed is stored (`keep_computed`). `sequence`
+        None: it ended before its prefill did, with nothing new worth storing."""
+        reused = [h.ref.key for h in restored.match.hits]
+        self._touch(reused + ([restored.snapshot.key] if restored.snapshot else []))
+        self._promote_restored(restored, prompt_cache)
+        if sequence is not None:
+            self.keep_computed(restored, prompt_cache, sequence, snapshots)
+
+    def keep_computed(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int],
+                      snapshots: dict[int, Snapshot]) -> None:
+        """Store every block `prompt_cache` holds of `sequence` past those the tiers hold (the
+        partly filled last block too), with `snapshots` and one at its end: one disk commit.
+        Also before a request ends, for another one waiting for its prompt's blocks."""
+        if self.plan is None:
+            return
+        size, snapshots = self.config.block_size, dict(snapshots)
+        held_count = kvstate.cached_tokens(prompt_cache)
+        held = list(sequence[: len(sequence) if held_count is None else held_count])
+        if self.plan.needs_snapshots and held:
+            snapshots[len(held)] = kvstate.take_snapshot(prompt_cache, self.plan)
+        refs = block_refs(held, size, self.fingerprint, partial_tail=True)
+        entries = []
+        for ref in refs[restored.kept_blocks:]:
+            start, end = ref.index * size, min((ref.index + 1) * size, len(held))
+            arrays = kvstate.slice_block(prompt_cache, self.plan, start, end)
+            entries.append(NewEntry(ref, held[start:end], arrays))
+        for position, snapshot in sorted(snapshots.items()):
+            if position <= len(held):
+                ref = snapshot_ref(refs, held, position, size, self.fingerprint)
+                entries.append(NewEntry(ref, held[ref.index * size : position], snapshot.arrays, "snap",
+                                        snapshot.skeleton))
+        self.store(entries)
+        restored.kept_blocks = max(restored.kept_blocks, len(held) // size)
+
+    def _restore_point(self, refs: list[BlockRef], tokens: Sequence[int],
+                       found: Match) -> tuple[int, SnapshotHit | None]:
+        """Tokens to take from the cache: never the whole prompt (the last one is computed),
+        and for recurrent layers only up to a boundary that has a snapshot."""
+        limit = min(found.num_tokens, len(tokens) - 1)
+        if limit <= 0 or self.plan is None or not self.plan.needs_snapshots:
+            return max(limit, 0), None
+        snapshot = self._find_snapshot(refs, tokens, limit)
+        if snapshot is None:
+            self.count("snapshot_misses")
+            return 0, None
+        return snapshot.position, snapshot
+
+    def _account(self, restored: Restore, num_prompt: int) -> None:
+        """Split the restored tokens by the tier each block came from; count the request."""
+        reuse, left = restored.reuse, restored.reuse
+        for source, usable in zip(restored.match.sources, restored.match.usable):
+            n = min(usable, left)
+            setattr(restored, f"{source}_tokens", getattr(restored, f"{source}_tokens") + n)
+            left -= n
+        restored.restored_bytes = (sum(h.nbytes for h in restored.match.hits) if reuse else 0) + \
+            (restored.snapshot.snapshot.nbytes if restored.snapshot else 0)
+        deltas = {"tokens_from_ram": restored.ram_tokens, "tokens_from_disk": restored.disk_tokens,
+                  "tokens_from_shared": restored.shared_tokens,
+                  "tokens_computed": num_prompt - restored.cached_tokens,
+                  "requests_hit" if reuse else "requests_miss": 1,
+                  # A "hit" of 3 tokens is still a cold request: count the ones served mostly
+                  # from the cache apart.
+                  "requests_half_cached": int(2 * reuse >= num_prompt)}
+        for name, value in deltas.items():
+            self.count(name, value)
+        self._note_in_index(self.disk.index.add_counters, self.fingerprint, deltas)
+
+    def _promote_restored(self, restored: Restore, prompt_cache: list[Any]) -> None:
+        """Blocks read from disk or the shared store become hot, cut from the cache they were
+        copied into; only those wholly before `reuse` (the cache holds computed tokens after it)."""
+        if self.plan is None:  # nothing was restored
+            return
+        size, entries = self.config.block_size, []
+        for h in restored.match.hits:
+            start = h.ref.index * size
+            if h.source != "ram" and h.usable == size and start + size <= restored.reuse:
+                entries.append(NewEntry(h.ref, h.tokens, kvstate.slice_block(prompt_cache, self.plan, start,
+                                                                             start + size), source=h.source))
+        self.promote(entries)
+
+    # -- what the engine, routes and pressure watcher ask of the store -------------------
+    def register_model(self, description: dict) -> None:
+        """Name this store's model in the index, for `kvtier stats` and `ls`."""
+        self._note_in_index(self.disk.index.register_model, self.fingerprint, description)
+
+    def health(self) -> dict:
+        """Whether the disk tier takes writes (and why not), and the shared store's state."""
+        body: dict[str, Any] = {"disk_writable": self.disk_error is None, "disk_error": self.disk_error}
+        if self.shared is not None:  # an unreachable shared store degrades nothing
+            body.update(shared_connected=self.shared.connected, shared_error=self.shared.error)
+        return body
+
+    @property
+    def local_disk(self) -> LocalDisk:
+        """The local SSD tier, for the CLI's operations (kvtier.ops) on the daemon's own cache."""
+        return self.disk
+
+    @property
+    def hot_bytes(self) -> int:
+        return self.ram.num_bytes
+
+    def is_hot(self, key: bytes) -> bool:
+        return key in self.ram
+
+    def forget_hot(self) -> None:
+        """Drop every hot copy (after a purge: RAM must not serve what was purged)."""
+        self.ram.clear()
+
+    def wait_for_writes(self, timeout: float | None = None) -> bool:
+        """Wait until the queued disk writes are done; True if they were in time."""
+        return self.writer.flush(timeout)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += amount
+
+    # -- the local disk tier, as tests and bench/ look at it ---------------------------
     @property
     def index(self) -> Index:
         return self.disk.index
@@ -196,51 +362,16 @@ class TieredStore:
     def disk_used(self) -> int:
         return self.disk.disk_used()
 
-    def note_in_index(self, write, *args) -> None:
+    def _note_in_index(self, write: Callable[..., Any], *args: Any) -> None:
         """Best-effort index bookkeeping: a full or read-only disk must not fail a request."""
         self.disk.note_in_index(write, *args)
 
-    def drop(self, key: bytes) -> None:
-        self.disk.drop(key)
-
-    # -- what the engine, routes and pressure watcher ask of the store -------------------
-    def register_model(self, description: dict) -> None:
-        """Name this store's model in the index, for `kvtier stats` and `ls`."""
-        self.note_in_index(self.disk.index.register_model, self.fingerprint, description)
-
-    def add_request_counters(self, deltas: dict[str, int]) -> None:
-        """This model's request counters, persisted in the index (best effort)."""
-        self.note_in_index(self.disk.index.add_counters, self.fingerprint, deltas)
-
-    @property
-    def hot_bytes(self) -> int:
-        return self.ram.num_bytes
-
-    def is_hot(self, key: bytes) -> bool:
-        return key in self.ram
-
-    def forget_hot(self) -> None:
-        """Drop every hot copy (after a purge: RAM must not serve what was purged)."""
-        self.ram.clear()
-
-    def wait_for_writes(self, timeout: float | None = None) -> bool:
-        """Wait until the queued disk writes are done; True if they were in time."""
-        return self.writer.flush(timeout)
-
-    def sweep_leftovers(self) -> int:
-        return self.disk.sweep_leftovers()
-
-    def count(self, name: str, amount: int = 1) -> None:
-        with self._counter_lock:
-            self.counters[name] += amount
-
     # -- lookup ------------------------------------------------------------------------
-    def match(self, refs: list[BlockRef], tokens: Tokens,
-              on_hit: Callable[[Hit], None] | None = None) -> Match:
+    def match(self, refs: list[BlockRef], tokens: Tokens, into: PromptBuffers | None = None) -> Match:
         """The longest cached prefix of `tokens`: a chain of full blocks, RAM first then disk,
         then the leading part of one more cached block that continues the chain. Blocks read
         from disk arrive as numpy views of their files (`promote` makes them hot later);
-        `on_hit` sees each block once confirmed, while later files are still being read."""
+        each is copied into `into` once confirmed, while later files are still being read."""
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
         found = Match([])
@@ -253,20 +384,15 @@ class TieredStore:
                 hit = self._lookup_shared(ref, block_tokens, "kv", remote.take(ref.key))
             if hit is None or len(hit.tokens) != size:
                 break
-            found.add(hit, on_hit)
+            found.add(hit, into)
         for pending in (reads, remote):
             if pending is not None:
                 pending.cancel()  # the chain ended before these
         parent = found.hits[-1].ref.key if found.hits else root_key(self.fingerprint)
-        self._match_tail(parent, len(found.hits), tokens[len(found.hits) * size :], found, on_hit)
+        self._match_tail(parent, len(found.hits), tokens[len(found.hits) * size :], found, into)
         return found
 
-    def mark_used(self, match: Match, snapshot: SnapshotHit | None = None) -> None:
-        """Every entry a request reused is now the most recently used (done after the
-        request: an index write is not worth delaying its first token for)."""
-        self._touch([h.ref.key for h in match.hits] + ([snapshot.key] if snapshot else []))
-
-    def find_snapshot(self, refs: list[BlockRef], tokens: Tokens, limit: int) -> SnapshotHit | None:
+    def _find_snapshot(self, refs: list[BlockRef], tokens: Tokens, limit: int) -> SnapshotHit | None:
         """The snapshot at the largest position <= `limit` whose prefix equals the prompt's."""
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
@@ -299,7 +425,7 @@ class TieredStore:
     def _touch(self, keys: list[bytes]) -> None:
         if keys:
             self.ram.touch_chain(keys)
-            self.note_in_index(self.index.touch, keys, now_ms())
+            self._note_in_index(self.index.touch, keys, now_ms())
 
     def _read_ahead(self, refs: list[BlockRef]) -> ReadAhead[BlockRecord]:
         """Read the files of the chain's blocks that are on disk only, in order, up to the
@@ -397,7 +523,7 @@ class TieredStore:
         return block, source
 
     def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match,
-                    on_hit: Callable[[Hit], None] | None) -> None:
+                    into: PromptBuffers | None) -> None:
         """Reuse the leading tokens of a cached child block: a block's KV for its first k
         tokens depends only on the prefix, so a repeated or extended prompt reuses them."""
         if len(tail) == 0:
@@ -412,7 +538,7 @@ class TieredStore:
         hit = self._lookup(BlockRef(key, parent, index), np.asarray(block_tokens, np.uint32), shared=True)
         if hit is not None:
             hit.usable = common_prefix(hit.tokens, tail)
-            found.add(hit, on_hit)
+            found.add(hit, into)
 
     def _read_checked(self, ref: BlockRef, block_tokens: np.ndarray, kind: str,
                       record: BlockRecord | None = None, read: Future | None = None) -> ParsedBlock | None:
@@ -452,10 +578,11 @@ class TieredStore:
             return matches_layout(shapes, parsed.dtypes, self.layout, len(parsed.tokens))
         return self.plan is not None and snapshot_matches(parsed.metadata.get("skeleton") or "", self.plan)
 
-    def pin_prefix(self, refs: list[BlockRef], tokens: Tokens, pinned: bool = True) -> int:
+    def pin_prefix(self, tokens: Tokens, pinned: bool = True) -> int:
         """Pin (or unpin) on disk every entry that holds part of `tokens`: its full blocks,
         the block continuing its tail, and the snapshots along the way."""
         size = self.config.block_size
+        refs = block_refs(tokens, size, self.fingerprint)
         tokens = np.asarray(tokens, np.uint32)
         anchors = [root_key(self.fingerprint)] + [r.key for r in refs]
         keys = [r.key for r in refs]

@@ -45,9 +45,9 @@ def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, tmp_path)
             step = 0
             while step <= max(join_at) or not batch.idle:
                 for i in (i for i, at in enumerate(join_at) if at == step):
-                    tokens = engine.chat_tokens(conversations[i])
+                    tokens = engine.renderer.chat_tokens(conversations[i])
                     batch.add(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0,
-                                                boundaries=engine.message_boundaries(conversations[i], None, tokens)),
+                                                boundaries=engine.renderer.message_boundaries(conversations[i], None, tokens)),
                               outputs[i].append)
                 batch.step()
                 step += 1
@@ -150,7 +150,7 @@ def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, t
     try:
         batch = Batch(engine, max_size=4, done=done)
         conversations = [_conversation(QUESTIONS[0]), _conversation(QUESTIONS[1])]
-        tokens = [engine.chat_tokens(c) for c in conversations]
+        tokens = [engine.renderer.chat_tokens(c) for c in conversations]
         outputs: list[list] = [[], []]
         for t, out in zip(tokens, outputs):
             batch.add(GenerationRequest(t, MAX_TOKENS, temperature=0.0), out.append)

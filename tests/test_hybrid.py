@@ -105,16 +105,16 @@ def test_message_ends_from_one_tokenization_equal_retokenizing_each_prefix(arch_
             "name": "run_shell", "description": "Run a command in the project root.",
             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}}]
         for messages, tools in ((conversation, None), (conversation, shell_tools), (conversation[:2], None)):
-            tokens = engine.chat_tokens(messages, tools)
+            tokens = engine.renderer.chat_tokens(messages, tools)
             text = engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                         tokenize=False)
-            assert engine._token_ends(text, tokens) is not None  # the one-tokenization path is taken
+            assert engine.renderer.token_ends(text, tokens) is not None  # the one-tokenization path is taken
             expected = set()
             for count in {1, *range(max(1, len(messages) - 3), len(messages) + 1)}:
                 partial = engine.tokenizer.apply_chat_template(messages[:count], tools=tools)
                 shared = next((i for i, (a, b) in enumerate(zip(partial, tokens)) if a != b),
                               min(len(partial), len(tokens)))
                 expected.add(shared)
-            assert engine.message_boundaries(messages, tools, tokens) == sorted(expected - {0})
+            assert engine.renderer.message_boundaries(messages, tools, tokens) == sorted(expected - {0})
     finally:
         engine.close()

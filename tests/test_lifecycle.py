@@ -105,7 +105,7 @@ async def main(model, cache_dir, block_size):
     config = CacheConfig(cache_dir=Path(cache_dir), block_size=int(block_size))
     worker = Worker(lambda: Engine(model, config))
     worker.start()
-    tokens = await worker.call(lambda engine: engine.text_tokens("the quick brown fox " * 20))
+    tokens = await worker.call(lambda engine: engine.renderer.text_tokens("the quick brown fox " * 20))
     async for _ in worker.generate(GenerationRequest(tokens, max_tokens=4, temperature=0.0)):
         pass
     await worker.call(hold_thread_exit)

@@ -47,7 +47,7 @@ def pick_decode_prompt(engine, model, tokenizer, max_tokens: int, attempts: int 
     for seed in range(attempts):
         system = agent_system_prompt(1000, engine.tokenizer, project=f"decode{seed}", seed=100 + seed,
                                      step=1)
-        prompt = engine.chat_tokens(messages_for(system, QUESTIONS[seed % len(QUESTIONS)]))
+        prompt = engine.renderer.chat_tokens(messages_for(system, QUESTIONS[seed % len(QUESTIONS)]))
         if time_mlx_lm(model, tokenizer, prompt, max_tokens)["tokens"] == max_tokens:
             return prompt, seed
     raise RuntimeError(f"every candidate prompt stopped at EOS before {max_tokens} tokens")

@@ -14,12 +14,10 @@ counting it under both names would double the prompt in clients that add the thr
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -31,8 +29,8 @@ from ..request_models import (AnthropicTool, CountTokensRequest, MessagesRequest
                               ThinkingBlock, ToolResultBlock, ToolUseBlock, read_body)
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
-from .openai import chunks_of
-from .tools import ToolCall, ToolCallBuffer
+from .generation import Generation, Prompt, render
+from .tools import ToolCall
 
 log = logging.getLogger("kvtier.anthropic")
 
@@ -47,14 +45,6 @@ def bad(message: str, param: str | None = None) -> ApiError:
 
 
 # -- request parsing --------------------------------------------------------------------
-@dataclass
-class Prompt:
-    messages: list[dict]     # chat-template messages, without a trailing prefill
-    tools: list[dict] | None  # tools in the OpenAI/HF function shape
-    prefill: str              # a final assistant text the answer continues ("" if none)
-    parse_tools: bool         # whether to read tool calls out of the answer
-
-
 def _blocks(content: str | list) -> list:
     """Content as a list of blocks: a string is one text block."""
     return [TextBlock(type="text", text=content)] if isinstance(content, str) else content
@@ -165,19 +155,6 @@ def parse_prompt(body: CountTokensRequest, keep_billing_line: bool = False) -> P
     return Prompt(out, tools, prefill, bool(tools) and choice != "none")
 
 
-async def tokenize(state: DaemonState, prompt: Prompt) -> tuple[list[int], list[int]]:
-    engine = state.engine()
-
-    def run() -> tuple[list[int], list[int]]:
-        tokens = engine.chat_tokens(prompt.messages, prompt.tools)
-        boundaries = engine.message_boundaries(prompt.messages, prompt.tools, tokens)
-        if prompt.prefill:
-            tokens = tokens + list(engine.tokenizer.encode(prompt.prefill, add_special_tokens=False))
-        return tokens, boundaries
-
-    return await asyncio.to_thread(run)
-
-
 def generation_request(body: MessagesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> GenerationRequest:
     max_tokens = body.max_tokens
@@ -195,41 +172,13 @@ def generation_request(body: MessagesRequest, state: DaemonState, tokens: list[i
                              stop=body.stop_sequences)
 
 
-# -- generation -------------------------------------------------------------------------
-class Generation:
-    """One request's answer as text pieces, then tool calls, stop reason and usage."""
-
-    def __init__(self, state: DaemonState, request: GenerationRequest, prompt: Prompt):
-        engine = state.engine()
-        self.state, self.request = state, request
-        self.buffer = ToolCallBuffer(engine.tokenizer, prompt.tools, enabled=prompt.parse_tools)
-        self.stop_sequence: str | None = None
-        self.finish: str | None = None
-        self.calls: list[ToolCall] = []
-        self.usage: Usage | None = None
-
-    async def texts(self) -> AsyncGenerator[str, None]:
-        """Text to show, piece by piece ("" pieces included: the first one says generation
-        has started). Tool calls are held back and parsed at the end."""
-        chunks = chunks_of(self.state, self.request)
-        try:
-            async for chunk in chunks:
-                if chunk.finish_reason:  # the engine matched stop sequences itself
-                    self.finish, self.usage = chunk.finish_reason, chunk.usage
-                    self.stop_sequence = chunk.stop_sequence
-                yield self.buffer.feed(chunk.text)
-        finally:
-            await chunks.aclose()
-        tail, self.calls = self.buffer.finish()
-        yield tail
-
-    @property
-    def stop_reason(self) -> str:
-        if self.calls:
-            return "tool_use"
-        if self.stop_sequence is not None:
-            return "stop_sequence"
-        return "max_tokens" if self.finish == "length" else "end_turn"
+# -- the answer --------------------------------------------------------------------------
+def stop_reason(generation: Generation) -> str:
+    if generation.calls:
+        return "tool_use"
+    if generation.stop_sequence is not None:
+        return "stop_sequence"
+    return "max_tokens" if generation.finish == "length" else "end_turn"
 
 
 def usage_json(usage: Usage | None) -> dict:
@@ -259,7 +208,7 @@ async def messages(http: web.Request) -> web.StreamResponse:
     body = await read_body(http, MessagesRequest)
     model = state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
-    tokens, boundaries = await tokenize(state, prompt)
+    tokens, boundaries = await render(state, prompt)
     request = generation_request(body, state, tokens, boundaries)
     generation = Generation(state, request, prompt)
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
@@ -271,7 +220,7 @@ async def messages(http: web.Request) -> web.StreamResponse:
         if text or not generation.calls:
             content.append({"type": "text", "text": text.strip() if generation.calls else text})
         content.extend(tool_use_block(call) for call in generation.calls)
-        return web.json_response(dict(message, content=content, stop_reason=generation.stop_reason,
+        return web.json_response(dict(message, content=content, stop_reason=stop_reason(generation),
                                       stop_sequence=generation.stop_sequence,
                                       usage=usage_json(generation.usage)))
     return await stream_events(http, generation, message, len(tokens))
@@ -333,7 +282,7 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
         await send("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
     await send("message_delta", {"type": "message_delta", "delta": {
-        "stop_reason": generation.stop_reason, "stop_sequence": generation.stop_sequence},
+        "stop_reason": stop_reason(generation), "stop_sequence": generation.stop_sequence},
         "usage": usage_json(generation.usage)})
     await send("message_stop", {"type": "message_stop"})
 
@@ -344,5 +293,5 @@ async def count_tokens(http: web.Request) -> web.Response:
     body = await read_body(http, CountTokensRequest)
     state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
-    tokens, _ = await tokenize(state, prompt)
+    tokens, _ = await render(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})

@@ -26,13 +26,9 @@ async def health(http: web.Request) -> web.Response:
     if worker.engine is None:
         status = "error" if worker.load_error else "loading"
         return web.json_response({"status": status, "error": worker.load_error}, status=503)
-    store = worker.engine.store
-    body = {"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-            "disk_writable": store.disk_error is None, "disk_error": store.disk_error,
-            "batching": _batching(worker)}
-    if store.shared is not None:  # an unreachable shared store degrades nothing: still "ok"
-        body.update(shared_connected=store.shared.connected, shared_error=store.shared.error)
-    return web.json_response(body)
+    # A read-only disk or an unreachable shared store degrades nothing: still "ok".
+    return web.json_response({"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
+                              **worker.engine.store.health(), "batching": _batching(worker)})
 
 
 def _batching(worker) -> dict:
@@ -64,7 +60,7 @@ async def cache_stats(http: web.Request) -> web.Response:
 
 
 def _cache_dir(http: web.Request) -> LocalDisk:
-    return http.app[STATE].engine().store.disk  # the CLI's operations, on the daemon's own disk tier
+    return http.app[STATE].engine().store.local_disk  # the CLI's operations, on the daemon's own disk tier
 
 
 @routes.get("/cache/entries")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, cast
+from typing import Any, AsyncIterator, Callable, cast
 
 from aiohttp import web
 
@@ -16,7 +16,7 @@ from ..errors import ApiError
 from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                               OpenAISampling, read_body)
 from ..state import DaemonState, STATE
-from ..worker import Overloaded
+from .generation import Prompt, chunks_of, render
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 
 routes = web.RouteTableDef()
@@ -69,15 +69,6 @@ def usage_json(usage: Usage | None) -> dict:
     }
 
 
-async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
-    try:
-        async for chunk in state.worker.generate(request):
-            yield chunk
-    except Overloaded:
-        raise ApiError(503, "too many requests are waiting; retry shortly", type_="server_error",
-                       code="overloaded", headers={"Retry-After": "2"}) from None
-
-
 async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, Chunk]:
     texts, last = [], None
     async for chunk in chunks_of(state, request):
@@ -117,12 +108,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     parse_tools = bool(tools) and body.tool_choice != "none"
     include_usage = body.stream_options.include_usage
     engine = state.engine()
-
-    def tokenize() -> tuple[list[int], list[int]]:
-        tokens = engine.chat_tokens(messages, tools)
-        return tokens, engine.message_boundaries(messages, tools, tokens)
-
-    tokens, boundaries = await asyncio.to_thread(tokenize)
+    tokens, boundaries = await render(state, Prompt(messages, tools, "", parse_tools))
     request = parse_generation(body, state, tokens)
     request.boundaries = boundaries
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -174,7 +160,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
     model = state.requested_model(body.model)
     include_usage = body.stream_options.include_usage
     engine = state.engine()
-    tokens = await asyncio.to_thread(engine.text_tokens, body.prompt)
+    tokens = await asyncio.to_thread(engine.renderer.text_tokens, body.prompt)
     if not tokens:
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
     request = parse_generation(body, state, tokens)

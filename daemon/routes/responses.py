@@ -13,7 +13,6 @@ restored from the cache, as in Chat Completions; `cache_write_tokens` is the par
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -32,7 +31,7 @@ from ..request_models import (FunctionCallItem, FunctionCallOutputItem, Function
                               FunctionTool, InputText, MessageItem, NamespaceTool,
                               ResponsesRequest, read_body)
 from ..state import STATE, DaemonState
-from .anthropic import Generation, Prompt
+from .generation import Generation, Prompt, render
 from .tools import ToolCall
 
 log = logging.getLogger("kvtier.responses")
@@ -270,15 +269,9 @@ async def create_response(http: web.Request) -> web.StreamResponse:
     messages = instructions + conversation
     if not messages:
         raise bad("'input' must not be empty", "input")
-    engine = state.engine()
-
-    def tokenize() -> tuple[list[int], list[int]]:
-        tokens = engine.chat_tokens(messages, tools.template)
-        return tokens, engine.message_boundaries(messages, tools.template, tokens)
-
-    tokens, boundaries = await asyncio.to_thread(tokenize)
-    request = generation_request(body, state, tokens, boundaries)
     prompt = Prompt(messages, tools.template, "", bool(tools.template) and body.tool_choice != "none")
+    tokens, boundaries = await render(state, prompt)
+    request = generation_request(body, state, tokens, boundaries)
     generation = Generation(state, request, prompt)
     answer = Answer(body, model, tools, previous, request)
 

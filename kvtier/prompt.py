@@ -1,0 +1,109 @@
+"""A request's prompt as tokens: the model's chat template rendered and tokenized, and where
+its messages end (the snapshot points of recurrent layers). Nothing here runs MLX: the routes
+call it on the event loop's thread pool, before the request reaches the MLX thread."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from typing import Any
+
+import numpy as np
+from jinja2 import TemplateError
+
+from .tiers import common_prefix
+
+
+def fold_system_messages(messages: list[dict]) -> list[dict]:
+    """Messages for a chat template that takes a system message only first: each later system
+    message is appended to the user message before it, else put before the next user message,
+    else becomes a user message of its own."""
+    out: list[dict] = []
+    pending: list[str] = []  # system texts waiting for the next user message
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
+                out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{message['content']}")
+            else:
+                pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user" and isinstance(message["content"], str):
+            message = dict(message, content="\n\n".join([*pending, message["content"]]))
+            pending = []
+        out.append(message)
+    out.extend({"role": "user", "content": text} for text in pending)
+    return out
+
+
+class Renderer:
+    """Prompts for one model's tokenizer (mlx-lm's TokenizerWrapper). `boundaries`: whether
+    message ends are worth finding (only models with snapshot layers use them)."""
+
+    def __init__(self, tokenizer: Any, boundaries: bool):
+        self.tokenizer = tokenizer
+        self.boundaries = boundaries
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               prefill: str = "") -> tuple[list[int], list[int]]:
+        """The prompt's tokens (a `prefill` the answer continues after the generation prompt)
+        and its message ends."""
+        tokens = self.chat_tokens(messages, tools)
+        boundaries = self.message_boundaries(messages, tools, tokens)
+        if prefill:
+            tokens = tokens + list(self.tokenizer.encode(prefill, add_special_tokens=False))
+        return tokens, boundaries
+
+    def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self._template(messages, tools, add_generation_prompt=True)
+
+    def text_tokens(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt))
+
+    def message_boundaries(self, messages: list[dict], tools: list[dict] | None,
+                           tokens: list[int]) -> list[int]:
+        """Where the system prompt and the last few messages end in `tokens`: the points a
+        later request most likely shares, worth a snapshot for recurrent layers."""
+        if not self.boundaries:
+            return []
+        counts = sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)})
+        full = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
+        ends_in_text = self.token_ends(full, tokens)
+        ends = []
+        for count in counts:
+            if ends_in_text is not None:  # text renders are cheap; tokenizing a long prompt is not
+                partial = self._template(messages[:count], tools, add_generation_prompt=False, tokenize=False)
+                ends.append(bisect.bisect_right(ends_in_text, len(os.path.commonprefix([partial, full]))))
+            else:
+                partial = self._template(messages[:count], tools, add_generation_prompt=False)
+                ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
+        return sorted(set(e for e in ends if e > 0))
+
+    def token_ends(self, text: str, tokens: list[int]) -> list[int] | None:
+        """Where each of `tokens` ends in `text` (characters), from one tokenization with
+        offsets; None when the tokenizer gives no offsets or tokenizes `text` otherwise."""
+        try:  # the Hugging Face fast tokenizer's own (Rust) tokenizer: it gives offsets
+            encoded = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+            ids, ends = encoded.ids, [end for _, end in encoded.offsets]
+        except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
+            return None
+        if list(ids) != list(tokens) or ends != sorted(ends):
+            return None
+        return ends
+
+    def _template(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+                  tokenize: bool = True) -> Any:
+        kwargs = {"tools": tools} if tools else {}
+
+        def apply(messages: list[dict]) -> Any:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+        try:
+            rendered = apply(messages)
+        except TemplateError:
+            folded = fold_system_messages(messages)
+            if folded == messages:
+                raise
+            # Templates such as Qwen's refuse a system message after the first one.
+            rendered = apply(folded)
+        return list(rendered) if tokenize else rendered
