@@ -182,6 +182,45 @@ def keyed_daemon(tmp_path_factory, llama_model):
     daemon.stop(signal.SIGKILL)
 
 
+@pytest.fixture(scope="module")
+def app_daemon(tmp_path_factory, llama_model):
+    """The daemon's app in this process, for a module's tests of what routes answer, where
+    a subprocess adds nothing but its start-up (tests/inprocess.py)."""
+    from inprocess import InProcessDaemon
+
+    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("app") / "cache").start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tmp_path_factory, llama_model):
+    """The app in this process with --api-key, for what reaches it before the key check."""
+    from inprocess import InProcessDaemon
+
+    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("keyed-app") / "cache",
+                             "--api-key", "s3cret").start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def app_factory(tmp_path):
+    """In-process apps of a given model and flags, each with its own cache, stopped after the test."""
+    from inprocess import InProcessDaemon
+
+    started: list = []
+
+    def make(model: Path, *extra: str):
+        daemon = InProcessDaemon(model, tmp_path / f"cache-{len(started)}", *extra)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
 def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, bytes]:
     """Send `request` as bytes (no client library checks what goes on the wire); return the
     status and the body of the answer: Content-Length bytes, or all until the daemon closes."""
