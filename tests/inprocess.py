@@ -47,6 +47,11 @@ class Reply:
     def text(self) -> str:
         return self.body.decode()
 
+    @property
+    def content(self) -> Any:
+        """The JSON value of a JSON answer, else its text (a stream's events)."""
+        return self.json() if "json" in self.headers.get("Content-Type", "") else self.text
+
 
 class InProcessDaemon:
     """The app `kvtier serve` would run with the same flags, served on 127.0.0.1."""
