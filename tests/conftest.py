@@ -174,14 +174,6 @@ def shared_daemon(tmp_path_factory, llama_model):
     daemon.stop(signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def keyed_daemon(tmp_path_factory, llama_model):
-    """One daemon started with --api-key, for the tests of what reaches it before the key check."""
-    daemon = Daemon(llama_model, tmp_path_factory.mktemp("keyed") / "cache", "--api-key", "s3cret").start()
-    yield daemon
-    daemon.stop(signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def app_daemon(tmp_path_factory, llama_model):
     """The daemon's app in this process, for a module's tests of what routes answer, where
