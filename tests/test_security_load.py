@@ -36,8 +36,8 @@ def test_cache_files_are_private(daemon):
         assert mode == (0o700 if path.is_dir() else 0o600), path
 
 
-def test_api_key_is_required_on_every_route(daemon_factory, llama_model):
-    daemon = daemon_factory(llama_model, "--api-key", "s3cret")
+def test_api_key_is_required_on_every_route(app_factory, llama_model):
+    daemon = app_factory(llama_model, "--api-key", "s3cret")
     for path in ("/health", "/v1/models", "/cache/stats", "/metrics"):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(daemon.url + path)
