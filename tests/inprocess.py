@@ -86,9 +86,10 @@ class InProcessDaemon:
         if self._http is not None:
             self._run(self._http.close())
             self._http = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        if self._thread.is_alive():  # once: a failed start has stopped it already
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 300) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
