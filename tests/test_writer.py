@@ -113,5 +113,6 @@ def test_close_writes_every_queued_job_then_stops_the_thread(files):
     assert closing.is_alive()  # waiting for the queued writes, not dropping them
     files.gate.set()
     closing.join()
-    assert files.order == ["a", "b", "c"] and sorted(p.name for p in files.directory.iterdir()) == ["a", "b", "c"]
+    assert files.order == ["a", "b", "c"]
+    assert sorted(p.name for p in files.directory.iterdir()) == ["a", "b", "c"]
     assert not writer._thread.is_alive()
