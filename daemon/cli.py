@@ -23,12 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(args: argparse.Namespace) -> int:
-    from . import server
-    from .app import init_app
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The daemon's settings from `kvtier serve`'s flags (ValueError for a bad combination)."""
     from .auth import is_loopback
     from .model_names import parse_alias
-    from kvtier.hub import fetch_model
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -53,6 +51,15 @@ def serve(args: argparse.Namespace) -> int:
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    from . import server
+    from .app import init_app
+    from kvtier.hub import fetch_model
+
+    config = serve_config(args)
     fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
     server.run(init_app(config), config.host, config.port)
     return 0

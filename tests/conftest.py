@@ -188,12 +188,43 @@ def shared_daemon(tmp_path_factory, llama_model):
     daemon.stop(signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def keyed_daemon(tmp_path_factory, llama_model):
-    """One daemon started with --api-key, for the tests of what reaches it before the key check."""
-    daemon = Daemon(llama_model, tmp_path_factory.mktemp("keyed") / "cache", "--api-key", "s3cret").start()
+@pytest.fixture(scope="module")
+def app_daemon(tmp_path_factory, llama_model):
+    """The daemon's app in this process, for a module's tests of what routes answer, where
+    a subprocess adds nothing but its start-up (tests/inprocess.py)."""
+    from inprocess import InProcessDaemon
+
+    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("app") / "cache").start()
     yield daemon
-    daemon.stop(signal.SIGKILL)
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tmp_path_factory, llama_model):
+    """The app in this process with --api-key, for what reaches it before the key check."""
+    from inprocess import InProcessDaemon
+
+    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("keyed-app") / "cache",
+                             "--api-key", "s3cret").start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def app_factory(tmp_path):
+    """In-process apps of a given model and flags, each with its own cache, stopped after the test."""
+    from inprocess import InProcessDaemon
+
+    started: list = []
+
+    def make(model: Path, *extra: str):
+        daemon = InProcessDaemon(model, tmp_path / f"cache-{len(started)}", *extra)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        daemon.stop()
 
 
 def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, bytes]:
@@ -211,18 +242,11 @@ def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, byte
     return int(head.split(b" ", 2)[1]), body
 
 
-def post(daemon, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
-    """POST `body` as JSON (or `raw` bytes as they are); return the status, the JSON (or text)
-    answer and its headers, for errors too."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(daemon.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as r:
-            text = r.read().decode()
-            return r.status, (json.loads(text) if "json" in r.headers["Content-Type"] else text), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), dict(e.headers)
+def post(app, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
+    """POST `body` as JSON (or `raw` bytes as they are) to an in-process app; return the status,
+    the JSON (or text) answer and its headers, for errors too."""
+    reply = app.post(path, body, raw=raw)
+    return reply.status, reply.content, reply.headers
 
 
 def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | None = None,

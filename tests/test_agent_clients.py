@@ -1,14 +1,15 @@
-"""What today's coding agents send, through a real daemon: any model name, Anthropic requests
-as Claude Code sends them (recorded bodies in tests/fixtures/claude_code), disconnects."""
+"""What today's coding agents send: any model name, Anthropic requests as Claude Code sends
+them (recorded bodies in tests/fixtures/claude_code), on the daemon's app served in the test
+process; and clients that leave mid-stream, through a `kvtier serve` subprocess and its log."""
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
-from pathlib import Path
-import urllib.error
 import urllib.request
+from pathlib import Path
 
 import anthropic
 import openai
@@ -20,13 +21,8 @@ MESSAGE = [{"role": "user", "content": "hi"}]
 
 
 def post(daemon, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(daemon.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    reply = daemon.post(path, body, headers=headers)
+    return reply.status, reply.json()
 
 
 def anthropic_client(daemon) -> anthropic.Anthropic:
@@ -34,22 +30,22 @@ def anthropic_client(daemon) -> anthropic.Anthropic:
 
 
 # -- model names ------------------------------------------------------------------------
-def test_any_model_name_is_served_and_echoed(shared_daemon):
-    reply = anthropic_client(shared_daemon).messages.create(
+def test_any_model_name_is_served_and_echoed(app_daemon, caplog):
+    caplog.set_level(logging.INFO, logger="kvtier.models")
+    reply = anthropic_client(app_daemon).messages.create(
         model="claude-opus-5-5", messages=MESSAGE, max_tokens=2)
     assert reply.model == "claude-opus-5-5" and reply.usage.output_tokens >= 1
-    chat = shared_daemon.client().chat.completions.create(model="gpt-5-codex", messages=MESSAGE,
-                                                          max_tokens=2)
+    chat = app_daemon.client().chat.completions.create(model="gpt-5-codex", messages=MESSAGE,
+                                                       max_tokens=2)
     assert chat.model == "gpt-5-codex"
-    log = shared_daemon.log.read_text()
-    assert log.count("requests for model 'claude-opus-5-5' are served by") == 1
-    anthropic_client(shared_daemon).messages.create(model="claude-opus-5-5", messages=MESSAGE,
-                                                    max_tokens=1)
-    assert shared_daemon.log.read_text().count("model 'claude-opus-5-5' are served by") == 1
+    assert caplog.text.count("requests for model 'claude-opus-5-5' are served by") == 1
+    anthropic_client(app_daemon).messages.create(model="claude-opus-5-5", messages=MESSAGE,
+                                                 max_tokens=1)
+    assert caplog.text.count("model 'claude-opus-5-5' are served by") == 1  # said once
 
 
-def test_strict_names_refuse_others_and_aliases_are_listed(daemon_factory, llama_model):
-    daemon = daemon_factory(llama_model, "--strict-model-names", "--model-alias", "house-model",
+def test_strict_names_refuse_others_and_aliases_are_listed(app_factory, llama_model):
+    daemon = app_factory(llama_model, "--strict-model-names", "--model-alias", "house-model",
                             "--model-alias", f"coder={llama_model}")
     models = daemon.client().models.list()
     assert [m.id for m in models.data] == [str(llama_model), "house-model", "coder"]
@@ -95,8 +91,8 @@ MID_SYSTEM = {"system": "You are a coding agent.", "messages": [
     {"role": "system", "content": [{"type": "text", "text": "# Environment\nDirectory: /work"}]}]}
 
 
-def test_mid_conversation_system_message_is_rendered_where_it_stands(shared_daemon, reference):
-    reply = anthropic_client(shared_daemon).messages.create(
+def test_mid_conversation_system_message_is_rendered_where_it_stands(app_daemon, reference):
+    reply = anthropic_client(app_daemon).messages.create(
         model="claude-opus-5-5", max_tokens=10, extra_body={"temperature": 0}, **MID_SYSTEM)
     expected = reference.chat([{"role": "system", "content": "You are a coding agent."},
                                {"role": "user", "content": "List the files."},
@@ -105,8 +101,8 @@ def test_mid_conversation_system_message_is_rendered_where_it_stands(shared_daem
 
 
 def test_mid_conversation_system_message_is_folded_when_the_template_refuses_it(
-        daemon_factory, first_system_only_model, reference):
-    daemon = daemon_factory(first_system_only_model)
+        app_factory, first_system_only_model, reference):
+    daemon = app_factory(first_system_only_model)
     reply = anthropic_client(daemon).messages.create(
         model="claude-opus-5-5", max_tokens=10, extra_body={"temperature": 0}, **MID_SYSTEM)
     expected = reference.chat([{"role": "system", "content": "You are a coding agent."},
@@ -115,19 +111,19 @@ def test_mid_conversation_system_message_is_folded_when_the_template_refuses_it(
     assert reply.content[0].text == expected
 
 
-def test_unknown_role_is_refused_in_anthropic_shape(shared_daemon):
-    status, body = post(shared_daemon, "/v1/messages", {
+def test_unknown_role_is_refused_in_anthropic_shape(app_daemon):
+    status, body = post(app_daemon, "/v1/messages", {
         "model": "m", "max_tokens": 2, "messages": [{"role": "wizard", "content": "hi"}]})
     assert status == 400 and body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
     assert "messages.0.role" in body["error"]["message"]
 
 
-def test_recorded_claude_code_request_is_accepted_as_sent(shared_daemon):
+def test_recorded_claude_code_request_is_accepted_as_sent(app_daemon):
     """Every field and beta header of a real Claude Code request (thinking, context_management,
     output_config, metadata, cache_control, a system message inside messages)."""
     body, headers = recorded("first_conversation")
-    status, counted = post(shared_daemon, "/v1/messages/count_tokens", body, headers)
+    status, counted = post(app_daemon, "/v1/messages/count_tokens", body, headers)
     assert status == 200 and counted["input_tokens"] > 5000
 
 
@@ -139,10 +135,10 @@ def ask_recorded(daemon, name: str) -> dict:
     return reply["usage"]
 
 
-def test_new_claude_code_conversation_reuses_the_system_prompt_and_tools(daemon_factory, tiny_model):
+def test_new_claude_code_conversation_reuses_the_system_prompt_and_tools(app_factory, tiny_model):
     """Two recorded conversations differ in the billing line (cc_version=…1c9 / …34c), the
     question, and what follows it: all before the question comes from the cache."""
-    daemon = daemon_factory(tiny_model)
+    daemon = app_factory(tiny_model)
     first = ask_recorded(daemon, "first_conversation")
     second = ask_recorded(daemon, "second_conversation")
     assert first["cache_read_input_tokens"] == 0
@@ -159,8 +155,8 @@ def billing_request(version: str) -> dict:
 
 
 @pytest.mark.parametrize("flags,reused", [((), True), (("--keep-billing-header",), False)])
-def test_billing_line_is_dropped_unless_kept(daemon_factory, tiny_model, flags, reused):
-    daemon = daemon_factory(tiny_model, *flags)
+def test_billing_line_is_dropped_unless_kept(app_factory, tiny_model, flags, reused):
+    daemon = app_factory(tiny_model, *flags)
     post(daemon, "/v1/messages", billing_request("1c9"))
     status, reply = post(daemon, "/v1/messages", billing_request("34c"))
     assert status == 200

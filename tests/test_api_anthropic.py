@@ -1,10 +1,10 @@
 """The Anthropic Messages API and tool use on both APIs, judged by the real `anthropic` and
-`openai` clients and by plain mlx-lm on the same chat-template prompt."""
+`openai` clients and by plain mlx-lm on the same chat-template prompt, on the daemon's app
+served in the test process."""
 
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import anthropic
 import pytest
@@ -35,19 +35,20 @@ def system_prompt(project: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(shared_daemon) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=shared_daemon.url, api_key="unused", max_retries=0,
+def client(app_daemon) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=app_daemon.url, api_key="unused", max_retries=0,
                                timeout=300)
 
 
 @pytest.fixture(scope="module")
-def model(shared_daemon) -> str:
-    return str(shared_daemon.model)
+def model(app_daemon) -> str:
+    return str(app_daemon.model)
 
 
 def reference_tokens(reference, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     kwargs = {"tools": tools} if tools else {}
     return list(reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+
 
 
 def sse_events(text: str) -> list[tuple[str, dict]]:
@@ -96,13 +97,13 @@ def test_system_blocks_with_cache_control_equal_a_string_system(client, model, r
     assert text_of(response) == reference.chat(expected, 10)
 
 
-def test_stream_events_text_and_usage(shared_daemon, client, model, reference):
+def test_stream_events_text_and_usage(app_daemon, client, model, reference):
     system = system_prompt("streaming")
     messages = [{"role": "user", "content": "Stream it."}]
     expected = reference.chat([{"role": "system", "content": system}, *messages], 12)
     body = {"model": model, "system": system, "messages": messages, "max_tokens": 12,
             "temperature": 0, "stream": True}
-    status, text, headers = post(shared_daemon, "/v1/messages", body)
+    status, text, headers = post(app_daemon, "/v1/messages", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = sse_events(text)
     names = [name for name, _ in events]
@@ -207,7 +208,7 @@ def test_count_tokens_equals_the_prompt_length(client, model, reference):
     assert with_tools.input_tokens > count.input_tokens
 
 
-def test_stop_sequences_and_max_tokens(shared_daemon, client, model, reference):
+def test_stop_sequences_and_max_tokens(app_daemon, client, model, reference):
     system = system_prompt("stopping")
     messages = [{"role": "user", "content": "Say something."}]
     full = reference.chat([{"role": "system", "content": system}, *messages], 20)
@@ -220,7 +221,7 @@ def test_stop_sequences_and_max_tokens(shared_daemon, client, model, reference):
 
     body = {"model": model, "system": system, "messages": messages, "max_tokens": 20,
             "temperature": 0, "stream": True, "stop_sequences": [stop]}
-    events = sse_events(post(shared_daemon, "/v1/messages", body)[1])
+    events = sse_events(post(app_daemon, "/v1/messages", body)[1])
     streamed = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
     assert streamed == full[: full.index(stop)]
     assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": stop}
@@ -260,18 +261,18 @@ MESSAGE = [{"role": "user", "content": "hi"}]
     ({"model": "MODEL", "messages": [{"role": "user", "content": [
         {"type": "tool_result", "content": "x"}]}], "max_tokens": 5}, 400, "invalid_request_error", "tool_use_id"),
 ])
-def test_bad_requests_get_anthropic_errors(shared_daemon, body, status, kind, words):
-    body = {k: (str(shared_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
-    code, response, _ = post(shared_daemon, "/v1/messages", body)
+def test_bad_requests_get_anthropic_errors(app_daemon, body, status, kind, words):
+    body = {k: (str(app_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
+    code, response, _ = post(app_daemon, "/v1/messages", body)
     assert code == status
     assert response["type"] == "error" and set(response["error"]) == {"type", "message"}
     assert response["error"]["type"] == kind and words in response["error"]["message"]
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
-def test_malformed_bodies_get_anthropic_errors(shared_daemon, raw):
+def test_malformed_bodies_get_anthropic_errors(app_daemon, raw):
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
-        code, response, _ = post(shared_daemon, path, None, raw=raw)
+        code, response, _ = post(app_daemon, path, None, raw=raw)
         assert code == 400 and response["error"]["type"] == "invalid_request_error"
 
 
@@ -325,8 +326,8 @@ def test_stop_matcher_names_the_earliest_stop():
 
 
 # -- OpenAI side: tools through the chat template -----------------------------------------
-def test_openai_tools_are_rendered_and_tool_turns_equal_mlx_lm(shared_daemon, model, reference):
-    client = shared_daemon.client()
+def test_openai_tools_are_rendered_and_tool_turns_equal_mlx_lm(app_daemon, model, reference):
+    client = app_daemon.client()
     system = system_prompt("openai-tools")
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Read a.py."}]
     plain = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
@@ -359,18 +360,18 @@ def test_openai_tools_are_rendered_and_tool_turns_equal_mlx_lm(shared_daemon, mo
         response.choices[0].message.content
 
 
-def test_openai_rejects_malformed_tools(shared_daemon, model):
-    code, response, _ = post(shared_daemon, "/v1/chat/completions", {
+def test_openai_rejects_malformed_tools(app_daemon, model):
+    code, response, _ = post(app_daemon, "/v1/chat/completions", {
         "model": model, "messages": MESSAGE, "tools": [{"type": "function"}]})
     assert code == 400 and response["error"]["param"] == "tools[0].function"
-    code, response, _ = post(shared_daemon, "/v1/chat/completions", {
+    code, response, _ = post(app_daemon, "/v1/chat/completions", {
         "model": model, "max_tokens": 2, "messages": MESSAGE + [
             {"role": "assistant", "tool_calls": [{"type": "function", "function": {
                 "name": "f", "arguments": "{not json"}}]}]})
     assert code == 400 and response["error"]["param"] == "messages[1].tool_calls[0].function.arguments"
 
 
-def test_claude_code_style_request(shared_daemon):
+def test_claude_code_style_request(app_daemon):
     """Fields an agent like Claude Code sends (query string, beta headers, metadata, thinking,
     cache_control everywhere, echoed thinking blocks) are accepted; `model` may be "default"."""
     body = {
@@ -393,11 +394,10 @@ def test_claude_code_style_request(shared_daemon):
                                           "cache_control": {"type": "ephemeral"}}]},
         ],
     }
-    request = urllib.request.Request(
-        shared_daemon.url + "/v1/messages?beta=true", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "x-api-key": "anything",
-                 "anthropic-version": "2023-06-01", "anthropic-beta": "prompt-caching-2024-07-31"})
-    with urllib.request.urlopen(request, timeout=300) as r:
-        events = sse_events(r.read().decode())
+    reply = app_daemon.post("/v1/messages?beta=true", body, headers={
+        "x-api-key": "anything", "anthropic-version": "2023-06-01",
+        "anthropic-beta": "prompt-caching-2024-07-31"})
+    assert reply.status == 200, reply.body[:500]
+    events = sse_events(reply.text)
     assert events[0][0] == "message_start" and events[-1][0] == "message_stop"
     assert events[-2][1]["usage"]["output_tokens"] <= 6

@@ -1,9 +1,9 @@
-"""The OpenAI-compatible API, judged by the real `openai` client and OpenAI's own schema."""
+"""The OpenAI-compatible API, judged by the real `openai` client and OpenAI's own schema, on
+the daemon's app served in the test process."""
 
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -40,21 +40,22 @@ def validate():
     return check
 
 
-def test_chat_completion_matches_schema(shared_daemon, validate):
-    body = {"model": str(shared_daemon.model), "messages": agent_messages(), "max_tokens": 8,
+
+def test_chat_completion_matches_schema(app_daemon, validate):
+    body = {"model": str(app_daemon.model), "messages": agent_messages(), "max_tokens": 8,
             "temperature": 0}
-    status, response, _ = post(shared_daemon, "/v1/chat/completions", body)
+    status, response, _ = post(app_daemon, "/v1/chat/completions", body)
     assert status == 200
     validate(response, "CreateChatCompletionResponse")
     assert response["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
     assert set(response["usage"]["kvtier"]) >= {"ram_tokens", "disk_tokens", "computed_tokens"}
 
 
-def test_stream_chunks_match_schema_and_equal_non_stream(shared_daemon, validate, reference):
+def test_stream_chunks_match_schema_and_equal_non_stream(app_daemon, validate, reference):
     messages = agent_messages(question="Stream it.")
-    body = {"model": str(shared_daemon.model), "messages": messages, "max_tokens": 12,
+    body = {"model": str(app_daemon.model), "messages": messages, "max_tokens": 12,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    status, text, headers = post(shared_daemon, "/v1/chat/completions", body)
+    status, text, headers = post(app_daemon, "/v1/chat/completions", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -66,32 +67,32 @@ def test_stream_chunks_match_schema_and_equal_non_stream(shared_daemon, validate
     assert chunks[-1]["usage"]["completion_tokens"] == 12 and chunks[-1]["choices"] == []
 
 
-def test_completions_and_models_match_schema(shared_daemon, validate, reference):
+def test_completions_and_models_match_schema(app_daemon, validate, reference):
     prompt = "def read_config(path):\n    " * 20
-    body = {"model": str(shared_daemon.model), "prompt": prompt, "max_tokens": 10, "temperature": 0}
-    status, response, _ = post(shared_daemon, "/v1/completions", body)
+    body = {"model": str(app_daemon.model), "prompt": prompt, "max_tokens": 10, "temperature": 0}
+    status, response, _ = post(app_daemon, "/v1/completions", body)
     assert status == 200
     validate(response, "CreateCompletionResponse")
     tokens = list(reference.tokenizer.encode(prompt))
     assert response["choices"][0]["text"] == reference.generate(tokens, 10)
-    models = json.loads(urllib.request.urlopen(shared_daemon.url + "/v1/models").read())
+    models = app_daemon.get("/v1/models")
     validate(models, "ListModelsResponse")
-    assert [m["id"] for m in models["data"]] == [str(shared_daemon.model)]
+    assert [m["id"] for m in models["data"]] == [str(app_daemon.model)]
 
 
-def test_stop_sequences_max_tokens_and_seed(shared_daemon, reference):
-    client = shared_daemon.client()
+def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
+    client = app_daemon.client()
     messages = agent_messages(question="Say something.")
     full = reference.chat(messages, 20)
     stop = full[5:8]
-    response = client.chat.completions.create(model=str(shared_daemon.model), messages=messages,
+    response = client.chat.completions.create(model=str(app_daemon.model), messages=messages,
                                               max_tokens=20, temperature=0, stop=[stop])
     assert response.choices[0].message.content == full[: full.index(stop)]
     assert response.choices[0].finish_reason == "stop"
-    response = client.chat.completions.create(model=str(shared_daemon.model), messages=messages,
+    response = client.chat.completions.create(model=str(app_daemon.model), messages=messages,
                                               max_tokens=3, temperature=0)
     assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 3
-    sampled = [client.chat.completions.create(model=str(shared_daemon.model), messages=messages,
+    sampled = [client.chat.completions.create(model=str(app_daemon.model), messages=messages,
                                               max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -111,30 +112,30 @@ def test_stop_sequences_max_tokens_and_seed(shared_daemon, reference):
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
 ])
-def test_bad_chat_requests_get_openai_errors(shared_daemon, validate, body, status, param):
-    body = {k: (str(shared_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
-    code, response, _ = post(shared_daemon, "/v1/chat/completions", body)
+def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status, param):
+    body = {k: (str(app_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
+    code, response, _ = post(app_daemon, "/v1/chat/completions", body)
     assert code == status
     validate(response, "ErrorResponse")
     assert response["error"]["param"] == param
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
-def test_malformed_bodies_are_rejected(shared_daemon, validate, raw):
-    code, response, _ = post(shared_daemon, "/v1/chat/completions", None, raw=raw)
+def test_malformed_bodies_are_rejected(app_daemon, validate, raw):
+    code, response, _ = post(app_daemon, "/v1/chat/completions", None, raw=raw)
     assert code == 400
     validate(response, "ErrorResponse")
 
 
-def test_prompt_longer_than_context_is_rejected_and_daemon_stays_healthy(shared_daemon):
-    client = shared_daemon.client()
+def test_prompt_longer_than_context_is_rejected_and_daemon_stays_healthy(app_daemon):
+    client = app_daemon.client()
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=str(shared_daemon.model), prompt="word " * 40_000, max_tokens=4)
+        client.completions.create(model=str(app_daemon.model), prompt="word " * 40_000, max_tokens=4)
     assert err.value.body["code"] == "context_length_exceeded"
-    assert shared_daemon.get("/health")["status"] == "ok"
+    assert app_daemon.get("/health")["status"] == "ok"
 
 
-def test_unknown_route_is_a_json_404(shared_daemon, validate):
-    code, response, _ = post(shared_daemon, "/v1/nothing", {})
+def test_unknown_route_is_a_json_404(app_daemon, validate):
+    code, response, _ = post(app_daemon, "/v1/nothing", {})
     assert code == 404
     validate(response, "ErrorResponse")

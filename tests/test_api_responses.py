@@ -1,11 +1,11 @@
 """OpenAI's Responses API (POST /v1/responses), driven by the real `openai` client's
-`responses` API, validated against OpenAI's own schemas, and equal to plain mlx-lm."""
+`responses` API, validated against OpenAI's own schemas, and equal to plain mlx-lm, on the
+daemon's app served in the test process."""
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
+import logging
 from pathlib import Path
 
 import jsonschema
@@ -48,19 +48,13 @@ def validate():
 
 
 @pytest.fixture(scope="module")
-def client(shared_daemon) -> openai.OpenAI:
-    return shared_daemon.client()
+def client(app_daemon) -> openai.OpenAI:
+    return app_daemon.client()
 
 
 def post(daemon, body: dict) -> tuple[int, dict | str]:
-    request = urllib.request.Request(daemon.url + "/v1/responses", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as r:
-            text = r.read().decode()
-            return r.status, (json.loads(text) if "json" in r.headers["Content-Type"] else text)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    reply = daemon.post("/v1/responses", body)
+    return reply.status, reply.content
 
 
 def sse(text: str) -> list[dict]:
@@ -73,11 +67,11 @@ def sse(text: str) -> list[dict]:
     return events
 
 
-def test_text_input_equals_mlx_lm_matches_the_schema_and_reuses_the_cache(shared_daemon, client,
+def test_text_input_equals_mlx_lm_matches_the_schema_and_reuses_the_cache(app_daemon, client,
                                                                           validate, reference):
     body = {"model": "gpt-5-codex", "instructions": SYSTEM, "input": "List the files.",
             "max_output_tokens": 10, "temperature": 0}
-    status, raw = post(shared_daemon, body)
+    status, raw = post(app_daemon, body)
     assert status == 200
     validate(raw, "Response")
     expected = reference.chat([{"role": "system", "content": SYSTEM},
@@ -93,11 +87,11 @@ def test_text_input_equals_mlx_lm_matches_the_schema_and_reuses_the_cache(shared
     assert response.status in ("completed", "incomplete")
 
 
-def test_stream_events_match_the_schema_and_equal_the_non_streamed_text(shared_daemon, client,
+def test_stream_events_match_the_schema_and_equal_the_non_streamed_text(app_daemon, client,
                                                                         validate, reference):
     body = {"model": "m", "instructions": SYSTEM, "input": "Stream it.", "max_output_tokens": 8,
             "temperature": 0, "stream": True}
-    status, text = post(shared_daemon, body)
+    status, text = post(app_daemon, body)
     assert status == 200
     events = sse(text)
     for event in events:
@@ -181,8 +175,8 @@ def test_previous_response_id_continues_the_conversation(client, reference):
     ({"model": "m", "input": "hi", "temperature": 3}, "temperature"),
     ({"model": "m", "input": "word " * 40_000}, "input"),
 ])
-def test_bad_requests_get_openai_errors(shared_daemon, validate, body, param):
-    status, response = post(shared_daemon, body)
+def test_bad_requests_get_openai_errors(app_daemon, validate, body, param):
+    status, response = post(app_daemon, body)
     assert status == 400
     validate(response, "ErrorResponse")
     assert response["error"]["param"] == param
@@ -200,9 +194,10 @@ def recorded(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text())["body"]
 
 
-def test_recorded_codex_conversations_are_served_and_share_the_cache(daemon_factory, tiny_model,
-                                                                     validate):
-    daemon = daemon_factory(tiny_model)
+def test_recorded_codex_conversations_are_served_and_share_the_cache(app_factory, tiny_model,
+                                                                     validate, caplog):
+    caplog.set_level(logging.INFO, logger="kvtier.responses")
+    daemon = app_factory(tiny_model)
     finals = []
     for name in ("first_conversation", "second_conversation"):
         status, text = post(daemon, dict(recorded(name), max_output_tokens=4))
@@ -217,7 +212,7 @@ def test_recorded_codex_conversations_are_served_and_share_the_cache(daemon_fact
     assert first["input_tokens_details"]["cached_tokens"] == 0
     # Everything before the question (instructions, tools, environment) came from the cache.
     assert second["input_tokens_details"]["cached_tokens"] > 0.9 * second["input_tokens"]
-    assert "built-in tool type 'web_search' is not available here" in daemon.log.read_text()
+    assert "built-in tool type 'web_search' is not available here" in caplog.text
 
 
 def test_function_calls_in_the_output_match_the_schema(reference, validate):

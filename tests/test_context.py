@@ -30,21 +30,21 @@ def test_declared_context_length_reads_the_keys_real_configs_use(config, limit):
     assert declared_context_length(config) == limit
 
 
-def test_model_without_a_declared_limit_takes_a_long_prompt_like_mlx_lm(daemon_factory):
+def test_model_without_a_declared_limit_takes_a_long_prompt_like_mlx_lm(app_factory):
     model = make_model(MODELS / "mamba2", "mamba2")
     # Like real Mamba2 checkpoints; mlx-lm's ModelArgs would fill in 2,056.
     assert "max_position_embeddings" not in json.loads((model / "config.json").read_text())
     reference = Reference(model)
     messages = agent_messages("long", repeat=30)
     assert len(reference.chat_tokens(messages)) > 3000
-    daemon = daemon_factory(model)
+    daemon = app_factory(model)
     response = daemon.client().chat.completions.create(
         model=str(model), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     assert response.choices[0].message.content == reference.chat(messages, MAX_TOKENS)
 
 
-def test_max_context_sets_the_limit_on_both_apis(daemon_factory, llama_model):
-    daemon = daemon_factory(llama_model, "--max-context", "300")  # the model declares 32768
+def test_max_context_sets_the_limit_on_both_apis(app_factory, llama_model):
+    daemon = app_factory(llama_model, "--max-context", "300")  # the model declares 32768
     long, short = agent_messages("limit", repeat=6), [{"role": "user", "content": "Hi."}]
     with pytest.raises(openai.BadRequestError) as err:
         daemon.client().chat.completions.create(model=str(llama_model), messages=long, max_tokens=4)

@@ -1,6 +1,8 @@
-"""A damaged LMDB index (truncated, random bytes over its pages, meta pages zeroed, or damage
-met while running) is detected before LMDB maps it, moved aside and rebuilt from the block
-files: the store, the CLI's verify and the daemon keep working and reuse what the files hold."""
+"""The LMDB index (kvtier/index.py): records, LRU order, children, totals and counters on a
+healthy index; and a damaged one (truncated, random bytes over its pages, meta pages zeroed,
+or damage met while running) is detected before LMDB maps it, moved aside and rebuilt from the
+block files: the store, the CLI's verify and the daemon keep working and reuse what the files
+hold."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pytest
 
 from conftest import ROOT, Daemon, agent_messages
 from kvtier.blocks import block_refs
-from kvtier.index import Index, open_or_replace
+from kvtier.index import BlockRecord, Index, data_file_problem, open_or_replace
 from kvtier.tiers import TieredStore
 from tests.support.blocks import BLOCK, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 from kvtier import ops
@@ -219,3 +221,144 @@ def test_keys_derived_from_a_file_are_the_ones_blocks_py_gives():
         after = np.asarray(tokens[snap.index * BLOCK:position])
         assert derived_key("snap", snap.parent, after) == snap.key
     assert snapshot_ref(refs, tokens, BLOCK - 3, BLOCK, "fp").parent == root_key("fp")
+
+
+# -- records, order and totals on a healthy index ----------------------------------------
+def key_of(name: int) -> bytes:
+    return bytes([name]) * 16
+
+
+def record(name: int, parent: int = 0, depth: int = 0, nbytes: int = 1000, access_ms: int = 1,
+           kind: str = "kv", pinned: bool = False) -> tuple[bytes, BlockRecord, bytes]:
+    """(key, record, tokens) as put_many takes them."""
+    tokens = np.arange(name, name + 4, dtype=np.uint32).tobytes()
+    rec = BlockRecord(parent=key_of(parent).hex(), fingerprint="fp", depth=depth, num_tokens=4,
+                      nbytes=nbytes, checksum="c", tokens_hash="t", access_ms=access_ms, created_ms=1,
+                      pinned=pinned, kind=kind, allocated=4096)
+    return key_of(name), rec, tokens
+
+
+@pytest.fixture
+def index(tmp_path):
+    index = Index(tmp_path / "index")
+    yield index
+    index.close()
+
+
+def test_put_many_indexes_records_children_and_totals(index):
+    index.put_many([record(1), record(2, parent=1, depth=1, nbytes=500),
+                    record(3, parent=1, depth=1, kind="snap")])
+    assert index.get(key_of(2)).nbytes == 500 and index.get(key_of(9)) is None
+    assert set(index.get_many([key_of(1), key_of(9), key_of(3)])) == {key_of(1), key_of(3)}
+    assert index.has_many([key_of(2), key_of(9)]) == {key_of(2)}
+    assert index.totals() == (2500, 3) and index.allocated() == 3 * 4096
+    tokens = np.arange(2, 6, dtype=np.uint32).tobytes()
+    assert index.children(key_of(1)) == [(key_of(2), tokens)]
+    assert [k for k, _ in index.children(key_of(1), kind="snap")] == [key_of(3)]
+    assert index.children(key_of(2)) == []  # a prefix of no stored parent
+
+
+def test_children_of_neighbouring_parents_stay_apart(index):
+    """The children table is keyed parent + child: a scan stops at the parent's last child."""
+    index.put_many([record(5, parent=1), record(6, parent=2), record(7, parent=2)])
+    assert [k for k, _ in index.children(key_of(1))] == [key_of(5)]
+    assert [k for k, _ in index.children(key_of(2))] == [key_of(6), key_of(7)]
+
+
+def test_putting_a_key_again_replaces_its_record_and_counts_it_once(index):
+    index.put_many([record(1, nbytes=1000, access_ms=5)])
+    index.put_many([record(1, nbytes=300, access_ms=9)])
+    assert index.get(key_of(1)).nbytes == 300 and index.totals() == (300, 1)
+    assert index.allocated() == 4096 and index.oldest(10) == [key_of(1)]
+    assert len(index.children(key_of(0))) == 1
+
+
+def test_remove_drops_record_order_child_and_totals(index):
+    index.put_many([record(1), record(2, parent=1, depth=1)])
+    removed = index.remove(key_of(2))
+    assert removed is not None and removed.depth == 1
+    assert index.get(key_of(2)) is None and index.children(key_of(1)) == []
+    assert index.oldest(10) == [key_of(1)] and index.totals() == (1000, 1)
+    assert index.allocated() == 4096
+    assert index.remove(key_of(2)) is None  # gone already: nothing to give back
+
+
+def test_oldest_is_least_recently_used_deepest_first_and_never_pinned(index):
+    index.put_many([record(1, access_ms=10), record(2, parent=1, depth=1, access_ms=10),
+                    record(3, access_ms=5, pinned=True), record(4, access_ms=20)])
+    # 3 is the oldest but pinned; 1 and 2 tie on time, the deeper one goes first.
+    assert index.oldest(10) == [key_of(2), key_of(1), key_of(4)]
+    assert index.oldest(1) == [key_of(2)]
+    index.touch([key_of(2), key_of(9)], access_ms=30)  # an unknown key is skipped
+    assert index.oldest(10) == [key_of(1), key_of(4), key_of(2)]
+    assert index.get(key_of(2)).access_ms == 30
+    assert index.set_pinned([key_of(1), key_of(3), key_of(9)], False) == 2
+    assert index.oldest(10) == [key_of(3), key_of(1), key_of(4), key_of(2)]
+    assert index.set_pinned([key_of(4)], True) == 1 and key_of(4) not in index.oldest(10)
+
+
+def test_counters_and_models_add_up_and_survive_reopening(tmp_path):
+    index = Index(tmp_path / "index")
+    index.add_counters("fp-a", {"hits": 2, "misses": 1})
+    index.add_counters("fp-a", {"hits": 3})
+    index.add_counters("fp-b", {"hits": 1})
+    index.register_model("fp-a", {"name": "a", "layers": 2})
+    index.put_many([record(1)])
+    index.close()
+    index = Index(tmp_path / "index", readonly=True)  # as `kvtier stats` reads it
+    assert index.counters() == {"fp-a": {"hits": 5, "misses": 1}, "fp-b": {"hits": 1}}
+    assert index.models() == {"fp-a": {"name": "a", "layers": 2}}
+    assert index.totals() == (1000, 1) and index.get(key_of(1)).fingerprint == "fp"
+    index.close()
+
+
+def test_garbage_in_a_record_is_a_miss_and_recount_skips_it(index):
+    index.put_many([record(1), record(2, parent=1, depth=1)])
+    with index.env.begin(write=True, db=index._blocks) as txn:
+        txn.put(key_of(2), b"{not json")
+    assert index.get(key_of(2)) is None and set(index.get_many([key_of(1), key_of(2)])) == {key_of(1)}
+    assert dict(index.items())[key_of(2)] is None
+    assert index.has_many([key_of(2)]) == {key_of(2)}  # there, just unreadable
+    assert index.oldest(10) == [key_of(1)]
+    assert index.recount() == (1000, 1) and index.totals() == (1000, 1)
+    assert index.remove(key_of(2)) is None and index.has_many([key_of(2)]) == set()
+
+
+def test_garbage_in_counters_and_models_is_ignored(index):
+    with index.env.begin(write=True, db=index._meta) as txn:
+        txn.put(b"counters:fp", b"[1, 2]")
+    with index.env.begin(write=True, db=index._models) as txn:
+        txn.put(b"fp-bad", b"\xff")
+    index.register_model("fp-good", {"name": "g"})
+    assert index.counters() == {} and index.models() == {"fp-good": {"name": "g"}}
+    index.add_counters("fp", {"hits": 1})  # starts again from nothing
+    assert index.counters() == {"fp": {"hits": 1}}
+
+
+def test_a_rebuild_mark_is_kept_until_cleared(tmp_path):
+    index = Index(tmp_path / "index")
+    assert index.rebuild_pending() is None
+    index.mark_rebuild("data.mdb is truncated")
+    index.close()
+    index = Index(tmp_path / "index")
+    assert index.rebuild_pending() == "data.mdb is truncated"
+    index.mark_rebuild(None)
+    assert index.rebuild_pending() is None
+    index.close()
+
+
+def test_meta_page_checks_accept_a_good_file_and_name_what_is_wrong(tmp_path):
+    data = tmp_path / "index" / "data.mdb"
+    assert data_file_problem(data) is None  # not made yet: LMDB makes it
+    index = Index(tmp_path / "index")
+    index.put_many([record(n) for n in range(1, 40)])
+    index.close()
+    assert data_file_problem(data) is None
+    good = data.read_bytes()
+    page = resource.getpagesize()
+    data.write_bytes(good[:page])
+    assert "meta page 1" in data_file_problem(data)
+    data.write_bytes(good[:2 * page] + good[2 * page:][:page])
+    assert "truncated" in data_file_problem(data)
+    data.write_bytes(b"\0" * len(good))
+    assert data_file_problem(data) == "meta page 0 is not an LMDB meta page"

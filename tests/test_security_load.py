@@ -6,17 +6,19 @@ import http.client
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
 
-from conftest import ROOT, agent_messages, free_port
+from conftest import ROOT, agent_messages, free_port, http_request
 
 MAX_TOKENS = 8
 
@@ -33,8 +35,8 @@ def test_cache_files_are_private(daemon):
         assert mode == (0o700 if path.is_dir() else 0o600), path
 
 
-def test_api_key_is_required_on_every_route(daemon_factory, llama_model):
-    daemon = daemon_factory(llama_model, "--api-key", "s3cret")
+def test_api_key_is_required_on_every_route(app_factory, llama_model):
+    daemon = app_factory(llama_model, "--api-key", "s3cret")
     for path in ("/health", "/v1/models", "/cache/stats", "/metrics"):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(daemon.url + path)
@@ -75,6 +77,33 @@ def test_client_disconnect_stops_generation_and_frees_the_worker(daemon, referen
                                                    max_tokens=MAX_TOKENS, temperature=0).choices[0].message.content
     assert text == reference.chat(messages, MAX_TOKENS)
     assert daemon.get("/cache/stats")["counters"].get("requests_cancelled") == 1
+
+
+def _counters(daemon) -> dict:
+    return daemon.get("/cache/stats")["counters"]
+
+
+def test_non_streaming_client_disconnect_cancels_generation(shared_daemon, reference):
+    before = _counters(shared_daemon)
+    started = before.get("requests_hit", 0) + before.get("requests_miss", 0)
+    body = json.dumps({"model": str(shared_daemon.model), "max_tokens": 5000, "temperature": 0,
+                       "messages": agent_messages(question="Ramble without streaming.")}).encode()
+    conn = socket.create_connection(("127.0.0.1", shared_daemon.port))
+    conn.sendall(http_request("POST", "/v1/chat/completions", body=body))
+    for _ in range(1200):  # until the worker has begun this request (it counts it as hit or miss)
+        now = _counters(shared_daemon)
+        if now.get("requests_hit", 0) + now.get("requests_miss", 0) > started:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the request never started")
+    conn.close()
+    messages = agent_messages(question="Next request.")
+    text = shared_daemon.client().chat.completions.create(
+        model=str(shared_daemon.model), messages=messages, max_tokens=8, temperature=0).choices[0].message.content
+    assert text == reference.chat(messages, 8)
+    after = _counters(shared_daemon)
+    assert after.get("requests_cancelled", 0) == before.get("requests_cancelled", 0) + 1
 
 
 def _run_clients(daemon, jobs):
