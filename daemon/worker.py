@@ -20,6 +20,8 @@ import mlx.core as mx
 from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
 from kvtier.engine import Chunk, Engine, GenerationRequest
 
+from . import faults
+
 log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
@@ -109,6 +111,7 @@ class Worker:
         try:
             engine = self._make_engine()
             self.batching_enabled = self._decide_batching(engine)
+            faults.install_from_env(engine.model)  # after the check: it feeds random tokens
             self.engine = engine
         except Exception as exc:
             log.exception("could not load the model")
