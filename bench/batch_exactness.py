@@ -81,8 +81,9 @@ def measure(arch: str, n: int) -> dict:
         ref_text = mlx_lm.generate(model, tokenizer, prompt=p, max_tokens=n)
         texts.add(ref_text)
         tokens = [t for t, _ in got[i]]
+        # Tokens, not texts: mlx_lm.generate's streaming detokenizer drops a leading space
+        # that tokenizer.decode keeps.
         same_tokens &= tokens == [t for t, _ in ref]
-        same_tokens &= tokenizer.decode(tokens) == ref_text
         for (_, a), (_, b) in zip(got[i], ref):
             diff = float(mx.max(mx.abs(a - b)).item())
             worst = max(worst, diff)

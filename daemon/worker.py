@@ -20,6 +20,8 @@ import mlx.core as mx
 from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
 from kvtier.engine import Chunk, Engine, GenerationRequest
 
+from . import faults
+
 log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
@@ -40,6 +42,7 @@ class Worker:
         self.batching_enabled = False
         self.stats = WorkerStats()
         self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
+        self._outbox: Outbox | None = None
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
@@ -58,11 +61,11 @@ class Worker:
             yield chunk
 
     async def _submit(self, job: GenerationRequest | Callable) -> AsyncIterator:
-        loop = asyncio.get_running_loop()
+        outbox = self._outbox_of(asyncio.get_running_loop())
         out: asyncio.Queue = asyncio.Queue()
 
         def emit(item: object) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
+            outbox.put(out, item)
 
         try:
             self._jobs.put_nowait((job, emit))
@@ -76,6 +79,11 @@ class Worker:
         finally:
             if isinstance(job, GenerationRequest):
                 job.cancelled.set()
+
+    def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> "Outbox":
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = Outbox(loop)
+        return self._outbox
 
     async def call(self, fn: Callable[[Engine], object]) -> object:
         """Run `fn(engine)` on the MLX thread, between generations, and return its result."""
@@ -109,6 +117,7 @@ class Worker:
         try:
             engine = self._make_engine()
             self.batching_enabled = self._decide_batching(engine)
+            faults.install_from_env(engine.model)  # after the check: it feeds random tokens
             self.engine = engine
         except Exception as exc:
             log.exception("could not load the model")
@@ -212,6 +221,30 @@ class Worker:
                 "reason": batching.reason if batching else "model loading",
                 "max_logprob_difference": batching.max_difference if batching else None,
                 "running": running, **self.stats.as_dict(self.batch.stats if self.batch is not None else None)}
+
+
+class Outbox:
+    """Items from the MLX thread to the event loop's queues, in order, with one wake-up of
+    the loop for all that arrive before it runs: a batch step emits a chunk per request, and
+    each `call_soon_threadsafe` is a write to the loop's self-pipe and a thread switch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+
+    def put(self, out: asyncio.Queue, item: object) -> None:
+        with self._lock:
+            self._items.append((out, item))
+            if len(self._items) > 1:
+                return  # a wake-up is on its way and will deliver this one too
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for out, item in items:
+            out.put_nowait(item)
 
 
 class WorkerStats:

@@ -168,7 +168,7 @@ class TextStream:
 
 
 # -- the batch ---------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # one request: found in the queues by identity
 class Member:
     session: Session
     emit: Callable[[object], None]
@@ -205,18 +205,17 @@ class Batch:
 
     def __init__(self, engine: Engine, max_size: int, done: object):
         self.engine, self.max_size, self.done = engine, max_size, done
-        self._start_empty()
-
-    def _start_empty(self) -> None:
-        engine, max_size = self.engine, self.max_size
-        self.generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=max_size,
-                                        prefill_batch_size=max_size,
-                                        prefill_step_size=engine.prefill_step_size)
+        self.generator = self._new_generator()
         self.prefilling: deque[Member] = deque()
         self.decoding: dict[int, Member] = {}
         self.held: list[Held] = []
         self.stats = BatchStats()
         self._last_step: float | None = None
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(self.engine.model, stop_tokens=[], completion_batch_size=self.max_size,
+                              prefill_batch_size=self.max_size,
+                              prefill_step_size=self.engine.prefill_step_size)
 
     def __len__(self) -> int:
         return len(self.prefilling) + len(self.decoding) + len(self.held)
@@ -265,21 +264,52 @@ class Batch:
 
     def step(self) -> None:
         """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
-        tokens (so short remainders join together), then one decode step for all."""
+        tokens (so short remainders join together), then one decode step for all.
+
+        A failure is the error of the requests whose computation raised: a prefill's (or
+        first token's) of that request alone, a decode step's of every request decoding
+        (their batched state is lost); nothing of theirs is stored, the others go on."""
         self._drop_cancelled()
         budget, spent = self.engine.prefill_step_size, 0
         while self.prefilling:
             member = self.prefilling[0]
             if spent and min(member.remaining, budget) > budget - spent:
                 break
-            spent += self._prefill_step(member)
+            try:
+                spent += self._prefill_step(member)
+            except Exception as exc:
+                log.exception("prefilling a batched request failed")
+                self._fail_prefill(member, exc)
+                spent += 1
         if self.decoding:
-            self._decode_step()
+            try:
+                self._decode_step()
+            except Exception as exc:
+                log.exception("a batched decode step failed")
+                self._fail_decoding(exc)
         else:
             self._last_step = None
 
+    def _fail_prefill(self, member: Member, exc: Exception) -> None:
+        if member in self.prefilling:  # else it failed on its first token, already out
+            self.prefilling.remove(member)
+        self._release(member)  # who waited for its blocks computes them itself
+        member.emit(exc)
+        member.emit(self.done)
+
+    def _fail_decoding(self, exc: Exception) -> None:
+        """The generator may be half-way through the step: drop it with its members."""
+        for member in self.decoding.values():
+            member.emit(exc)
+            member.emit(self.done)
+        self.decoding.clear()
+        self.generator.close()
+        self.generator = self._new_generator()
+        self._last_step = None
+
     def fail(self, exc: BaseException) -> None:
-        """A step raised: every member gets the error; the batch starts over empty."""
+        """Anything else in a step raised: every member gets the error; the batch starts
+        over empty."""
         members: list[Member | Held] = [*self.prefilling, *self.decoding.values(), *self.held]
         for member in members:
             member.emit(exc)
@@ -288,7 +318,7 @@ class Batch:
         self.prefilling.clear()
         self.decoding.clear()
         self.close()
-        self._start_empty()
+        self.generator, self._last_step = self._new_generator(), None
 
     def close(self) -> None:
         self.generator.close()

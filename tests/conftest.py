@@ -99,8 +99,9 @@ def reference(llama_model) -> Reference:
 class Daemon:
     """`kvtier serve` as a real subprocess on 127.0.0.1."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str):
+    def __init__(self, model: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None):
         self.model, self.cache_dir, self.extra = model, cache_dir, list(extra)
+        self.env = dict(os.environ, **(env or {}))
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = cache_dir.parent / f"daemon-{self.port}.log"
@@ -123,7 +124,7 @@ class Daemon:
                 # Sequential unless a test asks for a batch: skips the start-up batching probe.
                 "--max-batch", "1", *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -164,8 +165,9 @@ class Daemon:
 def daemon_factory(tmp_path):
     started: list[Daemon] = []
 
-    def make(model: Path, *extra: str, cache_dir: Path | None = None) -> Daemon:
-        daemon = Daemon(model, cache_dir or tmp_path / "cache", *extra)
+    def make(model: Path, *extra: str, cache_dir: Path | None = None,
+             env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(model, cache_dir or tmp_path / "cache", *extra, env=env)
         started.append(daemon)
         return daemon.start()
 

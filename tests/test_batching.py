@@ -131,11 +131,31 @@ def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
     assert out[0] is not None and out[0] == out[1]
 
 
-def test_health_reports_the_batching_decision(daemon_factory, llama_model):
-    batching = daemon_factory(llama_model, "--max-batch", "4").get("/health")["batching"]
+@pytest.mark.parametrize("arch", ["llama", "nemotron_h"])
+def test_the_start_up_check_decides_and_answers_stay_exact(daemon_factory, arch):
+    """Batching is on by default only where batched decode measured bit-identical (not
+    under OpenBLAS, which the daemon preloads on Linux: there requests run one at a time);
+    either way, concurrent answers are plain mlx-lm's."""
+    model = make_model(MODELS / arch, arch)
+    daemon = daemon_factory(model, "--max-batch", "4")
+    batching = daemon.get("/health")["batching"]
     assert batching["reason"] and batching["max_batch"] == 4
-    # Batching is on by default only where batched decode measured bit-identical.
     assert batching["enabled"] == (batching["max_logprob_difference"] == 0)
+    reference = Reference(model)
+    conversations = [_conversation(q) for q in QUESTIONS[:2]]
+    answers: list = [None, None]
+
+    def ask(i: int) -> None:
+        answers[i] = daemon.client().chat.completions.create(
+            model=str(model), messages=conversations[i], max_tokens=MAX_TOKENS, temperature=0
+        ).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert answers == [reference.chat(c, MAX_TOKENS) for c in conversations]
 
 
 def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, tmp_path):
@@ -181,3 +201,115 @@ def test_a_quantized_kv_cache_runs_one_at_a_time(llama_model, tmp_path):
         assert not verdict.exact and "QuantizedKVCache" in verdict.reason
     finally:
         engine.close()
+
+
+# -- a step that fails ----------------------------------------------------------------------
+def _greedy_tokens(reference: Reference, tokens: list[int], n: int) -> list[int]:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    return [int(t) for t, _ in generate_step(mx.array(tokens), reference.model, max_tokens=n)]
+
+
+def _poison_token(generated: list[int], avoid: set[int]) -> int:
+    """A token the request generates a few steps in (it then fails mid-decode, while a long
+    prefill still runs) that no other prompt or answer of the test holds."""
+    return next(t for i, t in enumerate(generated[:6]) if i >= 3 and t not in avoid and t not in generated[:i])
+
+
+def _text(items: list) -> str:
+    return "".join(item.text for item in items if hasattr(item, "text"))
+
+
+def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path):
+    """The model's forward raises (daemon/faults.py, as MLX raises mid-generation) for one
+    request: at decode, every request decoding with it gets the error and one being
+    prefilled meanwhile finishes right; at prefill, only that request fails. Nothing the
+    failed ones computed is stored: later turns restore from the tiers and stay exact."""
+    from daemon.faults import InjectedFault, fail_on_token
+    from kvtier.batch import Batch
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine, GenerationRequest
+
+    reference = Reference(tiny_model)
+    engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    done, n = object(), 16
+    a, poisoned = _conversation(QUESTIONS[0]), _conversation(QUESTIONS[2])
+    b = agent_messages("batch", question=QUESTIONS[1], repeat=4)  # a prefill of several steps
+    tokens = {key: engine.chat_tokens(m) for key, m in (("a", a), ("b", b), ("p", poisoned))}
+    generated = {key: _greedy_tokens(reference, t, n) for key, t in tokens.items()}
+    poison = _poison_token(generated["p"], {*tokens["a"], *tokens["b"], *tokens["p"],
+                                            *generated["a"], *generated["b"]})
+    expected = {key: reference.chat(m, n) for key, m in (("a", a), ("b", b), ("p", poisoned))}
+    fail_on_token(engine.model, poison)
+
+    def run(*conversations: list[dict], join_when_decoding: int | None = None) -> list[list]:
+        outputs = [[] for _ in conversations]
+        for i, (messages, out) in enumerate(zip(conversations, outputs)):
+            if i == join_when_decoding:
+                while batch.prefilling:
+                    batch.step()
+            t = engine.chat_tokens(messages)
+            batch.add(GenerationRequest(t, n, temperature=0.0,
+                                        boundaries=engine.message_boundaries(messages, None, t)), out.append)
+        while not batch.idle:
+            batch.step()
+        return outputs
+
+    try:
+        batch = Batch(engine, max_size=4, done=done)
+        # At decode: b joins (and prefills) once a and the poisoned request decode.
+        out_a, out_p, out_b = run(a, poisoned, b, join_when_decoding=2)
+        for out in (out_a, out_p):
+            assert out[-1] is done and isinstance(out[-2], InjectedFault)
+        assert _text(out_p) and _text(out_p) != expected["p"]  # it failed mid-answer
+        assert out_b[-1] is done and _text(out_b) == expected["b"]
+
+        # At prefill: a follow-up of the poisoned answer holds the token in its prompt.
+        follow_up = poisoned + [{"role": "assistant", "content": expected["p"]},
+                                {"role": "user", "content": "Continue."}]
+        assert poison in engine.chat_tokens(follow_up)
+        out_f, out_a = run(follow_up, a)
+        assert len(out_f) == 2 and isinstance(out_f[0], InjectedFault) and out_f[1] is done
+        assert out_a[-1] is done and _text(out_a) == expected["a"]
+
+        # What the tiers hold is right: turns restored from a's and b's blocks are exact.
+        a_next = a + [{"role": "assistant", "content": expected["a"]}, {"role": "user", "content": "Continue."}]
+        for messages, out in zip((a_next, b), run(a_next, b)):
+            assert _text(out) == reference.chat(messages, n)
+            assert out[-2].usage.cached_tokens > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", [("--max-batch", "1"), ("--max-batch", "3", "--batch-inexact")],
+                         ids=["alone", "batched"])
+def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_factory, tiny_model, mode):
+    """Batched or not, a generation failing mid-answer is a 500 in the API's JSON shape, or
+    in a stream (headers already sent) an error event the `openai` SDK raises."""
+    import openai
+
+    from daemon.errors import INTERNAL_ERROR
+    from daemon.faults import ENV
+
+    reference = Reference(tiny_model)
+    poisoned, other = _conversation(QUESTIONS[2]), _conversation(QUESTIONS[0])
+    tokens, other_tokens = reference.chat_tokens(poisoned), reference.chat_tokens(other)
+    poison = _poison_token(_greedy_tokens(reference, tokens, 16),
+                           {*tokens, *other_tokens, *_greedy_tokens(reference, other_tokens, 16)})
+    daemon = daemon_factory(tiny_model, *mode, env={ENV: str(poison)})
+    client = daemon.client()
+    error = {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model=str(daemon.model), messages=poisoned, max_tokens=16, temperature=0)
+    assert failed.value.body == error
+    text = ""
+    with pytest.raises(openai.APIError) as failed:
+        for event in client.chat.completions.create(model=str(daemon.model), messages=poisoned, max_tokens=16,
+                                                    temperature=0, stream=True):
+            text += event.choices[0].delta.content or ""
+    assert failed.value.body == error  # not a broken connection (APIConnectionError has none)
+    assert text and reference.chat(poisoned, 16).startswith(text)
+    answer = client.chat.completions.create(model=str(daemon.model), messages=other, max_tokens=16, temperature=0)
+    assert answer.choices[0].message.content == reference.chat(other, 16)
+    assert daemon.get("/health")["batching"]["enabled"] == (mode[1] != "1")

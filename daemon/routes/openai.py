@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, cast
@@ -12,13 +13,14 @@ from aiohttp import web
 from kvtier.engine import Chunk, GenerationRequest, Usage
 
 from .. import sse
-from ..errors import ApiError
+from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                               OpenAISampling, read_body)
 from ..state import DaemonState, STATE
 from .generation import Prompt, chunks_of, render
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 
+log = logging.getLogger("kvtier.openai")
 routes = web.RouteTableDef()
 
 # -- request parsing --------------------------------------------------------------------
@@ -80,12 +82,20 @@ async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, 
 
 async def stream_chunks(http: web.Request, state: DaemonState, request: GenerationRequest,
                         frame: Callable[[Chunk], list[dict]]) -> web.StreamResponse:
-    """Each chunk as SSE `data:` lines, then `data: [DONE]`."""
+    """Each chunk as SSE `data:` lines, then `data: [DONE]`. A failure after the headers
+    ends the stream with a `data:` error object instead (the `openai` SDK raises it)."""
     async def events(send: sse.Send, chunk: Chunk | None, chunks: AsyncIterator[Chunk]) -> None:
-        while chunk is not None:
-            for payload in frame(chunk):
-                await send(payload)
-            chunk = await anext(chunks, None)
+        try:
+            while chunk is not None:
+                for payload in frame(chunk):
+                    await send(payload)
+                chunk = await anext(chunks, None)
+        except ConnectionResetError:
+            raise  # the client left: not a failure of ours
+        except Exception:
+            log.exception("generation failed mid-stream")
+            await send(ApiError(500, INTERNAL_ERROR, type_="server_error").body())
+            return
         await send("[DONE]")
 
     return await sse.stream(http, chunks_of(state, request), events)

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["ARCHES", "make_model", "demo_corpus"]
 
-ARCHES = ("llama", "qwen3_next", "mamba2", "sliding")
+ARCHES = ("llama", "qwen3_next", "mamba2", "sliding", "nemotron_h")
 
 # Bump when the generated files change, so stale cached models are rebuilt.
 _FORMAT_VERSION = 3
@@ -579,6 +579,38 @@ def _mamba2_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
     }
 
 
+def _nemotron_h_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
+    """Hybrid Mamba2 (ArraysCache) + attention (KVCache) + MLP layers (no cache), as in
+    Nemotron-H: the layer stack is a pattern of M (mamba), * (attention), - (MLP). Every 4th
+    layer and the last are attention, so there is one even at 2 layers."""
+    pattern = "".join("*" if i % 4 == 3 or i == layers - 1 else "M" if i % 2 == 0 else "-"
+                      for i in range(layers))
+    heads = max(1, hidden // 64)
+    return {
+        "model_type": "nemotron_h",
+        "hidden_size": hidden,
+        "hybrid_override_pattern": pattern,
+        "intermediate_size": 4 * hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": 64,
+        "attention_bias": False,
+        "mamba_num_heads": 2 * hidden // 64,
+        "mamba_head_dim": 64,
+        "mamba_proj_bias": False,
+        "ssm_state_size": 64,
+        "conv_kernel": 4,
+        "n_groups": 1,
+        "mlp_bias": False,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "layer_norm_epsilon": 1e-5,
+        "time_step_limit": [0.001, 100.0],
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    }
+
+
 # Multipliers on the fan-in init.  Q and K scaled by 2 each make attention
 # logits ~4x sharper, so attention picks out specific earlier tokens.
 _QK_SCALE = 2.0
@@ -645,12 +677,31 @@ def _mamba2_init(
     return _common_init(name, shape, rng, config)
 
 
+# Nemotron-H tuning, found as Mamba2's (how often greedy output changes with the question
+# after a long system prompt). Mamba mixers share the residual stream with attention and
+# relu^2 MLPs here: louder mixers and quieter (token-local) MLPs let the context show.
+_NEMOTRON_H_MAMBA_OUT_GAIN = 4.0
+_NEMOTRON_H_MLP_GAIN = 0.5
+
+
+def _nemotron_h_init(
+    name: str, shape: tuple[int, ...], rng: np.random.Generator, config: dict[str, Any]
+) -> np.ndarray | None:
+    """Its mamba layers tuned as Mamba2's (its heads count is `mamba_num_heads`)."""
+    if name.endswith("mixer.out_proj.weight"):
+        return _fan_in(shape, rng, _NEMOTRON_H_MAMBA_OUT_GAIN)
+    if name.endswith("mixer.down_proj.weight"):
+        return _fan_in(shape, rng, _NEMOTRON_H_MLP_GAIN)
+    return _mamba2_init(name, shape, rng, dict(config, num_heads=config["mamba_num_heads"]))
+
+
 _ARCH_SPECS: dict[str, tuple[Callable[..., dict[str, Any]], InitRule, dict[str, int]]] = {
     # arch: (config builder, init rule, default hidden/layers)
     "llama": (_llama_config, _common_init, {"hidden": 512, "layers": 8}),
     "qwen3_next": (_qwen3_next_config, _qwen3_next_init, {"hidden": 256, "layers": 8}),
     "mamba2": (_mamba2_config, _mamba2_init, {"hidden": 256, "layers": 4}),
     "sliding": (_sliding_config, _common_init, {"hidden": 256, "layers": 8}),
+    "nemotron_h": (_nemotron_h_config, _nemotron_h_init, {"hidden": 256, "layers": 8}),
 }
 
 
@@ -756,7 +807,7 @@ def make_model(
     layers = defaults["layers"] if layers is None else layers
     if hidden <= 0 or hidden % 64:
         raise ValueError(f"hidden must be a positive multiple of 64 (head_dim), got {hidden}")
-    if layers < (2 if arch == "qwen3_next" else 1):
+    if layers < (2 if arch in ("qwen3_next", "nemotron_h") else 1):
         raise ValueError(f"too few layers for {arch}: {layers}")
     path = Path(path)
     marker = _marker(arch, hidden, layers, seed, vocab_size)
