@@ -280,6 +280,16 @@ def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
     return Snapshot(arrays, json.dumps(dict(_snapshot_header(plan), states=trees), sort_keys=True))
 
 
+def snapshot_from_elsewhere(skeleton: str) -> bool:
+    """True when a snapshot is whole but was taken by another mlx-lm or snapshot format:
+    useless here, still good for the machine that took it (a team's shared tier)."""
+    try:
+        stored = json.loads(skeleton)
+        return (stored["format"], stored["mlx_lm"]) != (SNAPSHOT_FORMAT, mlx_lm.__version__)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def snapshot_matches(skeleton: str, plan: CachePlan) -> bool:
     """True when a snapshot is of this format, taken by this mlx-lm, for this model's
     snapshot layers."""

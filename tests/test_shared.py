@@ -503,3 +503,39 @@ def test_a_redis_cluster_store_is_shared_with_a_models_keys_spread_over_slots(tm
         client.close()
     finally:
         cluster.stop()
+
+
+# -- snapshots of another mlx-lm: a miss here, never removed from the team's store ----------
+def test_a_snapshot_another_mlx_lm_took_stays_in_the_shared_tier(tmp_path, fresh_redis, monkeypatch):
+    """Machines of a team may run different mlx-lm versions; a snapshot's state layout is
+    its mlx-lm's own. Each must miss the other's snapshots without deleting them."""
+    import mlx_lm
+
+    from conftest import MODELS
+    from kvtier.engine import Engine, GenerationRequest
+    from tests.support.testmodels import make_model
+
+    model = make_model(MODELS / "qwen3_next", "qwen3_next")
+    tokens = [(5 * i) % 190 + 4 for i in range(3 * BLOCK + 9)]
+    config = lambda name: CacheConfig(cache_dir=tmp_path / name, block_size=BLOCK, shared_url=fresh_redis.url)
+
+    def answer(engine, prompt):
+        return list(engine.generate(GenerationRequest(prompt, max_tokens=3, temperature=0.0)))[-1].usage
+
+    real = mlx_lm.__version__
+    monkeypatch.setattr(mlx_lm, "__version__", "0.0.1")  # the other machine's mlx-lm
+    other = Engine(str(model), config("other"))
+    answer(other, tokens)
+    other.store.flush()
+    other.close()
+    client = fresh_redis.client()
+    names = sorted(client.scan_iter(match=namespace(other.fingerprint) + "*"))
+    assert names
+    monkeypatch.setattr(mlx_lm, "__version__", real)
+    here = Engine(str(model), config("here"))
+    usage = answer(here, tokens + [9, 8, 7, 6])  # past the other's snapshot at the prompt's end
+    assert usage.shared_tokens == 0  # its KV blocks are there, but no snapshot this mlx-lm reads
+    assert here.store.stats()["counters"]["shared_foreign_snapshots"] >= 1
+    here.store.flush()
+    here.close()
+    assert set(names) <= set(client.scan_iter(match=namespace(other.fingerprint) + "*"))
