@@ -517,7 +517,9 @@ def test_a_snapshot_another_mlx_lm_took_stays_in_the_shared_tier(tmp_path, fresh
 
     model = make_model(MODELS / "qwen3_next", "qwen3_next")
     tokens = [(5 * i) % 190 + 4 for i in range(3 * BLOCK + 9)]
-    config = lambda name: CacheConfig(cache_dir=tmp_path / name, block_size=BLOCK, shared_url=fresh_redis.url)
+
+    def config(name):
+        return CacheConfig(cache_dir=tmp_path / name, block_size=BLOCK, shared_url=fresh_redis.url)
 
     def answer(engine, prompt):
         return list(engine.generate(GenerationRequest(prompt, max_tokens=3, temperature=0.0)))[-1].usage
