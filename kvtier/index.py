@@ -483,16 +483,18 @@ class Index:
                     if isinstance(value := _json_or_none(v), dict)}
 
     @_reads(list)
-    def oldest(self, limit: int) -> list[bytes]:
-        """Keys of up to `limit` unpinned blocks, least recently used first."""
-        keys = []
+    def oldest(self, limit: int, covering: int | None = None) -> list[bytes]:
+        """Keys of up to `limit` unpinned blocks, least recently used first; with `covering`,
+        only as many as it takes for their allocated bytes to reach it."""
+        keys, allocated = [], 0
         with self.env.begin() as txn:
             for lru_key, _ in txn.cursor(db=self._lru):
                 key = bytes(lru_key[12:])
                 record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
                 if record and not record.pinned:
                     keys.append(key)
-                if len(keys) >= limit:
+                    allocated += record.allocated
+                if len(keys) >= limit or (covering is not None and allocated >= covering):
                     break
         return keys
 
@@ -591,6 +593,21 @@ class Index:
                 return None
             self._drop(txn, key, record)
             return record
+
+    @_writes
+    def remove_many(self, keys: list[bytes]) -> list[bytes]:
+        """Delete the records of `keys` in one transaction (one commit, one sync: evicting
+        thousands costs little more than one); returns the keys that had a readable record."""
+        removed = []
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                if record is None:
+                    txn.delete(key, db=self._blocks)  # absent, or garbage: gone either way
+                    continue
+                self._drop(txn, key, record)
+                removed.append(key)
+        return removed
 
     def _drop(self, txn: lmdb.Transaction, key: bytes, record: BlockRecord) -> None:
         txn.delete(key, db=self._blocks)
