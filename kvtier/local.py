@@ -351,6 +351,8 @@ class LocalDisk:
             if self.disk_enabled:
                 if self.index.allocated() is None:
                     self.note_in_index(self.index.recount)
+                if not self.index.heads_kept():  # an index from before its children by first token
+                    self.note_in_index(self.index.fill_heads)
                 self.rebuilder.wait()  # files a rebuild has not reached yet are not leftovers
                 self.sweep_leftovers()
             remove_stale_scratch_dirs()
