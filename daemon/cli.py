@@ -24,16 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from kvtier.index import start_walk
+
+    given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
+    cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
+                        kv_group_size=args.kv_group_size, shared_url=args.shared, shared_ttl=args.shared_ttl,
+                        **{k: v for k, v in given.items() if v is not None})
+    # The full check of a large index takes a while: it runs while MLX, mlx-lm and the model load.
+    start_walk(cache.cache_dir / "index")
+
     from . import server
     from .app import init_app
     from .auth import is_loopback
     from .model_names import parse_alias
     from kvtier.hub import fetch_model
 
-    given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
-    cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
-                        kv_group_size=args.kv_group_size, shared_url=args.shared, shared_ttl=args.shared_ttl,
-                        **{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,
                          max_tokens_default=args.max_tokens, pressure_keep=args.pressure_keep,

@@ -206,24 +206,56 @@ def data_file_problem(data_file: Path) -> str | None:
     return None
 
 
+_early_walks: dict[str, subprocess.Popen] = {}  # index path -> its walk, started by start_walk
+_early_lock = threading.Lock()
+
+
+def start_walk(path: Path) -> None:
+    """Start the full read walk of the index at `path` now, for the next Index(walk=True)
+    of it to take: the daemon starts it before loading its model, so a large index is
+    checked while the model loads rather than after (start-up then waits for neither)."""
+    if not (Path(path) / "data.mdb").exists():
+        return  # nothing to check: a new cache
+    with _early_lock:
+        if os.path.abspath(path) in _early_walks:
+            return
+        try:
+            _early_walks[os.path.abspath(path)] = _spawn_walk(Path(path))
+        except OSError as exc:
+            log.warning("could not start checking the index %s: %s", path, exc)
+
+
+def _spawn_walk(path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "kvtier.index", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def walk_problem(path: Path, timeout: float = 600) -> str | None:
     """Read every record of the index in a child process (`python -m kvtier.index PATH`):
     a bad page makes LMDB raise, but it can also abort or fault, which must not take the
-    daemon down. None when the walk found nothing wrong (or could not tell)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    daemon down. None when the walk found nothing wrong (or could not tell). Takes the
+    walk `start_walk` began, if any."""
+    with _early_lock:
+        child = _early_walks.pop(os.path.abspath(path), None)
     try:
-        done = subprocess.run([sys.executable, "-m", "kvtier.index", str(path)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        child = child or _spawn_walk(path)
+        stdout, stderr = child.communicate(timeout=timeout)
+    except OSError as exc:
         log.warning("could not check the index %s: %s", path, exc)
         return None
-    if done.returncode < 0:
-        return f"LMDB crashed reading it (signal {-done.returncode})"
-    if done.returncode == _WALK_DAMAGED:
-        return done.stdout.strip() or "damaged"
-    if done.returncode != 0:
-        log.warning("could not check the index %s: %s", path, (done.stderr or done.stdout).strip()[-500:])
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        log.warning("could not check the index %s: no answer in %.0f s", path, timeout)
+        return None
+    if child.returncode < 0:
+        return f"LMDB crashed reading it (signal {-child.returncode})"
+    if child.returncode == _WALK_DAMAGED:
+        return stdout.strip() or "damaged"
+    if child.returncode != 0:
+        log.warning("could not check the index %s: %s", path, (stderr or stdout).strip()[-500:])
     return None
 
 

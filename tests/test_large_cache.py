@@ -147,3 +147,28 @@ def test_children_are_read_by_their_first_token(tmp_path):
     assert store.index.heads_kept()
     assert sorted(store.index.children(parent, "kv", first=7)) == sorted(sevens[1:])
     store.close()
+
+
+def test_an_index_walk_started_early_is_the_one_the_open_uses(tmp_path):
+    """`kvtier serve` starts the index's full check before loading the model; the store's
+    open then takes that check's answer (and still finds damage with it)."""
+    from kvtier import index as index_module
+
+    cache_with_prefixes(tmp_path, count=2)
+    index_module.start_walk(tmp_path / "index")
+    early = index_module._early_walks[str(tmp_path / "index")]
+    store = TieredStore(CacheConfig(cache_dir=tmp_path, block_size=BLOCK), "fp-a", LAYOUT)
+    assert early.returncode == 0 and not index_module._early_walks
+    assert not store.counters["index_rebuilds"]
+    store.close()
+
+    data = tmp_path / "index" / "data.mdb"
+    with data.open("r+b") as f:  # random bytes over every page but the two meta pages
+        rng = np.random.default_rng(1)
+        for page in range(2, data.stat().st_size // 4096):
+            f.seek(page * 4096)
+            f.write(rng.bytes(4096))
+    index_module.start_walk(tmp_path / "index")
+    store = TieredStore(CacheConfig(cache_dir=tmp_path, block_size=BLOCK), "fp-a", LAYOUT)
+    assert store.counters["index_rebuilds"] == 1  # moved aside, rebuilt from the files
+    store.close()
