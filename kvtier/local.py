@@ -442,7 +442,9 @@ class LocalDisk:
         and the first such error is raised once every other file is removed."""
         removed, failed = 0, None
         for start in range(0, len(keys), EVICT_BATCH):
-            batch = keys[start : start + EVICT_BATCH]
+            # In key order: files of one subdirectory, and records of one index page, go
+            # together (a fraction of the cost of the LRU order's scattered keys).
+            batch = sorted(keys[start : start + EVICT_BATCH])
             removed += len(self.index.remove_many(batch))
             for key in batch:
                 try:
