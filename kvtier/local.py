@@ -345,12 +345,13 @@ class LocalDisk:
 
     # -- upkeep (its own thread) ---------------------------------------------------------
     def _upkeep_loop(self) -> None:
-        """After start-up: recount an old index's allocated total, sweep what a killed daemon
-        left behind; then, while writes fail, try the disk again so the error clears by itself."""
+        """After start-up: recount an old index's totals (allocated, per model), sweep what a
+        killed daemon left behind; then, while writes fail, try the disk again so the error
+        clears by itself."""
         try:
             if self.disk_enabled:
-                if self.index.allocated() is None:
-                    self.note_in_index(self.index.recount)
+                if self.index.allocated() is None or self.index.model_totals() is None:
+                    self.note_in_index(self.index.recount)  # an index from before these totals
                 if not self.index.heads_kept():  # an index from before its children by first token
                     self.note_in_index(self.index.fill_heads)
                 self.rebuilder.wait()  # files a rebuild has not reached yet are not leftovers
