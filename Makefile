@@ -67,7 +67,8 @@ e2e: install
 demo: install
 	$(BLAS) $(PY) bench/demo.py
 
-# The full suite, the parallel-agents run and the shared tier's bench (docs/benchmarks.md);
+# The full suite (with the large-cache scale table and the memory check), the parallel-agents
+# run and the shared tier's bench (docs/benchmarks.md);
 # bench/ttft.py still runs on its own.
 bench: install
 	$(BLAS) $(PY) bench/suite.py

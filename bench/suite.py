@@ -7,6 +7,9 @@ Parts, all measured in one run:
      one restart) against both servers, and against kvtier with the cache off
   3. restore bandwidth from SSD vs a raw sequential read of the same block files
   4. decode tokens/s in-process: kvtier's Engine vs mlx_lm.stream_generate
+  5. large caches at 1K/10K/100K blocks: start-up, lookup, stats, ls, verify, purge,
+     eviction (bench/scale.py)
+  6. memory of the hot tier and a live cache against their raw KV bytes (bench/memory.py)
 
 What each part measures is in scenarios/ (a module a part); suite_report.py checks the
 targets and writes OUT/bench/suite.json, OUT/bench/suite_*.png and the `suite` section of
@@ -30,6 +33,9 @@ from scenarios.decode_speed import run_decode
 from scenarios.restore_bandwidth import run_restore
 from scenarios.ttft_by_length import length_systems, run_ttft
 from suite_report import evaluate, render, write_outputs
+
+import memory
+import scale
 
 FULL = {"lengths": "1024,4096,8192,16384", "agent_system_tokens": 10000, "agent_requests": 40,
         "decode_tokens": 256}
@@ -78,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         results["agent"] = run_agent(model, tokenizer, args.agent_system_tokens, args.agent_requests, work)
         results["restore"] = run_restore(model, systems[max(args.lengths)], work)
         results["decode"] = run_decode(model, args.decode_tokens, args.decode_repeats, work)
+        results["scale"] = scale.run(scale.QUICK_SIZES if args.quick else scale.SIZES)
+        results["memory"] = memory.run(work / "memory")
     except BaseException:
         log(f"failed; server logs and caches kept in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    results["targets"] = evaluate(results)
+    results["targets"] = evaluate(results) + results["scale"]["targets"] + results["memory"]["targets"]
     results["seconds"] = time.perf_counter() - started
     write_outputs(results, args.out)
     print(render(results))

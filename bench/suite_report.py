@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import memory
+import scale
 from harness import write_section
 from scenarios.agent_replay import BASELINE_EVERY
 
@@ -164,7 +166,8 @@ def render_decode(decode: dict) -> list[str]:
 
 
 def render_targets(checks: list[dict]) -> list[str]:
-    rows = [[c["name"], f"{100 * c['value']:.1f}%", c["target"], "pass" if c["pass"] else "FAIL"] for c in checks]
+    rows = [[c["name"], c.get("shown") or f"{100 * c['value']:.1f}%", c["target"], "pass" if c["pass"] else "FAIL"]
+            for c in checks]
     return table(["target", "measured", "needed", "result"], rows, ["---", "---:", "---:", "---"])
 
 
@@ -191,8 +194,17 @@ def render(results: dict) -> str:
         "and the same fixed message lists for every server.", "",
         *render_agent(agent), "", "![Agent replay TTFT per request](bench/suite_agent.png)", "",
         "### Restore bandwidth from SSD", "", *render_restore(results["restore"]), "",
-        "### Decode speed (in-process)", "", *render_decode(results["decode"]),
+        "### Decode speed (in-process)", "", *render_decode(results["decode"]), "",
+        *large_cache_sections(results),
     ])
+
+
+def large_cache_sections(results: dict) -> list[str]:
+    """Parts 5 and 6, in a suite.json that has them (older ones do not)."""
+    if "scale" not in results:
+        return []
+    return ["### Large caches (bench/scale.py)", "", *scale.table(results["scale"]), "",
+            "### Memory (bench/memory.py)", "", *memory.table(results["memory"])]
 
 
 def write_outputs(results: dict, out: Path) -> None:

@@ -55,11 +55,16 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from kvtier.index import start_walk
+
+    config = serve_config(args)
+    # The full check of a large index takes a while: it runs while MLX, mlx-lm and the model load.
+    start_walk(config.cache.cache_dir / "index")
+
     from . import server
     from .app import init_app
     from kvtier.hub import fetch_model
 
-    config = serve_config(args)
     fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
     server.run(init_app(config), config.host, config.port)
     return 0

@@ -29,7 +29,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     commands.add_parser("stats", parents=[common, shared], help="tiers, budgets, hit rates per model")
     ls = commands.add_parser("ls", parents=[common, shared], help="cached prefixes")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=_natural, default=50, help="at most this many prefixes (default 50)")
+    ls.add_argument("--offset", type=_natural, default=0, help="skip this many first (the next page)")
     purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
     what.add_argument("--all", action="store_true", help="everything, pinned entries included")
@@ -144,6 +145,13 @@ def _model_names(cache_dir: Path) -> dict[str, str]:
         return {}
 
 
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def _damaged(reason: str) -> int:
     return _fail(f"the index is damaged ({reason}): run `kvtier verify --fix`")
 
@@ -186,7 +194,7 @@ def _rates_line(rates: dict) -> str:
 def _ls(args, cache) -> int:
     from kvtier.ops import prefixes
 
-    found = prefixes(cache)[: args.limit]
+    found = prefixes(cache, limit=args.limit, offset=args.offset)
     header = f"{'key':<16} {'model':<20} {'tokens':>7} {'size':>10} {'tier':<5} {'last used':<19} pin  preview"
     rows = [f"{p.key[:16]:<16} {Path(p.model).name[:20]:<20} {p.tokens:>7} {format_size(p.bytes):>10} "
             f"{'disk':<5} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p.last_used)):<19} "

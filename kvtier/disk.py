@@ -12,14 +12,15 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 import numpy as np
 import xxhash
 from safetensors.numpy import save as st_save
 
-from .kvstate import BlockArrays, dtype_name, host_view
+if TYPE_CHECKING:  # kvstate pulls in mlx_lm (a second or more): the CLI reads the cache without it
+    from .kvstate import BlockArrays
 
 TOKENS_TENSOR = "__tokens__"
 
@@ -44,6 +45,8 @@ def content_hash(tensors: dict[str, np.ndarray]) -> str:
 
 
 def encode_block(arrays: BlockArrays, tokens: np.ndarray, meta: dict[str, str]) -> bytes:
+    from .kvstate import dtype_name, host_view  # only writers encode: they have the model loaded
+
     tensors = {TOKENS_TENSOR: np.asarray(tokens, dtype=np.uint32)}
     dtypes = {}
     for name, array in arrays.items():

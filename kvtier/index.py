@@ -9,11 +9,21 @@ Sub-databases:
   blocks  key(16 B)                      -> JSON record (see BlockRecord)
   lru     access_ms(8 B BE) + inverted depth(4 B) + key(16 B)  -> b""   (oldest first = evicted first)
   children parent(16 B) + key(16 B)      -> kind (1 B: k or s) + the child's tokens (uint32 LE)
+  heads   parent(16 B) + kind(1 B) + first token (4 B BE) + key(16 B) -> b""
+          the children again, by their first token: a tail match reads only the children
+          that can share tokens with the prompt, however many siblings there are
   models  fingerprint                    -> JSON description
   meta    b"bytes" / b"count"            -> totals kept in the same transactions
           b"allocated"                   -> total allocated bytes (absent in an index made
                                             before it existed, until `recount`)
           b"counters:" + fingerprint     -> JSON request counters, so stats survive restarts
+          b"totals:" + fingerprint       -> JSON {blocks, snapshots, bytes, pinned_bytes} of a
+                                            model's records, kept in the same transactions
+                                            (`kvtier stats` without reading every record)
+          b"per_model"                   -> present while those are kept (absent in an index
+                                            made before them, until `recount`)
+          b"heads"                       -> present while `heads` lists every child (absent in
+                                            an index made before it, until `fill_heads`)
 """
 
 from __future__ import annotations
@@ -37,9 +47,11 @@ import lmdb
 log = logging.getLogger("kvtier.index")
 
 MAP_SIZE = 4 << 30  # LMDB's address-space reservation, not disk use
-DB_NAMES = (b"blocks", b"lru", b"children", b"models", b"meta")
-KEY_LENGTHS = {b"blocks": 16, b"lru": 28, b"children": 32}
+DB_NAMES = (b"blocks", b"lru", b"children", b"models", b"meta", b"heads")
+KEY_LENGTHS = {b"blocks": 16, b"lru": 28, b"children": 32, b"heads": 37}
 REBUILD_KEY = b"rebuild"  # in meta: set while the index is being refilled from the files
+PER_MODEL_KEY, MODEL_TOTALS_PREFIX, HEADS_KEY = b"per_model", b"totals:", b"heads"
+MODEL_TOTAL_FIELDS = ("blocks", "snapshots", "bytes", "pinned_bytes")
 
 # What LMDB raises for a file it cannot trust (other lmdb.Error are I/O, space, limits).
 # MDB_BAD_TXN too: each method here runs a fresh transaction, so a bad one means LMDB
@@ -87,6 +99,21 @@ class BlockRecord:
             return cls.decode(raw)
         except (ValueError, TypeError):
             return None
+
+
+def add_to_model_totals(totals: dict[str, dict[str, int]], record: "BlockRecord", sign: int = 1) -> None:
+    """Count `record` into (or, with sign -1, out of) its model's totals."""
+    entry = totals.setdefault(record.fingerprint, dict.fromkeys(MODEL_TOTAL_FIELDS, 0))
+    entry["snapshots" if record.kind == "snap" else "blocks"] += sign
+    entry["bytes"] += sign * record.nbytes
+    entry["pinned_bytes"] += sign * record.nbytes if record.pinned else 0
+
+
+def _head_key(parent: bytes, kind: bytes, tokens: bytes, key: bytes) -> bytes | None:
+    """Where a child sits in `heads` (None for one without tokens: nothing to match on)."""
+    if len(tokens) < 4:
+        return None
+    return parent + kind[:1] + int.from_bytes(tokens[:4], "little").to_bytes(4, "big") + key
 
 
 def _json_or_none(raw: bytes | None):
@@ -179,24 +206,57 @@ def data_file_problem(data_file: Path) -> str | None:
     return None
 
 
+_early_walks: dict[str, subprocess.Popen] = {}  # index path -> its walk, started by start_walk
+_early_lock = threading.Lock()
+
+
+def start_walk(path: Path) -> None:
+    """Start the full read walk of the index at `path` now, for the next Index(walk=True)
+    of it to take: the daemon starts it before loading its model, so a large index is
+    checked while the model loads rather than after (start-up then waits for neither)."""
+    if not (Path(path) / "data.mdb").exists():
+        return  # nothing to check: a new cache
+    with _early_lock:
+        if os.path.abspath(path) in _early_walks:
+            return
+        try:
+            _early_walks[os.path.abspath(path)] = _spawn_walk(Path(path))
+        except OSError as exc:
+            log.warning("could not start checking the index %s: %s", path, exc)
+
+
+def _spawn_walk(path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "kvtier.index", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def walk_problem(path: Path, timeout: float = 600) -> str | None:
     """Read every record of the index in a child process (`python -m kvtier.index PATH`):
     a bad page makes LMDB raise, but it can also abort or fault, which must not take the
-    daemon down. None when the walk found nothing wrong (or could not tell)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    daemon down. None when the walk found nothing wrong (or could not tell). Takes the
+    walk `start_walk` began, if any."""
+    with _early_lock:
+        early = _early_walks.pop(os.path.abspath(path), None)
     try:
-        done = subprocess.run([sys.executable, "-m", "kvtier.index", str(path)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        child = early or _spawn_walk(path)
+    except OSError as exc:
         log.warning("could not check the index %s: %s", path, exc)
         return None
-    if done.returncode < 0:
-        return f"LMDB crashed reading it (signal {-done.returncode})"
-    if done.returncode == _WALK_DAMAGED:
-        return done.stdout.strip() or "damaged"
-    if done.returncode != 0:
-        log.warning("could not check the index %s: %s", path, (done.stderr or done.stdout).strip()[-500:])
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        log.warning("could not check the index %s: no answer in %.0f s", path, timeout)
+        return None
+    if child.returncode < 0:
+        return f"LMDB crashed reading it (signal {-child.returncode})"
+    if child.returncode == _WALK_DAMAGED:
+        return stdout.strip() or "damaged"
+    if child.returncode != 0:
+        log.warning("could not check the index %s: %s", path, (stderr or stdout).strip()[-500:])
     return None
 
 
@@ -244,7 +304,7 @@ def _walk_db(name: bytes, txn: lmdb.Transaction[bytes], entries: int) -> str | N
             return f"{name.decode()}: keys out of order"
         if length and len(key) != length:
             return f"{name.decode()}: a key of {len(key)} bytes"
-        if (name == b"lru" and value) or (name == b"children" and value[:1] not in (b"k", b"s")):
+        if (name in (b"lru", b"heads") and value) or (name == b"children" and value[:1] not in (b"k", b"s")):
             return f"{name.decode()}: a value of the wrong form"
         previous, count = key, count + 1
     return None if count == entries else f"{name.decode()}: {count} entries, LMDB counts {entries}"
@@ -364,7 +424,7 @@ class Index:
         except BaseException:
             env.close()
             raise
-        self._blocks, self._lru, self._children, self._models, self._meta = dbs
+        self._blocks, self._lru, self._children, self._models, self._meta, self._heads = dbs
         self.env = env
 
     def close(self) -> None:
@@ -445,6 +505,22 @@ class Index:
             raw = txn.get(b"allocated")
         return None if raw is None else int(raw)
 
+    @_reads(lambda: None)
+    def model_totals(self) -> dict[str, dict[str, int]] | None:
+        """Blocks, snapshots, bytes and pinned bytes per model fingerprint, as kept with every
+        write; None for an index from before these totals, until its recount."""
+        with self.env.begin(db=self._meta) as txn:
+            if txn.get(PER_MODEL_KEY) is None:
+                return None
+            cursor, found = txn.cursor(), {}
+            if cursor.set_range(MODEL_TOTALS_PREFIX):
+                for key, value in cursor:
+                    if not bytes(key).startswith(MODEL_TOTALS_PREFIX):
+                        break
+                    if isinstance(entry := _json_or_none(value), dict):
+                        found[bytes(key)[len(MODEL_TOTALS_PREFIX):].decode(errors="replace")] = entry
+            return found
+
     def has_many(self, keys: list[bytes]) -> set[bytes]:
         """Those of `keys` that have a record (readable or not)."""
         with self.env.begin(db=self._blocks) as txn:
@@ -462,9 +538,35 @@ class Index:
             self._failed(exc, generation)
             raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
 
+    def newest(self) -> Iterator[tuple[bytes, BlockRecord]]:
+        """(key, record) of every entry, most recently used first, read lazily from the LRU
+        order (one read transaction for the whole walk: stop early for a page of them)."""
+        generation = self._generation
+        try:
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self._lru)
+                if not cursor.last():
+                    return
+                while True:
+                    key = bytes(cursor.key()[12:])
+                    record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                    if record is not None:
+                        yield key, record
+                    if not cursor.prev():
+                        return
+        except DAMAGE_ERRORS as exc:
+            self._failed(exc, generation)
+            raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+
     @_reads(list)
-    def children(self, parent: bytes, kind: str = "kv") -> list[tuple[bytes, bytes]]:
-        """(key, token bytes) of every indexed entry of `kind` whose parent is `parent`."""
+    def children(self, parent: bytes, kind: str = "kv", first: int | None = None) -> list[tuple[bytes, bytes]]:
+        """(key, token bytes) of every indexed entry of `kind` whose parent is `parent`; with
+        `first`, only those whose first token it is (read by it, from `heads`)."""
+        if first is not None:
+            with self.env.begin() as txn:
+                if txn.get(HEADS_KEY, db=self._meta) is not None:
+                    return self._children_by_head(txn, parent, kind, first)
+            return [(k, t) for k, t in self.children(parent, kind) if t[:4] == int(first).to_bytes(4, "little")]
         with self.env.begin(db=self._children) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(parent):
@@ -477,6 +579,21 @@ class Index:
                     found.append((bytes(composite[16:]), bytes(tokens[1:])))
             return found
 
+    def _children_by_head(self, txn: lmdb.Transaction[bytes], parent: bytes, kind: str,
+                          first: int) -> list[tuple[bytes, bytes]]:
+        start = parent + kind[:1].encode() + int(first).to_bytes(4, "big")
+        cursor, found = txn.cursor(db=self._heads), []
+        if not cursor.set_range(start):
+            return []
+        for head, _ in cursor:
+            if head[:21] != start:
+                break
+            key = bytes(head[21:])
+            tokens = txn.get(parent + key, db=self._children)
+            if tokens is not None:
+                found.append((key, bytes(tokens[1:])))
+        return found
+
     @_reads(dict)
     def models(self) -> dict[str, dict]:
         with self.env.begin(db=self._models) as txn:
@@ -484,16 +601,18 @@ class Index:
                     if isinstance(value := _json_or_none(v), dict)}
 
     @_reads(list)
-    def oldest(self, limit: int) -> list[bytes]:
-        """Keys of up to `limit` unpinned blocks, least recently used first."""
-        keys = []
+    def oldest(self, limit: int, covering: int | None = None) -> list[bytes]:
+        """Keys of up to `limit` unpinned blocks, least recently used first; with `covering`,
+        only as many as it takes for their allocated bytes to reach it."""
+        keys, allocated = [], 0
         with self.env.begin() as txn:
             for lru_key, _ in txn.cursor(db=self._lru):
                 key = bytes(lru_key[12:])
                 record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
                 if record and not record.pinned:
                     keys.append(key)
-                if len(keys) >= limit:
+                    allocated += record.allocated
+                if len(keys) >= limit or (covering is not None and allocated >= covering):
                     break
         return keys
 
@@ -510,7 +629,9 @@ class Index:
                 txn.put(_lru_key(record, key), b"", db=self._lru)
                 txn.put(bytes.fromhex(record.parent) + key, record.kind[:1].encode() + tokens,
                         db=self._children)
-                self._add_totals(txn, record.nbytes, 1, record.allocated)
+                if (head := _head_key(bytes.fromhex(record.parent), record.kind.encode(), tokens, key)) is not None:
+                    txn.put(head, b"", db=self._heads)
+                self._add_totals(txn, record, 1)
 
     @_writes
     def add_counters(self, fingerprint: str, deltas: dict[str, int]) -> None:
@@ -537,16 +658,41 @@ class Index:
         """Recompute the totals from the records (after a repair); returns (bytes, blocks)."""
         with self.env.begin(write=True) as txn:
             total = count = allocated = 0
+            per_model: dict[str, dict[str, int]] = {}
             for _, raw in txn.cursor(db=self._blocks):
                 try:
                     record = BlockRecord.decode(raw)
                 except (ValueError, TypeError):
                     continue
                 total, count, allocated = total + record.nbytes, count + 1, allocated + record.allocated
+                add_to_model_totals(per_model, record)
             txn.put(b"bytes", str(total).encode(), db=self._meta)
             txn.put(b"count", str(count).encode(), db=self._meta)
             txn.put(b"allocated", str(allocated).encode(), db=self._meta)
+            stale = [bytes(k) for k, _ in txn.cursor(db=self._meta) if bytes(k).startswith(MODEL_TOTALS_PREFIX)]
+            for key in stale:
+                txn.delete(key, db=self._meta)
+            for fingerprint, entry in per_model.items():
+                txn.put(MODEL_TOTALS_PREFIX + fingerprint.encode(), json.dumps(entry).encode(), db=self._meta)
+            txn.put(PER_MODEL_KEY, b"1", db=self._meta)
         return total, count
+
+    def heads_kept(self) -> bool:
+        with self.env.begin(db=self._meta) as txn:
+            return txn.get(HEADS_KEY) is not None
+
+    @_writes
+    def fill_heads(self) -> int:
+        """List every child in `heads` (an index from before it): one pass, once."""
+        with self.env.begin(write=True) as txn:
+            count = 0
+            for child, tokens in txn.cursor(db=self._children):
+                child, tokens = bytes(child), bytes(tokens)
+                if (head := _head_key(child[:16], tokens[:1], tokens[1:], child[16:])) is not None:
+                    txn.put(head, b"", db=self._heads)
+                    count += 1
+            txn.put(HEADS_KEY, b"1", db=self._meta)
+        return count
 
     @_writes
     def register_model(self, fingerprint: str, description: dict) -> None:
@@ -573,7 +719,9 @@ class Index:
             for key in keys:
                 record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
                 if record:
+                    self._add_model_totals(txn, record, -1)
                     record.pinned = pinned
+                    self._add_model_totals(txn, record, 1)
                     txn.put(key, record.encode(), db=self._blocks)
                     changed += 1
         return changed
@@ -593,21 +741,57 @@ class Index:
             self._drop(txn, key, record)
             return record
 
+    @_writes
+    def remove_many(self, keys: list[bytes]) -> list[bytes]:
+        """Delete the records of `keys` in one transaction (one commit, one sync: evicting
+        thousands costs little more than one); returns the keys that had a readable record."""
+        removed = []
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                if record is None:
+                    txn.delete(key, db=self._blocks)  # absent, or garbage: gone either way
+                    continue
+                self._drop(txn, key, record)
+                removed.append(key)
+        return removed
+
     def _drop(self, txn: lmdb.Transaction[bytes], key: bytes, record: BlockRecord) -> None:
         txn.delete(key, db=self._blocks)
         txn.delete(_lru_key(record, key), db=self._lru)
-        txn.delete(bytes.fromhex(record.parent) + key, db=self._children)
-        self._add_totals(txn, -record.nbytes, -1, -record.allocated)
+        child = bytes.fromhex(record.parent) + key
+        tokens = txn.get(child, db=self._children)
+        if tokens is not None and (head := _head_key(child[:16], bytes(tokens[:1]), bytes(tokens[1:]), key)):
+            txn.delete(head, db=self._heads)
+        txn.delete(child, db=self._children)
+        self._add_totals(txn, record, -1)
 
-    def _add_totals(self, txn: lmdb.Transaction[bytes], nbytes: int, count: int, allocated: int) -> None:
+    def _add_totals(self, txn: lmdb.Transaction[bytes], record: BlockRecord, sign: int) -> None:
+        """Count a record into (sign 1) or out of (-1) the totals, overall and per model."""
         old_count = _int(txn.get(b"count", db=self._meta))
-        total = _int(txn.get(b"bytes", db=self._meta)) + nbytes
+        total = _int(txn.get(b"bytes", db=self._meta)) + sign * record.nbytes
         txn.put(b"bytes", str(max(total, 0)).encode(), db=self._meta)
-        txn.put(b"count", str(max(old_count + count, 0)).encode(), db=self._meta)
+        txn.put(b"count", str(max(old_count + sign, 0)).encode(), db=self._meta)
         old_allocated = txn.get(b"allocated", db=self._meta)
         if old_allocated is not None or old_count == 0:  # else it waits for a recount
-            new_allocated = int(old_allocated or 0) + allocated
+            new_allocated = int(old_allocated or 0) + sign * record.allocated
             txn.put(b"allocated", str(max(new_allocated, 0)).encode(), db=self._meta)
+        if old_count == 0 and sign > 0 and txn.get(PER_MODEL_KEY, db=self._meta) is None:
+            txn.put(PER_MODEL_KEY, b"1", db=self._meta)  # an empty index: kept from here on
+            txn.put(HEADS_KEY, b"1", db=self._meta)
+        self._add_model_totals(txn, record, sign)
+
+    def _add_model_totals(self, txn: lmdb.Transaction[bytes], record: BlockRecord, sign: int) -> None:
+        if txn.get(PER_MODEL_KEY, db=self._meta) is None:
+            return  # an index from before the per-model totals: they wait for a recount
+        key = MODEL_TOTALS_PREFIX + record.fingerprint.encode()
+        entry = _json_or_none(txn.get(key, db=self._meta))
+        totals = {record.fingerprint: entry} if isinstance(entry, dict) else {}
+        add_to_model_totals(totals, record, sign)
+        if any(totals[record.fingerprint].values()):
+            txn.put(key, json.dumps(totals[record.fingerprint]).encode(), db=self._meta)
+        else:  # the model's last record went
+            txn.delete(key, db=self._meta)
 
     def disk_usage(self) -> int:
         """Bytes the index files themselves occupy on disk (LMDB files are sparse)."""

@@ -35,6 +35,7 @@ log = logging.getLogger("kvtier.local")
 
 SCRATCH_PREFIX = "kvtier-ram-only-"  # + owner pid + "-": the index of a daemon without a disk tier
 PROBE_SECONDS = 2.0  # while writes fail, how often the disk is tried again
+EVICT_BATCH = 1000  # entries removed in one index transaction
 
 
 def tokens_hash(tokens: Tokens) -> str:
@@ -270,7 +271,7 @@ class LocalDisk:
         if used + nbytes > capacity and capacity < self.budget:
             self.space.mark_full(f"{format_size(nbytes)} to write, room for {format_size(max(capacity, 0))} of cache")
         evictable = self.index.allocated() or 0
-        if used - evictable + nbytes <= capacity and self._evict_while(lambda: self.disk_used() + nbytes > capacity):
+        if used - evictable + nbytes <= capacity and self._evict_while(lambda: self.disk_used() + nbytes - capacity):
             return True
         # Not even an empty cache would hold it: nothing is evicted in vain.
         self._skipped(nbytes, disk_full=capacity < self.budget)
@@ -278,27 +279,31 @@ class LocalDisk:
 
     def _trim(self) -> None:
         capacity = self.space.capacity(self.disk_used())
-        self._evict_while(lambda: self.disk_used() > capacity)
+        self._evict_while(lambda: self.disk_used() - capacity)
 
-    def _evict_while(self, too_big: Callable[[], bool], prune: bool = True) -> bool:
-        """Evict the least recently used entry while `too_big`; False if none is left.
-        `prune` removes emptied subdirectories: only the daemon's writer may (it recreates
-        what it needs), not the CLI beside a running daemon."""
-        while too_big():
-            victims = self.index.oldest(1)  # one at a time: evict no more than needed
+    def _evict_while(self, excess: Callable[[], int], prune: bool = True) -> bool:
+        """Evict least recently used entries while `excess()` bytes are over; False if none
+        is left. Each round takes just enough of the oldest to cover the excess by their
+        allocated bytes (what eviction frees), removed in one index transaction: the same
+        entries as one at a time, at a constant cost per entry. `prune` removes emptied
+        subdirectories: only the daemon's writer may (it recreates what it needs), not the
+        CLI beside a running daemon."""
+        while (over := excess()) > 0:
+            victims = self.index.oldest(EVICT_BATCH, covering=over)
             if not victims:
                 return False
-            self.drop(victims[0])
+            self.remove_many(victims)
             if prune:
-                self.files.prune_dir(victims[0].hex())
-            self.count("disk_evictions")
+                for key in victims:
+                    self.files.prune_dir(key.hex())
+            self.count("disk_evictions", len(victims))
         return True
 
     def evict_to(self, target: int) -> int:
         """Evict least recently used entries until the tier takes at most `target` bytes,
         counted as the budget counts them (`kvtier purge --to-size`); returns the entries removed."""
         before = self.index.totals()[1]
-        self._evict_while(lambda: self.disk_used() > target, prune=False)
+        self._evict_while(lambda: self.disk_used() - target, prune=False)
         return before - self.index.totals()[1]
 
     def _skipped(self, nbytes: int, disk_full: bool) -> None:
@@ -345,12 +350,15 @@ class LocalDisk:
 
     # -- upkeep (its own thread) ---------------------------------------------------------
     def _upkeep_loop(self) -> None:
-        """After start-up: recount an old index's allocated total, sweep what a killed daemon
-        left behind; then, while writes fail, try the disk again so the error clears by itself."""
+        """After start-up: recount an old index's totals (allocated, per model), sweep what a
+        killed daemon left behind; then, while writes fail, try the disk again so the error
+        clears by itself."""
         try:
             if self.disk_enabled:
-                if self.index.allocated() is None:
-                    self.note_in_index(self.index.recount)
+                if self.index.allocated() is None or self.index.model_totals() is None:
+                    self.note_in_index(self.index.recount)  # an index from before these totals
+                if not self.index.heads_kept():  # an index from before its children by first token
+                    self.note_in_index(self.index.fill_heads)
                 self.rebuilder.wait()  # files a rebuild has not reached yet are not leftovers
                 self.sweep_leftovers()
             remove_stale_scratch_dirs()
@@ -435,12 +443,22 @@ class LocalDisk:
         return {k: r for k, r in self.index.items() if r is not None}
 
     def remove_many(self, keys: list[bytes]) -> int:
-        """Remove entries (index first, then the file); returns those the index held."""
-        removed = 0
-        for key in keys:
-            if self.index.remove(key) is not None:
-                removed += 1
-            self._remove_file(key.hex())
+        """Remove entries (index first, then the files), EVICT_BATCH to a transaction;
+        returns those the index held. A file that cannot be removed stays counted (a stray)
+        and the first such error is raised once every other file is removed."""
+        removed, failed = 0, None
+        for start in range(0, len(keys), EVICT_BATCH):
+            # In key order: files of one subdirectory, and records of one index page, go
+            # together (a fraction of the cost of the LRU order's scattered keys).
+            batch = sorted(keys[start : start + EVICT_BATCH])
+            removed += len(self.index.remove_many(batch))
+            for key in batch:
+                try:
+                    self._remove_file(key.hex())
+                except OSError as exc:
+                    failed = failed or exc
+        if failed is not None:
+            raise failed
         return removed
 
     def read_checked(self, key: bytes, record: BlockRecord | None = None) -> ParsedBlock:

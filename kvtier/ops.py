@@ -12,9 +12,11 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from .disk import DamagedBlock, decode_block, key_of_path
-from .index import BlockRecord, Index, IndexDamaged, in_use, move_aside, now_ms
+from .index import (MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, in_use,
+                    move_aside, now_ms)
 from .local import LocalDisk
 
 # Files this young may be a running daemon's write in flight, not yet indexed.
@@ -31,19 +33,14 @@ CacheDir = LocalDisk.existing
 
 # -- stats --------------------------------------------------------------------------------
 def stats(cache: LocalDisk) -> dict:
-    records = cache.records()
     models = cache.index.models()
     counters = cache.index.counters()
-    per_model: dict[str, dict] = {}
-    for record in records.values():
-        entry = per_model.setdefault(record.fingerprint, {"blocks": 0, "snapshots": 0, "bytes": 0,
-                                                          "pinned_bytes": 0})
-        entry["snapshots" if record.kind == "snap" else "blocks"] += 1
-        entry["bytes"] += record.nbytes
-        entry["pinned_bytes"] += record.nbytes if record.pinned else 0
+    # Kept by the index with every write; an index from before them is walked instead.
+    per_model = cache.index.model_totals()
+    if per_model is None:
+        per_model = model_totals(cache.records().values())
     for fingerprint in set(per_model) | set(counters):
-        entry = per_model.setdefault(fingerprint, {"blocks": 0, "snapshots": 0, "bytes": 0,
-                                                   "pinned_bytes": 0})
+        entry = per_model.setdefault(fingerprint, dict.fromkeys(MODEL_TOTAL_FIELDS, 0))
         entry["model"] = models.get(fingerprint, {}).get("name", "?")
         entry.update(rates(counters.get(fingerprint, {})))
     overall: dict[str, int] = {}
@@ -53,6 +50,14 @@ def stats(cache: LocalDisk) -> dict:
     # The disk tier's own stats (the daemon's schema), less what only a daemon knows (budget, queues).
     disk = {k: v for k, v in cache.stats().items() if k in ("entries", "bytes", "index_bytes", "used_bytes")}
     return {"cache_dir": str(cache.path), "disk": disk, "overall": rates(overall), "models": per_model}
+
+
+def model_totals(records: Iterable[BlockRecord]) -> dict[str, dict[str, int]]:
+    """Blocks, snapshots, bytes and pinned bytes per model, counted from the records."""
+    totals: dict[str, dict[str, int]] = {}
+    for record in records:
+        add_to_model_totals(totals, record)
+    return totals
 
 
 def rates(counters: dict[str, int]) -> dict:
@@ -94,33 +99,38 @@ class Prefix:
         return out
 
 
-def prefixes(cache: LocalDisk, preview_tokens: int = 12) -> list[Prefix]:
-    records = cache.records()
-    kv = {k: r for k, r in records.items() if r.kind == "kv"}
-    parents = {bytes.fromhex(r.parent) for r in kv.values()}
+def prefixes(cache: LocalDisk, preview_tokens: int = 12, limit: int | None = None,
+             offset: int = 0) -> list[Prefix]:
+    """Cached prefixes, most recently used first (by their last block: the order eviction
+    takes them in reverse), `offset` of them skipped and at most `limit` returned. Read from
+    the index's LRU order as far as the page needs, so a page costs the same however many
+    entries the cache holds."""
     models = cache.index.models()
-    out = []
-    for key, record in kv.items():
-        if key in parents:
-            continue  # extended by another block: not the end of a prefix
-        chain = _chain(key, kv)
+    out: list[Prefix] = []
+    for key, record in cache.index.newest():
+        if limit is not None and len(out) >= limit:
+            break
+        if record.kind != "kv" or cache.index.children(key, "kv"):
+            continue  # a snapshot, or extended by another block: not the end of a prefix
+        if offset:
+            offset -= 1
+            continue
+        chain = _chain(cache, key, record)
         out.append(Prefix(
             key=key.hex(), model=models.get(record.fingerprint, {}).get("name", "?"),
-            fingerprint=record.fingerprint, tokens=sum(kv[k].num_tokens for k in chain),
-            bytes=sum(kv[k].nbytes for k in chain), blocks=len(chain),
-            last_used=max(kv[k].access_ms for k in chain) / 1000,
-            pinned=all(kv[k].pinned for k in chain), chain=chain))
-    out.sort(key=lambda p: -p.last_used)
+            fingerprint=record.fingerprint, tokens=sum(r.num_tokens for _, r in chain),
+            bytes=sum(r.nbytes for _, r in chain), blocks=len(chain), last_used=record.access_ms / 1000,
+            pinned=all(r.pinned for _, r in chain), chain=[k for k, _ in chain]))
     for prefix in out:
         prefix.preview = _preview(cache, prefix, models, preview_tokens)
     return out
 
 
-def _chain(key: bytes, kv: dict[bytes, BlockRecord]) -> list[bytes]:
-    """The key and its cached ancestors, root first (stops where an ancestor is missing)."""
-    chain = [key]
-    while (parent := bytes.fromhex(kv[chain[-1]].parent)) in kv:
-        chain.append(parent)
+def _chain(cache: LocalDisk, key: bytes, record: BlockRecord) -> list[tuple[bytes, BlockRecord]]:
+    """The entry and its cached ancestors, root first (stops where an ancestor is missing)."""
+    chain = [(key, record)]
+    while (parent := cache.index.get(bytes.fromhex(chain[-1][1].parent))) is not None and parent.kind == "kv":
+        chain.append((bytes.fromhex(chain[-1][1].parent), parent))
     return chain[::-1]
 
 
@@ -248,6 +258,9 @@ def _verify_entries(cache: LocalDisk, fix: bool) -> list[Problem]:
     if (total_bytes, total_blocks) != (sum(r.nbytes for r in actual), len(actual)):
         problems.append(Problem("totals", "", f"index totals {total_bytes} B / {total_blocks} "
                                               f"differ from the records"))
+    kept = cache.index.model_totals()
+    if kept is not None and kept != model_totals(actual):
+        problems.append(Problem("totals", "", "the per-model totals differ from the records"))
     if fix:
         cache.index.recount()
     return problems

@@ -11,10 +11,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .kvstate import BlockArrays
+if TYPE_CHECKING:  # kvstate pulls in mlx_lm: the CLI uses this module without it
+    from .kvstate import BlockArrays
 
 
 @dataclass(eq=False)

@@ -416,15 +416,19 @@ class TieredStore:
                     return SnapshotHit(key, position, Snapshot(block.arrays, block.skeleton or ""), source)
         return None
 
-    def _children(self, parent: bytes, kind: str = "kv", remote: bool = False) -> dict[bytes, np.ndarray]:
+    def _children(self, parent: bytes, kind: str = "kv", remote: bool = False,
+                  first: int | None = None) -> dict[bytes, np.ndarray]:
         """Tokens of every entry of `kind` that continues `parent`, hot or on disk (and, if
-        `remote`, listed by the shared store: candidates only, checked when read)."""
-        children = {b.key: b.tokens for b in self.ram.children(parent, kind)}
-        for key, raw in self.index.children(parent, kind):
+        `remote`, listed by the shared store: candidates only, checked when read); with
+        `first`, only those starting with that token (the index reads just those)."""
+        children = {b.key: b.tokens for b in self.ram.children(parent, kind)
+                    if first is None or (len(b.tokens) and b.tokens[0] == first)}
+        for key, raw in self.index.children(parent, kind, first):
             children.setdefault(key, np.frombuffer(raw, dtype="<u4"))
         if remote and self.shared is not None:
             for key, tokens in self.shared.children(parent, kind).items():
-                children.setdefault(key, tokens)
+                if first is None or (len(tokens) and tokens[0] == first):
+                    children.setdefault(key, tokens)
         return children
 
     def _touch(self, keys: list[bytes]) -> None:
@@ -536,9 +540,10 @@ class TieredStore:
         tokens depends only on the prefix, so a repeated or extended prompt reuses them."""
         if len(tail) == 0:
             return
-        candidates = self._children(parent)
+        first = int(tail[0])  # only a child starting with it shares any token with the tail
+        candidates = self._children(parent, first=first)
         if self.shared is not None and max((common_prefix(t, tail) for t in candidates.values()), default=0) < len(tail):
-            candidates = self._children(parent, remote=True)  # the team may have a longer one
+            candidates = self._children(parent, remote=True, first=first)  # the team may have a longer one
         best = max(candidates.items(), key=lambda kv: common_prefix(kv[1], tail), default=None)
         if best is None or common_prefix(best[1], tail) == 0:
             return
@@ -642,7 +647,7 @@ class TieredStore:
             self._evicted(self.ram.put(block))
 
     def _covered_partials(self, block: HotBlock) -> list[bytes]:
-        return [key for key, tokens in self._children(block.parent).items()
+        return [key for key, tokens in self._children(block.parent, first=int(block.tokens[0]) if len(block.tokens) else None).items()
                 if key != block.key and len(tokens) < len(block.tokens)
                 and common_prefix(tokens, block.tokens) == len(tokens)]
 

@@ -162,3 +162,13 @@ def test_hit_rate_is_weighted_by_tokens(daemon_factory, tiny_model):
     human = kvtier("stats", "--cache-dir", str(daemon.cache_dir)).stdout
     assert f"hit rate {100 * model['hit_rate']:.0f}% of {sum(prompt)} prompt tokens" in human
     assert "1 of 3 requests reused at least half their prompt" in human
+
+
+def test_cache_commands_do_not_load_the_model_stack():
+    """stats, ls, purge and verify read the cache directory alone: importing what they use
+    must not pull in mlx_lm and transformers (seconds of start-up for every command)."""
+    code = ("import sys, daemon.cli, daemon.cli_cache, kvtier.ops, kvtier.local; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -44,6 +44,10 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
     status, entries = request(daemon, "GET", "/cache/entries")
     assert status == 200 and len(entries["data"]) == 1
     assert entries["data"][0]["tier"] == "ram+disk" and entries["data"][0]["tokens"] > TEST_BLOCK_SIZE
+    assert request(daemon, "GET", "/cache/entries?limit=1")[1]["data"] == entries["data"]
+    assert request(daemon, "GET", "/cache/entries?offset=1")[1]["data"] == []  # the next page: empty
+    status, error = request(daemon, "GET", "/cache/entries?limit=-1")
+    assert status == 400 and error["error"]["param"] == "limit"
 
     status, metrics = request(daemon, "GET", "/metrics")
     assert status == 200

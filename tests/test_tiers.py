@@ -16,6 +16,7 @@ import pytest
 
 from kvtier.blocks import block_refs
 from kvtier.disk import decode_block, encode_block
+from kvtier.local import LocalDisk
 from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
 from tests.support.blocks import BLOCK, BLOCK_BYTES, arrays_for, assert_hits_hold_their_arrays, fill, make_store
@@ -104,6 +105,30 @@ def test_disk_budget_is_never_exceeded_and_evicts_oldest(tmp_path):
     oldest_refs, oldest_tokens = chains[0]
     assert store.match(oldest_refs, oldest_tokens).num_full_blocks == 0
     store.close()
+
+
+def test_eviction_takes_just_the_oldest_needed_in_one_index_transaction(tmp_path):
+    """Evicting many entries (purge --to-size, a full budget) removes the same ones as one
+    at a time would, least recently used first and no more than needed, but in one LMDB
+    write transaction (one commit and sync) rather than one per entry."""
+    store = make_store(tmp_path)
+    for chain in range(10):
+        fill(store, [chain * 1000 + i for i in range(3 * BLOCK)])
+        store.flush()
+    store.close()
+    with LocalDisk.existing(tmp_path) as disk:
+        lru = disk.index.oldest(100)
+        per_entry = disk.index.get(lru[0]).allocated
+        target = disk.disk_used() - 12 * per_entry - 1  # a byte more than 12 entries free
+        transactions = disk.index.env.info()["last_txnid"]
+        removed = disk.evict_to(target)
+        # 13, or 14 when the index file grew a page with the eviction's own transaction.
+        assert removed in (13, 14)
+        assert disk.index.env.info()["last_txnid"] - transactions <= removed - 12  # one commit per round
+        assert disk.index.oldest(100) == lru[removed:]
+        assert disk.disk_used() <= target
+        assert sorted(p.name for p in (tmp_path / "blocks").rglob("*.safetensors")) == \
+            sorted(f"{k.hex()}.safetensors" for k in lru[removed:])
 
 
 def test_bounded_write_queue_applies_back_pressure_and_drops_nothing(tmp_path):

@@ -65,16 +65,30 @@ def _cache_dir(http: web.Request) -> LocalDisk:
 
 @routes.get("/cache/entries")
 async def cache_entries(http: web.Request) -> web.Response:
-    """Cached prefixes, as `kvtier ls --json` lists them, with the tier they are in now."""
+    """Cached prefixes, as `kvtier ls --json` lists them, with the tier they are in now;
+    `limit` and `offset` page through them (default: all)."""
+    limit, offset = _natural(http.query, "limit"), _natural(http.query, "offset") or 0
     store = http.app[STATE].engine().store
     await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
-    found = await asyncio.to_thread(ops.prefixes, _cache_dir(http))
+    found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), limit=limit, offset=offset)
     entries = []
     for prefix in found:
         hot = sum(1 for key in prefix.chain if store.is_hot(key))
         tier = "ram+disk" if hot == len(prefix.chain) else ("partly ram" if hot else "disk")
         entries.append(dict(prefix.to_json(), tier=tier))
     return web.json_response({"object": "list", "data": entries})
+
+
+def _natural(query, name: str) -> int | None:
+    if name not in query:
+        return None
+    try:
+        value = int(query[name])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ApiError(400, f"{name} must be a whole number >= 0, got {query[name]!r}", param=name)
+    return value
 
 
 @routes.delete("/cache")
