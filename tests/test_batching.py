@@ -236,7 +236,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path
     done, n = object(), 16
     a, poisoned = _conversation(QUESTIONS[0]), _conversation(QUESTIONS[2])
     b = agent_messages("batch", question=QUESTIONS[1], repeat=4)  # a prefill of several steps
-    tokens = {key: engine.chat_tokens(m) for key, m in (("a", a), ("b", b), ("p", poisoned))}
+    tokens = {key: engine.renderer.chat_tokens(m) for key, m in (("a", a), ("b", b), ("p", poisoned))}
     generated = {key: _greedy_tokens(reference, t, n) for key, t in tokens.items()}
     poison = _poison_token(generated["p"], {*tokens["a"], *tokens["b"], *tokens["p"],
                                             *generated["a"], *generated["b"]})
@@ -249,9 +249,9 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path
             if i == join_when_decoding:
                 while batch.prefilling:
                     batch.step()
-            t = engine.chat_tokens(messages)
+            t = engine.renderer.chat_tokens(messages)
             batch.add(GenerationRequest(t, n, temperature=0.0,
-                                        boundaries=engine.message_boundaries(messages, None, t)), out.append)
+                                        boundaries=engine.renderer.message_boundaries(messages, None, t)), out.append)
         while not batch.idle:
             batch.step()
         return outputs
@@ -268,7 +268,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path
         # At prefill: a follow-up of the poisoned answer holds the token in its prompt.
         follow_up = poisoned + [{"role": "assistant", "content": expected["p"]},
                                 {"role": "user", "content": "Continue."}]
-        assert poison in engine.chat_tokens(follow_up)
+        assert poison in engine.renderer.chat_tokens(follow_up)
         out_f, out_a = run(follow_up, a)
         assert len(out_f) == 2 and isinstance(out_f[0], InjectedFault) and out_f[1] is done
         assert out_a[-1] is done and _text(out_a) == expected["a"]
