@@ -590,6 +590,7 @@ def _nemotron_h_config(hidden: int, layers: int, **_: Any) -> dict[str, Any]:
         "model_type": "nemotron_h",
         "hidden_size": hidden,
         "hybrid_override_pattern": pattern,
+        "num_hidden_layers": layers,  # real checkpoints have it; mlx-lm before 0.32 requires it
         "intermediate_size": 4 * hidden,
         "num_attention_heads": heads,
         "num_key_value_heads": max(1, heads // 2),
