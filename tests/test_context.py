@@ -43,7 +43,7 @@ def test_model_without_a_declared_limit_takes_a_long_prompt_like_mlx_lm(app_fact
     assert response.choices[0].message.content == reference.chat(messages, MAX_TOKENS)
 
 
-def test_max_context_sets_the_limit_on_both_apis(app_factory, llama_model):
+def test_max_context_sets_the_limit_on_every_api(app_factory, llama_model):
     daemon = app_factory(llama_model, "--max-context", "300")  # the model declares 32768
     long, short = agent_messages("limit", repeat=6), [{"role": "user", "content": "Hi."}]
     with pytest.raises(openai.BadRequestError) as err:
@@ -54,5 +54,9 @@ def test_max_context_sets_the_limit_on_both_apis(app_factory, llama_model):
         claude.messages.create(model=str(llama_model), system=long[0]["content"], messages=long[1:],
                                max_tokens=4)
     assert "300" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        daemon.client().responses.create(model=str(llama_model), instructions=long[0]["content"],
+                                         input=long[1]["content"], max_output_tokens=4)
+    assert err.value.body["code"] == "context_length_exceeded" and "300" in err.value.body["message"]
     response = daemon.client().chat.completions.create(model=str(llama_model), messages=short, max_tokens=4)
     assert response.choices[0].finish_reason in ("length", "stop")

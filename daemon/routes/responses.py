@@ -158,7 +158,7 @@ def remember(http: web.Request, response_id: str, messages: list[dict]) -> None:
 def generation_request(body: ResponsesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> GenerationRequest:
     max_tokens = body.max_output_tokens
-    limit = state.engine().context_length
+    limit = state.context_limit()
     if limit and len(tokens) >= limit:
         raise bad(f"this model's context is {limit} tokens; the input has {len(tokens)}",
                   "input", code="context_length_exceeded")
