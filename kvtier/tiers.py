@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
@@ -117,6 +118,7 @@ class Restore:
     disk_tokens: int = 0
     shared_tokens: int = 0
     restored_bytes: int = 0  # KV and snapshot bytes of the restored prefix
+    steps: dict[str, float] = field(default_factory=dict)  # seconds: hash, match, snapshot, account
     kept_blocks: int = 0  # full blocks of the request's tokens the tiers hold: new ones follow
 
     @property
@@ -211,15 +213,21 @@ class TieredStore:
         then disk, then the shared store) copied into `into` as each is confirmed, and for
         recurrent layers the snapshot it ends at; never the last token (it is computed, for
         fresh logits). Counted per tier, in the stats and the index's request counters."""
+        marks = [time.perf_counter()]
         refs = block_refs(tokens, self.config.block_size, self.fingerprint)
+        marks.append(time.perf_counter())
         if self.plan is None:  # the model's cache cannot be stored: nothing to restore
             self.count("requests_unsupported_model")
             found = Match([])
         else:
             found = self.match(refs, tokens, into)
+        marks.append(time.perf_counter())
         reuse, snapshot = self._restore_point(refs, tokens, found)
+        marks.append(time.perf_counter())
         restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks)
         self._account(restored, len(tokens))
+        marks.append(time.perf_counter())
+        restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
         return restored
 
     def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
