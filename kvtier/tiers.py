@@ -120,6 +120,7 @@ class Restore:
     restored_bytes: int = 0  # KV and snapshot bytes of the restored prefix
     steps: dict[str, float] = field(default_factory=dict)  # seconds: hash, match, snapshot, account
     kept_blocks: int = 0  # full blocks of the request's tokens the tiers hold: new ones follow
+    index_counters: dict[str, int] = field(default_factory=dict)  # the request's counts, for `keep`
 
     @property
     def cached_tokens(self) -> int:
@@ -232,12 +233,16 @@ class TieredStore:
 
     def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
              snapshots: dict[int, Snapshot]) -> None:
-        """After a request: the entries it reused are now the most recently used (an index
-        write is not worth delaying its first token for), the blocks it read from disk or the
-        shared store become hot, and what it computed is stored (`keep_computed`). `sequence`
+        """After a request: the entries it reused are now the most recently used and the request
+        is counted in the index (index writes are not worth delaying its first token for), the
+        blocks it read from disk or the shared store become hot, and what it computed is stored
+        (`keep_computed`). `sequence`
         None: it ended before its prefill did, with nothing new worth storing."""
         reused = [h.ref.key for h in restored.match.hits]
         self._touch(reused + ([restored.snapshot.key] if restored.snapshot else []))
+        if restored.index_counters:
+            self._note_in_index(self.disk.index.add_counters, self.fingerprint, restored.index_counters)
+            restored.index_counters = {}
         self._promote_restored(restored, prompt_cache)
         if sequence is not None:
             self.keep_computed(restored, prompt_cache, sequence, snapshots)
@@ -299,7 +304,7 @@ class TieredStore:
                   "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.count(name, value)
-        self._note_in_index(self.disk.index.add_counters, self.fingerprint, deltas)
+        restored.index_counters = deltas  # written by `keep`: an index commit is no step to the first token
 
     def _promote_restored(self, restored: Restore, prompt_cache: list[Any]) -> None:
         """Blocks read from disk or the shared store become hot, cut from the cache they were
