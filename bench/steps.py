@@ -182,7 +182,8 @@ def ask(server: Server, model: str, system: str, question: int | str) -> dict:
     timed = stream_chat(server, model, messages_for(system, text))
     k = timed.usage.get("kvtier") or {}
     return {"ttft": timed.ttft, "prompt_tokens": timed.usage.get("prompt_tokens"),
-            "engine_ttft": k.get("time_to_first_token"), "text": timed.text}
+            "engine_ttft": k.get("time_to_first_token"), "restore_seconds": k.get("restore_seconds"),
+            "restored_bytes": k.get("restored_bytes"), "disk_tokens": k.get("disk_tokens"), "text": timed.text}
 
 
 def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path, work: Path) -> dict:
@@ -321,6 +322,11 @@ def bandwidth_lines(results: dict) -> list[str]:
                      f"{b['restored_bytes'] / 1e6:.1f} MB ({b['disk_tokens']:,} tokens) | {b['restore_seconds']:.3f} s | "
                      f"{b['restore_gb_per_s']:.2f} GB/s | {raw['gb_per_s']:.2f} GB/s ({raw['files']} files, "
                      f"{raw['bytes'] / 1e6:.1f} MB) | {100 * b['ratio']:.0f}% |")
+    serve = results["kvtier_serve"]["after_restart"][str(max(results["lengths"]))]
+    if serve.get("restore_seconds") and serve.get("restored_bytes"):
+        lines.append(f"| kvtier serve, after restart: the cache's files (fadvise) | {serve['restored_bytes'] / 1e6:.1f} MB "
+                     f"({serve.get('disk_tokens') or 0:,} tokens) | {serve['restore_seconds']:.3f} s | "
+                     f"{serve['restored_bytes'] / serve['restore_seconds'] / 1e9:.2f} GB/s | | |")
     return lines
 
 
