@@ -40,7 +40,10 @@ def evict_files(root: Path) -> dict:
     every cache (`drop_page_cache`) would also time the re-reading of Python's and MLX's code."""
     before, files = page_cache_mb(), 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a write's temp file, renamed or removed since the listing
+            continue
         try:
             os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
