@@ -192,7 +192,7 @@ class Engine:
     def begin(self, request: GenerationRequest) -> Session:
         """Restore the longest cached prefix of the request's prompt into a fresh prompt cache."""
         started, tokens = time.perf_counter(), request.prompt_tokens
-        # Made before the lookup, which adds the cached blocks to them (kvstate.PromptBuffers).
+        # Allocated before the lookup: MLX zero-fills them while it starts.
         buffers = kvstate.PromptBuffers(self.layout, capacity=len(tokens) + 1)
         allocated = time.perf_counter()
         restored = self.store.restore(tokens, into=buffers)

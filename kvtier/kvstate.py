@@ -139,21 +139,18 @@ def matches_layout(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], l
 class PromptBuffers:
     """The sliced layers' keys and values for one request, allocated once at its full size.
 
-    Cached blocks go straight into them as they arrive, and the prefill then writes the rest
-    in place: no concatenation, no growing the cache chunk by chunk. Blocks hot in RAM (MLX
-    arrays) that lead the prefix are joined with the empty rest in one MLX concatenation
-    when the buffers are first needed: their memory is written once, not zero-filled first
-    (a warm request's prefix is all such blocks). Blocks read from files (numpy views) are
-    copied through numpy views of the MLX memory, before any MLX computation uses it;
-    `attach` hands the arrays to a cache exactly once.
+    Cached blocks are copied straight into them as they arrive (from RAM, or from files
+    still being read), and the prefill then writes the rest in place: no concatenation, no
+    growing the cache chunk by chunk. The copies go through numpy views of the MLX memory,
+    before any MLX computation uses it; `attach` hands the arrays to a cache exactly once.
     """
 
     def __init__(self, layout: Layout, capacity: int):
         self.num_tokens = 0
         self.capacity = _round_up(max(capacity, 1), mlx_cache.KVCache.step)
-        self._layout = layout
-        self._leading: dict[str, list[mx.array]] = {name: [] for name in layout}  # hot blocks, not yet joined
-        self._arrays: dict[str, mx.array] | None = None
+        self._arrays = {name: mx.zeros(shape[:2] + (self.capacity,) + shape[3:], getattr(mx, dtype))
+                        for name, (shape, dtype) in layout.items()}
+        mx.async_eval(list(self._arrays.values()))  # the memory is touched while blocks load
         self._views: dict[str, np.ndarray] | None = None
         self._attached = False
 
@@ -169,46 +166,24 @@ class PromptBuffers:
         """Append the first `num_tokens` tokens of a block (MLX arrays or numpy views)."""
         start, end = self.num_tokens, self.num_tokens + num_tokens
         assert not self._attached, "buffers already attached to a cache"
-        if end > self.capacity or set(arrays) != set(self._layout):
-            raise ValueError("block does not fit these buffers")
-        if self._arrays is None and all(isinstance(a, mx.array) for a in arrays.values()):
-            for name, array in arrays.items():
-                self._leading[name].append(array[:, :, :num_tokens] if array.shape[2] != num_tokens else array)
-        else:
-            views = self._host_views()
-            for name, array in arrays.items():
-                views[name][:, :, start:end] = host_view(array)[:, :, :num_tokens]
-        self.num_tokens = end
-
-    def _allocate(self) -> dict[str, mx.array]:
-        """The full-size arrays: the leading hot blocks, then zeros up to the capacity."""
-        if self._arrays is None:
-            arrays = {}
-            for name, (shape, dtype) in self._layout.items():
-                rest = mx.zeros(shape[:2] + (self.capacity - self.num_tokens,) + shape[3:], getattr(mx, dtype))
-                parts = self._leading[name] + [rest]
-                arrays[name] = mx.concatenate(parts, axis=2) if len(parts) > 1 else rest
-            mx.eval(list(arrays.values()))
-            self._arrays, self._leading = arrays, {}
-        return self._arrays
-
-    def _host_views(self) -> dict[str, np.ndarray]:
         if self._views is None:
-            self._views = {name: host_view(a) for name, a in self._allocate().items()}
-        return self._views
+            self._views = {name: host_view(a) for name, a in self._arrays.items()}
+        if end > self.capacity or set(arrays) != set(self._views):
+            raise ValueError("block does not fit these buffers")
+        for name, array in arrays.items():
+            self._views[name][:, :, start:end] = host_view(array)[:, :, :num_tokens]
+        self.num_tokens = end
 
     def attach(self, layer: Any, i: int, num_tokens: int) -> None:
         """Give a fresh KVCache / QuantizedKVCache layer its buffers, holding `num_tokens`."""
         assert num_tokens <= self.num_tokens, "the buffers hold fewer tokens than asked for"
-        self._allocate()
         self._views, self._attached = None, True  # no more writes: from here MLX owns the memory
         keys, values = (self._take(i, kind, type(layer) is mlx_cache.KVCache) for kind in ("keys", "values"))
         hold_tokens(layer, keys, values, num_tokens)
 
     def _take(self, i: int, kind: str, single: bool) -> Any:
-        arrays = self._allocate()
-        names = sorted((n for n in arrays if n.startswith(f"{i}.{kind}.")), key=_part_number)
-        parts = [arrays.pop(name) for name in names]
+        names = sorted((n for n in self._arrays if n.startswith(f"{i}.{kind}.")), key=_part_number)
+        parts = [self._arrays.pop(name) for name in names]
         return parts[0] if single else tuple(parts)
 
 
