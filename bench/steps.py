@@ -250,7 +250,7 @@ def overhead(results: dict, n: int, scenario: str = "warm") -> float:
 
 
 def targets(results: dict) -> list[dict]:
-    lengths, ip = results["lengths"], results["in_process"]
+    lengths = results["lengths"]
     checks = []
     ml = results.get("mlx_lm.server")
     if ml:
@@ -263,9 +263,10 @@ def targets(results: dict) -> list[dict]:
     ratio = results["bandwidth"]["ratio"]
     checks.append(("restore bandwidth >= 90% of a raw read (in-process, cache files evicted)", ratio,
                    ">= 90%", ratio >= 0.9, "%"))
+    serve = results["kvtier_serve"]  # client-side: what a user of the daemon waits
     for n in [n for n in lengths if n >= 4096]:
-        r = ip["after_restart"][str(n)]["ttft"] / ip["warm"][str(n)]["ttft"]
-        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm", r, "<= 1.2x", r <= 1.2, "x"))
+        r = serve["after_restart"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
+        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve)", r, "<= 1.2x", r <= 1.2, "x"))
     shown = {"s": lambda v: f"{v:.3f} s", "ms": lambda v: f"{1000 * v:.1f} ms", "%": lambda v: f"{100 * v:.1f}%",
              "x": lambda v: f"{v:.2f}x"}
     return [{"name": name, "value": round(v, 4), "shown": shown[unit](v), "target": t, "pass": bool(ok)}
@@ -340,7 +341,7 @@ def target_lines(results: dict) -> list[str]:
 def render(results: dict, command: str) -> str:
     return "\n".join([
         "## Per-request steps: warm and after a restart", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {results['machine']} (two cores shared with other jobs: "
+        f"Measured {results.get('date', time.strftime('%Y-%m-%d'))} on {results['machine']} (two cores shared with other jobs: "
         f"compare the columns of one row). Command: `{command}`. Model: generated llama, hidden 512, "
         "8 layers, float32. Step times in ms, in-process, from `Usage.steps` (kvtier/engine.py); warm is "
         f"the median of {REPEATS} requests, each a new question; after restart a fresh Engine on the same "
@@ -357,10 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--no-mlx-server", action="store_true", help="skip mlx_lm.server (its cold prefills)")
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only report a saved result (docs/bench/steps.json), its targets checked again")
     args = parser.parse_args(argv)
-    results = run([int(n) for n in args.lengths.split(",")], mlx_server=not args.no_mlx_server)
-    command = ("python bench/steps.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    text = render(results, command)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["targets"] = targets(results)
+    else:
+        results = run([int(n) for n in args.lengths.split(",")], mlx_server=not args.no_mlx_server)
+        results["command"] = ("python bench/steps.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+        results["date"] = time.strftime("%Y-%m-%d")
+    text = render(results, results.get("command", "python bench/steps.py --write"))
     print(text)
     if args.write:
         (ROOT / "docs" / "bench").mkdir(exist_ok=True)
