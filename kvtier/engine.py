@@ -56,8 +56,8 @@ class Usage:
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
-    # Seconds of each step to the first token (buffers, hash, match, snapshot, rebuild,
-    # prefill, first_token): a few clock reads, for bench/steps.py and the logs.
+    # Seconds of each step to the first token (buffers, hash, match, snapshot, account,
+    # rebuild, prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
     steps: dict[str, float] = field(default_factory=dict)
 
     @classmethod

@@ -213,7 +213,7 @@ class TieredStore:
         """The longest cached prefix of `tokens` this model can restore: its blocks (RAM,
         then disk, then the shared store) copied into `into` as each is confirmed, and for
         recurrent layers the snapshot it ends at; never the last token (it is computed, for
-        fresh logits). Counted per tier, in the stats and the index's request counters."""
+        fresh logits). Counted per tier in the stats (the index's request counters: by `keep`)."""
         marks = [time.perf_counter()]
         refs = block_refs(tokens, self.config.block_size, self.fingerprint)
         marks.append(time.perf_counter())
