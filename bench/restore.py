@@ -1,5 +1,5 @@
 """Restore bandwidth from SSD, repeated: a 16K-token prefix is cached once, then each trial
-restarts kvtier on a copy of that cache, drops the page cache, and times the restore against
+restarts kvtier on a copy of that cache, evicts its files from the page cache, and times the restore against
 a raw sequential read of the same files (the physical limit).
 
     python bench/restore.py [--trials 3]
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness import ROOT, Server, stream_chat, warm_up
 from prompts import QUESTIONS, agent_system_prompt, messages_for
-from scenarios.restore_bandwidth import drop_page_cache, raw_read
+from scenarios.restore_bandwidth import evict_files, raw_read
 
 from tests.support.testmodels import make_model
 
@@ -38,12 +38,12 @@ def trial(model: Path, system: str, cache: Path) -> tuple[float, float, float]:
         server.start()
         try:
             warm_up(server, str(model))
-            drop_page_cache()
+            evict_files(work / "cache")
             timed = stream_chat(server, str(model), messages_for(system, QUESTIONS[3]))
             usage = timed.usage["kvtier"]
         finally:
             server.stop()
-        drop_page_cache()
+        evict_files(work / "cache")
         raw = raw_read(work / "cache" / "blocks")["gb_per_s"]
         return usage["restored_bytes"] / usage["restore_seconds"] / 1e9, raw, timed.ttft
     finally:

@@ -10,6 +10,8 @@ Parts, all measured in one run:
   5. large caches at 1K/10K/100K blocks: start-up, lookup, stats, ls, verify, purge,
      eviction (bench/scale.py)
   6. memory of the hot tier and a live cache against their raw KV bytes (bench/memory.py)
+  7. a per-step breakdown of warm and after-restart requests beside plain mlx-lm's compute
+     and mlx_lm.server's TTFT, and the restore's bandwidth in-process (bench/steps.py)
 
 What each part measures is in scenarios/ (a module a part); suite_report.py checks the
 targets and writes OUT/bench/suite.json, OUT/bench/suite_*.png and the `suite` section of
@@ -36,6 +38,7 @@ from suite_report import evaluate, render, write_outputs
 
 import memory
 import scale
+import steps
 
 FULL = {"lengths": "1024,4096,8192,16384", "agent_system_tokens": 10000, "agent_requests": 40,
         "decode_tokens": 256}
@@ -86,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = run_decode(model, args.decode_tokens, args.decode_repeats, work)
         results["scale"] = scale.run(scale.QUICK_SIZES if args.quick else scale.SIZES)
         results["memory"] = memory.run(work / "memory")
+        results["steps"] = steps.run(steps.QUICK_LENGTHS if args.quick else steps.LENGTHS, work / "steps")
     except BaseException:
         log(f"failed; server logs and caches kept in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    results["targets"] = evaluate(results) + results["scale"]["targets"] + results["memory"]["targets"]
+    results["targets"] = (evaluate(results) + results["scale"]["targets"] + results["memory"]["targets"]
+                          + results["steps"]["targets"])
     results["seconds"] = time.perf_counter() - started
     write_outputs(results, args.out)
     print(render(results))

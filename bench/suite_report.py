@@ -8,6 +8,7 @@ from pathlib import Path
 
 import memory
 import scale
+import steps
 from harness import write_section
 from scenarios.agent_replay import BASELINE_EVERY
 
@@ -38,8 +39,8 @@ def evaluate(results: dict) -> list[dict]:
                        restart_ratio(ttft, big) < restart_ratio(ttft, ref)))
     kv = agent["kvtier"]["summary"]
     share = kv["total_ttft"] / agent["no_cache"]["estimated_total_ttft"]
-    checks += [("restore bandwidth >= 50% of raw read", results["restore"]["ratio"], ">= 50%",
-                results["restore"]["ratio"] >= 0.5),
+    checks += [("restore bandwidth >= 90% of raw read (kvtier serve, after restart)", results["restore"]["ratio"], ">= 90%",
+                results["restore"]["ratio"] >= 0.9),
                ("agent replay hit rate >= 90%", kv["hit_rate"], ">= 90%", kv["hit_rate"] >= 0.9),
                ("agent replay total TTFT <= 15% of no cache", share, "<= 15%", share <= 0.15),
                ("decode >= 95% of mlx-lm", results["decode"]["ratio"], ">= 95%", results["decode"]["ratio"] >= 0.95)]
@@ -150,8 +151,8 @@ def render_restore(restore: dict) -> list[str]:
     return table(["", "bytes", "time", "bandwidth"], rows, ["---", "---:", "---:", "---:"]) + [
         "", f"Restore = {100 * restore['ratio']:.0f}% of the raw read. The restoring request's TTFT: "
             f"{restore['restored']['ttft']:.3f} s ({k.get('disk_tokens', 0)} tokens from disk; cold "
-            f"{restore['cold']['ttft']:.3f} s). Page cache dropped before each (`echo 3 > "
-            f"/proc/sys/vm/drop_caches`): {dropped}."]
+            f"{restore['cold']['ttft']:.3f} s). The cache's files evicted from the page cache before "
+            f"each (`posix_fadvise(DONTNEED)`): {dropped}."]
 
 
 def render_decode(decode: dict) -> list[str]:
@@ -203,8 +204,12 @@ def large_cache_sections(results: dict) -> list[str]:
     """Parts 5 and 6, in a suite.json that has them (older ones do not)."""
     if "scale" not in results:
         return []
-    return ["### Large caches (bench/scale.py)", "", *scale.table(results["scale"]), "",
-            "### Memory (bench/memory.py)", "", *memory.table(results["memory"])]
+    sections = ["### Large caches (bench/scale.py)", "", *scale.table(results["scale"]), "",
+                "### Memory (bench/memory.py)", "", *memory.table(results["memory"])]
+    if "steps" in results:  # part 7, in suite.json files from when it was added
+        sections += ["", "### Per-request steps (bench/steps.py)", "", *steps.table(results["steps"]), "",
+                     *steps.serve_lines(results["steps"]), "", *steps.bandwidth_lines(results["steps"])]
+    return sections
 
 
 def write_outputs(results: dict, out: Path) -> None:

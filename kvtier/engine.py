@@ -56,12 +56,15 @@ class Usage:
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
+    # Seconds of each step to the first token (buffers, hash, match, snapshot, account,
+    # rebuild, prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
+    steps: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def restored(cls, restored: Restore, prompt_tokens: int, seconds: float) -> "Usage":
         return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
                    shared_tokens=restored.shared_tokens, restore_seconds=seconds,
-                   restored_bytes=restored.restored_bytes)
+                   restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
 
     @property
     def cached_tokens(self) -> int:
@@ -191,9 +194,12 @@ class Engine:
         started, tokens = time.perf_counter(), request.prompt_tokens
         # Allocated before the lookup: MLX zero-fills them while it starts.
         buffers = kvstate.PromptBuffers(self.layout, capacity=len(tokens) + 1)
+        allocated = time.perf_counter()
         restored = self.store.restore(tokens, into=buffers)
+        looked_up = time.perf_counter()
         prompt_cache = self._rebuild(buffers, restored)
         usage = Usage.restored(restored, len(tokens), time.perf_counter() - started)
+        usage.steps.update(buffers=allocated - started, rebuild=started + usage.restore_seconds - looked_up)
         return Session(request, restored, usage, prompt_cache, started,
                        self._snapshot_points(request, restored.reuse))
 
@@ -240,7 +246,7 @@ class Engine:
         start, end = session.restored.reuse, len(tokens) - 1
         cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
         cuts |= {p for p in points if p < end}
-        position = start
+        position, began = start, time.perf_counter()
         for cut in sorted(c for c in cuts if c > start):
             self.model(mx.array(tokens[position:cut])[None], cache=session.prompt_cache)
             mx.eval(kvstate.state_arrays(session.prompt_cache))
@@ -249,10 +255,14 @@ class Engine:
                 session.snapshots[cut] = kvstate.take_snapshot(session.prompt_cache, self.cache_plan)
             if progress:
                 progress(cut, len(tokens))
+            steps = session.usage.steps
+            steps["prefill"] = steps.get("prefill", 0.0) + time.perf_counter() - began
             yield computed
+            began = time.perf_counter()  # a batch may decode others between chunks
 
     def _decode(self, session: Session) -> Iterator[Chunk]:
         request, prompt_cache, usage = session.request, session.prompt_cache, session.usage
+        decode_began = time.perf_counter()
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
@@ -277,6 +287,7 @@ class Engine:
             token = y.item()
             if n == 0:
                 usage.prefill_seconds = time.perf_counter() - session.started
+                usage.steps["first_token"] = session.started + usage.prefill_seconds - decode_began
             session.fed.append(token)
             n += 1
             if token in eos:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
@@ -117,7 +118,9 @@ class Restore:
     disk_tokens: int = 0
     shared_tokens: int = 0
     restored_bytes: int = 0  # KV and snapshot bytes of the restored prefix
+    steps: dict[str, float] = field(default_factory=dict)  # seconds: hash, match, snapshot, account
     kept_blocks: int = 0  # full blocks of the request's tokens the tiers hold: new ones follow
+    index_counters: dict[str, int] = field(default_factory=dict)  # the request's counts, for `keep`
 
     @property
     def cached_tokens(self) -> int:
@@ -210,26 +213,36 @@ class TieredStore:
         """The longest cached prefix of `tokens` this model can restore: its blocks (RAM,
         then disk, then the shared store) copied into `into` as each is confirmed, and for
         recurrent layers the snapshot it ends at; never the last token (it is computed, for
-        fresh logits). Counted per tier, in the stats and the index's request counters."""
+        fresh logits). Counted per tier in the stats (the index's request counters: by `keep`)."""
+        marks = [time.perf_counter()]
         refs = block_refs(tokens, self.config.block_size, self.fingerprint)
+        marks.append(time.perf_counter())
         if self.plan is None:  # the model's cache cannot be stored: nothing to restore
             self.count("requests_unsupported_model")
             found = Match([])
         else:
             found = self.match(refs, tokens, into)
+        marks.append(time.perf_counter())
         reuse, snapshot = self._restore_point(refs, tokens, found)
+        marks.append(time.perf_counter())
         restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks)
         self._account(restored, len(tokens))
+        marks.append(time.perf_counter())
+        restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
         return restored
 
     def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
              snapshots: dict[int, Snapshot]) -> None:
-        """After a request: the entries it reused are now the most recently used (an index
-        write is not worth delaying its first token for), the blocks it read from disk or the
-        shared store become hot, and what it computed is stored (`keep_computed`). `sequence`
+        """After a request: the entries it reused are now the most recently used and the request
+        is counted in the index (index writes are not worth delaying its first token for), the
+        blocks it read from disk or the shared store become hot, and what it computed is stored
+        (`keep_computed`). `sequence`
         None: it ended before its prefill did, with nothing new worth storing."""
         reused = [h.ref.key for h in restored.match.hits]
         self._touch(reused + ([restored.snapshot.key] if restored.snapshot else []))
+        if restored.index_counters:
+            self._note_in_index(self.disk.index.add_counters, self.fingerprint, restored.index_counters)
+            restored.index_counters = {}
         self._promote_restored(restored, prompt_cache)
         if sequence is not None:
             self.keep_computed(restored, prompt_cache, sequence, snapshots)
@@ -291,7 +304,7 @@ class TieredStore:
                   "requests_half_cached": int(2 * reuse >= num_prompt)}
         for name, value in deltas.items():
             self.count(name, value)
-        self._note_in_index(self.disk.index.add_counters, self.fingerprint, deltas)
+        restored.index_counters = deltas  # written by `keep`: an index commit is no step to the first token
 
     def _promote_restored(self, restored: Restore, prompt_cache: list[Any]) -> None:
         """Blocks read from disk or the shared store become hot, cut from the cache they were

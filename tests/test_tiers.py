@@ -16,10 +16,11 @@ import pytest
 
 from kvtier.blocks import block_refs
 from kvtier.disk import decode_block, encode_block
+from kvtier.kvstate import PromptBuffers
 from kvtier.local import LocalDisk
 from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
-from tests.support.blocks import BLOCK, BLOCK_BYTES, arrays_for, assert_hits_hold_their_arrays, fill, make_store
+from tests.support.blocks import BLOCK, BLOCK_BYTES, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 
 def du(path) -> int:
@@ -476,4 +477,18 @@ def test_read_only_blocks_fail_visibly_count_what_they_keep_and_recover(tmp_path
     assert len(list(store.files.iter_files())) == store.index.totals()[1]  # no stray file left
     store.ram.clear()
     assert store.match(refs, tokens).sources == ["disk"] * 3
+    store.close()
+
+
+def test_a_request_is_counted_in_the_index_by_keep_not_before_its_first_token(tmp_path):
+    # An LMDB commit (an fsync) on the way to the first token is per-request overhead:
+    # restore counts in memory, keep (after the answer) writes the index's counters.
+    store = make_store(tmp_path)
+    restored = store.restore(list(range(3 * BLOCK)), into=PromptBuffers(LAYOUT, 3 * BLOCK + 1))
+    assert store.counters["requests_miss"] == 1
+    assert store.index.counters().get("fp-test", {}).get("requests_miss", 0) == 0
+    store.keep(restored, [], sequence=None, snapshots={})
+    assert store.index.counters()["fp-test"]["requests_miss"] == 1
+    store.keep(restored, [], sequence=None, snapshots={})  # counted once, however often kept
+    assert store.index.counters()["fp-test"]["requests_miss"] == 1
     store.close()

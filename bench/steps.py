@@ -1,0 +1,381 @@
+"""Where a request's time to first token goes, step by step: warm (prefix in RAM) and after a
+restart (prefix on disk, the cache's files evicted from the page cache), at several prompt lengths, beside the new
+tokens' compute alone and mlx_lm.server's TTFT; and the restore's bandwidth against a raw
+read of the same block files.
+
+In-process, the engine's own step timer (`Usage.steps`: buffers, hash, match, snapshot,
+rebuild, prefill, first_token) times one request through Engine.generate; render is the
+chat template and tokenizer (kvtier.prompt) timed around the call the routes make.
+"Compute alone" is plain mlx-lm: the same remainder through the model over an mlx-lm
+KVCache already holding the prefix, then the first greedy token. Overhead = TTFT - that.
+Through the daemon, client-side TTFT less the engine's own time to first token is what
+HTTP, rendering, the queue and the first SSE write add. Each length's prefix is computed
+once (cold) in-process; the daemon restarts on a copy of that cache.
+
+    python bench/steps.py [--lengths 1024,4096,16384] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, Server, machine_description, stream_chat, warm_up, write_section  # noqa: E402
+from prompts import QUESTIONS, messages_for  # noqa: E402
+from scenarios.restore_bandwidth import drop_page_cache, evict_files, raw_read  # noqa: E402
+from scenarios.ttft_by_length import length_systems  # noqa: E402
+
+LENGTHS, QUICK_LENGTHS = [1024, 4096, 16384], [512, 1024]
+STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill", "first_token"]
+REPEATS = 3  # warm requests per length (median); after restart is once by nature
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def warm_question(i: int) -> str:
+    """A new question each time (the earlier ones are cached by then, as the prefix is)."""
+    return f"{QUESTIONS[1]} Attempt {i + 1}."
+
+
+# -- in-process ---------------------------------------------------------------------------------
+def engine_request(engine, messages: list[dict]) -> dict:
+    """One request through the engine as the routes make it: render, then Engine.generate."""
+    from kvtier.engine import GenerationRequest
+
+    engine.store.wait_for_writes()  # the last request's blocks: their writing is not this one's
+    engine.store.swept.wait()  # the start-up sweep of leftover files, likewise
+    started = time.perf_counter()
+    tokens, boundaries = engine.renderer.render(messages)
+    rendered = time.perf_counter()
+    request = GenerationRequest(tokens, max_tokens=2, temperature=0.0, boundaries=boundaries)
+    chunks = list(engine.generate(request))
+    usage = chunks[-1].usage
+    steps = dict(usage.steps, render=rendered - started)
+    return {"tokens": tokens, "prompt_tokens": len(tokens), "reused": usage.cached_tokens,
+            "ram_tokens": usage.ram_tokens, "disk_tokens": usage.disk_tokens,
+            "restored_bytes": usage.restored_bytes, "restore_seconds": usage.restore_seconds,
+            "engine_ttft": usage.prefill_seconds, "ttft": steps["render"] + usage.prefill_seconds,
+            "steps": steps, "text": "".join(c.text for c in chunks)}
+
+
+def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float:
+    """Plain mlx-lm: the remainder past `reuse` through the model over a KVCache holding the
+    prefix (copied from `prefix_cache`), in the engine's prefill chunks, then one greedy token."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from kvtier.kvstate import hold_tokens
+
+    cache = make_prompt_cache(engine.model)
+    for layer, source in zip(cache, prefix_cache):
+        keys, values = source.state[:2]
+        hold_tokens(layer, mx.contiguous(keys[..., :reuse, :]), mx.contiguous(values[..., :reuse, :]), reuse)
+    mx.eval([c.state for c in cache])
+    started = time.perf_counter()
+    position, end = reuse, len(tokens) - 1
+    while position < end:
+        cut = min(position + engine.prefill_step_size, end)
+        engine.model(mx.array(tokens[position:cut])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        position = cut
+    logits = engine.model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :]
+    mx.argmax(logits, axis=-1).item()
+    return time.perf_counter() - started
+
+
+def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
+    """The prompt cache the engine restores for `tokens` (not timed), for `compute_alone`."""
+    from kvtier.engine import GenerationRequest
+
+    session = engine.begin(GenerationRequest(tokens, max_tokens=1))
+    try:
+        return session.restored.reuse, session.prompt_cache
+    finally:
+        engine.abandon(session)
+
+
+def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) -> dict:
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+
+    out: dict = {"cold": {}, "warm": {}, "after_restart": {}, "compute_warm": {}, "compute_restart": {}}
+    engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))
+    try:
+        engine_request(engine, [{"role": "user", "content": "Say hi."}])  # MLX's first-call set-up
+        for n, system in systems.items():
+            log(f"  in-process {n}: cold, then {REPEATS} warm")
+            out["cold"][str(n)] = slim(engine_request(engine, messages_for(system, QUESTIONS[0])))
+            runs = [engine_request(engine, messages_for(system, warm_question(i))) for i in range(REPEATS)]
+            out["warm"][str(n)] = median_run(runs)
+            tokens = runs[0]["tokens"]
+            reuse, cache = prefix_cache_of(engine, tokens)
+            out["compute_warm"][str(n)] = statistics.median(
+                compute_alone(engine, tokens, reuse, cache) for _ in range(REPEATS))
+        engine.store.flush()
+    finally:
+        engine.close()
+    engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))  # a restart
+    try:
+        engine_request(engine, [{"role": "user", "content": "Say hi."}])
+        for n, system in systems.items():
+            log(f"  in-process {n}: after restart (the cache's files evicted from the page cache)")
+            evict_files(cache_dir)
+            run = engine_request(engine, messages_for(system, QUESTIONS[2]))
+            out["after_restart"][str(n)] = slim(run)
+            reuse, cache = prefix_cache_of(engine, run["tokens"])
+            out["compute_restart"][str(n)] = compute_alone(engine, run["tokens"], reuse, cache)
+        engine.store.flush()
+    finally:
+        engine.close()
+    return out
+
+
+def slim(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "tokens"}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median TTFT, its steps as they were (a median per step would not add up)."""
+    return slim(sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2])
+
+
+# -- restore bandwidth, in-process -------------------------------------------------------------
+def measure_bandwidth(model: Path, system: str, cache_dir: Path, drop_all: bool = False) -> dict:
+    """After a restart, the cache's files evicted from the page cache (or, `drop_all`, every
+    cache dropped: code and libraries too): the restore's KV bytes over its seconds, against a
+    raw sequential read of the same block files, evicted again. Uses a copy of `cache_dir`."""
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+
+    cache = cache_dir.with_name(cache_dir.name + ("-drop" if drop_all else "-evict"))
+    shutil.copytree(cache_dir, cache)
+    engine = Engine(str(model), CacheConfig(cache_dir=cache, ram_budget=8 << 30))
+    try:
+        engine_request(engine, [{"role": "user", "content": "Say hi."}])
+        evicted = drop_page_cache() if drop_all else evict_files(cache)
+        run = engine_request(engine, messages_for(system, QUESTIONS[3]))
+    finally:
+        engine.close()
+    raw_evicted = drop_page_cache() if drop_all else evict_files(cache)
+    raw = raw_read(cache / "blocks")
+    shutil.rmtree(cache, ignore_errors=True)
+    bandwidth = run["restored_bytes"] / run["restore_seconds"] / 1e9
+    return {"restored_bytes": run["restored_bytes"], "restore_seconds": run["restore_seconds"],
+            "disk_tokens": run["disk_tokens"], "steps": run["steps"], "ttft": run["ttft"],
+            "restore_gb_per_s": bandwidth, "raw_read": raw, "ratio": bandwidth / raw["gb_per_s"],
+            "eviction": "every cache (drop_caches)" if drop_all else "the cache's files (fadvise)",
+            "evicted": [evicted, raw_evicted]}
+
+
+# -- through the servers ---------------------------------------------------------------------------
+def ask(server: Server, model: str, system: str, question: int | str) -> dict:
+    text = QUESTIONS[question] if isinstance(question, int) else question
+    timed = stream_chat(server, model, messages_for(system, text))
+    k = timed.usage.get("kvtier") or {}
+    return {"ttft": timed.ttft, "prompt_tokens": timed.usage.get("prompt_tokens"),
+            "engine_ttft": k.get("time_to_first_token"), "restore_seconds": k.get("restore_seconds"),
+            "restored_bytes": k.get("restored_bytes"), "disk_tokens": k.get("disk_tokens"), "text": timed.text}
+
+
+def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path, work: Path) -> dict:
+    """kvtier serve on a copy of the in-process cache: after restart (the cache's files
+    evicted from the page cache), then warm; client TTFT beside the engine's own."""
+    out: dict = {"after_restart": {}, "warm": {}}
+    with Server.kvtier(model, cache_dir, work / "kvtier.log") as server:
+        warm_up(server, str(model))
+        for n, system in systems.items():
+            log(f"  kvtier serve {n}: after restart, then warm")
+            evict_files(cache_dir)
+            out["after_restart"][str(n)] = ask(server, str(model), system, 2)
+            runs = [ask(server, str(model), system, warm_question(i)) for i in range(REPEATS)]
+            out["warm"][str(n)] = sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2]
+    return out
+
+
+def measure_mlx_server(model: Path, systems: dict[int, str], work: Path) -> dict:
+    out: dict = {"cold": {}, "warm": {}}
+    with Server.mlx_lm(model, work / "mlx.log") as server:
+        warm_up(server, str(model))
+        for n, system in systems.items():
+            log(f"  mlx_lm.server {n}: cold, then {REPEATS} warm")
+            out["cold"][str(n)] = ask(server, str(model), system, 0)
+            runs = [ask(server, str(model), system, warm_question(i)) for i in range(REPEATS)]
+            out["warm"][str(n)] = sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2]
+    return out
+
+
+def run(lengths: list[int] | None = None, work: Path | None = None, mlx_server: bool = True) -> dict:
+    """All the measurements: a result dict (see `table` and `targets`)."""
+    from transformers import AutoTokenizer
+
+    from tests.support.testmodels import make_model
+
+    lengths = lengths or LENGTHS
+    model = make_model(ROOT / ".models" / "llama", "llama")
+    systems = length_systems(lengths, AutoTokenizer.from_pretrained(str(model)))
+    work = work or Path(tempfile.mkdtemp(prefix="kvtier-steps-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        log("steps: in-process, warm and after a restart")
+        results = {"lengths": lengths, "machine": machine_description(),
+                   "in_process": measure_in_process(model, systems, work / "cache")}
+        log("steps: restore bandwidth vs raw read")
+        results["bandwidth"] = measure_bandwidth(model, systems[max(lengths)], work / "cache")
+        results["bandwidth_drop_all"] = measure_bandwidth(model, systems[max(lengths)], work / "cache", drop_all=True)
+        log("steps: kvtier serve")
+        shutil.copytree(work / "cache", work / "cache-daemon")
+        results["kvtier_serve"] = measure_kvtier_daemon(model, systems, work / "cache-daemon", work)
+        if mlx_server:
+            log("steps: mlx_lm.server")
+            results["mlx_lm.server"] = measure_mlx_server(model, systems, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["targets"] = targets(results)
+    return results
+
+
+# -- targets and report ----------------------------------------------------------------------------
+def overhead(results: dict, n: int, scenario: str = "warm") -> float:
+    compute = results["in_process"]["compute_warm" if scenario == "warm" else "compute_restart"][str(n)]
+    return results["in_process"][scenario][str(n)]["ttft"] - compute
+
+
+def targets(results: dict) -> list[dict]:
+    lengths = results["lengths"]
+    checks = []
+    ml = results.get("mlx_lm.server")
+    if ml:
+        for n in lengths:
+            kv, ref = results["kvtier_serve"]["warm"][str(n)]["ttft"], ml["warm"][str(n)]["ttft"]
+            checks.append((f"warm TTFT at {n} tokens <= mlx_lm.server's", kv, f"<= {ref:.3f} s", kv <= ref, "s"))
+    big = max(lengths)
+    checks.append((f"warm overhead beyond the new tokens' compute at {big} tokens <= 10 ms",
+                   overhead(results, big), "<= 10 ms", overhead(results, big) <= 0.010, "ms"))
+    ratio = results["bandwidth"]["ratio"]
+    checks.append(("restore bandwidth >= 90% of a raw read (in-process, cache files evicted)", ratio,
+                   ">= 90%", ratio >= 0.9, "%"))
+    serve = results["kvtier_serve"]  # client-side: what a user of the daemon waits
+    for n in [n for n in lengths if n >= 4096]:
+        r = serve["after_restart"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
+        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve)", r, "<= 1.2x", r <= 1.2, "x"))
+    shown = {"s": lambda v: f"{v:.3f} s", "ms": lambda v: f"{1000 * v:.1f} ms", "%": lambda v: f"{100 * v:.1f}%",
+             "x": lambda v: f"{v:.2f}x"}
+    return [{"name": name, "value": round(v, 4), "shown": shown[unit](v), "target": t, "pass": bool(ok)}
+            for name, v, t, ok, unit in checks]
+
+
+def ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def table(results: dict) -> list[str]:
+    ip, lengths = results["in_process"], results["lengths"]
+    header = ["request", "tokens (reused)"] + STEPS + ["TTFT", "compute alone", "overhead",
+                                                       "kvtier serve TTFT", "mlx_lm.server TTFT"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(header) - 2)]
+    ml = results.get("mlx_lm.server") or {}
+    for scenario, label, compute in (("warm", "warm", "compute_warm"),
+                                     ("after_restart", "after restart", "compute_restart")):
+        for n in lengths:
+            r, serve = ip[scenario][str(n)], results["kvtier_serve"][scenario][str(n)]
+            steps = [ms(r["steps"].get(s, 0.0)) for s in STEPS]
+            mlx = ml.get("warm", {}).get(str(n), {}).get("ttft") if scenario == "warm" else None
+            lines.append("| " + " | ".join([f"{label} {n:,}", f"{r['prompt_tokens']:,} ({r['reused']:,})",
+                                            *steps, ms(r["ttft"]), ms(ip[compute][str(n)]),
+                                            ms(overhead(results, n, scenario)), ms(serve["ttft"]),
+                                            ms(mlx) if mlx else "—"]) + " |")
+    return lines
+
+
+def serve_lines(results: dict) -> list[str]:
+    """What HTTP, rendering, the queue and the first SSE write add: client TTFT - engine's."""
+    lines = ["| request | kvtier serve client TTFT | engine's own TTFT | HTTP + render + queue + SSE |",
+             "|---|---:|---:|---:|"]
+    for scenario in ("warm", "after_restart"):
+        for n in results["lengths"]:
+            r = results["kvtier_serve"][scenario][str(n)]
+            if r.get("engine_ttft") is None:
+                continue
+            lines.append(f"| {scenario.replace('_', ' ')} {n:,} | {ms(r['ttft'])} ms | "
+                         f"{ms(r['engine_ttft'])} ms | {ms(r['ttft'] - r['engine_ttft'])} ms |")
+    return lines
+
+
+def bandwidth_lines(results: dict) -> list[str]:
+    lines = ["| cold page cache for | restored | restore time | restore | raw read of the files | restore / raw |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key in ("bandwidth", "bandwidth_drop_all"):
+        b = results.get(key)
+        if not b:
+            continue
+        raw = b["raw_read"]
+        ok = all(e["ok"] for e in b["evicted"])
+        lines.append(f"| {b['eviction']}{'' if ok else ' (FAILED: reads may be cached)'} | "
+                     f"{b['restored_bytes'] / 1e6:.1f} MB ({b['disk_tokens']:,} tokens) | {b['restore_seconds']:.3f} s | "
+                     f"{b['restore_gb_per_s']:.2f} GB/s | {raw['gb_per_s']:.2f} GB/s ({raw['files']} files, "
+                     f"{raw['bytes'] / 1e6:.1f} MB) | {100 * b['ratio']:.0f}% |")
+    serve = results["kvtier_serve"]["after_restart"][str(max(results["lengths"]))]
+    if serve.get("restore_seconds") and serve.get("restored_bytes"):
+        lines.append(f"| kvtier serve, after restart: the cache's files (fadvise) | {serve['restored_bytes'] / 1e6:.1f} MB "
+                     f"({serve.get('disk_tokens') or 0:,} tokens) | {serve['restore_seconds']:.3f} s | "
+                     f"{serve['restored_bytes'] / serve['restore_seconds'] / 1e9:.2f} GB/s | | |")
+    return lines
+
+
+def target_lines(results: dict) -> list[str]:
+    lines = ["| target | measured | needed | result |", "|---|---:|---:|---|"]
+    for c in results["targets"]:
+        lines.append(f"| {c['name']} | {c['shown']} | {c['target']} | {'pass' if c['pass'] else 'FAIL'} |")
+    return lines
+
+
+def render(results: dict, command: str) -> str:
+    return "\n".join([
+        "## Per-request steps: warm and after a restart", "",
+        f"Measured {results.get('date', time.strftime('%Y-%m-%d'))} on {results['machine']} (two cores shared with other jobs: "
+        f"compare the columns of one row). Command: `{command}`. Model: generated llama, hidden 512, "
+        "8 layers, float32. Step times in ms, in-process, from `Usage.steps` (kvtier/engine.py); warm is "
+        f"the median of {REPEATS} requests, each a new question; after restart a fresh Engine on the same "
+        "cache, its files evicted from the page cache (`posix_fadvise(DONTNEED)`). Compute alone: plain mlx-lm, the same remainder over a KVCache holding the prefix, "
+        "then one greedy token. Overhead = TTFT - compute alone. kvtier serve and mlx_lm.server: client-side "
+        "TTFT of a streamed request (warm: the same new question on the cached system prompt).", "",
+        *table(results), "", *serve_lines(results), "", "### Restore bandwidth (in-process)", "",
+        *bandwidth_lines(results), "", *target_lines(results),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--no-mlx-server", action="store_true", help="skip mlx_lm.server (its cold prefills)")
+    parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only report a saved result (docs/bench/steps.json), its targets checked again")
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["targets"] = targets(results)
+    else:
+        results = run([int(n) for n in args.lengths.split(",")], mlx_server=not args.no_mlx_server)
+        results["command"] = ("python bench/steps.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+        results["date"] = time.strftime("%Y-%m-%d")
+    text = render(results, results.get("command", "python bench/steps.py --write"))
+    print(text)
+    if args.write:
+        (ROOT / "docs" / "bench").mkdir(exist_ok=True)
+        (ROOT / "docs" / "bench" / "steps.json").write_text(json.dumps(results, indent=2))
+        write_section("steps", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
