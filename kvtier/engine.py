@@ -139,6 +139,7 @@ class Engine:
         self.model, self.tokenizer = mlx_load(str(self.model_path))
         config = json.loads((self.model_path / "config.json").read_text())
         self.context_length = declared_context_length(config)  # None: no limit declared
+        self.vocab_size: int | None = getattr(getattr(self.model, "args", None), "vocab_size", None)
         self.prefill_step_size = prefill_step_size
         self.block_size = cache_config.block_size
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
@@ -172,6 +173,12 @@ class Engine:
     @property
     def reusable(self) -> bool:
         return self.plan is not None
+
+    def beyond_vocabulary(self, tokens: list[int]) -> int | None:
+        """A token id the model has no embedding row for, or None. A tokenizer can hold
+        more tokens than the model (added tokens); MLX would read past the table on one."""
+        top = max(tokens, default=-1)
+        return top if self.vocab_size is not None and top >= self.vocab_size else None
 
     @property
     def cache_plan(self) -> kvstate.CachePlan:

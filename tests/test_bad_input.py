@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import http_request, raw_http
+from conftest import agent_messages, http_request, raw_http
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
@@ -182,3 +182,31 @@ def test_messages_the_chat_template_refuses_are_a_400(app_factory, strict_templa
     once = [{"role": "user", "content": "hi"}]
     assert send(daemon, "/v1/chat/completions", json.dumps({"model": model, "messages": once,
                                                             "max_tokens": 2}))[0] == 200
+
+
+def test_a_token_beyond_the_models_embedding_is_a_400_not_a_crash(tmp_path, daemon_factory, llama_model, reference):
+    """A tokenizer with more tokens than the model has embeddings (an added token past
+    vocab_size): MLX reads out of bounds on such an id and the process dies."""
+    import openai
+
+    from conftest import model_variant
+
+    def add_token(tokenizer: dict) -> None:
+        rows = json.loads((llama_model / "config.json").read_text())["vocab_size"]
+        tokenizer["added_tokens"].append({"id": rows + 100, "content": "<|beyond|>", "single_word": False,
+                                          "lstrip": False, "rstrip": False, "normalized": False,
+                                          "special": True})
+
+    model = model_variant(llama_model, tmp_path / "beyond", "tokenizer.json", add_token)
+    daemon = daemon_factory(model)
+    client = daemon.client()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=str(model), max_tokens=4,
+                                       messages=[{"role": "user", "content": "Say <|beyond|> now."}])
+    assert "embedding" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):  # streamed: refused before the stream starts
+        list(client.chat.completions.create(model=str(model), max_tokens=4, stream=True,
+                                            messages=[{"role": "user", "content": "<|beyond|>"}]))
+    messages = agent_messages("beyond")
+    reply = client.chat.completions.create(model=str(model), messages=messages, max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content == reference.chat(messages, 4)

@@ -30,6 +30,11 @@ async def render(state: DaemonState, prompt: Prompt) -> tuple[list[int], list[in
 
 
 async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+    engine = state.engine()
+    if (token := engine.beyond_vocabulary(request.prompt_tokens)) is not None:
+        raise ApiError(400, f"the prompt holds token id {token}, which this model has no embedding for "
+                            f"(its vocabulary is {engine.vocab_size} tokens; the tokenizer has more)",
+                       code="invalid_prompt")
     try:
         async for chunk in state.worker.generate(request):
             yield chunk
