@@ -216,3 +216,23 @@ def write_section(name: str, section: str, doc: Path | None = None) -> None:
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     doc.write_text(head + begin + "\n" + section + "\n" + end + rest.split(end, 1)[1])
+
+
+def table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
+    """A markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + \
+           ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def target_table(checks: list[dict]) -> list[str]:
+    """Pass/fail lines: a check's `shown` text, else its `value` as a percentage."""
+    rows = [[c["name"], c.get("shown") or f"{100 * c['value']:.1f}%", c["target"], "pass" if c["pass"] else "FAIL"]
+            for c in checks]
+    return table(["target", "measured", "needed", "result"], rows, ["---", "---:", "---:", "---"])
+
+
+def write_result(name: str, result: dict, section: str) -> None:
+    """docs/bench/NAME.json (the raw numbers) and NAME's section of docs/benchmarks.md."""
+    (ROOT / "docs" / "bench").mkdir(exist_ok=True)
+    (ROOT / "docs" / "bench" / f"{name}.json").write_text(json.dumps(result, indent=2))
+    write_section(name, section)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import random
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, machine_description, write_section  # noqa: E402
+from harness import ROOT, machine_description, write_result  # noqa: E402
 
 REQUESTS = 6
 PROMPT_TOKENS = 1500
@@ -145,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result)
     print(text, f"\n({time.perf_counter() - started:.0f} s)")
     if args.write:
-        (ROOT / "docs" / "bench").mkdir(exist_ok=True)
-        (ROOT / "docs" / "bench" / "memory.json").write_text(json.dumps(result, indent=2))
-        write_section("memory", text)
+        write_result("memory", result, text)
     return 0
 
 

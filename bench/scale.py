@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, machine_description, write_section  # noqa: E402
+from harness import ROOT, machine_description, target_table, write_result  # noqa: E402
 
 from kvtier.blocks import block_refs, encode_tokens  # noqa: E402
 from kvtier.config import CacheConfig  # noqa: E402
@@ -304,13 +304,6 @@ def table(results: dict) -> list[str]:
     return lines
 
 
-def target_lines(results: dict) -> list[str]:
-    lines = ["| target | measured | needed | result |", "|---|---:|---:|---|"]
-    for c in results["targets"]:
-        lines.append(f"| {c['name']} | {c['shown']} | {c['target']} | {'pass' if c['pass'] else 'FAIL'} |")
-    return lines
-
-
 def render(results: dict, command: str) -> str:
     return "\n".join([
         "## Large caches: 1K to 100K blocks", "",
@@ -324,7 +317,7 @@ def render(results: dict, command: str) -> str:
         "a prefix not cached. stats, ls, verify, purge: `kvtier` commands in a fresh process (Python "
         f"start-up included); purge `--to-size` half the cache. Eviction: up to {EVICT_BLOCKS} least recently "
         "used blocks (half the cache at most) evicted by the disk tier's budget code, per block.", "",
-        *table(results), "", *target_lines(results),
+        *table(results), "", *target_table(results["targets"]),
     ])
 
 
@@ -338,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, command.strip())
     print(text)
     if args.write:
-        (ROOT / "docs" / "bench").mkdir(exist_ok=True)
-        (ROOT / "docs" / "bench" / "scale.json").write_text(json.dumps(results, indent=2))
-        write_section("scale", text)
+        write_result("scale", results, text)
     return 0
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, Server, machine_description, stream_chat, warm_up, write_section  # noqa: E402
+from harness import ROOT, Server, machine_description, stream_chat, target_table, warm_up, write_result  # noqa: E402
 from prompts import QUESTIONS, messages_for  # noqa: E402
 from scenarios.restore_bandwidth import drop_page_cache, evict_files, raw_read  # noqa: E402
 from scenarios.ttft_by_length import length_systems  # noqa: E402
@@ -331,13 +331,6 @@ def bandwidth_lines(results: dict) -> list[str]:
     return lines
 
 
-def target_lines(results: dict) -> list[str]:
-    lines = ["| target | measured | needed | result |", "|---|---:|---:|---|"]
-    for c in results["targets"]:
-        lines.append(f"| {c['name']} | {c['shown']} | {c['target']} | {'pass' if c['pass'] else 'FAIL'} |")
-    return lines
-
-
 def render(results: dict, command: str) -> str:
     return "\n".join([
         "## Per-request steps: warm and after a restart", "",
@@ -349,7 +342,7 @@ def render(results: dict, command: str) -> str:
         "then one greedy token. Overhead = TTFT - compute alone. kvtier serve and mlx_lm.server: client-side "
         "TTFT of a streamed request (warm: the same new question on the cached system prompt).", "",
         *table(results), "", *serve_lines(results), "", "### Restore bandwidth (in-process)", "",
-        *bandwidth_lines(results), "", *target_lines(results),
+        *bandwidth_lines(results), "", *target_table(results["targets"]),
     ])
 
 
@@ -371,9 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, results.get("command", "python bench/steps.py --write"))
     print(text)
     if args.write:
-        (ROOT / "docs" / "bench").mkdir(exist_ok=True)
-        (ROOT / "docs" / "bench" / "steps.json").write_text(json.dumps(results, indent=2))
-        write_section("steps", text)
+        write_result("steps", results, text)
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import memory
 import scale
 import steps
-from harness import write_section
+from harness import table, target_table, write_section
 from scenarios.agent_replay import BASELINE_EVERY
 
 SCENARIOS = [("cold", "cold"), ("warm", "warm, new question"), ("after_restart", "after restart"),
@@ -99,11 +99,6 @@ def plot_agent(agent: dict, path: Path) -> None:
 
 
 # -- markdown ----------------------------------------------------------------------------------
-def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + \
-           ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def render_ttft(ttft: dict) -> list[str]:
     lengths = ttft["lengths"]
     header = ["scenario", "server"] + [f"{ttft['kvtier']['cold'][str(n)]['prompt_tokens']:,} tok" for n in lengths]
@@ -166,12 +161,6 @@ def render_decode(decode: dict) -> list[str]:
             f"{'yes' if decode['identical_texts'] else 'NO'}."]
 
 
-def render_targets(checks: list[dict]) -> list[str]:
-    rows = [[c["name"], c.get("shown") or f"{100 * c['value']:.1f}%", c["target"], "pass" if c["pass"] else "FAIL"]
-            for c in checks]
-    return table(["target", "measured", "needed", "result"], rows, ["---", "---:", "---:", "---"])
-
-
 def render(results: dict) -> str:
     ttft, agent = results["ttft"], results["agent"]
     return "\n".join([
@@ -179,7 +168,7 @@ def render(results: dict) -> str:
         f"Measured {results['date']} on {results['machine']}.",
         f"Model: generated llama, hidden 512, 8 layers, float32 (`{results['model']}`). "
         f"Command: `{results['command']}` ({results['seconds'] / 60:.1f} min).", "",
-        "### Targets", "", *render_targets(results["targets"]), "",
+        "### Targets", "", *target_table(results["targets"]), "",
         "### Time to first token by prefix length", "",
         "Client-side TTFT of streamed requests, one server at a time; % of that server's cold request. "
         "Warm: same system prompt, new question. After memory pressure: a separate kvtier run with "
