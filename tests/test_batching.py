@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import pytest
 
@@ -113,21 +115,23 @@ def test_concurrent_streams_batch_and_a_cancelled_one_leaves(daemon_factory, lla
         assert name in metrics
 
 
+def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run the calls in threads started together; their results in order (errors raised)."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result(timeout=300) for future in futures]
+
+
 def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
     daemon = daemon_factory(llama_model, "--max-batch", "3", "--batch-inexact")
     messages = agent_messages("batch", question="Say something.", repeat=1)
-    out: list = [None, None]
 
-    def ask(i: int) -> None:
-        out[i] = daemon.client().chat.completions.create(
+    def ask() -> str | None:
+        return daemon.client().chat.completions.create(
             model=str(daemon.model), messages=messages, max_tokens=8, temperature=1.0, seed=11
         ).choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    out = _at_once([ask, ask])
     assert out[0] is not None and out[0] == out[1]
 
 
@@ -143,18 +147,13 @@ def test_the_start_up_check_decides_and_answers_stay_exact(daemon_factory, arch)
     assert batching["enabled"] == (batching["max_logprob_difference"] == 0)
     reference = Reference(model)
     conversations = [_conversation(q) for q in QUESTIONS[:2]]
-    answers: list = [None, None]
 
-    def ask(i: int) -> None:
-        answers[i] = daemon.client().chat.completions.create(
-            model=str(model), messages=conversations[i], max_tokens=MAX_TOKENS, temperature=0
+    def asker(messages: list[dict]) -> Callable[[], str | None]:
+        return lambda: daemon.client().chat.completions.create(
+            model=str(model), messages=messages, max_tokens=MAX_TOKENS, temperature=0
         ).choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    answers = _at_once([asker(c) for c in conversations])
     assert answers == [reference.chat(c, MAX_TOKENS) for c in conversations]
 
 
