@@ -253,8 +253,7 @@ class Batch:
                 self.add(held.request, held.emit)
             except Exception as exc:  # its restore failed: only this request fails
                 log.exception("restoring a held request failed")
-                held.emit(exc)
-                held.emit(self.done)
+                self._end(held.emit, exc)
 
     def _start(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
         session = self.engine.begin(request)
@@ -294,29 +293,32 @@ class Batch:
         if member in self.prefilling:  # else it failed on its first token, already out
             self.prefilling.remove(member)
         self._release(member)  # who waited for its blocks computes them itself
-        member.emit(exc)
-        member.emit(self.done)
+        self._end(member.emit, exc)
 
     def _fail_decoding(self, exc: Exception) -> None:
         """The generator may be half-way through the step: drop it with its members."""
         for member in self.decoding.values():
-            member.emit(exc)
-            member.emit(self.done)
+            self._end(member.emit, exc)
         self.decoding.clear()
-        self.generator.close()
-        self.generator = self._new_generator()
-        self._last_step = None
+        self._restart_generator()
 
     def fail(self, exc: BaseException) -> None:
         """Anything else in a step raised: every member gets the error; the batch starts
         over empty."""
         members: list[Member | Held] = [*self.prefilling, *self.decoding.values(), *self.held]
         for member in members:
-            member.emit(exc)
-            member.emit(self.done)
+            self._end(member.emit, exc)
         self.held.clear()
         self.prefilling.clear()
         self.decoding.clear()
+        self._restart_generator()
+
+    def _end(self, emit: Callable[[object], None], last: object) -> None:
+        """A request's last items: its last chunk or its error, then the end of its stream."""
+        emit(last)
+        emit(self.done)
+
+    def _restart_generator(self) -> None:
         self.close()
         self.generator, self._last_step = self._new_generator(), None
 
@@ -402,16 +404,14 @@ class Batch:
     def _drop_cancelled(self) -> None:
         for held in [h for h in self.held if h.request.cancelled.is_set()]:
             self.held.remove(held)
-            held.emit(Chunk("", "cancelled", Usage(prompt_tokens=len(held.request.prompt_tokens))))
-            held.emit(self.done)
+            self._end(held.emit, Chunk("", "cancelled", Usage(prompt_tokens=len(held.request.prompt_tokens))))
         for member in [m for m in self.prefilling if m.session.request.cancelled.is_set()]:
             self.prefilling.remove(member)
             self._release(member)
             member.text.cancel()
             member.session.fed.clear()
             self.engine.abandon(member.session)
-            member.emit(member.text.close())
-            member.emit(self.done)
+            self._end(member.emit, member.text.close())
         cancelled = {uid: None for uid, m in self.decoding.items() if m.session.request.cancelled.is_set()}
         for uid in cancelled:
             self.decoding[uid].text.cancel()
