@@ -265,11 +265,14 @@ def set_layer_state(layer: Any, state: dict[str, Any]) -> None:
         layer.meta_state = state["meta_state"]
 
 
-def _snapshot_header(plan: CachePlan) -> dict[str, Any]:
+def _snapshot_origin() -> dict[str, Any]:
     # A state's layout is mlx-lm's own and changes between its versions (0.32 folded
     # meta_state into state): a snapshot is restored only by the mlx-lm that took it.
-    return {"format": SNAPSHOT_FORMAT, "mlx_lm": mlx_lm.__version__,
-            "classes": {str(i): plan.classes[i] for i in plan.snapshot}}
+    return {"format": SNAPSHOT_FORMAT, "mlx_lm": mlx_lm.__version__}
+
+
+def _snapshot_header(plan: CachePlan) -> dict[str, Any]:
+    return dict(_snapshot_origin(), classes={str(i): plan.classes[i] for i in plan.snapshot})
 
 
 def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
@@ -285,7 +288,7 @@ def snapshot_from_elsewhere(skeleton: str) -> bool:
     useless here, still good for the machine that took it (a team's shared tier)."""
     try:
         stored = json.loads(skeleton)
-        return (stored["format"], stored["mlx_lm"]) != (SNAPSHOT_FORMAT, mlx_lm.__version__)
+        return any(stored[k] != v for k, v in _snapshot_origin().items())
     except (ValueError, KeyError, TypeError):
         return False
 
