@@ -236,8 +236,8 @@ class TieredStore:
         """After a request: the entries it reused are now the most recently used and the request
         is counted in the index (index writes are not worth delaying its first token for), the
         blocks it read from disk or the shared store become hot, and what it computed is stored
-        (`keep_computed`). `sequence`
-        None: it ended before its prefill did, with nothing new worth storing."""
+        (`keep_computed`). `sequence` None: it ended before its prefill did, with nothing new
+        worth storing."""
         reused = [h.ref.key for h in restored.match.hits]
         self._touch(reused + ([restored.snapshot.key] if restored.snapshot else []))
         if restored.index_counters:
@@ -434,13 +434,15 @@ class TieredStore:
         """Tokens of every entry of `kind` that continues `parent`, hot or on disk (and, if
         `remote`, listed by the shared store: candidates only, checked when read); with
         `first`, only those starting with that token (the index reads just those)."""
-        children = {b.key: b.tokens for b in self.ram.children(parent, kind)
-                    if first is None or (len(b.tokens) and b.tokens[0] == first)}
+        def wanted(tokens: np.ndarray) -> bool:
+            return first is None or (len(tokens) > 0 and tokens[0] == first)
+
+        children = {b.key: b.tokens for b in self.ram.children(parent, kind) if wanted(b.tokens)}
         for key, raw in self.index.children(parent, kind, first):
             children.setdefault(key, np.frombuffer(raw, dtype="<u4"))
         if remote and self.shared is not None:
             for key, tokens in self.shared.children(parent, kind).items():
-                if first is None or (len(tokens) and tokens[0] == first):
+                if wanted(tokens):
                     children.setdefault(key, tokens)
         return children
 
@@ -592,7 +594,7 @@ class TieredStore:
             raise DamagedBlock("key, model or kind differ from the entry asked for")
         if not np.array_equal(parsed.tokens, block_tokens):
             raise DamagedBlock("stored tokens differ from the index")
-        if kind == "snap" and snapshot_from_elsewhere(parsed.metadata.get("skeleton") or ""):
+        if kind == "snap" and snapshot_from_elsewhere(meta.get("skeleton") or ""):
             raise ForeignSnapshot("taken by another mlx-lm version or snapshot format")
         if not self._fits_model(parsed, kind):
             raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
