@@ -205,8 +205,9 @@ class Engine:
         restored = self.store.restore(tokens, into=buffers)
         looked_up = time.perf_counter()
         prompt_cache = self._rebuild(buffers, restored)
-        usage = Usage.restored(restored, len(tokens), time.perf_counter() - started)
-        usage.steps.update(buffers=allocated - started, rebuild=started + usage.restore_seconds - looked_up)
+        rebuilt = time.perf_counter()
+        usage = Usage.restored(restored, len(tokens), rebuilt - started)
+        usage.steps.update(buffers=allocated - started, rebuild=rebuilt - looked_up)
         return Session(request, restored, usage, prompt_cache, started,
                        self._snapshot_points(request, restored.reuse))
 
@@ -293,8 +294,9 @@ class Engine:
             mx.async_eval(next_y)
             token = y.item()
             if n == 0:
-                usage.prefill_seconds = time.perf_counter() - session.started
-                usage.steps["first_token"] = session.started + usage.prefill_seconds - decode_began
+                first = time.perf_counter()
+                usage.prefill_seconds = first - session.started
+                usage.steps["first_token"] = first - decode_began
             session.fed.append(token)
             n += 1
             if token in eos:
