@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import agent_messages, http_request, raw_http
+from conftest import agent_messages, http_request, model_variant, raw_http
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
@@ -188,8 +188,6 @@ def test_a_token_beyond_the_models_embedding_is_a_400_not_a_crash(tmp_path, daem
     """A tokenizer with more tokens than the model has embeddings (an added token past
     vocab_size): MLX reads out of bounds on such an id and the process dies."""
     import openai
-
-    from conftest import model_variant
 
     def add_token(tokenizer: dict) -> None:
         rows = json.loads((llama_model / "config.json").read_text())["vocab_size"]
