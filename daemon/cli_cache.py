@@ -173,13 +173,22 @@ def _stats(args, cache) -> int:
              f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
              f"(+ {format_size(data['disk']['index_bytes'])} index)"]
     for fingerprint, model in data["models"].items():
-        lines.append(f"model {model['model']} [{fingerprint[:12]}]: {model['blocks']} blocks, "
+        lines.append(f"model {model['model']} [{fingerprint[:12]}]{_runtime_text(model['runtime'])}: "
+                     f"{model['blocks']} blocks, "
                      f"{model['snapshots']} snapshots, {format_size(model['bytes'])} "
                      f"({format_size(model['pinned_bytes'])} pinned)")
         lines.append(f"  {_rates_line(model)}")
     lines.append(f"all models: {_rates_line(data['overall'])}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _runtime_text(runtime) -> str:
+    """' (mlx 0.32.4, mlx-lm 0.32.2, cpu)': what computed a model's entries (not in older indexes)."""
+    if not isinstance(runtime, dict) or not runtime:
+        return ""
+    labels = {"mlx": "mlx ", "mlx_lm": "mlx-lm ", "device": ""}
+    return " (" + ", ".join(f"{labels.get(k, k + ' ')}{v}" for k, v in runtime.items()) + ")"
 
 
 def _rates_line(rates: dict) -> str:

@@ -54,7 +54,6 @@ _SHARED_COUNTERS = {
     "shared_uploads_dropped": "Uploads dropped (queue full or store down).",
     "shared_errors": "Failed calls to the shared store.",
     "shared_damaged": "Shared values that failed their checks (misses).",
-    "shared_foreign_snapshots": "Shared snapshots another mlx-lm version took (misses, left in the store).",
 }
 
 

@@ -1,8 +1,9 @@
 """Token blocks and their chained content hashes.
 
 A block key is xxh3-128(parent key || block tokens as little-endian uint32). The chain's
-root is derived from the model fingerprint, so two models never share keys. Keys only
-address blocks; a hit is always confirmed against the stored tokens.
+root is derived from the model fingerprint, so two models (or one model under two versions
+of mlx / mlx-lm) never share keys. Keys only address blocks; a hit is always confirmed
+against the stored tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import xxhash
 
-from .config import LAYOUT_VERSION
+from .config import LAYOUT_VERSION, SNAPSHOT_FORMAT
 
 KEY_BYTES = 16
 # Token ids, as a list or an array (to a type checker numpy's arrays are no Sequence).
@@ -92,10 +93,25 @@ def _hash_file_sample(path: Path, hasher: "xxhash.xxh3_128") -> None:
             hasher.update(f.read(chunk))
 
 
-def model_fingerprint(model_dir: Path, kv_dtype: str, block_size: int, extra: str = "") -> str:
-    """Everything that changes the KV bytes: weights, config, tokenizer, KV dtype, layout."""
+def runtime() -> dict[str, str]:
+    """What computes the KV besides the model: the installed mlx and mlx-lm and the device
+    they run on. Their kernels round differently between versions, so KV one computed is
+    not what another would (the text could differ from running without a cache)."""
+    import mlx.core as mx
+    import mlx_lm
+
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": mx.default_device().type.name}
+
+
+def model_fingerprint(model_dir: Path, kv_dtype: str, block_size: int, extra: str = "",
+                      computed_by: dict[str, str] | None = None) -> str:
+    """Everything that changes the KV bytes: weights, config, tokenizer, KV dtype, layout,
+    and what computes it (`computed_by`, default the installed `runtime()`)."""
+    computed_by = runtime() if computed_by is None else computed_by
     hasher = xxhash.xxh3_128()
-    hasher.update(f"layout={LAYOUT_VERSION};dtype={kv_dtype};block={block_size};{extra}".encode())
+    hasher.update(f"layout={LAYOUT_VERSION};snapshot={SNAPSHOT_FORMAT};dtype={kv_dtype};"
+                  f"block={block_size};{extra}".encode())
+    hasher.update(";".join(f"{k}={v}" for k, v in sorted(computed_by.items())).encode())
     for path in sorted(model_dir.iterdir()):
         if path.suffix in (".safetensors", ".npz", ".gguf"):
             _hash_file_sample(path, hasher)
@@ -105,7 +121,8 @@ def model_fingerprint(model_dir: Path, kv_dtype: str, block_size: int, extra: st
     return hasher.hexdigest()
 
 
-def describe_model(model_dir: Path) -> dict:
-    """A short, human-readable description stored next to the fingerprint in the index."""
+def describe_model(model_dir: Path, computed_by: dict[str, str]) -> dict:
+    """A short, human-readable description stored next to the fingerprint in the index:
+    after an upgrade `kvtier stats` tells the old fingerprint from the new by `runtime`."""
     config = json.loads((model_dir / "config.json").read_text())
-    return {"path": str(model_dir), "model_type": config.get("model_type", "?")}
+    return {"path": str(model_dir), "model_type": config.get("model_type", "?"), "runtime": computed_by}

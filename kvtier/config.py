@@ -12,6 +12,9 @@ import psutil
 
 # Bumped whenever the on-disk block layout changes; part of every block key's salt.
 LAYOUT_VERSION = 1
+# The layout of a snapshot's skeleton (version 2 stores `meta_state` beside `state`); also
+# part of the salt, so a snapshot of another format is never looked up.
+SNAPSHOT_FORMAT = 2
 
 # Chosen by bench/block_size.py (docs/benchmarks.md): from 64 up, restore time is flat, while
 # each request's rewritten partial tail block grows with the size; 128 balances that

@@ -22,7 +22,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
-from .blocks import describe_model, model_fingerprint
+from .blocks import describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prompt import Renderer
@@ -150,9 +150,10 @@ class Engine:
         # str() of the MLX dtype ("mlx.core.float32"): the form fingerprints have always hashed.
         dtype = str(getattr(mx, next(iter(self.layout.values()))[1]) if self.layout else self._param_dtype())
         kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
-        self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format)
+        computed_by = runtime()  # the mlx / mlx-lm computing the KV: an upgrade is a clean miss
+        self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format, computed_by)
         self.store = TieredStore(cache_config, self.fingerprint, self.layout, self.plan)
-        self.store.register_model(dict(describe_model(self.model_path), name=model))
+        self.store.register_model(dict(describe_model(self.model_path, computed_by), name=model))
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
         try:

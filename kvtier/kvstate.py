@@ -23,6 +23,8 @@ import mlx_lm
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
+from .config import SNAPSHOT_FORMAT
+
 BlockArrays = dict[str, mx.array]
 Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (one-token shape, dtype name)
 
@@ -210,9 +212,6 @@ def _round_up(n: int, step: int) -> int:
 
 
 # -- snapshot layers ----------------------------------------------------------------------
-# Version 2 stores `meta_state` beside `state`; a skeleton of another version is a miss.
-SNAPSHOT_FORMAT = 2
-
 
 @dataclass
 class Snapshot:
@@ -267,7 +266,8 @@ def set_layer_state(layer: Any, state: dict[str, Any]) -> None:
 
 def _snapshot_origin() -> dict[str, Any]:
     # A state's layout is mlx-lm's own and changes between its versions (0.32 folded
-    # meta_state into state): a snapshot is restored only by the mlx-lm that took it.
+    # meta_state into state). Both are in the fingerprint too (blocks.model_fingerprint), so
+    # another version's snapshot is never looked up: one that claims otherwise is damaged.
     return {"format": SNAPSHOT_FORMAT, "mlx_lm": mlx_lm.__version__}
 
 
@@ -281,16 +281,6 @@ def take_snapshot(prompt_cache: list[Any], plan: CachePlan) -> Snapshot:
     trees = {str(i): _pack(layer_state(prompt_cache[i]), arrays, f"s{i}") for i in plan.snapshot}
     mx.eval(list(arrays.values()))
     return Snapshot(arrays, json.dumps(dict(_snapshot_header(plan), states=trees), sort_keys=True))
-
-
-def snapshot_from_elsewhere(skeleton: str) -> bool:
-    """True when a snapshot is whole but was taken by another mlx-lm or snapshot format:
-    useless here, still good for the machine that took it (a team's shared tier)."""
-    try:
-        stored = json.loads(skeleton)
-        return any(stored[k] != v for k, v in _snapshot_origin().items())
-    except (ValueError, KeyError, TypeError):
-        return False
 
 
 def snapshot_matches(skeleton: str, plan: CachePlan) -> bool:

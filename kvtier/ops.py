@@ -42,6 +42,8 @@ def stats(cache: LocalDisk) -> dict:
     for fingerprint in set(per_model) | set(counters):
         entry = per_model.setdefault(fingerprint, dict.fromkeys(MODEL_TOTAL_FIELDS, 0))
         entry["model"] = models.get(fingerprint, {}).get("name", "?")
+        # One model has a fingerprint per mlx / mlx-lm: after an upgrade, this tells them apart.
+        entry["runtime"] = models.get(fingerprint, {}).get("runtime", {})
         entry.update(rates(counters.get(fingerprint, {})))
     overall: dict[str, int] = {}
     for model_counters in counters.values():

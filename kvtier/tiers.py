@@ -25,7 +25,7 @@ from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
 from .kvstate import (BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes,
-                      snapshot_from_elsewhere, snapshot_matches)
+                      snapshot_matches)
 from .local import LocalDisk, tokens_hash
 from .ram import HotBlock, RamTier
 from .shared import SharedTier, Upload, decode_value, encode_value
@@ -184,11 +184,6 @@ class ReadAhead(Generic[Planned]):
             ref, record = self._planned.popleft()
             self._started[ref.key] = (record, self._pool.submit(self._read, ref.hex, record))
             self._started_bytes += record.nbytes
-
-
-class ForeignSnapshot(DamagedBlock):
-    """A whole snapshot another mlx-lm took: dropped from the local disk (this machine's
-    mlx-lm changed), but left in the shared tier for the machines that still use it."""
 
 
 class TieredStore:
@@ -516,9 +511,6 @@ class TieredStore:
             self._check_parsed(ref, parsed, block_tokens, kind)
             if kind == "kv" and xxhash.xxh3_128_digest(ref.parent + encode_tokens(parsed.tokens)) != ref.key:
                 raise DamagedBlock("its key is not the hash of its parent and tokens")
-        except ForeignSnapshot:
-            self.count("shared_foreign_snapshots")  # another machine's: a miss here, kept there
-            return None
         except DamagedBlock as exc:
             log.warning("shared cache entry %s is damaged (%s): treated as a miss", ref.hex, exc)
             self.count("shared_damaged")
@@ -594,8 +586,6 @@ class TieredStore:
             raise DamagedBlock("key, model or kind differ from the entry asked for")
         if not np.array_equal(parsed.tokens, block_tokens):
             raise DamagedBlock("stored tokens differ from the index")
-        if kind == "snap" and snapshot_from_elsewhere(meta.get("skeleton") or ""):
-            raise ForeignSnapshot("taken by another mlx-lm version or snapshot format")
         if not self._fits_model(parsed, kind):
             raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
 

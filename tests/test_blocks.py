@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvtier.blocks import block_refs, chain_keys, encode_tokens, model_fingerprint
+from kvtier.blocks import block_refs, chain_keys, encode_tokens, model_fingerprint, root_key, runtime
 from kvtier.config import parse_size
 
 
@@ -36,6 +36,20 @@ def test_fingerprint_changes_with_weights_config_dtype_and_block_size(tmp_path):
     weights_changed = model_fingerprint(tmp_path, "float32", 256)
     (tmp_path / "config.json").write_text('{"model_type": "llama", "x": 1}')
     assert len({base, weights_changed, model_fingerprint(tmp_path, "float32", 256)}) == 3
+
+
+def test_fingerprint_changes_with_the_mlx_and_mlx_lm_that_compute_the_kv(tmp_path):
+    """Their kernels round differently from one version to the next: KV an older mlx-lm
+    computed must be a miss after an upgrade, not reused (nor shared across a team)."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    installed = runtime()
+    assert set(installed) == {"mlx", "mlx_lm", "device"}
+    base = model_fingerprint(tmp_path, "float32", 256)
+    assert base == model_fingerprint(tmp_path, "float32", 256, computed_by=installed)
+    others = [model_fingerprint(tmp_path, "float32", 256, computed_by=dict(installed, **change))
+              for change in ({"mlx": "0.0.1"}, {"mlx_lm": "0.0.1"}, {"device": "gpu"})]
+    assert len({base, *others}) == 4
+    assert len({root_key(fp) for fp in (base, *others)}) == 4  # so every block key differs
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -1,0 +1,68 @@
+"""Upgrading mlx-lm under a cache directory: the KV the old version computed is a clean miss
+(the new one's text is plain mlx-lm's), `kvtier stats` lists the old entries apart, and
+`kvtier purge --model FINGERPRINT` removes them alone. Real model, LMDB, files and CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlx_lm
+
+from kvtier.config import CacheConfig
+from kvtier.engine import Engine, GenerationRequest
+from kvtier.ops import CacheDir, stats
+
+from conftest import ROOT
+
+BLOCK = 16
+MAX_TOKENS = 6
+
+
+def answer(engine: Engine, tokens: list[int]) -> tuple[str, int]:
+    chunks = list(engine.generate(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
+    return "".join(c.text for c in chunks), chunks[-1].usage.cached_tokens
+
+
+def kvtier(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_an_mlx_lm_upgrade_is_a_clean_miss_listed_apart_and_purged_alone(llama_model, reference, tmp_path,
+                                                                          monkeypatch):
+    config = CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK)
+    tokens = reference.chat_tokens([{"role": "user", "content": "Which blocks survive an upgrade? " * 4}])
+    installed = mlx_lm.__version__
+    monkeypatch.setattr(mlx_lm, "__version__", "0.0.1")  # the mlx-lm before the upgrade
+    old = Engine(str(llama_model), config)
+    try:
+        answer(old, tokens)
+    finally:
+        old.close()  # every block on disk
+    monkeypatch.setattr(mlx_lm, "__version__", installed)
+
+    new = Engine(str(llama_model), config)
+    try:
+        assert new.fingerprint != old.fingerprint
+        text, cached = answer(new, tokens)
+        assert cached == 0  # nothing the old mlx-lm computed is reused
+        assert text == reference.generate(tokens, MAX_TOKENS)
+        assert answer(new, tokens) == (text, len(tokens) - 1)  # its own blocks are
+    finally:
+        new.close()
+
+    cache_dir = str(tmp_path / "cache")
+    with CacheDir(tmp_path / "cache") as cache:
+        models = stats(cache)["models"]
+    assert {fp: m["runtime"]["mlx_lm"] for fp, m in models.items()} == {old.fingerprint: "0.0.1",
+                                                                         new.fingerprint: installed}
+    assert {m["model"] for m in models.values()} == {str(llama_model)}  # one model, two versions
+    assert "mlx-lm 0.0.1" in kvtier("stats", "--cache-dir", cache_dir)
+
+    kvtier("purge", "--model", old.fingerprint, "--cache-dir", cache_dir)
+    with CacheDir(tmp_path / "cache") as cache:
+        models = stats(cache)["models"]
+    assert models[old.fingerprint]["blocks"] == 0 and models[new.fingerprint]["blocks"] > 0
