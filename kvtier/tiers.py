@@ -196,6 +196,7 @@ class TieredStore:
         self.ram = RamTier(config.ram_budget)
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
+        # The local SSD tier; the daemon's cache routes run the CLI's operations (kvtier.ops) on it.
         self.disk = LocalDisk.open(config.cache_dir, config.disk_budget, self.count, fingerprint)
         self.writer = DiskWriter(self._write_then_release, config.write_queue_bytes)
         # Reads files ahead of the restore loop: disk I/O overlaps decoding earlier blocks.
@@ -325,11 +326,6 @@ class TieredStore:
         if self.shared is not None:  # an unreachable shared store degrades nothing
             body.update(shared_connected=self.shared.connected, shared_error=self.shared.error)
         return body
-
-    @property
-    def local_disk(self) -> LocalDisk:
-        """The local SSD tier, for the CLI's operations (kvtier.ops) on the daemon's own cache."""
-        return self.disk
 
     @property
     def hot_bytes(self) -> int:

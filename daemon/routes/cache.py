@@ -60,7 +60,7 @@ async def cache_stats(http: web.Request) -> web.Response:
 
 
 def _cache_dir(http: web.Request) -> LocalDisk:
-    return http.app[STATE].engine().store.local_disk  # the CLI's operations, on the daemon's own disk tier
+    return http.app[STATE].engine().store.disk  # the CLI's operations, on the daemon's own disk tier
 
 
 @routes.get("/cache/entries")
