@@ -29,9 +29,9 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
+from .blocks import common_prefix
 from .engine import Chunk, Engine, GenerationRequest, Session, Usage
 from .stops import StopMatcher
-from .tiers import common_prefix
 
 log = logging.getLogger("kvtier.batch")
 

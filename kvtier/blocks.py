@@ -28,6 +28,13 @@ def encode_tokens(tokens: Tokens) -> bytes:
     return np.asarray(tokens, dtype="<u4").tobytes()
 
 
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two token arrays share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 def root_key(fingerprint: str) -> bytes:
     return xxhash.xxh3_128_digest(b"kvtier-root\x00" + fingerprint.encode())
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from jinja2 import TemplateError
 
-from .tiers import common_prefix
+from .blocks import common_prefix
 
 
 def fold_system_messages(messages: list[dict]) -> list[dict]:

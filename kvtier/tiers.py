@@ -20,7 +20,7 @@ import numpy as np
 import xxhash
 
 from . import kvstate
-from .blocks import BlockRef, Tokens, block_refs, encode_tokens, root_key, snapshot_ref
+from .blocks import BlockRef, Tokens, block_refs, common_prefix, encode_tokens, root_key, snapshot_ref
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
@@ -32,12 +32,6 @@ from .shared import SharedTier, Upload, decode_value, encode_value
 from .writer import DiskWriter, Entry, WriteJob
 
 log = logging.getLogger("kvtier.tiers")
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
 
 
 @dataclass
