@@ -498,12 +498,13 @@ class Index:
         with self.env.begin(db=self._meta) as txn:
             return (_int(txn.get(b"bytes")), _int(txn.get(b"count")))
 
+    @_reads(lambda: None)
     def allocated(self) -> int | None:
         """Bytes the filesystem allocates for every indexed file; None until an index from
-        before this total has been recounted."""
+        before this total (or with an unreadable one) has been recounted."""
         with self.env.begin(db=self._meta) as txn:
             raw = txn.get(b"allocated")
-        return None if raw is None else int(raw)
+        return None if raw is None or not bytes(raw).isdigit() else int(raw)
 
     @_reads(lambda: None)
     def model_totals(self) -> dict[str, dict[str, int]] | None:
@@ -677,6 +678,7 @@ class Index:
             txn.put(PER_MODEL_KEY, b"1", db=self._meta)
         return total, count
 
+    @_reads(lambda: True)  # nothing to fill in an unreadable index: it is replaced, then rebuilt
     def heads_kept(self) -> bool:
         with self.env.begin(db=self._meta) as txn:
             return txn.get(HEADS_KEY) is not None

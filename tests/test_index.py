@@ -335,6 +335,28 @@ def test_garbage_in_counters_and_models_is_ignored(index):
     assert index.counters() == {"fp": {"hits": 1}}
 
 
+def test_the_start_up_reads_of_a_damaged_index_are_misses_not_exceptions(tmp_path):
+    """allocated() and heads_kept() (read by the upkeep thread and the budget) meet damage
+    as every other read does: reported, and an empty answer."""
+    index = Index(tmp_path / "index")
+    index.put_many([record(1), record(2, parent=1, depth=1)])
+    assert index.allocated() == 8192 and index.heads_kept()
+    damage(tmp_path / "index", "page_headers")  # under the open environment
+    assert index.allocated() is None  # unknown: the budget counts from the totals
+    assert index.damage is not None
+    assert index.heads_kept()  # nothing to fill in an index about to be replaced
+    index.close()
+
+
+def test_garbage_in_the_allocated_total_is_unknown_until_a_recount(index):
+    index.put_many([record(1)])
+    with index.env.begin(write=True, db=index._meta) as txn:
+        txn.put(b"allocated", b"-x")
+    assert index.allocated() is None
+    index.recount()
+    assert index.allocated() == 4096
+
+
 def test_a_rebuild_mark_is_kept_until_cleared(tmp_path):
     index = Index(tmp_path / "index")
     assert index.rebuild_pending() is None
