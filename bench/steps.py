@@ -1,13 +1,18 @@
 """Where a request's time to first token goes, step by step: warm (prefix in RAM) and after a
-restart (prefix on disk, the cache's files evicted from the page cache), at several prompt lengths, beside the new
-tokens' compute alone and mlx_lm.server's TTFT; and the restore's bandwidth against a raw
-read of the same block files.
+restart (prefix on disk: the cache's files evicted from the page cache, or still in it), at
+several prompt lengths, beside plain mlx-lm's compute of the same request and mlx_lm.server's
+TTFT; the after-restart TTFT against the disk's floor; and the restore's bandwidth against a
+raw read of the same block files.
 
 In-process, the engine's own step timer (`Usage.steps`: buffers, hash, match, snapshot,
 rebuild, prefill, first_token) times one request through Engine.generate; render is the
 chat template and tokenizer (kvtier.prompt) timed around the call the routes make.
-"Compute alone" is plain mlx-lm: the same remainder through the model over an mlx-lm
-KVCache already holding the prefix, then the first greedy token. Overhead = TTFT - that.
+"Compute alone" is plain mlx-lm for the same request: `generate_step` with the remainder as
+its prompt over an mlx-lm KVCache already holding the prefix, on its own schedule (the
+remainder but its last token, then the last token alone: the split kvtier and mlx_lm.server
+make too, for the same text), to its first token. Overhead = TTFT - that. "One pass" is the
+remainder in one forward pass: less compute, but not mlx-lm's text. The disk's floor after a
+restart is the warm TTFT plus a raw read of the very files the restore read.
 Through the daemon, client-side TTFT less the engine's own time to first token is what
 HTTP, rendering, the queue and the first SSE write add. Each length's prefix is computed
 once (cold) in-process; the daemon restarts on a copy of that cache.
@@ -29,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, Server, machine_description, stream_chat, target_table, warm_up, write_result  # noqa: E402
 from prompts import QUESTIONS, messages_for  # noqa: E402
-from scenarios.restore_bandwidth import drop_page_cache, evict_files, raw_read  # noqa: E402
+from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_cache, raw_read, read_files  # noqa: E402
 from scenarios.ttft_by_length import length_systems  # noqa: E402
 
 LENGTHS, QUICK_LENGTHS = [1024, 4096, 16384], [512, 1024]
@@ -44,6 +49,18 @@ def log(message: str) -> None:
 def warm_question(i: int) -> str:
     """A new question each time (the earlier ones are cached by then, as the prefix is)."""
     return f"{QUESTIONS[1]} Attempt {i + 1}."
+
+
+# Asked once, untimed, after the cold request: from then on every new question of this form
+# finds its start cached too, so each timed request computes the same few new tokens.
+PRIMING_QUESTION = warm_question(-1)
+
+
+def restart_question(i: int) -> str:
+    """A new question for each request after a restart (in-process and the daemon's), of the
+    warm questions' form: each computes the same few new tokens as a warm request, so their
+    TTFTs compare."""
+    return warm_question(2 * REPEATS + i)  # the warm ones: in-process 0..REPEATS-1, the daemon's next
 
 
 # -- in-process ---------------------------------------------------------------------------------
@@ -67,9 +84,8 @@ def engine_request(engine, messages: list[dict]) -> dict:
             "steps": steps, "text": "".join(c.text for c in chunks)}
 
 
-def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float:
-    """Plain mlx-lm: the remainder past `reuse` through the model over a KVCache holding the
-    prefix (copied from `prefix_cache`), in the engine's prefill chunks, then one greedy token."""
+def prefix_held(engine, prefix_cache: list, reuse: int) -> list:
+    """A fresh mlx-lm KVCache holding the first `reuse` tokens of `prefix_cache` (copied)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -80,20 +96,42 @@ def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> 
         keys, values = source.state[:2]
         hold_tokens(layer, mx.contiguous(keys[..., :reuse, :]), mx.contiguous(values[..., :reuse, :]), reuse)
     mx.eval([c.state for c in cache])
+    return cache
+
+
+def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float:
+    """Plain mlx-lm for the same request: `generate_step` with the remainder past `reuse` as
+    its prompt over a KVCache holding the prefix, on its own schedule (the remainder but its
+    last token in prefill-step chunks, then the last token alone), timed to its first token."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step, generation_stream
+
+    cache = prefix_held(engine, prefix_cache, reuse)
     started = time.perf_counter()
-    position, end = reuse, len(tokens) - 1
-    while position < end:
-        cut = min(position + engine.prefill_step_size, end)
-        engine.model(mx.array(tokens[position:cut])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-        position = cut
-    logits = engine.model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :]
+    stream = generate_step(mx.array(tokens[reuse:]), engine.model, prompt_cache=cache, max_tokens=1,
+                           prefill_step_size=engine.prefill_step_size)
+    next(stream)
+    seconds = time.perf_counter() - started
+    stream.close()
+    mx.synchronize(generation_stream)  # the next step it queued is not the next run's
+    return seconds
+
+
+def one_pass(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float:
+    """The remainder past `reuse` in one forward pass over a KVCache holding the prefix, then
+    its greedy token: less compute than mlx-lm's schedule, but not its text (a pass of many
+    tokens rounds differently from a pass of one)."""
+    import mlx.core as mx
+
+    cache = prefix_held(engine, prefix_cache, reuse)
+    started = time.perf_counter()
+    logits = engine.model(mx.array(tokens[reuse:])[None], cache=cache)[:, -1, :]
     mx.argmax(logits, axis=-1).item()
     return time.perf_counter() - started
 
 
 def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
-    """The prompt cache the engine restores for `tokens` (not timed), for `compute_alone`."""
+    """The prompt cache the engine restores for `tokens` (not timed), for the baselines."""
     from kvtier.engine import GenerationRequest
 
     session = engine.begin(GenerationRequest(tokens, max_tokens=1))
@@ -103,23 +141,46 @@ def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
         engine.abandon(session)
 
 
+def baselines(engine, run: dict, repeats: int) -> tuple[float, float]:
+    """Plain mlx-lm's compute of `run`'s remainder (the tokens it did not reuse), on its own
+    schedule and in one pass: medians of `repeats`."""
+    reuse = run["reused"]
+    held, cache = prefix_cache_of(engine, run["tokens"])  # the run stored its prompt: all is held
+    assert held >= reuse, (held, reuse)
+    return (statistics.median(compute_alone(engine, run["tokens"], reuse, cache) for _ in range(repeats)),
+            statistics.median(one_pass(engine, run["tokens"], reuse, cache) for _ in range(repeats)))
+
+
+def restored_files(engine, tokens: list[int]) -> list[Path]:
+    """The block files a restore of `tokens` reads from disk, in chain order: the store's own
+    lookup, untimed; without `keep` nothing is promoted, so the timed request still reads them."""
+    from kvtier.kvstate import PromptBuffers
+
+    restored = engine.store.restore(tokens, into=PromptBuffers(engine.layout, capacity=len(tokens) + 1))
+    return [engine.store.files.path_for(h.ref.hex) for h in restored.match.hits if h.source == "disk"]
+
+
 def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) -> dict:
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
 
-    out: dict = {"cold": {}, "warm": {}, "after_restart": {}, "compute_warm": {}, "compute_restart": {}}
+    scenarios = ("warm", "after_restart", "after_restart_cached")
+    out: dict = {"cold": {}, **{s: {} for s in scenarios}, "compute": {s: {} for s in scenarios},
+                 "one_pass": {s: {} for s in scenarios}, "raw_read_restored": {}}
+
+    def note(engine, scenario: str, n: int, run: dict, repeats: int) -> None:
+        out[scenario][str(n)] = slim(run)
+        out["compute"][scenario][str(n)], out["one_pass"][scenario][str(n)] = baselines(engine, run, repeats)
+
     engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))
     try:
         engine_request(engine, [{"role": "user", "content": "Say hi."}])  # MLX's first-call set-up
         for n, system in systems.items():
             log(f"  in-process {n}: cold, then {REPEATS} warm")
             out["cold"][str(n)] = slim(engine_request(engine, messages_for(system, QUESTIONS[0])))
+            engine_request(engine, messages_for(system, PRIMING_QUESTION))
             runs = [engine_request(engine, messages_for(system, warm_question(i))) for i in range(REPEATS)]
-            out["warm"][str(n)] = median_run(runs)
-            tokens = runs[0]["tokens"]
-            reuse, cache = prefix_cache_of(engine, tokens)
-            out["compute_warm"][str(n)] = statistics.median(
-                compute_alone(engine, tokens, reuse, cache) for _ in range(REPEATS))
+            note(engine, "warm", n, median_run(runs), REPEATS)
         engine.store.flush()
     finally:
         engine.close()
@@ -127,12 +188,24 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
     try:
         engine_request(engine, [{"role": "user", "content": "Say hi."}])
         for n, system in systems.items():
-            log(f"  in-process {n}: after restart (the cache's files evicted from the page cache)")
+            log(f"  in-process {n}: after restart, the cache's files evicted from the page cache")
+            messages = messages_for(system, restart_question(0))
+            engine.store.wait_for_writes()  # the last length's blocks: not part of the raw read
+            files = restored_files(engine, engine.renderer.render(messages)[0])
             evict_files(cache_dir)
-            run = engine_request(engine, messages_for(system, QUESTIONS[2]))
-            out["after_restart"][str(n)] = slim(run)
-            reuse, cache = prefix_cache_of(engine, run["tokens"])
-            out["compute_restart"][str(n)] = compute_alone(engine, run["tokens"], reuse, cache)
+            out["raw_read_restored"][str(n)] = read_files(files)  # the disk's floor for this restore
+            evict_files(cache_dir)
+            note(engine, "after_restart", n, engine_request(engine, messages), 1)
+        engine.store.flush()
+    finally:
+        engine.close()
+    engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))  # restarted again
+    try:
+        engine_request(engine, [{"role": "user", "content": "Say hi."}])
+        for n, system in systems.items():
+            log(f"  in-process {n}: after restart, the cache's files in the page cache")
+            into_page_cache(cache_dir)
+            note(engine, "after_restart_cached", n, engine_request(engine, messages_for(system, restart_question(1))), 1)
         engine.store.flush()
     finally:
         engine.close()
@@ -145,7 +218,7 @@ def slim(run: dict) -> dict:
 
 def median_run(runs: list[dict]) -> dict:
     """The run of median TTFT, its steps as they were (a median per step would not add up)."""
-    return slim(sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2])
+    return sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2]
 
 
 # -- restore bandwidth, in-process -------------------------------------------------------------
@@ -188,16 +261,24 @@ def ask(server: Server, model: str, system: str, question: int | str) -> dict:
 
 def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path, work: Path) -> dict:
     """kvtier serve on a copy of the in-process cache: after restart (the cache's files
-    evicted from the page cache), then warm; client TTFT beside the engine's own."""
-    out: dict = {"after_restart": {}, "warm": {}}
-    with Server.kvtier(model, cache_dir, work / "kvtier.log") as server:
+    evicted from the page cache), then warm; then restarted again with the files in the page
+    cache. Client TTFT beside the engine's own; new questions, not the in-process ones."""
+    out: dict = {"after_restart": {}, "warm": {}, "after_restart_cached": {}}
+    server = Server.kvtier(model, cache_dir, work / "kvtier.log")
+    with server:
         warm_up(server, str(model))
         for n, system in systems.items():
-            log(f"  kvtier serve {n}: after restart, then warm")
+            log(f"  kvtier serve {n}: after restart (files evicted), then warm")
             evict_files(cache_dir)
-            out["after_restart"][str(n)] = ask(server, str(model), system, 2)
-            runs = [ask(server, str(model), system, warm_question(i)) for i in range(REPEATS)]
+            out["after_restart"][str(n)] = ask(server, str(model), system, restart_question(2))
+            runs = [ask(server, str(model), system, warm_question(REPEATS + i)) for i in range(REPEATS)]
             out["warm"][str(n)] = sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2]
+    with server:  # a restart: the files stay in the page cache
+        warm_up(server, str(model))
+        for n, system in systems.items():
+            log(f"  kvtier serve {n}: after restart (files in the page cache)")
+            into_page_cache(cache_dir)
+            out["after_restart_cached"][str(n)] = ask(server, str(model), system, restart_question(3))
     return out
 
 
@@ -208,6 +289,7 @@ def measure_mlx_server(model: Path, systems: dict[int, str], work: Path) -> dict
         for n, system in systems.items():
             log(f"  mlx_lm.server {n}: cold, then {REPEATS} warm")
             out["cold"][str(n)] = ask(server, str(model), system, 0)
+            ask(server, str(model), system, PRIMING_QUESTION)
             runs = [ask(server, str(model), system, warm_question(i)) for i in range(REPEATS)]
             out["warm"][str(n)] = sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2]
     return out
@@ -244,9 +326,35 @@ def run(lengths: list[int] | None = None, work: Path | None = None, mlx_server: 
 
 
 # -- targets and report ----------------------------------------------------------------------------
-def overhead(results: dict, n: int, scenario: str = "warm") -> float:
-    compute = results["in_process"]["compute_warm" if scenario == "warm" else "compute_restart"][str(n)]
-    return results["in_process"][scenario][str(n)]["ttft"] - compute
+SCENARIOS = [("warm", "warm"), ("after_restart", "after restart, files evicted"),
+             ("after_restart_cached", "after restart, files in the page cache")]
+
+
+def in_process(results: dict) -> dict:
+    """The in-process results; a result saved before the "one pass" column had one baseline
+    per scenario (`compute_warm`, `compute_restart`), shown as its compute alone."""
+    ip = results["in_process"]
+    if "compute" in ip:
+        return ip
+    return dict(ip, compute={"warm": ip.get("compute_warm", {}), "after_restart": ip.get("compute_restart", {})},
+                one_pass={}, raw_read_restored={})
+
+
+def baseline(results: dict, kind: str, scenario: str, n: int) -> float | None:
+    return in_process(results)[kind].get(scenario, {}).get(str(n))
+
+
+def overhead(results: dict, n: int, scenario: str = "warm") -> float | None:
+    """TTFT less what plain mlx-lm's generate_step takes for the same remainder over the prefix."""
+    compute = baseline(results, "compute", scenario, n)
+    return None if compute is None else in_process(results)[scenario][str(n)]["ttft"] - compute
+
+
+def disk_floor(results: dict, n: int) -> float | None:
+    """Warm TTFT plus a raw read of the files the after-restart request restored: what a
+    restart can cost at least on this disk, the copy from RAM aside."""
+    raw = in_process(results)["raw_read_restored"].get(str(n))
+    return None if raw is None else in_process(results)["warm"][str(n)]["ttft"] + raw["seconds"]
 
 
 def targets(results: dict) -> list[dict]:
@@ -258,15 +366,24 @@ def targets(results: dict) -> list[dict]:
             kv, ref = results["kvtier_serve"]["warm"][str(n)]["ttft"], ml["warm"][str(n)]["ttft"]
             checks.append((f"warm TTFT at {n} tokens <= mlx_lm.server's", kv, f"<= {ref:.3f} s", kv <= ref, "s"))
     big = max(lengths)
-    checks.append((f"warm overhead beyond the new tokens' compute at {big} tokens <= 10 ms",
-                   overhead(results, big), "<= 10 ms", overhead(results, big) <= 0.010, "ms"))
+    extra = overhead(results, big)
+    if extra is not None:
+        checks.append((f"warm overhead beyond plain mlx-lm's compute of the same request at {big} tokens <= 10 ms",
+                       extra, "<= 10 ms", extra <= 0.010, "ms"))
     ratio = results["bandwidth"]["ratio"]
     checks.append(("restore bandwidth >= 90% of a raw read (in-process, cache files evicted)", ratio,
                    ">= 90%", ratio >= 0.9, "%"))
     serve = results["kvtier_serve"]  # client-side: what a user of the daemon waits
     for n in [n for n in lengths if n >= 4096]:
         r = serve["after_restart"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
-        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve)", r, "<= 1.2x", r <= 1.2, "x"))
+        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve; the issue's target)",
+                       r, "<= 1.2x", r <= 1.2, "x"))
+    for n in [n for n in lengths if n >= 4096]:
+        floor = disk_floor(results, n)
+        if floor is not None:
+            r = in_process(results)["after_restart"][str(n)]["ttft"] / floor
+            checks.append((f"after-restart TTFT at {n} tokens (files evicted) <= 1.1x (warm TTFT + raw read of "
+                           "the restored files), in-process: the disk's floor", r, "<= 1.1x", r <= 1.1, "x"))
     shown = {"s": lambda v: f"{v:.3f} s", "ms": lambda v: f"{1000 * v:.1f} ms", "%": lambda v: f"{100 * v:.1f}%",
              "x": lambda v: f"{v:.2f}x"}
     return [{"name": name, "value": round(v, 4), "shown": shown[unit](v), "target": t, "pass": bool(ok)}
@@ -274,25 +391,46 @@ def targets(results: dict) -> list[dict]:
 
 
 def ms(seconds: float | None) -> str:
-    return "" if seconds is None else f"{1000 * seconds:.1f}"
+    return "—" if seconds is None else f"{1000 * seconds:.1f}"
 
 
 def table(results: dict) -> list[str]:
-    ip, lengths = results["in_process"], results["lengths"]
-    header = ["request", "tokens (reused)"] + STEPS + ["TTFT", "compute alone", "overhead",
+    ip, lengths = in_process(results), results["lengths"]
+    header = ["request", "tokens (reused)"] + STEPS + ["TTFT", "compute alone", "one pass", "overhead",
                                                        "kvtier serve TTFT", "mlx_lm.server TTFT"]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(header) - 2)]
     ml = results.get("mlx_lm.server") or {}
-    for scenario, label, compute in (("warm", "warm", "compute_warm"),
-                                     ("after_restart", "after restart", "compute_restart")):
+    for scenario, label in SCENARIOS:
         for n in lengths:
-            r, serve = ip[scenario][str(n)], results["kvtier_serve"][scenario][str(n)]
+            r = ip.get(scenario, {}).get(str(n))
+            if r is None:  # a result saved before this scenario
+                continue
+            serve = results["kvtier_serve"].get(scenario, {}).get(str(n), {})
             steps = [ms(r["steps"].get(s, 0.0)) for s in STEPS]
             mlx = ml.get("warm", {}).get(str(n), {}).get("ttft") if scenario == "warm" else None
             lines.append("| " + " | ".join([f"{label} {n:,}", f"{r['prompt_tokens']:,} ({r['reused']:,})",
-                                            *steps, ms(r["ttft"]), ms(ip[compute][str(n)]),
-                                            ms(overhead(results, n, scenario)), ms(serve["ttft"]),
-                                            ms(mlx) if mlx else "—"]) + " |")
+                                            *steps, ms(r["ttft"]), ms(baseline(results, "compute", scenario, n)),
+                                            ms(baseline(results, "one_pass", scenario, n)),
+                                            ms(overhead(results, n, scenario)), ms(serve.get("ttft")),
+                                            ms(mlx)]) + " |")
+    return lines
+
+
+def floor_lines(results: dict) -> list[str]:
+    """After a restart against the disk's floor: warm TTFT + a raw read of the restored files."""
+    ip = in_process(results)
+    if not ip["raw_read_restored"]:
+        return []
+    lines = ["| prompt | warm TTFT | raw read of the restored files (evicted) | warm + raw read | "
+             "after restart, files evicted | after restart, page cache | evicted / (warm + raw read) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in results["lengths"]:
+        raw, floor = ip["raw_read_restored"][str(n)], disk_floor(results, n)
+        evicted = ip["after_restart"][str(n)]["ttft"]
+        cached = ip.get("after_restart_cached", {}).get(str(n), {}).get("ttft")
+        lines.append(f"| {n:,} | {ms(ip['warm'][str(n)]['ttft'])} ms | {ms(raw['seconds'])} ms ({raw['files']} files, "
+                     f"{raw['bytes'] / 1e6:.1f} MB) | {ms(floor)} ms | {ms(evicted)} ms | {ms(cached)} ms | "
+                     f"{evicted / floor:.2f}x |")
     return lines
 
 
@@ -300,12 +438,12 @@ def serve_lines(results: dict) -> list[str]:
     """What HTTP, rendering, the queue and the first SSE write add: client TTFT - engine's."""
     lines = ["| request | kvtier serve client TTFT | engine's own TTFT | HTTP + render + queue + SSE |",
              "|---|---:|---:|---:|"]
-    for scenario in ("warm", "after_restart"):
+    for scenario, label in SCENARIOS:
         for n in results["lengths"]:
-            r = results["kvtier_serve"][scenario][str(n)]
+            r = results["kvtier_serve"].get(scenario, {}).get(str(n), {})
             if r.get("engine_ttft") is None:
                 continue
-            lines.append(f"| {scenario.replace('_', ' ')} {n:,} | {ms(r['ttft'])} ms | "
+            lines.append(f"| {label} {n:,} | {ms(r['ttft'])} ms | "
                          f"{ms(r['engine_ttft'])} ms | {ms(r['ttft'] - r['engine_ttft'])} ms |")
     return lines
 
@@ -332,16 +470,23 @@ def bandwidth_lines(results: dict) -> list[str]:
 
 
 def render(results: dict, command: str) -> str:
+    floor = floor_lines(results)
     return "\n".join([
         "## Per-request steps: warm and after a restart", "",
         f"Measured {results.get('date', time.strftime('%Y-%m-%d'))} on {results['machine']} (two cores shared with other jobs: "
         f"compare the columns of one row). Command: `{command}`. Model: generated llama, hidden 512, "
         "8 layers, float32. Step times in ms, in-process, from `Usage.steps` (kvtier/engine.py); warm is "
         f"the median of {REPEATS} requests, each a new question; after restart a fresh Engine on the same "
-        "cache, its files evicted from the page cache (`posix_fadvise(DONTNEED)`). Compute alone: plain mlx-lm, the same remainder over a KVCache holding the prefix, "
-        "then one greedy token. Overhead = TTFT - compute alone. kvtier serve and mlx_lm.server: client-side "
-        "TTFT of a streamed request (warm: the same new question on the cached system prompt).", "",
-        *table(results), "", *serve_lines(results), "", "### Restore bandwidth (in-process)", "",
+        "cache, its files evicted from the page cache (`posix_fadvise(DONTNEED)`, as after a reboot) or "
+        "still in it (read once before: a daemon restart), each with a question of its own. Compute alone: "
+        "plain mlx-lm for the same request, `generate_step` with the remainder as prompt over a KVCache "
+        "holding the prefix (its own schedule: the remainder but its last token, then the last token alone), "
+        "to its first token; overhead = TTFT - compute alone. One pass: the remainder in a single forward "
+        "pass, less compute but not mlx-lm's text. kvtier serve and mlx_lm.server: client-side "
+        "TTFT of a streamed request (warm: a new question on the cached system prompt).", "",
+        *table(results), "", *serve_lines(results), "",
+        *(["### After a restart: the disk's floor (in-process)", "", *floor, ""] if floor else []),
+        "### Restore bandwidth (in-process)", "",
         *bandwidth_lines(results), "", *target_table(results["targets"]),
     ])
 

@@ -54,13 +54,27 @@ def evict_files(root: Path) -> dict:
             "page_cache_mb_after": page_cache_mb()}
 
 
+def into_page_cache(root: Path) -> dict:
+    """Read every file under `root` once, so its reads come from the page cache: a daemon
+    restart, where the files the last process wrote or read are still in memory."""
+    return read_files(sorted(p for p in root.rglob("*") if p.is_file()))
+
+
 def raw_read(root: Path, chunk: int = 64 << 20) -> dict:
     """Sequential read of every block file with large reads: the device's bandwidth."""
-    buffer = memoryview(bytearray(chunk))
-    files, total = sorted(root.rglob("*.safetensors")), 0
+    return read_files(sorted(root.rglob("*.safetensors")), chunk)
+
+
+def read_files(files: list[Path], chunk: int = 64 << 20) -> dict:
+    """Sequential read of these files, in this order, with large reads."""
+    buffer, total = memoryview(bytearray(chunk)), 0
     started = time.perf_counter()
     for path in files:
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:  # a write's temp file, renamed or removed since the listing
+            continue
+        with f:
             while n := f.readinto(buffer):
                 total += n
     seconds = time.perf_counter() - started
