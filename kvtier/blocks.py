@@ -8,6 +8,8 @@ against the stored tokens.
 
 from __future__ import annotations
 
+import ctypes
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +103,26 @@ def _hash_file_sample(path: Path, hasher: "xxhash.xxh3_128") -> None:
 
 
 def runtime() -> dict[str, str]:
-    """What computes the KV besides the model: the installed mlx and mlx-lm and the device
-    they run on. Their kernels round differently between versions, so KV one computed is
-    not what another would (the text could differ from running without a cache)."""
+    """What computes the KV besides the model: the installed mlx and mlx-lm, the device they
+    run on and the BLAS behind CPU matmuls. Their kernels round differently from one to the
+    next, so KV one computed is not what another would (the text could differ from running
+    without a cache)."""
     import mlx.core as mx
     import mlx_lm
 
-    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": mx.default_device().type.name}
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": mx.default_device().type.name,
+            "blas": blas_library()}
+
+
+def blas_library() -> str:
+    """The OpenBLAS preloaded on Linux (daemon/blas.py), with its version and the CPU kernel it
+    picked, or "builtin" (the BLAS mlx ships with, or Accelerate on macOS)."""
+    try:
+        config = ctypes.CDLL(None).openblas_get_config
+    except (AttributeError, OSError):
+        return "builtin"
+    config.restype = ctypes.c_char_p
+    return (config() or b"OpenBLAS").decode(errors="replace")
 
 
 def model_fingerprint(model_dir: Path, kv_dtype: str, block_size: int, extra: str = "",

@@ -1,8 +1,10 @@
 """Block keys: canonical, chained, salted by the model; sizes parse with units."""
 
+import os
+
 import pytest
 
-from kvtier.blocks import block_refs, chain_keys, encode_tokens, model_fingerprint, root_key, runtime
+from kvtier.blocks import block_refs, blas_library, chain_keys, encode_tokens, model_fingerprint, root_key, runtime
 from kvtier.config import parse_size
 
 
@@ -43,13 +45,13 @@ def test_fingerprint_changes_with_the_mlx_and_mlx_lm_that_compute_the_kv(tmp_pat
     computed must be a miss after an upgrade, not reused (nor shared across a team)."""
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     installed = runtime()
-    assert set(installed) == {"mlx", "mlx_lm", "device"}
+    assert set(installed) == {"mlx", "mlx_lm", "device", "blas"}
     base = model_fingerprint(tmp_path, "float32", 256)
     assert base == model_fingerprint(tmp_path, "float32", 256, computed_by=installed)
     others = [model_fingerprint(tmp_path, "float32", 256, computed_by=dict(installed, **change))
-              for change in ({"mlx": "0.0.1"}, {"mlx_lm": "0.0.1"}, {"device": "gpu"})]
-    assert len({base, *others}) == 4
-    assert len({root_key(fp) for fp in (base, *others)}) == 4  # so every block key differs
+              for change in ({"mlx": "0.0.1"}, {"mlx_lm": "0.0.1"}, {"device": "gpu"}, {"blas": "other"})]
+    assert len({base, *others}) == 5
+    assert len({root_key(fp) for fp in (base, *others)}) == 5  # so every block key differs
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -62,3 +64,11 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_garbage(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_the_blas_behind_cpu_matmuls_is_named():
+    """OpenBLAS (preloaded for the tests, as the daemon preloads it) rounds differently from
+    the BLAS mlx ships with: the fingerprint must tell the two apart."""
+    name = blas_library()
+    preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
+    assert name.startswith("OpenBLAS") if preloaded else name == "builtin"
