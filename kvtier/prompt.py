@@ -4,14 +4,13 @@ call it on the event loop's thread pool, before the request reaches the MLX thre
 
 from __future__ import annotations
 
-import bisect
-import os
 from typing import Any
 
 import numpy as np
 from jinja2 import TemplateError
 
 from .tiers import common_prefix
+from .tokcache import IncrementalTokenizer, common_prefix_length
 
 
 def fold_system_messages(messages: list[dict]) -> list[dict]:
@@ -37,11 +36,13 @@ def fold_system_messages(messages: list[dict]) -> list[dict]:
 
 class Renderer:
     """Prompts for one model's tokenizer (mlx-lm's TokenizerWrapper). `boundaries`: whether
-    message ends are worth finding (only models with snapshot layers use them)."""
+    message ends are worth finding (only models with snapshot layers use them). A fast
+    tokenizer tokenizes only what is new since a recent prompt (kvtier.tokcache)."""
 
     def __init__(self, tokenizer: Any, boundaries: bool):
         self.tokenizer = tokenizer
         self.boundaries = boundaries
+        self.incremental = IncrementalTokenizer.of(tokenizer)  # None: each prompt tokenized whole
 
     def render(self, messages: list[dict], tools: list[dict] | None = None,
                prefill: str = "") -> tuple[list[int], list[int]]:
@@ -54,7 +55,19 @@ class Renderer:
         return tokens, boundaries
 
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        if self.incremental is not None:
+            text = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
+            encoded = self.incremental.encode(text)
+            if encoded is not None:
+                return list(encoded.ids)
         return self._template(messages, tools, add_generation_prompt=True)
+
+    def stats(self) -> dict:
+        """Whether prompts are tokenized incrementally, and the tokens reused and tokenized."""
+        incremental = self.incremental
+        return {"incremental": incremental is not None,
+                "tokens_reused": incremental.tokens_reused if incremental else 0,
+                "tokens_tokenized": incremental.tokens_tokenized if incremental else 0}
 
     def text_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))
@@ -72,21 +85,26 @@ class Renderer:
         for count in counts:
             if ends_in_text is not None:  # text renders are cheap; tokenizing a long prompt is not
                 partial = self._template(messages[:count], tools, add_generation_prompt=False, tokenize=False)
-                ends.append(bisect.bisect_right(ends_in_text, len(os.path.commonprefix([partial, full]))))
+                ends.append(int(np.searchsorted(ends_in_text, common_prefix_length(partial, full), side="right")))
             else:
                 partial = self._template(messages[:count], tools, add_generation_prompt=False)
                 ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
         return sorted(set(e for e in ends if e > 0))
 
-    def token_ends(self, text: str, tokens: list[int]) -> list[int] | None:
+    def token_ends(self, text: str, tokens: list[int]) -> np.ndarray | None:
         """Where each of `tokens` ends in `text` (characters), from one tokenization with
-        offsets; None when the tokenizer gives no offsets or tokenizes `text` otherwise."""
-        try:  # the Hugging Face fast tokenizer's own (Rust) tokenizer: it gives offsets
-            encoded = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-            ids, ends = encoded.ids, [end for _, end in encoded.offsets]
-        except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
-            return None
-        if list(ids) != list(tokens) or ends != sorted(ends):
+        offsets (the prompt's own, when it was tokenized incrementally); None when the
+        tokenizer gives no offsets or tokenizes `text` otherwise."""
+        encoded = self.incremental.encode(text) if self.incremental is not None else None
+        if encoded is not None:
+            ids, ends = encoded.ids, np.frombuffer(encoded.ends, dtype=np.int64)
+        else:
+            try:  # the Hugging Face fast tokenizer's own (Rust) tokenizer: it gives offsets
+                encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+                ids, ends = encoding.ids, np.array([end for _, end in encoding.offsets], dtype=np.int64)
+            except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
+                return None
+        if len(ids) != len(tokens) or list(ids) != list(tokens) or np.any(np.diff(ends) < 0):
             return None
         return ends
 
