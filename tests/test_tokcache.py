@@ -28,7 +28,8 @@ CHATML_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 # characters a normalizer changes (NFKC: ﬁ, no-break space), the Metaspace mark.
 PIECES = ["<|im_start|>", "<|im_end|>", "<s>", "</s>", "[INST]", "[/INST]", "<mask>", "{x}", "a<b",
           "<|im", "_start|>", "  ", " ", "\n", "\n\n", "\t", "hello", " world", "héllo", "wörld",
-          "日本", "🙂", "<", "[", "|", ">", "▁", "_", "x", "ﬁ", "\u00a0", "user\n", "assistant\n"]
+          "日本", "🙂", "<", "[", "|", ">", "▁", "_", "a", "b", "l", "x", "ﬁ", "\u00a0", "user\n",
+          "assistant\n"]
 
 
 def trained(normalizer=None, pre_tokenizer=None, decoder=None, bos: bool = False,
@@ -79,13 +80,26 @@ def strips_and_words() -> Tokenizer:
                           AddedToken("[/INST]", lstrip=False, normalized=False)])
 
 
-def inner_bracket() -> Tokenizer:
-    """`a<b` has a `<` inside it: a match could span a cut before `<`, so there is none."""
+def with_hazard(token: AddedToken) -> Tokenizer:
+    """An added token that would make a cut before `<s>` wrong, so none is made before a
+    `<`; one before `[INST]` still is."""
     return trained(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False), decoder=decoders.ByteLevel(),
-                   added=[AddedToken("a<b", normalized=False)])
+                   added=[token, AddedToken("[INST]", normalized=False)])
 
 
-BUILDERS = [byte_level, metaspace_first, llama2_style, strips_and_words, inner_bracket]
+def spanning() -> Tokenizer:
+    return with_hazard(AddedToken("a<s>b", normalized=False))  # matches from before the cut
+
+
+def single_word() -> Tokenizer:
+    return with_hazard(AddedToken("<s>x", single_word=True, normalized=False))  # dropped after a word
+
+
+def left_strip() -> Tokenizer:
+    return with_hazard(AddedToken("<s>l", lstrip=True, normalized=False))  # takes the space before
+
+
+BUILDERS = [byte_level, metaspace_first, llama2_style, strips_and_words, spanning, single_word, left_strip]
 
 
 def hf_fast(tokenizer: Tokenizer, template: str = CHATML):
@@ -122,7 +136,19 @@ def test_cut_tokens_leave_out_the_added_tokens_a_cut_before_could_split_wrongly(
     assert cuts("byte_level") == {"<s>", "</s>", "<|im_start|>", "<|im_end|>", "[/INST]"}  # not {x}, "  "
     assert cuts("metaspace_first") == {"<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"}
     assert cuts("strips_and_words") == {"[INST]", "[/INST]"}  # <mask>: lstrip and single_word
-    assert cuts("inner_bracket") == set()  # `<` inside a<b; nothing else starts with punctuation
+    assert cuts("spanning") == cuts("single_word") == cuts("left_strip") == {"[INST]"}
+
+
+@pytest.mark.parametrize("name, earlier, text", [
+    ("spanning", "xa<s>", "xa<s>b"),  # a<s>b matches from before the cut
+    ("single_word", "a<s>", "a<s>x"),  # <s>x at the cut, dropped after the word character `a`
+    ("left_strip", "a <s>", "a <s>l"),  # <s>l at the cut, taking the space before it
+])
+def test_a_text_that_would_split_otherwise_at_a_recent_cut_tokenizes_as_whole(built, name, earlier, text):
+    hf = hf_fast(built[name])
+    incremental = IncrementalTokenizer.of(hf)
+    incremental.encode(earlier)
+    assert list(incremental.encode(text).ids) == whole(hf, text)[0]
 
 
 @pytest.mark.parametrize("name", [b.__name__ for b in BUILDERS])
