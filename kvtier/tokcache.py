@@ -45,17 +45,24 @@ QUIET_POST_PROCESSORS = frozenset({
 
 
 def common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix, by bisection over C-speed slice comparisons (a
-    character loop takes milliseconds on a long prompt)."""
-    low, high = 0, min(len(a), len(b))
-    if a[:high] == b[:high]:
-        return high
-    while low < high:  # a[:low] == b[:low] and a[:high] != b[:high]
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
+    """Length of the longest common prefix, by C-speed comparisons of chunks that double in
+    size, then bisection inside the first that differs: O(prefix), where a character loop
+    takes milliseconds on a long prompt."""
+    shorter, longer = (a, b) if len(a) <= len(b) else (b, a)
+    if longer.startswith(shorter):  # the usual case: the last turn's prompt, whole
+        return len(shorter)
+    low, step = 0, 256
+    while True:  # shorter[:low] == longer[:low], and they differ before len(shorter)
+        high = min(low + step, len(shorter))
+        if not longer.startswith(shorter[low:high], low):
+            break
+        low, step = high, step * 2
+    while high - low > 1:  # the first difference is in [low, high)
+        middle = (low + high) // 2
+        if longer.startswith(shorter[low:middle], low):
             low = middle
         else:
-            high = middle - 1
+            high = middle
     return low
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from kvtier.prompt import Renderer
-from kvtier.tokcache import IncrementalTokenizer
+from kvtier.tokcache import IncrementalTokenizer, common_prefix_length
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -256,3 +256,11 @@ def test_tokenizers_that_do_not_encode_piece_by_piece_have_no_incremental_path(b
     custom = hf_fast(built["byte_level"])
     custom.backend_tokenizer.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(Custom())
     assert IncrementalTokenizer.of(custom) is None
+
+
+@given(st.text(alphabet="ab\u00e9\U0001f642", max_size=600), st.text(alphabet="ab\u00e9\U0001f642", max_size=600))
+def test_common_prefix_length_equals_a_character_loop(a, b):
+    import os
+
+    for x, y in ((a, b), (a, a + b), (a + b, a), (a + "a" + b, a + "b" + b)):
+        assert common_prefix_length(x, y) == len(os.path.commonprefix([x, y]))
