@@ -98,6 +98,7 @@ class Renderer:
         encoded = self.incremental.encode(text) if self.incremental is not None else None
         if encoded is not None:
             ids, ends = encoded.ids, np.frombuffer(encoded.ends, dtype=np.int64)
+            ends.flags.writeable = False  # a view of the tokenizer's cache
         else:
             try:  # the Hugging Face fast tokenizer's own (Rust) tokenizer: it gives offsets
                 encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)

@@ -88,8 +88,8 @@ class IncrementalTokenizer:
         self.cut_tokens = cut_tokens  # id -> content of the added tokens a text may be cut before
         self._recent: OrderedDict[str, Encoded] = OrderedDict()
         self._lock = threading.Lock()
-        self.tokens_reused = 0  # tokens taken from an earlier text's tokenization
-        self.tokens_tokenized = 0  # tokens the tokenizer produced
+        # Of each new text's tokens: those kept from an earlier text's, and those tokenized.
+        self.tokens_reused = self.tokens_tokenized = 0
 
     @classmethod
     def of(cls, tokenizer: Any) -> IncrementalTokenizer | None:
@@ -107,14 +107,12 @@ class IncrementalTokenizer:
             return None
         with self._lock:
             recent = list(self._recent.values())
-        encoded = next((e for e in recent if e.text == text), None)
-        reused = len(encoded.ids) if encoded is not None else 0
-        if encoded is None:
-            encoded = self._extend(text, recent) or self._whole(text)
-            reused = encoded.reused
+        known = next((e for e in recent if e.text == text), None)  # message ends, a retry
+        encoded = known or self._extend(text, recent) or self._whole(text)
         with self._lock:
-            self.tokens_reused += reused
-            self.tokens_tokenized += len(encoded.ids) - reused
+            if known is None:
+                self.tokens_reused += encoded.reused
+                self.tokens_tokenized += len(encoded.ids) - encoded.reused
             self._recent[text] = encoded
             self._recent.move_to_end(text)
             while len(self._recent) > RECENT_TEXTS:
