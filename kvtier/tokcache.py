@@ -3,23 +3,27 @@ longest recently tokenized prefix that ends where tokenization provably splits k
 tokens, and only the rest of the text is tokenized.
 
 Why a cut is exact (Hugging Face `tokenizers`, which fast tokenizers run): encoding first
-splits the raw text on the added tokens that are not `normalized`, matched leftmost-longest;
-each piece between them is then normalized, pre-tokenized and tokenized on its own, and with
-`add_special_tokens=False` the post-processor adds no token. A cut at position p is therefore
-exact when the text's first-pass split has a boundary at p and the pieces on both sides come
-out the same in the two halves. That holds when the text at p begins with an added token
-whose first character c (a "cut character") is such that:
+splits the raw text on the added tokens that are not `normalized`, matched leftmost-longest
+(`single_word` matches dropped, `lstrip`/`rstrip` ones widened over whitespace); each piece
+between them is then normalized, pre-tokenized and tokenized on its own, and with
+`add_special_tokens=False` the post-processor adds no token. So text[:p] and text[p:]
+tokenized apart give the whole text's tokens when that first split has a boundary at p in
+all three. A cut is made only before an added token whose first character c (a "cut
+character") is such that:
 - c is ASCII punctuation other than `_`: neither whitespace (an `rstrip` match before p
   stops at it) nor a word character (a `single_word` match ending at p sees the same
   boundary whether the text goes on or not);
-- no non-normalized added token has c anywhere but first: no match can span p, so the
-  match at p starts at p in the whole text as in its tail;
+- no non-normalized added token has c anywhere but first: no match can span p;
 - no non-normalized added token starting with c has `lstrip` or `single_word`: the match at
-  p neither reaches back over whitespace before p nor depends on the character before it.
-The pre-tokenizer sees the same pieces (Metaspace's `prepend_scheme="first"` prepends only to
-a piece at offset 0, and the tail's first piece is the added token). Anything else (not a
-fast tokenizer, truncation or padding set, special tokens encoded as text, a custom or
-unknown component, BPE dropout) tokenizes the whole text, as before."""
+  p (the longest that starts there) neither reaches back over whitespace before p nor
+  depends on the character before it.
+Then every occurrence of such a token in a text is a boundary. A recent text's cuts are where
+its own tokenization has one starting exactly at its content; a new text is cut at the last
+of them whose whole token lies in the prefix the two share. The pre-tokenizer sees the same
+pieces (Metaspace's `prepend_scheme="first"` prepends only to a piece at offset 0, and the
+rest's first piece is the added token). Anything else (not a fast tokenizer, truncation or
+padding set, special tokens encoded as text, a custom or unknown component, BPE dropout)
+tokenizes the whole text, as before."""
 
 from __future__ import annotations
 

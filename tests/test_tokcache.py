@@ -73,11 +73,14 @@ def llama2_style() -> Tokenizer:
 
 def strips_and_words() -> Tokenizer:
     """<mask> takes the whitespace on its left and only whole words, so no cut before a `<`
-    is safe; `[` still is."""
-    return trained(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=True), decoder=decoders.ByteLevel(),
-                   added=[AddedToken("<mask>", lstrip=True, single_word=True, normalized=False),
-                          AddedToken("[INST]", rstrip=True, normalized=False),
-                          AddedToken("[/INST]", lstrip=False, normalized=False)])
+    is safe; `[` still is. RoBERTa-style offsets: trimmed of the spaces byte-level folds in."""
+    tokenizer = trained(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=True), decoder=decoders.ByteLevel(),
+                        bos=True, added=[AddedToken("<mask>", lstrip=True, single_word=True, normalized=False),
+                                         AddedToken("[INST]", rstrip=True, normalized=False),
+                                         AddedToken("[/INST]", lstrip=False, normalized=False)])
+    tokenizer.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True),
+                                                    tokenizer.post_processor])
+    return tokenizer
 
 
 def with_hazard(token: AddedToken) -> Tokenizer:
