@@ -48,19 +48,23 @@ class Renderer:
                prefill: str = "") -> tuple[list[int], list[int]]:
         """The prompt's tokens (a `prefill` the answer continues after the generation prompt)
         and its message ends."""
-        tokens = self.chat_tokens(messages, tools)
-        boundaries = self.message_boundaries(messages, tools, tokens)
+        tokens, text = self._chat(messages, tools)
+        boundaries = self.message_boundaries(messages, tools, tokens, text)
         if prefill:
             tokens = tokens + list(self.tokenizer.encode(prefill, add_special_tokens=False))
         return tokens, boundaries
 
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self._chat(messages, tools)[0]
+
+    def _chat(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], str | None]:
+        """The prompt's tokens, and its text when it was rendered as text first."""
         if self.incremental is not None:
             text = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
             encoded = self.incremental.encode(text)
             if encoded is not None:
-                return list(encoded.ids)
-        return self._template(messages, tools, add_generation_prompt=True)
+                return list(encoded.ids), text
+        return self._template(messages, tools, add_generation_prompt=True), None
 
     def stats(self) -> dict:
         """Whether prompts are tokenized incrementally, and the tokens reused and tokenized."""
@@ -73,13 +77,15 @@ class Renderer:
         return list(self.tokenizer.encode(prompt))
 
     def message_boundaries(self, messages: list[dict], tools: list[dict] | None,
-                           tokens: list[int]) -> list[int]:
-        """Where the system prompt and the last few messages end in `tokens`: the points a
-        later request most likely shares, worth a snapshot for recurrent layers."""
+                           tokens: list[int], full: str | None = None) -> list[int]:
+        """Where the system prompt and the last few messages end in `tokens` (rendered as
+        `full`, if given): the points a later request most likely shares, worth a snapshot
+        for recurrent layers."""
         if not self.boundaries:
             return []
         counts = sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)})
-        full = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
+        if full is None:
+            full = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
         ends_in_text = self.token_ends(full, tokens)
         ends = []
         for count in counts:
