@@ -267,3 +267,24 @@ def test_common_prefix_length_equals_a_character_loop(a, b):
 
     for x, y in ((a, b), (a, a + b), (a + b, a), (a + "a" + b, a + "b" + b)):
         assert common_prefix_length(x, y) == len(os.path.commonprefix([x, y]))
+
+
+def test_conversations_tokenized_on_many_threads_at_once_each_equal_whole(built):
+    """The routes render on a thread pool: texts of several conversations, interleaved."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hf = hf_fast(built["byte_level"])
+    incremental = IncrementalTokenizer.of(hf)
+
+    def converse(seed: int) -> list[str]:
+        text, wrong = f"<|im_start|>system\nagent {seed}<|im_end|>\n", []
+        for turn in range(12):
+            text += f"<|im_start|>user\nstep {turn} of {seed}  <|im_end|>\n<|im_start|>assistant\n"
+            if list(incremental.encode(text).ids) != whole(hf, text)[0]:
+                wrong.append(text)
+            text += f"done {turn}\n<|im_end|>\n"
+        return wrong
+
+    with ThreadPoolExecutor(4) as pool:
+        assert [w for ws in pool.map(converse, range(12)) for w in ws] == []
+    assert incremental.tokens_reused > incremental.tokens_tokenized
