@@ -102,7 +102,11 @@ class IncrementalTokenizer:
         hf = _fast_tokenizer(tokenizer)
         if hf is None or not _piecewise(hf.backend_tokenizer):
             return None
-        return cls(hf, cut_tokens(hf.backend_tokenizer.get_added_tokens_decoder()))
+        try:
+            added = hf.backend_tokenizer.get_added_tokens_decoder()
+        except AttributeError:  # tokenizers before 0.15: no added tokens' options to check
+            return None
+        return cls(hf, cut_tokens(added))
 
     def encode(self, text: str) -> Encoded | None:
         """`text` tokenized; None when the tokenizer's state (truncation, padding, special
