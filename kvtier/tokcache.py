@@ -104,7 +104,7 @@ class IncrementalTokenizer:
             return None
         try:
             added = hf.backend_tokenizer.get_added_tokens_decoder()
-        except AttributeError:  # tokenizers before 0.15: no added tokens' options to check
+        except AttributeError:  # an older tokenizers: no added tokens' options to check
             return None
         return cls(hf, cut_tokens(added))
 

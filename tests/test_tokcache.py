@@ -64,6 +64,14 @@ def metaspace_first() -> Tokenizer:
                    added=[AddedToken("[INST]", normalized=False), AddedToken("[/INST]", normalized=False)])
 
 
+def metaspace_unsplit() -> Tokenizer:
+    """As transformers builds Llama's tokenizer without its legacy behaviour: Metaspace with
+    `prepend_scheme="first"` that does not split on the mark."""
+    return trained(pre_tokenizer=pre_tokenizers.Metaspace(prepend_scheme="first", split=False),
+                   decoder=decoders.Metaspace(prepend_scheme="first", split=False), bos=True,
+                   added=[AddedToken("[INST]", normalized=False), AddedToken("[/INST]", normalized=False)])
+
+
 def llama2_style() -> Tokenizer:
     """Llama 2's normalizer: ▁ prepended to every piece between added tokens, spaces as ▁."""
     return trained(normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]),
@@ -102,7 +110,7 @@ def left_strip() -> Tokenizer:
     return with_hazard(AddedToken("<s>l", lstrip=True, normalized=False))  # takes the space before
 
 
-BUILDERS = [byte_level, metaspace_first, llama2_style, strips_and_words, spanning, single_word, left_strip]
+BUILDERS = [byte_level, metaspace_first, metaspace_unsplit, llama2_style, strips_and_words, spanning, single_word, left_strip]
 
 
 def hf_fast(tokenizer: Tokenizer, template: str = CHATML):
@@ -215,7 +223,8 @@ def test_generated_models_conversation_turns_equal_whole_tokenization(llama_mode
     assert stats["tokens_reused"] > 2 * stats["tokens_tokenized"] > 0
 
 
-@pytest.mark.parametrize("name", ["byte_level", "metaspace_first", "llama2_style", "strips_and_words"])
+@pytest.mark.parametrize("name", ["byte_level", "metaspace_first", "metaspace_unsplit", "llama2_style",
+                                  "strips_and_words"])
 @pytest.mark.parametrize("template", [CHATML, INST], ids=["chatml", "inst"])
 def test_hand_built_tokenizers_conversation_turns_equal_whole_tokenization(built, name, template):
     conversation = [m for m in CONVERSATION if m["role"] in ("user", "assistant")]
