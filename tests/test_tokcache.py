@@ -297,3 +297,25 @@ def test_conversations_tokenized_on_many_threads_at_once_each_equal_whole(built)
     with ThreadPoolExecutor(4) as pool:
         assert [w for ws in pool.map(converse, range(12)) for w in ws] == []
     assert incremental.tokens_reused > incremental.tokens_tokenized
+
+
+@pytest.fixture(scope="module")
+def generated_tokenizer(llama_model):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(llama_model)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.lists(st.tuples(st.sampled_from(["user", "assistant", "tool"]),
+                                st.lists(st.sampled_from(PIECES + ["<tool_call>", "</tool_response>"]), max_size=8)),
+                      min_size=1, max_size=6))
+def test_random_conversations_in_the_generated_template_equal_whole_tokenization(generated_tokenizer, turns):
+    """Message contents made of added tokens, their parts, whitespace and unicode, meeting
+    the template's own added tokens at every joint."""
+    renderer = Renderer(generated_tokenizer, boundaries=True)
+    messages = [{"role": "system", "content": "Agent."}]
+    for role, pieces in turns:
+        messages = messages + [{"role": role, "content": "".join(pieces)}]
+        expected = list(generated_tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        assert renderer.chat_tokens(messages) == expected, messages
