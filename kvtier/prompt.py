@@ -4,14 +4,13 @@ call it on the event loop's thread pool, before the request reaches the MLX thre
 
 from __future__ import annotations
 
-import bisect
-import os
 from typing import Any
 
 import numpy as np
 from jinja2 import TemplateError
 
 from .blocks import common_prefix
+from .tokcache import IncrementalTokenizer, common_prefix_length
 
 
 def fold_system_messages(messages: list[dict]) -> list[dict]:
@@ -37,56 +36,82 @@ def fold_system_messages(messages: list[dict]) -> list[dict]:
 
 class Renderer:
     """Prompts for one model's tokenizer (mlx-lm's TokenizerWrapper). `boundaries`: whether
-    message ends are worth finding (only models with snapshot layers use them)."""
+    message ends are worth finding (only models with snapshot layers use them). A fast
+    tokenizer tokenizes only what is new since a recent prompt (kvtier.tokcache)."""
 
     def __init__(self, tokenizer: Any, boundaries: bool):
         self.tokenizer = tokenizer
         self.boundaries = boundaries
+        self.incremental = IncrementalTokenizer.of(tokenizer)  # None: each prompt tokenized whole
 
     def render(self, messages: list[dict], tools: list[dict] | None = None,
                prefill: str = "") -> tuple[list[int], list[int]]:
         """The prompt's tokens (a `prefill` the answer continues after the generation prompt)
         and its message ends."""
-        tokens = self.chat_tokens(messages, tools)
-        boundaries = self.message_boundaries(messages, tools, tokens)
+        tokens, text = self._chat(messages, tools)
+        boundaries = self.message_boundaries(messages, tools, tokens, text)
         if prefill:
             tokens = tokens + list(self.tokenizer.encode(prefill, add_special_tokens=False))
         return tokens, boundaries
 
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self._template(messages, tools, add_generation_prompt=True)
+        return self._chat(messages, tools)[0]
+
+    def _chat(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], str | None]:
+        """The prompt's tokens, and its text when it was rendered as text first."""
+        if self.incremental is not None:
+            text = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
+            encoded = self.incremental.encode(text)
+            if encoded is not None:
+                return list(encoded.ids), text
+        return self._template(messages, tools, add_generation_prompt=True), None
+
+    def stats(self) -> dict:
+        """Whether prompts are tokenized incrementally, and the tokens reused and tokenized."""
+        incremental = self.incremental
+        return {"incremental": incremental is not None,
+                "tokens_reused": incremental.tokens_reused if incremental else 0,
+                "tokens_tokenized": incremental.tokens_tokenized if incremental else 0}
 
     def text_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))
 
     def message_boundaries(self, messages: list[dict], tools: list[dict] | None,
-                           tokens: list[int]) -> list[int]:
-        """Where the system prompt and the last few messages end in `tokens`: the points a
-        later request most likely shares, worth a snapshot for recurrent layers."""
+                           tokens: list[int], full: str | None = None) -> list[int]:
+        """Where the system prompt and the last few messages end in `tokens` (rendered as
+        `full`, if given): the points a later request most likely shares, worth a snapshot
+        for recurrent layers."""
         if not self.boundaries:
             return []
         counts = sorted({1, *range(max(1, len(messages) - 3), len(messages) + 1)})
-        full = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
+        if full is None:
+            full = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
         ends_in_text = self.token_ends(full, tokens)
         ends = []
         for count in counts:
             if ends_in_text is not None:  # text renders are cheap; tokenizing a long prompt is not
                 partial = self._template(messages[:count], tools, add_generation_prompt=False, tokenize=False)
-                ends.append(bisect.bisect_right(ends_in_text, len(os.path.commonprefix([partial, full]))))
+                ends.append(int(np.searchsorted(ends_in_text, common_prefix_length(partial, full), side="right")))
             else:
                 partial = self._template(messages[:count], tools, add_generation_prompt=False)
                 ends.append(common_prefix(np.asarray(partial), np.asarray(tokens)))
         return sorted(set(e for e in ends if e > 0))
 
-    def token_ends(self, text: str, tokens: list[int]) -> list[int] | None:
+    def token_ends(self, text: str, tokens: list[int]) -> np.ndarray | None:
         """Where each of `tokens` ends in `text` (characters), from one tokenization with
-        offsets; None when the tokenizer gives no offsets or tokenizes `text` otherwise."""
-        try:  # the Hugging Face fast tokenizer's own (Rust) tokenizer: it gives offsets
-            encoded = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-            ids, ends = encoded.ids, [end for _, end in encoded.offsets]
-        except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
-            return None
-        if list(ids) != list(tokens) or ends != sorted(ends):
+        offsets (the prompt's own, when it was tokenized incrementally); None when the
+        tokenizer gives no offsets or tokenizes `text` otherwise."""
+        encoded = self.incremental.encode(text) if self.incremental is not None else None
+        if encoded is not None:
+            ids, ends = encoded.ids, np.frombuffer(encoded.ends, dtype=np.int64)
+            ends.flags.writeable = False  # a view of the tokenizer's cache
+        else:
+            try:  # the Hugging Face fast tokenizer's own (Rust) tokenizer: it gives offsets
+                encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+                ids, ends = encoding.ids, np.array([end for _, end in encoding.offsets], dtype=np.int64)
+            except (AttributeError, KeyError, TypeError, NotImplementedError, ValueError):
+                return None
+        if len(ids) != len(tokens) or list(ids) != list(tokens) or np.any(np.diff(ends) < 0):
             return None
         return ends
 

@@ -102,6 +102,8 @@ def test_changed_first_token_is_a_full_miss(daemon, reference):
 
 
 def test_multi_turn_conversation_reuses_every_turn(daemon, reference):
+    """The cache's blocks, and the tokenizer's: later turns tokenize only their new messages
+    (kvtier.tokcache), and the answers are still plain mlx-lm's."""
     messages = agent_messages(question="Open the main module.")
     for turn in range(3):
         expected = reference.chat(messages, MAX_TOKENS)
@@ -111,6 +113,8 @@ def test_multi_turn_conversation_reuses_every_turn(daemon, reference):
             assert usage["prompt_tokens_details"]["cached_tokens"] > 0
         messages = messages + [{"role": "assistant", "content": text},
                                {"role": "user", "content": f"Good. Step {turn + 2}: keep going."}]
+    tokenizer = daemon.get("/cache/stats")["tokenizer"]
+    assert tokenizer["incremental"] and tokenizer["tokens_reused"] > tokenizer["tokens_tokenized"] > 0
 
 
 def test_sigkill_loses_nothing_flushed_and_corrupts_nothing(daemon, reference):

@@ -63,6 +63,7 @@ def test_multi_turn_with_restart_between_turns(daemon_factory, arch_model, arch_
                 assert kv["disk_tokens"] > 0 and kv["ram_tokens"] == 0
         messages = messages + [{"role": "assistant", "content": text},
                                {"role": "user", "content": f"Tool result {turn}: ok. Continue."}]
+    assert daemon.get("/cache/stats")["tokenizer"]["tokens_reused"] > 0  # turn 3 tokenized only its new messages
 
 
 def test_partly_evicted_chain_falls_back_and_stays_exact(daemon_factory, arch_model, arch_reference):
@@ -97,6 +98,7 @@ def test_message_ends_from_one_tokenization_equal_retokenizing_each_prefix(arch_
     try:
         if not engine.plan.needs_snapshots:
             pytest.skip("no snapshot layers in this architecture")
+        assert engine.renderer.incremental is not None  # prompts tokenized incrementally (kvtier.tokcache)
         conversation = agent_messages("delta", question="Run  the tests,\n\nthen  report. ") + [
             {"role": "assistant", "content": "Running them now.  "},
             {"role": "tool", "content": "FAILED test_total - assert 41 == 42\n\n"},
@@ -106,6 +108,7 @@ def test_message_ends_from_one_tokenization_equal_retokenizing_each_prefix(arch_
             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}}]
         for messages, tools in ((conversation, None), (conversation, shell_tools), (conversation[:2], None)):
             tokens = engine.renderer.chat_tokens(messages, tools)
+            assert tokens == list(engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
             text = engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                         tokenize=False)
             assert engine.renderer.token_ends(text, tokens) is not None  # the one-tokenization path is taken

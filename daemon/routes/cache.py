@@ -55,6 +55,7 @@ async def cache_stats(http: web.Request) -> web.Response:
                    "from_shared": counters.get("tokens_from_shared", 0),
                    "computed": counters.get("tokens_computed", 0)},
         "batch": state.worker.describe(),
+        "tokenizer": engine.renderer.stats(),
     })
     return web.json_response(stats)
 
