@@ -157,9 +157,12 @@ def test_the_start_up_check_decides_and_answers_stay_exact(daemon_factory, arch)
     assert answers == [reference.chat(c, MAX_TOKENS) for c in conversations]
 
 
-def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, tmp_path):
-    """Two requests arrive together with one long uncached system prompt: the second waits
-    for the blocks the first is computing and restores them instead of computing them."""
+@pytest.mark.parametrize("second_joins", ["at_once", "while_the_first_decodes"])
+def test_same_uncached_prefix_is_computed_once(llama_model, reference, tmp_path, second_joins):
+    """Two requests with one long uncached system prompt: the second, arriving together with
+    the first, waits for the blocks the first is computing and restores them; arriving once
+    the first decodes (its blocks are stored only when it ends), it has the first store them
+    and restores them. Either way it does not compute them again."""
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine, GenerationRequest
@@ -171,7 +174,11 @@ def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, t
         conversations = [_conversation(QUESTIONS[0]), _conversation(QUESTIONS[1])]
         tokens = [engine.renderer.chat_tokens(c) for c in conversations]
         outputs: list[list] = [[], []]
-        for t, out in zip(tokens, outputs):
+        for i, (t, out) in enumerate(zip(tokens, outputs)):
+            if i == 1 and second_joins == "while_the_first_decodes":
+                while batch.prefilling:
+                    batch.step()
+                assert len(batch.decoding) == 1
             batch.add(GenerationRequest(t, MAX_TOKENS, temperature=0.0), out.append)
         while not batch.idle:
             batch.step()
