@@ -1,7 +1,8 @@
 """Continuous batching on the MLX thread, over mlx-lm's own `BatchGenerator`.
 
 A request flows: `Engine.begin` restores its cached prefix (`TieredStore.restore`: RAM, then
-SSD; snapshots) into its own prompt cache -> its remainder is prefilled alone, one chunk per
+SSD; snapshots) into its own prompt cache (blocks of it that a member is computing are waited
+for, those a decoding member has computed are stored by it first) -> its remainder is prefilled alone, one chunk per
 scheduler step, so the streams already decoding get a token between chunks -> its first
 token is computed alone (as the sequential path does; the snapshot at the prompt's end is
 taken here) -> the cache is merged into the generator's batch (mlx-lm's `insert`,
