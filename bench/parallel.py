@@ -7,7 +7,7 @@ aggregate decode tokens/s, TTFT p50/p95, and the longest gap between two streame
 one stream.
 
 Aggregate decode tokens/s counts the tokens streamed while all N streams decode (from the
-last stream's first token to the first stream's last), a span in which the server does
+last stream's second token to the first stream's last), a span in which the server does
 nothing else. From the round's first to its last token instead (also reported), the span
 holds the prefills of the streams that start later, which a server streaming each first
 token as soon as it has it (kvtier) computes inside it and one that prefills all waiting
@@ -143,12 +143,15 @@ class Parallel:
 
 
 def decode_rate(results: list[Stream]) -> float:
-    """Tokens per second in the span where every stream decodes: from the last stream's first
-    token to the first stream's last (streams served one at a time never overlap: then the
-    last stream's own decode). A chunk carries one token's text or several (the bytes of one
-    character): each stream's chunks in the span count as that share of its tokens."""
-    streams = [s for s in results if s.arrivals]
-    start = max(s.sent + s.ttft for s in streams)
+    """Tokens per second in the span where every stream decodes: from the last stream's second
+    token (a first token is its prompt's last forward pass, computed with the prefill) to the
+    first stream's last (streams served one at a time never overlap: then the last stream's
+    own decode). A chunk carries one token's text or several (the bytes of one character):
+    each stream's chunks in the span count as that share of its tokens."""
+    streams = [s for s in results if len(s.arrivals) > 1]
+    if not streams:
+        return 0.0
+    start = max(s.sent + s.arrivals[1] for s in streams)
     end = min(s.sent + s.arrivals[-1] for s in streams)
     if end <= start:
         end = max(s.sent + s.arrivals[-1] for s in streams)
