@@ -19,7 +19,8 @@ prefill chunk plus one decode step).
 
 Servers: kvtier as configured by default (batched only where exact: on Linux with OpenBLAS
 that means one at a time), kvtier --batch-inexact, and mlx_lm.server, all running at once
-and taking turns round by round, so that other load on the machine falls on them alike.
+and taking turns round by round (in a rotating order, a pause between two), so that other
+load on the machine falls on them alike.
 
     python bench/parallel.py [--quick] [--out docs]
 """
@@ -42,6 +43,7 @@ from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
 
 MODEL = {"arch": "llama", "hidden": 256, "layers": 4}
+SETTLE = 0.5  # seconds between two servers' rounds: the last one's background work (disk writes) ends
 
 
 @dataclass
@@ -225,8 +227,10 @@ def main() -> None:
             stream(running[name], model, [{"role": "user", "content": "warm up"}], 4)
         for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
             runs = {name: Parallel(server, model, systems[n], n, max_tokens) for name, server in running.items()}
-            for _ in range(rounds):
-                for run in runs.values():
+            order = list(runs.values())
+            for r in range(rounds):
+                for run in order[r % len(order):] + order[:r % len(order)]:  # none always follows another
+                    time.sleep(SETTLE)
                     run.round()
             for name, run in runs.items():
                 results["servers"].setdefault(name, {"parallel": {}})["parallel"][n] = run.summary()
