@@ -3,13 +3,24 @@
 For N = 1, 2, 4, 8: N conversations, each with its own question and sharing a system prompt
 new to the server (so the first round is cold), send their turns at the same time; each
 round appends the answers and a follow-up. Per server and N: wall time per round,
-aggregate decode tokens/s (all streams' tokens over the round's decode span), TTFT p50/p95,
-and the longest gap between two streamed chunks of one stream. Then a long-prefill probe: one
-stream decodes while another request prefills a cold ~8K-token prompt; the stream's longest
-gap is reported (chunked prefill keeps it near one prefill chunk plus one decode step).
+aggregate decode tokens/s, TTFT p50/p95, and the longest gap between two streamed chunks of
+one stream.
+
+Aggregate decode tokens/s counts the tokens streamed while all N streams decode (from the
+last stream's second token to the first stream's last), a span in which the server does
+nothing else. From the round's first to its last token instead (also reported), the span
+holds the prefills of the streams that start later, which a server streaming each first
+token as soon as it has it (kvtier) computes inside it and one that prefills all waiting
+prompts before decoding any (mlx_lm.server) before it, and a tail with fewer streams left.
+
+Then a long-prefill probe: one stream decodes while another request prefills a cold
+~8K-token prompt; the stream's longest gap is reported (chunked prefill keeps it near one
+prefill chunk plus one decode step).
 
 Servers: kvtier as configured by default (batched only where exact: on Linux with OpenBLAS
-that means one at a time), kvtier --batch-inexact, and mlx_lm.server.
+that means one at a time), kvtier --batch-inexact, and mlx_lm.server, all running at once
+and taking turns round by round (in a rotating order, a pause between two), so that other
+load on the machine falls on them alike.
 
     python bench/parallel.py [--quick] [--out docs]
 """
@@ -32,6 +43,7 @@ from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
 
 MODEL = {"arch": "llama", "hidden": 256, "layers": 4}
+SETTLE = 0.5  # seconds between two servers' rounds: the last one's background work (disk writes) ends
 
 
 @dataclass
@@ -99,27 +111,55 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_parallel(server: Server, model: str, system: str, n: int, rounds: int, max_tokens: int) -> dict:
-    conversations = [[{"role": "system", "content": system},
-                      {"role": "user", "content": f"Agent {n}-{i}: look at module {i} and list its tests."}]
-                     for i in range(n)]
-    walls, rates, ttfts, gaps = [], [], [], []
-    for r in range(rounds):
+class Parallel:
+    """N conversations on one server, a round at a time (the servers take turns, round by
+    round: load from outside falls on them alike)."""
+
+    def __init__(self, server: Server, model: str, system: str, n: int, max_tokens: int):
+        self.server, self.model, self.max_tokens = server, model, max_tokens
+        self.conversations = [[{"role": "system", "content": system},
+                               {"role": "user", "content": f"Agent {n}-{i}: look at module {i} and list its tests."}]
+                              for i in range(n)]
+        self.walls, self.rates, self.spans, self.ttfts, self.gaps = [], [], [], [], []
+
+    def round(self) -> None:
         started = time.perf_counter()
-        results = at_once(server, model, conversations, max_tokens)
-        walls.append(time.perf_counter() - started)
+        results = at_once(self.server, self.model, self.conversations, self.max_tokens)
+        self.walls.append(time.perf_counter() - started)
+        self.rates.append(decode_rate(results))
         first = min(s.sent + s.ttft for s in results)
         last = max(s.sent + (s.arrivals[-1] if s.arrivals else s.ttft) for s in results)
         tokens = sum(s.completion_tokens for s in results)
-        rates.append(tokens / (last - first) if last > first else 0.0)
-        ttfts += [s.ttft for s in results]
-        gaps += [s.longest_gap for s in results]
-        for conversation, s in zip(conversations, results):
+        self.spans.append(tokens / (last - first) if last > first else 0.0)
+        self.ttfts += [s.ttft for s in results]
+        self.gaps += [s.longest_gap for s in results]
+        for conversation, s in zip(self.conversations, results):
             conversation += [{"role": "assistant", "content": s.text},
-                             {"role": "user", "content": f"Round {r + 1}: now run them."}]
-    return {"wall_per_round": statistics.mean(walls), "decode_tokens_per_s": statistics.mean(rates),
-            "ttft_p50": percentile(ttfts, 0.5), "ttft_p95": percentile(ttfts, 0.95),
-            "longest_gap": max(gaps)}
+                             {"role": "user", "content": f"Round {len(self.walls)}: now run them."}]
+
+    def summary(self) -> dict:
+        return {"wall_per_round": statistics.mean(self.walls), "decode_tokens_per_s": statistics.mean(self.rates),
+                "first_to_last_tokens_per_s": statistics.mean(self.spans),
+                "ttft_p50": percentile(self.ttfts, 0.5), "ttft_p95": percentile(self.ttfts, 0.95),
+                "longest_gap": max(self.gaps)}
+
+
+def decode_rate(results: list[Stream]) -> float:
+    """Tokens per second in the span where every stream decodes: from the last stream's second
+    token (a first token is its prompt's last forward pass, computed with the prefill) to the
+    first stream's last (streams served one at a time never overlap: then the last stream's
+    own decode). A chunk carries one token's text or several (the bytes of one character):
+    each stream's chunks in the span count as that share of its tokens."""
+    streams = [s for s in results if len(s.arrivals) > 1]
+    if not streams:
+        return 0.0
+    start = max(s.sent + s.arrivals[1] for s in streams)
+    end = min(s.sent + s.arrivals[-1] for s in streams)
+    if end <= start:
+        end = max(s.sent + s.arrivals[-1] for s in streams)
+    tokens = sum(s.completion_tokens * sum(1 for a in s.arrivals if start < s.sent + a <= end) / len(s.arrivals)
+                 for s in streams)
+    return tokens / (end - start) if end > start else 0.0
 
 
 def run_long_prefill(server: Server, model: str, system: str, long_text: str, max_tokens: int) -> dict:
@@ -179,19 +219,28 @@ def main() -> None:
     }
     results: dict = {"machine": machine_description(), "model": MODEL, "system_tokens": system_tokens,
                      "rounds": rounds, "max_tokens": max_tokens, "servers": {}}
-    for name, make in servers.items():
-        server = make().start()
-        try:
-            model = str(model_path)
-            stream(server, model, [{"role": "user", "content": "warm up"}], 4)
-            per_n = {}
-            for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
-                per_n[n] = run_parallel(server, model, systems[n], n, rounds, max_tokens)
-                print(name, n, per_n[n], flush=True)
+    running: dict[str, Server] = {}
+    model = str(model_path)
+    try:
+        for name, make in servers.items():  # all up at once; an idle one waits on its queue
+            running[name] = make().start()
+            stream(running[name], model, [{"role": "user", "content": "warm up"}], 4)
+        for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
+            runs = {name: Parallel(server, model, systems[n], n, max_tokens) for name, server in running.items()}
+            order = list(runs.values())
+            for r in range(rounds):
+                for run in order[r % len(order):] + order[:r % len(order)]:  # none always follows another
+                    time.sleep(SETTLE)
+                    run.round()
+            for name, run in runs.items():
+                results["servers"].setdefault(name, {"parallel": {}})["parallel"][n] = run.summary()
+                print(name, n, run.summary(), flush=True)
+        for name, server in running.items():
             prefill = run_long_prefill(server, model, system, long_text, 4000)
             print(name, "long prefill", prefill, flush=True)
-            results["servers"][name] = {"parallel": per_n, "long_prefill": prefill}
-        finally:
+            results["servers"][name]["long_prefill"] = prefill
+    finally:
+        for server in running.values():
             server.stop()
     results = json.loads(json.dumps(results))  # N keys as strings, as when rendered from the file
     (out / "bench").mkdir(parents=True, exist_ok=True)
@@ -205,11 +254,14 @@ def render(results: dict) -> str:
              f"N conversations at once sharing a {results['system_tokens']}-token system prompt (new for each N: "
              "the first round is cold), "
              f"{results['max_tokens']} tokens each, {results['rounds']} rounds (bench/parallel.py).", "",
-             "| server | N | wall per round (s) | decode tok/s (all streams) | TTFT p50 (s) | TTFT p95 (s) "
-             "| longest gap (s) |", "|---|---|---|---|---|---|---|"]
+             "Decode tok/s: all streams' tokens while all N decode; first to last: from the round's first "
+             "token to its last (late starters' prefills inside).", "",
+             "| server | N | wall per round (s) | decode tok/s (all streams) | tok/s first to last "
+             "| TTFT p50 (s) | TTFT p95 (s) | longest gap (s) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["servers"].items():
         for n, m in r["parallel"].items():
             lines.append(f"| {name} | {n} | {m['wall_per_round']:.2f} | {m['decode_tokens_per_s']:.1f} "
+                         f"| {_number(m.get('first_to_last_tokens_per_s'))} "
                          f"| {m['ttft_p50']:.2f} | {m['ttft_p95']:.2f} | {m['longest_gap']:.2f} |")
     lines += ["", *targets(results)]
     lines += ["", "While another request prefills a cold long prompt, the longest gap of a decoding stream:", "",
@@ -228,14 +280,20 @@ def targets(results: dict) -> list[str]:
     theirs = servers.get("mlx_lm.server", {}).get("parallel", {}).get("4")
     if theirs is None:
         return []
-    lines = ["| at N = 4 | wall time / mlx_lm.server's (target <= 0.8) | decode tok/s / mlx_lm.server's (target >= 1) |",
-             "|---|---|---|"]
+    lines = ["| at N = 4 | wall time / mlx_lm.server's (target <= 0.8) | decode tok/s / mlx_lm.server's (target >= 1) "
+             "| tok/s first to last / mlx_lm.server's |", "|---|---|---|---|"]
     for name, r in servers.items():
         mine = r["parallel"].get("4")
         if name != "mlx_lm.server" and mine:
+            spans = (mine.get("first_to_last_tokens_per_s"), theirs.get("first_to_last_tokens_per_s"))
             lines.append(f"| {name} | {mine['wall_per_round'] / theirs['wall_per_round']:.2f} "
-                         f"| {mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f} |")
+                         f"| {mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f} "
+                         f"| {_number(spans[0] / spans[1] if None not in spans else None, 2)} |")
     return lines
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def plot(results: dict, path: Path) -> None:

@@ -1,7 +1,8 @@
 """Continuous batching on the MLX thread, over mlx-lm's own `BatchGenerator`.
 
 A request flows: `Engine.begin` restores its cached prefix (`TieredStore.restore`: RAM, then
-SSD; snapshots) into its own prompt cache -> its remainder is prefilled alone, one chunk per
+SSD; snapshots) into its own prompt cache (blocks of it that a member is computing are waited
+for, those a decoding member has computed are stored by it first) -> its remainder is prefilled alone, one chunk per
 scheduler step, so the streams already decoding get a token between chunks -> its first
 token is computed alone (as the sequential path does; the snapshot at the prompt's end is
 taken here) -> the cache is merged into the generator's batch (mlx-lm's `insert`,
@@ -172,6 +173,7 @@ class TextStream:
 class Member:
     session: Session
     emit: Callable[[object], None]
+    prompt: np.ndarray  # its prompt's tokens, compared with those of requests arriving
     text: TextStream
     chunks: Any  # the prefill's chunk iterator
     remaining: int  # prompt tokens still to prefill (the last one is decoded)
@@ -230,20 +232,34 @@ class Batch:
 
     def add(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
         """Restore the request's cached prefix now; its prefill runs over the next steps. If a
-        member is computing blocks this prompt starts with, wait for them instead."""
-        computing = self._computing_prefix_of(request.prompt_tokens)
+        member is computing blocks this prompt starts with, wait for them instead; if one
+        decoding has computed them, it stores them first."""
+        tokens = np.asarray(request.prompt_tokens)
+        computing = self._computing_prefix_of(tokens)
         if computing is not None:
             self.held.append(Held(request, emit, computing))
             return
-        self._start(request, emit)
+        self._store_prompts_shared_with(tokens)
+        self._start(request, emit, tokens)
 
-    def _computing_prefix_of(self, tokens: list[int]) -> Member | None:
+    def _computing_prefix_of(self, tokens: np.ndarray) -> Member | None:
         size = self.engine.block_size
         for member in self.prefilling:
-            shared = common_prefix(np.asarray(member.session.request.prompt_tokens), np.asarray(tokens))
-            if shared // size > member.session.restored.reuse // size:
+            if common_prefix(member.prompt, tokens) // size > member.session.restored.reuse // size:
                 return member
         return None
+
+    def _store_prompts_shared_with(self, tokens: np.ndarray) -> None:
+        """A decoding member stores its blocks when it ends; one whose prompt shares blocks
+        with `tokens` that the tiers do not hold yet stores its prompt's now, from its own
+        cache (the generator decodes a merged copy), so this request restores them."""
+        size = self.engine.block_size
+        for member in self.decoding.values():
+            if common_prefix(member.prompt, tokens) // size > member.session.restored.kept_blocks:
+                try:
+                    self.engine.store_prompt(member.session)
+                except Exception:  # the new request computes them itself; the member goes on
+                    log.exception("storing a decoding request's prompt blocks failed")
 
     def _release(self, member: Member) -> None:
         """Start the requests held for `member`'s blocks (stored now, or never to be)."""
@@ -255,10 +271,11 @@ class Batch:
                 log.exception("restoring a held request failed")
                 self._end(held.emit, exc)
 
-    def _start(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
+    def _start(self, request: GenerationRequest, emit: Callable[[object], None], tokens: np.ndarray) -> None:
         session = self.engine.begin(request)
         remaining = len(request.prompt_tokens) - 1 - session.restored.reuse
-        self.prefilling.append(Member(session, emit, TextStream(self.engine, request, session.usage),
+        self.prefilling.append(Member(session, emit, tokens,
+                                      TextStream(self.engine, request, session.usage),
                                       self.engine.prefill_chunks(session), remaining))
 
     def step(self) -> None:

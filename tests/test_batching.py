@@ -157,28 +157,44 @@ def test_the_start_up_check_decides_and_answers_stay_exact(daemon_factory, arch)
     assert answers == [reference.chat(c, MAX_TOKENS) for c in conversations]
 
 
-def test_same_uncached_prefix_at_once_is_computed_once(llama_model, reference, tmp_path):
-    """Two requests arrive together with one long uncached system prompt: the second waits
-    for the blocks the first is computing and restores them instead of computing them."""
+@pytest.mark.parametrize("arch, second_joins", [("llama", "at_once"), ("llama", "while_the_first_decodes"),
+                                                ("nemotron_h", "while_the_first_decodes")])
+def test_same_uncached_prefix_is_computed_once(arch, second_joins, tmp_path):
+    """Two requests with one long uncached system prompt: the second, arriving together with
+    the first, waits for the blocks the first is computing and restores them; arriving once
+    the first decodes (its blocks are stored only when it ends), it has the first store them
+    and restores them. Either way it does not compute them again (a hybrid model's up to the
+    last snapshot in the shared prefix, the system message's end)."""
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine, GenerationRequest
 
-    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    model = make_model(MODELS / arch, arch)
+    reference = Reference(model)
+    engine = Engine(str(model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     try:
         batch = Batch(engine, max_size=4, done=done)
         conversations = [_conversation(QUESTIONS[0]), _conversation(QUESTIONS[1])]
         tokens = [engine.renderer.chat_tokens(c) for c in conversations]
+        boundaries = [engine.renderer.message_boundaries(c, None, t) for c, t in zip(conversations, tokens)]
         outputs: list[list] = [[], []]
-        for t, out in zip(tokens, outputs):
-            batch.add(GenerationRequest(t, MAX_TOKENS, temperature=0.0), out.append)
+        for i, out in enumerate(outputs):
+            if i == 1 and second_joins == "while_the_first_decodes":
+                while batch.prefilling:
+                    batch.step()
+                assert len(batch.decoding) == 1
+            batch.add(GenerationRequest(tokens[i], MAX_TOKENS, temperature=0.0, boundaries=boundaries[i]),
+                      out.append)
         while not batch.idle:
             batch.step()
         shared = next(i for i, (a, b) in enumerate(zip(*tokens)) if a != b)
         usages = [out[-2].usage for out in outputs]
         assert usages[0].cached_tokens == 0
-        assert usages[1].cached_tokens == shared > 0  # the whole shared prefix, computed once
+        if engine.cache_plan.needs_snapshots:
+            assert usages[1].cached_tokens == max(b for b in boundaries[1] if b <= shared) > 0
+        else:
+            assert usages[1].cached_tokens == shared > 0  # the whole shared prefix, computed once
         assert engine.store.stats()["counters"]["tokens_computed"] == \
             len(tokens[0]) + len(tokens[1]) - usages[1].cached_tokens
         texts = ["".join(item.text for item in out[:-1]) for out in outputs]
