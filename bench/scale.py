@@ -179,7 +179,7 @@ def measure_lookup(cache_dir: Path, blocks: int) -> dict:
             started = time.perf_counter()
             match = store.match(refs, tokens)
             hit_times.append(time.perf_counter() - started)
-            assert match.num_full_blocks == min(LOOKUP_CHAIN, blocks), match.sources
+            assert match.num_full_blocks(BLOCK) == min(LOOKUP_CHAIN, blocks), match.sources
             miss = chain_tokens(chain, cached=False)[: LOOKUP_CHAIN * BLOCK].tolist()
             miss_refs = block_refs(miss, BLOCK, FINGERPRINT)
             started = time.perf_counter()

@@ -75,9 +75,10 @@ class Match:
     def usable(self) -> list[int]:
         return [h.usable for h in self.hits]
 
-    @property
-    def num_full_blocks(self) -> int:
-        return sum(1 for h in self.hits if h.usable == len(h.tokens))
+    def num_full_blocks(self, block_size: int) -> int:
+        """Blocks of `block_size` tokens used whole. Not a partial tail used whole: the
+        request stores the full block that replaces it."""
+        return sum(1 for h in self.hits if h.usable == len(h.tokens) == block_size)
 
     @property
     def num_tokens(self) -> int:
@@ -215,7 +216,7 @@ class TieredStore:
         marks.append(time.perf_counter())
         reuse, snapshot = self._restore_point(refs, tokens, found)
         marks.append(time.perf_counter())
-        restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks)
+        restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks(self.config.block_size))
         self._account(restored, len(tokens))
         marks.append(time.perf_counter())
         restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}

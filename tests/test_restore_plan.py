@@ -39,3 +39,37 @@ def test_restore_plans_the_prefix_and_keep_makes_the_disk_blocks_hot(llama_model
         assert (again.ram_tokens, again.disk_tokens) == (full, len(tokens) - 1 - full)
     finally:
         engine.close()
+
+
+def _answer(engine: Engine, tokens: list[int]) -> list[int]:
+    """Run one request; the tokens its cache held at the end (prompt and answer), as stored."""
+    session = engine.begin(GenerationRequest(tokens, 4, temperature=0.0))
+    engine._prefill(session)
+    list(engine._decode(session))
+    engine.finish(session)
+    return (tokens + session.fed)[: kvstate.cached_tokens(session.prompt_cache)]
+
+
+def test_a_partial_tail_used_whole_is_replaced_by_the_full_block(llama_model, tmp_path):
+    """A request whose prompt takes a stored partial tail block whole (the conversation went
+    on) stores the full block in its place. Were that block counted as already held, it
+    would never be stored: the chain would end at the old tail, and every later turn
+    (after a restart: no live cache) would recompute from there."""
+    config = CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK)
+    engine = Engine(str(llama_model), config)
+    more = engine.renderer.text_tokens(" and then the next step of the plan, written out in full")
+    try:
+        first = engine.renderer.chat_tokens([{"role": "user", "content": "Explain the block keys. " * 3}])
+        held = _answer(engine, first)
+        assert len(held) % BLOCK  # the first request ends in a partial tail block
+        second = held + more
+        held_second = _answer(engine, second)
+    finally:
+        engine.close()
+    engine = Engine(str(llama_model), config)
+    try:
+        third = held_second + more
+        restored = engine.store.restore(third, into=kvstate.PromptBuffers(engine.layout, len(third) + 1))
+        assert restored.reuse == len(held_second)  # not len(held): the second request's blocks are found
+    finally:
+        engine.close()

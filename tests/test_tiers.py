@@ -50,10 +50,10 @@ def test_a_hit_is_confirmed_against_the_tokens(tmp_path):
     store = make_store(tmp_path)
     refs = fill(store, tokens)
     other = tokens[:BLOCK] + [999] + tokens[BLOCK + 1:]  # same keys, different tokens: a collision
-    assert store.match(refs, other).num_full_blocks == 1
+    assert store.match(refs, other).num_full_blocks(BLOCK) == 1
     store.close()
     store = make_store(tmp_path)
-    assert store.match(refs, other).num_full_blocks == 1
+    assert store.match(refs, other).num_full_blocks(BLOCK) == 1
     assert store.counters["key_collisions"] == 1
     store.close()
 
@@ -77,7 +77,7 @@ def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
 
     store = make_store(tmp_path)
     match = store.match(refs, tokens)
-    assert match.num_full_blocks == 1  # the chain stops at the damaged block
+    assert match.num_full_blocks(BLOCK) == 1  # the chain stops at the damaged block
     assert store.counters["damaged_blocks"] == 1
     assert store.index.get(refs[1].key) is None and not victim.exists()
     store.close()
@@ -102,9 +102,9 @@ def test_disk_budget_is_never_exceeded_and_evicts_oldest(tmp_path):
     assert store.counters["disk_evictions"] > 0
     newest_refs, newest_tokens = chains[-1]
     store.ram.clear()
-    assert store.match(newest_refs, newest_tokens).num_full_blocks == 2
+    assert store.match(newest_refs, newest_tokens).num_full_blocks(BLOCK) == 2
     oldest_refs, oldest_tokens = chains[0]
-    assert store.match(oldest_refs, oldest_tokens).num_full_blocks == 0
+    assert store.match(oldest_refs, oldest_tokens).num_full_blocks(BLOCK) == 0
     store.close()
 
 
@@ -177,7 +177,7 @@ def test_leading_part_of_a_cached_block_is_reused(tmp_path, restart):
         store = make_store(tmp_path)
     query = tokens[: BLOCK + 5] + [7, 7, 7]
     match = store.match(block_refs(query, BLOCK, store.fingerprint), query)
-    assert match.num_full_blocks == 1 and match.num_tokens == BLOCK + 5
+    assert match.num_full_blocks(BLOCK) == 1 and match.num_tokens == BLOCK + 5
     assert match.sources == ["disk" if restart else "ram"] * 2
     store.close()
 
@@ -292,14 +292,14 @@ def test_blocks_waiting_for_their_write_are_found_in_ram(tmp_path):
         assert store.match(refs, tokens).sources == ["ram"] * 6
         diverging = tokens[: 2 * BLOCK + 5] + [7]  # the leading part of a held block, too
         assert store.match(block_refs(diverging, BLOCK, store.fingerprint), diverging).num_tokens == 2 * BLOCK + 5
-        assert store.spill(0) == 0 and store.match(refs, tokens).num_full_blocks == 6
+        assert store.spill(0) == 0 and store.match(refs, tokens).num_full_blocks(BLOCK) == 6
         ram = store.stats()["ram"]
         assert ram["pending_blocks"] == 6 and ram["pending_bytes"] == ram["bytes"] == 6 * BLOCK_BYTES
     store.flush()
     ram = store.stats()["ram"]
     assert ram["pending_bytes"] == 0 and ram["bytes"] <= 2 * BLOCK_BYTES
     match = store.match(refs, tokens)
-    assert match.num_full_blocks == 6 and match.sources[0] == "disk"
+    assert match.num_full_blocks(BLOCK) == 6 and match.sources[0] == "disk"
     assert store.counters["ram_evictions_unwritten"] == 0
     store.close()
 
@@ -345,7 +345,7 @@ def test_full_disk_evicts_to_what_it_holds_says_so_steadily_and_resumes(tmpfs):
     assert all(error is not None and error.startswith("disk full") for error in reports[first_full:]), reports
     assert store.counters["disk_evictions"] > 0
     store.ram.clear()
-    assert store.match(refs, tokens).num_full_blocks == 32  # the newest prefix is on disk
+    assert store.match(refs, tokens).num_full_blocks(BLOCK) == 32  # the newest prefix is on disk
     assert store.stats()["disk"]["full"] is True
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(point)], check=True)
