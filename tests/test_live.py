@@ -149,3 +149,29 @@ def test_snapshot_layers_take_a_live_cache_only_when_the_prompt_extends_it_whole
         assert usage.live_tokens == 0
     finally:
         engine.close()
+
+
+def test_through_the_daemon_usage_and_stats_show_it_and_delete_cache_drops_it(llama_model, tmp_path, reference):
+    from inprocess import InProcessDaemon
+
+    daemon = InProcessDaemon(llama_model, tmp_path / "cache").start()
+    try:
+        def ask(messages):
+            response = daemon.client().chat.completions.create(
+                model=str(daemon.model), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+            return response.choices[0].message.content, response.usage.model_extra["kvtier"]
+
+        first = agent_messages("daemon")
+        answer, _ = ask(first)
+        second = follow_up(reference, first, answer, "And then?")
+        text, usage = ask(second)
+        assert text == reference.chat(second, MAX_TOKENS) and usage["live_tokens"] == usage["ram_tokens"] > 0
+        stats = daemon.get("/cache/stats")
+        assert stats["live"]["entries"] == 1 and stats["tokens"]["from_live"] == usage["live_tokens"]
+
+        assert daemon.request("DELETE", "/cache?all=true").status == 200
+        assert daemon.get("/cache/stats")["live"] == {"entries": 0, "bytes": 0}
+        text, usage = ask(second)
+        assert text == reference.chat(second, MAX_TOKENS) and usage["live_tokens"] == usage["ram_tokens"] == 0
+    finally:
+        daemon.stop()
