@@ -175,3 +175,27 @@ def test_through_the_daemon_usage_and_stats_show_it_and_delete_cache_drops_it(ll
         assert text == reference.chat(second, MAX_TOKENS) and usage["live_tokens"] == usage["ram_tokens"] == 0
     finally:
         daemon.stop()
+
+
+def test_a_batched_follow_up_takes_the_cache_the_batch_gave_back(engine, reference):
+    from kvtier.batch import Batch
+
+    done = object()
+    batch = Batch(engine, max_size=4, done=done)
+    try:
+        def ask(conversations: list[list[dict]]) -> list[list]:
+            outputs: list[list] = [[] for _ in conversations]
+            for messages, out in zip(conversations, outputs):
+                batch.add(GenerationRequest(reference.chat_tokens(messages), MAX_TOKENS, temperature=0.0), out.append)
+            while not batch.idle:
+                batch.step()
+            return outputs
+
+        first, other = agent_messages("batched"), agent_messages("other", question="Run it.")
+        answers = ask([first, other])  # decoded together: their caches extracted from the batch
+        follow = follow_up(reference, first, "".join(c.text for c in answers[0][:-1]), "Continue.")
+        (items,) = ask([follow])
+        assert items[-1] is done and "".join(c.text for c in items[:-1]) == reference.chat(follow, MAX_TOKENS)
+        assert items[-2].usage.live_tokens == items[-2].usage.cached_tokens > len(reference.chat_tokens(first)) // 2
+    finally:
+        batch.close()
