@@ -60,7 +60,8 @@ class LiveCaches:
             return [e.tokens.tolist() for e in self._entries]
 
     def best(self, tokens: Sequence[int]) -> LiveHit | None:
-        """The entry that gives the most of `tokens`' prefix, all but the last token at most."""
+        """The entry that gives the most of `tokens`' prefix, all but the last token at most,
+        and at least half of what it holds."""
         prompt = np.asarray(tokens, np.uint32)
         best = None
         with self._lock:
@@ -69,6 +70,8 @@ class LiveCaches:
             reuse = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
             if self.plan.needs_snapshots and reuse != len(entry.tokens):
                 continue  # recurrent state cannot be wound back
+            if 2 * reuse < len(entry.tokens):
+                continue  # a short share is copied from the blocks: the entry stays for its own next turn
             if reuse > 0 and (best is None or reuse > best.reuse):
                 best = LiveHit(entry, reuse)
         return best

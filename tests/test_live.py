@@ -71,10 +71,13 @@ def test_unrelated_prompt_takes_the_normal_path_and_the_tiers_win_when_they_hold
     text, usage = run(engine, other)
     assert text == reference.generate(other, MAX_TOKENS)
     assert usage.cached_tokens == 0 and engine.store.stats()["live"]["entries"] == 2  # alpha's is still there
-    # A prompt sharing only alpha's first tokens takes alpha's live cache, trimmed short ...
-    short = first[:5] + other[5:]
-    assert run(engine, short)[1].live_tokens == 5
-    # ... so for alpha again the live caches hold little of it; the hot blocks hold it all.
+    # A prompt sharing only alpha's first tokens leaves alpha's live cache to alpha ...
+    header = first[:5] + other[5:]
+    assert run(engine, header)[1].live_tokens == 0
+    # ... one sharing most of it takes it, trimmed ...
+    most = first[: len(first) * 3 // 4] + other[:20]
+    assert run(engine, most)[1].live_tokens == len(first) * 3 // 4
+    # ... so for alpha again the live caches hold less of it than the hot blocks: those serve it.
     text, usage = run(engine, first)
     assert text == reference.generate(first, MAX_TOKENS)
     assert usage.live_tokens == 0 and usage.ram_tokens == len(first) - 1
