@@ -203,7 +203,8 @@ class Engine:
     def begin(self, request: GenerationRequest) -> Session:
         """Take over the live cache holding the longest prefix of the request's prompt, unless
         the tiers hold a longer one: then restore that into a fresh prompt cache."""
-        started, epoch = time.perf_counter(), self.store.live.epoch if self.store.live else 0
+        live = self.store.live
+        started, epoch = time.perf_counter(), live.epoch if live is not None else 0
         restored, prompt_cache, usage = self._take_live(request) or self._restore(request)
         usage.restore_seconds = time.perf_counter() - started
         return Session(request, restored, usage, prompt_cache, started,
@@ -211,7 +212,7 @@ class Engine:
 
     def _take_live(self, request: GenerationRequest) -> tuple[Restore, list[Any], Usage] | None:
         tokens = request.prompt_tokens
-        hit = self.store.live.best(tokens) if self.store.live else None
+        hit = self.store.live.best(tokens) if self.store.live is not None else None
         taken = self.store.restore_live(tokens, hit) if hit else None
         if taken is None:
             return None

@@ -176,6 +176,7 @@ def test_through_the_daemon_usage_and_stats_show_it_and_delete_cache_drops_it(ll
         assert daemon.get("/cache/stats")["live"] == {"entries": 0, "bytes": 0}
         text, usage = ask(second)
         assert text == reference.chat(second, MAX_TOKENS) and usage["live_tokens"] == usage["ram_tokens"] == 0
+        assert daemon.get("/cache/stats")["live"]["entries"] == 1  # begun after the purge: kept again
     finally:
         daemon.stop()
 
