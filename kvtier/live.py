@@ -90,13 +90,15 @@ class LiveCaches:
         """Keep a finished request's cache, holding `sequence` (or its leading part), if it
         fits in `room` bytes; the oldest entries go to make room. False if not kept."""
         held = self._held_tokens(prompt_cache, len(sequence))
-        if held is None or epoch != self.epoch:
+        if held is None:
             return False
         entry = LiveEntry(np.asarray(sequence[:held], np.uint32), prompt_cache,
                           sum(layer.nbytes for layer in prompt_cache), epoch)
         if entry.nbytes > room:
             return False
         with self._lock:
+            if epoch != self.epoch:  # a purge came between (checked under the lock `clear` takes)
+                return False
             self._entries.append(entry)
             while len(self._entries) > self.slots or sum(e.nbytes for e in self._entries) > room:
                 self._entries.pop(0)
