@@ -59,7 +59,7 @@ def run(work: Path | None = None) -> dict:
 
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine, GenerationRequest
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
     scratch = None if work else Path(tempfile.mkdtemp(prefix="kvtier-memory-"))

@@ -37,6 +37,8 @@ _LABELLED = [
 # Counters always exported (0 until counted); any other counter the store keeps is exported too.
 _COUNTERS = {
     "requests_half_cached": "Requests that took at least half their prompt from the cache.",
+    "requests_live": "Requests that took over a live cache (an earlier request's, trimmed; no copy).",
+    "tokens_from_live": "Prompt tokens of live caches taken over (counted in source=ram too).",
     "damaged_blocks": "Cache files found damaged (treated as misses).",
     "disk_evictions": "Entries evicted to keep the disk budget.",
     "disk_write_errors": "Failed cache writes.",

@@ -25,16 +25,16 @@ KEY_BYTES = 16
 Tokens = Sequence[int] | np.ndarray
 
 
-def encode_tokens(tokens: Tokens) -> bytes:
-    """Canonical, platform-independent token bytes."""
-    return np.asarray(tokens, dtype="<u4").tobytes()
-
-
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """How many leading tokens two token arrays share."""
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
+
+
+def encode_tokens(tokens: Tokens) -> bytes:
+    """Canonical, platform-independent token bytes."""
+    return np.asarray(tokens, dtype="<u4").tobytes()
 
 
 def root_key(fingerprint: str) -> bytes:

@@ -53,6 +53,7 @@ class Usage:
     ram_tokens: int = 0
     disk_tokens: int = 0
     shared_tokens: int = 0  # read from the team's shared store (then kept locally)
+    live_tokens: int = 0  # of ram_tokens, those of a live cache taken over (no copy)
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
@@ -63,7 +64,7 @@ class Usage:
     @classmethod
     def restored(cls, restored: Restore, prompt_tokens: int, seconds: float) -> "Usage":
         return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
-                   shared_tokens=restored.shared_tokens, restore_seconds=seconds,
+                   shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens, restore_seconds=seconds,
                    restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
 
     @property
@@ -87,6 +88,7 @@ class Session:
     points: set[int]  # snapshot positions
     snapshots: dict[int, kvstate.Snapshot] = field(default_factory=dict)
     fed: list[int] = field(default_factory=list)  # generated tokens fed to the cache
+    live_epoch: int = 0  # the live caches' epoch it began in: a purge since refuses its cache
 
 
 @dataclass
@@ -191,14 +193,34 @@ class Engine:
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         """One request: restore its cached prefix, prefill the rest, decode, keep what it computed."""
         session = self.begin(request)  # store.restore
+        ended = False
         try:
             self._prefill(session)
             yield from self._decode(session)
+            ended = True
         finally:
-            self.finish(session)  # store.keep
+            self.finish(session, live=ended)  # store.keep; a failed request's cache is not kept live
 
     def begin(self, request: GenerationRequest) -> Session:
-        """Restore the longest cached prefix of the request's prompt into a fresh prompt cache."""
+        """Take over the live cache holding the longest prefix of the request's prompt, unless
+        the tiers hold a longer one: then restore that into a fresh prompt cache."""
+        live = self.store.live
+        started, epoch = time.perf_counter(), live.epoch if live is not None else 0
+        restored, prompt_cache, usage = self._take_live(request) or self._restore(request)
+        usage.restore_seconds = time.perf_counter() - started
+        return Session(request, restored, usage, prompt_cache, started,
+                       self._snapshot_points(request, restored.reuse), live_epoch=epoch)
+
+    def _take_live(self, request: GenerationRequest) -> tuple[Restore, list[Any], Usage] | None:
+        tokens = request.prompt_tokens
+        hit = self.store.live.best(tokens) if self.store.live is not None else None
+        taken = self.store.restore_live(tokens, hit) if hit else None
+        if taken is None:
+            return None
+        restored, prompt_cache = taken
+        return restored, prompt_cache, Usage.restored(restored, len(tokens), 0.0)
+
+    def _restore(self, request: GenerationRequest) -> tuple[Restore, list[Any], Usage]:
         started, tokens = time.perf_counter(), request.prompt_tokens
         # Allocated before the lookup: MLX zero-fills them while it starts.
         buffers = kvstate.PromptBuffers(self.layout, capacity=len(tokens) + 1)
@@ -207,16 +229,19 @@ class Engine:
         looked_up = time.perf_counter()
         prompt_cache = self._rebuild(buffers, restored)
         rebuilt = time.perf_counter()
-        usage = Usage.restored(restored, len(tokens), rebuilt - started)
+        usage = Usage.restored(restored, len(tokens), 0.0)
         usage.steps.update(buffers=allocated - started, rebuild=rebuilt - looked_up)
-        return Session(request, restored, usage, prompt_cache, started,
-                       self._snapshot_points(request, restored.reuse))
+        return restored, prompt_cache, usage
 
-    def finish(self, session: Session) -> None:
+    def finish(self, session: Session, live: bool = True) -> None:
         """Keep the request's new blocks (prompt and answer) and snapshots, from the cache it
-        ends with; the reused entries are marked used, those read from disk made hot."""
-        self.store.keep(session.restored, session.prompt_cache, session.request.prompt_tokens + session.fed,
-                        session.snapshots)
+        ends with; the reused entries are marked used, those read from disk made hot. Its
+        cache stays live for a next turn unless `live` is False (it failed: its layers may
+        be half-way through a step)."""
+        sequence = session.request.prompt_tokens + session.fed
+        self.store.keep(session.restored, session.prompt_cache, sequence, session.snapshots)
+        if live and self.reusable:
+            self.store.offer_live(session.prompt_cache, sequence, session.live_epoch)
 
     def store_prompt(self, session: Session) -> None:
         """Store the prompt's blocks as soon as its cache holds exactly the prompt, so that a

@@ -15,6 +15,7 @@ guessed at.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +204,15 @@ def hold_tokens(layer: Any, keys: Any, values: Any, num_tokens: int) -> None:
         layer.trim(keys.shape[2] - num_tokens)
 
 
+def trim_to(prompt_cache: list[Any], plan: CachePlan, num_tokens: int) -> None:
+    """Wind a used cache's sliced layers back to their first `num_tokens` tokens, through
+    mlx-lm's own trim: the buffers keep their size, the next tokens overwrite what was past.
+    Snapshot layers cannot be wound back: a caller trims only to the tokens they have seen."""
+    for i in plan.sliced:
+        layer = prompt_cache[i]
+        layer.trim(layer.offset - num_tokens)
+
+
 def _part_number(name: str) -> int:
     return int(name.rsplit(".", 1)[1])
 
@@ -321,6 +331,13 @@ def state_arrays(prompt_cache: list[Any]) -> list[mx.array]:
     from mlx.utils import tree_flatten
 
     return [v for _, v in tree_flatten([c.state for c in prompt_cache]) if isinstance(v, mx.array)]
+
+
+def held_bytes(prompt_cache: list[Any], plan: CachePlan, layout: Layout, num_tokens: int) -> int:
+    """What a cache's first `num_tokens` tokens occupy as a restore counts them: the sliced
+    layers' bytes per token (the layout's), and the snapshot layers' whole state."""
+    per_token = sum(math.prod(shape) * getattr(mx, dtype).size for shape, dtype in layout.values())
+    return per_token * num_tokens + sum(prompt_cache[i].nbytes for i in plan.snapshot)
 
 
 def nbytes(arrays: BlockArrays) -> int:

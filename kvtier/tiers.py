@@ -2,9 +2,10 @@
 what to promote, what to write and evict.
 
 A request sees two calls: `restore` (the longest cached prefix of its prompt, copied into its
-buffers, with the snapshot for recurrent layers and the counts: one `Restore`) and `keep`
+buffers, with the snapshot for recurrent layers and the counts: one `Restore`), or
+`restore_live` (a live cache of an earlier request taken over: no copy), and `keep`
 (afterwards: what it reused is marked used, what it read from disk made hot, what it
-computed stored). The rest: spill, flush, pin, stats, close."""
+computed stored; `offer_live` keeps its cache live). The rest: spill, flush, pin, stats, close."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .blocks import BlockRef, Tokens, block_refs, common_prefix, encode_tokens, 
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
+from .live import LiveCaches, LiveHit
 from .kvstate import (BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes,
                       snapshot_matches)
 from .local import LocalDisk, tokens_hash
@@ -109,9 +111,10 @@ class Restore:
     match: Match  # the cached blocks found (all copied into the prompt's buffers)
     reuse: int  # prompt tokens restored: never the last; for recurrent layers a snapshot's position
     snapshot: SnapshotHit | None  # the recurrent layers' state at `reuse`
-    ram_tokens: int = 0  # `reuse`, by the tier its blocks came from
+    ram_tokens: int = 0  # `reuse`, by the tier its blocks came from (a live cache's: RAM)
     disk_tokens: int = 0
     shared_tokens: int = 0
+    live_tokens: int = 0  # of `ram_tokens`, those of a live cache taken over (all of them, or none)
     restored_bytes: int = 0  # KV and snapshot bytes of the restored prefix
     steps: dict[str, float] = field(default_factory=dict)  # seconds: hash, match, snapshot, account
     kept_blocks: int = 0  # full blocks of the request's tokens the tiers hold: new ones follow
@@ -198,6 +201,8 @@ class TieredStore:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
         self.shared = (SharedTier(config.shared_url, fingerprint, self.count, config.shared_ttl)
                        if config.shared_url else None)
+        # Finished requests' whole caches, for a next turn to take over (kvtier/live.py).
+        self.live = LiveCaches(plan) if plan is not None else None
 
     # -- one request: restore, then keep -----------------------------------------------
     def restore(self, tokens: Sequence[int], into: PromptBuffers) -> Restore:
@@ -221,6 +226,36 @@ class TieredStore:
         marks.append(time.perf_counter())
         restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
         return restored
+
+    def restore_live(self, tokens: Sequence[int], hit: LiveHit) -> tuple[Restore, list[Any]] | None:
+        """The prefix of `tokens` a live cache holds (`hit`), its cache taken over and trimmed to
+        it: no buffers, no copy. None when the tiers may hold a longer prefix (the caller then
+        calls `restore`) or the entry was dropped meanwhile. Counted as RAM tokens."""
+        assert self.live is not None and self.plan is not None  # hits come from it: a reusable model
+        marks = [time.perf_counter()]
+        refs = block_refs(tokens, self.config.block_size, self.fingerprint)
+        marks.append(time.perf_counter())
+        if self._holds_more(refs, tokens, hit.reuse):
+            return None
+        prompt_cache = self.live.take(hit)
+        if prompt_cache is None:
+            return None
+        found = self._held_prefix(refs, tokens, hit.reuse)
+        marks += [time.perf_counter()] * 2  # match (lookups and trim); no snapshot to find
+        restored = Restore(found, hit.reuse, None, kept_blocks=found.num_full_blocks(self.config.block_size),
+                           live_tokens=hit.reuse)
+        self._account(restored, len(tokens))
+        restored.restored_bytes = kvstate.held_bytes(prompt_cache, self.plan, self.layout, hit.reuse)
+        marks.append(time.perf_counter())
+        restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
+        return restored, prompt_cache
+
+    def offer_live(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int) -> None:
+        """Keep a finished request's cache live (it holds `sequence`, or its leading part) while
+        it fits in the hot tier's budget beside the blocks."""
+        if self.live is not None:
+            room = self.ram.budget - self.ram.num_bytes
+            self.count("live_kept" if self.live.offer(prompt_cache, sequence, epoch, room) else "live_refused")
 
     def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
              snapshots: dict[int, Snapshot]) -> None:
@@ -280,6 +315,8 @@ class TieredStore:
     def _account(self, restored: Restore, num_prompt: int) -> None:
         """Split the restored tokens by the tier each block came from; count the request."""
         reuse, left = restored.reuse, restored.reuse
+        if restored.live_tokens:  # a live cache is in memory: all of it counts as RAM's
+            restored.ram_tokens, left = reuse, 0
         for source, usable in zip(restored.match.sources, restored.match.usable):
             n = min(usable, left)
             setattr(restored, f"{source}_tokens", getattr(restored, f"{source}_tokens") + n)
@@ -287,7 +324,8 @@ class TieredStore:
         restored.restored_bytes = (sum(h.nbytes for h in restored.match.hits) if reuse else 0) + \
             (restored.snapshot.snapshot.nbytes if restored.snapshot else 0)
         deltas = {"tokens_from_ram": restored.ram_tokens, "tokens_from_disk": restored.disk_tokens,
-                  "tokens_from_shared": restored.shared_tokens,
+                  "tokens_from_shared": restored.shared_tokens, "tokens_from_live": restored.live_tokens,
+                  "requests_live": int(restored.live_tokens > 0),
                   "tokens_computed": num_prompt - restored.cached_tokens,
                   "requests_hit" if reuse else "requests_miss": 1,
                   # A "hit" of 3 tokens is still a cold request: count the ones served mostly
@@ -296,6 +334,37 @@ class TieredStore:
         for name, value in deltas.items():
             self.count(name, value)
         restored.index_counters = deltas  # written by `keep`: an index commit is no step to the first token
+
+    def _holds_more(self, refs: list[BlockRef], tokens: Sequence[int], n: int) -> bool:
+        """True when the local tiers may give more of `tokens` than its first `n`: they hold
+        the block that would cover token `n`, or a tail block sharing more of it (a lookup,
+        nothing read; the shared store is not asked)."""
+        size = self.config.block_size
+        if n >= len(tokens) - 1:  # the last token is always computed: no tier gives more
+            return False
+        j = n // size
+        if j < len(refs) and (refs[j].key in self.ram or self.index.get(refs[j].key) is not None):
+            return True
+        parent = refs[j - 1].key if j else root_key(self.fingerprint)
+        tail = np.asarray(tokens[j * size :], np.uint32)
+        return any(common_prefix(t, tail) > n - j * size for t in self._children(parent, first=int(tail[0])).values())
+
+    def _held_prefix(self, refs: list[BlockRef], tokens: Sequence[int], n: int) -> Match:
+        """The full blocks of the first `n` tokens the tiers hold, in chain order (looked up,
+        not read): what a live restore marks used and `keep` need not store again."""
+        size, found = self.config.block_size, Match([])
+        chain = refs[: n // size]
+        records = self.index.get_many([r.key for r in chain if r.key not in self.ram])
+        for ref in chain:
+            block_tokens = np.asarray(tokens[ref.index * size : (ref.index + 1) * size], np.uint32)
+            hot = self.ram.get(ref.key)
+            if hot is not None and hot.kind == "kv" and np.array_equal(hot.tokens, block_tokens):
+                found.hits.append(Hit(ref, hot.tokens, size, hot.nbytes, hot=hot))
+            elif hot is None and ref.key in records and records[ref.key].kind == "kv":
+                found.hits.append(Hit(ref, block_tokens, size, records[ref.key].nbytes))  # `keep` makes it hot
+            else:
+                break
+        return found
 
     def _promote_restored(self, restored: Restore, prompt_cache: list[Any]) -> None:
         """Blocks read from disk or the shared store become hot, cut from the cache they were
@@ -324,14 +393,18 @@ class TieredStore:
 
     @property
     def hot_bytes(self) -> int:
-        return self.ram.num_bytes
+        """The hot tier's blocks and the live caches: what its budget bounds."""
+        return self.ram.num_bytes + (self.live.nbytes if self.live is not None else 0)
 
     def is_hot(self, key: bytes) -> bool:
         return key in self.ram
 
     def forget_hot(self) -> None:
-        """Drop every hot copy (after a purge: RAM must not serve what was purged)."""
+        """Drop every hot copy (after a purge: RAM must not serve what was purged), the live
+        caches too, and those requests hold now when they end."""
         self.ram.clear()
+        if self.live is not None:
+            self.live.clear()
 
     def wait_for_writes(self, timeout: float | None = None) -> bool:
         """Wait until the queued disk writes are done; True if they were in time."""
@@ -529,7 +602,7 @@ class TieredStore:
             return None
         if source == "shared":
             self._submit([block])  # kept locally from now on
-        self._evicted(self.ram.put(block))
+        self._put_hot([block])
         return block, source
 
     def _match_tail(self, parent: bytes, index: int, tail: np.ndarray, found: Match,
@@ -627,8 +700,7 @@ class TieredStore:
             self.ram.remove(key)
         retry = self.ram.unpersisted() if self.disk.take_retry() else []
         self._submit(blocks + retry, removed)
-        for block in blocks:
-            self._evicted(self.ram.put(block))
+        self._put_hot(blocks)
 
     def promote(self, entries: list[NewEntry]) -> None:
         """Blocks a request read from disk or the shared store, cut back out of the cache
@@ -639,6 +711,15 @@ class TieredStore:
                            nbytes(e.arrays), persisted=e.source != "shared", shared=e.source == "shared")
                   for e in entries if e.ref.key not in self.ram]
         self._submit([b for b in blocks if b.shared])
+        self._put_hot(blocks)
+
+    def _put_hot(self, blocks: list[HotBlock]) -> None:
+        """Into the hot tier. The live caches count against its budget and make room first:
+        dropped (oldest first) before any block is evicted for these."""
+        if self.live is not None:
+            room = self.ram.budget - self.ram.num_bytes - sum(b.nbytes for b in blocks)
+            if self.live.shrink_to(max(room, 0)):
+                self.count("live_dropped")
         for block in blocks:
             self._evicted(self.ram.put(block))
 
@@ -715,13 +796,15 @@ class TieredStore:
 
 
     def spill(self, target_bytes: int) -> int:
-        """Shrink the hot tier to `target_bytes` (memory pressure). Entries not yet on disk
-        are queued for it and stay until written (then RAM evicts down to its budget; the
-        next spill goes further). Returns the bytes released now."""
+        """Shrink the hot tier to `target_bytes` (memory pressure). The live caches go first
+        (their blocks are in the tiers already). Entries not yet on disk are queued for it and
+        stay until written (then RAM evicts down to its budget; the next spill goes further).
+        Returns the bytes released now."""
+        live = self.live.shrink_to(0) if self.live is not None else 0
         self._submit(self.ram.unpersisted())
         victims = self.ram.shrink_to(target_bytes)
         self._evicted(victims)
-        released = sum(b.nbytes for b in victims)
+        released = live + sum(b.nbytes for b in victims)
         self.count("ram_bytes_spilled", released)
         return released
 
@@ -736,6 +819,8 @@ class TieredStore:
         return done
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.clear()
         self.flush()
         self.writer.close()
         self._readers.shutdown(wait=True)
@@ -753,6 +838,8 @@ class TieredStore:
             "ram": dict(ram, entries=ram["blocks"]),
             "disk": dict(disk, blocks=disk["entries"], queued_jobs=queued_jobs, queued_bytes=queued_bytes),
             "shared": self.shared.stats() if self.shared is not None else None,
+            "live": {"entries": len(self.live) if self.live is not None else 0,
+                     "bytes": self.live.nbytes if self.live is not None else 0},
             "block_size": self.config.block_size,
             "counters": counters,
         }

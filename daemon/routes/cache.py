@@ -53,6 +53,7 @@ async def cache_stats(http: web.Request) -> web.Response:
         "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
                    "from_disk": counters.get("tokens_from_disk", 0),
                    "from_shared": counters.get("tokens_from_shared", 0),
+                   "from_live": counters.get("tokens_from_live", 0),  # of from_ram: no copy
                    "computed": counters.get("tokens_computed", 0)},
         "batch": state.worker.describe(),
         "tokenizer": engine.renderer.stats(),
