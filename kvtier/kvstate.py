@@ -22,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
 
 from .config import SNAPSHOT_FORMAT
@@ -204,6 +205,16 @@ def hold_tokens(layer: Any, keys: Any, values: Any, num_tokens: int) -> None:
         layer.trim(keys.shape[2] - num_tokens)
 
 
+def cache_nbytes(prompt_cache: list[Any]) -> int:
+    """Bytes a prompt cache's layers occupy, buffers at their full size. Not mlx-lm's own
+    `nbytes`: QuantizedKVCache's raises NameError on mlx-lm 0.31.2 (a missing import)."""
+    def arrays(layer: Any) -> Any:
+        if isinstance(layer, (mlx_cache.KVCache, mlx_cache.QuantizedKVCache, mlx_cache.RotatingKVCache)):
+            return (layer.keys, layer.values)  # `state` would slice them to the offset
+        return layer.state
+    return sum(a.nbytes for layer in prompt_cache for _, a in tree_flatten(arrays(layer)) if isinstance(a, mx.array))
+
+
 def trim_to(prompt_cache: list[Any], plan: CachePlan, num_tokens: int) -> None:
     """Wind a used cache's sliced layers back to their first `num_tokens` tokens, through
     mlx-lm's own trim: the buffers keep their size, the next tokens overwrite what was past.
@@ -328,8 +339,6 @@ def restore_snapshot(prompt_cache: list[Any], plan: CachePlan, snapshot: Snapsho
 
 
 def state_arrays(prompt_cache: list[Any]) -> list[mx.array]:
-    from mlx.utils import tree_flatten
-
     return [v for _, v in tree_flatten([c.state for c in prompt_cache]) if isinstance(v, mx.array)]
 
 

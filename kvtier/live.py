@@ -93,7 +93,7 @@ class LiveCaches:
         if held is None:
             return False
         entry = LiveEntry(np.asarray(sequence[:held], np.uint32), prompt_cache,
-                          sum(layer.nbytes for layer in prompt_cache), epoch)
+                          kvstate.cache_nbytes(prompt_cache), epoch)
         if entry.nbytes > room:
             return False
         with self._lock:
