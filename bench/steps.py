@@ -131,14 +131,13 @@ def one_pass(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float
 
 
 def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
-    """The prompt cache the engine restores for `tokens` (not timed), for the baselines."""
+    """The prompt cache the tiers restore for `tokens` (not timed), for the baselines: from
+    the blocks, never a live cache, which stays for the next warm request to take over."""
     from kvtier.engine import GenerationRequest
 
-    session = engine.begin(GenerationRequest(tokens, max_tokens=1))
-    try:
-        return session.restored.reuse, session.prompt_cache
-    finally:
-        engine.abandon(session)
+    restored, prompt_cache, _ = engine._restore(GenerationRequest(tokens, max_tokens=1))
+    engine.store.keep(restored, prompt_cache, sequence=None, snapshots={})  # as Engine.abandon
+    return restored.reuse, prompt_cache
 
 
 def baselines(engine, run: dict, repeats: int) -> tuple[float, float]:
@@ -172,6 +171,19 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
         out[scenario][str(n)] = slim(run)
         out["compute"][scenario][str(n)], out["one_pass"][scenario][str(n)] = baselines(engine, run, repeats)
 
+    def note_alternated(engine, n: int, system: str) -> None:
+        """Warm requests, each followed by the baselines of its remainder: measured in turn,
+        so that neither side has a quieter moment of the shared cores (bench/passes.py)."""
+        runs, computes, passes = [], [], []
+        for i in range(REPEATS):
+            runs.append(engine_request(engine, messages_for(system, warm_question(i))))
+            compute, single = baselines(engine, runs[-1], 1)
+            computes.append(compute)
+            passes.append(single)
+        out["warm"][str(n)] = slim(median_run(runs))
+        out["compute"]["warm"][str(n)] = statistics.median(computes)
+        out["one_pass"]["warm"][str(n)] = statistics.median(passes)
+
     engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))
     try:
         engine_request(engine, [{"role": "user", "content": "Say hi."}])  # MLX's first-call set-up
@@ -179,8 +191,7 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
             log(f"  in-process {n}: cold, then {REPEATS} warm")
             out["cold"][str(n)] = slim(engine_request(engine, messages_for(system, QUESTIONS[0])))
             engine_request(engine, messages_for(system, PRIMING_QUESTION))
-            runs = [engine_request(engine, messages_for(system, warm_question(i))) for i in range(REPEATS)]
-            note(engine, "warm", n, median_run(runs), REPEATS)
+            note_alternated(engine, n, system)
         engine.store.flush()
     finally:
         engine.close()
