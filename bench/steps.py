@@ -5,7 +5,7 @@ TTFT; the after-restart TTFT against the disk's floor; and the restore's bandwid
 raw read of the same block files.
 
 In-process, the engine's own step timer (`Usage.steps`: buffers, hash, match, snapshot,
-rebuild, prefill, first_token) times one request through Engine.generate; render is the
+rebuild, prefill, clear_cache, first_token) times one request through Engine.generate; render is the
 chat template and tokenizer (kvtier.prompt) timed around the call the routes make.
 "Compute alone" is plain mlx-lm for the same request: `generate_step` with the remainder as
 its prompt over an mlx-lm KVCache already holding the prefix, on its own schedule (the
@@ -38,7 +38,8 @@ from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_
 from scenarios.ttft_by_length import length_systems  # noqa: E402
 
 LENGTHS, QUICK_LENGTHS = [1024, 4096, 16384], [512, 1024]
-STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill", "first_token"]
+STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill", "clear_cache",
+         "first_token"]
 REPEATS = 3  # warm requests per length (median); after restart is once by nature
 
 
