@@ -5,7 +5,7 @@ TTFT; the after-restart TTFT against the disk's floor; and the restore's bandwid
 raw read of the same block files.
 
 In-process, the engine's own step timer (`Usage.steps`: buffers, hash, match, snapshot,
-rebuild, prefill, first_token) times one request through Engine.generate; render is the
+rebuild, prefill, clear_cache, first_token) times one request through Engine.generate; render is the
 chat template and tokenizer (kvtier.prompt) timed around the call the routes make.
 "Compute alone" is plain mlx-lm for the same request: `generate_step` with the remainder as
 its prompt over an mlx-lm KVCache already holding the prefix, on its own schedule (the
@@ -38,7 +38,8 @@ from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_
 from scenarios.ttft_by_length import length_systems  # noqa: E402
 
 LENGTHS, QUICK_LENGTHS = [1024, 4096, 16384], [512, 1024]
-STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill", "first_token"]
+STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill", "clear_cache",
+         "first_token"]
 REPEATS = 3  # warm requests per length (median); after restart is once by nature
 
 
@@ -131,14 +132,13 @@ def one_pass(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float
 
 
 def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
-    """The prompt cache the engine restores for `tokens` (not timed), for the baselines."""
+    """The prompt cache the tiers restore for `tokens` (not timed), for the baselines: from
+    the blocks, never a live cache, which stays for the next warm request to take over."""
     from kvtier.engine import GenerationRequest
 
-    session = engine.begin(GenerationRequest(tokens, max_tokens=1))
-    try:
-        return session.restored.reuse, session.prompt_cache
-    finally:
-        engine.abandon(session)
+    restored, prompt_cache, _ = engine._restore(GenerationRequest(tokens, max_tokens=1))
+    engine.store.keep(restored, prompt_cache, sequence=None, snapshots={})  # as Engine.abandon
+    return restored.reuse, prompt_cache
 
 
 def baselines(engine, run: dict, repeats: int) -> tuple[float, float]:
@@ -172,6 +172,19 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
         out[scenario][str(n)] = slim(run)
         out["compute"][scenario][str(n)], out["one_pass"][scenario][str(n)] = baselines(engine, run, repeats)
 
+    def note_alternated(engine, n: int, system: str) -> None:
+        """Warm requests, each followed by the baselines of its remainder: measured in turn,
+        so that neither side has a quieter moment of the shared cores (bench/passes.py)."""
+        runs, computes, passes = [], [], []
+        for i in range(REPEATS):
+            runs.append(engine_request(engine, messages_for(system, warm_question(i))))
+            compute, single = baselines(engine, runs[-1], 1)
+            computes.append(compute)
+            passes.append(single)
+        out["warm"][str(n)] = slim(median_run(runs))
+        out["compute"]["warm"][str(n)] = statistics.median(computes)
+        out["one_pass"]["warm"][str(n)] = statistics.median(passes)
+
     engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))
     try:
         engine_request(engine, [{"role": "user", "content": "Say hi."}])  # MLX's first-call set-up
@@ -179,8 +192,7 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
             log(f"  in-process {n}: cold, then {REPEATS} warm")
             out["cold"][str(n)] = slim(engine_request(engine, messages_for(system, QUESTIONS[0])))
             engine_request(engine, messages_for(system, PRIMING_QUESTION))
-            runs = [engine_request(engine, messages_for(system, warm_question(i))) for i in range(REPEATS)]
-            note(engine, "warm", n, median_run(runs), REPEATS)
+            note_alternated(engine, n, system)
         engine.store.flush()
     finally:
         engine.close()

@@ -57,8 +57,8 @@ class Usage:
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
-    # Seconds of each step to the first token (buffers, hash, match, snapshot, account,
-    # rebuild, prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
+    # Seconds of each step to the first token (buffers, hash, match, snapshot, account, rebuild,
+    # prefill; clear_cache and first_token on the sequential path): a few clock reads, for bench/steps.py.
     steps: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -270,7 +270,9 @@ class Engine:
     def _prefill(self, session: Session) -> None:
         for _ in self.prefill_chunks(session):
             pass
-        mx.clear_cache()
+        began = time.perf_counter()
+        mx.clear_cache()  # as generate_step after its prefill: 10-15 ms at 16K, so timed as a step
+        session.usage.steps["clear_cache"] = time.perf_counter() - began
 
     def prefill_chunks(self, session: Session) -> Iterator[int]:
         """Compute the prompt past the restored prefix but its last token, in chunks of the
