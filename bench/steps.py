@@ -85,17 +85,24 @@ def engine_request(engine, messages: list[dict]) -> dict:
             "steps": steps, "text": "".join(c.text for c in chunks)}
 
 
-def prefix_held(engine, prefix_cache: list, reuse: int) -> list:
-    """A fresh mlx-lm KVCache holding the first `reuse` tokens of `prefix_cache` (copied)."""
+def prefix_held(engine, prefix_cache: list, reuse: int, capacity: int) -> list:
+    """A fresh mlx-lm KVCache holding the first `reuse` tokens of `prefix_cache` (copied) in
+    buffers of `capacity` tokens, rounded up to KVCache's step: the size mlx-lm's own cache has
+    once it holds the prompt, so the timed passes do not grow it (kvtier's caches never do)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
 
     from kvtier.kvstate import hold_tokens
 
+    size = -(-capacity // KVCache.step) * KVCache.step
     cache = make_prompt_cache(engine.model)
     for layer, source in zip(cache, prefix_cache):
-        keys, values = source.state[:2]
-        hold_tokens(layer, mx.contiguous(keys[..., :reuse, :]), mx.contiguous(values[..., :reuse, :]), reuse)
+        held = []
+        for array in source.state[:2]:
+            buffer = mx.zeros(array.shape[:2] + (size,) + array.shape[3:], array.dtype)
+            buffer[..., :reuse, :] = array[..., :reuse, :]
+            held.append(buffer)
+        hold_tokens(layer, *held, reuse)
     mx.eval([c.state for c in cache])
     return cache
 
@@ -107,7 +114,7 @@ def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> 
     import mlx.core as mx
     from mlx_lm.generate import generate_step, generation_stream
 
-    cache = prefix_held(engine, prefix_cache, reuse)
+    cache = prefix_held(engine, prefix_cache, reuse, capacity=len(tokens) + 1)
     started = time.perf_counter()
     stream = generate_step(mx.array(tokens[reuse:]), engine.model, prompt_cache=cache, max_tokens=1,
                            prefill_step_size=engine.prefill_step_size)
@@ -124,7 +131,7 @@ def one_pass(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float
     tokens rounds differently from a pass of one)."""
     import mlx.core as mx
 
-    cache = prefix_held(engine, prefix_cache, reuse)
+    cache = prefix_held(engine, prefix_cache, reuse, capacity=len(tokens) + 1)
     started = time.perf_counter()
     logits = engine.model(mx.array(tokens[reuse:])[None], cache=cache)[:, -1, :]
     mx.argmax(logits, axis=-1).item()
