@@ -523,7 +523,9 @@ class Index:
             return found
 
     def has_many(self, keys: list[bytes]) -> set[bytes]:
-        """Those of `keys` that have a record (readable or not)."""
+        """Those of `keys` that have a record (readable or not). Not under `_reads` on purpose:
+        an unreadable index must stop the caller (the leftover sweep), not answer "none", which
+        would make every block file look like a leftover."""
         with self.env.begin(db=self._blocks) as txn:
             return {key for key in keys if txn.get(key) is not None}
 
