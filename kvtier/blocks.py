@@ -9,7 +9,6 @@ against the stored tokens.
 from __future__ import annotations
 
 import ctypes
-
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -62,9 +62,9 @@ class Usage:
     steps: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def restored(cls, restored: Restore, prompt_tokens: int, seconds: float) -> "Usage":
+    def restored(cls, restored: Restore, prompt_tokens: int) -> "Usage":
         return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
-                   shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens, restore_seconds=seconds,
+                   shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens,
                    restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
 
     @property
@@ -218,7 +218,7 @@ class Engine:
         if taken is None:
             return None
         restored, prompt_cache = taken
-        return restored, prompt_cache, Usage.restored(restored, len(tokens), 0.0)
+        return restored, prompt_cache, Usage.restored(restored, len(tokens))
 
     def _restore(self, request: GenerationRequest) -> tuple[Restore, list[Any], Usage]:
         started, tokens = time.perf_counter(), request.prompt_tokens
@@ -229,7 +229,7 @@ class Engine:
         looked_up = time.perf_counter()
         prompt_cache = self._rebuild(buffers, restored)
         rebuilt = time.perf_counter()
-        usage = Usage.restored(restored, len(tokens), 0.0)
+        usage = Usage.restored(restored, len(tokens))
         usage.steps.update(buffers=allocated - started, rebuild=rebuilt - looked_up)
         return restored, prompt_cache, usage
 

@@ -208,11 +208,15 @@ def hold_tokens(layer: Any, keys: Any, values: Any, num_tokens: int) -> None:
 def cache_nbytes(prompt_cache: list[Any]) -> int:
     """Bytes a prompt cache's layers occupy, buffers at their full size. Not mlx-lm's own
     `nbytes`: QuantizedKVCache's raises NameError on mlx-lm 0.31.2 (a missing import)."""
-    def arrays(layer: Any) -> Any:
+    def layer_bytes(layer: Any) -> int:
+        if isinstance(layer, mlx_cache.CacheList):
+            return cache_nbytes(layer.caches)
         if isinstance(layer, (mlx_cache.KVCache, mlx_cache.QuantizedKVCache, mlx_cache.RotatingKVCache)):
-            return (layer.keys, layer.values)  # `state` would slice them to the offset
-        return layer.state
-    return sum(a.nbytes for layer in prompt_cache for _, a in tree_flatten(arrays(layer)) if isinstance(a, mx.array))
+            arrays = (layer.keys, layer.values)  # `state` would slice them to the offset
+        else:
+            arrays = layer.state
+        return sum(a.nbytes for _, a in tree_flatten(arrays) if isinstance(a, mx.array))
+    return sum(layer_bytes(layer) for layer in prompt_cache)
 
 
 def trim_to(prompt_cache: list[Any], plan: CachePlan, num_tokens: int) -> None:
@@ -346,7 +350,7 @@ def held_bytes(prompt_cache: list[Any], plan: CachePlan, layout: Layout, num_tok
     """What a cache's first `num_tokens` tokens occupy as a restore counts them: the sliced
     layers' bytes per token (the layout's), and the snapshot layers' whole state."""
     per_token = sum(math.prod(shape) * getattr(mx, dtype).size for shape, dtype in layout.values())
-    return per_token * num_tokens + sum(prompt_cache[i].nbytes for i in plan.snapshot)
+    return per_token * num_tokens + cache_nbytes([prompt_cache[i] for i in plan.snapshot])
 
 
 def nbytes(arrays: BlockArrays) -> int:

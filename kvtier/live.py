@@ -48,7 +48,7 @@ class LiveCaches:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(e.nbytes for e in self._entries)
+            return self._held_bytes()
 
     def __len__(self) -> int:
         with self._lock:
@@ -100,7 +100,7 @@ class LiveCaches:
             if epoch != self.epoch:  # a purge came between (checked under the lock `clear` takes)
                 return False
             self._entries.append(entry)
-            while len(self._entries) > self.slots or sum(e.nbytes for e in self._entries) > room:
+            while len(self._entries) > self.slots or self._held_bytes() > room:
                 self._entries.pop(0)
         return True
 
@@ -108,7 +108,7 @@ class LiveCaches:
         """Drop the oldest entries until they hold at most `target_bytes`; the bytes released."""
         released = 0
         with self._lock:
-            while self._entries and sum(e.nbytes for e in self._entries) > target_bytes:
+            while self._entries and self._held_bytes() > target_bytes:
                 released += self._entries.pop(0).nbytes
         return released
 
@@ -117,6 +117,10 @@ class LiveCaches:
         with self._lock:
             self.epoch += 1
         return self.shrink_to(0)
+
+    def _held_bytes(self) -> int:
+        """What the entries occupy (the caller holds the lock)."""
+        return sum(e.nbytes for e in self._entries)
 
     def _held_tokens(self, prompt_cache: list[Any], sequence_length: int) -> int | None:
         """Tokens of the sequence the cache holds, when it holds them consistently: every sliced

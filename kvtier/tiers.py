@@ -184,6 +184,11 @@ class ReadAhead(Generic[Planned]):
             self._started_bytes += record.nbytes
 
 
+def _step_times(marks: list[float]) -> dict[str, float]:
+    """Seconds of a restore's steps, from the clock read at each step's end (and before)."""
+    return {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
+
+
 class TieredStore:
     def __init__(self, config: CacheConfig, fingerprint: str, layout: Layout,
                  plan: CachePlan | None = None):
@@ -224,7 +229,7 @@ class TieredStore:
         restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks(self.config.block_size))
         self._account(restored, len(tokens))
         marks.append(time.perf_counter())
-        restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
+        restored.steps = _step_times(marks)
         return restored
 
     def restore_live(self, tokens: Sequence[int], hit: LiveHit) -> tuple[Restore, list[Any]] | None:
@@ -247,7 +252,7 @@ class TieredStore:
         self._account(restored, len(tokens))
         restored.restored_bytes = kvstate.held_bytes(prompt_cache, self.plan, self.layout, hit.reuse)
         marks.append(time.perf_counter())
-        restored.steps = {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
+        restored.steps = _step_times(marks)
         return restored, prompt_cache
 
     def offer_live(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int) -> None:
