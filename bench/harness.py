@@ -198,6 +198,12 @@ def run_session(server: "Server", model: str, systems: dict[str, str], max_token
     return results
 
 
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that produced a result, for the docs: `python bench/<script>` and its
+    arguments (`argv`, default this process's)."""
+    return " ".join(["python", f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def machine_description() -> str:
     import mlx.core as mx
 

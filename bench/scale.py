@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, machine_description, target_table, write_result  # noqa: E402
+from harness import ROOT, command_line, machine_description, target_table, write_result  # noqa: E402
 
 from kvtier.blocks import block_refs, encode_tokens  # noqa: E402
 from kvtier.config import CacheConfig  # noqa: E402
@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     results = run([int(n) for n in args.sizes.split(",")])
-    command = "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = render(results, command.strip())
+    text = render(results, command_line("scale.py", argv))
     print(text)
     if args.write:
         write_result("scale", results, text)

@@ -23,6 +23,7 @@ once (cold) in-process; the daemon restarts on a copy of that cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -30,9 +31,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, Server, machine_description, stream_chat, target_table, warm_up, write_result  # noqa: E402
+from harness import ROOT, Server, command_line, machine_description, stream_chat, target_table, warm_up, write_result  # noqa: E402
 from prompts import QUESTIONS, messages_for  # noqa: E402
 from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_cache, raw_read, read_files  # noqa: E402
 from scenarios.ttft_by_length import length_systems  # noqa: E402
@@ -192,20 +194,25 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
         out["compute"]["warm"][str(n)] = statistics.median(computes)
         out["one_pass"]["warm"][str(n)] = statistics.median(passes)
 
-    engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))
-    try:
-        engine_request(engine, [{"role": "user", "content": "Say hi."}])  # MLX's first-call set-up
+    @contextlib.contextmanager
+    def started_engine() -> Iterator[Engine]:
+        """A fresh Engine on the cache (each one after the first: a restart), past MLX's
+        first-call set-up; its blocks flushed to disk when done."""
+        engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))
+        try:
+            engine_request(engine, [{"role": "user", "content": "Say hi."}])
+            yield engine
+            engine.store.flush()
+        finally:
+            engine.close()
+
+    with started_engine() as engine:
         for n, system in systems.items():
             log(f"  in-process {n}: cold, then {REPEATS} warm")
             out["cold"][str(n)] = slim(engine_request(engine, messages_for(system, QUESTIONS[0])))
             engine_request(engine, messages_for(system, PRIMING_QUESTION))
             note_alternated(engine, n, system)
-        engine.store.flush()
-    finally:
-        engine.close()
-    engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))  # a restart
-    try:
-        engine_request(engine, [{"role": "user", "content": "Say hi."}])
+    with started_engine() as engine:
         for n, system in systems.items():
             log(f"  in-process {n}: after restart, the cache's files evicted from the page cache")
             messages = messages_for(system, restart_question(0))
@@ -215,19 +222,11 @@ def measure_in_process(model: Path, systems: dict[int, str], cache_dir: Path) ->
             out["raw_read_restored"][str(n)] = read_files(files)  # the disk's floor for this restore
             evict_files(cache_dir)
             note(engine, "after_restart", n, engine_request(engine, messages), 1)
-        engine.store.flush()
-    finally:
-        engine.close()
-    engine = Engine(str(model), CacheConfig(cache_dir=cache_dir, ram_budget=8 << 30))  # restarted again
-    try:
-        engine_request(engine, [{"role": "user", "content": "Say hi."}])
+    with started_engine() as engine:
         for n, system in systems.items():
             log(f"  in-process {n}: after restart, the cache's files in the page cache")
             into_page_cache(cache_dir)
             note(engine, "after_restart_cached", n, engine_request(engine, messages_for(system, restart_question(1))), 1)
-        engine.store.flush()
-    finally:
-        engine.close()
     return out
 
 
@@ -523,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"] = targets(results)
     else:
         results = run([int(n) for n in args.lengths.split(",")], mlx_server=not args.no_mlx_server)
-        results["command"] = ("python bench/steps.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+        results["command"] = command_line("steps.py", argv)
         results["date"] = time.strftime("%Y-%m-%d")
     text = render(results, results.get("command", "python bench/steps.py --write"))
     print(text)

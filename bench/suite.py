@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, log, machine_description
+from harness import ROOT, command_line, log, machine_description
 from scenarios.agent_replay import run_agent
 from scenarios.decode_speed import run_decode
 from scenarios.restore_bandwidth import run_restore
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = length_systems(args.lengths, tokenizer)
     work = Path(tempfile.mkdtemp(prefix="kvtier-suite-work-"))
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
-                               "model": ".models/llama", "command": "python bench/suite.py " + " ".join(sys.argv[1:]),
+                               "model": ".models/llama", "command": command_line("suite.py", argv),
                                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     try:
         results["ttft"] = run_ttft(model, systems, work)

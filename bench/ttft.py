@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, Server, machine_description, stream_chat, write_section
+from harness import ROOT, Server, command_line, machine_description, stream_chat, write_section
 from prompts import QUESTIONS, agent_system_prompt, messages_for
 
 def run_server(server: Server, model: str, system: str, repeats: int) -> dict:
@@ -81,7 +81,7 @@ def main() -> int:
     system = agent_system_prompt(args.prompt_tokens, tokenizer)
     work = Path(tempfile.mkdtemp(prefix="kvtier-bench-"))
     results = {"model": ".models/llama",
-               "command": "python bench/ttft.py " + " ".join(sys.argv[1:])}
+               "command": command_line("ttft.py")}
     try:
         for server in (Server.kvtier(model, work / "cache", work / "kvtier.log"),
                        Server.mlx_lm(model, work / "mlx_lm.log")):
