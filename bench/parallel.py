@@ -17,8 +17,9 @@ Then a long-prefill probe: one stream decodes while another request prefills a c
 ~8K-token prompt; the stream's longest gap is reported (chunked prefill keeps it near one
 prefill chunk plus one decode step).
 
-Servers: kvtier as configured by default (batched only where exact: on Linux with OpenBLAS
-that means one at a time), kvtier --batch-inexact, and mlx_lm.server, all running at once
+Servers: kvtier as configured by default (batched only where exact, else interleaved, each
+request decoding its own row: on Linux with OpenBLAS the latter; the label says which),
+kvtier --batch-inexact, and mlx_lm.server, all running at once
 and taking turns round by round (in a rotating order, a pause between two), so that other
 load on the machine falls on them alike.
 
@@ -34,6 +35,7 @@ import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,8 +225,9 @@ def main() -> None:
     model = str(model_path)
     try:
         for name, make in servers.items():  # all up at once; an idle one waits on its queue
-            running[name] = make().start()
-            stream(running[name], model, [{"role": "user", "content": "warm up"}], 4)
+            server = make().start()
+            running[labelled(name, server)] = server
+            stream(server, model, [{"role": "user", "content": "warm up"}], 4)
         for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
             runs = {name: Parallel(server, model, systems[n], n, max_tokens) for name, server in running.items()}
             order = list(runs.values())
@@ -247,6 +250,14 @@ def main() -> None:
     (out / "bench" / "parallel.json").write_text(json.dumps(results, indent=2))
     write_section("parallel", render(results), out / "benchmarks.md")
     plot(results, out / "bench" / "parallel.png")
+
+
+def labelled(name: str, server: Server) -> str:
+    """kvtier's default with the mode its start-up check chose (`/health` batching.mode)."""
+    if name != "kvtier":
+        return name
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
+        return f"kvtier ({json.load(response)['batching']['mode']})"
 
 
 def render(results: dict) -> str:

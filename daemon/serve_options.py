@@ -84,8 +84,9 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-waiting", dict(type=int, default=32,
                            help="requests queued before the daemon answers 503 (default: 32)")),
     ("--max-batch", dict(type=int, default=None,
-                         help="requests decoded together in one batch, where batched decode is exact "
-                              f"for the model (default: {default_max_batch()}); 1 runs them one at a time")),
+                         help="requests served at once: decoded in one batch where batched decode is "
+                              "exact for the model, else interleaved, each decoding its own row "
+                              f"(default: {default_max_batch()}); 1 runs them one at a time")),
     ("--batch-inexact", dict(action="store_true",
                              help="batch even where batched decode is not bit-identical to decoding "
                                   "alone (as mlx_lm.server does): faster, but greedy text may differ "

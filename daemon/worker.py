@@ -1,5 +1,7 @@
-"""The one thread that owns MLX: loads the engine, then runs generation jobs, batched
-(kvtier/batch.py) where batched decode is exact for the model, else one at a time.
+"""The one thread that owns MLX: loads the engine, then runs generation jobs together
+(kvtier/batch.py): decoded in one batch where batched decode is bit-exact for the model (or
+`--batch-inexact`), else interleaved, each request decoding its own row in turn; one at a
+time only with `--max-batch 1` or a model whose cache kvtier cannot store.
 
 HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
 away sets the job's cancel flag, and the worker drops it (from the batch at its next step).
@@ -26,6 +28,11 @@ log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
 
+# How concurrent requests run (`/health` batching.mode).
+BATCHED = "batched"  # one forward pass of all rows per decode step
+INTERLEAVED = "interleaved"  # each request's own one-row pass, in turn: the sequential arithmetic
+ONE_AT_A_TIME = "one at a time"
+
 
 class Overloaded(Exception):
     """More requests are waiting than the daemon is configured to queue."""
@@ -39,7 +46,7 @@ class Worker:
         self.batch_inexact = batch_inexact  # batch even where it is not bit-exact
         self.batching: Exactness | None = None  # decided once the model is loaded
         self.batch: Batch | None = None
-        self.batching_enabled = False
+        self.mode = ONE_AT_A_TIME
         self.stats = WorkerStats()
         self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
         self._outbox: Outbox | None = None
@@ -116,7 +123,7 @@ class Worker:
     def _serve(self) -> None:
         try:
             engine = self._make_engine()
-            self.batching_enabled = self._decide_batching(engine)
+            self.mode = self._decide_mode(engine)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
             self.engine = engine
         except Exception as exc:
@@ -125,29 +132,32 @@ class Worker:
             return
         finally:
             self.ready.set()
-        if self.batching_enabled:
-            self._serve_batched()
-        else:
+        if self.mode == ONE_AT_A_TIME:
             self._serve_sequential()
+        else:
+            self._serve_batched(interleaved=self.mode == INTERLEAVED)
         self.engine.close()
 
-    def _decide_batching(self, engine: Engine) -> bool:
-        """Batch only where batched decode measured bit-identical (or the user allows it)."""
+    def _decide_mode(self, engine: Engine) -> str:
+        """Batch where batched decode measured bit-identical (or the user allows it); else
+        interleave requests, which needs only that the cache can be stored."""
         if self.max_batch <= 1:
             self.batching = Exactness(False, "--max-batch 1")
-        else:
-            try:
-                self.batching = measure_exactness(engine)
-            except Exception as exc:
-                log.exception("measuring batched decode failed")
-                self.batching = Exactness(False, f"measuring batched decode failed: {exc}")
-        enabled = self.max_batch > 1 and (self.batching.exact or
-                                          (self.batch_inexact and self.batching.max_difference is not None))
-        if enabled:
+            return ONE_AT_A_TIME
+        try:
+            self.batching = measure_exactness(engine)
+        except Exception as exc:
+            log.exception("measuring batched decode failed")
+            self.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+        if self.batching.exact or (self.batch_inexact and self.batching.max_difference is not None):
             log.info("continuous batching on, up to %d requests: %s", self.max_batch, self.batching.reason)
-        else:
+            return BATCHED
+        if not engine.reusable:
             log.warning("requests run one at a time: %s", self.batching.reason)
-        return enabled
+            return ONE_AT_A_TIME
+        log.warning("requests interleave (up to %d, each decoding its own row) instead of batching: %s",
+                    self.max_batch, self.batching.reason)
+        return INTERLEAVED
 
     def _serve_sequential(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -169,12 +179,12 @@ class Worker:
             emit(exc)
         emit(_DONE)
 
-    def _serve_batched(self) -> None:
+    def _serve_batched(self, interleaved: bool) -> None:
         """Admit jobs while the batch has room (block only when it is empty), step it.
         A seeded sampling request runs alone once the batch drains: its random stream is
         the process's one."""
         assert self.engine is not None  # loaded before any job is served
-        self.batch = batch = Batch(self.engine, self.max_batch, _DONE)
+        self.batch = batch = Batch(self.engine, self.max_batch, _DONE, interleaved=interleaved)
         alone, stopping = None, False
         while True:
             while not stopping and alone is None and not batch.full:
@@ -217,7 +227,7 @@ class Worker:
         """Batching mode and live numbers, for /health, /cache/stats and /metrics."""
         batching = self.batching
         running = len(self.batch) if self.batch is not None else 0
-        return {"enabled": self.batching_enabled, "max_batch": self.max_batch,
+        return {"mode": self.mode, "enabled": self.mode == BATCHED, "max_batch": self.max_batch,
                 "reason": batching.reason if batching else "model loading",
                 "max_logprob_difference": batching.max_difference if batching else None,
                 "running": running, **self.stats.as_dict(self.batch.stats if self.batch is not None else None)}

@@ -12,7 +12,8 @@ stores its new blocks (`TieredStore.keep`).
 
 Batched decode is only used where `measure_exactness` finds it bit-identical to decoding
 alone on this machine's backend (a GEMM's rows can depend on the batch size: OpenBLAS,
-for one, computes a single row another way than several).
+for one, computes a single row another way than several). Elsewhere the same scheduler
+runs a `RowDecoder` in the generator's place: each request decodes its own row in turn.
 """
 
 from __future__ import annotations
@@ -124,6 +125,81 @@ def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]
     return [out[uid] for uid in uids]
 
 
+# -- exact interleaving: each request decodes its own row ---------------------------------
+@dataclass
+class RowResponse:
+    """What `RowDecoder.next` returns per request: the fields of mlx-lm's batch responses
+    that `Batch` reads."""
+
+    uid: int
+    token: int
+    finish_reason: str | None
+    prompt_cache: list[Any] | None
+
+
+@dataclass(eq=False)
+class _Row:
+    prompt_cache: list[Any]
+    sampler: Callable
+    left: int  # tokens it may still return
+    y: mx.array  # its next token, computed (or queued) but not yet returned
+
+
+class RowDecoder:
+    """BatchGenerator's `insert` / `next` / `remove` for backends whose batched decode is
+    not bit-exact: each request decodes alone over its own prompt cache, one forward pass
+    of one row per step, the sequential path's arithmetic exactly. The requests still take
+    turns token by token, so none waits for another to finish.
+
+    As on the sequential path, a request's next token is queued before its last one is
+    read (compute overlaps the host side), so a returned token is already in its cache."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.rows: dict[int, _Row] = {}
+        self._next_uid = 0
+
+    def _step(self, row: _Row, token: mx.array) -> mx.array:
+        logits = self.model(token[None], cache=row.prompt_cache)[:, -1, :]
+        return row.sampler(logits - mx.logsumexp(logits, keepdims=True))
+
+    def insert(self, tokens: list[list[int]], max_tokens: list[int], caches: list[list[Any]],
+               samplers: list[Callable], **_: Any) -> list[int]:
+        uids = []
+        for (token,), left, prompt_cache, sampler in zip(tokens, max_tokens, caches, samplers):
+            row = _Row(prompt_cache, sampler, left, mx.array([token]))
+            row.y = self._step(row, row.y)
+            mx.async_eval(row.y)
+            uids.append(self._next_uid)
+            self.rows[self._next_uid] = row
+            self._next_uid += 1
+        return uids
+
+    def next(self) -> tuple[None, list[RowResponse]]:
+        """One token of every row: queue each row's following step, then read the tokens."""
+        ready = {uid: row.y for uid, row in self.rows.items()}
+        for row in self.rows.values():
+            row.y = self._step(row, row.y)
+        mx.async_eval([row.y for row in self.rows.values()])
+        responses = []
+        for uid, y in ready.items():
+            row = self.rows[uid]
+            row.left -= 1
+            done = row.left <= 0
+            responses.append(RowResponse(uid, y.item(), "length" if done else None,
+                                         row.prompt_cache if done else None))
+            if done:
+                del self.rows[uid]
+        return None, responses
+
+    def remove(self, uids: list[int], return_prompt_caches: bool = False) -> dict[int, tuple]:
+        removed = {uid: (self.rows.pop(uid).prompt_cache,) for uid in uids}
+        return removed if return_prompt_caches else {}
+
+    def close(self) -> None:
+        self.rows.clear()
+
+
 # -- one request's text ------------------------------------------------------------------
 class TextStream:
     """Tokens to text chunks for one request, with the sequential decode loop's rules: EOS,
@@ -205,8 +281,9 @@ class BatchStats:
 class Batch:
     """The requests the MLX thread is serving at once; `step` advances them all a little."""
 
-    def __init__(self, engine: Engine, max_size: int, done: object):
+    def __init__(self, engine: Engine, max_size: int, done: object, interleaved: bool = False):
         self.engine, self.max_size, self.done = engine, max_size, done
+        self.interleaved = interleaved  # each request decodes its own row: no batched arithmetic
         self.generator = self._new_generator()
         self.prefilling: deque[Member] = deque()
         self.decoding: dict[int, Member] = {}
@@ -214,7 +291,9 @@ class Batch:
         self.stats = BatchStats()
         self._last_step: float | None = None
 
-    def _new_generator(self) -> BatchGenerator:
+    def _new_generator(self) -> BatchGenerator | RowDecoder:
+        if self.interleaved:
+            return RowDecoder(self.engine.model)
         return BatchGenerator(self.engine.model, stop_tokens=[], completion_batch_size=self.max_size,
                               prefill_batch_size=self.max_size,
                               prefill_step_size=self.engine.prefill_step_size)

@@ -27,7 +27,8 @@ def _conversation(question: str) -> list[dict]:
     return agent_messages("batch", question=question, repeat=2)  # longer than a sliding window
 
 
-def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, tmp_path):
+@pytest.mark.parametrize("interleaved", [False, True], ids=["batched", "interleaved"])
+def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, interleaved, tmp_path):
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine, GenerationRequest
@@ -36,7 +37,7 @@ def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, tmp_path)
     engine = Engine(str(arch_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     try:
-        batch = Batch(engine, max_size=4, done=done)
+        batch = Batch(engine, max_size=4, done=done, interleaved=interleaved)
         first = [_conversation(q) for q in QUESTIONS]
         # Round two: a follow-up turn restored from the tiers, joined while others decode.
         follow_up = first[0] + [{"role": "assistant", "content": reference.chat(first[0], MAX_TOKENS)},
@@ -138,13 +139,14 @@ def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
 @pytest.mark.parametrize("arch", ["llama", "nemotron_h"])
 def test_the_start_up_check_decides_and_answers_stay_exact(daemon_factory, arch):
     """Batching is on by default only where batched decode measured bit-identical (not
-    under OpenBLAS, which the daemon preloads on Linux: there requests run one at a time);
-    either way, concurrent answers are plain mlx-lm's."""
+    under OpenBLAS, which the daemon preloads on Linux: there requests interleave, each
+    decoding its own row); either way, concurrent answers are plain mlx-lm's."""
     model = make_model(MODELS / arch, arch)
     daemon = daemon_factory(model, "--max-batch", "4")
     batching = daemon.get("/health")["batching"]
     assert batching["reason"] and batching["max_batch"] == 4
     assert batching["enabled"] == (batching["max_logprob_difference"] == 0)
+    assert batching["mode"] == ("batched" if batching["enabled"] else "interleaved")
     reference = Reference(model)
     conversations = [_conversation(q) for q in QUESTIONS[:2]]
 
@@ -205,15 +207,40 @@ def test_same_uncached_prefix_is_computed_once(arch, second_joins, tmp_path):
         engine.close()
 
 
-def test_a_quantized_kv_cache_runs_one_at_a_time(llama_model, tmp_path):
-    from kvtier.batch import measure_exactness
+def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, tmp_path):
+    """mlx-lm cannot batch a QuantizedKVCache (`--kv-bits`): such requests interleave, each
+    decoding its own row, and answer as plain mlx-lm with that cache does."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from kvtier import kvstate
+    from kvtier.batch import Batch, measure_exactness
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine
+    from kvtier.engine import Engine, GenerationRequest
 
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64, kv_bits=8))
+    done = object()
     try:
         verdict = measure_exactness(engine)
         assert not verdict.exact and "QuantizedKVCache" in verdict.reason
+        conversations = [agent_messages(project, question=q, repeat=2)
+                         for project, q in (("delta", QUESTIONS[0]), ("omega", QUESTIONS[1]))]
+        tokens = [engine.renderer.chat_tokens(c) for c in conversations]
+        outputs: list[list] = [[], []]
+        batch = Batch(engine, max_size=4, done=done, interleaved=True)
+        batch.add(GenerationRequest(tokens[0], MAX_TOKENS, temperature=0.0), outputs[0].append)
+        while batch.prefilling:
+            batch.step()
+        batch.add(GenerationRequest(tokens[1], MAX_TOKENS, temperature=0.0), outputs[1].append)
+        while not batch.idle:
+            batch.step()
+        assert batch.stats.decode_tokens > batch.stats.decode_steps  # both decoded in the same steps
+        for t, out in zip(tokens, outputs):
+            prompt_cache = kvstate.make_cache(engine.model, kvstate.Quantization(bits=8))
+            engine.model(mx.array(t[:-1])[None], cache=prompt_cache)  # one chunk, as the daemon
+            expected = mlx_lm.generate(engine.model, engine.tokenizer, prompt=t[-1:], max_tokens=MAX_TOKENS,
+                                       prompt_cache=prompt_cache)
+            assert out[-1] is done and "".join(item.text for item in out[:-1]) == expected
     finally:
         engine.close()
 
@@ -236,7 +263,8 @@ def _text(items: list) -> str:
     return "".join(item.text for item in items if hasattr(item, "text"))
 
 
-def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path):
+@pytest.mark.parametrize("interleaved", [False, True], ids=["batched", "interleaved"])
+def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interleaved, tmp_path):
     """The model's forward raises (daemon/faults.py, as MLX raises mid-generation) for one
     request: at decode, every request decoding with it gets the error and one being
     prefilled meanwhile finishes right; at prefill, only that request fails. Nothing the
@@ -272,7 +300,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path
         return outputs
 
     try:
-        batch = Batch(engine, max_size=4, done=done)
+        batch = Batch(engine, max_size=4, done=done, interleaved=interleaved)
         # At decode: b joins (and prefills) once a and the poisoned request decode.
         out_a, out_p, out_b = run(a, poisoned, b, join_when_decoding=2)
         for out in (out_a, out_p):
@@ -297,9 +325,12 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, tmp_path
         engine.close()
 
 
-@pytest.mark.parametrize("mode", [("--max-batch", "1"), ("--max-batch", "3", "--batch-inexact")],
-                         ids=["alone", "batched"])
-def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_factory, tiny_model, mode):
+@pytest.mark.parametrize("mode, runs", [
+    (("--max-batch", "1"), {"one at a time"}),
+    (("--max-batch", "3", "--batch-inexact"), {"batched"}),
+    (("--max-batch", "3"), {"batched", "interleaved"}),  # as the start-up check finds
+], ids=["alone", "batched", "default"])
+def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_factory, tiny_model, mode, runs):
     """Batched or not, a generation failing mid-answer is a 500 in the API's JSON shape, or
     in a stream (headers already sent) an error event the `openai` SDK raises."""
     import openai
@@ -327,4 +358,4 @@ def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_
     assert text and reference.chat(poisoned, 16).startswith(text)
     answer = client.chat.completions.create(model=str(daemon.model), messages=other, max_tokens=16, temperature=0)
     assert answer.choices[0].message.content == reference.chat(other, 16)
-    assert daemon.get("/health")["batching"]["enabled"] == (mode[1] != "1")
+    assert daemon.get("/health")["batching"]["mode"] in runs

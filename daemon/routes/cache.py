@@ -33,7 +33,7 @@ async def health(http: web.Request) -> web.Response:
 
 def _batching(worker) -> dict:
     info = worker.describe()
-    return {k: info[k] for k in ("enabled", "max_batch", "reason", "max_logprob_difference", "running")}
+    return {k: info[k] for k in ("mode", "enabled", "max_batch", "reason", "max_logprob_difference", "running")}
 
 
 @routes.get("/cache/stats")
