@@ -45,7 +45,8 @@ OLDEST_VENV   ?= .venv-oldest
 OLDEST_PY     := $(OLDEST_VENV)/bin/python
 MLX_LM_OLDEST := $(shell sed -n 's/^ *"mlx-lm>=\([0-9.]*\)",$$/\1/p' pyproject.toml)
 MLX_OLDEST    := $(shell sed -n 's/^ *"mlx\[cpu\]>=\([0-9.]*\);.*/\1/p' pyproject.toml)
-OLDEST_TESTS  ?= tests/test_cache_protocol.py tests/test_kvstate.py tests/test_quantized.py tests/test_live.py
+OLDEST_TESTS  ?= tests/test_cache_protocol.py tests/test_kvstate.py tests/test_quantized.py tests/test_live.py \
+                 tests/test_prefetch.py
 
 $(OLDEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)

@@ -39,8 +39,9 @@ def init_app(config: ServeConfig) -> web.Application:
         log.info("model %s loaded; cache at %s", config.model, config.cache.cache_dir)
         return engine
 
+    prefetch = config.prefetch if config.prefetch is not None else config.cache.ram_budget // 2
     app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting, config.max_batch,
-                                                      config.batch_inexact))
+                                            config.batch_inexact, prefetch))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)

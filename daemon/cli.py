@@ -45,6 +45,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             raise ValueError("--max-batch must be at least 1")
         config.max_batch = args.max_batch
     config.batch_inexact = args.batch_inexact
+    config.prefetch = args.prefetch
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
     config.strict_model_names = args.strict_model_names
     config.keep_billing_header = args.keep_billing_header

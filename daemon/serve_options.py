@@ -60,6 +60,9 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--ram-budget", dict(type=size, default=None,
                           help=f"bytes of KV kept in memory (default: {default_ram_budget() // 2**20} "
                                "MiB, a fifth of RAM capped at 8 GiB)")),
+    ("--prefetch", dict(type=size, default=None,
+                        help="bytes of the most recently used cache entries read from disk into RAM "
+                             "at start-up, in the background (default: half the RAM budget; 0: none)")),
     ("--disk-budget", dict(type=size, default=DEFAULT_DISK_BUDGET,
                            help="bytes of cache files on disk (default: 20GB)")),
     ("--block-size", dict(type=int, default=None, help="tokens per cached block (default: 128)")),

@@ -40,8 +40,9 @@ class Overloaded(Exception):
 
 class Worker:
     def __init__(self, make_engine: Callable[[], Engine], max_waiting: int = 32, max_batch: int = 1,
-                 batch_inexact: bool = False):
+                 batch_inexact: bool = False, prefetch: int = 0):
         self._make_engine = make_engine
+        self.prefetch = prefetch  # bytes of the newest cache entries read into RAM once loaded
         self.max_batch = max_batch
         self.batch_inexact = batch_inexact  # batch even where it is not bit-exact
         self.batching: Exactness | None = None  # decided once the model is loaded
@@ -54,6 +55,7 @@ class Worker:
         self.load_error: str | None = None
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-mlx", daemon=True)
+        self._planner: threading.Thread | None = None  # plans the start-up prefetch
 
     def start(self) -> None:
         self._thread.start()
@@ -110,6 +112,8 @@ class Worker:
     def stop(self) -> None:
         """Finish the queued jobs, flush every block to disk, close the cache, and wait for
         all of it: no MLX work may still run when the interpreter shuts down."""
+        if self._planner is not None:
+            self._planner.join()  # it reads the index the MLX thread closes at the end
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
@@ -126,6 +130,9 @@ class Worker:
             self.mode = self._decide_mode(engine)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
             self.engine = engine
+            if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
+                self._planner = threading.Thread(target=self._plan_prefetch, args=(engine,), name="kvtier-prefetch")
+                self._planner.start()
         except Exception as exc:
             log.exception("could not load the model")
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -158,6 +165,20 @@ class Worker:
         log.warning("requests interleave (up to %d, each decoding its own row) instead of batching: %s",
                     self.max_batch, self.batching.reason)
         return INTERLEAVED
+
+    def _plan_prefetch(self, engine: Engine) -> None:
+        try:
+            if engine.store.plan_prefetch(self.prefetch).planned:
+                self.call_soon(self._prefetch_step)
+        except Exception:  # no prefetch: requests read from disk as without one
+            log.exception("planning the start-up prefetch failed")
+
+    def _prefetch_step(self, engine: Engine) -> None:
+        """One slice of the start-up prefetch; the next is queued behind what has arrived,
+        so a request waits for one slice at most."""
+        if engine.prefetch_step() and not self.call_soon(self._prefetch_step):
+            assert engine.store.prefetch is not None  # it has just taken a step
+            engine.store.prefetch.end("queue full")
 
     def _serve_sequential(self) -> None:
         while (job := self._jobs.get()) is not None:

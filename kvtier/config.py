@@ -123,6 +123,7 @@ class ServeConfig:
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
     max_batch: int = field(default_factory=lambda: default_max_batch())  # requests decoded at once
     batch_inexact: bool = False  # batch even where batched decode is not bit-exact
+    prefetch: int | None = None  # bytes read from disk into RAM at start-up; None: half the RAM budget
     max_context: int | None = None  # tokens per request (prompt + completion); None: the model's
     model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
     strict_model_names: bool = False  # refuse names other than the served model's and aliases

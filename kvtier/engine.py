@@ -22,7 +22,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
-from .blocks import describe_model, model_fingerprint, runtime
+from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prompt import Renderer
@@ -362,6 +362,35 @@ class Engine:
         self.store.flush()
         pinned = self.pin(tokens) if pin else 0
         return {"tokens": len(tokens), "computed_tokens": usage.computed_tokens, "pinned_entries": pinned}
+
+    def prefetch_step(self) -> bool:
+        """One slice of the start-up prefetch (TieredStore.prefetch_step); after its last one,
+        the newest conversation is made live. False once nothing is left to do."""
+        if self.store.prefetch_step():
+            return True
+        prefetch = self.store.prefetch
+        if prefetch is not None and prefetch.stopped is None and prefetch.live_tokens is None:
+            revivable = self.store.live is not None and not self.cache_plan.needs_snapshots
+            # Oldest first: the live caches drop their oldest entry when full.
+            prefetch.live_tokens = sum(self.revive(leaf) for leaf in reversed(prefetch.leaves)) if revivable else 0
+        return False
+
+    def revive(self, leaf: bytes) -> int:
+        """Rebuild the prompt cache of the conversation ending at block `leaf` from its hot
+        blocks and keep it live, so that after a restart its next turn takes it over as a warm
+        turn does, with no copy on its way to the first token. Only for models without
+        snapshot layers (a live cache of those serves only a prompt extending its whole
+        sequence). The tokens it holds, or 0."""
+        live, tokens = self.store.live, self.store.chain_tokens(leaf)
+        if live is None or not tokens:
+            return 0
+        epoch = live.epoch  # a purge from now on refuses it
+        buffers = kvstate.PromptBuffers(self.layout, capacity=len(tokens) + 1)
+        held = self.store.match(block_refs(tokens, self.block_size, self.fingerprint), tokens, into=buffers).num_tokens
+        if held == 0:
+            return 0
+        prompt_cache = kvstate.rebuild(self.model, self.cache_plan, buffers, held, None)
+        return held if self.store.offer_live(prompt_cache, tokens[:held], epoch) else 0
 
     def pin(self, tokens: list[int], pinned: bool = True) -> int:
         return self.store.pin_prefix(tokens, pinned)

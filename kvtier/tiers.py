@@ -24,7 +24,8 @@ from . import kvstate
 from .blocks import BlockRef, Tokens, block_refs, common_prefix, encode_tokens, root_key, snapshot_ref
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
-from .index import BlockRecord, Index, now_ms
+from .index import BlockRecord, Index, IndexDamaged, now_ms
+from .live import SLOTS as LIVE_SLOTS
 from .live import LiveCaches, LiveHit
 from .kvstate import (BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes,
                       snapshot_matches)
@@ -184,6 +185,54 @@ class ReadAhead(Generic[Planned]):
             self._started_bytes += record.nbytes
 
 
+@dataclass
+class Prefetch:
+    """The start-up read of this model's most recently used entries into the hot tier, so
+    that the first requests after a restart are served from RAM (TieredStore.prefetch_step)."""
+
+    planned: deque[tuple[bytes, BlockRecord]]
+    epoch: int  # the hot tier's purge epoch it began in: a purge since ends it
+    entries: int = 0
+    nbytes: int = 0
+    began: float = field(default_factory=time.perf_counter)
+    seconds: float | None = None  # how long it took, once it ended
+    stopped: str | None = None  # why it ended before its plan: "purged", "memory pressure", "full"
+    leaves: list[bytes] = field(default_factory=list)  # the newest conversations' last blocks, newest first
+    live_tokens: int | None = None  # what the live caches rebuilt from their chains hold, once tried
+
+    @property
+    def done(self) -> bool:
+        return self.seconds is not None
+
+    def end(self, why: str | None = None) -> None:
+        self.stopped = self.stopped or why
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.began
+
+    def stats(self) -> dict:
+        return {"done": self.done, "entries": self.entries, "bytes": self.nbytes, "planned": len(self.planned),
+                "seconds": round(self.seconds, 3) if self.seconds is not None else None, "stopped": self.stopped,
+                "live_tokens": self.live_tokens}
+
+
+PREFETCH_SCAN = 200_000  # index entries looked at for the plan (other models' are skipped)
+PREFETCH_SLICE_BYTES = 32 * 2**20  # read per slice: what a request arriving meanwhile may wait for
+
+
+def _newest_leaves(planned: deque[tuple[bytes, BlockRecord]], limit: int) -> list[bytes]:
+    """The ends of the conversations used last, newest first: of the chain ends (KV blocks no
+    other one continues) used together (one access time: what a request wrote or reused),
+    the deepest one."""
+    records = {key: record for key, record in planned if record.kind == "kv"}
+    continued = {bytes.fromhex(record.parent) for record in records.values()}
+    used_together: dict[int, list[tuple[bytes, BlockRecord]]] = {}
+    for key, record in records.items():  # newest first, as planned
+        if key not in continued:
+            used_together.setdefault(record.access_ms, []).append((key, record))
+    ends = [max(group, key=lambda kr: kr[1].depth)[0] for group in used_together.values()]
+    return ends[:limit]
+
+
 def _step_times(marks: list[float]) -> dict[str, float]:
     """Seconds of a restore's steps, from the clock read at each step's end (and before)."""
     return {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
@@ -208,6 +257,8 @@ class TieredStore:
                        if config.shared_url else None)
         # Finished requests' whole caches, for a next turn to take over (kvtier/live.py).
         self.live = LiveCaches(plan) if plan is not None else None
+        self.prefetch: Prefetch | None = None
+        self._purges = 0  # forget_hot calls: a prefetch read before one must not be kept
 
     # -- one request: restore, then keep -----------------------------------------------
     def restore(self, tokens: Sequence[int], into: PromptBuffers) -> Restore:
@@ -255,12 +306,14 @@ class TieredStore:
         restored.steps = _step_times(marks)
         return restored, prompt_cache
 
-    def offer_live(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int) -> None:
+    def offer_live(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int) -> bool:
         """Keep a finished request's cache live (it holds `sequence`, or its leading part) while
-        it fits in the hot tier's budget beside the blocks."""
-        if self.live is not None:
-            room = self.ram.budget - self.ram.num_bytes
-            self.count("live_kept" if self.live.offer(prompt_cache, sequence, epoch, room) else "live_refused")
+        it fits in the hot tier's budget beside the blocks; True if it was kept."""
+        if self.live is None:
+            return False
+        kept = self.live.offer(prompt_cache, sequence, epoch, self.ram.budget - self.ram.num_bytes)
+        self.count("live_kept" if kept else "live_refused")
+        return kept
 
     def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
              snapshots: dict[int, Snapshot]) -> None:
@@ -407,6 +460,7 @@ class TieredStore:
     def forget_hot(self) -> None:
         """Drop every hot copy (after a purge: RAM must not serve what was purged), the live
         caches too, and those requests hold now when they end."""
+        self._purges += 1
         self.ram.clear()
         if self.live is not None:
             self.live.clear()
@@ -805,6 +859,8 @@ class TieredStore:
         (their blocks are in the tiers already). Entries not yet on disk are queued for it and
         stay until written (then RAM evicts down to its budget; the next spill goes further).
         Returns the bytes released now."""
+        if self.prefetch is not None:
+            self.prefetch.end("memory pressure")
         live = self.live.shrink_to(0) if self.live is not None else 0
         self._submit(self.ram.unpersisted())
         victims = self.ram.shrink_to(target_bytes)
@@ -812,6 +868,86 @@ class TieredStore:
         released = live + sum(b.nbytes for b in victims)
         self.count("ram_bytes_spilled", released)
         return released
+
+    # -- start-up prefetch ---------------------------------------------------------------
+    def plan_prefetch(self, budget: int) -> Prefetch:
+        """This model's most recently used entries on disk, newest first (a conversation's
+        blocks and snapshots together), up to `budget` bytes and the hot tier's free room."""
+        room = min(budget, self.ram.budget - self.hot_bytes)
+        planned: deque[tuple[bytes, BlockRecord]] = deque()
+        if self.plan is not None and room > 0 and self.disk_enabled:
+            try:
+                total = 0
+                for scanned, (key, record) in enumerate(self.index.newest()):
+                    if scanned >= PREFETCH_SCAN or total + record.nbytes > room:
+                        break
+                    if record.fingerprint == self.fingerprint and key not in self.ram:
+                        planned.append((key, record))
+                        total += record.nbytes
+            except IndexDamaged:  # being rebuilt: nothing to plan from
+                planned.clear()
+        self.prefetch = Prefetch(planned, self._purges, leaves=_newest_leaves(planned, LIVE_SLOTS))
+        return self.prefetch
+
+    def chain_tokens(self, key: bytes) -> list[int] | None:
+        """The tokens of the chain ending at block `key`, read from its hot blocks back to the
+        root; None unless every one of them is hot."""
+        root, parts = root_key(self.fingerprint), []
+        while key != root:
+            block = self.ram.get(key)
+            if block is None or block.kind != "kv":
+                return None
+            parts.append(block.tokens)
+            key = block.parent
+        return np.concatenate(parts[::-1]).tolist() if parts else None
+
+    def prefetch_step(self, entries: int = 32, max_bytes: int = PREFETCH_SLICE_BYTES) -> bool:
+        """Read the next planned entries (up to `entries` and `max_bytes`; at least one),
+        checked as a restore reads them and in parallel, into the hot tier without evicting
+        anything; False once the prefetch has ended. Runs on the MLX thread, a slice at a
+        time between requests: a request waits for one slice at most."""
+        prefetch = self.prefetch
+        if prefetch is None or prefetch.done:
+            return False
+        batch: list[tuple[bytes, BlockRecord]] = []
+        while prefetch.planned and len(batch) < entries and \
+                (not batch or sum(r.nbytes for _, r in batch) + prefetch.planned[0][1].nbytes <= max_bytes):
+            batch.append(prefetch.planned.popleft())
+        reads = [(key, record, self._readers.submit(self.disk.read_parsed, key.hex(), record))
+                 for key, record in batch]
+        blocks = [b for b in (self._prefetched(key, record, read) for key, record, read in reads) if b is not None]
+        for block in blocks:
+            if block.nbytes > self.ram.budget - self.hot_bytes:
+                prefetch.end("full")
+                break
+            self._evicted(self.ram.put(block))  # fits: evicts nothing
+            prefetch.entries += 1
+            prefetch.nbytes += block.nbytes
+        if self._purges != prefetch.epoch:  # a purge ran meanwhile: what was read is gone too
+            for block in blocks:
+                self.ram.remove(block.key)
+            prefetch.end("purged")
+        if not prefetch.planned:
+            prefetch.end()
+        return not prefetch.done
+
+    def _prefetched(self, key: bytes, record: BlockRecord, read: Future) -> HotBlock | None:
+        """A planned entry's file as a hot block, checked against its record, its key and the
+        model; a damaged one is dropped (None), as a restore drops it."""
+        ref = BlockRef(key, bytes.fromhex(record.parent), record.depth)
+        try:
+            parsed = read.result()
+            if tokens_hash(parsed.tokens) != record.tokens_hash:
+                raise DamagedBlock("stored tokens differ from the index")
+            self._check_parsed(ref, parsed, parsed.tokens, record.kind)
+            if record.kind == "kv" and xxhash.xxh3_128_digest(ref.parent + encode_tokens(parsed.tokens)) != key:
+                raise DamagedBlock("its key is not the hash of its parent and tokens")
+            arrays = to_mlx(parsed)
+        except DamagedBlock as exc:
+            self._damaged(ref, exc)
+            return None
+        return HotBlock(key, ref.parent, ref.index, parsed.tokens.copy(), arrays, parsed.nbytes, kind=record.kind,
+                        skeleton=parsed.metadata.get("skeleton"), persisted=True)
 
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -845,6 +981,7 @@ class TieredStore:
             "shared": self.shared.stats() if self.shared is not None else None,
             "live": {"entries": len(self.live) if self.live is not None else 0,
                      "bytes": self.live.nbytes if self.live is not None else 0},
+            "prefetch": self.prefetch.stats() if self.prefetch is not None else None,
             "block_size": self.config.block_size,
             "counters": counters,
         }
