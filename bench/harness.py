@@ -130,6 +130,22 @@ def stream_chat(server: Server, model: str, messages: list[dict], max_tokens: in
     return Timed(ttft if ttft is not None else total, total, "".join(parts), usage)
 
 
+# What a bench of the disk tier passes: no start-up prefetch, so that after a restart the
+# blocks come from disk (the default prefetch would read them into RAM in the background).
+DISK_PATH = ("--prefetch", "0")
+
+
+def wait_for_prefetch(server: Server, timeout: float = 600) -> dict:
+    """The start-up prefetch's stats once it has ended (read the cache into RAM)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        prefetch = server.stats().get("prefetch")
+        if prefetch is not None and prefetch["done"]:
+            return prefetch
+        time.sleep(0.05)
+    raise TimeoutError("the start-up prefetch did not end")
+
+
 def warm_up(server: Server, model: str) -> None:
     """One short unrelated request after each (re)start: MLX's first-call set-up (kernels,
     buffers) would otherwise land in whichever scenario happens to come first."""

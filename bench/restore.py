@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, Server, stream_chat, warm_up
+from harness import DISK_PATH, ROOT, Server, stream_chat, warm_up
 from prompts import QUESTIONS, agent_system_prompt, messages_for
 from scenarios.restore_bandwidth import evict_files, raw_read
 
@@ -34,7 +34,7 @@ def trial(model: Path, system: str, cache: Path) -> tuple[float, float, float]:
     work = Path(tempfile.mkdtemp(prefix="kvtier-restore-"))
     try:
         shutil.copytree(cache, work / "cache")
-        server = Server.kvtier(model, work / "cache", work / "kvtier.log")
+        server = Server.kvtier(model, work / "cache", work / "kvtier.log", *DISK_PATH)
         server.start()
         try:
             warm_up(server, str(model))

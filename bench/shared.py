@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, Server, free_port, machine_description, stream_chat, warm_up, write_section
+from harness import DISK_PATH, ROOT, Server, free_port, machine_description, stream_chat, warm_up, write_section
 from prompts import QUESTIONS, agent_system_prompt, messages_for
 
 from tests.support.testmodels import make_model
@@ -87,7 +87,7 @@ def run(prompt_tokens: int, work: Path) -> dict:
             fingerprint = first.stats()["fingerprint"]
         finally:
             first.stop()
-        second = Server.kvtier(model, work / "b", work / "b.log", "--shared", url).start()
+        second = Server.kvtier(model, work / "b", work / "b.log", "--shared", url, *DISK_PATH).start()
         try:
             warm_up(second, str(model))
             from_shared = stream_chat(second, str(model), messages_for(system, QUESTIONS[1]))

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, Server, command_line, machine_description, stream_chat, target_table, warm_up, write_result  # noqa: E402
+from harness import (DISK_PATH, ROOT, Server, command_line, machine_description, stream_chat,  # noqa: E402
+                     target_table, wait_for_prefetch, warm_up, write_result)
 from prompts import QUESTIONS, messages_for  # noqa: E402
 from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_cache, raw_read, read_files  # noqa: E402
 from scenarios.ttft_by_length import length_systems  # noqa: E402
@@ -278,11 +279,13 @@ def ask(server: Server, model: str, system: str, question: int | str) -> dict:
 
 
 def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path, work: Path) -> dict:
-    """kvtier serve on a copy of the in-process cache: after restart (the cache's files
-    evicted from the page cache), then warm; then restarted again with the files in the page
-    cache. Client TTFT beside the engine's own; new questions, not the in-process ones."""
-    out: dict = {"after_restart": {}, "warm": {}, "after_restart_cached": {}}
-    server = Server.kvtier(model, cache_dir, work / "kvtier.log")
+    """kvtier serve on a copy of the in-process cache, with no start-up prefetch (the disk
+    path): after restart (the cache's files evicted from the page cache), then warm; then
+    restarted again with the files in the page cache. Then, files evicted, with the default
+    prefetch: after restart once it has read the cache into RAM. Client TTFT beside the
+    engine's own; new questions, not the in-process ones."""
+    out: dict = {"after_restart": {}, "warm": {}, "after_restart_cached": {}, "after_restart_prefetched": {}}
+    server = Server.kvtier(model, cache_dir, work / "kvtier.log", *DISK_PATH)
     with server:
         warm_up(server, str(model))
         for n, system in systems.items():
@@ -297,6 +300,13 @@ def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path,
             log(f"  kvtier serve {n}: after restart (files in the page cache)")
             into_page_cache(cache_dir)
             out["after_restart_cached"][str(n)] = ask(server, str(model), system, restart_question(3))
+    evict_files(cache_dir)
+    with Server.kvtier(model, cache_dir, work / "kvtier-prefetch.log") as server:
+        log("  kvtier serve: after restart, once the start-up prefetch ended")
+        out["prefetch"] = wait_for_prefetch(server)
+        warm_up(server, str(model))
+        for n, system in systems.items():
+            out["after_restart_prefetched"][str(n)] = ask(server, str(model), system, restart_question(4))
     return out
 
 
@@ -345,7 +355,8 @@ def run(lengths: list[int] | None = None, work: Path | None = None, mlx_server: 
 
 # -- targets and report ----------------------------------------------------------------------------
 SCENARIOS = [("warm", "warm"), ("after_restart", "after restart, files evicted"),
-             ("after_restart_cached", "after restart, files in the page cache")]
+             ("after_restart_cached", "after restart, files in the page cache"),
+             ("after_restart_prefetched", "after restart, once the start-up prefetch read the files")]
 
 
 def in_process(results: dict) -> dict:
@@ -394,8 +405,12 @@ def targets(results: dict) -> list[dict]:
     serve = results["kvtier_serve"]  # client-side: what a user of the daemon waits
     for n in [n for n in lengths if n >= 4096]:
         r = serve["after_restart"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
-        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve; the issue's target)",
-                       r, "<= 1.2x", r <= 1.2, "x"))
+        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve, no prefetch: the "
+                       "blocks read from disk by the request; the issue's target)", r, "<= 1.2x", r <= 1.2, "x"))
+    for n in [n for n in lengths if n >= 4096 and str(n) in serve.get("after_restart_prefetched", {})]:
+        r = serve["after_restart_prefetched"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
+        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve, once the start-up "
+                       "prefetch has read the cache into RAM)", r, "<= 1.2x", r <= 1.2, "x"))
     for n in [n for n in lengths if n >= 4096]:
         floor = disk_floor(results, n)
         if floor is not None:
@@ -466,6 +481,16 @@ def serve_lines(results: dict) -> list[str]:
     return lines
 
 
+def prefetch_lines(results: dict) -> list[str]:
+    """The start-up prefetch of the last serve phase: what it read, how fast."""
+    p = results["kvtier_serve"].get("prefetch")
+    if not p or not p.get("seconds"):
+        return []
+    return [f"Start-up prefetch (the last phase, files evicted first): {p['entries']} entries, "
+            f"{p['bytes'] / 1e6:.1f} MB in {p['seconds']:.3f} s ({p['bytes'] / p['seconds'] / 1e9:.2f} GB/s), "
+            "in the background after the model loaded.", ""]
+
+
 def bandwidth_lines(results: dict) -> list[str]:
     lines = ["| cold page cache for | restored | restore time | restore | raw read of the files | restore / raw |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -502,7 +527,7 @@ def render(results: dict, command: str) -> str:
         "to its first token; overhead = TTFT - compute alone. One pass: the remainder in a single forward "
         "pass, less compute but not mlx-lm's text. kvtier serve and mlx_lm.server: client-side "
         "TTFT of a streamed request (warm: a new question on the cached system prompt).", "",
-        *table(results), "", *serve_lines(results), "",
+        *table(results), "", *serve_lines(results), "", *prefetch_lines(results),
         *(["### After a restart: the disk's floor (in-process)", "", *floor, ""] if floor else []),
         "### Restore bandwidth (in-process)", "",
         *bandwidth_lines(results), "", *target_table(results["targets"]),

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from harness import Server, log, record, stream_chat, warm_up
+from harness import DISK_PATH, Server, log, record, stream_chat, warm_up
 from prompts import QUESTIONS, messages_for
 
 
@@ -84,7 +84,7 @@ def read_files(files: list[Path], chunk: int = 64 << 20) -> dict:
 def run_restore(model: Path, system: str, work: Path) -> dict:
     log("part 3: restore bandwidth from SSD vs a raw read of the block files")
     cache = work / "restore-cache"
-    server = Server.kvtier(model, cache, work / "restore.log")
+    server = Server.kvtier(model, cache, work / "restore.log", *DISK_PATH)
     with server:  # stopping writes every block before the process exits
         warm_up(server, str(model))
         cold = record(stream_chat(server, str(model), messages_for(system, QUESTIONS[0])))
