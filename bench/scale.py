@@ -150,7 +150,7 @@ def daemon_ready_seconds(model: Path, cache_dir: Path, log_file: Path) -> float:
 def measure_daemon(cache_dir: Path, work: Path) -> dict:
     """The daemon's start-up with this cache, less the same start-up with an empty cache
     directory (the model load and everything else the cache does not change); best of 3."""
-    from kvtier.testmodels import make_model
+    from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "tiny", "llama", hidden=64, layers=2)
     empty, full = [], []
