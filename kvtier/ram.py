@@ -95,6 +95,17 @@ class RamTier:
             self._bytes += block.nbytes
             return self._evict_locked(self.budget)
 
+    def put_behind(self, block: HotBlock) -> None:
+        """Insert a block as the least recently used one, evicting nothing: the start-up
+        prefetch reads the newest entries first, so each it adds is older than those before."""
+        with self._lock:
+            if block.key in self._blocks:
+                return
+            self._blocks[block.key] = block
+            self._blocks.move_to_end(block.key, last=False)
+            self._children.setdefault(block.parent, set()).add(block.key)
+            self._bytes += block.nbytes
+
     def remove(self, key: bytes) -> None:
         with self._lock:
             if key in self._blocks:

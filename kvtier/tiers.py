@@ -920,7 +920,7 @@ class TieredStore:
             if block.nbytes > self.ram.budget - self.hot_bytes:
                 prefetch.end("full")
                 break
-            self._evicted(self.ram.put(block))  # fits: evicts nothing
+            self.ram.put_behind(block)  # read newest first: each is older than those before
             prefetch.entries += 1
             prefetch.nbytes += block.nbytes
         if self._purges != prefetch.epoch:  # a purge ran meanwhile: what was read is gone too

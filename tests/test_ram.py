@@ -28,6 +28,16 @@ def test_put_get_and_lookup_within_budget():
     assert ram.usage() == {"blocks": 2, "bytes": 150, "budget": 300, "pending_blocks": 0, "pending_bytes": 0}
 
 
+def test_a_block_put_behind_is_the_oldest_and_evicts_nothing():
+    ram = RamTier(budget=250)
+    ram.put(block(1))
+    ram.put_behind(block(2))
+    ram.put_behind(block(3))  # over budget: nothing leaves
+    assert keys([ram.get(k) for k in ram.keys()]) == [3, 2, 1] and ram.num_bytes == 300
+    assert keys(ram.put(block(4, nbytes=10))) == [3]  # the next put evicts the oldest first
+    assert keys([ram.get(k) for k in ram.keys()]) == [2, 1, 4] and len(ram.children(ROOT)) == 3
+
+
 def test_over_budget_evicts_least_recently_used_first_and_returns_the_victims():
     ram = RamTier(budget=300)
     for name in (1, 2, 3):
