@@ -41,8 +41,20 @@ def run_server(server: Server, model: str, system: str, repeats: int) -> dict:
         "after_restart": after.ttft,
         "prompt_tokens": cold.usage.get("prompt_tokens"),
         "after_restart_cached": (after.usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        # kvtier's split by tier: RAM (the start-up prefetch's blocks; live of them) or disk.
+        "after_restart_sources": {k: v for k, v in (after.usage.get("kvtier") or {}).items()
+                                  if k in ("ram_tokens", "live_tokens", "disk_tokens")},
         "texts": [cold.text, after.text],
     }
+
+
+def _sources(kv: dict) -> str:
+    """Where the after-restart request's cached tokens came from (older results: disk)."""
+    s = kv.get("after_restart_sources")
+    if not s:
+        return " from disk"
+    return (f": {s.get('ram_tokens', 0)} from RAM (read back by the start-up prefetch; {s.get('live_tokens', 0)} "
+            f"of them from a live cache it rebuilt), {s.get('disk_tokens', 0)} from disk")
 
 
 def render(results: dict, args: argparse.Namespace, machine: str) -> str:
@@ -62,7 +74,7 @@ def render(results: dict, args: argparse.Namespace, machine: str) -> str:
         f"Command: `{results['command']}`", "",
         *rows, "",
         f"Greedy texts identical between kvtier and mlx_lm.server: {same}. "
-        f"kvtier after restart reused {kv['after_restart_cached']} cached prompt tokens from disk.",
+        f"kvtier after restart reused {kv['after_restart_cached']} cached prompt tokens{_sources(kv)}.",
     ])
 
 
