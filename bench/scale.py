@@ -307,8 +307,8 @@ def table(results: dict) -> list[str]:
 def render(results: dict, command: str) -> str:
     return "\n".join([
         "## Large caches: 1K to 100K blocks", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {results['machine']}, with six other jobs sharing "
-        f"the two cores: ratios between sizes matter more than the absolute times. Command: `{command}`.",
+        f"Measured {time.strftime('%Y-%m-%d')} on {results['machine']} (a shared VM: ratios between "
+        f"sizes matter more than the absolute times). Command: `{command}`.",
         f"Layout: {results['layout']}. Daemon start-up: `kvtier serve` (a generated 2-layer model, hidden "
         "64) from process start to a healthy `/health`, less the same with an empty cache directory: "
         "what the cache adds (best of three each). Store open: the same opening in-process, alone "

@@ -516,7 +516,7 @@ def render(results: dict, command: str) -> str:
     floor = floor_lines(results)
     return "\n".join([
         "## Per-request steps: warm and after a restart", "",
-        f"Measured {results.get('date', time.strftime('%Y-%m-%d'))} on {results['machine']} (two cores shared with other jobs: "
+        f"Measured {results.get('date', time.strftime('%Y-%m-%d'))} on {results['machine']} (a shared VM: "
         f"compare the columns of one row). Command: `{command}`. Model: generated llama, hidden 512, "
         "8 layers, float32. Step times in ms, in-process, from `Usage.steps` (kvtier/engine.py); warm is "
         f"the median of {REPEATS} requests, each a new question; after restart a fresh Engine on the same "
