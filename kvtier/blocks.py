@@ -40,6 +40,11 @@ def root_key(fingerprint: str) -> bytes:
     return xxhash.xxh3_128_digest(b"kvtier-root\x00" + fingerprint.encode())
 
 
+def block_key(parent: bytes, tokens: Tokens) -> bytes:
+    """A KV block's key: the hash of its parent's key and its tokens (so of the whole prefix)."""
+    return xxhash.xxh3_128_digest(parent + encode_tokens(tokens))
+
+
 def chain_keys(tokens: Tokens, block_size: int, fingerprint: str,
                partial_tail: bool = False) -> list[bytes]:
     """Keys of every full block of `tokens` (and of the partly filled last one if asked),
@@ -47,7 +52,7 @@ def chain_keys(tokens: Tokens, block_size: int, fingerprint: str,
     keys, parent = [], root_key(fingerprint)
     stop = len(tokens) if partial_tail else len(tokens) - block_size + 1
     for start in range(0, stop, block_size):
-        parent = xxhash.xxh3_128_digest(parent + encode_tokens(tokens[start : start + block_size]))
+        parent = block_key(parent, tokens[start : start + block_size])
         keys.append(parent)
     return keys
 
@@ -59,7 +64,7 @@ def snapshot_ref(refs: list["BlockRef"], tokens: Tokens, position: int, block_si
     j = position // block_size
     anchor = refs[j - 1].key if j else root_key(fingerprint)
     after = tokens[j * block_size : position]
-    prefix = xxhash.xxh3_128_digest(anchor + encode_tokens(after)) if len(after) else anchor
+    prefix = block_key(anchor, after) if len(after) else anchor
     return BlockRef(xxhash.xxh3_128_digest(b"kvtier-snapshot\x00" + prefix), anchor, j)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .blocks import encode_tokens
+from .blocks import block_key, encode_tokens
 from .disk import TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block
 from .index import BlockRecord, Index, IndexDamaged
 
@@ -94,7 +94,7 @@ def _entry_of(path: Path, key_hex: str) -> tuple[bytes, BlockRecord, bytes] | No
 
 def derived_key(kind: str, parent: bytes, tokens: np.ndarray) -> bytes | None:
     """The key a block or snapshot with this parent and these tokens has (blocks.py)."""
-    prefix = xxhash.xxh3_128_digest(parent + encode_tokens(tokens)) if len(tokens) else parent
+    prefix = block_key(parent, tokens) if len(tokens) else parent
     if kind == "kv":
         return prefix
     if kind == "snap":

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
-import xxhash
 
 from . import kvstate
-from .blocks import BlockRef, Tokens, block_refs, common_prefix, encode_tokens, root_key, snapshot_ref
+from .blocks import BlockRef, Tokens, block_key, block_refs, common_prefix, root_key, snapshot_ref
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, IndexDamaged, now_ms
@@ -231,6 +230,13 @@ def _newest_leaves(planned: deque[tuple[bytes, BlockRecord]], limit: int) -> lis
             used_together.setdefault(record.access_ms, []).append((key, record))
     ends = [max(group, key=lambda kr: kr[1].depth)[0] for group in used_together.values()]
     return ends[:limit]
+
+
+def _check_key(ref: BlockRef, tokens: np.ndarray) -> None:
+    """A KV block read without the local index's word for its tokens (from the shared store,
+    or by the prefetch) must have the key its parent and tokens hash to."""
+    if block_key(ref.parent, tokens) != ref.key:
+        raise DamagedBlock("its key is not the hash of its parent and tokens")
 
 
 def _step_times(marks: list[float]) -> dict[str, float]:
@@ -632,8 +638,8 @@ class TieredStore:
             if stored_kind != kind or stored_tokens_hash != tokens_hash(block_tokens):
                 return None  # another entry's tokens, or a collision: not this block
             self._check_parsed(ref, parsed, block_tokens, kind)
-            if kind == "kv" and xxhash.xxh3_128_digest(ref.parent + encode_tokens(parsed.tokens)) != ref.key:
-                raise DamagedBlock("its key is not the hash of its parent and tokens")
+            if kind == "kv":
+                _check_key(ref, parsed.tokens)
         except DamagedBlock as exc:
             log.warning("shared cache entry %s is damaged (%s): treated as a miss", ref.hex, exc)
             self.count("shared_damaged")
@@ -940,8 +946,8 @@ class TieredStore:
             if tokens_hash(parsed.tokens) != record.tokens_hash:
                 raise DamagedBlock("stored tokens differ from the index")
             self._check_parsed(ref, parsed, parsed.tokens, record.kind)
-            if record.kind == "kv" and xxhash.xxh3_128_digest(ref.parent + encode_tokens(parsed.tokens)) != key:
-                raise DamagedBlock("its key is not the hash of its parent and tokens")
+            if record.kind == "kv":
+                _check_key(ref, parsed.tokens)
             arrays = to_mlx(parsed)
         except DamagedBlock as exc:
             self._damaged(ref, exc)

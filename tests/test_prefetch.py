@@ -129,27 +129,20 @@ def test_a_damaged_file_is_dropped_and_the_answer_stays_exact(llama_model, refer
         engine.close()
 
 
-def test_nothing_read_before_a_purge_is_kept(llama_model, tmp_path):
+@pytest.mark.parametrize("interruption, why", [
+    (lambda store: store.forget_hot(), "purged"),  # a purge while the prefetch runs
+    (lambda store: store.spill(0), "memory pressure"),
+], ids=["purge", "memory pressure"])
+def test_a_purge_or_memory_pressure_ends_the_prefetch_and_nothing_read_is_kept(llama_model, tmp_path,
+                                                                               interruption, why):
     engine, _ = _cached_engine(llama_model, tmp_path / "cache")
     try:
         engine.store.plan_prefetch(2**30)
         assert engine.store.prefetch_step(entries=1)  # one slice read, more planned
-        engine.store.forget_hot()  # a purge while the prefetch runs
+        interruption(engine.store)
         assert not engine.store.prefetch_step(entries=1)
         stats = engine.store.stats()
-        assert stats["prefetch"]["stopped"] == "purged" and stats["ram"]["entries"] == 0
-    finally:
-        engine.close()
-
-
-def test_memory_pressure_ends_the_prefetch(llama_model, tmp_path):
-    engine, _ = _cached_engine(llama_model, tmp_path / "cache")
-    try:
-        engine.store.plan_prefetch(2**30)
-        assert engine.store.prefetch_step(entries=1)
-        engine.store.spill(0)
-        assert not engine.store.prefetch_step(entries=1)
-        assert engine.store.stats()["prefetch"]["stopped"] == "memory pressure"
+        assert stats["prefetch"]["stopped"] == why and stats["ram"]["entries"] == 0
     finally:
         engine.close()
 
