@@ -241,7 +241,14 @@ def median_run(runs: list[dict]) -> dict:
 
 
 # -- restore bandwidth, in-process -------------------------------------------------------------
-def measure_bandwidth(model: Path, system: str, cache_dir: Path, drop_all: bool = False) -> dict:
+def measure_bandwidth(model: Path, system: str, cache_dir: Path, drop_all: bool = False, trials: int = 3) -> dict:
+    """The median (by ratio) of `trials` bandwidth_trial runs: this VM's disk varies by up
+    to 2x between runs, so one trial decides nothing; every trial's ratio is kept."""
+    runs = [bandwidth_trial(model, system, cache_dir, drop_all) for _ in range(trials)]
+    return {**sorted(runs, key=lambda run: run["ratio"])[len(runs) // 2], "ratios": [run["ratio"] for run in runs]}
+
+
+def bandwidth_trial(model: Path, system: str, cache_dir: Path, drop_all: bool = False) -> dict:
     """After a restart, the cache's files evicted from the page cache (or, `drop_all`, every
     cache dropped: code and libraries too): the restore's KV bytes over its seconds, against a
     raw sequential read of the same block files, evicted again. Uses a copy of `cache_dir`."""
@@ -400,7 +407,7 @@ def targets(results: dict) -> list[dict]:
         checks.append((f"warm overhead beyond plain mlx-lm's compute of the same request at {big} tokens <= 10 ms",
                        extra, "<= 10 ms", extra <= 0.010, "ms"))
     ratio = results["bandwidth"]["ratio"]
-    checks.append(("restore bandwidth >= 90% of a raw read (in-process, cache files evicted)", ratio,
+    checks.append(("restore bandwidth >= 90% of a raw read (in-process, cache files evicted, median of 3 trials)", ratio,
                    ">= 90%", ratio >= 0.9, "%"))
     serve = results["kvtier_serve"]  # client-side: what a user of the daemon waits
     for n in [n for n in lengths if n >= 4096]:
@@ -491,6 +498,11 @@ def prefetch_lines(results: dict) -> list[str]:
             "in the background after the model loaded.", ""]
 
 
+def trial_ratios(bandwidth: dict) -> str:
+    ratios = bandwidth.get("ratios", [])
+    return f" (median of {', '.join(f'{100 * r:.0f}%' for r in ratios)})" if len(ratios) > 1 else ""
+
+
 def bandwidth_lines(results: dict) -> list[str]:
     lines = ["| cold page cache for | restored | restore time | restore | raw read of the files | restore / raw |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -503,7 +515,7 @@ def bandwidth_lines(results: dict) -> list[str]:
         lines.append(f"| {b['eviction']}{'' if ok else ' (FAILED: reads may be cached)'} | "
                      f"{b['restored_bytes'] / 1e6:.1f} MB ({b['disk_tokens']:,} tokens) | {b['restore_seconds']:.3f} s | "
                      f"{b['restore_gb_per_s']:.2f} GB/s | {raw['gb_per_s']:.2f} GB/s ({raw['files']} files, "
-                     f"{raw['bytes'] / 1e6:.1f} MB) | {100 * b['ratio']:.0f}% |")
+                     f"{raw['bytes'] / 1e6:.1f} MB) | {100 * b['ratio']:.0f}%{trial_ratios(b)} |")
     serve = results["kvtier_serve"]["after_restart"][str(max(results["lengths"]))]
     if serve.get("restore_seconds") and serve.get("restored_bytes"):
         lines.append(f"| kvtier serve, after restart: the cache's files (fadvise) | {serve['restored_bytes'] / 1e6:.1f} MB "

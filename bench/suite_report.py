@@ -39,7 +39,7 @@ def evaluate(results: dict) -> list[dict]:
                        restart_ratio(ttft, big) < restart_ratio(ttft, ref)))
     kv = agent["kvtier"]["summary"]
     share = kv["total_ttft"] / agent["no_cache"]["estimated_total_ttft"]
-    checks += [("restore bandwidth >= 90% of raw read (kvtier serve, after restart)", results["restore"]["ratio"], ">= 90%",
+    checks += [("restore bandwidth >= 90% of raw read (kvtier serve, after restart, median of 3 trials)", results["restore"]["ratio"], ">= 90%",
                 results["restore"]["ratio"] >= 0.9),
                ("agent replay hit rate >= 90%", kv["hit_rate"], ">= 90%", kv["hit_rate"] >= 0.9),
                ("agent replay total TTFT <= 15% of no cache", share, "<= 15%", share <= 0.15),
@@ -135,19 +135,26 @@ def render_agent(agent: dict) -> list[str]:
 
 
 def render_restore(restore: dict) -> list[str]:
-    k, raw = restore["restored"]["kvtier"] or {}, restore["raw_read"]
+    k, raw, parallel = restore["restored"]["kvtier"] or {}, restore["raw_read"], restore["parallel_read"]
     drops = restore["drop_caches"]
     dropped = "worked" if all(d["ok"] for d in drops.values()) else \
         f"failed ({drops['before_restore']['error']}); both reads may come from the page cache"
     rows = [["kvtier restore (after restart)", f"{k.get('restored_bytes', 0) / 1e6:.1f} MB",
              f"{k.get('restore_seconds', 0):.3f} s", f"{restore['restore_gb_per_s']:.2f} GB/s"],
             [f"raw sequential read ({raw['files']} files)", f"{raw['bytes'] / 1e6:.1f} MB",
-             f"{raw['seconds']:.3f} s", f"{raw['gb_per_s']:.2f} GB/s"]]
+             f"{raw['seconds']:.3f} s", f"{raw['gb_per_s']:.2f} GB/s"],
+            [f"raw read, {parallel['streams']} files at a time", f"{parallel['bytes'] / 1e6:.1f} MB",
+             f"{parallel['seconds']:.3f} s", f"{parallel['gb_per_s']:.2f} GB/s"]]
+    trials = ", ".join(f"{100 * r:.0f}%" for r in restore["ratios"])
+    parallel_trials = ", ".join(f"{100 * r:.0f}%" for r in restore["parallel_ratios"])
     return table(["", "bytes", "time", "bandwidth"], rows, ["---", "---:", "---:", "---:"]) + [
-        "", f"Restore = {100 * restore['ratio']:.0f}% of the raw read. The restoring request's TTFT: "
+        "", f"Restore = {100 * restore['ratio']:.0f}% of the raw sequential read in the median of "
+            f"{len(restore['ratios'])} trials ({trials}; the table is that trial), and "
+            f"{parallel_trials} of a raw read {parallel['streams']} files at a time, as the restore's "
+            f"reader threads read. The restoring request's TTFT: "
             f"{restore['restored']['ttft']:.3f} s ({k.get('disk_tokens', 0)} tokens from disk; cold "
-            f"{restore['cold']['ttft']:.3f} s). The cache's files evicted from the page cache before "
-            f"each (`posix_fadvise(DONTNEED)`): {dropped}."]
+            f"{restore['cold']['ttft']:.3f} s). Each trial restarts kvtier on a copy of the cache; its "
+            f"files evicted from the page cache before each read (`posix_fadvise(DONTNEED)`): {dropped}."]
 
 
 def render_decode(decode: dict) -> list[str]:

@@ -195,7 +195,7 @@ class Prefetch:
     nbytes: int = 0
     began: float = field(default_factory=time.perf_counter)
     seconds: float | None = None  # how long it took, once it ended
-    stopped: str | None = None  # why it ended before its plan: "purged", "memory pressure", "full"
+    stopped: str | None = None  # why it ended early: "purged", "memory pressure", "full", "queue full"
     leaves: list[bytes] = field(default_factory=list)  # the newest conversations' last blocks, newest first
     live_tokens: int | None = None  # what the live caches rebuilt from their chains hold, once tried
 
@@ -283,7 +283,9 @@ class TieredStore:
         marks.append(time.perf_counter())
         reuse, snapshot = self._restore_point(refs, tokens, found)
         marks.append(time.perf_counter())
-        restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks(self.config.block_size))
+        restored = Restore(found, reuse, snapshot, kept_blocks=found.num_full_blocks(self.config.block_size),
+                           restored_bytes=(sum(h.nbytes for h in found.hits) if reuse else 0)
+                           + (snapshot.snapshot.nbytes if snapshot else 0))
         self._account(restored, len(tokens))
         marks.append(time.perf_counter())
         restored.steps = _step_times(marks)
@@ -305,9 +307,9 @@ class TieredStore:
         found = self._held_prefix(refs, tokens, hit.reuse)
         marks += [time.perf_counter()] * 2  # match (lookups and trim); no snapshot to find
         restored = Restore(found, hit.reuse, None, kept_blocks=found.num_full_blocks(self.config.block_size),
-                           live_tokens=hit.reuse)
+                           live_tokens=hit.reuse,
+                           restored_bytes=kvstate.held_bytes(prompt_cache, self.plan, self.layout, hit.reuse))
         self._account(restored, len(tokens))
-        restored.restored_bytes = kvstate.held_bytes(prompt_cache, self.plan, self.layout, hit.reuse)
         marks.append(time.perf_counter())
         restored.steps = _step_times(marks)
         return restored, prompt_cache
@@ -385,8 +387,6 @@ class TieredStore:
             n = min(usable, left)
             setattr(restored, f"{source}_tokens", getattr(restored, f"{source}_tokens") + n)
             left -= n
-        restored.restored_bytes = (sum(h.nbytes for h in restored.match.hits) if reuse else 0) + \
-            (restored.snapshot.snapshot.nbytes if restored.snapshot else 0)
         deltas = {"tokens_from_ram": restored.ram_tokens, "tokens_from_disk": restored.disk_tokens,
                   "tokens_from_shared": restored.shared_tokens, "tokens_from_live": restored.live_tokens,
                   "requests_live": int(restored.live_tokens > 0),
