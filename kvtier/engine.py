@@ -27,7 +27,7 @@ from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prompt import Renderer
 from .stops import StopMatcher
-from .tiers import Restore, TieredStore
+from .tiers import Prefetch, Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
 
@@ -373,7 +373,23 @@ class Engine:
             revivable = self.store.live is not None and not self.cache_plan.needs_snapshots
             # Oldest first: the live caches drop their oldest entry when full.
             prefetch.live_tokens = sum(self.revive(leaf) for leaf in reversed(prefetch.leaves)) if revivable else 0
+            self._tokenize_ahead(prefetch)
         return False
+
+    def _tokenize_ahead(self, prefetch: Prefetch) -> None:
+        """The newest conversations' texts tokenized on a thread of its own, so that their next
+        turn after a restart tokenizes only its new text, as a warm turn does (a 16K-token
+        prompt whole: about 25 ms)."""
+        sequences = [tokens for tokens in map(self.store.chain_tokens, reversed(prefetch.leaves)) if tokens]
+
+        def tokenize() -> None:
+            try:
+                prefetch.tokenized_texts = self.renderer.remember(sequences)
+            except Exception:  # only a warm-up: prompts are tokenized whole as before
+                log.exception("tokenizing the newest conversations ahead failed")
+                prefetch.tokenized_texts = 0
+
+        threading.Thread(target=tokenize, name="kvtier-tokenize", daemon=True).start()
 
     def revive(self, leaf: bytes) -> int:
         """Rebuild the prompt cache of the conversation ending at block `leaf` from its hot

@@ -66,6 +66,15 @@ class Renderer:
                 return list(encoded.ids), text
         return self._template(messages, tools, add_generation_prompt=True), None
 
+    def remember(self, sequences: list[list[int]]) -> int:
+        """Tokenize the texts of these token sequences (oldest first) ahead of the prompts
+        that will extend them; how many were kept (0 without incremental tokenizing)."""
+        if self.incremental is None:
+            return 0
+        for tokens in sequences:
+            self.incremental.remember(tokens)
+        return len(sequences)
+
     def stats(self) -> dict:
         """Whether prompts are tokenized incrementally, and the tokens reused and tokenized."""
         incremental = self.incremental

@@ -198,6 +198,7 @@ class Prefetch:
     stopped: str | None = None  # why it ended early: "purged", "memory pressure", "full", "queue full"
     leaves: list[bytes] = field(default_factory=list)  # the newest conversations' last blocks, newest first
     live_tokens: int | None = None  # what the live caches rebuilt from their chains hold, once tried
+    tokenized_texts: int | None = None  # the newest conversations' texts tokenized ahead, once done
 
     @property
     def done(self) -> bool:
@@ -209,9 +210,11 @@ class Prefetch:
             self.seconds = time.perf_counter() - self.began
 
     def stats(self) -> dict:
-        return {"done": self.done, "entries": self.entries, "bytes": self.nbytes, "planned": len(self.planned),
+        # Done for its users once the texts are tokenized too (never started if it stopped early).
+        finished = self.done and (self.stopped is not None or self.tokenized_texts is not None)
+        return {"done": finished, "entries": self.entries, "bytes": self.nbytes, "planned": len(self.planned),
                 "seconds": round(self.seconds, 3) if self.seconds is not None else None, "stopped": self.stopped,
-                "live_tokens": self.live_tokens}
+                "live_tokens": self.live_tokens, "tokenized_texts": self.tokenized_texts}
 
 
 PREFETCH_SCAN = 200_000  # index entries looked at for the plan (other models' are skipped)

@@ -108,9 +108,10 @@ class IncrementalTokenizer:
             return None
         return cls(hf, cut_tokens(added))
 
-    def encode(self, text: str) -> Encoded | None:
+    def encode(self, text: str, count: bool = True) -> Encoded | None:
         """`text` tokenized; None when the tokenizer's state (truncation, padding, special
-        tokens split) makes its own call differ from a plain encode: tokenize it that way."""
+        tokens split) makes its own call differ from a plain encode: tokenize it that way.
+        `count` False: not a request's text, not counted in the stats."""
         if not self._plain():
             return None
         with self._lock:
@@ -118,7 +119,7 @@ class IncrementalTokenizer:
         known = next((e for e in recent if e.text == text), None)  # message ends, a retry
         encoded = known or self._extend(text, recent) or self._whole(text)
         with self._lock:
-            if known is None:
+            if known is None and count:
                 self.tokens_reused += encoded.reused
                 self.tokens_tokenized += len(encoded.ids) - encoded.reused
             self._recent[text] = encoded
@@ -126,6 +127,12 @@ class IncrementalTokenizer:
             while len(self._recent) > RECENT_TEXTS:
                 self._recent.popitem(last=False)
         return encoded
+
+    def remember(self, ids: list[int]) -> None:
+        """Keep the text `ids` decode to as a recent text, so that a prompt extending it
+        tokenizes only what is new (a restarted daemon's newest conversations). What is kept
+        is that text's own tokenization, whatever `ids` were: prompts stay exact."""
+        self.encode(self.backend.decode(ids, skip_special_tokens=False), count=False)
 
     def _plain(self) -> bool:
         backend = self.backend

@@ -49,6 +49,10 @@ def test_after_a_restart_the_next_turn_is_served_from_ram(daemon_factory, arch):
     text, usage = ask(second)
     assert text == reference.chat(second, MAX_TOKENS)
     assert usage["ram_tokens"] > 0 and usage["disk_tokens"] == 0
+    # The last conversation's text was tokenized ahead: the new prompt tokenized only its new text.
+    assert prefetch["tokenized_texts"] >= 1
+    tokenizer = daemon.get("/cache/stats")["tokenizer"]
+    assert tokenizer["incremental"] and tokenizer["tokens_reused"] > usage["ram_tokens"] // 2
     if arch == "llama":  # the last conversation was made live: taken over as a warm turn is
         assert prefetch["live_tokens"] > 0 and usage["live_tokens"] > 0
     else:  # a live cache with snapshot layers serves only a prompt extending its whole sequence

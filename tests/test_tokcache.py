@@ -319,3 +319,31 @@ def test_random_conversations_in_the_generated_template_equal_whole_tokenization
         messages = messages + [{"role": role, "content": "".join(pieces)}]
         expected = list(generated_tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         assert renderer.chat_tokens(messages) == expected, messages
+
+
+@pytest.mark.parametrize("name", ["byte_level", "metaspace_first", "metaspace_unsplit", "llama2_style",
+                                  "strips_and_words"])
+def test_a_remembered_token_sequence_leaves_the_next_prompt_exact(built, name):
+    """After a restart the newest conversations' tokens are remembered as the text they decode
+    to; the next turn's prompt is tokenized exactly whether that text decodes back or not."""
+    tokenizer = wrapped(built[name])
+    renderer = Renderer(tokenizer, boundaries=False)
+    conversation = [m for m in CONVERSATION if m["role"] in ("user", "assistant")]
+    earlier = list(tokenizer.apply_chat_template(conversation[:2], add_generation_prompt=True))
+    assert renderer.remember([earlier]) == 1
+    assert renderer.stats()["tokens_tokenized"] == 0  # not a request's text
+    for count in (2, 4):
+        messages = conversation[:count]
+        assert renderer.chat_tokens(messages) == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_the_generated_models_remembered_conversation_is_reused_by_its_next_turn(llama_model):
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(llama_model)
+    renderer = Renderer(tokenizer, boundaries=False)
+    earlier = list(tokenizer.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True))
+    renderer.remember([earlier])
+    messages = CONVERSATION[:4]
+    assert renderer.chat_tokens(messages) == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    assert renderer.stats()["tokens_reused"] > len(earlier) // 2
