@@ -5,7 +5,7 @@ TTFT; the after-restart TTFT against the disk's floor; and the restore's bandwid
 raw read of the same block files.
 
 In-process, the engine's own step timer (`Usage.steps`: buffers, hash, match, snapshot,
-rebuild, prefill, clear_cache, first_token) times one request through Engine.generate; render is the
+rebuild, prefill, first_token) times one request through Engine.generate; render is the
 chat template and tokenizer (kvtier.prompt) timed around the call the routes make.
 "Compute alone" is plain mlx-lm for the same request: `generate_step` with the remainder as
 its prompt over an mlx-lm KVCache already holding the prefix, on its own schedule (the
@@ -41,9 +41,10 @@ from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_
 from scenarios.ttft_by_length import length_systems  # noqa: E402
 
 LENGTHS, QUICK_LENGTHS = [1024, 4096, 16384], [512, 1024]
-STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill", "clear_cache",
+PREFETCH_TRIALS = 3  # restarts with the start-up prefetch; each length's median request is reported
+STEPS = ["render", "buffers", "hash", "match", "snapshot", "account", "rebuild", "prefill",
          "first_token"]
-REPEATS = 3  # warm requests per length (median); after restart is once by nature
+REPEATS = 3  # warm requests per length (median); after restart is once per process by nature
 
 
 def log(message: str) -> None:
@@ -307,13 +308,20 @@ def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path,
             log(f"  kvtier serve {n}: after restart (files in the page cache)")
             into_page_cache(cache_dir)
             out["after_restart_cached"][str(n)] = ask(server, str(model), system, restart_question(3))
-    evict_files(cache_dir)
-    with Server.kvtier(model, cache_dir, work / "kvtier-prefetch.log") as server:
-        log("  kvtier serve: after restart, once the start-up prefetch ended")
-        out["prefetch"] = wait_for_prefetch(server)
-        warm_up(server, str(model))
-        for n, system in systems.items():
-            out["after_restart_prefetched"][str(n)] = ask(server, str(model), system, restart_question(4))
+    trials = []
+    for trial in range(PREFETCH_TRIALS):  # a first request after a restart happens once per process
+        evict_files(cache_dir)
+        with Server.kvtier(model, cache_dir, work / f"kvtier-prefetch-{trial}.log") as server:
+            log(f"  kvtier serve: after restart, once the start-up prefetch ended ({trial + 1}/{PREFETCH_TRIALS})")
+            prefetch = wait_for_prefetch(server)
+            warm_up(server, str(model))
+            trials.append({str(n): ask(server, str(model), system, restart_question(4 + trial))
+                           for n, system in systems.items()})
+    out["prefetch"] = prefetch  # the last trial's
+    for n in systems:
+        runs = [t[str(n)] for t in trials]
+        out["after_restart_prefetched"][str(n)] = {**sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2],
+                                                   "trials": [r["ttft"] for r in runs]}
     return out
 
 
@@ -363,7 +371,7 @@ def run(lengths: list[int] | None = None, work: Path | None = None, mlx_server: 
 # -- targets and report ----------------------------------------------------------------------------
 SCENARIOS = [("warm", "warm"), ("after_restart", "after restart, files evicted"),
              ("after_restart_cached", "after restart, files in the page cache"),
-             ("after_restart_prefetched", "after restart, once the start-up prefetch read the files")]
+             ("after_restart_prefetched", "after restart, once the start-up prefetch read the files (median of 3 restarts)")]
 
 
 def in_process(results: dict) -> dict:
@@ -413,11 +421,11 @@ def targets(results: dict) -> list[dict]:
     for n in [n for n in lengths if n >= 4096]:
         r = serve["after_restart"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
         checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve, no prefetch: the "
-                       "blocks read from disk by the request; the issue's target)", r, "<= 1.2x", r <= 1.2, "x"))
+                       "blocks read from disk by the request, files evicted)", r, "<= 1.2x", r <= 1.2, "x"))
     for n in [n for n in lengths if n >= 4096 and str(n) in serve.get("after_restart_prefetched", {})]:
         r = serve["after_restart_prefetched"][str(n)]["ttft"] / serve["warm"][str(n)]["ttft"]
-        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve, once the start-up "
-                       "prefetch has read the cache into RAM)", r, "<= 1.2x", r <= 1.2, "x"))
+        checks.append((f"after-restart TTFT at {n} tokens <= 1.2x warm (kvtier serve, the default: once the "
+                       "start-up prefetch has read the cache into RAM; median of 3 restarts)", r, "<= 1.2x", r <= 1.2, "x"))
     for n in [n for n in lengths if n >= 4096]:
         floor = disk_floor(results, n)
         if floor is not None:

@@ -58,7 +58,7 @@ class Usage:
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
     # Seconds of each step to the first token (buffers, hash, match, snapshot, account, rebuild,
-    # prefill; clear_cache and first_token on the sequential path): a few clock reads, for bench/steps.py.
+    # prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
     steps: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -270,9 +270,6 @@ class Engine:
     def _prefill(self, session: Session) -> None:
         for _ in self.prefill_chunks(session):
             pass
-        began = time.perf_counter()
-        mx.clear_cache()  # as generate_step after its prefill: 10-15 ms at 16K, so timed as a step
-        session.usage.steps["clear_cache"] = time.perf_counter() - began
 
     def prefill_chunks(self, session: Session) -> Iterator[int]:
         """Compute the prompt past the restored prefix but its last token, in chunks of the
@@ -320,6 +317,8 @@ class Engine:
             # Queue the next step before reading this token: compute overlaps the host side.
             next_y = step(y)
             mx.async_eval(next_y)
+            if n == 1:  # the prefill's buffers freed, as generate_step does, once the first token is out
+                mx.clear_cache()  # (10-15 ms at 16K tokens), while the next step computes
             token = y.item()
             if n == 0:
                 first = time.perf_counter()
@@ -343,6 +342,8 @@ class Engine:
                 self.store.count("requests_cancelled")
                 break
             y = next_y
+        if n <= 1:  # it ended before the call above
+            mx.clear_cache()
         tail = ""
         if not matched_stop:
             detokenizer.finalize()
