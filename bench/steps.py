@@ -320,8 +320,7 @@ def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path,
     out["prefetch"] = prefetch  # the last trial's
     for n in systems:
         runs = [t[str(n)] for t in trials]
-        out["after_restart_prefetched"][str(n)] = {**sorted(runs, key=lambda r: r["ttft"])[len(runs) // 2],
-                                                   "trials": [r["ttft"] for r in runs]}
+        out["after_restart_prefetched"][str(n)] = {**median_run(runs), "trials": [r["ttft"] for r in runs]}
     return out
 
 
