@@ -373,15 +373,15 @@ class Engine:
         if prefetch is not None and prefetch.stopped is None and prefetch.live_tokens is None:
             revivable = self.store.live is not None and not self.cache_plan.needs_snapshots
             # Oldest first: the live caches drop their oldest entry when full.
-            prefetch.live_tokens = sum(self.revive(leaf) for leaf in reversed(prefetch.leaves)) if revivable else 0
-            self._tokenize_ahead(prefetch)
+            sequences = [tokens for tokens in map(self.store.chain_tokens, reversed(prefetch.leaves)) if tokens]
+            prefetch.live_tokens = sum(self.revive(tokens) for tokens in sequences) if revivable else 0
+            self._tokenize_ahead(prefetch, sequences)
         return False
 
-    def _tokenize_ahead(self, prefetch: Prefetch) -> None:
+    def _tokenize_ahead(self, prefetch: Prefetch, sequences: list[list[int]]) -> None:
         """The newest conversations' texts tokenized on a thread of its own, so that their next
         turn after a restart tokenizes only its new text, as a warm turn does (a 16K-token
         prompt whole: about 25 ms)."""
-        sequences = [tokens for tokens in map(self.store.chain_tokens, reversed(prefetch.leaves)) if tokens]
 
         def tokenize() -> None:
             try:
@@ -392,13 +392,13 @@ class Engine:
 
         threading.Thread(target=tokenize, name="kvtier-tokenize", daemon=True).start()
 
-    def revive(self, leaf: bytes) -> int:
-        """Rebuild the prompt cache of the conversation ending at block `leaf` from its hot
-        blocks and keep it live, so that after a restart its next turn takes it over as a warm
-        turn does, with no copy on its way to the first token. Only for models without
+    def revive(self, tokens: list[int]) -> int:
+        """Rebuild the prompt cache of the conversation holding `tokens` (a chain's, from its
+        hot blocks: `TieredStore.chain_tokens`) and keep it live, so that after a restart its
+        next turn takes it over as a warm turn does, with no copy on its way to the first token. Only for models without
         snapshot layers (a live cache of those serves only a prompt extending its whole
         sequence). The tokens it holds, or 0."""
-        live, tokens = self.store.live, self.store.chain_tokens(leaf)
+        live = self.store.live
         if live is None or not tokens:
             return 0
         epoch = live.epoch  # a purge from now on refuses it
