@@ -314,17 +314,16 @@ class Engine:
         eos = set(self.tokenizer.eos_token_ids)
         finish, matched_stop, n = "length", False, 0
         while n < request.max_tokens:
-            # Queue the next step before reading this token: compute overlaps the host side.
-            next_y = step(y)
-            mx.async_eval(next_y)
-            if n == 1:  # the prefill's buffers freed, as generate_step does, once the first token is out
-                mx.clear_cache()  # (10-15 ms at 16K tokens), while the next step computes
+            if n > 0:  # queue the next step before reading this token: compute overlaps the host side
+                next_y = step(y)
+                mx.async_eval(next_y)
             token = y.item()
             if n == 0:
                 first = time.perf_counter()
                 usage.prefill_seconds = first - session.started
                 usage.steps["first_token"] = first - decode_began
-            session.fed.append(token)
+            else:
+                session.fed.append(token)
             n += 1
             if token in eos:
                 finish = "stop"
@@ -341,8 +340,16 @@ class Engine:
                 finish = "cancelled"
                 self.store.count("requests_cancelled")
                 break
+            if n == request.max_tokens:
+                break
+            if n == 1:  # the first token is out: only now its step. On the CPU async_eval returns
+                # once most of a queued step has run: queued first, it was a whole pass more of TTFT.
+                next_y = step(y)
+                mx.async_eval(next_y)
+                session.fed.append(token)
+                mx.clear_cache()  # the prefill's buffers freed, as generate_step does (10-15 ms at 16K)
             y = next_y
-        if n <= 1:  # it ended before the call above
+        if n <= 1:  # it ended on its first token
             mx.clear_cache()
         tail = ""
         if not matched_stop:

@@ -204,3 +204,34 @@ def test_a_batched_follow_up_takes_the_cache_the_batch_gave_back(engine, referen
         assert items[-2].usage.live_tokens == items[-2].usage.cached_tokens > len(reference.chat_tokens(first)) // 2
     finally:
         batch.close()
+
+
+class PassWidths:
+    """mlx-lm's model, recording how many tokens each forward pass took."""
+
+    def __init__(self, model):
+        self.model, self.widths = model, []
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.widths.append(inputs.shape[1])
+        return self.model(inputs, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_a_one_token_answer_runs_no_forward_pass_past_its_prompt_and_its_follow_up_stays_exact(engine, reference):
+    """The first token is read before its own step is queued (on the CPU, queuing it first
+    made TTFT wait for most of that step): an answer that ends there computes nothing more,
+    and what is kept of it holds the prompt alone."""
+    first = agent_messages("one token")
+    tokens = reference.chat_tokens(first)
+    run(engine, tokens[:-8])  # the system prompt cached, so the request below computes a few tokens
+    engine.model = counted = PassWidths(engine.model)
+    text, usage = run(engine, tokens, max_tokens=1)
+    assert text == reference.generate(tokens, 1)
+    new = len(tokens) - usage.cached_tokens
+    assert counted.widths == [new - 1, 1]  # the remainder but its last token, then the last token
+    follow = follow_up(reference, first, text, "And then?")
+    again, usage = run(engine, reference.chat_tokens(follow))
+    assert again == reference.chat(follow, MAX_TOKENS) and usage.live_tokens >= len(tokens) - 1
