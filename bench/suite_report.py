@@ -204,7 +204,8 @@ def large_cache_sections(results: dict) -> list[str]:
                 "### Memory (bench/memory.py)", "", *memory.table(results["memory"])]
     if "steps" in results:  # part 7, in suite.json files from when it was added
         sections += ["", "### Per-request steps (bench/steps.py)", "", *steps.table(results["steps"]), "",
-                     *steps.serve_lines(results["steps"]), "", *steps.bandwidth_lines(results["steps"])]
+                     *steps.serve_lines(results["steps"]), "", *steps.prefetch_trial_lines(results["steps"]),
+                     *steps.bandwidth_lines(results["steps"])]
     return sections
 
 
