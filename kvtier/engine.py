@@ -314,7 +314,9 @@ class Engine:
         eos = set(self.tokenizer.eos_token_ids)
         finish, matched_stop, n = "length", False, 0
         while n < request.max_tokens:
-            if n > 0:  # queue the next step before reading this token: compute overlaps the host side
+            last = n + 1 == request.max_tokens  # no token follows it: its step would be wasted
+            ahead = n > 0 and not last  # queue the next step before reading this token: compute overlaps the host side
+            if ahead:
                 next_y = step(y)
                 mx.async_eval(next_y)
             token = y.item()
@@ -322,8 +324,8 @@ class Engine:
                 first = time.perf_counter()
                 usage.prefill_seconds = first - session.started
                 usage.steps["first_token"] = first - decode_began
-            else:
-                session.fed.append(token)
+            if ahead:
+                session.fed.append(token)  # what the cache holds: the tokens fed to it
             n += 1
             if token in eos:
                 finish = "stop"
@@ -340,7 +342,7 @@ class Engine:
                 finish = "cancelled"
                 self.store.count("requests_cancelled")
                 break
-            if n == request.max_tokens:
+            if last:
                 break
             if n == 1:  # the first token is out: only now its step. On the CPU async_eval returns
                 # once most of a queued step has run: queued first, it was a whole pass more of TTFT.

@@ -220,18 +220,21 @@ class PassWidths:
         return getattr(self.model, name)
 
 
-def test_a_one_token_answer_runs_no_forward_pass_past_its_prompt_and_its_follow_up_stays_exact(engine, reference):
+@pytest.mark.parametrize("max_tokens", [1, 5])
+def test_an_answer_runs_no_forward_pass_past_its_last_token_and_its_follow_up_stays_exact(engine, reference, max_tokens):
     """The first token is read before its own step is queued (on the CPU, queuing it first
-    made TTFT wait for most of that step): an answer that ends there computes nothing more,
-    and what is kept of it holds the prompt alone."""
-    first = agent_messages("one token")
+    made TTFT wait for most of that step), and the last token's step, whose output nobody
+    reads, is never queued: what is kept of the answer is what its cache holds."""
+    first = agent_messages("last token")
     tokens = reference.chat_tokens(first)
     run(engine, tokens[:-8])  # the system prompt cached, so the request below computes a few tokens
     engine.model = counted = PassWidths(engine.model)
-    text, usage = run(engine, tokens, max_tokens=1)
-    assert text == reference.generate(tokens, 1)
+    chunks = list(engine.generate(GenerationRequest(list(tokens), max_tokens, temperature=0.0)))
+    text, usage = "".join(c.text for c in chunks), chunks[-1].usage
+    assert text == reference.generate(tokens, max_tokens) and chunks[-1].finish_reason == "length"
     new = len(tokens) - usage.cached_tokens
-    assert counted.widths == [new - 1, 1]  # the remainder but its last token, then the last token
+    # The remainder but its last token, the last token, then a step for each token but the last.
+    assert counted.widths == [new - 1, 1] + [1] * (max_tokens - 1)
     follow = follow_up(reference, first, text, "And then?")
     again, usage = run(engine, reference.chat_tokens(follow))
     assert again == reference.chat(follow, MAX_TOKENS) and usage.live_tokens >= len(tokens) - 1
