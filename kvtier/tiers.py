@@ -224,7 +224,9 @@ PREFETCH_SLICE_BYTES = 32 * 2**20  # read per slice: what a request arriving mea
 def _newest_leaves(planned: deque[tuple[bytes, BlockRecord]], limit: int) -> list[bytes]:
     """The ends of the conversations used last, newest first: of the chain ends (KV blocks no
     other one continues) used together (one access time: what a request wrote or reused),
-    the deepest one."""
+    the deepest one. Conversations on other prefixes come before more of one prefix: a live
+    cache serves any prompt sharing half of it, so four turns of one agent's conversation
+    would leave its subagents (other system prompts) to copy from the hot blocks."""
     records = {key: record for key, record in planned if record.kind == "kv"}
     continued = {bytes.fromhex(record.parent) for record in records.values()}
     used_together: dict[int, list[tuple[bytes, BlockRecord]]] = {}
@@ -232,7 +234,29 @@ def _newest_leaves(planned: deque[tuple[bytes, BlockRecord]], limit: int) -> lis
         if key not in continued:
             used_together.setdefault(record.access_ms, []).append((key, record))
     ends = [max(group, key=lambda kr: kr[1].depth)[0] for group in used_together.values()]
-    return ends[:limit]
+    chosen: list[bytes] = []
+    held: set[bytes] = set()  # the blocks of the chosen conversations' chains
+    for end in ends:
+        if len(chosen) < limit and _halfway(end, records) not in held:
+            chosen.append(end)
+            held.update(_chain(end, records))
+    return chosen + [end for end in ends if end not in chosen][: limit - len(chosen)]
+
+
+def _chain(key: bytes, records: dict[bytes, BlockRecord]) -> list[bytes]:
+    """`key` and its ancestors among `records`, leaf first."""
+    chain = []
+    while key in records:
+        chain.append(key)
+        key = bytes.fromhex(records[key].parent)
+    return chain
+
+
+def _halfway(key: bytes, records: dict[bytes, BlockRecord]) -> bytes:
+    """The block halfway up the chain ending at `key`: another conversation holding it
+    shares at least half of this one."""
+    chain = _chain(key, records)
+    return chain[len(chain) // 2] if chain else key
 
 
 def _check_key(ref: BlockRef, tokens: np.ndarray) -> None:

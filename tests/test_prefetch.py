@@ -170,3 +170,32 @@ def test_the_last_conversations_come_back_live_newest_last(llama_model, tmp_path
             assert sequence[:len(tokens)] == tokens and len(sequence) > len(tokens)  # prompt and answer
     finally:
         engine.close()
+
+
+def test_other_prefixes_come_back_live_before_more_turns_of_one(llama_model, reference, tmp_path):
+    """Five conversations, the four newest on one system prompt: the revival takes the
+    oldest one too (another agent's prefix), so its next turn after the restart is taken
+    over live instead of copied from the hot blocks, exact."""
+    from kvtier.live import SLOTS
+
+    config = dict(cache_dir=tmp_path / "cache", block_size=TEST_BLOCK_SIZE)
+    writer = Engine(str(llama_model), CacheConfig(**config))
+    other = agent_messages("subagent", question="List the files.")
+    conversations = [other] + [agent_messages("main", question=f"Step {i}.") for i in range(SLOTS)]
+    for messages in conversations:
+        list(writer.generate(GenerationRequest(writer.renderer.chat_tokens(messages), MAX_TOKENS, temperature=0.0)))
+    writer.close()
+    engine = Engine(str(llama_model), CacheConfig(**config))
+    try:
+        engine.store.plan_prefetch(2**30)
+        while engine.prefetch_step():
+            pass
+        other_tokens = reference.chat_tokens(other)
+        assert any(s[:len(other_tokens)] == other_tokens for s in engine.store.live.sequences())
+        follow = other + [{"role": "assistant", "content": reference.chat(other, MAX_TOKENS)},
+                          {"role": "user", "content": "Continue."}]
+        chunks = list(engine.generate(GenerationRequest(reference.chat_tokens(follow), MAX_TOKENS, temperature=0.0)))
+        assert "".join(c.text for c in chunks) == reference.chat(follow, MAX_TOKENS)
+        assert chunks[-1].usage.live_tokens > len(other_tokens) // 2
+    finally:
+        engine.close()
