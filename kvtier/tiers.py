@@ -237,9 +237,11 @@ def _newest_leaves(planned: deque[tuple[bytes, BlockRecord]], limit: int) -> lis
     chosen: list[bytes] = []
     held: set[bytes] = set()  # the blocks of the chosen conversations' chains
     for end in ends:
-        if len(chosen) < limit and _halfway(end, records) not in held:
+        chain = _chain(end, records)
+        # Its block halfway up: another conversation holding it shares at least half of this one.
+        if len(chosen) < limit and (chain[len(chain) // 2] if chain else end) not in held:
             chosen.append(end)
-            held.update(_chain(end, records))
+            held.update(chain)
     return chosen + [end for end in ends if end not in chosen][: limit - len(chosen)]
 
 
@@ -250,13 +252,6 @@ def _chain(key: bytes, records: dict[bytes, BlockRecord]) -> list[bytes]:
         chain.append(key)
         key = bytes.fromhex(records[key].parent)
     return chain
-
-
-def _halfway(key: bytes, records: dict[bytes, BlockRecord]) -> bytes:
-    """The block halfway up the chain ending at `key`: another conversation holding it
-    shares at least half of this one."""
-    chain = _chain(key, records)
-    return chain[len(chain) // 2] if chain else key
 
 
 def _check_key(ref: BlockRef, tokens: np.ndarray) -> None:

@@ -151,19 +151,26 @@ def test_a_purge_or_memory_pressure_ends_the_prefetch_and_nothing_read_is_kept(l
         engine.close()
 
 
-def test_the_last_conversations_come_back_live_newest_last(llama_model, tmp_path):
-    config = dict(cache_dir=tmp_path / "cache", block_size=TEST_BLOCK_SIZE)
-    writer = Engine(str(llama_model), CacheConfig(**config))
-    prompts = [writer.renderer.chat_tokens(agent_messages(project, question="List the files."))
-               for project in ("alpha", "beta")]
-    for tokens in prompts:
-        list(writer.generate(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
+def _revived_after(model, cache_dir, conversations: list[list[dict]]) -> Engine:
+    """An engine restarted on a cache an engine before it wrote `conversations` to, past its
+    whole prefetch (blocks read, live caches rebuilt)."""
+    config = dict(cache_dir=cache_dir, block_size=TEST_BLOCK_SIZE)
+    writer = Engine(str(model), CacheConfig(**config))
+    for messages in conversations:
+        list(writer.generate(GenerationRequest(writer.renderer.chat_tokens(messages), MAX_TOKENS, temperature=0.0)))
     writer.close()
-    engine = Engine(str(llama_model), CacheConfig(**config))
+    engine = Engine(str(model), CacheConfig(**config))
+    engine.store.plan_prefetch(2**30)
+    while engine.prefetch_step():
+        pass
+    return engine
+
+
+def test_the_last_conversations_come_back_live_newest_last(llama_model, reference, tmp_path):
+    conversations = [agent_messages(project, question="List the files.") for project in ("alpha", "beta")]
+    prompts = [reference.chat_tokens(messages) for messages in conversations]
+    engine = _revived_after(llama_model, tmp_path / "cache", conversations)
     try:
-        engine.store.plan_prefetch(2**30)
-        while engine.prefetch_step():
-            pass
         sequences = engine.store.live.sequences()  # oldest first
         assert len(sequences) == 2
         for tokens, sequence in zip(prompts, sequences):
@@ -178,18 +185,10 @@ def test_other_prefixes_come_back_live_before_more_turns_of_one(llama_model, ref
     over live instead of copied from the hot blocks, exact."""
     from kvtier.live import SLOTS
 
-    config = dict(cache_dir=tmp_path / "cache", block_size=TEST_BLOCK_SIZE)
-    writer = Engine(str(llama_model), CacheConfig(**config))
     other = agent_messages("subagent", question="List the files.")
     conversations = [other] + [agent_messages("main", question=f"Step {i}.") for i in range(SLOTS)]
-    for messages in conversations:
-        list(writer.generate(GenerationRequest(writer.renderer.chat_tokens(messages), MAX_TOKENS, temperature=0.0)))
-    writer.close()
-    engine = Engine(str(llama_model), CacheConfig(**config))
+    engine = _revived_after(llama_model, tmp_path / "cache", conversations)
     try:
-        engine.store.plan_prefetch(2**30)
-        while engine.prefetch_step():
-            pass
         other_tokens = reference.chat_tokens(other)
         assert any(s[:len(other_tokens)] == other_tokens for s in engine.store.live.sequences())
         follow = other + [{"role": "assistant", "content": reference.chat(other, MAX_TOKENS)},
