@@ -73,6 +73,7 @@ class ParsedBlock:
     tokens: np.ndarray
     metadata: dict[str, str]
     dtypes: dict[str, str]  # the real dtype of each tensor (bfloat16 is stored as uint16)
+    in_place: bool = False  # its tensors are views of a prompt's buffers, read straight into them
 
     @property
     def nbytes(self) -> int:
@@ -81,33 +82,51 @@ class ParsedBlock:
 
 def parse_block(payload: bytes) -> ParsedBlock:
     try:
-        tensors, metadata = _tensor_views(payload)
-        dtypes = json.loads(metadata.get("dtypes", "{}"))
+        header_len = _header_length(payload, len(payload))
+        specs, metadata = _tensor_specs(payload[8 : 8 + header_len], len(payload) - 8 - header_len)
+        tensors = {name: np.frombuffer(payload, dtype, math.prod(shape), 8 + header_len + begin).reshape(shape)
+                   for name, (dtype, shape, begin, _) in specs.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedBlock(f"unreadable block file: {exc}") from exc
+    return _parsed(tensors, metadata)
+
+
+def _parsed(tensors: dict[str, np.ndarray], metadata: dict[str, str], in_place: bool = False) -> ParsedBlock:
+    try:
+        dtypes = json.loads(metadata.get("dtypes", "{}"))
+    except ValueError as exc:
         raise DamagedBlock(f"unreadable block file: {exc}") from exc
     tokens = tensors.pop(TOKENS_TENSOR, None)
     if tokens is None or not isinstance(dtypes, dict) or set(dtypes) != set(tensors):
         raise DamagedBlock("block file lacks its tokens or dtypes")
-    return ParsedBlock(tensors, tokens, metadata, dtypes)
+    return ParsedBlock(tensors, tokens, metadata, dtypes, in_place)
 
 
-def _tensor_views(payload: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The safetensors layout, read in place: an 8-byte header length, a JSON header of
-    dtype/shape/offsets per tensor, then the data. Every offset and size is checked."""
-    header_len = int.from_bytes(payload[:8], "little")
-    if len(payload) < 8 or header_len > len(payload) - 8:
+# One tensor of a block file: its dtype, shape and data offsets (from the data's start).
+TensorSpec = tuple[np.dtype, tuple[int, ...], int, int]
+
+
+def _header_length(head: bytes, file_size: int) -> int:
+    header_len = int.from_bytes(head[:8], "little")
+    if file_size < 8 or header_len > file_size - 8:
         raise ValueError("truncated header")
-    header = json.loads(payload[8 : 8 + header_len])
-    data_start, views = 8 + header_len, {}
+    return header_len
+
+
+def _tensor_specs(header_json: bytes, data_size: int) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """The safetensors layout: an 8-byte header length, a JSON header of dtype/shape/offsets
+    per tensor, then the data. Every offset and size is checked against the data's size."""
+    header = json.loads(header_json)
+    specs = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
         dtype = np.dtype(_NUMPY_DTYPES[spec["dtype"]])
         shape, (begin, end) = _naturals(spec["shape"]), _naturals(spec["data_offsets"])
-        if not begin <= end <= len(payload) - data_start or end - begin != dtype.itemsize * math.prod(shape):
+        if not begin <= end <= data_size or end - begin != dtype.itemsize * math.prod(shape):
             raise ValueError(f"tensor {name!r} lies outside the file or has the wrong size")
-        views[name] = np.frombuffer(payload, dtype, math.prod(shape), data_start + begin).reshape(shape)
-    return views, dict(header.get("__metadata__") or {})
+        specs[name] = (dtype, shape, begin, end)
+    return specs, dict(header.get("__metadata__") or {})
 
 
 def _naturals(value: object) -> tuple[int, ...]:
@@ -234,6 +253,47 @@ class BlockFiles:
             raise DamagedBlock(f"{path.name}: checksum mismatch")
         return payload
 
+    def read_into(self, key_hex: str, expected_checksum: str, expected_size: int,
+                  targets: dict[str, np.ndarray]) -> ParsedBlock:
+        """A block file read straight into `targets` (a view per tensor name, e.g. a prompt's
+        buffers at the block's tokens): no intermediate copy, and the checksum taken over
+        the bytes where they landed. DamagedBlock when it is not the file the index says,
+        or does not fit `targets` exactly; what was written into them is then meaningless."""
+        path = self.path_for(key_hex)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise DamagedBlock(f"{path.name}: {exc.strerror}") from exc
+        try:
+            if os.fstat(fd).st_size != expected_size:
+                raise DamagedBlock(f"{path.name}: size differs from the index")
+            tensors, metadata = _read_tensors_into(fd, expected_size, targets, expected_checksum)
+        except OSError as exc:
+            raise DamagedBlock(f"{path.name}: {exc.strerror}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DamagedBlock(f"{path.name}: unreadable block file: {exc}") from exc
+        finally:
+            os.close(fd)
+        return _parsed(tensors, metadata, in_place=True)
+
+    def will_need(self, key_hexes: list[str]) -> None:
+        """Ask the kernel to start reading these files into the page cache (no wait), so the
+        disk works while the reader waits for its buffers. Where there is no such call
+        (macOS), nothing."""
+        advise = getattr(os, "posix_fadvise", None)
+        for key_hex in key_hexes:
+            try:
+                fd = os.open(self.path_for(key_hex), os.O_RDONLY)
+            except OSError:
+                continue  # its read finds out
+            try:
+                if advise is not None:
+                    advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     def remove(self, key_hex: str) -> None:
         self.path_for(key_hex).unlink(missing_ok=True)
 
@@ -258,6 +318,66 @@ class BlockFiles:
         """Every file under the block root, temp leftovers included."""
         for sub in self.subdirs():
             yield from sorted(sub.iterdir())
+
+
+HEAD_READ = 4096  # a block file's header is a few hundred bytes per layer: one read mostly
+
+
+def _read_tensors_into(fd: int, size: int, targets: dict[str, np.ndarray], expected_checksum: str
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read the header, check the tensors tile the data and match `targets` in dtype and
+    shape, then read the data with one scatter read into them (and the tokens into an array
+    of their own), hashing it in file order: the file's checksum without the file in memory."""
+    head = os.pread(fd, min(size, HEAD_READ), 0)
+    header_len = _header_length(head, size)
+    if 8 + header_len > len(head):
+        head += os.pread(fd, 8 + header_len - len(head), len(head))
+    head = head[: 8 + header_len]
+    specs, metadata = _tensor_specs(head[8:], size - len(head))
+    if set(specs) != {*targets, TOKENS_TENSOR}:
+        raise DamagedBlock("tensors differ from this model's layout")
+    tensors, pieces, cursor = {}, [], 0
+    for name, (dtype, shape, begin, end) in sorted(specs.items(), key=lambda kv: kv[1][2]):
+        target = targets.get(name) if name != TOKENS_TENSOR else np.empty(shape, dtype)
+        if begin != cursor or target is None or target.dtype != dtype or target.shape != shape:
+            raise DamagedBlock(f"tensor {name!r} is not where or what this model's layout says")
+        tensors[name], cursor = target, end
+        pieces += _contiguous_pieces(target)
+    if cursor != size - len(head):
+        raise DamagedBlock("the file's data is not exactly its tensors")
+    _preadv_exactly(fd, pieces, len(head))
+    hasher = xxhash.xxh3_128(head)
+    for piece in pieces:
+        hasher.update(piece)
+    if hasher.hexdigest() != expected_checksum:
+        raise DamagedBlock("checksum mismatch")
+    return tensors, metadata
+
+
+def _contiguous_pieces(array: np.ndarray) -> list[memoryview]:
+    """Byte views of an array's memory in C order, as few as its strides allow (a block's
+    slice of a buffer: one run per head)."""
+    if array.flags.c_contiguous:
+        return [array.reshape(-1).view(np.uint8).data] if array.size else []
+    return [piece for part in array for piece in _contiguous_pieces(part)]
+
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _preadv_exactly(fd: int, pieces: list[memoryview], offset: int) -> None:
+    """Fill every piece from the file at `offset` on, in order (preadv may read less)."""
+    pending = [p for p in pieces if len(p)]
+    while pending:
+        n = os.preadv(fd, pending[:IOV_MAX], offset)
+        if n == 0:
+            raise DamagedBlock("file ends before its tensors do")
+        offset += n
+        while n and pending:
+            if n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            else:
+                pending[0], n = pending[0][n:], 0
 
 
 def key_of_path(path: Path) -> str | None:

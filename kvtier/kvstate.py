@@ -169,14 +169,35 @@ class PromptBuffers:
     def add(self, arrays: dict[str, Any], num_tokens: int) -> None:
         """Append the first `num_tokens` tokens of a block (MLX arrays or numpy views)."""
         start, end = self.num_tokens, self.num_tokens + num_tokens
+        views = self._host_views()
+        if end > self.capacity or set(arrays) != set(views):
+            raise ValueError("block does not fit these buffers")
+        for name, array in arrays.items():
+            views[name][:, :, start:end] = host_view(array)[:, :, :num_tokens]
+        self.num_tokens = end
+
+    def views_at(self, start: int, num_tokens: int) -> dict[str, np.ndarray]:
+        """Writable views of tokens [start, start + num_tokens) of every buffer, for a block
+        file read straight into them (on any thread; made on the MLX thread, as they wait
+        for the zero-fill). They count as held only once `claim`ed."""
+        views = self._host_views()
+        if start + num_tokens > self.capacity:
+            raise ValueError("block does not fit these buffers")
+        return {name: view[:, :, start : start + num_tokens] for name, view in views.items()}
+
+    def claim(self, start: int, num_tokens: int) -> None:
+        """Append `num_tokens` tokens already written in place, at `start`, through `views_at`."""
+        assert not self._attached, "buffers already attached to a cache"
+        assert start == self.num_tokens, "a block read in place must be the next one"
+        if start + num_tokens > self.capacity:
+            raise ValueError("block does not fit these buffers")
+        self.num_tokens += num_tokens
+
+    def _host_views(self) -> dict[str, np.ndarray]:
         assert not self._attached, "buffers already attached to a cache"
         if self._views is None:
             self._views = {name: host_view(a) for name, a in self._arrays.items()}
-        if end > self.capacity or set(arrays) != set(self._views):
-            raise ValueError("block does not fit these buffers")
-        for name, array in arrays.items():
-            self._views[name][:, :, start:end] = host_view(array)[:, :, :num_tokens]
-        self.num_tokens = end
+        return self._views
 
     def attach(self, layer: Any, i: int, num_tokens: int) -> None:
         """Give a fresh KVCache / QuantizedKVCache layer its buffers, holding `num_tokens`."""

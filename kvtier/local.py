@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import lmdb
+import numpy as np
 import xxhash
 
 from .blocks import Tokens, encode_tokens
@@ -162,6 +163,10 @@ class LocalDisk:
 
     def read_parsed(self, key_hex: str, record: BlockRecord) -> ParsedBlock:
         return parse_block(self.files.read(key_hex, record.checksum, record.nbytes))
+
+    def read_into(self, key_hex: str, record: BlockRecord, targets: dict[str, np.ndarray]) -> ParsedBlock:
+        """The file read straight into `targets` (BlockFiles.read_into), checked as `read_parsed` checks it."""
+        return self.files.read_into(key_hex, record.checksum, record.nbytes, targets)
 
     def write_job(self, job: WriteJob) -> list[tuple[bytes, BlockRecord, bytes]] | None:
         """Run a write job: its removals, then its new files, indexed together within the

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -88,10 +88,13 @@ class Match:
 
     def add(self, hit: Hit, into: PromptBuffers | None) -> None:
         """One more block of the prefix; copied into `into` at once (later files are still
-        being read), then its file's bytes are let go."""
+        being read) unless its file was read straight into it, then its file's bytes are let go."""
         self.hits.append(hit)
         if into is not None:
-            into.add(hit.arrays, hit.usable)
+            if hit.parsed is not None and hit.parsed.in_place:
+                into.claim(hit.ref.index * len(hit.tokens), hit.usable)
+            else:
+                into.add(hit.arrays, hit.usable)
             hit.release()
 
 
@@ -144,6 +147,8 @@ class SharedSize:
     nbytes: int
 
 
+READ_AHEAD_BYTES = 256 << 20  # how far the read-ahead reads past the block in use
+
 # What a read-ahead plans each block by: its disk record, or its size in the shared store.
 Planned = TypeVar("Planned", BlockRecord, SharedSize)
 
@@ -154,7 +159,7 @@ class ReadAhead(Generic[Planned]):
     but not yet used (or never used, when the chain breaks) stay bounded."""
 
     def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, Planned], object],
-                 planned: list[tuple[BlockRef, Planned]], window_bytes: int = 256 << 20):
+                 planned: list[tuple[BlockRef, Planned]], window_bytes: int = READ_AHEAD_BYTES):
         self._pool, self._window = pool, window_bytes
         self._read: Callable[[str, Planned], object] = read
         self._planned: deque[tuple[BlockRef, Planned]] = deque(planned)
@@ -171,8 +176,10 @@ class ReadAhead(Generic[Planned]):
         return started
 
     def cancel(self) -> None:
-        for _, future in self._started.values():
-            future.cancel()
+        """Drop the reads not yet needed; wait for those already running (they may be
+        writing into a prompt's buffers, which the caller is about to use)."""
+        running = [future for _, future in self._started.values() if not future.cancel()]
+        wait(running)
         self._started.clear()
         self._planned.clear()
 
@@ -252,6 +259,17 @@ def _chain(key: bytes, records: dict[bytes, BlockRecord]) -> list[bytes]:
         chain.append(key)
         key = bytes.fromhex(records[key].parent)
     return chain
+
+
+def _first_bytes(planned: list[tuple[BlockRef, BlockRecord]], limit: int) -> list[str]:
+    """The keys of the leading planned files that hold `limit` bytes in all."""
+    keys, total = [], 0
+    for ref, record in planned:
+        if total >= limit:
+            break
+        keys.append(ref.hex)
+        total += record.nbytes
+    return keys
 
 
 def _check_key(ref: BlockRef, tokens: np.ndarray) -> None:
@@ -534,24 +552,27 @@ class TieredStore:
     def match(self, refs: list[BlockRef], tokens: Tokens, into: PromptBuffers | None = None) -> Match:
         """The longest cached prefix of `tokens`: a chain of full blocks, RAM first then disk,
         then the leading part of one more cached block that continues the chain. Blocks read
-        from disk arrive as numpy views of their files (`promote` makes them hot later);
-        each is copied into `into` once confirmed, while later files are still being read."""
+        from disk are read straight into `into` (or arrive as numpy views of their files:
+        `promote` makes them hot later); each counts once confirmed, while later files are
+        still being read."""
         size = self.config.block_size
         tokens = np.asarray(tokens, np.uint32)
         found = Match([])
-        reads, remote = self._read_ahead(refs), None
-        for ref in refs:
-            block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
-            hit = self._lookup(ref, block_tokens, reads.take(ref.key))
-            if hit is None and self.shared is not None:  # the local chain ends: the team's may go on
-                remote = remote or self._shared_read_ahead(refs[ref.index :])
-                hit = self._lookup_shared(ref, block_tokens, "kv", remote.take(ref.key))
-            if hit is None or len(hit.tokens) != size:
-                break
-            found.add(hit, into)
-        for pending in (reads, remote):
-            if pending is not None:
-                pending.cancel()  # the chain ended before these
+        reads, remote = self._read_ahead(refs, into), None
+        try:
+            for ref in refs:
+                block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
+                hit = self._lookup(ref, block_tokens, reads.take(ref.key))
+                if hit is None and self.shared is not None:  # the local chain ends: the team's may go on
+                    remote = remote or self._shared_read_ahead(refs[ref.index :])
+                    hit = self._lookup_shared(ref, block_tokens, "kv", remote.take(ref.key))
+                if hit is None or len(hit.tokens) != size:
+                    break
+                found.add(hit, into)
+        finally:
+            for pending in (reads, remote):
+                if pending is not None:
+                    pending.cancel()  # the chain ended before these
         parent = found.hits[-1].ref.key if found.hits else root_key(self.fingerprint)
         self._match_tail(parent, len(found.hits), tokens[len(found.hits) * size :], found, into)
         return found
@@ -597,9 +618,11 @@ class TieredStore:
             self.ram.touch_chain(keys)
             self._note_in_index(self.index.touch, keys, now_ms())
 
-    def _read_ahead(self, refs: list[BlockRef]) -> ReadAhead[BlockRecord]:
+    def _read_ahead(self, refs: list[BlockRef], into: PromptBuffers | None) -> ReadAhead[BlockRecord]:
         """Read the files of the chain's blocks that are on disk only, in order, up to the
-        first one the index does not hold (the chain cannot go past it)."""
+        first one the index does not hold (the chain cannot go past it): straight into
+        `into` at each block's tokens, when given (a chain is used from its first block on,
+        so a block is used at exactly its place in the prompt)."""
         cold = [ref for ref in refs if ref.key not in self.ram]
         records = self.index.get_many([ref.key for ref in cold])
         planned = []
@@ -607,7 +630,16 @@ class TieredStore:
             if ref.key not in records:
                 break
             planned.append((ref, records[ref.key]))
-        return ReadAhead(self._readers, self.disk.read_parsed, planned)
+        if into is None:
+            return ReadAhead(self._readers, self.disk.read_parsed, planned)
+        # The buffers' views wait for MLX's zero-fill (~50 ms per 136 MB here): the disk starts meanwhile.
+        self._readers.submit(self.disk.files.will_need, _first_bytes(planned, READ_AHEAD_BYTES))
+        size = self.config.block_size
+        targets = {ref.hex: into.views_at(ref.index * size, size) for ref, _ in planned}
+
+        def read_into(key_hex: str, record: BlockRecord) -> ParsedBlock:
+            return self.disk.read_into(key_hex, record, targets.pop(key_hex))
+        return ReadAhead(self._readers, read_into, planned)
 
     def _shared_read_ahead(self, refs: list[BlockRef]) -> ReadAhead[SharedSize]:
         """The rest of the chain from the shared store: which blocks it holds in one round
@@ -634,8 +666,10 @@ class TieredStore:
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray,
                 pending: tuple[BlockRecord, Future] | None = None, shared: bool = False) -> Hit | None:
         """The block at `ref` if its tokens start as `block_tokens` do (all of them, or the
-        leading part when it is the tail): from RAM, else read and checked from disk."""
-        block = self.ram.get(ref.key)
+        leading part when it is the tail): from RAM, else read and checked from disk. A block
+        whose read is `pending` is taken from it, even if RAM has it by now: that read may
+        be writing into the prompt's buffers."""
+        block = self.ram.get(ref.key) if pending is None else None
         if block is not None:
             if block.kind != "kv" or not np.array_equal(block.tokens[: len(block_tokens)], block_tokens):
                 return None

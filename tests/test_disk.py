@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load as st_load, save as st_save
 
-from kvtier.disk import DamagedBlock, TOKENS_TENSOR, encode_block, parse_block
+from kvtier.disk import BlockFiles, DamagedBlock, TOKENS_TENSOR, checksum, encode_block, parse_block
 
 
 def sample_block() -> bytes:
@@ -75,3 +75,57 @@ def test_file_written_by_safetensors_alone_is_read():
     tensors = {"0.keys.0": np.ones((1, 1, 2, 2), np.float32), TOKENS_TENSOR: np.array([7, 8], np.uint32)}
     parsed = parse_block(st_save(tensors, metadata={"dtypes": '{"0.keys.0": "float32"}'}))
     assert parsed.tokens.tolist() == [7, 8] and parsed.tensors["0.keys.0"].sum() == 4
+
+
+def block_file(tmp_path) -> tuple[BlockFiles, str, bytes]:
+    files = BlockFiles(tmp_path / "blocks")
+    payload = sample_block()
+    files.write("ab" * 16, payload)
+    return files, "ab" * 16, payload
+
+
+def buffer_views(payload: bytes, start: int, capacity: int = 16) -> tuple[dict, dict]:
+    """Zeroed buffers of `capacity` tokens shaped like the sample block's tensors, and views
+    of them at tokens [start, start + 5): where `read_into` writes."""
+    tensors = parse_block(payload).tensors
+    buffers = {name: np.zeros(t.shape[:2] + (capacity,) + t.shape[3:], t.dtype) for name, t in tensors.items()}
+    return buffers, {name: b[:, :, start:start + 5] for name, b in buffers.items()}
+
+
+def test_read_into_lands_every_tensor_at_its_place_in_strided_buffers(tmp_path):
+    files, key, payload = block_file(tmp_path)
+    buffers, targets = buffer_views(payload, start=3)
+    parsed = files.read_into(key, checksum(payload), len(payload), targets)
+    reference = st_load(payload)
+    assert parsed.in_place and parsed.tokens.tolist() == [0, 1, 2, 3, 4]
+    for name, buffer in buffers.items():
+        assert np.array_equal(buffer[:, :, 3:8], reference[name])
+        assert not buffer[:, :, :3].any() and not buffer[:, :, 8:].any()  # nothing written around it
+    assert parsed.dtypes["0.values.0"] == "bfloat16"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_read_into_any_changed_byte_or_length_is_a_damaged_block(tmp_path_factory, data):
+    """Read straight into buffers, a file is checked as a whole file read is: any byte
+    changed, or the file cut short, is DamagedBlock (the checksum over where the bytes
+    landed), never a block."""
+    files, key, payload = block_file(tmp_path_factory.mktemp("read_into"))
+    damaged = bytearray(payload)
+    position = data.draw(st.integers(0, len(payload) - 1))
+    damaged[position] ^= data.draw(st.integers(1, 255))
+    damaged = damaged[: data.draw(st.sampled_from([len(payload), position + 1, len(payload) // 2]))]
+    files.path_for(key).write_bytes(bytes(damaged))
+    _, targets = buffer_views(payload, start=0)
+    with pytest.raises(DamagedBlock):
+        files.read_into(key, checksum(payload), len(damaged), targets)
+
+
+def test_read_into_buffers_of_another_layout_is_a_damaged_block(tmp_path):
+    files, key, payload = block_file(tmp_path)
+    _, targets = buffer_views(payload, start=0)
+    for wrong in ({k: v for k, v in targets.items() if k != "1.keys.0"},  # a tensor missing
+                  dict(targets, **{"1.keys.0": targets["1.keys.0"].view(np.float32)}),  # another dtype
+                  dict(targets, **{"0.keys.0": np.zeros((1, 2, 5, 4), np.float32)})):  # another shape
+        with pytest.raises(DamagedBlock):
+            files.read_into(key, checksum(payload), len(payload), wrong)

@@ -20,7 +20,8 @@ from kvtier.kvstate import PromptBuffers
 from kvtier.local import LocalDisk
 from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
-from tests.support.blocks import BLOCK, BLOCK_BYTES, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
+from tests.support.blocks import (BLOCK, BLOCK_BYTES, LAYOUT, arrays_for, assert_buffers_hold_blocks,
+                                 assert_hits_hold_their_arrays, fill, make_store)
 
 
 def du(path) -> int:
@@ -45,6 +46,23 @@ def test_blocks_survive_a_restart_bit_for_bit(tmp_path):
     store.close()
 
 
+def test_files_read_straight_into_a_prompts_buffers_hold_the_blocks_bit_for_bit(tmp_path):
+    """A restore reads each block file into the prompt's buffers at its place, with RAM
+    blocks copied between them: the buffers end up holding every block exactly."""
+    tokens = list(range(100, 100 + 6 * BLOCK + 5))
+    store = make_store(tmp_path)
+    refs = fill(store, tokens)
+    store.close()
+    store = make_store(tmp_path)
+    store.promote([NewEntry(refs[i], tokens[i * BLOCK:(i + 1) * BLOCK], arrays_for(i)) for i in (0, 3)])  # hot: copied, the others read in place
+    buffers = PromptBuffers(LAYOUT, capacity=len(tokens) + 1)
+    match = store.match(refs, tokens, into=buffers)
+    assert match.sources == ["ram", "disk", "disk", "ram", "disk", "disk"]
+    assert buffers.num_tokens == 6 * BLOCK
+    assert_buffers_hold_blocks(buffers, 6)
+    store.close()
+
+
 def test_a_hit_is_confirmed_against_the_tokens(tmp_path):
     tokens = list(range(3 * BLOCK))
     store = make_store(tmp_path)
@@ -58,8 +76,9 @@ def test_a_hit_is_confirmed_against_the_tokens(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "garbage"])
-def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
+@pytest.mark.parametrize("into_buffers", [False, True], ids=["parsed", "in-place"])
+@pytest.mark.parametrize("damage", ["flip", "flip-tensor", "truncate", "delete", "garbage"])
+def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage, into_buffers):
     tokens = list(range(3 * BLOCK))
     store = make_store(tmp_path)
     refs = fill(store, tokens)
@@ -68,6 +87,9 @@ def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
     data = victim.read_bytes()
     if damage == "flip":
         victim.write_bytes(data[:-10] + bytes([data[-10] ^ 0x01]) + data[-9:])
+    elif damage == "flip-tensor":  # a KV value's bit, which no header or token check sees
+        middle = len(data) // 2
+        victim.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1:])
     elif damage == "truncate":
         victim.write_bytes(data[: len(data) // 2])
     elif damage == "delete":
@@ -76,8 +98,12 @@ def test_damaged_file_is_a_counted_miss_and_is_dropped(tmp_path, damage):
         victim.write_bytes(os.urandom(len(data)))
 
     store = make_store(tmp_path)
-    match = store.match(refs, tokens)
+    buffers = PromptBuffers(LAYOUT, capacity=len(tokens) + 1) if into_buffers else None
+    match = store.match(refs, tokens, into=buffers)
     assert match.num_full_blocks(BLOCK) == 1  # the chain stops at the damaged block
+    if buffers is not None:
+        assert buffers.num_tokens == BLOCK  # the damaged block's bytes were read, never held
+        assert_buffers_hold_blocks(buffers, 1)
     assert store.counters["damaged_blocks"] == 1
     assert store.index.get(refs[1].key) is None and not victim.exists()
     store.close()

@@ -41,3 +41,12 @@ def assert_hits_hold_their_arrays(hits) -> None:
     for hit in hits:
         for name, array in arrays_for(hit.ref.index).items():
             assert np.array_equal(hit.arrays[name], np.asarray(array))
+
+
+def assert_buffers_hold_blocks(buffers, num_blocks: int) -> None:
+    """The prompt's buffers hold exactly the arrays `fill` stored, block after block."""
+    assert buffers.num_tokens >= num_blocks * BLOCK
+    views = buffers.views_at(0, num_blocks * BLOCK)
+    for index in range(num_blocks):
+        for name, array in arrays_for(index).items():
+            assert np.array_equal(views[name][:, :, index * BLOCK:(index + 1) * BLOCK], np.asarray(array))
