@@ -8,7 +8,6 @@ much its peak RSS grew, against the KV bytes restored. Run it from two checkouts
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scenarios.restore_bandwidth import evict_files
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,11 +49,7 @@ def measure(cache: Path, model: Path) -> None:
     from kvtier.engine import GenerationRequest
 
     engine = engine_on(cache, model)
-    for root, _, names in os.walk(cache):
-        for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+    evict_files(cache)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     started = time.perf_counter()
     session = engine.begin(GenerationRequest(prompt(), max_tokens=1, temperature=0.0))

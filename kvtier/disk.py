@@ -94,7 +94,7 @@ def parse_block(payload: bytes) -> ParsedBlock:
 def _parsed(tensors: dict[str, np.ndarray], metadata: dict[str, str], in_place: bool = False) -> ParsedBlock:
     try:
         dtypes = json.loads(metadata.get("dtypes", "{}"))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a header's metadata value that is no string
         raise DamagedBlock(f"unreadable block file: {exc}") from exc
     tokens = tensors.pop(TOKENS_TENSOR, None)
     if tokens is None or not isinstance(dtypes, dict) or set(dtypes) != set(tensors):
@@ -280,15 +280,15 @@ class BlockFiles:
         """Ask the kernel to start reading these files into the page cache (no wait), so the
         disk works while the reader waits for its buffers. Where there is no such call
         (macOS), nothing."""
-        advise = getattr(os, "posix_fadvise", None)
+        if not hasattr(os, "posix_fadvise"):
+            return
         for key_hex in key_hexes:
             try:
                 fd = os.open(self.path_for(key_hex), os.O_RDONLY)
             except OSError:
                 continue  # its read finds out
             try:
-                if advise is not None:
-                    advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass
             finally:

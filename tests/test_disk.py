@@ -53,6 +53,19 @@ def test_inconsistent_headers_are_damaged_blocks(spec):
         parse_block(payload)
 
 
+def test_metadata_dtypes_that_are_no_string_are_a_damaged_block(tmp_path):
+    """A header whose `dtypes` metadata is a number, not JSON text: DamagedBlock on both reads."""
+    tensors = {"t": {"dtype": "F32", "shape": [1, 1, 1, 1], "data_offsets": [0, 4]},
+               TOKENS_TENSOR: {"dtype": "U32", "shape": [1], "data_offsets": [4, 8]}}
+    payload = with_header(dict(tensors, __metadata__={"dtypes": 5}), bytes(8))
+    with pytest.raises(DamagedBlock):
+        parse_block(payload)
+    files = BlockFiles(tmp_path / "blocks")
+    files.write("cd" * 16, payload)
+    with pytest.raises(DamagedBlock):
+        files.read_into("cd" * 16, checksum(payload), len(payload), {"t": np.zeros((1, 1, 1, 1), np.float32)})
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_any_corruption_parses_or_is_a_damaged_block(data):

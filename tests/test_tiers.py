@@ -54,7 +54,8 @@ def test_files_read_straight_into_a_prompts_buffers_hold_the_blocks_bit_for_bit(
     refs = fill(store, tokens)
     store.close()
     store = make_store(tmp_path)
-    store.promote([NewEntry(refs[i], tokens[i * BLOCK:(i + 1) * BLOCK], arrays_for(i)) for i in (0, 3)])  # hot: copied, the others read in place
+    # Blocks 0 and 3 hot (copied into the buffers), the others read in place.
+    store.promote([NewEntry(refs[i], tokens[i * BLOCK:(i + 1) * BLOCK], arrays_for(i)) for i in (0, 3)])
     buffers = PromptBuffers(LAYOUT, capacity=len(tokens) + 1)
     match = store.match(refs, tokens, into=buffers)
     assert match.sources == ["ram", "disk", "disk", "ram", "disk", "disk"]
