@@ -155,8 +155,9 @@ Planned = TypeVar("Planned", BlockRecord, SharedSize)
 
 class ReadAhead(Generic[Planned]):
     """Block files read on a thread pool in chain order, at most `window_bytes` ahead of the
-    block being used: reads overlap the work on earlier blocks, and the bytes of files read
-    but not yet used (or never used, when the chain breaks) stay bounded."""
+    block being used: reads overlap the work on earlier blocks, and what is read but not yet
+    used (or never used, when the chain breaks) stays bounded: memory where files are read
+    whole, the disk's wasted work where they are read into a prompt's buffers."""
 
     def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, Planned], object],
                  planned: list[tuple[BlockRef, Planned]], window_bytes: int = READ_AHEAD_BYTES):
