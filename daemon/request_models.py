@@ -143,14 +143,34 @@ class OpenAISampling(Body):
     stream_options: StreamOptions = StreamOptions()
 
 
+def _not_asked(refusal: str, *allowed: Any) -> Any:
+    """A field the API has that this server does not serve: refused unless it is one of the
+    values that ask for nothing, rather than answered as if it had not been sent (a null
+    `logprobs` where they were asked for)."""
+    def check(value: Any) -> Any:
+        if value is not None and value not in allowed:
+            raise _refuse(refusal)
+        return value
+    return WrapValidator(lambda value, handler: check(handler(value)))
+
+
+NO_LOGPROBS = "log probabilities are not returned by this server; leave 'logprobs' out"
+
+
 class ChatCompletionRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: Optional[list[Sent[ChatTool]]] = None
     tool_choice: Union[Literal["none", "auto", "required"], JsonObject, None] = None
+    logprobs: Annotated[bool, _not_asked(NO_LOGPROBS, False)] = False
+    top_logprobs: Annotated[Optional[Annotated[int, Field(ge=0, le=20)]], _not_asked(NO_LOGPROBS, 0)] = None
 
 
 class CompletionRequest(OpenAISampling):
     prompt: str
+    echo: bool = False  # the prompt's text before the completion's, as the API has it
+    logprobs: Annotated[Optional[Annotated[int, Field(ge=0, le=5)]], _not_asked(NO_LOGPROBS)] = None
+    best_of: Annotated[Optional[Positive], _not_asked("'best_of' must be 1: one completion is made per request", 1)] = None
+    suffix: Annotated[Optional[str], _not_asked("'suffix' is not supported: no text is inserted before a suffix", "")] = None
 
 
 class WarmRequest(Body):
@@ -421,8 +441,12 @@ def invalid_field(exc: ValidationError, body: dict) -> InvalidField:
     here = [(path, error) for path, error in found if len(path) == deepest]
     path, first = here[0]
     kinds = [kind for at, error in here if at == path and (kind := _KINDS.get(error["type"]))]
+    # A union member whose type the value has, refusing it on a constraint, says what is wrong.
+    fitted = [error for at, error in here if at == path and error["type"] not in _KINDS]
     if first["type"] == "missing":
         detail = "Field required"
+    elif fitted:
+        detail = fitted[0]["msg"]
     elif len(kinds) > 1:
         detail = "must be " + " or ".join(dict.fromkeys(kinds))
     else:

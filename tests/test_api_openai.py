@@ -80,6 +80,43 @@ def test_completions_and_models_match_schema(app_daemon, validate, reference):
     assert [m["id"] for m in models["data"]] == [str(app_daemon.model)]
 
 
+def test_completion_echo_gives_the_prompt_then_the_same_completion(app_daemon, validate, reference):
+    """`echo` on the legacy completions route: the prompt's text, then the text the model
+    gives without it, streamed or not (it was ignored: the prompt was missing)."""
+    client = app_daemon.client()
+    prompt = "def read_config(path):\n    " * 20
+    expected = prompt + reference.generate(list(reference.tokenizer.encode(prompt)), 8)
+    whole = client.completions.create(model=str(app_daemon.model), prompt=prompt, max_tokens=8,
+                                      temperature=0, echo=True)
+    validate(whole.model_dump(mode="json", exclude_unset=True), "CreateCompletionResponse")
+    streamed = client.completions.create(model=str(app_daemon.model), prompt=prompt, max_tokens=8,
+                                         temperature=0, echo=True, stream=True)
+    assert whole.choices[0].text == expected
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"logprobs": 1}, "logprobs"), ({"logprobs": 0}, "logprobs"), ({"best_of": 2}, "best_of"),
+    ({"suffix": "\n    return config"}, "suffix"),
+])
+def test_completion_options_not_served_are_refused_by_name(app_daemon, validate, extra, param):
+    """Asked for, what this server does not make is a 400 naming the field, not a response
+    that silently lacks it (a null `logprobs`)."""
+    body = {"model": str(app_daemon.model), "prompt": "def f():", "max_tokens": 2, **extra}
+    code, response, _ = post(app_daemon, "/v1/completions", body)
+    assert code == 400
+    validate(response, "ErrorResponse")
+    assert response["error"]["param"] == param
+
+
+def test_options_that_ask_for_nothing_are_accepted(app_daemon):
+    """The values clients send by default: no log probabilities, one completion, no suffix."""
+    client = app_daemon.client()
+    model, messages = str(app_daemon.model), [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model=model, messages=messages, max_tokens=2, logprobs=False, top_logprobs=0)
+    client.completions.create(model=model, prompt="def f():", max_tokens=2, best_of=1, suffix="", echo=False)
+
+
 def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     client = app_daemon.client()
     messages = agent_messages(question="Say something.")
@@ -111,6 +148,8 @@ def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
 ])
 def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status, param):
     body = {k: (str(app_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
@@ -118,6 +157,18 @@ def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status,
     assert code == status
     validate(response, "ErrorResponse")
     assert response["error"]["param"] == param
+
+
+def test_a_stop_list_too_long_says_so():
+    """A union's member whose type the value has explains the refusal: five stop strings
+    are "at most 4 items", not "should be a valid string"."""
+    from daemon.errors import InvalidField
+    from daemon.request_models import ChatCompletionRequest, validate
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}
+    with pytest.raises(InvalidField) as refused:
+        validate(ChatCompletionRequest, body)
+    assert refused.value.path == ("stop",) and "at most 4" in refused.value.detail
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])

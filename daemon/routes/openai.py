@@ -178,14 +178,17 @@ async def completions(http: web.Request) -> web.StreamResponse:
             "created": int(time.time()), "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
 
+    echoed = body.prompt if body.echo else ""
     if not body.stream:
         text, last = await collect(state, request)
         return web.json_response(dict(base, choices=[{
-            "index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(last)}],
+            "index": 0, "text": echoed + text, "logprobs": None, "finish_reason": finish_reason(last)}],
             usage=usage_json(last.usage)))
 
     def frame(chunk: Chunk) -> list[dict]:
-        out = [dict(base, choices=[{"index": 0, "text": chunk.text, "logprobs": None,
+        nonlocal echoed  # the prompt goes out once, before the first piece of the completion
+        text, echoed = echoed + chunk.text, ""
+        out = [dict(base, choices=[{"index": 0, "text": text, "logprobs": None,
                                     "finish_reason": finish_reason(chunk) if chunk.finish_reason else None}])]
         if chunk.finish_reason and include_usage:
             out.append(dict(base, choices=[], usage=usage_json(chunk.usage)))
