@@ -269,6 +269,16 @@ class CountTokensRequest(Body):
     tools: Optional[list[AnthropicTool]] = None
     tool_choice: Optional[AnthropicToolChoice] = None
 
+    @model_validator(mode="after")
+    def _choice_among_tools(self) -> "CountTokensRequest":
+        """As Anthropic's API: a choice of "any" or of one tool needs tools, and that one among them."""
+        choice, names = self.tool_choice, {tool.name for tool in self.tools or []}
+        if choice is not None and choice.type in ("any", "tool") and not names:
+            raise _refuse(f"tool_choice: '{choice.type}' needs 'tools'")
+        if choice is not None and choice.type == "tool" and choice.name not in names:
+            raise _refuse(f"tool_choice: no tool named '{choice.name}' in 'tools'")
+        return self
+
 
 class MessagesRequest(CountTokensRequest):
     max_tokens: Positive

@@ -258,6 +258,11 @@ MESSAGE = [{"role": "user", "content": "hi"}]
      400, "invalid_request_error", "input_schema"),
     ({"model": "MODEL", "messages": MESSAGE, "max_tokens": 5, "tool_choice": {"type": "maybe"}},
      400, "invalid_request_error", "tool_choice"),
+    ({"model": "MODEL", "messages": MESSAGE, "max_tokens": 5, "tool_choice": {"type": "tool", "name": "nope"},
+      "tools": [{"name": "read_file", "input_schema": {"type": "object"}}]},
+     400, "invalid_request_error", "no tool named 'nope'"),
+    ({"model": "MODEL", "messages": MESSAGE, "max_tokens": 5, "tool_choice": {"type": "any"}},
+     400, "invalid_request_error", "'any' needs 'tools'"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": [
         {"type": "tool_result", "content": "x"}]}], "max_tokens": 5}, 400, "invalid_request_error", "tool_use_id"),
 ])
