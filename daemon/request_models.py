@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from aiohttp import web
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      WrapValidator, field_validator, model_validator)
+                      ValidationInfo, WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ApiError, InvalidField, json_body, parse_json
@@ -146,7 +146,7 @@ class OpenAISampling(Body):
 def _not_asked(refusal: str, *allowed: Any) -> Any:
     """A field the API has that this server does not serve: refused unless it is one of the
     values that ask for nothing, rather than answered as if it had not been sent (a null
-    `logprobs` where they were asked for)."""
+    `suffix` asked for and left out)."""
     def check(value: Any) -> Any:
         if value is not None and value not in allowed:
             raise _refuse(refusal)
@@ -154,21 +154,38 @@ def _not_asked(refusal: str, *allowed: Any) -> Any:
     return WrapValidator(lambda value, handler: check(handler(value)))
 
 
-NO_LOGPROBS = "log probabilities are not returned by this server; leave 'logprobs' out"
-
-
 class ChatCompletionRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: Optional[list[Sent[ChatTool]]] = None
     tool_choice: Union[Literal["none", "auto", "required"], JsonObject, None] = None
-    logprobs: Annotated[bool, _not_asked(NO_LOGPROBS, False)] = False
-    top_logprobs: Annotated[Optional[Annotated[int, Field(ge=0, le=20)]], _not_asked(NO_LOGPROBS, 0)] = None
+    logprobs: bool = False
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise _refuse("'top_logprobs' needs 'logprobs': true")
+        return top
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's entry lists, or None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(OpenAISampling):
     prompt: str
     echo: bool = False  # the prompt's text before the completion's, as the API has it
-    logprobs: Annotated[Optional[Annotated[int, Field(ge=0, le=5)]], _not_asked(NO_LOGPROBS)] = None
+    logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_of_the_prompt(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
+        if logprobs is not None and info.data.get("echo"):  # a cached prefix has no logits to give
+            raise _refuse("'logprobs' with 'echo' asks for the prompt's log-probabilities, which "
+                          "are not returned; ask without 'echo'")
+        return logprobs
     best_of: Annotated[Optional[Positive], _not_asked("'best_of' must be 1: one completion is made per request", 1)] = None
     suffix: Annotated[Optional[str], _not_asked("'suffix' is not supported: no text is inserted before a suffix", "")] = None
 

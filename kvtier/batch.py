@@ -33,7 +33,7 @@ from mlx_lm.sample_utils import make_sampler
 from . import kvstate
 from .blocks import common_prefix
 from .engine import Chunk, Engine, GenerationRequest, Session, Usage
-from .stops import StopMatcher
+from .text import TextStream
 
 log = logging.getLogger("kvtier.batch")
 
@@ -133,6 +133,7 @@ class RowResponse:
 
     uid: int
     token: int
+    logprobs: mx.array  # of the step that produced `token`
     finish_reason: str | None
     prompt_cache: list[Any] | None
 
@@ -143,6 +144,7 @@ class _Row:
     sampler: Callable
     left: int  # tokens it may still return
     y: mx.array  # its next token, computed (or queued) but not yet returned
+    logprobs: mx.array | None = None  # the log-probabilities y was sampled from
 
 
 class RowDecoder:
@@ -159,17 +161,19 @@ class RowDecoder:
         self.rows: dict[int, _Row] = {}
         self._next_uid = 0
 
-    def _step(self, row: _Row, token: mx.array) -> mx.array:
+    def _step(self, row: _Row, token: mx.array) -> None:
+        """Queue the row's step on `token`: its next token and the log-probabilities behind it."""
         logits = self.model(token[None], cache=row.prompt_cache)[:, -1, :]
-        return row.sampler(logits - mx.logsumexp(logits, keepdims=True))
+        row.logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        row.y = row.sampler(row.logprobs)
 
     def insert(self, tokens: list[list[int]], max_tokens: list[int], caches: list[list[Any]],
                samplers: list[Callable], **_: Any) -> list[int]:
         uids = []
         for (token,), left, prompt_cache, sampler in zip(tokens, max_tokens, caches, samplers):
             row = _Row(prompt_cache, sampler, left, mx.array([token]))
-            row.y = self._step(row, row.y)
-            mx.async_eval(row.y)
+            self._step(row, row.y)
+            mx.async_eval(row.y, row.logprobs)
             uids.append(self._next_uid)
             self.rows[self._next_uid] = row
             self._next_uid += 1
@@ -177,16 +181,16 @@ class RowDecoder:
 
     def next(self) -> tuple[None, list[RowResponse]]:
         """One token of every row: queue each row's following step, then read the tokens."""
-        ready = {uid: row.y for uid, row in self.rows.items()}
+        ready = {uid: (row.y, row.logprobs) for uid, row in self.rows.items()}
         for row in self.rows.values():
-            row.y = self._step(row, row.y)
-        mx.async_eval([row.y for row in self.rows.values()])
+            self._step(row, row.y)
+        mx.async_eval([(row.y, row.logprobs) for row in self.rows.values()])
         responses = []
-        for uid, y in ready.items():
+        for uid, (y, logprobs) in ready.items():
             row = self.rows[uid]
             row.left -= 1
             done = row.left <= 0
-            responses.append(RowResponse(uid, y.item(), "length" if done else None,
+            responses.append(RowResponse(uid, y.item(), logprobs, "length" if done else None,
                                          row.prompt_cache if done else None))
             if done:
                 del self.rows[uid]
@@ -198,50 +202,6 @@ class RowDecoder:
 
     def close(self) -> None:
         self.rows.clear()
-
-
-# -- one request's text ------------------------------------------------------------------
-class TextStream:
-    """Tokens to text chunks for one request, with the sequential decode loop's rules: EOS,
-    stop strings, max_tokens, cancellation."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest, usage: Usage):
-        self.request, self.usage, self.engine = request, usage, engine
-        self.detokenizer = engine.tokenizer.detokenizer
-        self.detokenizer.reset()
-        self.stops = StopMatcher(request.stop)
-        self.eos = set(engine.tokenizer.eos_token_ids)
-        self.finish: str | None = None
-        self.matched_stop = False
-        self.count = 0
-
-    def feed(self, token: int) -> list[Chunk]:
-        self.count += 1
-        if token in self.eos:
-            self.finish = "stop"
-            return []
-        self.usage.completion_tokens += 1
-        self.detokenizer.add_token(token)
-        text, self.matched_stop = self.stops.feed(self.detokenizer.last_segment)
-        if self.matched_stop:
-            self.finish = "stop"
-        elif self.request.cancelled.is_set():
-            self.cancel()
-        elif self.count >= self.request.max_tokens:
-            self.finish = "length"
-        return [Chunk(text)] if text else []
-
-    def cancel(self) -> None:
-        self.finish = "cancelled"
-        self.engine.store.count("requests_cancelled")
-
-    def close(self) -> Chunk:
-        tail = ""
-        if not self.matched_stop:
-            self.detokenizer.finalize()
-            tail, self.matched_stop = self.stops.feed(self.detokenizer.last_segment)
-            tail += "" if self.matched_stop else self.stops.flush()
-        return Chunk(tail, self.finish or "length", self.usage, self.stops.matched)
 
 
 # -- the batch ---------------------------------------------------------------------------
@@ -354,8 +314,12 @@ class Batch:
         session = self.engine.begin(request)
         remaining = len(request.prompt_tokens) - 1 - session.restored.reuse
         self.prefilling.append(Member(session, emit, tokens,
-                                      TextStream(self.engine, request, session.usage),
+                                      self._text_stream(request, session.usage),
                                       self.engine.prefill_chunks(session), remaining))
+
+    def _text_stream(self, request: GenerationRequest, usage: Usage) -> TextStream:
+        return TextStream(self.engine.tokenizer, request, usage,
+                          lambda: self.engine.store.count("requests_cancelled"))
 
     def step(self) -> None:
         """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
@@ -445,7 +409,8 @@ class Batch:
         tokens = request.prompt_tokens
         member.sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
         logits = self.engine.model(mx.array(tokens[-1:])[None], cache=session.prompt_cache)[:, -1, :]
-        y = member.sampler(logits - mx.logsumexp(logits, keepdims=True))
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        y = member.sampler(logprobs)
         if len(tokens) in session.points:
             session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.cache_plan)
         token = y.item()
@@ -453,7 +418,7 @@ class Batch:
         if any(h.computing is member for h in self.held):
             self.engine.store_prompt(session)
             self._release(member)
-        self._emit(member, member.text.feed(token))
+        self._emit(member, member.text.feed(token, logprobs))
         if member.text.finish:  # the token was never fed to the cache: it is not stored
             self._finish(member)
             return
@@ -475,7 +440,7 @@ class Batch:
             if member is None:
                 continue
             member.session.fed.append(response.token)  # a returned token is already in the cache
-            self._emit(member, member.text.feed(response.token))
+            self._emit(member, member.text.feed(response.token, response.logprobs))
             if response.finish_reason is not None:
                 member.text.finish = member.text.finish or "length"
                 ended[response.uid] = response.prompt_cache

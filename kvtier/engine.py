@@ -26,7 +26,7 @@ from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prompt import Renderer
-from .stops import StopMatcher
+from .text import Chunk, TextStream
 from .tiers import Prefetch, Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
@@ -40,6 +40,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # each token's log-probability and its N likeliest alternatives
     boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
@@ -89,16 +90,6 @@ class Session:
     snapshots: dict[int, kvstate.Snapshot] = field(default_factory=dict)
     fed: list[int] = field(default_factory=list)  # generated tokens fed to the cache
     live_epoch: int = 0  # the live caches' epoch it began in: a purge since refuses its cache
-
-
-@dataclass
-class Chunk:
-    """A piece of generated text; the last chunk of a request carries finish_reason."""
-
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    stop_sequence: str | None = None  # which of the request's stop strings ended it
 
 
 # Keys model configs use for the longest sequence the model takes, most common first:
@@ -300,25 +291,24 @@ class Engine:
             mx.random.seed(request.seed)
         sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
 
-        def step(token: mx.array) -> mx.array:
+        def step(token: mx.array) -> tuple[mx.array, mx.array]:
             logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
-            return sampler(logits - mx.logsumexp(logits, keepdims=True))
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            y = sampler(logprobs)
+            mx.async_eval(y, logprobs)
+            return y, logprobs
 
-        y = step(mx.array(request.prompt_tokens[-1:]))
+        y, logprobs = step(mx.array(request.prompt_tokens[-1:]))
         if len(request.prompt_tokens) in session.points:
             session.snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
-        mx.async_eval(y)
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
-        stops = StopMatcher(request.stop)
-        eos = set(self.tokenizer.eos_token_ids)
-        finish, matched_stop, n = "length", False, 0
-        while n < request.max_tokens:
-            last = n + 1 == request.max_tokens  # no token follows it: its step would be wasted
-            ahead = n > 0 and not last  # queue the next step before reading this token: compute overlaps the host side
+        text = TextStream(self.tokenizer, request, usage, lambda: self.store.count("requests_cancelled"))
+        n = 0
+        while not text.finish:
+            # Queue the next step before reading this token (compute overlaps the host side),
+            # but not the first token's (below) nor the last's (nobody reads its output).
+            ahead = n > 0 and n + 1 < request.max_tokens
             if ahead:
-                next_y = step(y)
-                mx.async_eval(next_y)
+                following = step(y)
             token = y.item()
             if n == 0:
                 first = time.perf_counter()
@@ -327,38 +317,18 @@ class Engine:
             if ahead:
                 session.fed.append(token)  # what the cache holds: the tokens fed to it
             n += 1
-            if token in eos:
-                finish = "stop"
-                break
-            usage.completion_tokens += 1
-            detokenizer.add_token(token)
-            text, matched_stop = stops.feed(detokenizer.last_segment)
-            if text:
-                yield Chunk(text)
-            if matched_stop:
-                finish = "stop"
-                break
-            if request.cancelled.is_set():
-                finish = "cancelled"
-                self.store.count("requests_cancelled")
-                break
-            if last:
+            yield from text.feed(token, logprobs)
+            if text.finish:
                 break
             if n == 1:  # the first token is out: only now its step. On the CPU async_eval returns
                 # once most of a queued step has run: queued first, it was a whole pass more of TTFT.
-                next_y = step(y)
-                mx.async_eval(next_y)
+                following = step(y)
                 session.fed.append(token)
                 mx.clear_cache()  # the prefill's buffers freed, as generate_step does (10-15 ms at 16K)
-            y = next_y
+            y, logprobs = following
         if n <= 1:  # it ended on its first token
             mx.clear_cache()
-        tail = ""
-        if not matched_stop:
-            detokenizer.finalize()
-            tail, matched_stop = stops.feed(detokenizer.last_segment)
-            tail += "" if matched_stop else stops.flush()
-        yield Chunk(tail, finish, usage, stops.matched)
+        yield text.close()
 
     # -- operations ------------------------------------------------------------------------
     def warm(self, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,

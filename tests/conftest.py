@@ -90,6 +90,15 @@ class Reference:
     def chat(self, messages: list[dict], max_tokens: int) -> str:
         return self.generate(self.chat_tokens(messages), max_tokens)
 
+    def logprobs(self, tokens: list[int], max_tokens: int) -> list[tuple[int, list[float]]]:
+        """Greedy decode with mlx-lm's `generate_step`: each token and the log-probabilities
+        (over the vocabulary) it was chosen from."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        steps = generate_step(mx.array(tokens), self.model, max_tokens=max_tokens)
+        return [(int(token), logprobs.tolist()) for token, logprobs in steps]
+
 
 @pytest.fixture(scope="session")
 def reference(llama_model) -> Reference:

@@ -96,17 +96,82 @@ def test_completion_echo_gives_the_prompt_then_the_same_completion(app_daemon, v
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"logprobs": 1}, "logprobs"), ({"logprobs": 0}, "logprobs"), ({"best_of": 2}, "best_of"),
-    ({"suffix": "\n    return config"}, "suffix"),
+    ({"best_of": 2}, "best_of"), ({"suffix": "\n    return config"}, "suffix"),
+    ({"logprobs": 2, "echo": True}, "logprobs"),  # the prompt's: a cached prefix has none
 ])
 def test_completion_options_not_served_are_refused_by_name(app_daemon, validate, extra, param):
     """Asked for, what this server does not make is a 400 naming the field, not a response
-    that silently lacks it (a null `logprobs`)."""
+    that silently lacks it."""
     body = {"model": str(app_daemon.model), "prompt": "def f():", "max_tokens": 2, **extra}
     code, response, _ = post(app_daemon, "/v1/completions", body)
     assert code == 400
     validate(response, "ErrorResponse")
     assert response["error"]["param"] == param
+
+
+def _assert_logprobs_of_mlx_lm(entries: list[tuple[str, float, list[tuple[str, float]]]], top: int,
+                               reference, tokens: list[int]) -> None:
+    """Each token's log-probability and its `top` likeliest alternatives are plain mlx-lm's,
+    step for step (greedy: the token is the likeliest)."""
+    tokenizer = reference.tokenizer
+    expected = reference.logprobs(tokens, len(entries))
+    assert entries
+    for (text, logprob, alternatives), (token, row) in zip(entries, expected):
+        assert text == tokenizer.decode([token])
+        assert logprob == pytest.approx(row[token], abs=1e-4)
+        likeliest = sorted(range(len(row)), key=lambda i: -row[i])[:top]
+        assert [t for t, _ in alternatives] == [tokenizer.decode([i]) for i in likeliest]
+        assert [v for _, v in alternatives] == pytest.approx([row[i] for i in likeliest], abs=1e-4)
+        assert not alternatives or alternatives[0][1] == pytest.approx(logprob, abs=1e-6)
+
+
+def test_chat_logprobs_are_mlx_lm_s_streamed_or_not(app_daemon, validate, reference):
+    """`logprobs` and `top_logprobs` on chat: an entry per generated token, in OpenAI's
+    schema, with plain mlx-lm's numbers; the stream's entries are the whole answer's
+    (it was a 400: not served). Asked a second time, the prompt comes from the cache."""
+    client = app_daemon.client()
+    messages = agent_messages(question="Which tests fail?")
+    asked = dict(model=str(app_daemon.model), messages=messages, max_tokens=6, temperature=0,
+                 logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**asked)
+    validate(whole.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
+    content = whole.choices[0].logprobs.content
+    spelled = b"".join(bytes(e.bytes) for e in content).decode(errors="replace")
+    # The tokens' own bytes; the text, as mlx-lm's detokenizer gives it, drops a leading space.
+    assert spelled.removeprefix(" ") == whole.choices[0].message.content.removeprefix(" ")
+    assert len(content) == whole.usage.completion_tokens
+    entries = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in content]
+    _assert_logprobs_of_mlx_lm(entries, 3, reference, reference.chat_tokens(messages))
+
+    streamed = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    for chunk in chunks:
+        validate(chunk.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
+    again = [e for c in chunks if c.choices for e in c.choices[0].logprobs.content]
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    assert [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in again] == entries
+
+
+def test_completion_logprobs_with_offsets(app_daemon, validate, reference):
+    """The legacy route's `logprobs` (tokens, token_logprobs, top_logprobs, text_offset),
+    streamed or not, with plain mlx-lm's numbers."""
+    client = app_daemon.client()
+    prompt = "def parse_args(argv):\n    " * 12
+    asked = dict(model=str(app_daemon.model), prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    whole = client.completions.create(**asked)
+    validate(whole.model_dump(mode="json", exclude_unset=True), "CreateCompletionResponse")
+    choice = whole.choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == whole.usage.completion_tokens
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    entries = [(t, v, list(top.items())) for t, v, top in
+               zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs)]
+    _assert_logprobs_of_mlx_lm(entries, 2, reference, list(reference.tokenizer.encode(prompt)))
+
+    streamed = [c.choices[0] for c in client.completions.create(**asked, stream=True) if c.choices]
+    assert [t for c in streamed for t in c.logprobs.tokens] == logprobs.tokens
+    assert [v for c in streamed for v in c.logprobs.token_logprobs] == logprobs.token_logprobs
+    assert [o for c in streamed for o in c.logprobs.text_offset] == logprobs.text_offset
 
 
 def test_options_that_ask_for_nothing_are_accepted(app_daemon):
@@ -148,8 +213,9 @@ def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+      "top_logprobs": 21}, 400, "top_logprobs"),
 ])
 def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status, param):
     body = {k: (str(app_daemon.model) if v == "MODEL" else v) for k, v in body.items()}

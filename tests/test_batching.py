@@ -245,6 +245,57 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
         engine.close()
 
 
+@pytest.mark.parametrize("path", ["alone", "batched", "interleaved"])
+def test_logprobs_are_mlx_lm_s_on_every_decode_path(llama_model, path, tmp_path):
+    """A request asking for log-probabilities gets, token by token, the numbers plain mlx-lm's
+    `generate_step` decodes from, and its likeliest alternatives, whether it runs alone
+    (Engine.generate), in a batch or interleaved; one entry per completion token, and a
+    request not asking gets none. The turn restored from the cache gets the same numbers."""
+    from kvtier.batch import Batch
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine, GenerationRequest
+
+    reference = Reference(llama_model)
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    done = object()
+    conversations = [_conversation(q) for q in QUESTIONS[:2]]
+    try:
+        batch = Batch(engine, max_size=4, done=done, interleaved=path == "interleaved")
+
+        def run(asked: list[int | None]) -> list[list]:
+            requests = [GenerationRequest(engine.renderer.chat_tokens(c), MAX_TOKENS, temperature=0.0,
+                                          logprobs=n) for c, n in zip(conversations, asked)]
+            if path == "alone":
+                return [list(engine.generate(r)) for r in requests]
+            outputs: list[list] = [[] for _ in requests]
+            for request, out in zip(requests, outputs):
+                batch.add(request, out.append)
+            while not batch.idle:
+                batch.step()
+            return [out[:-1] for out in outputs]
+
+        first, again = run([3, None]), run([3, 0])
+        for chunks, conversation in zip(first, conversations):
+            assert "".join(c.text for c in chunks) == reference.chat(conversation, MAX_TOKENS)
+        assert not [e for c in first[1] for e in c.logprobs]
+        entries = [e for c in first[0] for e in c.logprobs]
+        assert len(entries) == first[0][-1].usage.completion_tokens == MAX_TOKENS
+        expected = reference.logprobs(reference.chat_tokens(conversations[0]), MAX_TOKENS)
+        for entry, (token, row) in zip(entries, expected):
+            assert entry.token.decode(errors="replace") == reference.tokenizer.decode([token])
+            assert entry.logprob == pytest.approx(row[token], abs=1e-4)
+            likeliest = sorted(range(len(row)), key=lambda i: -row[i])[:3]
+            assert [v for _, v in entry.top] == pytest.approx([row[i] for i in likeliest], abs=1e-4)
+        assert again[0][-1].usage.cached_tokens > 0
+        restored = [e for c in again[0] for e in c.logprobs]
+        assert [e.token for e in restored] == [e.token for e in entries]
+        assert [e.logprob for e in restored] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+        alone = [e for c in again[1] for e in c.logprobs]  # top 0: the token's own entry only
+        assert len(alone) == again[1][-1].usage.completion_tokens > 0 and not any(e.top for e in alone)
+    finally:
+        engine.close()
+
+
 # -- a step that fails ----------------------------------------------------------------------
 def _greedy_tokens(reference: Reference, tokens: list[int], n: int) -> list[int]:
     import mlx.core as mx

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Callable, cast
 from aiohttp import web
 
 from kvtier.engine import Chunk, GenerationRequest, Usage
+from kvtier.text import TokenLogprob
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError
@@ -71,13 +72,43 @@ def usage_json(usage: Usage | None) -> dict:
     }
 
 
-async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, Chunk]:
-    texts, last = [], None
+LEAST_LOGPROB = -9999.0  # OpenAI's value for a token of no probability: JSON has no -inf
+
+
+def _token(raw: bytes, logprob: float) -> dict:
+    return {"token": raw.decode(errors="replace"), "logprob": max(logprob, LEAST_LOGPROB), "bytes": list(raw)}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """A choice's (or a stream chunk's) `logprobs`: an entry per token."""
+    return {"content": [dict(_token(e.token, e.logprob), top_logprobs=[_token(*top) for top in e.top])
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    """The legacy completions' `logprobs`; `offset`: where the first token's text starts in
+    the choice's text (after an echoed prompt and the tokens before)."""
+    tokens = [e.token.decode(errors="replace") for e in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens,
+            "token_logprobs": [max(e.logprob, LEAST_LOGPROB) for e in entries],
+            "top_logprobs": [{raw.decode(errors="replace"): max(value, LEAST_LOGPROB) for raw, value in e.top}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, Chunk, list[TokenLogprob]]:
+    """The whole answer: its text, its last chunk, and its tokens' log-probabilities if asked."""
+    texts, last, logprobs = [], None, []
     async for chunk in chunks_of(state, request):
         texts.append(chunk.text)
+        logprobs += chunk.logprobs
         last = chunk
     assert last is not None  # a generation ends with its last chunk, or raises
-    return "".join(texts), last
+    return "".join(texts), last, logprobs
 
 
 async def stream_chunks(http: web.Request, state: DaemonState, request: GenerationRequest,
@@ -120,13 +151,13 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     engine = state.engine()
     tokens, boundaries = await render(state, Prompt(messages, tools, "", parse_tools))
     request = parse_generation(body, state, tokens)
-    request.boundaries = boundaries
+    request.boundaries, request.logprobs = boundaries, body.logprobs_asked
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": ident, "created": created, "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
 
     if not body.stream:
-        text, last = await collect(state, request)
+        text, last, logprobs = await collect(state, request)
         calls: list[ToolCall] = []
         if parse_tools:
             text, calls = split_tool_calls(text, engine.tokenizer, tools)
@@ -135,7 +166,8 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             message.update(content=text or None, tool_calls=[c.openai() for c in calls])
         return web.json_response(dict(base, object="chat.completion", choices=[{
             "index": 0, "message": message,
-            "finish_reason": "tool_calls" if calls else finish_reason(last), "logprobs": None}],
+            "finish_reason": "tool_calls" if calls else finish_reason(last),
+            "logprobs": chat_logprobs(logprobs) if body.logprobs else None}],
             usage=usage_json(last.usage)))
 
     sent_role = False
@@ -154,7 +186,8 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             delta["role"], sent_role = "assistant", True
         reason = ("tool_calls" if calls else finish_reason(chunk)) if chunk.finish_reason else None
         out = [dict(base, object="chat.completion.chunk", choices=[{
-            "index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])]
+            "index": 0, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs) if body.logprobs else None,
+            "finish_reason": reason}])]
         if chunk.finish_reason and include_usage:
             out.append(dict(base, object="chat.completion.chunk", choices=[],
                             usage=usage_json(chunk.usage)))
@@ -174,21 +207,28 @@ async def completions(http: web.Request) -> web.StreamResponse:
     if not tokens:
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
     request = parse_generation(body, state, tokens)
+    request.logprobs = body.logprobs
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
 
     echoed = body.prompt if body.echo else ""
+    asked = body.logprobs is not None
     if not body.stream:
-        text, last = await collect(state, request)
+        text, last, logprobs = await collect(state, request)
         return web.json_response(dict(base, choices=[{
-            "index": 0, "text": echoed + text, "logprobs": None, "finish_reason": finish_reason(last)}],
+            "index": 0, "text": echoed + text, "finish_reason": finish_reason(last),
+            "logprobs": completion_logprobs(logprobs, len(echoed)) if asked else None}],
             usage=usage_json(last.usage)))
 
+    offset = len(echoed)  # where the next token's text starts, as in the whole text
+
     def frame(chunk: Chunk) -> list[dict]:
-        nonlocal echoed  # the prompt goes out once, before the first piece of the completion
+        nonlocal echoed, offset  # the prompt goes out once, before the first piece of the completion
         text, echoed = echoed + chunk.text, ""
-        out = [dict(base, choices=[{"index": 0, "text": text, "logprobs": None,
+        logprobs = completion_logprobs(chunk.logprobs, offset) if asked else None
+        offset += sum(len(token) for token in logprobs["tokens"]) if logprobs else 0
+        out = [dict(base, choices=[{"index": 0, "text": text, "logprobs": logprobs,
                                     "finish_reason": finish_reason(chunk) if chunk.finish_reason else None}])]
         if chunk.finish_reason and include_usage:
             out.append(dict(base, choices=[], usage=usage_json(chunk.usage)))
