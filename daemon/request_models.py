@@ -433,6 +433,14 @@ class ResponsesRequest(Body):
     store: bool = True
     metadata: Optional[JsonObject] = None
     stream: bool = False
+    include: Optional[list[str]] = None  # of OpenAI's extras only the output's logprobs exist here
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's entry lists, or None: the output's log-probabilities
+        are sent only where `include` names them, as on OpenAI's API."""
+        return (self.top_logprobs or 0) if "message.output_text.logprobs" in (self.include or []) else None
 
 
 # -- routes -> bodies, errors -----------------------------------------------------------

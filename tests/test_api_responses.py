@@ -17,7 +17,7 @@ from daemon.routes.responses import Answer, parse_tools
 from daemon.request_models import ResponsesRequest, validate as validate_body
 from daemon.routes.tools import split_tool_calls
 from kvtier.engine import GenerationRequest, Usage
-from test_api_openai import _null_to_type
+from test_api_openai import _assert_logprobs_of_mlx_lm, _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]
 TOOLS = [{"type": "function", "name": "read_file", "description": "Read a file.",
@@ -116,6 +116,39 @@ def test_stream_events_match_the_schema_and_equal_the_non_streamed_text(app_daem
     # The SDK's get_final_response() wants response.completed; an answer cut off by
     # max_output_tokens ends with response.incomplete, as with OpenAI.
     assert events[-1].type == "response.incomplete" and events[-1].response.output_text == expected
+
+
+def _entries(logprobs) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in logprobs]
+
+
+def test_output_logprobs_when_included_streamed_or_not(client, validate, reference):
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs`: the output text's
+    entry per token, plain mlx-lm's numbers, in the schema; the stream's deltas carry the same
+    entries, and its done events the whole list (they were always empty). Without `include`
+    the lists stay empty, as on OpenAI's API."""
+    asked = dict(model="m", instructions=SYSTEM, input="Which tests fail?", max_output_tokens=6,
+                 temperature=0, top_logprobs=2, include=["message.output_text.logprobs"])
+    whole = client.responses.create(**asked)
+    validate(whole.model_dump(mode="json", exclude_unset=True), "Response")
+    part = whole.output[0].content[0]
+    assert len(part.logprobs) == whole.usage.output_tokens and whole.top_logprobs == 2
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which tests fail?"}]
+    entries = _entries(part.logprobs)
+    _assert_logprobs_of_mlx_lm(entries, 2, reference, reference.chat_tokens(messages))
+
+    with client.responses.stream(**asked) as stream:
+        events = list(stream)
+    for event in events:
+        validate(event.model_dump(mode="json", exclude_unset=True), "ResponseStreamEvent")
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert _entries([entry for e in deltas for entry in e.logprobs]) == entries
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert _entries(done.logprobs) == entries
+    assert _entries(events[-1].response.output[0].content[0].logprobs) == entries
+
+    plain = client.responses.create(**dict(asked, include=None))
+    assert plain.output[0].content[0].logprobs == [] and plain.output_text == whole.output_text
 
 
 def test_items_with_function_calls_are_rendered_like_the_chat_template(client, reference):
@@ -227,7 +260,7 @@ def test_function_calls_in_the_output_match_the_schema(reference, validate):
     generated = 'Listing.\n<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "ls"}}\n</tool_call>'
     text, calls = split_tool_calls(generated, reference.tokenizer, tools.template)
     answer = Answer(body, "m", tools, None, GenerationRequest(prompt_tokens=[1], max_tokens=9))
-    final = answer.final(text, calls, "stop", Usage(prompt_tokens=10, completion_tokens=9, ram_tokens=6))
+    final = answer.final(text, calls, "stop", Usage(prompt_tokens=10, completion_tokens=9, ram_tokens=6), [])
     validate(final, "Response")
     message, call = final["output"]
     assert message["content"][0]["text"] == "Listing." and final["status"] == "completed"

@@ -1,13 +1,16 @@
 """What the chat routes share: a prompt rendered to tokens (kvtier.prompt, on a thread), the
-engine's chunks through the MLX worker, and an answer read as text then tool calls."""
+engine's chunks through the MLX worker, an answer read as text then tool calls, and tokens'
+log-probabilities in OpenAI's shape."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
 from kvtier.engine import Chunk, GenerationRequest, Usage
+from kvtier.text import TokenLogprob
 
 from ..errors import ApiError
 from ..state import DaemonState
@@ -21,6 +24,25 @@ class Prompt:
     tools: list[dict] | None  # tools in the OpenAI/HF function shape
     prefill: str              # a final assistant text the answer continues ("" if none)
     parse_tools: bool         # whether to read tool calls out of the answer
+
+
+@dataclass
+class Piece:
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens it shows, if asked
+
+
+LEAST_LOGPROB = -9999.0  # OpenAI's value for a token of no probability: JSON has no -inf
+
+
+def _token(raw: bytes, logprob: float) -> dict:
+    return {"token": raw.decode(errors="replace"), "logprob": max(logprob, LEAST_LOGPROB), "bytes": list(raw)}
+
+
+def token_logprobs(entries: list[TokenLogprob]) -> list[dict]:
+    """OpenAI's entry per token (chat's `logprobs.content`, the Responses API's `logprobs`)."""
+    return [dict(_token(e.token, e.logprob), top_logprobs=[_token(*top) for top in e.top])
+            for e in entries]
 
 
 async def render(state: DaemonState, prompt: Prompt) -> tuple[list[int], list[int]]:
@@ -58,14 +80,28 @@ class Generation:
     async def texts(self) -> AsyncGenerator[str, None]:
         """Text to show, piece by piece ("" pieces included: the first one says generation
         has started). Tool calls are held back and parsed at the end."""
+        async with aclosing(self.pieces()) as pieces:  # closed with us: a client that left stops it
+            async for piece in pieces:
+                yield piece.text
+
+    async def pieces(self) -> AsyncGenerator[Piece, None]:
+        """texts(), each piece with the log-probabilities of the tokens up to it (text the
+        tool-call buffer holds back brings its tokens' with it; a call's own are dropped)."""
         chunks = chunks_of(self.state, self.request)
+        held: list[TokenLogprob] = []
         try:
             async for chunk in chunks:
                 if chunk.finish_reason:  # the engine matched stop sequences itself
                     self.finish, self.usage = chunk.finish_reason, chunk.usage
                     self.stop_sequence = chunk.stop_sequence
-                yield self.buffer.feed(chunk.text)
+                held += chunk.logprobs
+                text = self.buffer.feed(chunk.text)
+                if text:
+                    yield Piece(text, held)
+                    held = []
+                else:
+                    yield Piece("")
         finally:
             await chunks.aclose()
         tail, self.calls = self.buffer.finish()
-        yield tail
+        yield Piece(tail, [] if self.calls else held)

@@ -18,7 +18,7 @@ from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                               OpenAISampling, read_body)
 from ..state import DaemonState, STATE
-from .generation import Prompt, chunks_of, render
+from .generation import LEAST_LOGPROB, Prompt, chunks_of, render, token_logprobs
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 
 log = logging.getLogger("kvtier.openai")
@@ -72,17 +72,9 @@ def usage_json(usage: Usage | None) -> dict:
     }
 
 
-LEAST_LOGPROB = -9999.0  # OpenAI's value for a token of no probability: JSON has no -inf
-
-
-def _token(raw: bytes, logprob: float) -> dict:
-    return {"token": raw.decode(errors="replace"), "logprob": max(logprob, LEAST_LOGPROB), "bytes": list(raw)}
-
-
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
     """A choice's (or a stream chunk's) `logprobs`: an entry per token."""
-    return {"content": [dict(_token(e.token, e.logprob), top_logprobs=[_token(*top) for top in e.top])
-                        for e in entries], "refusal": None}
+    return {"content": token_logprobs(entries), "refusal": None}
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:

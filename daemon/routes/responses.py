@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from kvtier.engine import GenerationRequest, Usage
+from kvtier.text import TokenLogprob
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError
@@ -31,7 +32,7 @@ from ..request_models import (FunctionCallItem, FunctionCallOutputItem, Function
                               FunctionTool, InputText, MessageItem, NamespaceTool,
                               ResponsesRequest, read_body)
 from ..state import STATE, DaemonState
-from .generation import Generation, Prompt, render
+from .generation import Generation, Piece, Prompt, render, token_logprobs
 from .tools import ToolCall
 
 log = logging.getLogger("kvtier.responses")
@@ -168,7 +169,7 @@ def generation_request(body: ResponsesRequest, state: DaemonState, tokens: list[
         max_tokens = min(max_tokens, limit - len(tokens))
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p,
-                             boundaries=boundaries)
+                             boundaries=boundaries, logprobs=body.logprobs_asked)
 
 
 # -- the response object ----------------------------------------------------------------
@@ -185,14 +186,16 @@ def usage_json(usage: Usage) -> dict:
                        "time_to_first_token": round(usage.prefill_seconds, 4)}}
 
 
-def message_item(item_id: str, text: str, status: str = "completed") -> dict:
-    content = [] if status == "in_progress" else [output_text(text)]
+def message_item(item_id: str, text: str, status: str = "completed",
+                 logprobs: list[TokenLogprob] | None = None) -> dict:
+    content = [] if status == "in_progress" else [output_text(text, logprobs)]
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
             "content": content}
 
 
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [],
+            "logprobs": token_logprobs(logprobs or [])}
 
 
 def call_item(call: ToolCall, namespaces: dict[str, str], status: str = "completed") -> dict:
@@ -219,6 +222,7 @@ class Answer:
             "parallel_tool_calls": body.parallel_tool_calls,
             "temperature": request.temperature, "top_p": request.top_p,
             "max_output_tokens": body.max_output_tokens, "metadata": body.metadata or {},
+            "top_logprobs": body.top_logprobs,
             "store": body.store, "text": {"format": {"type": "text"}},
             "truncation": "disabled", "reasoning": None, "error": None,
             "incomplete_details": None}
@@ -234,17 +238,18 @@ class Answer:
             out["incomplete_details"] = {"reason": "max_output_tokens"}
         return out
 
-    def final(self, text: str, calls: list[ToolCall], finish: str | None, usage: Usage | None) -> dict:
+    def final(self, text: str, calls: list[ToolCall], finish: str | None, usage: Usage | None,
+              logprobs: list[TokenLogprob]) -> dict:
         """The finished response: the text as a message item, then one item per tool call."""
         output = []
         if text or not calls:
-            output.append(message_item(self.message_id, text))
+            output.append(message_item(self.message_id, text, logprobs=logprobs))
         output.extend(call_item(call, self.namespaces) for call in calls)
         incomplete = finish == "length" and not calls
         return self.snapshot("incomplete" if incomplete else "completed", output, usage, incomplete)
 
-    def of(self, text: str, generation: Generation) -> dict:
-        return self.final(text, generation.calls, generation.finish, generation.usage)
+    def of(self, text: str, generation: Generation, logprobs: list[TokenLogprob]) -> dict:
+        return self.final(text, generation.calls, generation.finish, generation.usage, logprobs)
 
 
 def answered_messages(messages: list[dict], text: str, generation: Generation) -> list[dict]:
@@ -277,8 +282,9 @@ async def create_response(http: web.Request) -> web.StreamResponse:
     answer = Answer(body, model, tools, previous, request)
 
     if not body.stream:
-        text = "".join([piece async for piece in generation.texts()])
-        result = answer.of(text, generation)
+        pieces = [piece async for piece in generation.pieces()]
+        text = "".join(piece.text for piece in pieces)
+        result = answer.of(text, generation, [e for piece in pieces for e in piece.logprobs])
         if result["store"]:
             remember(http, answer.id, answered_messages(conversation, text, generation))
         return web.json_response(result)
@@ -289,7 +295,7 @@ async def stream_events(http: web.Request, generation: Generation, answer: Answe
                         conversation: list[dict]) -> web.StreamResponse:
     """The Responses SSE events, numbered; a failure after the first piece ends with
     `response.failed`."""
-    async def events(send: sse.Send, piece: str, pieces: AsyncIterator[str]) -> None:
+    async def events(send: sse.Send, piece: Piece, pieces: AsyncIterator[Piece]) -> None:
         sequence = 0
 
         async def send_event(kind: str, **data: Any) -> None:
@@ -301,23 +307,26 @@ async def stream_events(http: web.Request, generation: Generation, answer: Answe
         if text is not None and answer.base["store"]:
             remember(http, answer.id, answered_messages(conversation, text, generation))
 
-    return await sse.stream(http, generation.texts(), events)
+    return await sse.stream(http, generation.pieces(), events)
 
 
-async def _send_events(send, generation: Generation, answer: Answer, piece: str | None,
-                       pieces: AsyncIterator[str]) -> str | None:
+async def _send_events(send, generation: Generation, answer: Answer, piece: Piece | None,
+                       pieces: AsyncIterator[Piece]) -> str | None:
     """Send every event; the answer's text, or None when generation failed."""
     await send("response.created", response=answer.snapshot("in_progress", []))
     await send("response.in_progress", response=answer.snapshot("in_progress", []))
     texts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
     try:
         while piece is not None:
-            if piece:
+            if piece.text:
                 if not texts:
                     await _open_message(send, answer)
-                texts.append(piece)
-                await send("response.output_text.delta", delta=piece, logprobs=[], **where)
+                texts.append(piece.text)
+                logprobs += piece.logprobs
+                await send("response.output_text.delta", delta=piece.text,
+                           logprobs=token_logprobs(piece.logprobs), **where)
             piece = await anext(pieces, None)
     except ConnectionResetError:
         raise  # the client left: not a failure of ours
@@ -332,11 +341,11 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: str 
     if texts or not generation.calls:
         if not texts:
             await _open_message(send, answer)
-        await send("response.output_text.done", text=text, logprobs=[], **where)
-        await send("response.content_part.done", part=output_text(text),
+        await send("response.output_text.done", text=text, logprobs=token_logprobs(logprobs), **where)
+        await send("response.content_part.done", part=output_text(text, logprobs),
                    **{k: where[k] for k in ("item_id", "output_index", "content_index")})
         await send("response.output_item.done", output_index=0,
-                   item=message_item(answer.message_id, text))
+                   item=message_item(answer.message_id, text, logprobs=logprobs))
         index = 1
     for call in generation.calls:
         item = call_item(call, answer.namespaces)
@@ -348,7 +357,7 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: str 
                    output_index=index, name=call.name, arguments=item["arguments"])
         await send("response.output_item.done", output_index=index, item=item)
         index += 1
-    final = answer.of(text, generation)
+    final = answer.of(text, generation, logprobs)
     await send("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                response=final)
     return text
