@@ -109,6 +109,11 @@ def test_completion_options_not_served_are_refused_by_name(app_daemon, validate,
     assert response["error"]["param"] == param
 
 
+def _entries(logprobs) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """An SDK's per-token entries as (token, logprob, [(alternative, logprob), ...])."""
+    return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in logprobs]
+
+
 def _assert_logprobs_of_mlx_lm(entries: list[tuple[str, float, list[tuple[str, float]]]], top: int,
                                reference, tokens: list[int]) -> None:
     """Each token's log-probability and its `top` likeliest alternatives are plain mlx-lm's,
@@ -140,7 +145,7 @@ def test_chat_logprobs_are_mlx_lm_s_streamed_or_not(app_daemon, validate, refere
     # The tokens' own bytes; the text, as mlx-lm's detokenizer gives it, drops a leading space.
     assert spelled.removeprefix(" ") == whole.choices[0].message.content.removeprefix(" ")
     assert len(content) == whole.usage.completion_tokens
-    entries = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in content]
+    entries = _entries(content)
     _assert_logprobs_of_mlx_lm(entries, 3, reference, reference.chat_tokens(messages))
 
     streamed = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})
@@ -149,7 +154,7 @@ def test_chat_logprobs_are_mlx_lm_s_streamed_or_not(app_daemon, validate, refere
         validate(chunk.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
     again = [e for c in chunks if c.choices for e in c.choices[0].logprobs.content]
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
-    assert [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in again] == entries
+    assert _entries(again) == entries
 
 
 def test_completion_logprobs_with_offsets(app_daemon, validate, reference):

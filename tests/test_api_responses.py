@@ -17,7 +17,7 @@ from daemon.routes.responses import Answer, parse_tools
 from daemon.request_models import ResponsesRequest, validate as validate_body
 from daemon.routes.tools import split_tool_calls
 from kvtier.engine import GenerationRequest, Usage
-from test_api_openai import _assert_logprobs_of_mlx_lm, _null_to_type
+from test_api_openai import _assert_logprobs_of_mlx_lm, _entries, _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]
 TOOLS = [{"type": "function", "name": "read_file", "description": "Read a file.",
@@ -116,10 +116,6 @@ def test_stream_events_match_the_schema_and_equal_the_non_streamed_text(app_daem
     # The SDK's get_final_response() wants response.completed; an answer cut off by
     # max_output_tokens ends with response.incomplete, as with OpenAI.
     assert events[-1].type == "response.incomplete" and events[-1].response.output_text == expected
-
-
-def _entries(logprobs) -> list[tuple[str, float, list[tuple[str, float]]]]:
-    return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in logprobs]
 
 
 def test_output_logprobs_when_included_streamed_or_not(client, validate, reference):

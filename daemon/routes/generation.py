@@ -76,6 +76,7 @@ class Generation:
         self.finish: str | None = None
         self.calls: list[ToolCall] = []
         self.usage: Usage | None = None
+        self.logprobs: list[TokenLogprob] = []  # of the text shown so far, if asked (not a call's)
 
     async def texts(self) -> AsyncGenerator[str, None]:
         """Text to show, piece by piece ("" pieces included: the first one says generation
@@ -97,11 +98,15 @@ class Generation:
                 held += chunk.logprobs
                 text = self.buffer.feed(chunk.text)
                 if text:
-                    yield Piece(text, held)
+                    yield self._shown(text, held)
                     held = []
                 else:
                     yield Piece("")
         finally:
             await chunks.aclose()
         tail, self.calls = self.buffer.finish()
-        yield Piece(tail, [] if self.calls else held)
+        yield self._shown(tail, [] if self.calls else held)
+
+    def _shown(self, text: str, logprobs: list[TokenLogprob]) -> Piece:
+        self.logprobs += logprobs
+        return Piece(text, logprobs)

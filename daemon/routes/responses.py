@@ -248,8 +248,9 @@ class Answer:
         incomplete = finish == "length" and not calls
         return self.snapshot("incomplete" if incomplete else "completed", output, usage, incomplete)
 
-    def of(self, text: str, generation: Generation, logprobs: list[TokenLogprob]) -> dict:
-        return self.final(text, generation.calls, generation.finish, generation.usage, logprobs)
+    def of(self, text: str, generation: Generation) -> dict:
+        return self.final(text, generation.calls, generation.finish, generation.usage,
+                          generation.logprobs)
 
 
 def answered_messages(messages: list[dict], text: str, generation: Generation) -> list[dict]:
@@ -282,9 +283,8 @@ async def create_response(http: web.Request) -> web.StreamResponse:
     answer = Answer(body, model, tools, previous, request)
 
     if not body.stream:
-        pieces = [piece async for piece in generation.pieces()]
-        text = "".join(piece.text for piece in pieces)
-        result = answer.of(text, generation, [e for piece in pieces for e in piece.logprobs])
+        text = "".join([piece async for piece in generation.texts()])
+        result = answer.of(text, generation)
         if result["store"]:
             remember(http, answer.id, answered_messages(conversation, text, generation))
         return web.json_response(result)
@@ -316,7 +316,6 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: Piec
     await send("response.created", response=answer.snapshot("in_progress", []))
     await send("response.in_progress", response=answer.snapshot("in_progress", []))
     texts: list[str] = []
-    logprobs: list[TokenLogprob] = []
     where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
     try:
         while piece is not None:
@@ -324,7 +323,6 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: Piec
                 if not texts:
                     await _open_message(send, answer)
                 texts.append(piece.text)
-                logprobs += piece.logprobs
                 await send("response.output_text.delta", delta=piece.text,
                            logprobs=token_logprobs(piece.logprobs), **where)
             piece = await anext(pieces, None)
@@ -336,7 +334,7 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: Piec
         failed["error"] = {"code": "server_error", "message": INTERNAL_ERROR}
         await send("response.failed", response=failed)
         return None
-    text = "".join(texts)
+    text, logprobs = "".join(texts), generation.logprobs
     index = 0
     if texts or not generation.calls:
         if not texts:
@@ -357,7 +355,7 @@ async def _send_events(send, generation: Generation, answer: Answer, piece: Piec
                    output_index=index, name=call.name, arguments=item["arguments"])
         await send("response.output_item.done", output_index=index, item=item)
         index += 1
-    final = answer.of(text, generation, logprobs)
+    final = answer.of(text, generation)
     await send("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                response=final)
     return text
