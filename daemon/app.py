@@ -15,6 +15,7 @@ from . import metrics, openapi
 from .auth import auth_middleware
 from .disconnects import disconnect_middleware
 from .errors import error_middleware
+from .guard import Guard, cors_headers, guard_middleware
 from .pressure import PressureWatcher
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
@@ -29,10 +30,13 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def init_app(config: ServeConfig) -> web.Application:
-    middlewares = [disconnect_middleware, error_middleware]
+    # The guard first: a request from a web page is refused before auth and before any work.
+    guard = Guard.of(config)
+    middlewares = [guard_middleware(guard), disconnect_middleware, error_middleware]
     if config.api_key:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(cors_headers(guard))
 
     def make_engine() -> Engine:
         engine = Engine(config.model, config.cache, config.prefill_step_size)

@@ -49,6 +49,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
     config.strict_model_names = args.strict_model_names
     config.keep_billing_header = args.keep_billing_header
+    config.allowed_hosts, config.allowed_origins = args.allowed_hosts, args.allowed_origins
+    config.show_previews = args.show_previews
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")

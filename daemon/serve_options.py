@@ -84,6 +84,15 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--api-key", dict(default=None,
                        help="require this bearer token on every route (or set KVTIER_API_KEY); "
                             "needed to bind a non-loopback address")),
+    ("--allowed-hosts", dict(action="append", default=[], metavar="NAME",
+                             help="another name clients may reach the daemon by (the Host header; default: "
+                                  "127.0.0.1, localhost, [::1] and --host; repeatable)")),
+    ("--allowed-origins", dict(action="append", default=[], metavar="ORIGIN",
+                               help="a web origin (http://host:port) whose pages may call the daemon, with "
+                                    "CORS (default: none but the daemon's own; repeatable)")),
+    ("--show-previews", dict(action="store_true",
+                             help="show the start of each cached prompt's text in /cache/entries "
+                                  "(default: counts, keys and times only)")),
     ("--max-waiting", dict(type=int, default=32,
                            help="requests queued before the daemon answers 503 (default: 32)")),
     ("--max-batch", dict(type=int, default=None,

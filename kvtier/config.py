@@ -128,4 +128,7 @@ class ServeConfig:
     model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
     strict_model_names: bool = False  # refuse names other than the served model's and aliases
     keep_billing_header: bool = False  # keep Claude Code's per-conversation system line
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides the bound address
+    allowed_origins: list[str] = field(default_factory=list)  # browser origins served, with CORS
+    show_previews: bool = False  # /cache/entries shows the start of each prompt's text
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -123,7 +123,7 @@ def prefixes(cache: LocalDisk, preview_tokens: int = 12, limit: int | None = Non
             fingerprint=record.fingerprint, tokens=sum(r.num_tokens for _, r in chain),
             bytes=sum(r.nbytes for _, r in chain), blocks=len(chain), last_used=record.access_ms / 1000,
             pinned=all(r.pinned for _, r in chain), chain=[k for k, _ in chain]))
-    for prefix in out:
+    for prefix in out if preview_tokens else ():  # none asked: no file read, no tokenizer loaded
         prefix.preview = _preview(cache, prefix, models, preview_tokens)
     return out
 

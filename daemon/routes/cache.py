@@ -11,6 +11,7 @@ from kvtier import ops
 from kvtier.config import parse_duration, parse_size
 from kvtier.local import LocalDisk
 
+from ..auth import is_loopback
 from ..errors import ApiError
 from ..request_models import WarmRequest, read_body
 from ..state import STATE
@@ -28,7 +29,14 @@ async def health(http: web.Request) -> web.Response:
         return web.json_response({"status": status, "error": worker.load_error}, status=503)
     # A read-only disk or an unreachable shared store degrades nothing: still "ok".
     return web.json_response({"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-                              **worker.engine.store.health(), "batching": _batching(worker)})
+                              **worker.engine.store.health(), "batching": _batching(worker),
+                              "access": _access(state.config)})
+
+
+def _access(config) -> dict:
+    """Who can reach the daemon (docs/security.md); a bind beyond loopback needs --api-key."""
+    return {"loopback_only": is_loopback(config.host), "api_key": bool(config.api_key),
+            "allowed_hosts": config.allowed_hosts, "allowed_origins": config.allowed_origins}
 
 
 def _batching(worker) -> dict:
@@ -68,16 +76,23 @@ def _cache_dir(http: web.Request) -> LocalDisk:
 @routes.get("/cache/entries")
 async def cache_entries(http: web.Request) -> web.Response:
     """Cached prefixes, as `kvtier ls --json` lists them, with the tier they are in now;
-    `limit` and `offset` page through them (default: all)."""
+    `limit` and `offset` page through them (default: all). The start of each prompt's text
+    (`preview`) only with --show-previews: it is what the user's agents sent."""
     limit, offset = _natural(http.query, "limit"), _natural(http.query, "offset") or 0
-    store = http.app[STATE].engine().store
+    state = http.app[STATE]
+    store = state.engine().store
+    show = state.config.show_previews
     await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
-    found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), limit=limit, offset=offset)
+    found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), preview_tokens=12 if show else 0,
+                                    limit=limit, offset=offset)
     entries = []
     for prefix in found:
         hot = sum(1 for key in prefix.chain if store.is_hot(key))
         tier = "ram+disk" if hot == len(prefix.chain) else ("partly ram" if hot else "disk")
-        entries.append(dict(prefix.to_json(), tier=tier))
+        entry = dict(prefix.to_json(), tier=tier)
+        if not show:
+            del entry["preview"]
+        entries.append(entry)
     return web.json_response({"object": "list", "data": entries})
 
 
