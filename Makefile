@@ -26,6 +26,11 @@ system-deps:
 	   && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 \
 	   || echo "note: could not install redis-server; the shared-tier tests will be skipped"; fi
+	@# chromium and its driver for the browser tests (tests/test_browser_page.py skips without them).
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromedriver >/dev/null \
+	   && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	   (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+	   || echo "note: could not install chromium; the browser tests will be skipped"; fi
 
 # Two test processes, a file each at a time (module-scoped daemons stay in one process):
 # most tests wait on a daemon's start-up or I/O, so two share two cores well.
