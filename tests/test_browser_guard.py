@@ -104,6 +104,28 @@ def test_allowed_hosts_adds_names(app_daemon, open_app):
     assert send(open_app, "GET", "/v1/models", headers={"Host": f"evil.kvtier.lan:{open_app.port}"})[0] == 403
 
 
+def test_the_host_check_comes_before_the_api_key(keyed_app):
+    """A rebinding page that learned the key is refused all the same; a preflight (which
+    carries no key) from the daemon's own origin is answered."""
+    key = {"Authorization": "Bearer s3cret"}
+    status, _, body = send(keyed_app, "GET", "/cache/entries", headers={"Host": "attacker.example", **key})
+    assert_refused("/cache/entries", status, body, 403, "host_not_allowed")
+    preflight = {"Origin": keyed_app.url, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization"}
+    assert send(keyed_app, "OPTIONS", "/v1/chat/completions", headers=preflight)[0] == 204
+    assert send(keyed_app, "GET", "/v1/models", headers={"Origin": keyed_app.url})[0] == 401
+
+
+def test_bound_to_every_address_ip_hosts_are_served_and_names_need_allowing(app_factory, llama_model):
+    """--host 0.0.0.0: clients on the network reach it by any of the machine's addresses,
+    which cannot be rebound; a name must be given with --allowed-hosts."""
+    app = app_factory(llama_model, "--host", "0.0.0.0", "--api-key", "k", "--allowed-hosts", "box.lan")
+    key = {"Authorization": "Bearer k"}
+    for host, expected in [("192.168.7.7:8420", 200), ("[fe80::1]:8420", 200), ("box.lan:8420", 200),
+                           ("0.0.0.0:8420", 200), ("attacker.example:8420", 403)]:
+        assert send(app, "GET", "/v1/models", headers={"Host": host, **key})[0] == expected, host
+
+
 # -- Origin ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("origin", ["http://attacker.example", "http://localhost:3000", "null",
                                     "https://127.0.0.1:{port}"])
