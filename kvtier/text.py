@@ -105,7 +105,7 @@ class TextStream:
             self.finish = "stop"
         elif self.request.cancelled.is_set():
             self.cancel()
-        elif self.count >= self.request.max_tokens:
+        elif self.request.max_tokens is not None and self.count >= self.request.max_tokens:
             self.finish = "length"
         return [self._chunk(text)] if text else []
 
