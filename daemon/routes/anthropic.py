@@ -196,6 +196,14 @@ def usage_json(usage: Usage | None) -> dict:
     }
 
 
+def start_usage(generation: Generation) -> dict:
+    """message_start's usage: the prompt's split as usage_json gives it, no output yet."""
+    prompt_tokens = len(generation.request.prompt_tokens)
+    cached = generation.cached_tokens or 0
+    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": 0}
+
+
 def tool_use_block(call: ToolCall) -> dict:
     arguments = call.arguments if isinstance(call.arguments, dict) else {"arguments": call.arguments}
     return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
@@ -243,12 +251,10 @@ async def stream_events(http: web.Request, generation: Generation, budget: Budge
 async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation: Generation,
                        budget: Budget, message: dict, piece: str | None,
                        pieces: AsyncIterator[str]) -> None:
-    # The cache split is known only at the end: message_start counts the whole prompt
-    # as input, message_delta then gives the final (cumulative) numbers.
+    # The first piece is out, so the prompt's restore is over: message_start gives the split
+    # message_delta will (as Anthropic does), with no output yet.
     await send("message_start", {"type": "message_start", "message": dict(
-        message, content=[], stop_reason=None, stop_sequence=None,
-        usage={"input_tokens": len(generation.request.prompt_tokens), "cache_creation_input_tokens": 0,
-               "cache_read_input_tokens": 0, "output_tokens": 0})})
+        message, content=[], stop_reason=None, stop_sequence=None, usage=start_usage(generation))})
     await send("ping", {"type": "ping"})
     index, text_open = 0, False
     try:

@@ -98,6 +98,7 @@ class Generation:
         self.finish: str | None = None
         self.calls: list[ToolCall] = []
         self.usage: Usage | None = None
+        self.cached_tokens: int | None = None  # of the prompt, from the cache: known from the first piece
         self.logprobs: list[TokenLogprob] = []  # of the text shown so far, if asked (not a call's)
 
     async def texts(self) -> AsyncGenerator[str, None]:
@@ -114,6 +115,8 @@ class Generation:
         held: list[TokenLogprob] = []
         try:
             async for chunk in chunks:
+                if self.cached_tokens is None:
+                    self.cached_tokens = chunk.cached_tokens
                 if chunk.finish_reason:  # the engine matched stop sequences itself
                     self.finish, self.usage = chunk.finish_reason, chunk.usage
                     self.stop_sequence = chunk.stop_sequence
