@@ -34,7 +34,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                         **{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
                          prefill_step_size=args.prefill_step_size,
-                         max_tokens_default=args.max_tokens, pressure_keep=args.pressure_keep,
+                         max_tokens_ceiling=args.max_tokens, pressure_keep=args.pressure_keep,
                          max_context=args.max_context, cache=cache)
     if args.pressure_below is not None:
         config.pressure_below = args.pressure_below

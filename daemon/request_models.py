@@ -137,7 +137,7 @@ class OpenAISampling(Body):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Unit = 1.0
     seed: Optional[Annotated[int, Field(ge=0, le=MAX_SEED)]] = None
-    n: Literal[1] = 1  # one choice per request
+    n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request (an int: Literal[1] took true)
     stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None
     stream: bool = False
     stream_options: StreamOptions = StreamOptions()
@@ -193,7 +193,7 @@ class CompletionRequest(OpenAISampling):
 class WarmRequest(Body):
     """POST /cache/warm: {messages, tools} or {prompt} (a system prompt)."""
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
-    prompt: Optional[str] = None
+    prompt: Optional[NonEmpty] = None  # an empty one has nothing to warm
     tools: Optional[list[Sent[ChatTool]]] = None
     pin: bool = False
 

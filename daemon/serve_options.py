@@ -71,8 +71,10 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--kv-bits", dict(type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
                        help="quantize the KV cache to this many bits (default: model dtype)")),
     ("--kv-group-size", dict(type=int, default=64)),
-    ("--max-tokens", dict(type=int, default=512,
-                          help="completion length when a request gives none (default: 512)")),
+    ("--max-tokens", dict(type=positive_int, default=None,
+                          help="most tokens any completion may have, whatever the request asks "
+                               "(default: none; a request without a limit runs until the model "
+                               "stops or the context is full)")),
     ("--max-context", dict(type=positive_int, default=None,
                            help="tokens a request may span, prompt and completion (default: the "
                                 "limit the model's config.json declares; none if it declares none)")),

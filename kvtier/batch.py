@@ -19,6 +19,7 @@ runs a `RowDecoder` in the generator's place: each request decodes its own row i
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -123,6 +124,12 @@ def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]
     finally:
         generator.close()
     return [out[uid] for uid in uids]
+
+
+def steps_left(request: GenerationRequest) -> int:
+    """Decode steps the generator may take after a request's first token; a request with no
+    limit gets a count it never reaches (its TextStream ends it: EOS, a stop string, cancelling)."""
+    return sys.maxsize if request.max_tokens is None else request.max_tokens - 1
 
 
 # -- exact interleaving: each request decodes its own row ---------------------------------
@@ -423,7 +430,7 @@ class Batch:
             self._finish(member)
             return
         session.fed.append(token)
-        (uid,) = self.generator.insert([[token]], max_tokens=[request.max_tokens - 1],
+        (uid,) = self.generator.insert([[token]], max_tokens=[steps_left(request)],
                                        caches=[session.prompt_cache], all_tokens=[list(tokens)],
                                        samplers=[member.sampler])
         self.decoding[uid] = member

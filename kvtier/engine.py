@@ -35,7 +35,7 @@ log = logging.getLogger("kvtier.engine")
 @dataclass
 class GenerationRequest:
     prompt_tokens: list[int]
-    max_tokens: int
+    max_tokens: int | None  # None: until EOS, a stop string or cancellation
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -306,7 +306,7 @@ class Engine:
         while not text.finish:
             # Queue the next step before reading this token (compute overlaps the host side),
             # but not the first token's (below) nor the last's (nobody reads its output).
-            ahead = n > 0 and n + 1 < request.max_tokens
+            ahead = n > 0 and (request.max_tokens is None or n + 1 < request.max_tokens)
             if ahead:
                 following = step(y)
             token = y.item()

@@ -60,6 +60,9 @@ class Chunk:
     # The tokens generated since the previous chunk, where the request asked for logprobs
     # (text a stop string may still claim is held back; its tokens come with the next chunk).
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # On a request's first chunk: the prompt's tokens restored from the cache (the restore is
+    # over by then), so a stream's start can give the split its end's usage gives.
+    cached_tokens: int | None = None
 
 
 def token_logprob(spell: Callable[[int], bytes], logprobs: mx.array, token: int, top: int) -> TokenLogprob:
@@ -88,6 +91,7 @@ class TextStream:
         self.finish: str | None = None
         self.matched_stop = False
         self.count = 0
+        self._started = False  # whether a chunk went out yet
         self._logprobs: list[TokenLogprob] = []  # of tokens whose text is not out yet
 
     def feed(self, token: int, logprobs: mx.array | None = None) -> list[Chunk]:
@@ -105,7 +109,7 @@ class TextStream:
             self.finish = "stop"
         elif self.request.cancelled.is_set():
             self.cancel()
-        elif self.count >= self.request.max_tokens:
+        elif self.request.max_tokens is not None and self.count >= self.request.max_tokens:
             self.finish = "length"
         return [self._chunk(text)] if text else []
 
@@ -129,4 +133,6 @@ class TextStream:
 
     def _chunk(self, text: str) -> Chunk:
         chunk, self._logprobs = Chunk(text, logprobs=self._logprobs), []
+        if not self._started:
+            self._started, chunk.cached_tokens = True, self.usage.cached_tokens
         return chunk

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".models"
 # Small blocks make short test prompts span many blocks (partial hits, chains, eviction).
 TEST_BLOCK_SIZE = 64
+# The random test models never stop by themselves: the test daemons cap answers where a test
+# sets no limit (ceiling=None: none, for the tests of the limit itself).
+TEST_MAX_TOKENS = 512
 
 
 def free_port() -> int:
@@ -108,8 +111,10 @@ def reference(llama_model) -> Reference:
 class Daemon:
     """`kvtier serve` as a real subprocess on 127.0.0.1."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None,
+                 ceiling: int | None = TEST_MAX_TOKENS):
         self.model, self.cache_dir, self.extra = model, cache_dir, list(extra)
+        self.ceiling = [] if ceiling is None else ["--max-tokens", str(ceiling)]
         self.env = dict(os.environ, **(env or {}))
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -133,7 +138,7 @@ class Daemon:
                 # Sequential unless a test asks for a batch: skips the start-up batching probe.
                 "--max-batch", "1",
                 # After a restart, blocks come from disk unless a test asks for the prefetch.
-                "--prefetch", "0", *self.extra]
+                "--prefetch", "0", *self.ceiling, *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout
@@ -177,8 +182,8 @@ def daemon_factory(tmp_path):
     started: list[Daemon] = []
 
     def make(model: Path, *extra: str, cache_dir: Path | None = None,
-             env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(model, cache_dir or tmp_path / "cache", *extra, env=env)
+             env: dict[str, str] | None = None, ceiling: int | None = TEST_MAX_TOKENS) -> Daemon:
+        daemon = Daemon(model, cache_dir or tmp_path / "cache", *extra, env=env, ceiling=ceiling)
         started.append(daemon)
         return daemon.start()
 
@@ -230,8 +235,8 @@ def app_factory(tmp_path):
 
     started: list = []
 
-    def make(model: Path, *extra: str):
-        daemon = InProcessDaemon(model, tmp_path / f"cache-{len(started)}", *extra)
+    def make(model: Path, *extra: str, ceiling: int | None = TEST_MAX_TOKENS):
+        daemon = InProcessDaemon(model, tmp_path / f"cache-{len(started)}", *extra, ceiling=ceiling)
         started.append(daemon)
         return daemon.start()
 

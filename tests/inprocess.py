@@ -18,7 +18,7 @@ from typing import Any, Coroutine, TypeVar
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import TEST_BLOCK_SIZE
+from conftest import TEST_BLOCK_SIZE, TEST_MAX_TOKENS
 from daemon.app import init_app
 from daemon.cli import build_parser, serve_config
 from daemon.server import ApiRunner
@@ -56,11 +56,12 @@ class Reply:
 class InProcessDaemon:
     """The app `kvtier serve` would run with the same flags, served on 127.0.0.1."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str):
+    def __init__(self, model: Path, cache_dir: Path, *extra: str, ceiling: int | None = TEST_MAX_TOKENS):
         self.model, self.cache_dir = model, cache_dir
+        ceiling_args = [] if ceiling is None else ["--max-tokens", str(ceiling)]  # see conftest
         args = build_parser().parse_args([
             "serve", "--model", str(model), "--cache-dir", str(cache_dir),
-            "--block-size", str(TEST_BLOCK_SIZE), "--max-batch", "1", *extra])
+            "--block-size", str(TEST_BLOCK_SIZE), "--max-batch", "1", *ceiling_args, *extra])
         self.config = serve_config(args)
         self.app = init_app(self.config)
         self._loop = asyncio.new_event_loop()

@@ -83,6 +83,7 @@ def test_claude_code_runs_and_a_new_conversation_is_served_from_the_cache(
 
 CODEX_CONFIG = """model = "local"
 model_provider = "kvtier"
+model_catalog_json = "{catalog}"
 
 [model_providers.kvtier]
 name = "kvtier"
@@ -92,11 +93,24 @@ env_key = "KVTIER_API_KEY"
 """
 
 
+def codex_catalog(context_window: int) -> dict:
+    """docs/api.md's model catalog: Codex's metadata for "local" (without it Codex warns that
+    it runs on fallback metadata, and assumes a context window the model does not have)."""
+    return {"models": [{
+        "slug": "local", "display_name": "local (kvtier)", "context_window": context_window,
+        "base_instructions": "You are Codex, a coding agent working in the user's terminal and "
+                             "workspace. Be precise, safe and helpful.",
+        "supported_reasoning_levels": [], "shell_type": "unified_exec", "visibility": "list",
+        "supported_in_api": True, "priority": 0, "support_verbosity": False,
+        "truncation_policy": {"mode": "tokens", "limit": 10000}, "experimental_supported_tools": []}]}
+
+
 def ask_codex(codex: list[str], daemon, home: Path, project: Path, question: str) -> dict:
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "KVTIER_API_KEY": "sk-local"}
     result = subprocess.run([*codex, "exec", "--skip-git-repo-check", "--json", question],
                             cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "Model metadata" not in result.stdout + result.stderr  # "... not found. Defaulting to fallback"
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     (done,) = [e for e in events if e["type"] == "turn.completed"]
     return done["usage"]
@@ -104,10 +118,14 @@ def ask_codex(codex: list[str], daemon, home: Path, project: Path, question: str
 
 def test_codex_runs_on_the_responses_api_and_a_new_conversation_is_served_from_the_cache(
         codex, daemon_factory, terse_model, tmp_path):
-    daemon = daemon_factory(terse_model)
+    # No --max-tokens ceiling: Codex asks no output limit, and an answer must not be cut at one.
+    daemon = daemon_factory(terse_model, ceiling=None)
     home, project = tmp_path / "home", tmp_path / "project"
     (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(CODEX_CONFIG.format(url=daemon.url))
+    catalog = home / ".codex" / "kvtier-model.json"
+    context = json.loads((terse_model / "config.json").read_text())["max_position_embeddings"]
+    catalog.write_text(json.dumps(codex_catalog(context)))
+    (home / ".codex" / "config.toml").write_text(CODEX_CONFIG.format(url=daemon.url, catalog=catalog))
     project.mkdir()
     first = ask_codex(codex, daemon, home, project, "Say hello.")
     assert first["cached_input_tokens"] == 0

@@ -127,7 +127,25 @@ def test_stream_events_text_and_usage(app_daemon, client, model, reference):
         final = stream.get_final_message()
     assert "".join(pieces) == text_of(final) == expected
     assert final.usage.cache_read_input_tokens > 0
-    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == start["usage"]["input_tokens"]
+    whole_prompt = start["usage"]["input_tokens"] + start["usage"]["cache_read_input_tokens"]
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == whole_prompt
+
+
+def test_stream_start_gives_the_cache_split_the_end_gives(client, model):
+    # The prompt is restored before the first event goes out: message_start already says how
+    # much of it came from the cache (it used to say 0 and leave the split to message_delta).
+    system = system_prompt("stream-start")
+    for question in ("First question.", "Second question."):
+        with client.messages.stream(model=model, system=system, max_tokens=4, extra_body=GREEDY,
+                                    messages=[{"role": "user", "content": question}]) as stream:
+            events = list(stream)
+            final = stream.get_final_message().usage
+        (start,) = [event.message.usage for event in events if event.type == "message_start"]
+        (delta,) = [event.usage for event in events if event.type == "message_delta"]
+        split = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+        assert [getattr(start, name) for name in split] == [getattr(delta, name) for name in split] \
+            == [getattr(final, name) for name in split]
+    assert start.cache_read_input_tokens > 0  # the second question shares the system prompt
 
 
 def test_agent_loop_reuses_the_cache_every_turn(client, model, reference):

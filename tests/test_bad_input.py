@@ -208,3 +208,17 @@ def test_a_token_beyond_the_models_embedding_is_a_400_not_a_crash(tmp_path, daem
     messages = agent_messages("beyond")
     reply = client.chat.completions.create(model=str(model), messages=messages, max_tokens=4, temperature=0)
     assert reply.choices[0].message.content == reference.chat(messages, 4)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_is_no_choice_count(app_daemon, route, value):
+    # JSON booleans are not numbers (docs/api.md); `n` used to take true as its 1.
+    body = json.loads(body_for(route, str(app_daemon.model)))
+    status, answer = send(app_daemon, route, json.dumps(dict(body, n=value)))
+    assert_api_error(route, status, answer, words="n")
+
+
+def test_warming_an_empty_prompt_is_a_400(app_daemon):
+    status, answer = send(app_daemon, "/cache/warm", '{"prompt": ""}')
+    assert_api_error("/cache/warm", status, answer, words="prompt")

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anthropic
 import openai
 import pytest
+from openai.types.responses.response import IncompleteDetails
 
-from conftest import MODELS, Reference, agent_messages
+from conftest import MODELS, Reference, agent_messages, model_variant
 from kvtier.engine import declared_context_length
 from tests.support.testmodels import make_model
 
@@ -60,3 +62,66 @@ def test_max_context_sets_the_limit_on_every_api(app_factory, llama_model):
     assert err.value.body["code"] == "context_length_exceeded" and "300" in err.value.body["message"]
     response = daemon.client().chat.completions.create(model=str(llama_model), messages=short, max_tokens=4)
     assert response.choices[0].finish_reason in ("length", "stop")
+
+
+SHORT_CONTEXT = 700  # room for an answer past the old 512-token default, decoded in seconds
+
+
+@pytest.fixture
+def short_context_model(llama_model, tmp_path) -> Path:
+    def shorten(config: dict) -> None:
+        config["max_position_embeddings"] = SHORT_CONTEXT
+
+    return model_variant(llama_model, tmp_path / "short", "config.json", shorten)
+
+
+def test_a_request_without_a_limit_runs_until_the_model_stops_or_the_context_is_full(
+        app_factory, short_context_model):
+    # No --max-tokens ceiling and no limit in the requests (Codex sends none): no answer is cut
+    # at 512 tokens, and each API names the end the answer reached.
+    daemon = app_factory(short_context_model, ceiling=None)
+    model, messages = str(short_context_model), [{"role": "user", "content": "Write a long story."}]
+    client = daemon.client()
+
+    chat = client.chat.completions.create(model=model, messages=messages, temperature=0)
+    full = chat.usage.prompt_tokens + chat.usage.completion_tokens == SHORT_CONTEXT
+    assert chat.usage.completion_tokens > 512
+    assert chat.choices[0].finish_reason == ("length" if full else "stop")
+
+    completion = client.completions.create(model=model, prompt="Once upon a time", temperature=0)
+    full = completion.usage.prompt_tokens + completion.usage.completion_tokens == SHORT_CONTEXT
+    assert completion.usage.completion_tokens > 512
+    assert completion.choices[0].finish_reason == ("length" if full else "stop")
+
+    response = client.responses.create(model=model, input="Write a long story.", temperature=0)
+    full = response.usage.input_tokens + response.usage.output_tokens == SHORT_CONTEXT
+    assert response.usage.output_tokens > 512
+    assert response.status == ("incomplete" if full else "completed")
+    assert response.incomplete_details == (IncompleteDetails(reason="max_output_tokens") if full else None)
+
+    # Anthropic's API requires max_tokens; a larger one than the room left is answered up to the context's end.
+    claude = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
+    message = claude.messages.create(model=model, messages=messages, max_tokens=4096,
+                                     extra_body={"temperature": 0})
+    usage = message.usage  # input_tokens: those computed, beside those read from the cache
+    full = usage.input_tokens + usage.cache_read_input_tokens + usage.output_tokens == SHORT_CONTEXT
+    assert usage.output_tokens > 512
+    assert message.stop_reason == ("model_context_window_exceeded" if full else "end_turn")
+
+
+def test_a_limit_that_cuts_the_answer_is_named_on_every_api(app_factory, short_context_model):
+    # The operator's --max-tokens caps what a request asks; the request's own limit below it
+    # is kept. Either one cutting the answer is "length" / "incomplete" / "max_tokens".
+    daemon = app_factory(short_context_model, "--max-tokens", "6", ceiling=None)
+    model, messages = str(short_context_model), [{"role": "user", "content": "Hi."}]
+    client = daemon.client()
+    for asked in (None, 4, 100):
+        expected = min(asked or 6, 6)
+        chat = client.chat.completions.create(model=model, messages=messages, max_tokens=asked, temperature=0)
+        assert (chat.usage.completion_tokens, chat.choices[0].finish_reason) == (expected, "length")
+        response = client.responses.create(model=model, input="Hi.", max_output_tokens=asked, temperature=0)
+        assert (response.usage.output_tokens, response.status) == (expected, "incomplete")
+        assert response.incomplete_details == IncompleteDetails(reason="max_output_tokens")
+    claude = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
+    message = claude.messages.create(model=model, messages=messages, max_tokens=100, extra_body={"temperature": 0})
+    assert (message.usage.output_tokens, message.stop_reason) == (6, "max_tokens")

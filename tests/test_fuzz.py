@@ -127,11 +127,11 @@ def assert_api_answer(path: str, status: int, text: bytes, context) -> None:
 
 @pytest.fixture(scope="module")
 def fuzzed_app(tmp_path_factory, llama_model):
-    """The module's app answers a request that gives no max_tokens with 3 tokens, not 512:
-    what is fuzzed is the parsing, and a long answer would only make it slow."""
+    """The module's app caps every answer at 8 tokens (--max-tokens), whatever max_tokens a
+    body gives: what is fuzzed is the parsing, and a long answer would only make it slow."""
     from inprocess import InProcessDaemon
 
-    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("fuzz") / "cache", "--max-tokens", "3").start()
+    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("fuzz") / "cache", "--max-tokens", "8").start()
     yield daemon
     daemon.stop()
 

@@ -62,7 +62,8 @@ def test_no_pickle_anywhere():
                                                             p.read_text(), re.M)]
 
 
-def test_client_disconnect_stops_generation_and_frees_the_worker(daemon, reference):
+def test_client_disconnect_stops_generation_and_frees_the_worker(daemon_factory, llama_model, reference):
+    daemon = daemon_factory(llama_model, ceiling=None)  # the answer outlasts its client
     body = json.dumps({"model": str(daemon.model), "messages": agent_messages(question="Ramble."),
                        "max_tokens": 5000, "temperature": 0, "stream": True})
     conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=120)
@@ -83,15 +84,16 @@ def _counters(daemon) -> dict:
     return daemon.get("/cache/stats")["counters"]
 
 
-def test_non_streaming_client_disconnect_cancels_generation(shared_daemon, reference):
-    before = _counters(shared_daemon)
+def test_non_streaming_client_disconnect_cancels_generation(daemon_factory, llama_model, reference):
+    daemon = daemon_factory(llama_model, ceiling=None)  # the answer outlasts its client
+    before = _counters(daemon)
     started = before.get("requests_hit", 0) + before.get("requests_miss", 0)
-    body = json.dumps({"model": str(shared_daemon.model), "max_tokens": 5000, "temperature": 0,
+    body = json.dumps({"model": str(daemon.model), "max_tokens": 5000, "temperature": 0,
                        "messages": agent_messages(question="Ramble without streaming.")}).encode()
-    conn = socket.create_connection(("127.0.0.1", shared_daemon.port))
+    conn = socket.create_connection(("127.0.0.1", daemon.port))
     conn.sendall(http_request("POST", "/v1/chat/completions", body=body))
     for _ in range(1200):  # until the worker has begun this request (it counts it as hit or miss)
-        now = _counters(shared_daemon)
+        now = _counters(daemon)
         if now.get("requests_hit", 0) + now.get("requests_miss", 0) > started:
             break
         time.sleep(0.05)
@@ -99,10 +101,10 @@ def test_non_streaming_client_disconnect_cancels_generation(shared_daemon, refer
         pytest.fail("the request never started")
     conn.close()
     messages = agent_messages(question="Next request.")
-    text = shared_daemon.client().chat.completions.create(
-        model=str(shared_daemon.model), messages=messages, max_tokens=8, temperature=0).choices[0].message.content
+    text = daemon.client().chat.completions.create(
+        model=str(daemon.model), messages=messages, max_tokens=8, temperature=0).choices[0].message.content
     assert text == reference.chat(messages, 8)
-    after = _counters(shared_daemon)
+    after = _counters(daemon)
     assert after.get("requests_cancelled", 0) == before.get("requests_cancelled", 0) + 1
 
 

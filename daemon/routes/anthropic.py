@@ -29,7 +29,7 @@ from ..request_models import (AnthropicTool, CountTokensRequest, MessagesRequest
                               ThinkingBlock, ToolResultBlock, ToolUseBlock, read_body)
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
-from .generation import Generation, Prompt, render
+from .generation import Budget, Generation, Prompt, completion_budget, render
 from .tools import ToolCall
 
 log = logging.getLogger("kvtier.anthropic")
@@ -156,29 +156,30 @@ def parse_prompt(body: CountTokensRequest, keep_billing_line: bool = False) -> P
 
 
 def generation_request(body: MessagesRequest, state: DaemonState, tokens: list[int],
-                       boundaries: list[int]) -> GenerationRequest:
-    max_tokens = body.max_tokens
+                       boundaries: list[int]) -> tuple[GenerationRequest, Budget]:
     limit = state.context_limit()
     if limit and len(tokens) >= limit:
         raise bad(f"prompt is too long: {len(tokens)} tokens > {limit - 1} maximum "
                   f"(this model's context is {limit} tokens)")
-    if limit:
-        # Agents ask for large budgets (Claude Code: 32000) whatever the model; answer up to
-        # the end of the context rather than refuse (stop_reason "max_tokens" there).
-        max_tokens = min(max_tokens, limit - len(tokens))
+    # Agents ask for large budgets (Claude Code: 32000) whatever the model; answer up to the
+    # end of the context rather than refuse (stop_reason "model_context_window_exceeded" there).
+    budget = completion_budget(state, len(tokens), body.max_tokens)
     # Stop sequences are matched here, not in the engine, to know which one matched.
-    return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
+    return GenerationRequest(prompt_tokens=tokens, max_tokens=budget.tokens,
                              temperature=body.temperature, top_p=body.top_p, boundaries=boundaries,
-                             stop=body.stop_sequences)
+                             stop=body.stop_sequences), budget
 
 
 # -- the answer --------------------------------------------------------------------------
-def stop_reason(generation: Generation) -> str:
+def stop_reason(generation: Generation, budget: Budget) -> str:
     if generation.calls:
         return "tool_use"
     if generation.stop_sequence is not None:
         return "stop_sequence"
-    return "max_tokens" if generation.finish == "length" else "end_turn"
+    if generation.finish != "length":
+        return "end_turn"
+    # Anthropic's names: the request's (or the operator's) limit, or the context's end.
+    return "model_context_window_exceeded" if budget.limited_by == "context" else "max_tokens"
 
 
 def usage_json(usage: Usage | None) -> dict:
@@ -195,6 +196,14 @@ def usage_json(usage: Usage | None) -> dict:
     }
 
 
+def start_usage(generation: Generation) -> dict:
+    """message_start's usage: the prompt's split as usage_json gives it, no output yet."""
+    prompt_tokens = len(generation.request.prompt_tokens)
+    cached = generation.cached_tokens or 0
+    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": 0}
+
+
 def tool_use_block(call: ToolCall) -> dict:
     arguments = call.arguments if isinstance(call.arguments, dict) else {"arguments": call.arguments}
     return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
@@ -209,7 +218,7 @@ async def messages(http: web.Request) -> web.StreamResponse:
     model = state.requested_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, boundaries = await render(state, prompt)
-    request = generation_request(body, state, tokens, boundaries)
+    request, budget = generation_request(body, state, tokens, boundaries)
     generation = Generation(state, request, prompt)
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
                "model": model}
@@ -220,34 +229,32 @@ async def messages(http: web.Request) -> web.StreamResponse:
         if text or not generation.calls:
             content.append({"type": "text", "text": text.strip() if generation.calls else text})
         content.extend(tool_use_block(call) for call in generation.calls)
-        return web.json_response(dict(message, content=content, stop_reason=stop_reason(generation),
+        return web.json_response(dict(message, content=content, stop_reason=stop_reason(generation, budget),
                                       stop_sequence=generation.stop_sequence,
                                       usage=usage_json(generation.usage)))
-    return await stream_events(http, generation, message, len(tokens))
+    return await stream_events(http, generation, budget, message)
 
 
-async def stream_events(http: web.Request, generation: Generation, message: dict,
-                        prompt_tokens: int) -> web.StreamResponse:
+async def stream_events(http: web.Request, generation: Generation, budget: Budget,
+                        message: dict) -> web.StreamResponse:
     """Anthropic's SSE events (named after their `type`); a failure after the first piece
     becomes an `error` event."""
     async def events(send: sse.Send, piece: str, pieces: AsyncIterator[str]) -> None:
         async def send_event(kind: str, data: dict) -> None:
             await send(data, kind)
 
-        await _send_events(send_event, generation, message, prompt_tokens, piece, pieces)
+        await _send_events(send_event, generation, budget, message, piece, pieces)
 
     return await sse.stream(http, generation.texts(), events)
 
 
 async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation: Generation,
-                       message: dict, prompt_tokens: int, piece: str | None,
+                       budget: Budget, message: dict, piece: str | None,
                        pieces: AsyncIterator[str]) -> None:
-    # The cache split is known only at the end: message_start counts the whole prompt
-    # as input, message_delta then gives the final (cumulative) numbers.
+    # The first piece is out, so the prompt's restore is over: message_start gives the split
+    # message_delta will (as Anthropic does), with no output yet.
     await send("message_start", {"type": "message_start", "message": dict(
-        message, content=[], stop_reason=None, stop_sequence=None,
-        usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
-               "cache_read_input_tokens": 0, "output_tokens": 0})})
+        message, content=[], stop_reason=None, stop_sequence=None, usage=start_usage(generation))})
     await send("ping", {"type": "ping"})
     index, text_open = 0, False
     try:
@@ -282,7 +289,7 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
         await send("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
     await send("message_delta", {"type": "message_delta", "delta": {
-        "stop_reason": stop_reason(generation), "stop_sequence": generation.stop_sequence},
+        "stop_reason": stop_reason(generation, budget), "stop_sequence": generation.stop_sequence},
         "usage": usage_json(generation.usage)})
     await send("message_stop", {"type": "message_stop"})
 

@@ -18,7 +18,7 @@ from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                               OpenAISampling, read_body)
 from ..state import DaemonState, STATE
-from .generation import LEAST_LOGPROB, Prompt, chunks_of, render, token_logprobs
+from .generation import LEAST_LOGPROB, Prompt, chunks_of, completion_budget, render, token_logprobs
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 
 log = logging.getLogger("kvtier.openai")
@@ -44,12 +44,15 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]) -> GenerationRequest:
     limit = state.context_limit()
-    max_tokens = body.max_tokens or body.max_completion_tokens or state.config.max_tokens_default
-    if limit and len(tokens) + max_tokens > limit:
+    asked = body.max_tokens or body.max_completion_tokens
+    if limit and len(tokens) + (asked or 1) > limit:
+        wanted = f"max_tokens asks for {asked} more" if asked else "no room is left for an answer"
         raise ApiError(400, f"this model's context is {limit} tokens; the prompt has "
-                            f"{len(tokens)} and max_tokens asks for {max_tokens} more",
+                            f"{len(tokens)} and {wanted}",
                        param="messages", code="context_length_exceeded")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    # No limit asked: the answer runs until the model stops or the context is full.
+    max_tokens = completion_budget(state, len(tokens), asked).tokens
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                              stop=stop)

@@ -32,7 +32,7 @@ from ..request_models import (FunctionCallItem, FunctionCallOutputItem, Function
                               FunctionTool, InputText, MessageItem, NamespaceTool,
                               ResponsesRequest, read_body)
 from ..state import STATE, DaemonState
-from .generation import Generation, Piece, Prompt, render, token_logprobs
+from .generation import Generation, Piece, Prompt, completion_budget, render, token_logprobs
 from .tools import ToolCall
 
 log = logging.getLogger("kvtier.responses")
@@ -158,15 +158,13 @@ def remember(http: web.Request, response_id: str, messages: list[dict]) -> None:
 
 def generation_request(body: ResponsesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> GenerationRequest:
-    max_tokens = body.max_output_tokens
     limit = state.context_limit()
     if limit and len(tokens) >= limit:
         raise bad(f"this model's context is {limit} tokens; the input has {len(tokens)}",
                   "input", code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = state.config.max_tokens_default
-    if limit:  # answer up to the end of the context (status "incomplete" there)
-        max_tokens = min(max_tokens, limit - len(tokens))
+    # Up to the end of the context at most (status "incomplete" there); no limit asked
+    # (Codex asks none): until the model stops.
+    max_tokens = completion_budget(state, len(tokens), body.max_output_tokens).tokens
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p,
                              boundaries=boundaries, logprobs=body.logprobs_asked)
