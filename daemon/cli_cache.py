@@ -34,7 +34,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
     what.add_argument("--all", action="store_true", help="everything, pinned entries included")
-    what.add_argument("--model", help="a model's entries (name as served, directory name or fingerprint)")
+    what.add_argument("--model", help="a model's entries (name as served, directory name, or a fingerprint "
+                                      "or its start, as `stats` and `ls` show it)")
     what.add_argument("--older-than", type=duration, help="entries unused for this long (7d, 12h)")
     what.add_argument("--to-size", type=size, help="evict least recently used entries down to this size")
     verify = commands.add_parser("verify", parents=[common], help="check the index, and every file against it")
@@ -204,8 +205,11 @@ def _ls(args, cache) -> int:
     from kvtier.ops import prefixes
 
     found = prefixes(cache, limit=args.limit, offset=args.offset)
-    header = f"{'key':<16} {'model':<20} {'tokens':>7} {'size':>10} {'tier':<5} {'last used':<19} pin  preview"
-    rows = [f"{p.key[:16]:<16} {Path(p.model).name[:20]:<20} {p.tokens:>7} {format_size(p.bytes):>10} "
+    # The fingerprint too: one model has one per mlx / mlx-lm version, and purge --model takes it.
+    header = (f"{'key':<16} {'model':<20} {'fingerprint':<12} {'tokens':>7} {'size':>10} {'tier':<5} "
+              f"{'last used':<19} pin  preview")
+    rows = [f"{p.key[:16]:<16} {Path(p.model).name[:20]:<20} {p.fingerprint[:12]:<12} {p.tokens:>7} "
+            f"{format_size(p.bytes):>10} "
             f"{'disk':<5} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p.last_used)):<19} "
             f"{'yes' if p.pinned else 'no ':<4} {p.preview[:60]}" for p in found]
     _emit(args, [dict(p.to_json(), tier="disk") for p in found], "\n".join([header, *rows]))
@@ -213,14 +217,19 @@ def _ls(args, cache) -> int:
 
 
 def _purge(args, cache) -> int:
-    from kvtier.ops import purge
+    from kvtier.ops import UnknownModel, purge
 
     if not (args.all or args.model or args.older_than is not None or args.to_size is not None):
         return _fail("purge needs --all, --model, --older-than or --to-size")
-    result = purge(cache, everything=args.all, model=args.model, older_than_s=args.older_than,
-                   to_size=args.to_size)
+    try:
+        result = purge(cache, everything=args.all, model=args.model, older_than_s=args.older_than,
+                       to_size=args.to_size)
+    except UnknownModel as exc:
+        return _fail(str(exc))
+    kept = result["pinned_kept"]
     _emit(args, result, f"removed {result['removed']} entries; {result['entries']} left, "
-                        f"{format_size(result['bytes'])}")
+                        f"{format_size(result['bytes'])}"
+                        + (f"; kept {kept} pinned entries (`kvtier unpin` them, or purge --all)" if kept else ""))
     return 0
 
 

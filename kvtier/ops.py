@@ -163,32 +163,60 @@ def set_pinned(cache: LocalDisk, key_prefix: str, pinned: bool) -> int:
 
 
 # -- purge --------------------------------------------------------------------------------
+class UnknownModel(ValueError):
+    """`--model` names no model the cache holds, or more than one by a fingerprint's start."""
+
+
+def resolve_model(cache: LocalDisk, selector: str) -> set[str]:
+    """The fingerprints `selector` names: a model's whole fingerprint, its name as served or
+    its directory name (every fingerprint of that model), else the start of the fingerprint
+    of one model with entries (as `stats` and `ls` show it)."""
+    models = cache.index.models()
+    totals = cache.index.model_totals()
+    if totals is None:  # an index from before the per-model totals
+        totals = model_totals(cache.records().values())
+    holding = {fp for fp, entry in totals.items() if entry.get("blocks") or entry.get("snapshots")}
+    named = {fp for fp in set(models) | set(totals)
+             if selector in (fp, models.get(fp, {}).get("name"), Path(models.get(fp, {}).get("name") or "").name)}
+    if named:
+        return named
+    by_start = {fp for fp in holding if fp.startswith(selector)}
+    if len(by_start) > 1:
+        shown = ", ".join(sorted(fp[:12] for fp in by_start))
+        raise UnknownModel(f"{selector!r} starts more than one model's fingerprint ({shown}): give more of it")
+    if not by_start:
+        raise UnknownModel(f"no cached model is named {selector!r} or has a fingerprint starting with it "
+                           f"(see `kvtier stats`)")
+    return by_start
+
+
 def purge(cache: LocalDisk, *, everything: bool = False, model: str | None = None,
           older_than_s: float | None = None, to_size: int | None = None) -> dict:
-    """Remove entries matching the filters (pinned ones only with `everything`)."""
+    """Remove entries matching the filters (pinned ones only with `everything`). UnknownModel
+    when `model` names none, or is ambiguous."""
+    fingerprints = resolve_model(cache, model) if model is not None and not everything else None
     records = cache.records()
-    models = cache.index.models()
     victims: list[bytes] = []
+    pinned_kept = 0
     if everything:
         victims = list(records)
-    else:
+    elif fingerprints is not None or older_than_s is not None:
         cutoff = now_ms() - older_than_s * 1000 if older_than_s is not None else None
         for key, record in records.items():
-            name = models.get(record.fingerprint, {}).get("name", "")
-            if record.pinned:
-                continue
-            if model is not None and model not in (record.fingerprint, name, Path(name).name):
+            if fingerprints is not None and record.fingerprint not in fingerprints:
                 continue
             if cutoff is not None and record.access_ms >= cutoff:
                 continue
-            if model is None and cutoff is None:
+            if record.pinned:
+                pinned_kept += 1  # said, so an operator does not take them for a failed purge
                 continue
             victims.append(key)
     removed = cache.remove_many(victims)
     if to_size is not None:
         removed += cache.evict_to(to_size)
     total_bytes, total_blocks = cache.index.totals()
-    return {"removed": removed, "entries": total_blocks, "bytes": total_bytes}
+    return {"removed": removed, "entries": total_blocks, "bytes": total_bytes, "pinned_kept": pinned_kept,
+            "models": sorted(fingerprints or ())}
 
 
 # -- verify -------------------------------------------------------------------------------
