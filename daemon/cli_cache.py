@@ -173,6 +173,12 @@ def _stats(args, cache) -> int:
     lines = [f"cache: {data['cache_dir']}",
              f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
              f"(+ {format_size(data['disk']['index_bytes'])} index)"]
+    disk = data["disk"]
+    if disk["leftover_files"] or disk["foreign_files"]:
+        lines.append(f"       {format_size(disk['on_disk_bytes'])} on disk in all (du), with "
+                     f"{disk['leftover_files']} leftover files ({format_size(disk['leftover_bytes'])}: "
+                     f"`kvtier verify --fix` removes them) and {disk['foreign_files']} foreign files "
+                     f"({format_size(disk['foreign_bytes'])}: `kvtier verify` lists them)")
     for fingerprint, model in data["models"].items():
         lines.append(f"model {model['model']} [{fingerprint[:12]}]{_runtime_text(model['runtime'])}: "
                      f"{model['blocks']} blocks, "
@@ -241,10 +247,16 @@ def _verify(args, cache) -> int:
     except IndexInUse as exc:
         print(f"kvtier: {exc}", file=sys.stderr)
         return 1
-    data = {"problems": [p.__dict__ for p in problems], "fixed": bool(args.fix and problems)}
-    lines = [f"{p.kind:<18} {p.key[:32]:<32} {p.detail}" for p in problems]
+    # Foreign files are listed, not problems of the cache: --fix leaves them (kvtier.leftovers).
+    foreign = [p for p in problems if p.kind == "foreign_file"]
+    problems = [p for p in problems if p.kind != "foreign_file"]
+    data = {"problems": [p.__dict__ for p in problems], "foreign": [p.__dict__ for p in foreign],
+            "fixed": bool(args.fix and problems)}
+    lines = [f"{p.kind:<18} {p.key[:32]:<32} {p.detail}" for p in problems + foreign]
     summary = "cache is consistent" if not problems else \
         f"{len(problems)} problem(s){', repaired' if args.fix else '; run `kvtier verify --fix` to repair'}"
+    if foreign:
+        summary += f"; {len(foreign)} foreign file(s) kvtier did not write (left as they are)"
     _emit(args, data, "\n".join([*lines, summary]))
     return 1 if problems and not args.fix else 0
 

@@ -24,7 +24,8 @@ import xxhash
 
 from .blocks import Tokens, encode_tokens
 from .config import format_size
-from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, key_of_path, parse_block, to_mlx
+from .disk import (BlockFiles, DamagedBlock, ParsedBlock, allocated_bytes, checksum, is_temp_name, key_of_path,
+                   parse_block, to_mlx)
 from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
 from .ram import HotBlock
 from .reindex import Rebuilder
@@ -131,8 +132,10 @@ class LocalDisk:
                 index = Index(path / "index", walk=walk)
             except IndexDamaged as exc:
                 damage = str(exc)
+        # The directories' own blocks count as the daemon counts them (`open`): du counts them too.
+        dirs_bytes = sum(allocated_bytes(p) for p in (path, path / "index"))
         return cls(path, index, files or BlockFiles(path / "blocks"), budget=0, damage=damage,
-                   owns_index=owns)
+                   owns_index=owns, dirs_bytes=dirs_bytes)
 
     def _index_damaged(self, reason: str) -> None:
         """The index met damage at run time (in whichever thread): go on with a fresh one,
@@ -403,6 +406,8 @@ class LocalDisk:
         for entry in files:
             if keys[entry.name] in indexed:
                 continue
+            if keys[entry.name] is None and not is_temp_name(entry.name):
+                continue  # not a name kvtier writes: reported by `kvtier verify`, never removed
             path = Path(entry.path)
             try:
                 if path.lstat().st_mtime >= self._started_at:

@@ -5,6 +5,7 @@ the directory besides our block files. Real LMDB, real block files, no model loa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -123,3 +124,74 @@ def test_purging_an_unknown_model_over_http_is_a_400(app_factory, llama_model):
     reply = daemon.request("DELETE", "/cache?model=mistral")
     assert reply.status == 400 and reply.json()["error"]["param"] == "model"
     assert daemon.request("DELETE", "/cache?model=default").status == 200  # the loaded model's alias
+
+
+def old(path: Path) -> Path:
+    """Dated back past verify's grace for writes in flight."""
+    os.utime(path, (0, 0))
+    return path
+
+
+def test_verify_reports_and_fix_removes_a_directory_in_a_block_files_place(tmp_path):
+    cache_of(tmp_path, {OLD_FP: "qwen"})
+    cache = str(tmp_path)
+    indexed = sorted((tmp_path / "blocks").rglob("*.safetensors"))[0]
+    indexed.unlink()
+    indexed.mkdir()
+    (indexed / "inside").write_bytes(b"x" * 5000)
+    unindexed = indexed.parent / ("ab" * 16 + ".safetensors")
+    unindexed.mkdir()
+    old(unindexed)
+
+    report = kvtier("verify", "--cache-dir", cache, "--json")
+    assert report.returncode == 1, report.stderr
+    problems = json.loads(report.stdout)["problems"]
+    assert sorted((p["kind"], p["key"]) for p in problems) == sorted(
+        [("not_a_file", indexed.name.removesuffix(".safetensors")), ("not_a_file", "ab" * 16)])
+    fixed = kvtier("verify", "--fix", "--cache-dir", cache)
+    assert fixed.returncode == 0, fixed.stderr
+    assert not indexed.exists() and not unindexed.exists()
+    assert kvtier("verify", "--cache-dir", cache).returncode == 0
+    assert entries_of(tmp_path) == {OLD_FP: 3}
+
+
+def test_stats_counts_what_du_counts_and_verify_lists_leftovers_and_foreign_files(tmp_path):
+    cache_of(tmp_path, {OLD_FP: "qwen"})
+    cache = str(tmp_path)
+    block = sorted((tmp_path / "blocks").rglob("*.safetensors"))[0]
+    temp = block.parent / f".{'cd' * 16}.0123abcd.tmp"  # a write a kill -9 interrupted
+    temp.write_bytes(b"t" * 70_000)
+    old(temp)
+    foreign = [tmp_path / "blocks" / "notes.txt", block.parent / "copy.bin"]
+    for path in foreign:
+        path.write_bytes(b"f" * 50_000)
+
+    disk = kvtier_json("stats", "--cache-dir", cache)["disk"]
+    du = int(subprocess.run(["du", "-sB1", cache], capture_output=True, text=True, check=True).stdout.split()[0])
+    assert disk["on_disk_bytes"] == du
+    assert (disk["leftover_files"], disk["foreign_files"]) == (1, 2)
+    assert disk["leftover_bytes"] >= 70_000 and disk["foreign_bytes"] >= 100_000
+    assert "foreign files" in kvtier("stats", "--cache-dir", cache).stdout
+
+    report = json.loads(kvtier("verify", "--cache-dir", cache, "--json").stdout)
+    assert [p["kind"] for p in report["problems"]] == ["temp_file"]
+    assert sorted(p["key"] for p in report["foreign"]) == ["copy.bin", "notes.txt"]
+    assert kvtier("verify", "--fix", "--cache-dir", cache).returncode == 0
+    assert not temp.exists() and all(path.exists() for path in foreign)  # not ours: left
+    again = kvtier("verify", "--cache-dir", cache)
+    assert again.returncode == 0 and "2 foreign file(s)" in again.stdout
+
+
+def test_the_daemons_sweep_leaves_foreign_files(tmp_path):
+    cache_of(tmp_path, {OLD_FP: "qwen"})
+    block = sorted((tmp_path / "blocks").rglob("*.safetensors"))[0]
+    temp = block.parent / f".{'cd' * 16}.0123abcd.tmp"
+    temp.write_bytes(b"t")
+    foreign = block.parent / "copy.bin"
+    foreign.write_bytes(b"f")
+    for path in (temp, foreign):
+        old(path)
+    store = TieredStore(CacheConfig(cache_dir=tmp_path, block_size=BLOCK), OLD_FP, LAYOUT)
+    assert store.disk.swept.wait(60)
+    store.close()
+    assert not temp.exists() and foreign.exists()
