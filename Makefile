@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see docs/linux.md).
+# On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see README.md, "Linux").
 BLAS    = LD_PRELOAD="$$($(PY) -c 'from daemon.blas import openblas_path; print(openblas_path() or "")')"
 
 .PHONY: install system-deps lint test test-oldest e2e demo bench clean

@@ -41,8 +41,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     verify = commands.add_parser("verify", parents=[common], help="check the index, and every file against it")
     verify.add_argument("--fix", action="store_true",
                         help="remove what is broken; rebuild a damaged index from the block files")
+    pin_help = {"pin": "protect a cached prefix from eviction and purges (but --all)",
+                "unpin": "let a pinned prefix be evicted and purged again"}
     for name in ("pin", "unpin"):
-        pin = commands.add_parser(name, parents=[common], help=f"{name} a cached prefix (protect it from eviction)")
+        pin = commands.add_parser(name, parents=[common], help=pin_help[name])
         pin.add_argument("key", help="the prefix key from `kvtier ls` (a unique start is enough)")
     warm = commands.add_parser("warm", parents=[common], help="prefill a prompt and persist it")
     warm.add_argument("--model", required=True)
