@@ -110,3 +110,11 @@ def test_every_docs_file_cited_exists():
                       for m in re.findall(r"\]\(([\w/.-]+\.md)(?:#[\w-]*)?\)", text)}
     missing = sorted(f"{path.name}: {target}" for path, target in cited if not (ROOT / target).exists())
     assert not missing, missing
+
+
+def test_make_test_prints_why_tests_were_skipped():
+    """A plain `make test` skips tests (no ../shared/specs, redis-server, root): it must say why."""
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    addopts = re.search(r"addopts\s*=\s*(.*)", (ROOT / "pyproject.toml").read_text())
+    flags = (recipe.group(1) if recipe else "") + (addopts.group(1) if addopts else "")
+    assert re.search(r"-r\w*[sa]", flags), "pytest's summary needs -rs (skip reasons)"
