@@ -1,17 +1,22 @@
 """Administering a cache directory with the real `kvtier` CLI (stats, ls, purge, verify):
 a model's fingerprint as `stats` and `ls` show it, pinned entries a purge keeps, what lies in
-the directory besides our block files. Real LMDB, real block files, no model loaded."""
+the directory besides our block files (real LMDB, real block files, no model loaded); and a
+daemon's cache directory as an operator meets it (the in-process app): the start-up prefetch
+of an empty cache, the directory deleted under it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, agent_messages
 from test_large_cache import BLOCK, LAYOUT, fill
 
 from kvtier.config import CacheConfig
@@ -22,6 +27,7 @@ from kvtier.tiers import TieredStore
 OLD_FP = "3f2a9c41d0b7" + "1" * 52
 NEW_FP = "8e11d2a07c55" + "2" * 52
 OTHER_FP = "3f2a00000000" + "3" * 52
+MAX_TOKENS = 8
 
 
 def kvtier(*args: str) -> subprocess.CompletedProcess:
@@ -195,3 +201,42 @@ def test_the_daemons_sweep_leaves_foreign_files(tmp_path):
     assert store.disk.swept.wait(60)
     store.close()
     assert not temp.exists() and foreign.exists()
+
+
+def _chat(daemon, messages: list[dict]) -> tuple[str, dict]:
+    reply = daemon.client().chat.completions.create(model=str(daemon.model), messages=messages,
+                                                    max_tokens=MAX_TOKENS, temperature=0)
+    return reply.choices[0].message.content, reply.usage.model_extra["kvtier"]
+
+
+def _on_disk(daemon) -> int:
+    return len(list((daemon.cache_dir / "blocks").rglob("*.safetensors")))
+
+
+@pytest.mark.parametrize("deleted", ["cache directory", "index"])
+def test_a_cache_directory_deleted_under_the_daemon_is_made_again(app_factory, llama_model, reference, deleted):
+    """Stats and metrics keep answering, saying what happened; answers stay exact; the
+    directory and its index are made again, and later blocks are written to them."""
+    daemon = app_factory(llama_model)
+    first = agent_messages("alpha")
+    assert _chat(daemon, first)[0] == reference.chat(first, MAX_TOKENS)
+    _wait_for(daemon, lambda s: s["disk"]["entries"] > 0, "the first write")
+    shutil.rmtree(daemon.cache_dir if deleted == "cache directory" else daemon.cache_dir / "index")
+
+    stats = daemon.get("/cache/stats")  # at once: before the daemon has noticed, or after
+    assert stats["disk"]["writable"] is False or (daemon.cache_dir / "index").exists()
+    metrics = daemon.request("GET", "/metrics")
+    assert metrics.status == 200 and "kvtier" in metrics.text
+    assert _chat(daemon, first)[0] == reference.chat(first, MAX_TOKENS)
+    _wait_for(daemon, lambda s: s["disk"]["writable"] and (daemon.cache_dir / "index" / "data.mdb").exists(),
+              "the index made again")
+    assert daemon.cache_dir.stat().st_mode & 0o777 == 0o700
+
+    before = _on_disk(daemon)
+    second = agent_messages("beta")
+    assert _chat(daemon, second)[0] == reference.chat(second, MAX_TOKENS)
+    stats = _wait_for(daemon, lambda s: _on_disk(daemon) > before and s["disk"]["entries"] >= _on_disk(daemon),
+                      "the next blocks written")
+    assert stats["disk"]["error"] is None
+    on_file = kvtier_json("stats", "--cache-dir", str(daemon.cache_dir))["disk"]  # what a restart would find
+    assert on_file["entries"] == stats["disk"]["entries"] > 0
