@@ -1,8 +1,8 @@
-# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# `make demo` and `make test` set everything up on a fresh machine (`make e2e` adds the agent CLIs).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see docs/linux.md).
+# On Linux, MLX's CPU matmuls run ~35x faster on the system OpenBLAS (see README.md, "Linux").
 BLAS    = LD_PRELOAD="$$($(PY) -c 'from daemon.blas import openblas_path; print(openblas_path() or "")')"
 
 .PHONY: install system-deps lint test test-oldest e2e demo bench clean
@@ -42,7 +42,7 @@ lint: install
 	$(PY) -m mypy
 
 test: install lint
-	$(BLAS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BLAS) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 # The cache-protocol and exactness tests on the lowest mlx and mlx-lm pyproject.toml allows, in
 # a venv of their own (mlx-lm before 0.32 splits a cache's state into state + meta_state).

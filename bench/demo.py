@@ -18,19 +18,24 @@ from prompts import agent_system_prompt
 
 def print_table(cached: list[tuple[Step, Timed]], plain: list[tuple[Step, Timed]]) -> None:
     print(f"\n{'#':>2}  {'request':<15} {'prompt':>7} {'TTFT':>8} {'no cache':>9} "
-          f"{'from RAM':>9} {'from disk':>9} {'computed':>9}  same text")
+          f"{'from RAM':>9} {'prefetched':>10} {'from disk':>9} {'computed':>9}  same text")
     for i, ((step, kv), (_, base)) in enumerate(zip(cached, plain), 1):
         k = kv.usage.get("kvtier", {})
         print(f"{i:>2}  {step.label:<15} {kv.usage['prompt_tokens']:>7} {kv.ttft:>7.2f}s {base.ttft:>8.2f}s "
-              f"{k.get('ram_tokens', 0):>9} {k.get('disk_tokens', 0):>9} {k.get('computed_tokens', 0):>9}  "
-              f"{'yes' if kv.text == base.text else 'NO'}")
+              f"{k.get('ram_tokens', 0):>9} {k.get('prefetched_tokens', 0):>10} {k.get('disk_tokens', 0):>9} "
+              f"{k.get('computed_tokens', 0):>9}  {'yes' if kv.text == base.text else 'NO'}")
+    print("(prefetched: of the tokens from RAM, those the restarted daemon's start-up prefetch had read "
+          "from its SSD tier)")
     total_kv = sum(t.ttft for _, t in cached)
     total_base = sum(t.ttft for _, t in plain)
     reused = sum(t.usage["prompt_tokens_details"]["cached_tokens"] for _, t in cached)
     prompt = sum(t.usage["prompt_tokens"] for _, t in cached)
+    from_ssd = sum(t.usage.get("kvtier", {}).get(name, 0) for _, t in cached
+                   for name in ("disk_tokens", "prefetched_tokens"))
     print(f"\nTotal time to first token: {total_kv:.1f} s with kvtier vs {total_base:.1f} s without a cache "
           f"({total_base / max(total_kv, 1e-9):.1f}x faster); {reused} of {prompt} prompt tokens "
-          f"({100 * reused / prompt:.0f}%) came from the cache.")
+          f"({100 * reused / prompt:.0f}%) came from the cache, {from_ssd} of them from SSD "
+          f"(read by the request, or prefetched into RAM after the restart).")
 
 
 def main() -> int:

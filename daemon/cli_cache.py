@@ -34,14 +34,17 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
     what.add_argument("--all", action="store_true", help="everything, pinned entries included")
-    what.add_argument("--model", help="a model's entries (name as served, directory name or fingerprint)")
+    what.add_argument("--model", help="a model's entries (name as served, directory name, or a fingerprint "
+                                      "or its start, as `stats` and `ls` show it)")
     what.add_argument("--older-than", type=duration, help="entries unused for this long (7d, 12h)")
     what.add_argument("--to-size", type=size, help="evict least recently used entries down to this size")
     verify = commands.add_parser("verify", parents=[common], help="check the index, and every file against it")
     verify.add_argument("--fix", action="store_true",
                         help="remove what is broken; rebuild a damaged index from the block files")
+    pin_help = {"pin": "protect a cached prefix from eviction and purges (but --all)",
+                "unpin": "let a pinned prefix be evicted and purged again"}
     for name in ("pin", "unpin"):
-        pin = commands.add_parser(name, parents=[common], help=f"{name} a cached prefix (protect it from eviction)")
+        pin = commands.add_parser(name, parents=[common], help=pin_help[name])
         pin.add_argument("key", help="the prefix key from `kvtier ls` (a unique start is enough)")
     warm = commands.add_parser("warm", parents=[common], help="prefill a prompt and persist it")
     warm.add_argument("--model", required=True)
@@ -172,6 +175,12 @@ def _stats(args, cache) -> int:
     lines = [f"cache: {data['cache_dir']}",
              f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
              f"(+ {format_size(data['disk']['index_bytes'])} index)"]
+    disk = data["disk"]
+    if disk["leftover_files"] or disk["foreign_files"]:
+        lines.append(f"       {format_size(disk['on_disk_bytes'])} on disk in all (du), with "
+                     f"{disk['leftover_files']} leftover files ({format_size(disk['leftover_bytes'])}: "
+                     f"`kvtier verify --fix` removes them) and {disk['foreign_files']} foreign files "
+                     f"({format_size(disk['foreign_bytes'])}: `kvtier verify` lists them)")
     for fingerprint, model in data["models"].items():
         lines.append(f"model {model['model']} [{fingerprint[:12]}]{_runtime_text(model['runtime'])}: "
                      f"{model['blocks']} blocks, "
@@ -204,8 +213,11 @@ def _ls(args, cache) -> int:
     from kvtier.ops import prefixes
 
     found = prefixes(cache, limit=args.limit, offset=args.offset)
-    header = f"{'key':<16} {'model':<20} {'tokens':>7} {'size':>10} {'tier':<5} {'last used':<19} pin  preview"
-    rows = [f"{p.key[:16]:<16} {Path(p.model).name[:20]:<20} {p.tokens:>7} {format_size(p.bytes):>10} "
+    # The fingerprint too: one model has one per mlx / mlx-lm version, and purge --model takes it.
+    header = (f"{'key':<16} {'model':<20} {'fingerprint':<12} {'tokens':>7} {'size':>10} {'tier':<5} "
+              f"{'last used':<19} pin  preview")
+    rows = [f"{p.key[:16]:<16} {Path(p.model).name[:20]:<20} {p.fingerprint[:12]:<12} {p.tokens:>7} "
+            f"{format_size(p.bytes):>10} "
             f"{'disk':<5} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p.last_used)):<19} "
             f"{'yes' if p.pinned else 'no ':<4} {p.preview[:60]}" for p in found]
     _emit(args, [dict(p.to_json(), tier="disk") for p in found], "\n".join([header, *rows]))
@@ -213,14 +225,19 @@ def _ls(args, cache) -> int:
 
 
 def _purge(args, cache) -> int:
-    from kvtier.ops import purge
+    from kvtier.ops import UnknownModel, purge
 
     if not (args.all or args.model or args.older_than is not None or args.to_size is not None):
         return _fail("purge needs --all, --model, --older-than or --to-size")
-    result = purge(cache, everything=args.all, model=args.model, older_than_s=args.older_than,
-                   to_size=args.to_size)
+    try:
+        result = purge(cache, everything=args.all, model=args.model, older_than_s=args.older_than,
+                       to_size=args.to_size)
+    except UnknownModel as exc:
+        return _fail(str(exc))
+    kept = result["pinned_kept"]
     _emit(args, result, f"removed {result['removed']} entries; {result['entries']} left, "
-                        f"{format_size(result['bytes'])}")
+                        f"{format_size(result['bytes'])}"
+                        + (f"; kept {kept} pinned entries (`kvtier unpin` them, or purge --all)" if kept else ""))
     return 0
 
 
@@ -232,10 +249,16 @@ def _verify(args, cache) -> int:
     except IndexInUse as exc:
         print(f"kvtier: {exc}", file=sys.stderr)
         return 1
-    data = {"problems": [p.__dict__ for p in problems], "fixed": bool(args.fix and problems)}
-    lines = [f"{p.kind:<18} {p.key[:32]:<32} {p.detail}" for p in problems]
+    # Foreign files are listed, not problems of the cache: --fix leaves them (kvtier.leftovers).
+    foreign = [p for p in problems if p.kind == "foreign_file"]
+    problems = [p for p in problems if p.kind != "foreign_file"]
+    data = {"problems": [p.__dict__ for p in problems], "foreign": [p.__dict__ for p in foreign],
+            "fixed": bool(args.fix and problems)}
+    lines = [f"{p.kind:<18} {p.key[:32]:<32} {p.detail}" for p in problems + foreign]
     summary = "cache is consistent" if not problems else \
         f"{len(problems)} problem(s){', repaired' if args.fix else '; run `kvtier verify --fix` to repair'}"
+    if foreign:
+        summary += f"; {len(foreign)} foreign file(s) kvtier did not write (left as they are)"
     _emit(args, data, "\n".join([*lines, summary]))
     return 1 if problems and not args.fix else 0
 

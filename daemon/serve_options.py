@@ -54,8 +54,9 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                      help="model directory, or a Hugging Face repo id (downloaded on first use)")),
     ("--offline", dict(action="store_true",
                        help="never download: the model must be a directory or in the HF cache")),
-    ("--host", dict(default="127.0.0.1")),
-    ("--port", dict(type=int, default=8420)),
+    ("--host", dict(default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1; any other needs --api-key)")),
+    ("--port", dict(type=int, default=8420, help="port to listen on (default: 8420)")),
     ("--cache-dir", dict(default=None, help=f"default: {default_cache_dir()}")),
     ("--ram-budget", dict(type=size, default=None,
                           help=f"bytes of KV kept in memory (default: {default_ram_budget() // 2**20} "
@@ -70,7 +71,8 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                                  help="tokens computed per forward pass while prefilling (default: 2048)")),
     ("--kv-bits", dict(type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
                        help="quantize the KV cache to this many bits (default: model dtype)")),
-    ("--kv-group-size", dict(type=int, default=64)),
+    ("--kv-group-size", dict(type=int, default=64,
+                             help="values sharing one scale and bias when --kv-bits quantizes (default: 64)")),
     ("--max-tokens", dict(type=positive_int, default=None,
                           help="most tokens any completion may have, whatever the request asks "
                                "(default: none; a request without a limit runs until the model "
@@ -119,7 +121,8 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                            "the URL for a service)")),
     ("--shared-ttl", dict(type=duration, default=None,
                           help="how long a shared entry lives (e.g. 7d; default: until the store evicts it)")),
-    ("--log-level", dict(default="info")),
+    ("--log-level", dict(default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
+                         help="the log's detail (default: info)")),
 ]
 # Not written into a service file, which other users may be able to read.
 SERVE_ONLY = {"--api-key"}

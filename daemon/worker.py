@@ -168,8 +168,10 @@ class Worker:
 
     def _plan_prefetch(self, engine: Engine) -> None:
         try:
-            if engine.store.plan_prefetch(self.prefetch).planned:
-                self.call_soon(self._prefetch_step)
+            prefetch = engine.store.plan_prefetch(self.prefetch)
+            # Even with nothing planned (an empty cache): its one step ends it, so it says done.
+            if not self.call_soon(self._prefetch_step):
+                prefetch.end("queue full")
         except Exception:  # no prefetch: requests read from disk as without one
             log.exception("planning the start-up prefetch failed")
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -201,7 +203,7 @@ class BlockFiles:
 
     def _note_dir(self, subdir: Path) -> None:
         """Directories grow with their entries: keep their allocated size current."""
-        self._dir_sizes()[subdir.name] = _allocated(subdir)
+        self._dir_sizes()[subdir.name] = allocated_bytes(subdir)
 
     def dir_bytes(self) -> int:
         """What the block directories themselves occupy (a listing of the root only)."""
@@ -210,7 +212,7 @@ class BlockFiles:
     def _dir_sizes(self) -> dict[str, int]:
         sizes = self._dir_bytes
         if sizes is None:
-            sizes = {"": _allocated(self.root)}
+            sizes = {"": allocated_bytes(self.root)}
             try:
                 with os.scandir(self.root) as entries:
                     for entry in entries:
@@ -295,7 +297,7 @@ class BlockFiles:
                 os.close(fd)
 
     def remove(self, key_hex: str) -> None:
-        self.path_for(key_hex).unlink(missing_ok=True)
+        remove_path(self.path_for(key_hex))
 
     def prune_dir(self, key_hex: str) -> None:
         """Remove the key's subdirectory if it is empty now: an empty directory still takes
@@ -380,14 +382,33 @@ def _preadv_exactly(fd: int, pieces: list[memoryview], offset: int) -> None:
                 pending[0], n = pending[0][n:], 0
 
 
+# The names kvtier gives what it writes under the block root: block files, and the temp
+# files of a write or a probe in flight (BlockFiles.write, .probe).
+BLOCK_NAME = re.compile(r"([0-9a-f]{32})\.safetensors")
+TEMP_NAME = re.compile(r"\.(?:[0-9a-f]{32}|probe)\.[0-9a-f]{8}\.tmp")
+SUBDIR_NAME = re.compile(r"[0-9a-f]{2}")
+
+
 def key_of_path(path: Path) -> str | None:
-    name = path.name
-    if name.endswith(".safetensors") and not name.startswith("."):
-        return name.removesuffix(".safetensors")
-    return None
+    """The block key a block file's name carries; None for any other name."""
+    match = BLOCK_NAME.fullmatch(path.name)
+    return match.group(1) if match else None
 
 
-def _allocated(path: Path) -> int:
+def is_temp_name(name: str) -> bool:
+    return TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, or a directory standing in a block file's place (made by hand or by a
+    tool: it holds no block of ours); nothing if it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def allocated_bytes(path: Path) -> int:
     try:
         return path.stat().st_blocks * 512
     except OSError:

@@ -55,6 +55,7 @@ class Usage:
     disk_tokens: int = 0
     shared_tokens: int = 0  # read from the team's shared store (then kept locally)
     live_tokens: int = 0  # of ram_tokens, those of a live cache taken over (no copy)
+    prefetched_tokens: int = 0  # of ram_tokens, those the start-up prefetch read from disk
     prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
@@ -66,7 +67,7 @@ class Usage:
     def restored(cls, restored: Restore, prompt_tokens: int) -> "Usage":
         return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
                    shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens,
-                   restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
+                   prefetched_tokens=restored.prefetched_tokens, restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
 
     @property
     def cached_tokens(self) -> int:
@@ -386,7 +387,7 @@ class Engine:
         if held == 0:
             return 0
         prompt_cache = kvstate.rebuild(self.model, self.cache_plan, buffers, held, None)
-        return held if self.store.offer_live(prompt_cache, tokens[:held], epoch) else 0
+        return held if self.store.offer_live(prompt_cache, tokens[:held], epoch, prefetched=True) else 0
 
     def pin(self, tokens: list[int], pinned: bool = True) -> int:
         return self.store.pin_prefix(tokens, pinned)

@@ -448,7 +448,8 @@ class Index:
         from the files. Threads still inside the old one finish on it (it is closed when the
         last of them lets go). Returns where the old one went."""
         with self._reset_lock:
-            aside = move_aside(self.path)
+            # Deleted under us (with the cache directory, maybe): made again (LocalDisk._remake).
+            aside = move_aside(self.path) if self.path.exists() else self.path
             self.path.mkdir(mode=0o700)
             self._open()
             self._generation += 1
@@ -456,7 +457,8 @@ class Index:
             self.mark_rebuild(reason)
             for fingerprint, description in self._registered.items():
                 self.register_model(fingerprint, description)
-        log.warning("the damaged index was moved to %s; a fresh one is rebuilt from the block files", aside)
+        if aside != self.path:
+            log.warning("the damaged index was moved to %s; a fresh one is rebuilt from the block files", aside)
         return aside
 
     @_reads(lambda: None)
@@ -800,7 +802,10 @@ class Index:
     def disk_usage(self) -> int:
         """Bytes the index files themselves occupy on disk (LMDB files are sparse)."""
         path = Path(self.env.path())
-        return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())
+        try:
+            return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())
+        except FileNotFoundError:  # deleted under a running daemon, until it makes it again
+            return 0
 
 
 if __name__ == "__main__":  # the child process of walk_problem

@@ -30,6 +30,7 @@ class LiveEntry:
     prompt_cache: list[Any]
     nbytes: int  # what its arrays occupy (buffers grow in steps: more than the tokens')
     epoch: int  # the `LiveCaches.epoch` its request began in
+    prefetched: bool = False  # rebuilt at start-up from blocks the prefetch read from disk
 
 
 @dataclass
@@ -86,14 +87,15 @@ class LiveCaches:
         kvstate.trim_to(hit.entry.prompt_cache, self.plan, hit.reuse)
         return hit.entry.prompt_cache
 
-    def offer(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int, room: int) -> bool:
+    def offer(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int, room: int,
+              prefetched: bool = False) -> bool:
         """Keep a finished request's cache, holding `sequence` (or its leading part), if it
         fits in `room` bytes; the oldest entries go to make room. False if not kept."""
         held = self._held_tokens(prompt_cache, len(sequence))
         if held is None:
             return False
         entry = LiveEntry(np.asarray(sequence[:held], np.uint32), prompt_cache,
-                          kvstate.cache_nbytes(prompt_cache), epoch)
+                          kvstate.cache_nbytes(prompt_cache), epoch, prefetched)
         if entry.nbytes > room:
             return False
         with self._lock:

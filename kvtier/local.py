@@ -24,7 +24,8 @@ import xxhash
 
 from .blocks import Tokens, encode_tokens
 from .config import format_size
-from .disk import BlockFiles, DamagedBlock, ParsedBlock, checksum, key_of_path, parse_block, to_mlx
+from .disk import (BlockFiles, DamagedBlock, ParsedBlock, allocated_bytes, checksum, is_temp_name, key_of_path,
+                   parse_block, to_mlx)
 from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
 from .ram import HotBlock
 from .reindex import Rebuilder
@@ -131,8 +132,10 @@ class LocalDisk:
                 index = Index(path / "index", walk=walk)
             except IndexDamaged as exc:
                 damage = str(exc)
+        # The directories' own blocks count as the daemon counts them (`open`): du counts them too.
+        dirs_bytes = sum(allocated_bytes(p) for p in (path, path / "index"))
         return cls(path, index, files or BlockFiles(path / "blocks"), budget=0, damage=damage,
-                   owns_index=owns)
+                   owns_index=owns, dirs_bytes=dirs_bytes)
 
     def _index_damaged(self, reason: str) -> None:
         """The index met damage at run time (in whichever thread): go on with a fresh one,
@@ -152,6 +155,8 @@ class LocalDisk:
         full); None when it does. Re-checked on each call, so it clears by itself."""
         if self._write_error is not None or not self.disk_enabled:
             return self._write_error
+        if self._vanished():
+            return f"{self.path} or its index was deleted: it is made again within {PROBE_SECONDS:.0f} s"
         try:
             return self.space.full_message(self.disk_used())
         except OSError as exc:  # the cache directory itself is gone
@@ -371,8 +376,28 @@ class LocalDisk:
             log.exception("start-up cleanup of %s failed", self.files.root)
         self.swept.set()
         while not self._closing.wait(PROBE_SECONDS):
+            if self._vanished():
+                self._remake()
             if self._write_error is not None and self.disk_enabled:
                 self._probe_disk()
+
+    def _vanished(self) -> bool:
+        """Whether the cache directory, or its index, was deleted under the daemon (LMDB
+        would go on writing to the deleted file: lost at the next start)."""
+        return self.disk_enabled and self._owns_index and not (self.path / "index" / "data.mdb").exists()
+
+    def _remake(self) -> None:
+        """Make the deleted directory and index again, the index refilled from what block
+        files are left (none if the whole directory went); blocks are written there from now
+        on. What only the deleted files held is gone: those prompts are computed again."""
+        log.warning("%s or its index was deleted under the daemon: made again", self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:  # its parent is read-only now, say: RAM only until the probe succeeds
+            self._disk_failed(exc)
+            return
+        self._index_damaged(f"{self.path / 'index'} was deleted")
+        self._dirs_bytes = sum(allocated_bytes(p) for p in (self.path, self.path / "index"))
 
     def sweep_leftovers(self) -> int:
         """Remove temp files and unindexed block files older than this process: a killed
@@ -403,6 +428,8 @@ class LocalDisk:
         for entry in files:
             if keys[entry.name] in indexed:
                 continue
+            if keys[entry.name] is None and not is_temp_name(entry.name):
+                continue  # not a name kvtier writes: reported by `kvtier verify`, never removed
             path = Path(entry.path)
             try:
                 if path.lstat().st_mtime >= self._started_at:

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .disk import DamagedBlock, decode_block, key_of_path
+from .config import format_size
+from .disk import DamagedBlock, decode_block, remove_path
 from .index import (MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, in_use,
                     move_aside, now_ms)
+from .leftovers import strays, summary
 from .local import LocalDisk
 
 # Files this young may be a running daemon's write in flight, not yet indexed.
@@ -51,6 +53,9 @@ def stats(cache: LocalDisk) -> dict:
             overall[name] = overall.get(name, 0) + value
     # The disk tier's own stats (the daemon's schema), less what only a daemon knows (budget, queues).
     disk = {k: v for k, v in cache.stats().items() if k in ("entries", "bytes", "index_bytes", "used_bytes")}
+    # And what else lies there (temp files a kill left, foreign files): all of it is what du counts.
+    disk.update(summary(strays(cache.files, cache.index)))
+    disk["on_disk_bytes"] = disk["used_bytes"] + disk["leftover_bytes"] + disk["foreign_bytes"]
     return {"cache_dir": str(cache.path), "disk": disk, "overall": rates(overall), "models": per_model}
 
 
@@ -163,38 +168,68 @@ def set_pinned(cache: LocalDisk, key_prefix: str, pinned: bool) -> int:
 
 
 # -- purge --------------------------------------------------------------------------------
+class UnknownModel(ValueError):
+    """`--model` names no model the cache holds, or more than one by a fingerprint's start."""
+
+
+def resolve_model(cache: LocalDisk, selector: str) -> set[str]:
+    """The fingerprints `selector` names: a model's whole fingerprint, its name as served or
+    its directory name (every fingerprint of that model), else the start of the fingerprint
+    of one model with entries (as `stats` and `ls` show it)."""
+    models = cache.index.models()
+    totals = cache.index.model_totals()
+    if totals is None:  # an index from before the per-model totals
+        totals = model_totals(cache.records().values())
+    holding = {fp for fp, entry in totals.items() if entry.get("blocks") or entry.get("snapshots")}
+    named = {fp for fp in set(models) | set(totals)
+             if selector in (fp, models.get(fp, {}).get("name"), Path(models.get(fp, {}).get("name") or "").name)}
+    if named:
+        return named
+    by_start = {fp for fp in holding if fp.startswith(selector)}
+    if len(by_start) > 1:
+        shown = ", ".join(sorted(fp[:12] for fp in by_start))
+        raise UnknownModel(f"{selector!r} starts more than one model's fingerprint ({shown}): give more of it")
+    if not by_start:
+        raise UnknownModel(f"no cached model is named {selector!r} or has a fingerprint starting with it "
+                           f"(see `kvtier stats`)")
+    return by_start
+
+
 def purge(cache: LocalDisk, *, everything: bool = False, model: str | None = None,
           older_than_s: float | None = None, to_size: int | None = None) -> dict:
-    """Remove entries matching the filters (pinned ones only with `everything`)."""
+    """Remove entries matching the filters (pinned ones only with `everything`). UnknownModel
+    when `model` names none, or is ambiguous."""
+    fingerprints = resolve_model(cache, model) if model is not None and not everything else None
     records = cache.records()
-    models = cache.index.models()
     victims: list[bytes] = []
+    pinned_kept = 0
     if everything:
         victims = list(records)
-    else:
+    elif fingerprints is not None or older_than_s is not None:
         cutoff = now_ms() - older_than_s * 1000 if older_than_s is not None else None
         for key, record in records.items():
-            name = models.get(record.fingerprint, {}).get("name", "")
-            if record.pinned:
-                continue
-            if model is not None and model not in (record.fingerprint, name, Path(name).name):
+            if fingerprints is not None and record.fingerprint not in fingerprints:
                 continue
             if cutoff is not None and record.access_ms >= cutoff:
                 continue
-            if model is None and cutoff is None:
+            if record.pinned:
+                pinned_kept += 1  # said, so an operator does not take them for a failed purge
                 continue
             victims.append(key)
     removed = cache.remove_many(victims)
     if to_size is not None:
         removed += cache.evict_to(to_size)
     total_bytes, total_blocks = cache.index.totals()
-    return {"removed": removed, "entries": total_blocks, "bytes": total_bytes}
+    return {"removed": removed, "entries": total_blocks, "bytes": total_bytes, "pinned_kept": pinned_kept,
+            "models": sorted(fingerprints or ())}
 
 
 # -- verify -------------------------------------------------------------------------------
 @dataclass
 class Problem:
-    kind: str  # index_damaged, damaged, dangling, undecodable_record, orphan_file, temp_file, totals
+    # index_damaged, damaged, dangling, not_a_file, undecodable_record, orphan_file, temp_file,
+    # totals; foreign_file is listed but no problem (verify --fix leaves it: kvtier.leftovers)
+    kind: str
     key: str
     detail: str
 
@@ -237,24 +272,13 @@ def repair_index(cache: LocalDisk, reason: str) -> str:
 
 def _verify_entries(cache: LocalDisk, fix: bool) -> list[Problem]:
     problems: list[Problem] = []
-    indexed = set()
     for key, record in cache.index.items():
-        indexed.add(key.hex())
         problem = _check_record(cache, key, record)
         if problem:
             problems.append(problem)
             if fix:
                 cache.remove_many([key])
-    now = time.time()
-    for path in cache.files.iter_files():
-        file_key = key_of_path(path)
-        if file_key in indexed:
-            continue
-        if now - path.stat().st_mtime < ORPHAN_GRACE_SECONDS:
-            continue
-        problems.append(Problem("orphan_file" if file_key else "temp_file", file_key or path.name, str(path)))
-        if fix:
-            path.unlink(missing_ok=True)
+    problems += _verify_files(cache, fix)
     total_bytes, total_blocks = cache.index.totals()
     actual = [r for _, r in cache.index.items() if r is not None]
     if (total_bytes, total_blocks) != (sum(r.nbytes for r in actual), len(actual)):
@@ -268,12 +292,32 @@ def _verify_entries(cache: LocalDisk, fix: bool) -> list[Problem]:
     return problems
 
 
+def _verify_files(cache: LocalDisk, fix: bool) -> list[Problem]:
+    """What lies under the block directory besides indexed block files (kvtier.leftovers).
+    With `fix`, ours are removed; foreign files are listed (kind foreign_file), never removed."""
+    problems, now = [], time.time()
+    for stray in strays(cache.files, cache.index):
+        if stray.kind in ("temp_file", "orphan_file") and now - stray.mtime < ORPHAN_GRACE_SECONDS:
+            continue  # may be a running daemon's write in flight
+        detail = f"{stray.path} ({format_size(stray.nbytes)})"
+        if stray.kind == "not_a_file":
+            detail += ": a directory (or other non-file) where a block file belongs"
+        elif stray.kind == "foreign_file":
+            detail += ": not written by kvtier; remove it yourself if it is not needed"
+        problems.append(Problem(stray.kind, stray.key or stray.path.name, detail))
+        if fix and stray.ours:
+            remove_path(stray.path)
+    return problems
+
+
 def _check_record(cache: LocalDisk, key: bytes, record: BlockRecord | None) -> Problem | None:
     if record is None:
         return Problem("undecodable_record", key.hex(), "index record cannot be read")
     path = cache.files.path_for(key.hex())
     if not path.exists():
         return Problem("dangling", key.hex(), "indexed but its file is missing")
+    if not path.is_file():
+        return Problem("not_a_file", key.hex(), f"{path} is a directory (or other non-file), not its block file")
     try:
         cache.read_checked(key, record)
     except DamagedBlock as exc:

@@ -34,6 +34,7 @@ class HotBlock:
     skeleton: str | None = None  # a snapshot's state layout (see kvstate.Snapshot)
     persisted: bool = False  # True once the disk tier holds it (or it came from there)
     shared: bool = False  # True when it came from the shared tier: not uploaded again
+    prefetched: bool = False  # read from disk by the start-up prefetch (reported per request)
     writes: int = 0  # queued disk writes of it: RAM keeps it until they are done
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import xxhash
 
 from .blocks import block_key, encode_tokens
-from .disk import TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block
+from .disk import (TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block,
+                   remove_path)
 from .index import BlockRecord, Index, IndexDamaged
 
 log = logging.getLogger("kvtier.reindex")
@@ -46,7 +47,7 @@ def rebuild(index: Index, files: BlockFiles, stop: threading.Event | None = None
             continue  # a temp file: a write in flight, or `verify`'s to remove
         entry = _entry_of(path, key_hex)
         if entry is None:
-            path.unlink(missing_ok=True)
+            remove_path(path)  # a directory in a block file's place too
             report.removed += 1
             continue
         batch.append(entry)

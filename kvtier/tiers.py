@@ -118,6 +118,7 @@ class Restore:
     disk_tokens: int = 0
     shared_tokens: int = 0
     live_tokens: int = 0  # of `ram_tokens`, those of a live cache taken over (all of them, or none)
+    prefetched_tokens: int = 0  # of `ram_tokens`, those the start-up prefetch read from disk
     restored_bytes: int = 0  # KV and snapshot bytes of the restored prefix
     steps: dict[str, float] = field(default_factory=dict)  # seconds: hash, match, snapshot, account
     kept_blocks: int = 0  # full blocks of the request's tokens the tiers hold: new ones follow
@@ -348,19 +349,20 @@ class TieredStore:
         found = self._held_prefix(refs, tokens, hit.reuse)
         marks += [time.perf_counter()] * 2  # match (lookups and trim); no snapshot to find
         restored = Restore(found, hit.reuse, None, kept_blocks=found.num_full_blocks(self.config.block_size),
-                           live_tokens=hit.reuse,
+                           live_tokens=hit.reuse, prefetched_tokens=hit.reuse if hit.entry.prefetched else 0,
                            restored_bytes=kvstate.held_bytes(prompt_cache, self.plan, self.layout, hit.reuse))
         self._account(restored, len(tokens))
         marks.append(time.perf_counter())
         restored.steps = _step_times(marks)
         return restored, prompt_cache
 
-    def offer_live(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int) -> bool:
+    def offer_live(self, prompt_cache: list[Any], sequence: Sequence[int], epoch: int,
+                   prefetched: bool = False) -> bool:
         """Keep a finished request's cache live (it holds `sequence`, or its leading part) while
         it fits in the hot tier's budget beside the blocks; True if it was kept."""
         if self.live is None:
             return False
-        kept = self.live.offer(prompt_cache, sequence, epoch, self.ram.budget - self.ram.num_bytes)
+        kept = self.live.offer(prompt_cache, sequence, epoch, self.ram.budget - self.ram.num_bytes, prefetched)
         self.count("live_kept" if kept else "live_refused")
         return kept
 
@@ -424,9 +426,11 @@ class TieredStore:
         reuse, left = restored.reuse, restored.reuse
         if restored.live_tokens:  # a live cache is in memory: all of it counts as RAM's
             restored.ram_tokens, left = reuse, 0
-        for source, usable in zip(restored.match.sources, restored.match.usable):
-            n = min(usable, left)
-            setattr(restored, f"{source}_tokens", getattr(restored, f"{source}_tokens") + n)
+        for hit in restored.match.hits:
+            n = min(hit.usable, left)
+            setattr(restored, f"{hit.source}_tokens", getattr(restored, f"{hit.source}_tokens") + n)
+            if hit.hot is not None and hit.hot.prefetched:
+                restored.prefetched_tokens += n
             left -= n
         deltas = {"tokens_from_ram": restored.ram_tokens, "tokens_from_disk": restored.disk_tokens,
                   "tokens_from_shared": restored.shared_tokens, "tokens_from_live": restored.live_tokens,
@@ -1010,7 +1014,7 @@ class TieredStore:
             self._damaged(ref, exc)
             return None
         return HotBlock(key, ref.parent, ref.index, parsed.tokens.copy(), arrays, parsed.nbytes, kind=record.kind,
-                        skeleton=parsed.metadata.get("skeleton"), persisted=True)
+                        skeleton=parsed.metadata.get("skeleton"), persisted=True, prefetched=True)
 
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:

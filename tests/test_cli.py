@@ -95,7 +95,8 @@ def test_purge_filters(filled):
     disk = kvtier_json("stats", "--cache-dir", cache)["disk"]
     before, target = disk["entries"], disk["bytes"] // 2 + disk["index_bytes"]
     assert kvtier_json("purge", "--older-than", "1h", "--cache-dir", cache)["removed"] == 0
-    assert kvtier_json("purge", "--model", "some-other-model", "--cache-dir", cache)["removed"] == 0
+    unknown = kvtier("purge", "--model", "some-other-model", "--cache-dir", cache)
+    assert unknown.returncode == 2 and "no cached model" in unknown.stderr
     shrunk = kvtier_json("purge", "--to-size", str(target), "--cache-dir", cache)
     assert 0 < shrunk["entries"] < before and shrunk["bytes"] + disk["index_bytes"] <= target
     by_model = kvtier_json("purge", "--model", filled.model.name, "--cache-dir", cache)

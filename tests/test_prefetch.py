@@ -49,6 +49,9 @@ def test_after_a_restart_the_next_turn_is_served_from_ram(daemon_factory, arch):
     text, usage = ask(second)
     assert text == reference.chat(second, MAX_TOKENS)
     assert usage["ram_tokens"] > 0 and usage["disk_tokens"] == 0
+    assert usage["prefetched_tokens"] == usage["ram_tokens"]  # RAM held them since the prefetch read them
+    text, usage = ask(second)  # the same again: its own blocks now, not only the prefetch's
+    assert usage["prefetched_tokens"] < usage["ram_tokens"]
     # The last conversation's text was tokenized ahead: the new prompt tokenized only its new text.
     assert prefetch["tokenized_texts"] >= 1
     tokenizer = daemon.get("/cache/stats")["tokenizer"]

@@ -191,7 +191,8 @@ def usage_json(usage: Usage | None) -> dict:
         "output_tokens": usage.completion_tokens,
         "kvtier": {"prompt_tokens": usage.prompt_tokens, "ram_tokens": usage.ram_tokens,
                    "disk_tokens": usage.disk_tokens, "shared_tokens": usage.shared_tokens,
-                   "live_tokens": usage.live_tokens, "computed_tokens": usage.computed_tokens,
+                   "live_tokens": usage.live_tokens, "prefetched_tokens": usage.prefetched_tokens,
+                   "computed_tokens": usage.computed_tokens,
                    "time_to_first_token": round(usage.prefill_seconds, 4)},
     }
 

@@ -122,9 +122,14 @@ async def purge_cache(http: web.Request) -> web.Response:
     if not (everything or model or older is not None or to_size is not None):
         raise ApiError(400, "give at least one of all=true, model, older_than, to_size")
     state = http.app[STATE]
-    result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
-                                     model=model, older_than_s=older, to_size=to_size)
-    if everything or (model and model in state.model_ids() | {state.engine().fingerprint}):
+    if model in state.model_ids():  # an alias or "default": the loaded model, by its fingerprint
+        model = state.engine().fingerprint
+    try:
+        result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
+                                         model=model, older_than_s=older, to_size=to_size)
+    except ops.UnknownModel as exc:
+        raise ApiError(400, str(exc), param="model") from None
+    if everything or state.engine().fingerprint in result["models"]:
         state.engine().store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
 

@@ -180,7 +180,7 @@ def usage_json(usage: Usage) -> dict:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "kvtier": {"ram_tokens": usage.ram_tokens, "disk_tokens": usage.disk_tokens,
                        "shared_tokens": usage.shared_tokens, "live_tokens": usage.live_tokens,
-                       "computed_tokens": usage.computed_tokens,
+                       "prefetched_tokens": usage.prefetched_tokens, "computed_tokens": usage.computed_tokens,
                        "time_to_first_token": round(usage.prefill_seconds, 4)}}
 
 
