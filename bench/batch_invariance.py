@@ -16,13 +16,14 @@ difference| of row 0 at each decode step and the first step where one appears:
 Part 2 (--timing): decode tokens/s of the candidates against the batched and interleaved paths.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        nice -n 10 python bench/batch_invariance.py [--cases llama,qwen3_next,llama-kv8] [--timing]
+        nice -n 10 python bench/batch_invariance.py [--cases llama,qwen3_next,llama-kv8] [--timing llama]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -110,6 +111,26 @@ def left_padded(batch_cache: list[Any], pad: int) -> list[Any]:
             layer.left_padding = layer.left_padding + pad
             layer._idx += pad
     return batch_cache
+
+
+class RightPaddedKVCache(mlx_cache.KVCache):
+    """A lone row whose attention reads `pad` masked empty keys after its own (the layout of
+    a batch whose rows are left-aligned): does the amount of padding change the numbers?"""
+
+    def __init__(self, layer: mlx_cache.KVCache, pad: int):
+        super().__init__()
+        self.keys, self.values, self.offset, self.pad = layer.keys, layer.values, layer.offset, pad
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        super().update_and_fetch(keys, values)
+        end = self.offset + self.pad
+        if self.keys.shape[2] < end:
+            grow = [(0, 0), (0, 0), (0, end - self.keys.shape[2]), (0, 0)]
+            self.keys, self.values = mx.pad(self.keys, grow), mx.pad(self.values, grow)
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        return (mx.arange(self.offset + N + self.pad) < self.offset + N)[None, None, None]
 
 
 # -- decode loops --------------------------------------------------------------------------
@@ -244,6 +265,12 @@ def _padding_rows(model: Any, target: list[int], neighbours: list[list[int]], fe
     for pad in (0, 3, 50):
         got = decode_rows(model, left_padded(stacked([prefilled(model, target, quant)]), pad), [fed])
         rows.append((f"width 1 in a BatchKVCache, left padding {pad}", fmt(max_diffs(got, ref))))
+    right = {pad: decode_rows(model, [RightPaddedKVCache(layer, pad) if isinstance(layer, mlx_cache.KVCache) else layer
+                                      for layer in prefilled(model, target, quant)], [fed])
+             for pad in (3, 50, 219)}
+    for pad in (3, 50):
+        rows.append((f"width 1, right padding {pad} (masked keys after its own)", fmt(max_diffs(right[pad], ref))))
+        rows.append((f"width 1, right padding {pad} vs right padding 219", fmt(max_diffs(right[pad], right[219]))))
     alone_fixed = _fixed_width(model, target, [], fed, quant)
     for k in WIDTHS:
         got = _fixed_width(model, target, neighbours[:k - 1], fed, quant)
@@ -325,7 +352,7 @@ def setups(model: Any, steps: int) -> dict[str, Callable[[list[list[Any]]], floa
     return {
         "interleaved (RowDecoder, the exact default today)": lambda cs: generator_rate(model, cs, steps, True),
         "batched (BatchGenerator, --batch-inexact)": lambda cs: generator_rate(model, cs, steps, False),
-        "batched, bare loop": lambda cs: loop_rate(model, cs, len(cs), steps),
+        BASELINE: lambda cs: loop_rate(model, cs, len(cs), steps),
         "batched + per-row attention": lambda cs: rows(lambda: loop_rate(model, cs, len(cs), steps)),
         f"fixed width {FIXED_WIDTH}": lambda cs: loop_rate(model, fixed(cs), len(cs), steps),
         f"fixed width {FIXED_WIDTH} + per-row attention":
@@ -333,26 +360,32 @@ def setups(model: Any, steps: int) -> dict[str, Callable[[list[list[Any]]], floa
     }
 
 
+BASELINE = "batched, bare loop"
+
+
 def timing(model: Any, steps: int, repeats: int) -> list[str]:
-    """Median aggregate decode tokens/s per configuration and N; every repeat runs each
+    """Median aggregate decode tokens/s per configuration and N, and each one's median ratio
+    to the bare batched loop measured in the same repeat: every repeat runs each
     configuration once, in turn, so a shared machine's drift falls on all of them alike."""
     lengths = (300, 120, 420, 200, 350, 150, 260, 380)
     caches = [prefilled(model, prompt(n, 50 + i), None) for i, n in enumerate(lengths)]
     configs = setups(model, steps)
-    lines = ["| decode tokens/s (aggregate) | N=1 | N=2 | N=4 | N=8 |", "| --- | ---: | ---: | ---: | ---: |"]
-    for line in lines:
-        print(line)
-    measured: dict[str, list[str]] = {label: [] for label in configs}
+    rates: dict[str, list[str]] = {label: [] for label in configs}
+    ratios: dict[str, list[str]] = {label: [] for label in configs}
     for n in (1, 2, 4, 8):
         runs: dict[str, list[float]] = {label: [] for label in configs}
         for _ in range(repeats):
             for label, run in configs.items():
                 runs[label].append(run(caches[:n]))
-        for label in configs:
-            measured[label].append(f"{statistics.median(runs[label]):.0f}")
-    for label, cells in measured.items():
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
+        for label, got in runs.items():
+            rates[label].append(f"{statistics.median(got):.0f}")
+            ratios[label].append(f"{statistics.median(g / b for g, b in zip(got, runs[BASELINE])):.2f}")
+    header = "| decode, {} | N=1 | N=2 | N=4 | N=8 |\n| --- | ---: | ---: | ---: | ---: |"
+    lines = [header.format("aggregate tokens/s (median)")]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rates.items()]
+    lines += ["", header.format(f"x {BASELINE} in the same repeat (median)")]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in ratios.items()]
+    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -368,7 +401,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--cases", default="llama,qwen3_next,llama-kv8", help=f"of {', '.join(CASES)}")
     parser.add_argument("--steps", type=int, default=8, help="decode steps compared")
-    parser.add_argument("--timing", action="store_true", help="also measure decode tokens/s (llama)")
+    parser.add_argument("--timing", default="", help="cases whose decode tokens/s to measure (e.g. llama)")
     parser.add_argument("--timing-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -380,10 +413,12 @@ def main() -> None:
         for label, cells in bisect(model, quant, args.steps):
             print(f"| {label} | {cells} |", flush=True)
         print()
-    if args.timing:
-        model, _ = load("llama")
-        print(f"### decode tokens/s, llama 512x8, {args.timing_steps} steps, median of {args.repeats}\n")
+    for case in [c for c in args.timing.split(",") if c]:
+        model, _ = load(case)
+        print(f"### {case}: decode, {args.timing_steps} steps per run, {args.repeats} repeats; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start\n")
         timing(model, args.timing_steps, args.repeats)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}\n")
 
 
 if __name__ == "__main__":
