@@ -56,18 +56,29 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Run the daemon; 1 when its model failed to load (ValueError for what is wrong before
+    it starts: the flags, the address, the model's path)."""
+    from kvtier.hub import fetch_model
     from kvtier.index import start_walk
 
+    from .listen import open_sockets
+
     config = serve_config(args)
+    sockets = open_sockets(config.host, config.port)  # first: a busy port is known at once
+    fetch_model(args.model, offline=args.offline)
     # The full check of a large index takes a while: it runs while MLX, mlx-lm and the model load.
     start_walk(config.cache.cache_dir / "index")
 
     from . import server
     from .app import init_app
-    from kvtier.hub import fetch_model
+    from .state import STATE
 
-    fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
-    server.run(init_app(config), config.host, config.port)
+    app = init_app(config)
+    server.run(app, sockets)
+    load_error = app[STATE].worker.load_error
+    if load_error is not None:
+        print(f"kvtier: could not load the model {args.model}: {load_error}", file=sys.stderr)
+        return 1
     return 0
 
 
