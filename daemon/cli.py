@@ -12,6 +12,11 @@ from .serve_options import add_serve_flags
 from kvtier.config import CacheConfig, ServeConfig
 
 
+# The commands that run the model: on the BLAS the daemon runs it on (daemon/blas.py), as
+# the cache's entries are keyed by it (a warmed prompt must be one the daemon can reuse).
+MODEL_COMMANDS = ("serve", "warm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered RAM/SSD KV-cache daemon for MLX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    if args.command in MODEL_COMMANDS:
         from .blas import reexec_with_openblas
 
         reexec_with_openblas()
+    if args.command == "serve":
         try:
             return serve(args)
         except ValueError as exc:
