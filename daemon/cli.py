@@ -19,6 +19,7 @@ MODEL_COMMANDS = ("serve", "warm")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered RAM/SSD KV-cache daemon for MLX")
+    parser.add_argument("--version", action="version", version=f"kvtier {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible HTTP API)")
@@ -26,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
     return parser
+
+
+def package_version() -> str:
+    """The installed package's version (pyproject.toml's, as pip recorded it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvtier")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e .)"
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:

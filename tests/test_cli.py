@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,6 +140,12 @@ def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, t
     system_tokens = len(reference.tokenizer.apply_chat_template(messages[:1]))
     assert usage.prompt_tokens_details.cached_tokens >= system_tokens - 1
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
+def test_version_is_the_packages():
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    result = kvtier("--version")
+    assert result.returncode == 0 and result.stdout == f"kvtier {declared.group(1)}\n"
 
 
 def test_cli_errors_are_clear(tmp_path):
