@@ -16,15 +16,20 @@ $(VENV)/.installed: pyproject.toml
 install: system-deps $(VENV)/.installed
 
 # Best effort: Debian's OpenBLAS and redis-server on Linux when we may install packages; harmless elsewhere.
+# apt waits for a lock another apt holds (up to 5 min); a note is printed only when the
+# package is still missing after the attempt.
+APT = apt-get -qq -o DPkg::Lock::Timeout=300
 system-deps:
 	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 \
 	   && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	   (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1 \
+	   ($(APT) update; $(APT) install -y libopenblas0-pthread) >/dev/null 2>&1; \
+	   ls /usr/lib/*/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 \
 	   || echo "note: could not install libopenblas0-pthread; MLX will use its slow bundled BLAS"; fi
 	@# redis-server for the shared tier's tests (tests/test_shared.py skips without it).
 	@if [ "$$(uname -s)" = Linux ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null \
 	   && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 \
+	   ($(APT) update; $(APT) install -y redis-server) >/dev/null 2>&1; \
+	   command -v redis-server >/dev/null \
 	   || echo "note: could not install redis-server; the shared-tier tests will be skipped"; fi
 	@# chromium and its driver for the browser tests (tests/test_browser_page.py skips without them).
 	@if [ "$$(uname -s)" = Linux ] && ! command -v chromedriver >/dev/null \

@@ -21,6 +21,7 @@ from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
 from .routes import responses as responses_routes
+from .server import SHUTDOWN
 from .state import STATE, DaemonState
 from .worker import Worker
 
@@ -44,6 +45,7 @@ def init_app(config: ServeConfig) -> web.Application:
         return engine
 
     prefetch = config.prefetch if config.prefetch is not None else config.cache.ram_budget // 2
+    app[SHUTDOWN] = asyncio.Event()
     app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting, config.max_batch,
                                             config.batch_inexact, prefetch))
     app.cleanup_ctx.append(_worker_lifetime)
@@ -66,8 +68,19 @@ async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     state.worker.start()
     watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
     watcher.start()
+    load_watch = asyncio.create_task(_stop_if_the_model_fails_to_load(app))
     yield
+    load_watch.cancel()
     log.info("shutting down: flushing cached blocks to disk")
     watcher.stop()
     await asyncio.to_thread(state.worker.stop)
     log.info("shutdown complete")
+
+
+async def _stop_if_the_model_fails_to_load(app: web.Application) -> None:
+    """A daemon whose model cannot load would answer 503 forever: it stops instead, so that
+    `kvtier serve` exits non-zero and a service manager restarts it or reports it."""
+    worker = app[STATE].worker
+    await asyncio.to_thread(worker.ready.wait)
+    if worker.load_error is not None:
+        app[SHUTDOWN].set()

@@ -45,4 +45,8 @@ def reexec_with_openblas() -> None:
         # (which keeps the process's recognisable name).
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         entry = ["-m", spec.name] if spec and spec.name else [sys.argv[0]]
-        os.execve(sys.executable, [sys.executable, *entry, *sys.argv[1:]], env)
+        try:
+            os.execve(sys.executable, [sys.executable, *entry, *sys.argv[1:]], env)
+        except OSError as exc:  # this user may not run the interpreter by its path: go on as is
+            print(f"kvtier: could not restart with OpenBLAS ({exc.strerror}); MLX uses its bundled "
+                  "BLAS, whose cache entries a daemon on OpenBLAS does not reuse", file=sys.stderr)

@@ -12,8 +12,14 @@ from .serve_options import add_serve_flags
 from kvtier.config import CacheConfig, ServeConfig
 
 
+# The commands that run the model: on the BLAS the daemon runs it on (daemon/blas.py), as
+# the cache's entries are keyed by it (a warmed prompt must be one the daemon can reuse).
+MODEL_COMMANDS = ("serve", "warm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="Tiered RAM/SSD KV-cache daemon for MLX")
+    parser.add_argument("--version", action="version", version=f"kvtier {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the daemon (OpenAI-compatible HTTP API)")
@@ -21,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
     return parser
+
+
+def package_version() -> str:
+    """The installed package's version (pyproject.toml's, as pip recorded it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvtier")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e .)"
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -58,18 +74,29 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Run the daemon; 1 when its model failed to load (ValueError for what is wrong before
+    it starts: the flags, the address, the model's path)."""
+    from kvtier.hub import fetch_model
     from kvtier.index import start_walk
 
+    from .listen import open_sockets
+
     config = serve_config(args)
+    sockets = open_sockets(config.host, config.port)  # first: a busy port is known at once
+    fetch_model(args.model, offline=args.offline)
     # The full check of a large index takes a while: it runs while MLX, mlx-lm and the model load.
     start_walk(config.cache.cache_dir / "index")
 
     from . import server
     from .app import init_app
-    from kvtier.hub import fetch_model
+    from .state import STATE
 
-    fetch_model(args.model, offline=args.offline)  # before binding, as mlx_lm.server does
-    server.run(init_app(config), config.host, config.port)
+    app = init_app(config)
+    server.run(app, sockets)
+    load_error = app[STATE].worker.load_error
+    if load_error is not None:
+        print(f"kvtier: could not load the model {args.model}: {load_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -78,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    if args.command in MODEL_COMMANDS:
         from .blas import reexec_with_openblas
 
         reexec_with_openblas()
+    if args.command == "serve":
         try:
             return serve(args)
         except ValueError as exc:

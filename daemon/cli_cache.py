@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     if args.command == "warm":
         return _warm(args, cache_dir)
+    import lmdb
+
     from kvtier.index import IndexDamaged
     from kvtier.ops import CacheDir
 
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         cache = CacheDir(cache_dir, walk=args.command == "verify")
     except FileNotFoundError as exc:
         return _fail(str(exc))
+    except (OSError, lmdb.Error) as exc:  # another user's directory, a read-only disk
+        return _fail(f"cannot open the cache at {cache_dir}: {getattr(exc, 'strerror', None) or exc}")
     if cache.damage and args.command != "verify":
         return _damaged(cache.damage)
     with cache:
@@ -98,7 +103,7 @@ def _on_shared(args, cache_dir: Path) -> int:
     lines = [f"shared: {data['url']}"] + [
         f"model {m['model']} [{fp[:12]}]: {m['entries']} entries, {format_size(m['bytes'])}"
         for fp, m in models.items()]
-    if args.command == "stats" and (cache_dir / "index").exists():
+    if args.command == "stats" and os.path.isdir(cache_dir / "index"):
         from kvtier.ops import CacheDir, stats
 
         with CacheDir(cache_dir) as cache:
@@ -132,7 +137,7 @@ def _purge_shared(args, cache_dir: Path) -> int:
 
 def _model_names(cache_dir: Path) -> dict[str, str]:
     """Fingerprint -> model name, from the local index (empty when there is none)."""
-    if not (cache_dir / "index").exists():
+    if not os.path.isdir(cache_dir / "index"):
         return {}
     import lmdb
 

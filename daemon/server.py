@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from contextlib import suppress
 
 from aiohttp import web
@@ -19,6 +20,9 @@ from aiohttp import web
 from .errors import INTERNAL_ERROR, unrouted_error_body
 
 log = logging.getLogger("kvtier.daemon")
+
+# Set by the app to stop serving without a signal (its model failed to load).
+SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 
 
 class ApiRequestHandler(web.RequestHandler):
@@ -49,22 +53,24 @@ class ApiRunner(web.AppRunner):
                          **server._kwargs)
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def _serve(app: web.Application, sockets: list[socket.socket]) -> None:
     runner = ApiRunner(app, handle_signals=True, handler_cancellation=True)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-        log.info("listening on http://%s:%s", host, port)
-        await asyncio.Event().wait()
+        for sock in sockets:  # bound and listening since start-up (daemon/listen.py)
+            await web.SockSite(runner, sock).start()
+            log.info("listening on http://%s:%s", *sock.getsockname()[:2])
+        await app[SHUTDOWN].wait()
     finally:
         await runner.cleanup()  # lets running requests finish, then the app's cleanup
 
 
-def run(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT, shutting down the way `web.run_app` does."""
+def run(app: web.Application, sockets: list[socket.socket]) -> None:
+    """Serve on `sockets` until SIGTERM or SIGINT (or the app sets SHUTDOWN), shutting down
+    the way `web.run_app` does."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(app, host, port))
+    main = loop.create_task(_serve(app, sockets))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):

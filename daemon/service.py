@@ -33,6 +33,9 @@ _MISSING_TOOL = {
     "systemctl": "systemctl not found: `kvtier service` needs systemd on Linux; "
                  "run `kvtier serve` under another supervisor instead",
 }
+_NO_USER_MANAGER = "a user systemd instance needs a login session, or `loginctl enable-linger $USER`"
+
+
 class ServiceError(Exception):
     """Reported as `kvtier: <message>`, exiting with `code`."""
 
@@ -53,6 +56,7 @@ class ServiceSpec:
     working_dir: Path
     cache_dir: str | None = None
     config_home: Path | None = None  # $XDG_CONFIG_HOME, if set
+    api_key: str | None = None  # given to the service in a 0600 file, never on its command line
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class MakeDir:
 class Write:
     path: Path
     content: str
+    mode: int = 0o644  # 0o600 for a file that holds the API key
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,19 @@ def environment(spec: ServiceSpec) -> dict[str, str]:
     return env
 
 
+def key_file(spec: ServiceSpec) -> Path:
+    """systemd: the unit's EnvironmentFile, 0600, holding KVTIER_API_KEY (a unit file is
+    world-readable; `systemctl show` prints its Environment= lines to anyone)."""
+    return (spec.config_home or spec.home / ".config") / "kvtier" / "service.env"
+
+
+def check_api_key(key: str) -> str:
+    if not key or not all(33 <= ord(c) < 127 and c not in "\\\"'$" for c in key):
+        # what an environment file and a plist hold as written, unquoted and unexpanded
+        raise ServiceError("the API key must be printable ASCII without spaces, quotes, backslashes or $", 2)
+    return key
+
+
 def log_dir(spec: ServiceSpec) -> Path:
     return spec.home / "Library" / "Logs" / "kvtier"
 
@@ -120,7 +138,8 @@ def launchd_plist(spec: ServiceSpec) -> dict:
         "RunAtLoad": True,
         "KeepAlive": True,
         "WorkingDirectory": str(spec.working_dir),
-        "EnvironmentVariables": environment(spec),
+        # The key here too: install writes this file 0600 when it holds one.
+        "EnvironmentVariables": environment(spec) | ({"KVTIER_API_KEY": spec.api_key} if spec.api_key else {}),
         "StandardOutPath": str(logs / "kvtier.out.log"),
         "StandardErrorPath": str(logs / "kvtier.err.log"),
         "ExitTimeOut": STOP_TIMEOUT,  # launchd's default (20 s) can cut the final flush short
@@ -161,6 +180,7 @@ def systemd_unit(spec: ServiceSpec) -> str:
         "Type=simple",
         f"WorkingDirectory={_systemd_escape(str(spec.working_dir))}",
         *env_lines,
+        *([f"EnvironmentFile={_systemd_escape(str(key_file(spec)))}"] if spec.api_key else []),
         f"ExecStart={exec_start}",
         "Restart=on-failure",
         "KillSignal=SIGTERM",
@@ -190,11 +210,13 @@ def install_plan(spec: ServiceSpec) -> list[Action]:
     path = service_path(spec)
     if spec.platform == "darwin":
         target = f"{_launchd_domain(spec)}/{LABEL}"
-        return [MakeDir(log_dir(spec)), Write(path, service_file(spec)),
+        return [MakeDir(log_dir(spec)), Write(path, service_file(spec), 0o600 if spec.api_key else 0o644),
                 Run(("launchctl", "bootout", target), if_loaded=True),
                 Run(("launchctl", "bootstrap", _launchd_domain(spec), str(path)))]
+    # A key not given again is removed: the service runs with the options of the last install.
+    key = Write(key_file(spec), f"KVTIER_API_KEY={spec.api_key}\n", 0o600) if spec.api_key else Remove(key_file(spec))
     # `enable --now` leaves a running service on its old command line, hence the restart.
-    return [Write(path, service_file(spec)), Run(_systemctl("daemon-reload")),
+    return [key, Write(path, service_file(spec)), Run(_systemctl("daemon-reload")),
             Run(_systemctl("enable", "--now", UNIT)), Run(_systemctl("restart", UNIT), if_loaded=True)]
 
 
@@ -203,7 +225,8 @@ def uninstall_plan(spec: ServiceSpec) -> list[Action]:
     if spec.platform == "darwin":
         return [Run(("launchctl", "bootout", f"{_launchd_domain(spec)}/{LABEL}"), if_loaded=True),
                 Remove(path)]
-    return [Run(_systemctl("disable", "--now", UNIT)), Remove(path), Run(_systemctl("daemon-reload"))]
+    return [Run(_systemctl("disable", "--now", UNIT)), Remove(path), Remove(key_file(spec)),
+            Run(_systemctl("daemon-reload"))]
 
 
 def status_command(spec: ServiceSpec) -> tuple[str, ...]:
@@ -221,7 +244,10 @@ def describe(action: Action, spec: ServiceSpec) -> str:
     if isinstance(action, MakeDir):
         return f"would create directory: {action.path}"
     if isinstance(action, Write):
-        return f"would write {action.path}:\n{action.content.rstrip()}\n"
+        content = action.content.rstrip()
+        if spec.api_key:
+            content = content.replace(spec.api_key, "(the API key, not shown)")
+        return f"would write {action.path} (mode {action.mode:o}):\n{content}\n"
     return f"would remove: {action.path}"
 
 
@@ -246,9 +272,7 @@ def is_loaded(spec: ServiceSpec) -> bool:
         return run_command(status_command(spec), check=False).returncode == 0
     result = run_command(_systemctl("is-active", UNIT), check=False)
     if not result.stdout.strip():  # no state printed: systemctl itself failed (e.g. no user bus)
-        raise ServiceError(f"`systemctl --user` is not usable: {result.stderr.strip()}"
-                           " (a user systemd instance needs a login session, or "
-                           "`loginctl enable-linger $USER`)")
+        raise ServiceError(f"`systemctl --user` is not usable: {result.stderr.strip()} ({_NO_USER_MANAGER})")
     return result.returncode == 0
 
 
@@ -260,7 +284,11 @@ def apply(action: Action, loaded: bool) -> None:
         action.path.mkdir(parents=True, exist_ok=True)
     elif isinstance(action, Write):
         action.path.parent.mkdir(parents=True, exist_ok=True)
-        action.path.write_text(action.content)
+        # Created with its mode, and set again if it existed: a key is never readable by others.
+        fd = os.open(action.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, action.mode)
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(fd, action.mode)
+            file.write(action.content)
     else:
         action.path.unlink(missing_ok=True)
 
@@ -281,7 +309,8 @@ def status_info(spec: ServiceSpec) -> dict:
     props = "LoadState,ActiveState,SubState,MainPID,UnitFileState"
     result = run_command(_systemctl("show", UNIT, f"--property={props}"), check=False)
     if result.returncode != 0:
-        info["error"] = result.stderr.strip() or f"systemctl exited with {result.returncode}"
+        error = " ".join(result.stderr.split()) or f"systemctl exited with {result.returncode}"
+        info["error"] = f"{error} ({_NO_USER_MANAGER})" if "bus" in error else error
         return info
     shown = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     info.update(loaded=shown.get("LoadState") == "loaded", running=shown.get("ActiveState") == "active",
@@ -303,6 +332,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     actions = service.add_subparsers(dest="action", required=True)
     install = actions.add_parser("install", parents=[common], help="install and start the service")
     add_serve_flags(install, for_service=True)
+    key = install.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="PATH",
+                     help="a file holding the bearer token the service requires (kept off any "
+                          "command line: written to a 0600 environment file / the 0600 plist)")
+    key.add_argument("--api-key", help="the token itself (visible in `ps` while install runs: "
+                                       "prefer --api-key-file)")
     actions.add_parser("uninstall", parents=[common], help="stop the service and remove it")
     status = actions.add_parser("status", parents=[common], help="whether the service is running")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -310,6 +345,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
     options = vars(args).copy()
+    api_key = _api_key(options.pop("api_key", None), options.pop("api_key_file", None))
     # The service starts in another directory: make paths absolute. A model that is not a
     # path is a repo id in the HF cache and stays as given.
     if options.get("model") is not None and Path(options["model"]).expanduser().exists():
@@ -326,7 +362,17 @@ def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
         working_dir=Path(__file__).resolve().parent.parent,  # where `-m daemon.cli` imports from source
         cache_dir=options.get("cache_dir"),
         config_home=Path(xdg) if xdg and os.path.isabs(xdg) else None,
+        api_key=api_key,
     )
+
+
+def _api_key(given: str | None, file: str | None) -> str | None:
+    if file is not None:
+        try:
+            given = Path(file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ServiceError(f"cannot read the API key file {file}: {exc.strerror}", 2) from None
+    return None if given is None else check_api_key(given)
 
 
 def _execute(plan: list[Action], spec: ServiceSpec, dry_run: bool) -> None:
@@ -363,16 +409,26 @@ def _uninstall(spec: ServiceSpec, dry_run: bool) -> int:
 
 
 def _status(spec: ServiceSpec, dry_run: bool, as_json: bool) -> int:
+    """Exit 0 running, 3 not running (as systemctl's is-active): also where the service
+    manager cannot be asked (no user bus, no systemctl), which is then said on stderr."""
     if dry_run:
         print(f"would run: {shlex.join(status_command(spec))}")
         return 0
-    if as_json:
+    try:
         info = status_info(spec)
+    except ServiceError as exc:  # the tool is missing
+        info = {"running": False, "error": str(exc)}
+    if as_json:
         print(json.dumps(info, indent=2))
-        return 1 if "error" in info else 0 if info["running"] else 3  # 3: not running, as systemctl
-    path = service_path(spec)
-    print(f"service file: {path}" + ("" if path.exists() else " (not installed)"), flush=True)
-    return run_command(status_command(spec), check=False, capture=False).returncode
+    else:
+        path = service_path(spec)
+        print(f"service file: {path}" + ("" if path.exists() else " (not installed)"), flush=True)
+        if "error" not in info:  # the manager's own account, for people
+            run_command(status_command(spec), check=False, capture=False)
+    if "error" in info:
+        print(f"kvtier: cannot ask the service manager, so the service is not running under it: "
+              f"{info['error']}", file=sys.stderr)
+    return 0 if info["running"] else 3
 
 
 def run(args: argparse.Namespace) -> int:

@@ -134,8 +134,9 @@ class Worker:
                 self._planner = threading.Thread(target=self._plan_prefetch, args=(engine,), name="kvtier-prefetch")
                 self._planner.start()
         except Exception as exc:
-            log.exception("could not load the model")
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            log.error("could not load the model: %s", self.load_error)  # one line; the daemon stops
+            log.debug("the model's load failed here", exc_info=True)
             return
         finally:
             self.ready.set()

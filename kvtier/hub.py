@@ -31,10 +31,11 @@ def cached_model(model: str) -> Path | None:
 
 
 def fetch_model(model: str, offline: bool = False) -> Path:
-    """The model's local path, downloading it into the HF cache when it is not there."""
+    """The model's local path, downloading it into the HF cache when it is not there; a
+    directory without a readable config.json naming its model_type is refused at once."""
     found = cached_model(model)
     if found is not None:
-        return found
+        return check_model_dir(found, model)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelUnavailable(f"no model directory at {model!r}")
     if offline:
@@ -45,8 +46,26 @@ def fetch_model(model: str, offline: bool = False) -> Path:
 
     log.info("downloading %s from %s into the Hugging Face cache", model, constants.ENDPOINT)
     try:
-        return Path(snapshot_download(model, allow_patterns=MODEL_FILES))
+        return check_model_dir(Path(snapshot_download(model, allow_patterns=MODEL_FILES)), model)
     except RepositoryNotFoundError:
         raise ModelUnavailable(f"no model {model!r} on {constants.ENDPOINT} (or it needs a token)") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelUnavailable(f"could not download {model!r}: {type(exc).__name__}: {exc}") from None
+
+
+def check_model_dir(path: Path, model: str) -> Path:
+    """`path`, if it looks like a model mlx-lm can load: its config.json is a JSON object with
+    a model_type (what mlx-lm picks the architecture by). The weights are checked by loading."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelUnavailable(f"{model!r} is not a model: {path} has no config.json") from None
+    except OSError as exc:
+        raise ModelUnavailable(f"cannot read {path / 'config.json'}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ModelUnavailable(f"{model!r} is not a model: its config.json is not JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelUnavailable(f"{model!r} is not a model: its config.json names no model_type")
+    return path

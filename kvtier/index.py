@@ -214,8 +214,8 @@ def start_walk(path: Path) -> None:
     """Start the full read walk of the index at `path` now, for the next Index(walk=True)
     of it to take: the daemon starts it before loading its model, so a large index is
     checked while the model loads rather than after (start-up then waits for neither)."""
-    if not (Path(path) / "data.mdb").exists():
-        return  # nothing to check: a new cache
+    if not os.path.isfile(Path(path) / "data.mdb"):
+        return  # nothing to check: a new cache, or one this user cannot read (the disk tier says why)
     with _early_lock:
         if os.path.abspath(path) in _early_walks:
             return

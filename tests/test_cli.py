@@ -4,6 +4,8 @@ running and stopped."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -14,9 +16,10 @@ from conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
 MAX_TOKENS = 12
 
 
-def kvtier(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+def kvtier(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, input=input,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env=None if env is None else dict(os.environ, **env))
 
 
 def kvtier_json(*args: str):
@@ -122,19 +125,28 @@ def test_pins_survive_eviction_and_purge(filled):
 
 
 def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, tmp_path):
+    """Started as a user starts them, without OpenBLAS preloaded (this test process may have
+    it): `warm` must run the model on the BLAS the daemon runs it on, whose entries it reuses."""
     cache_dir = tmp_path / "warm-cache"
     system = agent_messages("omega")[0]["content"]
+    as_a_user_starts_it = {"LD_PRELOAD": ""}
     warmed = kvtier("warm", "--model", str(llama_model), "-", "--pin", "--cache-dir", str(cache_dir),
-                    "--block-size", str(TEST_BLOCK_SIZE), "--json", input=system)
+                    "--block-size", str(TEST_BLOCK_SIZE), "--json", input=system, env=as_a_user_starts_it)
     assert warmed.returncode == 0, warmed.stderr
     assert "prefill [" in warmed.stderr and json.loads(warmed.stdout)["pinned_entries"] > 0
-    daemon = daemon_factory(llama_model, cache_dir=cache_dir)
+    daemon = daemon_factory(llama_model, cache_dir=cache_dir, env=as_a_user_starts_it)
     messages = agent_messages("omega", question="Start working.")
     text, usage = ask(daemon, messages)
     assert text == reference.chat(messages, MAX_TOKENS)
     system_tokens = len(reference.tokenizer.apply_chat_template(messages[:1]))
     assert usage.prompt_tokens_details.cached_tokens >= system_tokens - 1
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
+def test_version_is_the_packages():
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    result = kvtier("--version")
+    assert result.returncode == 0 and result.stdout == f"kvtier {declared.group(1)}\n"
 
 
 def test_cli_errors_are_clear(tmp_path):

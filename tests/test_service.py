@@ -4,6 +4,8 @@ verifiers read them, and the real CLI's dry runs, which must touch nothing."""
 from __future__ import annotations
 
 import configparser
+import dataclasses
+import json
 import os
 import plistlib
 import re
@@ -197,7 +199,7 @@ def test_missing_service_manager_is_a_clear_error_and_writes_nothing(tmp_path):
     assert result.returncode != 0 and "launchctl not found" in result.stderr
 
 
-def test_install_takes_every_serve_flag_but_the_api_key(tmp_path):
+def test_install_takes_every_serve_flag(tmp_path):
     """`service install` and `serve` share one declaration of the serve flags: any of them is
     written into the service's command line as given (sizes as typed)."""
     result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
@@ -207,6 +209,73 @@ def test_install_takes_every_serve_flag_but_the_api_key(tmp_path):
     assert "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", "/some/model",
                                       "--ram-budget", "2GB", "--max-waiting", "8", "--model-alias", "a",
                                       "--model-alias", "b", "--strict-model-names"]) in result.stdout
-    refused = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "m",
-                             "--api-key", "secret", home=tmp_path)  # the unit file may be readable
-    assert refused.returncode == 2 and "--api-key" in refused.stderr
+
+
+SECRET = "s3cret-Token_42"
+
+
+@pytest.mark.parametrize("given", ["--api-key-file", "--api-key"])
+def test_install_gives_the_service_its_key_in_a_private_file_never_its_command_line(tmp_path, given):
+    key_file = tmp_path / "key"
+    key_file.write_text(SECRET + "\n")
+    home = tmp_path / "home"
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
+                            given, str(key_file) if given == "--api-key-file" else SECRET, home=home)
+    assert result.returncode == 0, result.stderr
+    env_file = home / ".config" / "kvtier" / "service.env"
+    unit_path = home / ".config" / "systemd" / "user" / "kvtier.service"
+    assert_in_order(result.stdout, f"would write {env_file} (mode 600):", "KVTIER_API_KEY=(the API key, not shown)",
+                    f"would write {unit_path} (mode 644):", f"EnvironmentFile={env_file}",
+                    "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", "/some/model"]))
+    assert SECRET not in result.stdout and "--api-key" not in result.stdout
+    assert files_under(home) == []
+    plan = service.install_plan(dataclasses.replace(make_spec("linux", home, model="m"), api_key=SECRET))
+    assert service.Write(env_file, f"KVTIER_API_KEY={SECRET}\n", 0o600) in plan
+
+
+def test_install_on_macos_puts_the_key_in_the_plist_written_0600(tmp_path):
+    result = kvtier_service("install", "--dry-run", "--platform", "darwin", "--model", "/some/model",
+                            "--api-key", SECRET, home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout and "(mode 600):" in result.stdout
+    xml = result.stdout[result.stdout.index("<?xml"):result.stdout.index("</plist>") + len("</plist>")]
+    plist = plistlib.loads(xml.encode())
+    assert plist["EnvironmentVariables"]["KVTIER_API_KEY"] == "(the API key, not shown)"
+    assert "--api-key" not in plist["ProgramArguments"]
+
+
+def test_a_key_file_is_written_private_even_over_a_readable_one(tmp_path):
+    path = tmp_path / "service.env"
+    path.write_text("old")
+    path.chmod(0o644)
+    service.apply(service.Write(path, f"KVTIER_API_KEY={SECRET}\n", 0o600), loaded=False)
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == f"KVTIER_API_KEY={SECRET}\n"
+
+
+def test_an_unusable_key_is_refused_clearly(tmp_path):
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "m",
+                            "--api-key", "two words", home=tmp_path)
+    assert result.returncode == 2 and "API key must be printable ASCII" in result.stderr
+    missing = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "m",
+                             "--api-key-file", str(tmp_path / "none"), home=tmp_path)
+    assert missing.returncode == 2 and "cannot read the API key file" in missing.stderr
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_status_exits_3_when_not_running_and_says_why_the_manager_cannot_be_asked(tmp_path, json_output):
+    """This machine's real systemctl: with no user bus (containers, CI) it cannot be asked;
+    with one, the unit is not installed under this fresh HOME. Either way: not running, 3."""
+    if shutil.which("systemctl") is None:
+        pytest.skip("needs systemctl")
+    args = ["status", "--platform", "linux", *(["--json"] if json_output else [])]
+    result = kvtier_service(*args, home=tmp_path)
+    assert result.returncode == 3, result.stderr
+    if json_output:
+        assert json.loads(result.stdout)["running"] is False
+    if "bus" in result.stderr or '"error"' in result.stdout:
+        assert result.stderr.startswith("kvtier: cannot ask the service manager") and \
+            len(result.stderr.splitlines()) == 1 and "enable-linger" in result.stderr
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    missing = kvtier_service(*args, home=tmp_path, PATH=str(empty))
+    assert missing.returncode == 3 and "systemctl not found" in missing.stderr
