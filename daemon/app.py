@@ -16,6 +16,7 @@ from .auth import auth_middleware
 from .disconnects import disconnect_middleware
 from .errors import error_middleware
 from .pressure import PressureWatcher
+from .read_timeout import READ_TIMEOUT
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
@@ -33,6 +34,7 @@ def init_app(config: ServeConfig) -> web.Application:
     if config.api_key:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[READ_TIMEOUT] = config.read_timeout
 
     def make_engine() -> Engine:
         engine = Engine(config.model, config.cache, config.prefill_step_size)

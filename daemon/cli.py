@@ -49,6 +49,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
     config.strict_model_names = args.strict_model_names
     config.keep_billing_header = args.keep_billing_header
+    if not args.read_timeout > 0:
+        raise ValueError("--read-timeout must be a positive number of seconds")
+    config.read_timeout = args.read_timeout
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")

@@ -6,6 +6,8 @@
   (aiohttp has no setting for it: aio-libs/aiohttp#3287).
 - A handler whose client disconnects is cancelled (`handler_cancellation`), so a
   non-streamed completion stops generating, as a stream does when its write fails.
+- A connection whose next request's headers are not in within the read timeout (an idle
+  keep-alive one too) is closed: aiohttp's keepalive_timeout (daemon/read_timeout.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 
 from .errors import INTERNAL_ERROR, unrouted_error_body
+from .read_timeout import read_timeout
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -40,6 +44,10 @@ class ApiServer(web.Server):
 
 
 class ApiRunner(web.AppRunner):
+    def __init__(self, app: web.Application, **kwargs: Any):
+        kwargs.setdefault("keepalive_timeout", read_timeout(app))
+        super().__init__(app, **kwargs)
+
     async def _make_server(self) -> web.Server:
         # The app's own Server (its startup has run), rebuilt as an ApiServer with the same
         # handler, request factory and connection settings; it has no connection yet.

@@ -128,4 +128,5 @@ class ServeConfig:
     model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
     strict_model_names: bool = False  # refuse names other than the served model's and aliases
     keep_billing_header: bool = False  # keep Claude Code's per-conversation system line
+    read_timeout: float = 60.0  # seconds to send a request's headers, or its body
     cache: CacheConfig = field(default_factory=CacheConfig)
