@@ -23,6 +23,7 @@ from .routes import openai as openai_routes
 from .routes import responses as responses_routes
 from .state import STATE, DaemonState
 from .worker import Worker
+from .write_retry import WriteRetry
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -57,15 +58,18 @@ def init_app(config: ServeConfig) -> web.Application:
 async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     """Load the model in the background; on shutdown flush every block to disk.
 
-    Shutdown waits for each thread to end: the watcher first (it queues work for the MLX
-    thread), then the MLX thread, which writes every queued block and frees its MLX state.
+    Shutdown waits for each thread to end: the watcher and the write retry first (they queue
+    work for the MLX thread), then the MLX thread, which writes every queued block and frees its MLX state.
     """
     state = app[STATE]
     state.worker.start()
     watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
     watcher.start()
+    retry = WriteRetry(state.worker)
+    retry.start()
     yield
     log.info("shutting down: flushing cached blocks to disk")
     watcher.stop()
+    retry.stop()
     await asyncio.to_thread(state.worker.stop)
     log.info("shutdown complete")
