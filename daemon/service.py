@@ -162,7 +162,8 @@ def systemd_unit(spec: ServiceSpec) -> str:
         f"WorkingDirectory={_systemd_escape(str(spec.working_dir))}",
         *env_lines,
         f"ExecStart={exec_start}",
-        "Restart=on-failure",
+        "Restart=on-failure",  # a crash too: a SIGBUS from an index cut short under it
+        "RestartSec=2",  # systemd's 100 ms would spend its 5 starts in 10 s on a crash loop
         "KillSignal=SIGTERM",
         f"TimeoutStopSec={STOP_TIMEOUT}",
         "",
