@@ -17,6 +17,7 @@ from .disconnects import disconnect_middleware
 from .errors import error_middleware
 from .guard import Guard, cors_headers, guard_middleware
 from .pressure import PressureWatcher
+from .read_timeout import READ_TIMEOUT
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
@@ -24,6 +25,7 @@ from .routes import responses as responses_routes
 from .server import SHUTDOWN
 from .state import STATE, DaemonState
 from .worker import Worker
+from .write_retry import WriteRetry
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -38,6 +40,7 @@ def init_app(config: ServeConfig) -> web.Application:
         middlewares.append(auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.on_response_prepare.append(cors_headers(guard))
+    app[READ_TIMEOUT] = config.read_timeout
 
     def make_engine() -> Engine:
         engine = Engine(config.model, config.cache, config.prefill_step_size)
@@ -61,18 +64,21 @@ def init_app(config: ServeConfig) -> web.Application:
 async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     """Load the model in the background; on shutdown flush every block to disk.
 
-    Shutdown waits for each thread to end: the watcher first (it queues work for the MLX
-    thread), then the MLX thread, which writes every queued block and frees its MLX state.
+    Shutdown waits for each thread to end: the watcher and the write retry first (they queue
+    work for the MLX thread), then the MLX thread, which writes every queued block and frees its MLX state.
     """
     state = app[STATE]
     state.worker.start()
     watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
     watcher.start()
     load_watch = asyncio.create_task(_stop_if_the_model_fails_to_load(app))
+    retry = WriteRetry(state.worker)
+    retry.start()
     yield
     load_watch.cancel()
     log.info("shutting down: flushing cached blocks to disk")
     watcher.stop()
+    retry.stop()
     await asyncio.to_thread(state.worker.stop)
     log.info("shutdown complete")
 

@@ -67,6 +67,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     config.keep_billing_header = args.keep_billing_header
     config.allowed_hosts, config.allowed_origins = args.allowed_hosts, args.allowed_origins
     config.show_previews = args.show_previews
+    if not args.read_timeout > 0:
+        raise ValueError("--read-timeout must be a positive number of seconds")
+    config.read_timeout = args.read_timeout
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(f"binding {config.host} exposes the model beyond this machine: "
                          "set --api-key (or KVTIER_API_KEY) first")

@@ -11,6 +11,8 @@ from typing import Any
 from aiohttp import web
 from jinja2 import TemplateError, TemplateSyntaxError
 
+from .read_timeout import BodyTimeout, read_body
+
 log = logging.getLogger("kvtier.daemon")
 
 # Deeper bodies are refused before anything recurses over them (the chat template, tool
@@ -96,7 +98,10 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(request.path, exc)
+        response = error_response(request.path, exc)
+        if exc.status == 408:  # the rest of the body may yet come: the framing is lost
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -119,7 +124,9 @@ async def error_middleware(request: web.Request, handler):
 # -- request bodies ---------------------------------------------------------------------
 async def json_body(request: web.Request) -> dict:
     try:
-        raw = await request.read()
+        raw = await read_body(request)
+    except BodyTimeout as exc:
+        raise ApiError(408, str(exc)) from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, "request body too large") from None
     except web.RequestPayloadError:  # e.g. broken gzip or chunking, found after the headers

@@ -121,6 +121,10 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                            "the URL for a service)")),
     ("--shared-ttl", dict(type=duration, default=None,
                           help="how long a shared entry lives (e.g. 7d; default: until the store evicts it)")),
+    ("--read-timeout", dict(type=float, default=60.0, metavar="SECONDS",
+                            help="seconds a client has to send a request's headers, and its body, "
+                                 "before the connection is closed (the body: a 408); also how "
+                                 "long an idle keep-alive connection stays open (default: 60)")),
     ("--log-level", dict(default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
                          help="the log's detail (default: info)")),
 ]

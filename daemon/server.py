@@ -4,8 +4,12 @@
   not HTTP) gets the API's JSON error instead of aiohttp's plain text. The parser fails
   before any route or middleware runs, so the one hook is the connection's RequestHandler
   (aiohttp has no setting for it: aio-libs/aiohttp#3287).
+- Such a request, and a body whose framing or encoding breaks later, is logged as one INFO
+  line, not aiohttp's ERROR traceback (daemon/malformed.py).
 - A handler whose client disconnects is cancelled (`handler_cancellation`), so a
   non-streamed completion stops generating, as a stream does when its write fails.
+- A connection whose next request's headers are not in within the read timeout (an idle
+  keep-alive one too) is closed: aiohttp's keepalive_timeout (daemon/read_timeout.py).
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import asyncio
 import logging
 import socket
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 
 from .errors import INTERNAL_ERROR, unrouted_error_body
+from .malformed import is_malformed_request, log_malformed
+from .read_timeout import read_timeout
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -35,6 +42,16 @@ class ApiRequestHandler(web.RequestHandler):
         response.force_close()  # as aiohttp does: the connection's framing may be lost
         return response
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # aiohttp's one logging hook for parse errors: from handle_error, and from reading
+        # past a body whose chunking or encoding broke after the handler answered
+        exc = kw.get("exc_info")
+        if not (isinstance(exc, BaseException) and is_malformed_request(exc)):
+            super().log_exception(*args, **kw)
+            return
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        log_malformed(exc, peer[0] if peer else "a client")
+
 
 class ApiServer(web.Server):
     """aiohttp's Server (the protocol factory), making ApiRequestHandlers."""
@@ -44,6 +61,10 @@ class ApiServer(web.Server):
 
 
 class ApiRunner(web.AppRunner):
+    def __init__(self, app: web.Application, **kwargs: Any):
+        kwargs.setdefault("keepalive_timeout", read_timeout(app))
+        super().__init__(app, **kwargs)
+
     async def _make_server(self) -> web.Server:
         # The app's own Server (its startup has run), rebuilt as an ApiServer with the same
         # handler, request factory and connection settings; it has no connection yet.

@@ -182,7 +182,8 @@ def systemd_unit(spec: ServiceSpec) -> str:
         *env_lines,
         *([f"EnvironmentFile={_systemd_escape(str(key_file(spec)))}"] if spec.api_key else []),
         f"ExecStart={exec_start}",
-        "Restart=on-failure",
+        "Restart=on-failure",  # a crash too: a SIGBUS from an index cut short under it
+        "RestartSec=2",  # systemd's 100 ms would spend its 5 starts in 10 s on a crash loop
         "KillSignal=SIGTERM",
         f"TimeoutStopSec={STOP_TIMEOUT}",
         "",

@@ -131,4 +131,5 @@ class ServeConfig:
     allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides the bound address
     allowed_origins: list[str] = field(default_factory=list)  # browser origins served, with CORS
     show_previews: bool = False  # /cache/entries shows the start of each prompt's text
+    read_timeout: float = 60.0  # seconds to send a request's headers, or its body
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -10,6 +10,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from .blocks import common_prefix
+from .prompt_bound import WINDOW_CHARS_PER_TOKEN, check_fits
 from .tokcache import IncrementalTokenizer, common_prefix_length
 
 
@@ -34,6 +35,14 @@ def fold_system_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def _may_be_long(messages: list[dict], limit: int) -> bool:
+    """Whether the messages' text is long enough to be worth rendering twice to check it
+    (a tokenizer tokenized whole renders and tokenizes in one call)."""
+    chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content")))
+                for m in messages)
+    return chars > WINDOW_CHARS_PER_TOKEN * limit
+
+
 class Renderer:
     """Prompts for one model's tokenizer (mlx-lm's TokenizerWrapper). `boundaries`: whether
     message ends are worth finding (only models with snapshot layers use them). A fast
@@ -45,22 +54,27 @@ class Renderer:
         self.incremental = IncrementalTokenizer.of(tokenizer)  # None: each prompt tokenized whole
 
     def render(self, messages: list[dict], tools: list[dict] | None = None,
-               prefill: str = "") -> tuple[list[int], list[int]]:
+               prefill: str = "", limit: int | None = None) -> tuple[list[int], list[int]]:
         """The prompt's tokens (a `prefill` the answer continues after the generation prompt)
-        and its message ends."""
-        tokens, text = self._chat(messages, tools)
+        and its message ends; PromptTooLong if it surely has more than `limit` tokens."""
+        check_fits(self.tokenizer, prefill, limit)
+        tokens, text = self._chat(messages, tools, limit)
         boundaries = self.message_boundaries(messages, tools, tokens, text)
         if prefill:
             tokens = tokens + list(self.tokenizer.encode(prefill, add_special_tokens=False))
         return tokens, boundaries
 
     def chat_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self._chat(messages, tools)[0]
+        return self._chat(messages, tools, None)[0]
 
-    def _chat(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], str | None]:
+    def _chat(self, messages: list[dict], tools: list[dict] | None,
+              limit: int | None) -> tuple[list[int], str | None]:
         """The prompt's tokens, and its text when it was rendered as text first."""
+        if self.incremental is None and limit is not None and _may_be_long(messages, limit):
+            check_fits(self.tokenizer, self._template(messages, tools, True, tokenize=False), limit)
         if self.incremental is not None:
             text = self._template(messages, tools, add_generation_prompt=True, tokenize=False)
+            check_fits(self.tokenizer, text, limit)
             encoded = self.incremental.encode(text)
             if encoded is not None:
                 return list(encoded.ids), text
@@ -82,7 +96,8 @@ class Renderer:
                 "tokens_reused": incremental.tokens_reused if incremental else 0,
                 "tokens_tokenized": incremental.tokens_tokenized if incremental else 0}
 
-    def text_tokens(self, prompt: str) -> list[int]:
+    def text_tokens(self, prompt: str, limit: int | None = None) -> list[int]:
+        check_fits(self.tokenizer, prompt, limit)
         return list(self.tokenizer.encode(prompt))
 
     def message_boundaries(self, messages: list[dict], tools: list[dict] | None,

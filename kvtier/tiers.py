@@ -824,9 +824,15 @@ class TieredStore:
             blocks.append(block)
         for key in removed:
             self.ram.remove(key)
-        retry = self.ram.unpersisted() if self.disk.take_retry() else []
-        self._submit(blocks + retry, removed)
+        self.retry_writes()
+        self._submit(blocks, removed)
         self._put_hot(blocks)
+
+    def retry_writes(self) -> None:
+        """Once the disk takes writes again, queue what RAM holds unwritten (on the MLX
+        thread: encoding reads MLX arrays; the daemon calls it when no request comes)."""
+        if self.disk.take_retry():
+            self._submit(self.ram.unpersisted())
 
     def promote(self, entries: list[NewEntry]) -> None:
         """Blocks a request read from disk or the shared store, cut back out of the cache

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import socket
 
 import pytest
 
@@ -148,6 +150,48 @@ def test_unparsable_requests_get_a_json_error(app_daemon, request_bytes):
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
     assert app_daemon.get("/health")["status"] == "ok"
 
+
+
+def _chunked(chunks: bytes) -> bytes:
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
+
+
+MALFORMED_FRAMING = {
+    "letters-in-content-length": http_request("POST", "/v1/completions", {b"Content-Length": b"abc"}, b"{}"),
+    "negative-content-length": http_request("POST", "/v1/completions", {b"Content-Length": b"-1"}),
+    "bad-chunk-size": _chunked(b"zz\r\n{}\r\n0\r\n\r\n"),
+    "bad-chunk-size-after-a-chunk": _chunked(b"1\r\n{\r\nzz\r\n}\r\n0\r\n\r\n"),
+    "chunk-size-overflow": _chunked(b"ffffffffffffffffffff\r\n{}\r\n0\r\n\r\n"),
+    "not-the-gzip-it-says": http_request("POST", "/v1/completions", {b"Content-Encoding": b"gzip"},
+                                         b"not gzip at all " * 8),
+    "0xff-in-the-url": http_request("GET", b"/v1/models\xff"),
+    "8kb-header": http_request("GET", "/health", {b"X-Big": b"a" * 8200}),
+    "nul-in-a-header": http_request("GET", "/health", {b"X-Nul": b"a\x00b"}),
+}
+
+
+def exchange_until_closed(port: int, request: bytes) -> tuple[int, dict]:
+    """Send `request`, read until the daemon closes the connection (by then it has logged
+    all it logs about it); return the status and the JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED_FRAMING.values(), ids=MALFORMED_FRAMING.keys())
+def test_malformed_framing_is_a_400_logged_as_one_line(app_daemon, caplog, request_bytes):
+    caplog.set_level(logging.INFO)
+    status, answer = exchange_until_closed(app_daemon.port, request_bytes)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
+    noted = [r.getMessage() for r in caplog.records if r.name == "kvtier.daemon"]
+    assert len(noted) == 1 and "malformed request" in noted[0] and "\n" not in noted[0], noted
 
 ALTERNATE = ("{%- for m in messages -%}{%- if loop.index0 > 0 and m.role == 'user' and "
              "messages[loop.index0 - 1].role == 'user' -%}{{ raise_exception('Conversation roles "

@@ -4,6 +4,7 @@ every answer equals plain mlx-lm."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -184,6 +185,54 @@ def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, lla
     text, usage = ask(daemon, messages)
     assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
+
+
+def test_blocks_of_a_read_only_spell_are_written_when_it_ends_without_another_request(
+        daemon_factory, llama_model, reference):
+    """Blocks computed while the cache directory was read-only reach the disk once it is
+    writable again, with no request after: a kill -9 then loses none of them."""
+    daemon = daemon_factory(llama_model)
+    cache = daemon.cache_dir
+    for byte in range(256):
+        (cache / "blocks" / f"{byte:02x}").mkdir(exist_ok=True, mode=0o700)
+    if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
+        messages = agent_messages("read-only-spell")
+        assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+        _wait_for(daemon, lambda h: not h["disk_writable"])
+        assert daemon.get("/cache/stats")["disk"]["blocks"] == 0
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    # No request from here on: the daemon writes what it holds by itself.
+    _wait_for(daemon, lambda s: s["disk"]["blocks"] > 0 and s["disk"]["queued_jobs"] == 0,
+              path="/cache/stats")
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
+
+
+def test_index_truncated_under_a_running_daemon_is_rebuilt_at_the_next_start(daemon_factory, llama_model,
+                                                                             reference):
+    """data.mdb cut short while the daemon runs: LMDB's next touch of the lost pages may kill
+    the process (SIGBUS, which Python cannot catch; the service managers restart it, see
+    daemon/service.py). The next start finds the damage before mapping the file, serves,
+    rebuilds the index from the block files, and answers from them exactly."""
+    daemon = daemon_factory(llama_model)
+    messages = agent_messages("truncated-index")
+    assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
+    _wait_for(daemon, lambda s: s["disk"]["blocks"] > 0 and s["disk"]["queued_jobs"] == 0, path="/cache/stats")
+    os.truncate(daemon.cache_dir / "index" / "data.mdb", 4096)
+    _ignore_errors(ask, daemon, agent_messages("after-the-cut"))
+    daemon.stop(signal.SIGKILL)  # if it still runs: a service manager restarts it either way
+    daemon.start()
+    stats = _wait_for(daemon, lambda s: not s["disk"]["index_rebuilding"] and s["disk"]["blocks"] > 0,
+                      path="/cache/stats")
+    assert stats["counters"].get("index_rebuilds", 0) >= 1
+    text, usage = ask(daemon, messages)
+    assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path,
                                                           monkeypatch):

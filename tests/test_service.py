@@ -82,6 +82,7 @@ def test_unit_parses_with_expected_settings(tmp_path):
     assert shlex.split(svc["ExecStart"]) == [sys.executable, "-m", "daemon.cli", "serve",
                                              "--model", "X", "--port", "8500", "--cache-dir", "/data/kv"]
     assert (svc["Restart"], svc["KillSignal"], svc["TimeoutStopSec"]) == ("on-failure", "SIGTERM", "60")
+    assert svc["RestartSec"] == "2"  # restarted after a crash (SIGBUS), not within systemd's start limit
     assert svc["WorkingDirectory"] == str(ROOT)
     environment = re.findall(r"^Environment=(.*)$", service.systemd_unit(spec), re.M)
     assert [shlex.split(e)[0].split("=", 1)[0] for e in environment] == ["PATH", "KVTIER_CACHE_DIR"]

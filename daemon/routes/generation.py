@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
 from kvtier.engine import Chunk, GenerationRequest, Usage
+from kvtier.prompt_bound import PromptTooLong
 from kvtier.text import TokenLogprob
 
 from ..errors import ApiError
@@ -67,10 +68,20 @@ def token_logprobs(entries: list[TokenLogprob]) -> list[dict]:
             for e in entries]
 
 
-async def render(state: DaemonState, prompt: Prompt) -> tuple[list[int], list[int]]:
-    """The prompt's tokens and message ends (snapshot points), off the event loop."""
+async def render(state: DaemonState, prompt: Prompt, param: str = "messages") -> tuple[list[int], list[int]]:
+    """The prompt's tokens and message ends (snapshot points), off the event loop; one that
+    surely cannot fit the context is refused before it is tokenized whole."""
     renderer = state.engine().renderer
-    return await asyncio.to_thread(renderer.render, prompt.messages, prompt.tools, prompt.prefill)
+    try:
+        return await asyncio.to_thread(renderer.render, prompt.messages, prompt.tools, prompt.prefill,
+                                       state.context_limit())
+    except PromptTooLong as exc:
+        raise too_long(exc, param) from None
+
+
+def too_long(exc: PromptTooLong, param: str) -> ApiError:
+    return ApiError(400, f"this model's context is {exc.limit} tokens; the prompt has more than "
+                         f"{exc.at_least - 1}", param=param, code="context_length_exceeded")
 
 
 async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Callable, cast
 from aiohttp import web
 
 from kvtier.engine import Chunk, GenerationRequest, Usage
+from kvtier.prompt_bound import PromptTooLong
 from kvtier.text import TokenLogprob
 
 from .. import sse
@@ -18,7 +19,7 @@ from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                               OpenAISampling, read_body)
 from ..state import DaemonState, STATE
-from .generation import LEAST_LOGPROB, Prompt, chunks_of, completion_budget, render, token_logprobs
+from .generation import LEAST_LOGPROB, Prompt, chunks_of, completion_budget, render, token_logprobs, too_long
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 
 log = logging.getLogger("kvtier.openai")
@@ -198,7 +199,10 @@ async def completions(http: web.Request) -> web.StreamResponse:
     model = state.requested_model(body.model)
     include_usage = body.stream_options.include_usage
     engine = state.engine()
-    tokens = await asyncio.to_thread(engine.renderer.text_tokens, body.prompt)
+    try:
+        tokens = await asyncio.to_thread(engine.renderer.text_tokens, body.prompt, state.context_limit())
+    except PromptTooLong as exc:
+        raise too_long(exc, "prompt") from None
     if not tokens:
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
     request = parse_generation(body, state, tokens)

@@ -275,7 +275,7 @@ async def create_response(http: web.Request) -> web.StreamResponse:
     if not messages:
         raise bad("'input' must not be empty", "input")
     prompt = Prompt(messages, tools.template, "", bool(tools.template) and body.tool_choice != "none")
-    tokens, boundaries = await render(state, prompt)
+    tokens, boundaries = await render(state, prompt, param="input")
     request = generation_request(body, state, tokens, boundaries)
     generation = Generation(state, request, prompt)
     answer = Answer(body, model, tools, previous, request)
