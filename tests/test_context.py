@@ -68,11 +68,11 @@ SHORT_CONTEXT = 700  # room for an answer past the old 512-token default, decode
 
 
 @pytest.fixture
-def short_context_model(llama_model, tmp_path) -> Path:
+def short_context_model(tiny_model, tmp_path) -> Path:
     def shorten(config: dict) -> None:
         config["max_position_embeddings"] = SHORT_CONTEXT
 
-    return model_variant(llama_model, tmp_path / "short", "config.json", shorten)
+    return model_variant(tiny_model, tmp_path / "short", "config.json", shorten)
 
 
 def test_a_request_without_a_limit_runs_until_the_model_stops_or_the_context_is_full(
@@ -80,7 +80,8 @@ def test_a_request_without_a_limit_runs_until_the_model_stops_or_the_context_is_
     # No --max-tokens ceiling and no limit in the requests (Codex sends none): no answer is cut
     # at 512 tokens, and each API names the end the answer reached.
     daemon = app_factory(short_context_model, ceiling=None)
-    model, messages = str(short_context_model), [{"role": "user", "content": "Write a long story."}]
+    # "Hi." is a prompt the tiny model answers past 700 tokens (greedy) without ending it.
+    model, messages = str(short_context_model), [{"role": "user", "content": "Hi."}]
     client = daemon.client()
 
     chat = client.chat.completions.create(model=model, messages=messages, temperature=0)
@@ -88,12 +89,12 @@ def test_a_request_without_a_limit_runs_until_the_model_stops_or_the_context_is_
     assert chat.usage.completion_tokens > 512
     assert chat.choices[0].finish_reason == ("length" if full else "stop")
 
-    completion = client.completions.create(model=model, prompt="Once upon a time", temperature=0)
+    completion = client.completions.create(model=model, prompt="Hi.", temperature=0)
     full = completion.usage.prompt_tokens + completion.usage.completion_tokens == SHORT_CONTEXT
     assert completion.usage.completion_tokens > 512
     assert completion.choices[0].finish_reason == ("length" if full else "stop")
 
-    response = client.responses.create(model=model, input="Write a long story.", temperature=0)
+    response = client.responses.create(model=model, input="Hi.", temperature=0)
     full = response.usage.input_tokens + response.usage.output_tokens == SHORT_CONTEXT
     assert response.usage.output_tokens > 512
     assert response.status == ("incomplete" if full else "completed")
