@@ -21,6 +21,7 @@ from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
 from .routes import responses as responses_routes
+from .routes import status as status_routes
 from .state import STATE, DaemonState
 from .worker import Worker
 
@@ -53,6 +54,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.add_routes(anthropic_routes.routes)
     responses_routes.setup(app)
     metrics.setup(app)
+    status_routes.setup(app)
     return app
 
 

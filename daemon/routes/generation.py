@@ -13,6 +13,7 @@ from kvtier.engine import Chunk, GenerationRequest, Usage
 from kvtier.text import TokenLogprob
 
 from ..errors import ApiError
+from ..flights import decoded
 from ..state import DaemonState
 from ..worker import Overloaded
 from .tools import ToolCall, ToolCallBuffer
@@ -58,8 +59,10 @@ async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGene
                             f"(its vocabulary is {engine.vocab_size} tokens; the tokenizer has more)",
                        code="invalid_prompt")
     try:
-        async for chunk in state.worker.generate(request):
-            yield chunk
+        with state.flights.track(request, state.model_id()) as flight:
+            async for chunk in state.worker.generate(request):
+                decoded(flight)
+                yield chunk
     except Overloaded:
         raise ApiError(503, "too many requests are waiting; retry shortly", type_="server_error",
                        code="overloaded", headers={"Retry-After": "2"}) from None
