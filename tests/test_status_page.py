@@ -152,7 +152,7 @@ def test_with_an_api_key_the_page_asks_for_it(keyed_app, tmp_path):
         browser.find_element("id", "key-input").send_keys("s3cret")
         form.submit()
         wait(browser, lambda b: b.find_element("id", "status").is_displayed())
-        assert str(keyed_app.model) in browser.find_element("id", "summary").text
+        assert keyed_app.model.name in browser.find_element("id", "summary").text
         assert browser.execute_script("return sessionStorage.getItem('kvtier-api-key')") == "s3cret"
 
 

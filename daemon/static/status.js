@@ -26,6 +26,7 @@ function ago(epochSeconds) {
 
 // ---- DOM helpers -----------------------------------------------------------------------
 const $ = id => document.getElementById(id);
+const shortName = model => model.split("/").filter(Boolean).pop() || model;  // a path's last part
 function cell(text, opts = {}) {
   const td = document.createElement(opts.header ? "th" : "td");
   if (opts.header) td.scope = "row";
@@ -89,7 +90,7 @@ $("key-form").addEventListener("submit", event => {
 
 // ---- drawing -----------------------------------------------------------------------------
 function drawSummary(health, stats, status) {
-  const parts = [health.model, "up " + seconds(status.uptime_seconds),
+  const parts = [shortName(health.model), "up " + seconds(status.uptime_seconds),
                  "cache hit rate " + (stats.hit_rate == null ? "—" : (100 * stats.hit_rate).toFixed(1) + " %")];
   $("summary").textContent = parts.join(" · ");
 }
@@ -122,8 +123,9 @@ function drawChart(series) {
     bars.push({cached: Math.max(0, cached), computed: Math.max(0, now.computed - was.computed)});
   }
   const most = Math.max(1, ...bars.map(b => b.cached + b.computed));
-  const width = 600 / Math.max(bars.length, 60), shapes = [];
+  const slots = Math.max(bars.length, 60), width = 600 / slots, shapes = [];
   bars.forEach((bar, i) => {
+    i += slots - bars.length;  // the newest at the right edge
     let y = 140;
     for (const kind of ["cached", "computed"]) {
       const h = 135 * bar[kind] / most;
@@ -179,7 +181,7 @@ function drawRequests(health, status) {
   $("batching").textContent = `Batching: ${b.mode} (${b.running} running, up to ${b.max_batch}); ` +
     `${status.waiting} waiting in the queue.`;
   fill($("requests"), status.requests.map(r => row([
-    cell(r.model), cell(r.phase),
+    Object.assign(cell(shortName(r.model)), {title: r.model}), cell(r.phase),
     cell(tokens(r.prompt_tokens), {number: true}),
     cell(tokens(r.cached_tokens), {number: true}),
     cell(tokens(r.completion_tokens), {number: true}),
