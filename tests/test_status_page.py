@@ -183,3 +183,29 @@ def test_the_page_url(host, url):
     from daemon.cli_open import page_url
 
     assert page_url(host, 8420) == url
+
+
+def test_status_reports_the_phases_and_the_time_saved(app_daemon):
+    """The engine tells a request's phases (restoring, then prefilling with what it restored);
+    GET /status counts tokens as /cache/stats does and prices the cached ones at the prefill rate."""
+    from daemon.state import STATE
+    from kvtier.engine import GenerationRequest
+
+    chat(app_daemon, CONVERSATION)
+    told: list[tuple[str, int]] = []
+    tokens = app_daemon.app[STATE].engine().renderer.render(CONVERSATION, None, "")[0]
+
+    def generate(engine) -> None:
+        for _ in engine.generate(GenerationRequest(list(tokens), max_tokens=1, temperature=0.0,
+                                                   phase=lambda *phase: told.append(phase))):
+            pass
+
+    app_daemon._run(app_daemon.app[STATE].worker.call(generate))
+    assert told[0] == ("restoring", 0) and told[1][0] == "prefilling" and len(told) == 2
+    assert 0 < told[1][1] < len(tokens)  # the conversation's blocks were restored
+    status, stats = app_daemon.get("/status"), app_daemon.get("/cache/stats")
+    assert status["requests"] == [] and status["waiting"] == 0
+    assert status["tokens"] == {"ram": stats["tokens"]["from_ram"], "disk": stats["tokens"]["from_disk"],
+                                "shared": stats["tokens"]["from_shared"], "computed": stats["tokens"]["computed"]}
+    cached = status["tokens"]["ram"] + status["tokens"]["disk"] + status["tokens"]["shared"]
+    assert cached > 0 and status["seconds_saved"] == round(cached / status["prefill_tokens_per_second"], 3)
