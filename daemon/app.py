@@ -22,6 +22,7 @@ from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
 from .routes import openai as openai_routes
 from .routes import responses as responses_routes
+from .routes import status as status_routes
 from .server import SHUTDOWN
 from .state import STATE, DaemonState
 from .worker import Worker
@@ -58,6 +59,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.add_routes(anthropic_routes.routes)
     responses_routes.setup(app)
     metrics.setup(app)
+    status_routes.setup(app)
     return app
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from . import cli_cache, service
+from . import cli_cache, cli_open, service
 from .serve_options import add_serve_flags
 from kvtier.config import CacheConfig, ServeConfig
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(serve)
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
+    cli_open.add_parser(commands)
     return parser
 
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_cache.run(args)
     if args.command == "service":
         return service.run(args)
+    if args.command == "open":
+        return cli_open.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

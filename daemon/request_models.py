@@ -198,6 +198,11 @@ class WarmRequest(Body):
     pin: bool = False
 
 
+class PinRequest(Body):
+    """POST /cache/pin and /cache/unpin: a prefix key from /cache/entries (a unique start is enough)."""
+    key: Annotated[str, Field(min_length=1)]
+
+
 # -- Anthropic Messages -----------------------------------------------------------------
 class TextBlock(Body):
     type: Literal["text"]

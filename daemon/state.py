@@ -11,6 +11,7 @@ from kvtier.config import ServeConfig
 from kvtier.engine import Engine
 
 from .errors import ApiError
+from .flights import Flights
 from .model_names import ModelNames
 from .worker import Worker
 
@@ -20,6 +21,7 @@ class DaemonState:
     config: ServeConfig
     worker: Worker
     started: int = field(default_factory=lambda: int(time.time()))
+    flights: Flights = field(default_factory=Flights)  # the requests being served (GET /status)
     names: ModelNames = field(init=False)
 
     def __post_init__(self) -> None:

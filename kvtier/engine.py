@@ -44,6 +44,8 @@ class GenerationRequest:
     boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
+    # Told ("restoring", 0), then ("prefilling", prompt tokens restored): the status page's phases.
+    phase: Callable[[str, int], None] | None = None
     queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
 
 
@@ -198,8 +200,12 @@ class Engine:
         the tiers hold a longer one: then restore that into a fresh prompt cache."""
         live = self.store.live
         started, epoch = time.perf_counter(), live.epoch if live is not None else 0
+        if request.phase:
+            request.phase("restoring", 0)
         restored, prompt_cache, usage = self._take_live(request) or self._restore(request)
         usage.restore_seconds = time.perf_counter() - started
+        if request.phase:
+            request.phase("prefilling", restored.reuse)
         return Session(request, restored, usage, prompt_cache, started,
                        self._snapshot_points(request, restored.reuse), live_epoch=epoch)
 

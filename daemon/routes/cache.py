@@ -13,7 +13,7 @@ from kvtier.local import LocalDisk
 
 from ..auth import is_loopback
 from ..errors import ApiError
-from ..request_models import WarmRequest, read_body
+from ..request_models import PinRequest, WarmRequest, read_body
 from ..state import STATE
 from .openai import template_messages
 
@@ -132,6 +132,19 @@ async def purge_cache(http: web.Request) -> web.Response:
     if everything or state.engine().fingerprint in result["models"]:
         state.engine().store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
+
+
+@routes.post("/cache/pin")
+@routes.post("/cache/unpin")
+async def pin(http: web.Request) -> web.Response:
+    """`kvtier pin | unpin KEY` on the daemon's cache: protect a prefix from eviction or not."""
+    body = await read_body(http, PinRequest)
+    pinned = http.path == "/cache/pin"
+    changed = await asyncio.to_thread(ops.set_pinned, _cache_dir(http), body.key, pinned)
+    if not changed:
+        raise ApiError(404, f"no cached prefix starts with {body.key!r} (see /cache/entries)",
+                       param="key", code="prefix_not_found")
+    return web.json_response({"entries": changed, "pinned": pinned})
 
 
 @routes.post("/cache/warm")

@@ -14,6 +14,7 @@ from kvtier.prompt_bound import PromptTooLong
 from kvtier.text import TokenLogprob
 
 from ..errors import ApiError
+from ..flights import decoded
 from ..state import DaemonState
 from ..worker import Overloaded
 from .tools import ToolCall, ToolCallBuffer
@@ -91,8 +92,10 @@ async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGene
                             f"(its vocabulary is {engine.vocab_size} tokens; the tokenizer has more)",
                        code="invalid_prompt")
     try:
-        async for chunk in state.worker.generate(request):
-            yield chunk
+        with state.flights.track(request, state.model_id()) as flight:
+            async for chunk in state.worker.generate(request):
+                decoded(flight)
+                yield chunk
     except Overloaded:
         raise ApiError(503, "too many requests are waiting; retry shortly", type_="server_error",
                        code="overloaded", headers={"Retry-After": "2"}) from None

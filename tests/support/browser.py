@@ -54,6 +54,7 @@ def chromium(profile_parent: Path, *extra_flags: str) -> Iterator:
     options.binary_location = str(_which(CHROMIUM_NAMES))
     profile = profile_parent / "chromium-profile"
     profile.mkdir(exist_ok=True)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for driver.get_log
     for flag in (*FLAGS, f"--user-data-dir={profile}", *extra_flags):
         options.add_argument(flag)
     # The driver's path given: selenium would otherwise ask the network for one. Without the
