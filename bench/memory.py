@@ -58,7 +58,8 @@ def run(work: Path | None = None) -> dict:
     import mlx.core as mx
 
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")

@@ -52,7 +52,7 @@ def measured(rows: dict, name: str, fn):
 def kvtier_request(engine, tokens: list[int], rows: dict) -> None:
     import mlx.core as mx
 
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine.store.wait_for_writes()
     session = measured(rows, "kvtier begin", lambda: engine.begin(GenerationRequest(tokens, 2, temperature=0.0)))
@@ -85,7 +85,8 @@ def run(length: int, repeats: int) -> dict:
     import mlx.core as mx
 
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")

@@ -37,7 +37,7 @@ def engine_on(cache: Path, model: Path):
 
 
 def build(cache: Path, model: Path) -> None:
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine = engine_on(cache, model)
     list(engine.generate(GenerationRequest(prompt()[:PREFIX], max_tokens=1, temperature=0.0)))
@@ -46,7 +46,7 @@ def build(cache: Path, model: Path) -> None:
 
 def measure(cache: Path, model: Path) -> None:
     """In this process: evict the cache's files, restore the prompt's prefix, print one line."""
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine = engine_on(cache, model)
     evict_files(cache)

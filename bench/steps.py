@@ -72,7 +72,7 @@ def restart_question(i: int) -> str:
 # -- in-process ---------------------------------------------------------------------------------
 def engine_request(engine, messages: list[dict]) -> dict:
     """One request through the engine as the routes make it: render, then Engine.generate."""
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine.store.wait_for_writes()  # the last request's blocks: their writing is not this one's
     engine.store.swept.wait()  # the start-up sweep of leftover files, likewise
@@ -150,7 +150,7 @@ def one_pass(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float
 def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
     """The prompt cache the tiers restore for `tokens` (not timed), for the baselines: from
     the blocks, never a live cache, which stays for the next warm request to take over."""
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     restored, prompt_cache, _ = engine._restore(GenerationRequest(tokens, max_tokens=1))
     engine.store.keep(restored, prompt_cache, sequence=None, snapshots={})  # as Engine.abandon

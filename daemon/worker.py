@@ -20,7 +20,8 @@ from typing import AsyncIterator, Callable
 import mlx.core as mx
 
 from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
-from kvtier.engine import Chunk, Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import Chunk, GenerationRequest
 
 from . import faults
 

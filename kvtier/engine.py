@@ -26,56 +26,19 @@ from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prompt import Renderer
-from .text import Chunk, TextStream
+from .requests import Chunk, GenerationRequest, Usage
+from .text import TextStream
 from .tiers import Prefetch, Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
 
 
-@dataclass
-class GenerationRequest:
-    prompt_tokens: list[int]
-    max_tokens: int | None  # None: until EOS, a stop string or cancellation
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None  # each token's log-probability and its N likeliest alternatives
-    boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
-    queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    ram_tokens: int = 0
-    disk_tokens: int = 0
-    shared_tokens: int = 0  # read from the team's shared store (then kept locally)
-    live_tokens: int = 0  # of ram_tokens, those of a live cache taken over (no copy)
-    prefetched_tokens: int = 0  # of ram_tokens, those the start-up prefetch read from disk
-    prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
-    restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
-    restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
-    # Seconds of each step to the first token (buffers, hash, match, snapshot, account, rebuild,
-    # prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
-    steps: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def restored(cls, restored: Restore, prompt_tokens: int) -> "Usage":
-        return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
-                   shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens,
-                   prefetched_tokens=restored.prefetched_tokens, restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.ram_tokens + self.disk_tokens + self.shared_tokens
-
-    @property
-    def computed_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
+def usage_of(restored: Restore, prompt_tokens: int) -> Usage:
+    """A request's usage as its restore leaves it: which tier gave how many prompt tokens."""
+    return Usage(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
+                 shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens,
+                 prefetched_tokens=restored.prefetched_tokens, restored_bytes=restored.restored_bytes,
+                 steps=dict(restored.steps))
 
 
 @dataclass
@@ -210,7 +173,7 @@ class Engine:
         if taken is None:
             return None
         restored, prompt_cache = taken
-        return restored, prompt_cache, Usage.restored(restored, len(tokens))
+        return restored, prompt_cache, usage_of(restored, len(tokens))
 
     def _restore(self, request: GenerationRequest) -> tuple[Restore, list[Any], Usage]:
         started, tokens = time.perf_counter(), request.prompt_tokens
@@ -221,7 +184,7 @@ class Engine:
         looked_up = time.perf_counter()
         prompt_cache = self._rebuild(buffers, restored)
         rebuilt = time.perf_counter()
-        usage = Usage.restored(restored, len(tokens))
+        usage = usage_of(restored, len(tokens))
         usage.steps.update(buffers=allocated - started, rebuild=rebuilt - looked_up)
         return restored, prompt_cache, usage
 

@@ -16,7 +16,7 @@ from conftest import agent_messages, openai_spec
 from daemon.routes.responses import Answer, parse_tools
 from daemon.request_models import ResponsesRequest, validate as validate_body
 from daemon.routes.tools import split_tool_calls
-from kvtier.engine import GenerationRequest, Usage
+from kvtier.requests import GenerationRequest, Usage
 from test_api_openai import _assert_logprobs_of_mlx_lm, _entries, _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]

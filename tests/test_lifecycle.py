@@ -92,7 +92,8 @@ from pathlib import Path
 
 from daemon.worker import Worker
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import GenerationRequest
 
 
 def hold_thread_exit(engine):

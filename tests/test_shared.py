@@ -512,7 +512,8 @@ def test_another_mlx_lm_s_entries_are_a_miss_and_stay_in_the_shared_tier(tmp_pat
     (and snapshot layouts): each misses the other's blocks, without deleting them."""
     import mlx_lm
 
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     tokens = [(5 * i) % 190 + 4 for i in range(3 * BLOCK + 9)]
 

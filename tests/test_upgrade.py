@@ -10,7 +10,8 @@ import sys
 import mlx_lm
 
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import GenerationRequest
 from kvtier.ops import CacheDir, stats
 
 from conftest import ROOT

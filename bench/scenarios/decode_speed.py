@@ -27,7 +27,7 @@ def time_mlx_lm(model, tokenizer, prompt: list[int], max_tokens: int) -> dict:
 
 
 def time_engine(engine, prompt: list[int], max_tokens: int) -> dict:
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     first = last = 0.0
     chunk, parts = None, []

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from kvtier.engine import GenerationRequest, Usage
+from kvtier.requests import GenerationRequest, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError, anthropic_body

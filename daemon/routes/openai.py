@@ -10,9 +10,8 @@ from typing import Any, AsyncIterator, Callable, cast
 
 from aiohttp import web
 
-from kvtier.engine import Chunk, GenerationRequest, Usage
 from kvtier.prompt_bound import PromptTooLong
-from kvtier.text import TokenLogprob
+from kvtier.requests import Chunk, GenerationRequest, TokenLogprob, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError

@@ -23,8 +23,7 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from kvtier.engine import GenerationRequest, Usage
-from kvtier.text import TokenLogprob
+from kvtier.requests import GenerationRequest, TokenLogprob, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError
