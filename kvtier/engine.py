@@ -249,22 +249,11 @@ class Engine:
             began = time.perf_counter()  # a batch may decode others between chunks
 
     def _decode(self, session: Session) -> Iterator[Chunk]:
-        request, prompt_cache, usage = session.request, session.prompt_cache, session.usage
+        request, usage = session.request, session.usage
         decode_began = time.perf_counter()
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-
-        def step(token: mx.array) -> tuple[mx.array, mx.array]:
-            logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            y = sampler(logprobs)
-            mx.async_eval(y, logprobs)
-            return y, logprobs
-
+        step = self._stepper(request, session.prompt_cache)
         y, logprobs = step(mx.array(request.prompt_tokens[-1:]))
-        if len(request.prompt_tokens) in session.points:
-            session.snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
+        self._snapshot_prompt_end(session)
         text = TextStream(self.tokenizer, request, usage, lambda: self.store.count("requests_cancelled"))
         n = 0
         while not text.finish:
@@ -293,6 +282,28 @@ class Engine:
         if n <= 1:  # it ended on its first token
             mx.clear_cache()
         yield text.close()
+
+    def _stepper(self, request: GenerationRequest, prompt_cache: list[Any]) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
+        """One decode step of the request: a token in, the sampled token and the step's
+        log-probabilities out (queued, not yet evaluated). Seeds the random stream first."""
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+
+        def step(token: mx.array) -> tuple[mx.array, mx.array]:
+            logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            y = sampler(logprobs)
+            mx.async_eval(y, logprobs)
+            return y, logprobs
+
+        return step
+
+    def _snapshot_prompt_end(self, session: Session) -> None:
+        """A snapshot at the prompt's end where one is due (its cache holds exactly the prompt now)."""
+        end = len(session.request.prompt_tokens)
+        if end in session.points:
+            session.snapshots[end] = kvstate.take_snapshot(session.prompt_cache, self.cache_plan)
 
     # -- operations ------------------------------------------------------------------------
     def warm(self, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,
