@@ -26,7 +26,9 @@ TURNS = 6
 
 def run(engine: Engine, messages: list[dict]) -> tuple[str, float]:
     chunks = list(engine.generate(GenerationRequest(engine.renderer.chat_tokens(messages), 16, temperature=0)))
-    return "".join(c.text for c in chunks), chunks[-1].usage.prefill_seconds
+    usage = chunks[-1].usage
+    assert usage is not None  # the last chunk carries it
+    return "".join(c.text for c in chunks), usage.prefill_seconds
 
 
 def measure(model: Path, block_size: int, system: str) -> dict:

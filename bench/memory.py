@@ -65,6 +65,7 @@ def run(work: Path | None = None) -> dict:
     model = make_model(ROOT / ".models" / "llama", "llama")
     scratch = None if work else Path(tempfile.mkdtemp(prefix="kvtier-memory-"))
     work = work or scratch
+    assert work is not None
     engine = Engine(str(model), CacheConfig(cache_dir=work / "cache", ram_budget=8 << 30))
     try:
         store, vocab = engine.store, 1000

@@ -105,7 +105,7 @@ def run(length: int, repeats: int) -> dict:
             engine.store.wait_for_writes()
         tokens = prompt()
         _, held = prefix_cache_of(engine, tokens)  # from the blocks: the live cache stays
-        grown = prefix_held(engine, held, length)
+        grown = prefix_held(engine, held, length, capacity=length)
         engine.model(mx.array(tokens[length:-1])[None], cache=grown)  # grown to kvtier's capacity once
         mx.eval([c.state for c in grown])
         for layer in grown:
@@ -114,7 +114,7 @@ def run(length: int, repeats: int) -> dict:
         for _ in range(repeats):
             kvtier_request(engine, prompt(), rows)
             mlx_lm_first_token(engine, prompt(), grown, length, rows, "mlx-lm, KVCache at kvtier's capacity")
-            exact = prefix_held(engine, held, length)  # as bench/steps.py's compute alone
+            exact = prefix_held(engine, held, length, capacity=length)  # as bench/steps.py's compute alone
             mlx_lm_first_token(engine, prompt(), exact, length, rows, "mlx-lm, KVCache of exactly the prefix (grows)")
             del exact
     finally:

@@ -107,7 +107,7 @@ def prefix_held(engine, prefix_cache: list, reuse: int, capacity: int) -> list:
             buffer = mx.zeros(array.shape[:2] + (size,) + array.shape[3:], array.dtype)
             buffer[..., :reuse, :] = array[..., :reuse, :]
             held.append(buffer)
-        hold_tokens(layer, *held, reuse)
+        hold_tokens(layer, held[0], held[1], reuse)
     mx.eval([c.state for c in cache])
     return cache
 
@@ -315,12 +315,12 @@ def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path,
             out["after_restart_cached"][str(n)] = ask(server, str(model), system, restart_question(3))
     trials = [prefetch_trial(model, systems, cache_dir, work, trial) for trial in range(PREFETCH_TRIALS)]
     out["prefetch"] = trials[-1]["prefetch"]
-    for n in map(str, systems):
-        runs = [t["first"][n] for t in trials]
-        ratios = [t["first"][n]["ttft"] / t["warm"][n] for t in trials]
-        out["after_restart_prefetched"][n] = {**median_run(runs), "trials": [r["ttft"] for r in runs],
-                                              "warm_trials": [t["warm"][n] for t in trials],
-                                              "ratios": ratios, "ratio": statistics.median(ratios)}
+    for length in map(str, systems):
+        runs = [t["first"][length] for t in trials]
+        ratios = [t["first"][length]["ttft"] / t["warm"][length] for t in trials]
+        out["after_restart_prefetched"][length] = {**median_run(runs), "trials": [r["ttft"] for r in runs],
+                                                   "warm_trials": [t["warm"][length] for t in trials],
+                                                   "ratios": ratios, "ratio": statistics.median(ratios)}
     return out
 
 

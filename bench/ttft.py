@@ -92,7 +92,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     system = agent_system_prompt(args.prompt_tokens, tokenizer)
     work = Path(tempfile.mkdtemp(prefix="kvtier-bench-"))
-    results = {"model": ".models/llama",
+    results: dict = {"model": ".models/llama",
                "command": command_line("ttft.py")}
     try:
         for server in (Server.kvtier(model, work / "cache", work / "kvtier.log"),
