@@ -13,11 +13,10 @@ import tempfile
 from pathlib import Path
 
 from harness import ROOT, machine_description
-from prompts import agent_system_prompt
-
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
 
 SIZES = [32, 64, 128, 256, 512, 1024]

@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 from harness import ROOT, Server, machine_description, stream_chat, write_section
-
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8

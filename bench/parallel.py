@@ -41,7 +41,6 @@ from pathlib import Path
 
 from harness import ROOT, Server, machine_description, write_section
 from prompts import agent_system_prompt
-
 from tests.support.testmodels import make_model
 
 MODEL: dict = {"arch": "llama", "hidden": 256, "layers": 4}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from scenarios.restore_bandwidth import evict_files
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, command_line, machine_description, target_table, write_result  # noqa: E402
-
 from kvtier.blocks import block_refs, encode_tokens, tokens_hash  # noqa: E402
 from kvtier.config import CacheConfig  # noqa: E402
 from kvtier.disk import BlockFiles, checksum, encode_block  # noqa: E402

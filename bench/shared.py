@@ -23,7 +23,6 @@ from pathlib import Path
 
 from harness import DISK_PATH, ROOT, Server, free_port, machine_description, stream_chat, warm_up, write_section
 from prompts import QUESTIONS, agent_system_prompt, messages_for
-
 from tests.support.testmodels import make_model
 
 

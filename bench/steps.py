@@ -35,8 +35,18 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (DISK_PATH, ROOT, Server, command_line, machine_description, stream_chat,  # noqa: E402
-                     target_table, wait_for_prefetch, warm_up, write_result)
+from harness import (  # noqa: E402
+    DISK_PATH,
+    ROOT,
+    Server,
+    command_line,
+    machine_description,
+    stream_chat,
+    target_table,
+    wait_for_prefetch,
+    warm_up,
+    write_result,
+)
 from prompts import QUESTIONS, messages_for  # noqa: E402
 from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_cache, raw_read, read_files  # noqa: E402
 from scenarios.ttft_by_length import length_systems  # noqa: E402

@@ -23,8 +23,17 @@ import numpy as np
 
 from .blocks import encode_tokens, tokens_hash
 from .config import format_size
-from .disk import (BlockFiles, DamagedBlock, ParsedBlock, allocated_bytes, checksum, is_temp_name, key_of_path,
-                   parse_block, to_mlx)
+from .disk import (
+    BlockFiles,
+    DamagedBlock,
+    ParsedBlock,
+    allocated_bytes,
+    checksum,
+    is_temp_name,
+    key_of_path,
+    parse_block,
+    to_mlx,
+)
 from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
 from .ram import HotBlock
 from .reindex import Rebuilder

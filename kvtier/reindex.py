@@ -19,8 +19,7 @@ import numpy as np
 import xxhash
 
 from .blocks import block_key, encode_tokens, tokens_hash
-from .disk import (TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block,
-                   remove_path)
+from .disk import TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block, remove_path
 from .index import BlockRecord, Index, IndexDamaged
 
 log = logging.getLogger("kvtier.reindex")

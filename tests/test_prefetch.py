@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
+
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest

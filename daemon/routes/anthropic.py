@@ -25,8 +25,16 @@ from kvtier.requests import GenerationRequest, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
-from ..request_models import (AnthropicTool, CountTokensRequest, MessagesRequest, TextBlock,
-                              ThinkingBlock, ToolResultBlock, ToolUseBlock, read_body)
+from ..request_models import (
+    AnthropicTool,
+    CountTokensRequest,
+    MessagesRequest,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    read_body,
+)
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
 from .generation import Budget, Generation, Prompt, completion_budget, render
