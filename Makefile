@@ -45,6 +45,7 @@ TEST_WORKERS ?= 2
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 test: install lint
 	$(BLAS) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
@@ -88,4 +89,4 @@ bench: install
 	   $(BLAS) $(PY) bench/shared.py --write; else echo "note: no redis-server: bench/shared.py skipped"; fi
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .models .demo .bench .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .models .demo .bench .mypy_cache .ruff_cache .import_linter_cache

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from harness import ROOT, machine_description
-from prompts import agent_system_prompt
-
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import GenerationRequest
+from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
 
 SIZES = [32, 64, 128, 256, 512, 1024]
@@ -25,7 +25,9 @@ TURNS = 6
 
 def run(engine: Engine, messages: list[dict]) -> tuple[str, float]:
     chunks = list(engine.generate(GenerationRequest(engine.renderer.chat_tokens(messages), 16, temperature=0)))
-    return "".join(c.text for c in chunks), chunks[-1].usage.prefill_seconds
+    usage = chunks[-1].usage
+    assert usage is not None  # the last chunk carries it
+    return "".join(c.text for c in chunks), usage.prefill_seconds
 
 
 def measure(model: Path, block_size: int, system: str) -> dict:

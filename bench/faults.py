@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 from harness import ROOT, Server, machine_description, stream_chat, write_section
-
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8
@@ -45,6 +44,7 @@ def kill_loop(server: Server, model: str, cache_dir: Path, rounds: int, rng: ran
         worker = threading.Thread(target=_quietly, args=(stream_chat, server, model, prompt(i), MAX_TOKENS))
         worker.start()
         time.sleep(rng.uniform(0.2, 2.5))
+        assert server.proc is not None  # started above
         server.proc.kill()
         server.proc.wait()
         server.proc = None
@@ -63,7 +63,7 @@ def _quietly(fn, *args):
 def damage(cache_dir: Path, rng: random.Random, each: int) -> Counter:
     files = sorted((cache_dir / "blocks").rglob("*.safetensors"))
     rng.shuffle(files)
-    done = Counter()
+    done: Counter = Counter()
     for kind, victims in (("bit flip", files[:each]), ("truncated", files[each:2 * each]),
                           ("deleted", files[2 * each:3 * each])):
         for path in victims:
@@ -126,7 +126,7 @@ def main() -> int:
         clean = verify(work / "cache")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    kill_problems = sum((r["kinds"] for r in rounds), Counter())
+    kill_problems: Counter = sum((r["kinds"] for r in rounds), Counter())
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine_description()}. "
         f"Command: `python bench/faults.py --rounds {args.rounds} --damage-each {args.damage_each}`", "",

@@ -113,7 +113,9 @@ def stream_chat(server: Server, model: str, messages: list[dict], max_tokens: in
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"{server.name}: HTTP {response.status}: {response.read()[:500]!r}")
-    ttft, parts, usage = None, [], {}
+    ttft: float | None = None
+    parts: list[str] = []
+    usage: dict = {}
     for raw in response:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from harness import ROOT, Server, machine_description, run_session, write_section
 from prompts import agent_system_prompt
-
 from tests.support.testmodels import make_model
 
 

@@ -58,12 +58,14 @@ def run(work: Path | None = None) -> dict:
     import mlx.core as mx
 
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
     scratch = None if work else Path(tempfile.mkdtemp(prefix="kvtier-memory-"))
     work = work or scratch
+    assert work is not None
     engine = Engine(str(model), CacheConfig(cache_dir=work / "cache", ram_budget=8 << 30))
     try:
         store, vocab = engine.store, 1000

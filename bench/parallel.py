@@ -41,10 +41,9 @@ from pathlib import Path
 
 from harness import ROOT, Server, machine_description, write_section
 from prompts import agent_system_prompt
-
 from tests.support.testmodels import make_model
 
-MODEL = {"arch": "llama", "hidden": 256, "layers": 4}
+MODEL: dict = {"arch": "llama", "hidden": 256, "layers": 4}
 SETTLE = 0.5  # seconds between two servers' rounds: the last one's background work (disk writes) ends
 
 
@@ -122,7 +121,11 @@ class Parallel:
         self.conversations = [[{"role": "system", "content": system},
                                {"role": "user", "content": f"Agent {n}-{i}: look at module {i} and list its tests."}]
                               for i in range(n)]
-        self.walls, self.rates, self.spans, self.ttfts, self.gaps = [], [], [], [], []
+        self.walls: list[float] = []
+        self.rates: list[float] = []
+        self.spans: list[float] = []
+        self.ttfts: list[float] = []
+        self.gaps: list[float] = []
 
     def round(self) -> None:
         started = time.perf_counter()
@@ -219,8 +222,8 @@ def main() -> None:
                                                         "--max-batch", "8", "--batch-inexact"),
         "mlx_lm.server": lambda: Server.mlx_lm(model_path, work / "mlx.log"),
     }
-    results: dict = {"machine": machine_description(), "model": MODEL, "system_tokens": system_tokens,
-                     "rounds": rounds, "max_tokens": max_tokens, "servers": {}}
+    results = {"machine": machine_description(), "model": MODEL, "system_tokens": system_tokens,
+               "rounds": rounds, "max_tokens": max_tokens, "servers": {}}
     running: dict[str, Server] = {}
     model = str(model_path)
     try:

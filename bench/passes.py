@@ -52,7 +52,7 @@ def measured(rows: dict, name: str, fn):
 def kvtier_request(engine, tokens: list[int], rows: dict) -> None:
     import mlx.core as mx
 
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine.store.wait_for_writes()
     session = measured(rows, "kvtier begin", lambda: engine.begin(GenerationRequest(tokens, 2, temperature=0.0)))
@@ -85,7 +85,8 @@ def run(length: int, repeats: int) -> dict:
     import mlx.core as mx
 
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
@@ -104,7 +105,7 @@ def run(length: int, repeats: int) -> dict:
             engine.store.wait_for_writes()
         tokens = prompt()
         _, held = prefix_cache_of(engine, tokens)  # from the blocks: the live cache stays
-        grown = prefix_held(engine, held, length)
+        grown = prefix_held(engine, held, length, capacity=length)
         engine.model(mx.array(tokens[length:-1])[None], cache=grown)  # grown to kvtier's capacity once
         mx.eval([c.state for c in grown])
         for layer in grown:
@@ -113,7 +114,7 @@ def run(length: int, repeats: int) -> dict:
         for _ in range(repeats):
             kvtier_request(engine, prompt(), rows)
             mlx_lm_first_token(engine, prompt(), grown, length, rows, "mlx-lm, KVCache at kvtier's capacity")
-            exact = prefix_held(engine, held, length)  # as bench/steps.py's compute alone
+            exact = prefix_held(engine, held, length, capacity=length)  # as bench/steps.py's compute alone
             mlx_lm_first_token(engine, prompt(), exact, length, rows, "mlx-lm, KVCache of exactly the prefix (grows)")
             del exact
     finally:

@@ -30,7 +30,7 @@ from prompts import QUESTIONS, agent_system_prompt  # noqa: E402
 
 def conversation(system: str, turns: int) -> list[list[dict]]:
     """The prompt's messages at each turn: each adds a tool call, its result and a question."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Find the block size."}]
+    messages: list[dict] = [{"role": "system", "content": system}, {"role": "user", "content": "Find the block size."}]
     out = [messages]
     for turn in range(1, turns):
         messages = messages + [

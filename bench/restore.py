@@ -17,7 +17,6 @@ from pathlib import Path
 from harness import ROOT, Server, stream_chat
 from prompts import QUESTIONS, agent_system_prompt, messages_for
 from scenarios.restore_bandwidth import restore_trial
-
 from tests.support.testmodels import make_model
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from scenarios.restore_bandwidth import evict_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def engine_on(cache: Path, model: Path):
 
 
 def build(cache: Path, model: Path) -> None:
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine = engine_on(cache, model)
     list(engine.generate(GenerationRequest(prompt()[:PREFIX], max_tokens=1, temperature=0.0)))
@@ -46,7 +47,7 @@ def build(cache: Path, model: Path) -> None:
 
 def measure(cache: Path, model: Path) -> None:
     """In this process: evict the cache's files, restore the prompt's prefix, print one line."""
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine = engine_on(cache, model)
     evict_files(cache)

@@ -29,16 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, command_line, machine_description, target_table, write_result  # noqa: E402
-
-from kvtier.blocks import block_refs, encode_tokens  # noqa: E402
+from kvtier.blocks import block_refs, encode_tokens, tokens_hash  # noqa: E402
 from kvtier.config import CacheConfig  # noqa: E402
 from kvtier.disk import BlockFiles, checksum, encode_block  # noqa: E402
 from kvtier.index import BlockRecord, Index, allocated_estimate, now_ms  # noqa: E402
-from kvtier.local import LocalDisk, tokens_hash  # noqa: E402
+from kvtier.local import LocalDisk  # noqa: E402
 
 BLOCK = 16
 HEADS, HEAD_DIM, LAYERS = 4, 16, 2
-LAYOUT = {f"{i}.{kv}.0": ((1, HEADS, BLOCK, HEAD_DIM), "float16") for i in range(LAYERS)
+LAYOUT: dict[str, tuple[tuple[int, ...], str]] = {f"{i}.{kv}.0": ((1, HEADS, BLOCK, HEAD_DIM), "float16") for i in range(LAYERS)
           for kv in ("keys", "values")}
 FINGERPRINT = "scale-bench"
 CHAIN = 10  # blocks per cached prefix
@@ -153,11 +152,12 @@ def measure_daemon(cache_dir: Path, work: Path) -> dict:
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "tiny", "llama", hidden=64, layers=2)
-    empty, full = [], []
+    empty_runs: list[float] = []
+    full_runs: list[float] = []
     for i in range(3):  # interleaved: the load other jobs put on the machine drifts
-        empty.append(daemon_ready_seconds(model, work / f"empty-{i}", work / "serve.log"))
-        full.append(daemon_ready_seconds(model, cache_dir, work / "serve.log"))
-    empty, full = min(empty), min(full)
+        empty_runs.append(daemon_ready_seconds(model, work / f"empty-{i}", work / "serve.log"))
+        full_runs.append(daemon_ready_seconds(model, cache_dir, work / "serve.log"))
+    empty, full = min(empty_runs), min(full_runs)
     return {"daemon_ready_seconds": round(full, 3), "daemon_empty_seconds": round(empty, 3),
             "daemon_startup_seconds": round(max(full - empty, 0.0), 3)}
 

@@ -92,8 +92,9 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
 
-    from tests.support.testmodels import make_model
     from transformers import AutoTokenizer
+
+    from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
     system = agent_system_prompt(args.prompt_tokens, AutoTokenizer.from_pretrained(str(model)))

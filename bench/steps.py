@@ -35,8 +35,18 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (DISK_PATH, ROOT, Server, command_line, machine_description, stream_chat,  # noqa: E402
-                     target_table, wait_for_prefetch, warm_up, write_result)
+from harness import (  # noqa: E402
+    DISK_PATH,
+    ROOT,
+    Server,
+    command_line,
+    machine_description,
+    stream_chat,
+    target_table,
+    wait_for_prefetch,
+    warm_up,
+    write_result,
+)
 from prompts import QUESTIONS, messages_for  # noqa: E402
 from scenarios.restore_bandwidth import drop_page_cache, evict_files, into_page_cache, raw_read, read_files  # noqa: E402
 from scenarios.ttft_by_length import length_systems  # noqa: E402
@@ -72,7 +82,7 @@ def restart_question(i: int) -> str:
 # -- in-process ---------------------------------------------------------------------------------
 def engine_request(engine, messages: list[dict]) -> dict:
     """One request through the engine as the routes make it: render, then Engine.generate."""
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     engine.store.wait_for_writes()  # the last request's blocks: their writing is not this one's
     engine.store.swept.wait()  # the start-up sweep of leftover files, likewise
@@ -107,7 +117,7 @@ def prefix_held(engine, prefix_cache: list, reuse: int, capacity: int) -> list:
             buffer = mx.zeros(array.shape[:2] + (size,) + array.shape[3:], array.dtype)
             buffer[..., :reuse, :] = array[..., :reuse, :]
             held.append(buffer)
-        hold_tokens(layer, *held, reuse)
+        hold_tokens(layer, held[0], held[1], reuse)
     mx.eval([c.state for c in cache])
     return cache
 
@@ -150,7 +160,7 @@ def one_pass(engine, tokens: list[int], reuse: int, prefix_cache: list) -> float
 def prefix_cache_of(engine, tokens: list[int]) -> tuple[int, list]:
     """The prompt cache the tiers restore for `tokens` (not timed), for the baselines: from
     the blocks, never a live cache, which stays for the next warm request to take over."""
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     restored, prompt_cache, _ = engine._restore(GenerationRequest(tokens, max_tokens=1))
     engine.store.keep(restored, prompt_cache, sequence=None, snapshots={})  # as Engine.abandon
@@ -315,12 +325,12 @@ def measure_kvtier_daemon(model: Path, systems: dict[int, str], cache_dir: Path,
             out["after_restart_cached"][str(n)] = ask(server, str(model), system, restart_question(3))
     trials = [prefetch_trial(model, systems, cache_dir, work, trial) for trial in range(PREFETCH_TRIALS)]
     out["prefetch"] = trials[-1]["prefetch"]
-    for n in map(str, systems):
-        runs = [t["first"][n] for t in trials]
-        ratios = [t["first"][n]["ttft"] / t["warm"][n] for t in trials]
-        out["after_restart_prefetched"][n] = {**median_run(runs), "trials": [r["ttft"] for r in runs],
-                                              "warm_trials": [t["warm"][n] for t in trials],
-                                              "ratios": ratios, "ratio": statistics.median(ratios)}
+    for length in map(str, systems):
+        runs = [t["first"][length] for t in trials]
+        ratios = [t["first"][length]["ttft"] / t["warm"][length] for t in trials]
+        out["after_restart_prefetched"][length] = {**median_run(runs), "trials": [r["ttft"] for r in runs],
+                                                   "warm_trials": [t["warm"][length] for t in trials],
+                                                   "ratios": ratios, "ratio": statistics.median(ratios)}
     return out
 
 

@@ -29,16 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import memory
+import scale
+import steps
 from harness import ROOT, command_line, log, machine_description
 from scenarios.agent_replay import run_agent
 from scenarios.decode_speed import run_decode
 from scenarios.restore_bandwidth import run_restore
 from scenarios.ttft_by_length import length_systems, run_ttft
 from suite_report import evaluate, render, write_outputs
-
-import memory
-import scale
-import steps
 
 FULL = {"lengths": "1024,4096,8192,16384", "agent_system_tokens": 10000, "agent_requests": 40,
         "decode_tokens": 256}

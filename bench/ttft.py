@@ -24,6 +24,7 @@ from pathlib import Path
 from harness import ROOT, Server, command_line, machine_description, stream_chat, write_section
 from prompts import QUESTIONS, agent_system_prompt, messages_for
 
+
 def run_server(server: Server, model: str, system: str, repeats: int) -> dict:
     server.start()
     try:
@@ -85,14 +86,15 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
 
-    from tests.support.testmodels import make_model
     from transformers import AutoTokenizer
+
+    from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     system = agent_system_prompt(args.prompt_tokens, tokenizer)
     work = Path(tempfile.mkdtemp(prefix="kvtier-bench-"))
-    results = {"model": ".models/llama",
+    results: dict = {"model": ".models/llama",
                "command": command_line("ttft.py")}
     try:
         for server in (Server.kvtier(model, work / "cache", work / "kvtier.log"),

@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-from . import cli_cache, cli_open, service
-from .serve_options import add_serve_flags
 from kvtier.config import CacheConfig, ServeConfig
 
+from . import cli_cache, cli_open, service
+from .serve_options import add_serve_flags
 
 # The commands that run the model: on the BLAS the daemon runs it on (daemon/blas.py), as
 # the cache's entries are keyed by it (a warmed prompt must be one the daemon can reuse).

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from kvtier.engine import GenerationRequest
+from kvtier.requests import GenerationRequest
 
 WAITING, DECODING = "waiting", "decoding"  # the engine tells "restoring" and "prefilling" between
 

@@ -11,8 +11,18 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from aiohttp import web
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      ValidationInfo, WrapValidator, field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import ApiError, InvalidField, json_body, parse_json

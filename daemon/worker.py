@@ -20,7 +20,8 @@ from typing import AsyncIterator, Callable
 import mlx.core as mx
 
 from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
-from kvtier.engine import Chunk, Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import Chunk, GenerationRequest
 
 from . import faults
 
@@ -211,32 +212,42 @@ class Worker:
         self.batch = batch = Batch(self.engine, self.max_batch, _DONE, interleaved=interleaved)
         alone, stopping = None, False
         while True:
-            while not stopping and alone is None and not batch.full:
-                try:
-                    job = self._jobs.get(block=batch.idle)
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                elif not isinstance(job[0], GenerationRequest) or job[0].cancelled.is_set():
-                    self._run_job(*job)
-                elif job[0].seed is not None and job[0].temperature > 0:
-                    alone = job
-                else:
-                    self._admit(batch, *job)
-            if batch.idle:
-                if alone is not None:
-                    self._run_job(*alone)
-                    alone = None
-                elif stopping:
-                    break
-                continue
-            try:
-                batch.step()
-            except Exception as exc:
-                log.exception("a batch step on the MLX thread failed")
-                batch.fail(exc)
+            if not stopping and alone is None:
+                alone, stopping = self._take_jobs(batch)
+            if not batch.idle:
+                self._step(batch)
+            elif alone is not None:
+                self._run_job(*alone)
+                alone = None
+            elif stopping:
+                break
         batch.close()
+
+    def _take_jobs(self, batch: Batch) -> tuple[tuple | None, bool]:
+        """Admit waiting jobs while the batch has room. Returns a seeded sampling job, which
+        must wait for the batch to drain, and whether the queue's end (stop) was taken."""
+        while not batch.full:
+            try:
+                job = self._jobs.get(block=batch.idle)
+            except queue.Empty:
+                break
+            if job is None:
+                return None, True
+            work = job[0]
+            if not isinstance(work, GenerationRequest) or work.cancelled.is_set():
+                self._run_job(*job)
+            elif work.seed is not None and work.temperature > 0:
+                return job, False
+            else:
+                self._admit(batch, *job)
+        return None, False
+
+    def _step(self, batch: Batch) -> None:
+        try:
+            batch.step()
+        except Exception as exc:
+            log.exception("a batch step on the MLX thread failed")
+            batch.fail(exc)
 
     def _admit(self, batch: Batch, request: GenerationRequest, emit: Callable) -> None:
         self.stats.waited(request)

@@ -33,7 +33,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import common_prefix
-from .engine import Chunk, Engine, GenerationRequest, Session, Usage
+from .engine import Engine, Session
+from .requests import Chunk, GenerationRequest, Usage
 from .text import TextStream
 
 log = logging.getLogger("kvtier.batch")

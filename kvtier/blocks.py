@@ -40,6 +40,11 @@ def root_key(fingerprint: str) -> bytes:
     return xxhash.xxh3_128_digest(b"kvtier-root\x00" + fingerprint.encode())
 
 
+def tokens_hash(tokens: Tokens) -> str:
+    """A second, independent hash of a block's tokens, checked before a file is read."""
+    return xxhash.xxh64_hexdigest(encode_tokens(tokens), seed=0x6B76)
+
+
 def block_key(parent: bytes, tokens: Tokens) -> bytes:
     """A KV block's key: the hash of its parent's key and its tokens (so of the whole prefix)."""
     return xxhash.xxh3_128_digest(parent + encode_tokens(tokens))

@@ -26,58 +26,19 @@ from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prompt import Renderer
-from .text import Chunk, TextStream
+from .requests import Chunk, GenerationRequest, Usage
+from .text import TextStream
 from .tiers import Prefetch, Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
 
 
-@dataclass
-class GenerationRequest:
-    prompt_tokens: list[int]
-    max_tokens: int | None  # None: until EOS, a stop string or cancellation
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None  # each token's log-probability and its N likeliest alternatives
-    boundaries: list[int] = field(default_factory=list)  # message ends: snapshot points
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    progress: Callable[[int, int], None] | None = None  # (prompt tokens done, total)
-    # Told ("restoring", 0), then ("prefilling", prompt tokens restored): the status page's phases.
-    phase: Callable[[str, int], None] | None = None
-    queued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    ram_tokens: int = 0
-    disk_tokens: int = 0
-    shared_tokens: int = 0  # read from the team's shared store (then kept locally)
-    live_tokens: int = 0  # of ram_tokens, those of a live cache taken over (no copy)
-    prefetched_tokens: int = 0  # of ram_tokens, those the start-up prefetch read from disk
-    prefill_seconds: float = 0.0  # restore + prefill, i.e. time to the first token
-    restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
-    restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
-    # Seconds of each step to the first token (buffers, hash, match, snapshot, account, rebuild,
-    # prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
-    steps: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def restored(cls, restored: Restore, prompt_tokens: int) -> "Usage":
-        return cls(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
-                   shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens,
-                   prefetched_tokens=restored.prefetched_tokens, restored_bytes=restored.restored_bytes, steps=dict(restored.steps))
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.ram_tokens + self.disk_tokens + self.shared_tokens
-
-    @property
-    def computed_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
+def usage_of(restored: Restore, prompt_tokens: int) -> Usage:
+    """A request's usage as its restore leaves it: which tier gave how many prompt tokens."""
+    return Usage(prompt_tokens, ram_tokens=restored.ram_tokens, disk_tokens=restored.disk_tokens,
+                 shared_tokens=restored.shared_tokens, live_tokens=restored.live_tokens,
+                 prefetched_tokens=restored.prefetched_tokens, restored_bytes=restored.restored_bytes,
+                 steps=dict(restored.steps))
 
 
 @dataclass
@@ -216,7 +177,7 @@ class Engine:
         if taken is None:
             return None
         restored, prompt_cache = taken
-        return restored, prompt_cache, Usage.restored(restored, len(tokens))
+        return restored, prompt_cache, usage_of(restored, len(tokens))
 
     def _restore(self, request: GenerationRequest) -> tuple[Restore, list[Any], Usage]:
         started, tokens = time.perf_counter(), request.prompt_tokens
@@ -227,7 +188,7 @@ class Engine:
         looked_up = time.perf_counter()
         prompt_cache = self._rebuild(buffers, restored)
         rebuilt = time.perf_counter()
-        usage = Usage.restored(restored, len(tokens))
+        usage = usage_of(restored, len(tokens))
         usage.steps.update(buffers=allocated - started, rebuild=rebuilt - looked_up)
         return restored, prompt_cache, usage
 
@@ -292,22 +253,11 @@ class Engine:
             began = time.perf_counter()  # a batch may decode others between chunks
 
     def _decode(self, session: Session) -> Iterator[Chunk]:
-        request, prompt_cache, usage = session.request, session.prompt_cache, session.usage
+        request, usage = session.request, session.usage
         decode_began = time.perf_counter()
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-
-        def step(token: mx.array) -> tuple[mx.array, mx.array]:
-            logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            y = sampler(logprobs)
-            mx.async_eval(y, logprobs)
-            return y, logprobs
-
+        step = self._stepper(request, session.prompt_cache)
         y, logprobs = step(mx.array(request.prompt_tokens[-1:]))
-        if len(request.prompt_tokens) in session.points:
-            session.snapshots[len(request.prompt_tokens)] = kvstate.take_snapshot(prompt_cache, self.cache_plan)
+        self._snapshot_prompt_end(session)
         text = TextStream(self.tokenizer, request, usage, lambda: self.store.count("requests_cancelled"))
         n = 0
         while not text.finish:
@@ -336,6 +286,28 @@ class Engine:
         if n <= 1:  # it ended on its first token
             mx.clear_cache()
         yield text.close()
+
+    def _stepper(self, request: GenerationRequest, prompt_cache: list[Any]) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
+        """One decode step of the request: a token in, the sampled token and the step's
+        log-probabilities out (queued, not yet evaluated). Seeds the random stream first."""
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
+
+        def step(token: mx.array) -> tuple[mx.array, mx.array]:
+            logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            y = sampler(logprobs)
+            mx.async_eval(y, logprobs)
+            return y, logprobs
+
+        return step
+
+    def _snapshot_prompt_end(self, session: Session) -> None:
+        """A snapshot at the prompt's end where one is due (its cache holds exactly the prompt now)."""
+        end = len(session.request.prompt_tokens)
+        if end in session.points:
+            session.snapshots[end] = kvstate.take_snapshot(session.prompt_cache, self.cache_plan)
 
     # -- operations ------------------------------------------------------------------------
     def warm(self, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,

@@ -20,12 +20,20 @@ from typing import Callable, Iterator
 
 import lmdb
 import numpy as np
-import xxhash
 
-from .blocks import Tokens, encode_tokens
+from .blocks import encode_tokens, tokens_hash
 from .config import format_size
-from .disk import (BlockFiles, DamagedBlock, ParsedBlock, allocated_bytes, checksum, is_temp_name, key_of_path,
-                   parse_block, to_mlx)
+from .disk import (
+    BlockFiles,
+    DamagedBlock,
+    ParsedBlock,
+    allocated_bytes,
+    checksum,
+    is_temp_name,
+    key_of_path,
+    parse_block,
+    to_mlx,
+)
 from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
 from .ram import HotBlock
 from .reindex import Rebuilder
@@ -38,11 +46,6 @@ log = logging.getLogger("kvtier.local")
 SCRATCH_PREFIX = "kvtier-ram-only-"  # + owner pid + "-": the index of a daemon without a disk tier
 PROBE_SECONDS = 2.0  # while writes fail, how often the disk is tried again
 EVICT_BATCH = 1000  # entries removed in one index transaction
-
-
-def tokens_hash(tokens: Tokens) -> str:
-    """A second, independent hash of a block's tokens, checked before a file is read."""
-    return xxhash.xxh64_hexdigest(encode_tokens(tokens), seed=0x6B76)
 
 
 def _error_text(exc: Exception) -> str:

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .blocks import block_key, encode_tokens
-from .disk import (TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block,
-                   remove_path)
+from .blocks import block_key, encode_tokens, tokens_hash
+from .disk import TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block, remove_path
 from .index import BlockRecord, Index, IndexDamaged
 
 log = logging.getLogger("kvtier.reindex")
@@ -84,8 +83,6 @@ def _entry_of(path: Path, key_hex: str) -> tuple[bytes, BlockRecord, bytes] | No
     except (OSError, DamagedBlock, KeyError, ValueError) as exc:
         log.info("block file %s is not indexed again (%s): removed", path.name, exc)
         return None
-    from .tiers import tokens_hash
-
     record = BlockRecord(parent=parent.hex(), fingerprint=fingerprint, depth=depth,
                          num_tokens=len(parsed.tokens), nbytes=len(payload), checksum=checksum(payload),
                          tokens_hash=tokens_hash(parsed.tokens), access_ms=stamp, created_ms=stamp,

@@ -3,25 +3,12 @@ max_tokens, cancellation, and each token's log-probability where the request ask
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 
+from .requests import Chunk, GenerationRequest, TokenLogprob, Usage
 from .stops import StopMatcher
-
-if TYPE_CHECKING:
-    from .engine import GenerationRequest, Usage
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token: its bytes, its log-probability, and the most likely tokens at its
-    position (the request's `logprobs` of them, most likely first)."""
-
-    token: bytes
-    logprob: float
-    top: list[tuple[bytes, float]] = field(default_factory=list)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -49,22 +36,6 @@ def token_bytes(tokenizer: Any, detokenizer: Any, token: int) -> bytes:
     return tokenizer.decode([token]).encode()
 
 
-@dataclass
-class Chunk:
-    """A piece of generated text; the last chunk of a request carries finish_reason."""
-
-    text: str
-    finish_reason: str | None = None
-    usage: "Usage | None" = None
-    stop_sequence: str | None = None  # which of the request's stop strings ended it
-    # The tokens generated since the previous chunk, where the request asked for logprobs
-    # (text a stop string may still claim is held back; its tokens come with the next chunk).
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    # On a request's first chunk: the prompt's tokens restored from the cache (the restore is
-    # over by then), so a stream's start can give the split its end's usage gives.
-    cached_tokens: int | None = None
-
-
 def token_logprob(spell: Callable[[int], bytes], logprobs: mx.array, token: int, top: int) -> TokenLogprob:
     """`token`'s entry from the log-probabilities its step computed (the vocabulary's row)."""
     row = logprobs.reshape(-1)
@@ -80,7 +51,7 @@ def token_logprob(spell: Callable[[int], bytes], logprobs: mx.array, token: int,
 class TextStream:
     """One request's tokens in, its text chunks out."""
 
-    def __init__(self, tokenizer: Any, request: "GenerationRequest", usage: "Usage",
+    def __init__(self, tokenizer: Any, request: GenerationRequest, usage: Usage,
                  on_cancel: Callable[[], None]):
         self.request, self.usage, self.tokenizer = request, usage, tokenizer
         self.on_cancel = on_cancel

@@ -20,15 +20,14 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 import numpy as np
 
 from . import kvstate
-from .blocks import BlockRef, Tokens, block_key, block_refs, common_prefix, root_key, snapshot_ref
+from .blocks import BlockRef, Tokens, block_key, block_refs, common_prefix, root_key, snapshot_ref, tokens_hash
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, IndexDamaged, now_ms
+from .kvstate import BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes, snapshot_matches
 from .live import SLOTS as LIVE_SLOTS
 from .live import LiveCaches, LiveHit
-from .kvstate import (BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes,
-                      snapshot_matches)
-from .local import LocalDisk, tokens_hash
+from .local import LocalDisk
 from .ram import HotBlock, RamTier
 from .shared import SharedTier, Upload, decode_value, encode_value
 from .writer import DiskWriter, Entry, WriteJob

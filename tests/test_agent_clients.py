@@ -14,7 +14,6 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-
 from conftest import model_variant
 
 MESSAGE = [{"role": "user", "content": "hi"}]

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import model_variant
 
 pytestmark = pytest.mark.e2e

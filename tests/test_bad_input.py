@@ -10,7 +10,6 @@ import logging
 import socket
 
 import pytest
-
 from conftest import agent_messages, http_request, model_variant, raw_http
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-
 from conftest import MODELS, Reference, agent_messages
+
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 10
@@ -31,7 +31,8 @@ def _conversation(question: str) -> list[dict]:
 def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, interleaved, tmp_path):
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     reference = Reference(arch_model)
     engine = Engine(str(arch_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
@@ -169,7 +170,8 @@ def test_same_uncached_prefix_is_computed_once(arch, second_joins, tmp_path):
     last snapshot in the shared prefix, the system message's end)."""
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     model = make_model(MODELS / arch, arch)
     reference = Reference(model)
@@ -216,7 +218,8 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
     from kvtier import kvstate
     from kvtier.batch import Batch, measure_exactness
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64, kv_bits=8))
     done = object()
@@ -253,7 +256,8 @@ def test_logprobs_are_mlx_lm_s_on_every_decode_path(llama_model, path, tmp_path)
     request not asking gets none. The turn restored from the cache gets the same numbers."""
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     reference = Reference(llama_model)
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
@@ -323,7 +327,8 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     from daemon.faults import InjectedFault, fail_on_token
     from kvtier.batch import Batch
     from kvtier.config import CacheConfig
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     reference = Reference(tiny_model)
     engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kvtier.blocks import block_refs, blas_library, chain_keys, encode_tokens, model_fingerprint, root_key, runtime
+from kvtier.blocks import blas_library, block_refs, chain_keys, encode_tokens, model_fingerprint, root_key, runtime
 from kvtier.config import parse_size
 
 

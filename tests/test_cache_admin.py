@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, agent_messages
 from test_large_cache import BLOCK, LAYOUT, fill
 

@@ -10,9 +10,9 @@ import json
 import mlx.core as mx
 import mlx_lm
 import pytest
+from conftest import MODELS
 from mlx.utils import tree_flatten
 
-from conftest import MODELS
 from kvtier import kvstate
 from kvtier.disk import decode_block, encode_block
 from tests.support.testmodels import make_model

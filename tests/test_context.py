@@ -9,9 +9,9 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+from conftest import MODELS, Reference, agent_messages, model_variant
 from openai.types.responses.response import IncompleteDetails
 
-from conftest import MODELS, Reference, agent_messages, model_variant
 from kvtier.engine import declared_context_length
 from tests.support.testmodels import make_model
 

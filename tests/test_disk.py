@@ -8,10 +8,12 @@ import struct
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from safetensors.numpy import load as st_load, save as st_save
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
-from kvtier.disk import BlockFiles, DamagedBlock, TOKENS_TENSOR, checksum, encode_block, parse_block
+from kvtier.disk import TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, encode_block, parse_block
 
 
 def sample_block() -> bytes:

@@ -8,8 +8,8 @@ import argparse
 import re
 
 import pytest
-
 from conftest import ROOT
+
 from daemon.cli import build_parser
 
 README = ROOT / "README.md"

@@ -12,9 +12,10 @@ import math
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import agent_messages, http_request, raw_http
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from daemon import openapi
 from daemon.app import init_app
 from daemon.errors import MAX_JSON_DEPTH

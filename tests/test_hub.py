@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-
 from conftest import ROOT, Daemon, Reference, free_port
 
 REPO = "kvtier-test/tiny-chat"

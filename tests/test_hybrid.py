@@ -4,8 +4,8 @@ recurrent (SSM / linear attention) and sliding-window layers alike."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import MODELS, Reference, agent_messages
+
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 16
@@ -67,8 +67,8 @@ def test_multi_turn_with_restart_between_turns(daemon_factory, arch_model, arch_
 
 
 def test_partly_evicted_chain_falls_back_and_stays_exact(daemon_factory, arch_model, arch_reference):
-    from kvtier.index import Index
     from kvtier.disk import BlockFiles
+    from kvtier.index import Index
 
     daemon = daemon_factory(arch_model)
     first = agent_messages("gamma", question="Summarise the README.")

@@ -10,8 +10,8 @@ import sys
 
 import mlx.core as mx
 import numpy as np
-
 from conftest import ROOT
+
 from kvtier import ops
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig

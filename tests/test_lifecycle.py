@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import MODELS, ROOT, TEST_BLOCK_SIZE, Daemon, agent_messages
+
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8
@@ -92,7 +92,8 @@ from pathlib import Path
 
 from daemon.worker import Worker
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import GenerationRequest
 
 
 def hold_thread_exit(engine):

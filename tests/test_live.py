@@ -5,10 +5,11 @@ dropped under memory pressure, on a purge, and never kept from a failed request.
 from __future__ import annotations
 
 import pytest
-
 from conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
+
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import GenerationRequest
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 12

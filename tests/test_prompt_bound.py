@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import agent_messages, post
+
 from kvtier.prompt_bound import PromptTooLong, check_fits
 
 MB = 2**20

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx_lm
-
 from conftest import agent_messages
+
 from kvtier import kvstate
 
 MAX_TOKENS = 16

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from kvtier import kvstate
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
+from kvtier.requests import GenerationRequest
 
 BLOCK = 16
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import agent_messages, free_port
 
 from kvtier import shared
 from kvtier.config import CacheConfig
 from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
-
-from conftest import agent_messages, free_port
 from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -512,7 +511,8 @@ def test_another_mlx_lm_s_entries_are_a_miss_and_stay_in_the_shared_tier(tmp_pat
     (and snapshot layouts): each misses the other's blocks, without deleting them."""
     import mlx_lm
 
-    from kvtier.engine import Engine, GenerationRequest
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
 
     tokens = [(5 * i) % 190 + 4 for i in range(3 * BLOCK + 9)]
 

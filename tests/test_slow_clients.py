@@ -10,7 +10,6 @@ import json
 import socket
 
 import pytest
-
 from conftest import http_request
 from test_bad_input import assert_api_error, body_for
 

@@ -189,7 +189,7 @@ def test_status_reports_the_phases_and_the_time_saved(app_daemon):
     """The engine tells a request's phases (restoring, then prefilling with what it restored);
     GET /status counts tokens as /cache/stats does and prices the cached ones at the prefill rate."""
     from daemon.state import STATE
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     chat(app_daemon, CONVERSATION)
     told: list[tuple[str, int]] = []

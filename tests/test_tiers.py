@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from contextlib import contextmanager
 import shutil
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -20,8 +20,16 @@ from kvtier.kvstate import PromptBuffers
 from kvtier.local import LocalDisk
 from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
-from tests.support.blocks import (BLOCK, BLOCK_BYTES, LAYOUT, arrays_for, assert_buffers_hold_blocks,
-                                 assert_hits_hold_their_arrays, fill, make_store)
+from tests.support.blocks import (
+    BLOCK,
+    BLOCK_BYTES,
+    LAYOUT,
+    arrays_for,
+    assert_buffers_hold_blocks,
+    assert_hits_hold_their_arrays,
+    fill,
+    make_store,
+)
 
 
 def du(path) -> int:

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import mlx_lm
+from conftest import ROOT
 
 from kvtier.config import CacheConfig
-from kvtier.engine import Engine, GenerationRequest
+from kvtier.engine import Engine
 from kvtier.ops import CacheDir, stats
-
-from conftest import ROOT
+from kvtier.requests import GenerationRequest
 
 BLOCK = 16
 MAX_TOKENS = 6

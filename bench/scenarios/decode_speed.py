@@ -20,6 +20,7 @@ def time_mlx_lm(model, tokenizer, prompt: list[int], max_tokens: int) -> dict:
         last = time.perf_counter()
         first = first or last
         parts.append(response.text)
+    assert response is not None, "mlx-lm generated nothing"
     tokens = response.generation_tokens
     return {"tokens": tokens, "finish": response.finish_reason, "seconds": last - first,
             "tps": (tokens - 1) / (last - first), "reported_tps": response.generation_tps,
@@ -27,7 +28,7 @@ def time_mlx_lm(model, tokenizer, prompt: list[int], max_tokens: int) -> dict:
 
 
 def time_engine(engine, prompt: list[int], max_tokens: int) -> dict:
-    from kvtier.engine import GenerationRequest
+    from kvtier.requests import GenerationRequest
 
     first = last = 0.0
     chunk, parts = None, []
@@ -36,6 +37,7 @@ def time_engine(engine, prompt: list[int], max_tokens: int) -> dict:
         first = first or last
         parts.append(chunk.text)
     engine.store.flush()  # its background disk writes must not overlap the next timing
+    assert chunk is not None and chunk.usage is not None  # the last chunk carries the usage
     tokens = chunk.usage.completion_tokens
     return {"tokens": tokens, "finish": chunk.finish_reason, "seconds": last - first,
             "tps": (tokens - 1) / (last - first), "text": "".join(parts)}

@@ -24,7 +24,7 @@ def ask(server: Server, model: str, system: str, question: int) -> dict:
     return record(stream_chat(server, model, messages_for(system, QUESTIONS[question])))
 
 
-def ttft_by_length(server: Server, model: str, systems: dict[int, str]) -> dict[str, dict]:
+def ttft_by_length(server: Server, model: str, systems: dict[int, str]) -> dict:
     """cold and warm per length, then one restart and the after-restart request per length."""
     out: dict[str, dict] = {"cold": {}, "warm": {}, "after_restart": {}}
     with server:

@@ -21,12 +21,20 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from kvtier.engine import GenerationRequest, Usage
+from kvtier.requests import GenerationRequest, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
-from ..request_models import (AnthropicTool, CountTokensRequest, MessagesRequest, TextBlock,
-                              ThinkingBlock, ToolResultBlock, ToolUseBlock, read_body)
+from ..request_models import (
+    AnthropicTool,
+    CountTokensRequest,
+    MessagesRequest,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    read_body,
+)
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
 from .generation import Budget, Generation, Prompt, completion_budget, render

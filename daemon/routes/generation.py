@@ -9,9 +9,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
-from kvtier.engine import Chunk, GenerationRequest, Usage
 from kvtier.prompt_bound import PromptTooLong
-from kvtier.text import TokenLogprob
+from kvtier.requests import Chunk, GenerationRequest, TokenLogprob, Usage
 
 from ..errors import ApiError
 from ..flights import decoded

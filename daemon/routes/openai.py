@@ -10,15 +10,13 @@ from typing import Any, AsyncIterator, Callable, cast
 
 from aiohttp import web
 
-from kvtier.engine import Chunk, GenerationRequest, Usage
 from kvtier.prompt_bound import PromptTooLong
-from kvtier.text import TokenLogprob
+from kvtier.requests import Chunk, GenerationRequest, TokenLogprob, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError
-from ..request_models import (ChatCompletionRequest, ChatMessage, CompletionRequest,
-                              OpenAISampling, read_body)
-from ..state import DaemonState, STATE
+from ..request_models import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAISampling, read_body
+from ..state import STATE, DaemonState
 from .generation import LEAST_LOGPROB, Prompt, chunks_of, completion_budget, render, token_logprobs, too_long
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
 

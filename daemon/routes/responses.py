@@ -23,14 +23,21 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from kvtier.engine import GenerationRequest, Usage
-from kvtier.text import TokenLogprob
+from kvtier.requests import GenerationRequest, TokenLogprob, Usage
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError
-from ..request_models import (FunctionCallItem, FunctionCallOutputItem, FunctionChoice,
-                              FunctionTool, InputText, MessageItem, NamespaceTool,
-                              ResponsesRequest, read_body)
+from ..request_models import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionChoice,
+    FunctionTool,
+    InputText,
+    MessageItem,
+    NamespaceTool,
+    ResponsesRequest,
+    read_body,
+)
 from ..state import STATE, DaemonState
 from .generation import Generation, Piece, Prompt, completion_budget, render, token_logprobs
 from .tools import ToolCall

@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-
 log = logging.getLogger("kvtier.tools")
 
 
