@@ -29,6 +29,8 @@ POSTS = {
     "/v1/messages": ("Messages (Anthropic)", "the message"),
     "/v1/messages/count_tokens": ("Count prompt tokens (Anthropic)", "the token count"),
     "/cache/warm": ("Prefill a prompt and persist it", "tokens warmed"),
+    "/cache/pin": ("Protect a cached prefix's chain from eviction", "entries pinned"),
+    "/cache/unpin": ("Let a cached prefix's chain be evicted again", "entries unpinned"),
 }
 GETS = {
     "/v1/models": "The loaded model",
@@ -37,6 +39,10 @@ GETS = {
     "/cache/entries": "Cached prefixes",
     "/metrics": "Prometheus metrics",
     "/openapi.json": "This document",
+    "/status": "Requests in flight, tokens by tier and the time saved (the status page's data)",
+    "/": "The status page (HTML)",
+    "/static/status.js": "The status page's script",
+    "/static/status.css": "The status page's style sheet",
 }
 _PURGE = {"delete": {"summary": "Purge cached entries", "parameters": [
     {"name": name, "in": "query", "schema": {"type": "string"}}

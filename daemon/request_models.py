@@ -466,6 +466,8 @@ POST_BODIES: dict[str, type[Body]] = {
     "/v1/messages": MessagesRequest,
     "/v1/messages/count_tokens": CountTokensRequest,
     "/cache/warm": WarmRequest,
+    "/cache/pin": PinRequest,
+    "/cache/unpin": PinRequest,
 }
 
 
