@@ -25,7 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .errors import ApiError, InvalidField, json_body, parse_json
+from .errors import ApiError, InvalidField
+from .strict_json import json_body, parse_json
 
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
@@ -45,7 +46,7 @@ T = TypeVar("T")
 
 
 async def read_body(http: web.Request, model: type[M]) -> M:
-    """The request's body: strict JSON (errors.json_body), then checked as `model`."""
+    """The request's body: strict JSON (strict_json.json_body), then checked as `model`."""
     return validate(model, await json_body(http))
 
 
@@ -472,7 +473,7 @@ POST_BODIES: dict[str, type[Body]] = {
 
 
 def strict_json(text: str, what: str, message: str | None = None) -> Any:
-    """JSON inside a string field, read as strictly as the body (errors.parse_json)."""
+    """JSON inside a string field, read as strictly as the body (strict_json.parse_json)."""
     try:
         return parse_json(text, what)
     except ApiError as exc:

@@ -1,11 +1,13 @@
-"""Serving the app: aiohttp's AppRunner, as `web.run_app` uses it, with two changes.
+"""Serving the app through aiohttp's public API, as `web.run_app` does, with four changes.
 
 - A request aiohttp cannot parse (a URL or a header line over 8190 bytes, bytes that are
   not HTTP) gets the API's JSON error instead of aiohttp's plain text. The parser fails
   before any route or middleware runs, so the one hook is the connection's RequestHandler
-  (aiohttp has no setting for it: aio-libs/aiohttp#3287).
+  (aiohttp has no setting for it: aio-libs/aiohttp#3287). It is made by a low-level
+  `web.Server` of our own around the app's handler, served by a `web.ServerRunner`; an
+  AppRunner keeps running the app's startup, shutdown and cleanup.
 - Such a request, and a body whose framing or encoding breaks later, is logged as one INFO
-  line, not aiohttp's ERROR traceback (daemon/malformed.py).
+  line, not aiohttp's ERROR traceback (daemon/malformed.py, a filter on aiohttp's logger).
 - A handler whose client disconnects is cancelled (`handler_cancellation`), so a
   non-streamed completion stops generating, as a stream does when its write fails.
 - A connection whose next request's headers are not in within the read timeout (an idle
@@ -23,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import INTERNAL_ERROR, unrouted_error_body
-from .malformed import is_malformed_request, log_malformed
+from .malformed import quiet_malformed_requests
 from .read_timeout import read_timeout
 
 log = logging.getLogger("kvtier.daemon")
@@ -42,48 +44,62 @@ class ApiRequestHandler(web.RequestHandler):
         response.force_close()  # as aiohttp does: the connection's framing may be lost
         return response
 
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        # aiohttp's one logging hook for parse errors: from handle_error, and from reading
-        # past a body whose chunking or encoding broke after the handler answered
-        exc = kw.get("exc_info")
-        if not (isinstance(exc, BaseException) and is_malformed_request(exc)):
-            super().log_exception(*args, **kw)
-            return
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        log_malformed(exc, peer[0] if peer else "a client")
-
 
 class ApiServer(web.Server):
-    """aiohttp's Server (the protocol factory), making ApiRequestHandlers."""
+    """aiohttp's low-level Server (the protocol factory), making ApiRequestHandlers."""
+
+    def __init__(self, handler: Any, *, request_factory: Any, **options: Any):
+        super().__init__(handler, request_factory=request_factory, handler_cancellation=True, **options)
+        self.options = options  # the connections' settings, as web.Server hands them on
 
     def __call__(self) -> web.RequestHandler:
-        return ApiRequestHandler(self, loop=self._loop, **self._kwargs)
+        return ApiRequestHandler(self, loop=asyncio.get_running_loop(), **self.options)
 
 
-class ApiRunner(web.AppRunner):
-    def __init__(self, app: web.Application, **kwargs: Any):
-        kwargs.setdefault("keepalive_timeout", read_timeout(app))
-        super().__init__(app, **kwargs)
+class Serving:
+    """The app's lifetime (an AppRunner: its startup, shutdown and cleanup) and its
+    connections (a ServerRunner on an ApiServer around the app's handler)."""
 
-    async def _make_server(self) -> web.Server:
-        # The app's own Server (its startup has run), rebuilt as an ApiServer with the same
-        # handler, request factory and connection settings; it has no connection yet.
-        server = await super()._make_server()
-        return ApiServer(server.request_handler, request_factory=server.request_factory,
-                         handler_cancellation=server.handler_cancellation, loop=server._loop,
-                         **server._kwargs)
+    def __init__(self, app: web.Application, handle_signals: bool = False):
+        self.app_runner = web.AppRunner(app)
+        self.handle_signals = handle_signals
+        self.runner: web.ServerRunner | None = None
+
+    async def setup(self) -> web.ServerRunner:
+        runner = await self.make_runner()
+        await runner.setup()
+        return runner
+
+    async def make_runner(self) -> web.ServerRunner:
+        """The app started, and a runner (not yet set up) for its connections."""
+        quiet_malformed_requests()
+        await self.app_runner.setup()  # the app's startup has run; its handler is made
+        app_server = self.app_runner.server
+        assert app_server is not None
+        server = ApiServer(app_server.request_handler, request_factory=app_server.request_factory,
+                           keepalive_timeout=read_timeout(self.app_runner.app))
+        self.runner = web.ServerRunner(server, handle_signals=self.handle_signals)
+        return self.runner
+
+    async def cleanup(self) -> None:
+        """Stop listening, let running requests finish, then the app's shutdown and cleanup."""
+        try:
+            if self.runner is not None:
+                await self.runner.cleanup()
+        finally:
+            await self.app_runner.cleanup()
 
 
 async def _serve(app: web.Application, sockets: list[socket.socket]) -> None:
-    runner = ApiRunner(app, handle_signals=True, handler_cancellation=True)
-    await runner.setup()
+    serving = Serving(app, handle_signals=True)
     try:
+        runner = await serving.setup()
         for sock in sockets:  # bound and listening since start-up (daemon/listen.py)
             await web.SockSite(runner, sock).start()
             log.info("listening on http://%s:%s", *sock.getsockname()[:2])
         await app[SHUTDOWN].wait()
     finally:
-        await runner.cleanup()  # lets running requests finish, then the app's cleanup
+        await serving.cleanup()
 
 
 def run(app: web.Application, sockets: list[socket.socket]) -> None:

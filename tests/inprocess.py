@@ -21,17 +21,26 @@ from conftest import TEST_BLOCK_SIZE, TEST_MAX_TOKENS
 
 from daemon.app import init_app
 from daemon.cli import build_parser, serve_config
-from daemon.server import ApiRunner
+from daemon.server import Serving
 from daemon.state import STATE
 
 T = TypeVar("T")
 
 
 class ApiTestServer(TestServer):
-    """TestServer on the daemon's own runner: unparsable requests get its JSON errors."""
+    """TestServer served as the daemon serves (daemon/server.py): unparsable requests get
+    its JSON errors."""
+
+    serving: Serving | None = None
 
     async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        return ApiRunner(self.app, **kwargs)
+        self.serving = Serving(self.app)
+        return await self.serving.make_runner()  # TestServer sets it up, serves it, cleans it up
+
+    async def close(self) -> None:
+        await super().close()
+        if self.serving is not None:
+            await self.serving.app_runner.cleanup()  # then the app's shutdown and cleanup, as serving does
 
 
 @dataclass

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from daemon import openapi
 from daemon.app import init_app
-from daemon.errors import MAX_JSON_DEPTH
 from daemon.request_models import POST_BODIES
+from daemon.strict_json import MAX_JSON_DEPTH
 from kvtier.config import CacheConfig, ServeConfig
 
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages",

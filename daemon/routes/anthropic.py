@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from kvtier.requests import GenerationRequest, Usage
+from kvtier.requests import GenerationRequest
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
@@ -37,8 +37,10 @@ from ..request_models import (
 )
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
-from .generation import Budget, Generation, Prompt, completion_budget, render
+from .budget import Budget, NoRoom, clamped_budget
+from .generation import Generation, Prompt, render
 from .tools import ToolCall
+from .usage import anthropic_start_usage, anthropic_usage
 
 log = logging.getLogger("kvtier.anthropic")
 
@@ -165,13 +167,11 @@ def parse_prompt(body: CountTokensRequest, keep_billing_line: bool = False) -> P
 
 def generation_request(body: MessagesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> tuple[GenerationRequest, Budget]:
-    limit = state.context_limit()
-    if limit and len(tokens) >= limit:
-        raise bad(f"prompt is too long: {len(tokens)} tokens > {limit - 1} maximum "
-                  f"(this model's context is {limit} tokens)")
-    # Agents ask for large budgets (Claude Code: 32000) whatever the model; answer up to the
-    # end of the context rather than refuse (stop_reason "model_context_window_exceeded" there).
-    budget = completion_budget(state, len(tokens), body.max_tokens)
+    try:  # up to the context's end (stop_reason "model_context_window_exceeded" there)
+        budget = clamped_budget(state, len(tokens), body.max_tokens)
+    except NoRoom as full:
+        raise bad(f"prompt is too long: {len(tokens)} tokens > {full.limit - 1} maximum "
+                  f"(this model's context is {full.limit} tokens)") from None
     # Stop sequences are matched here, not in the engine, to know which one matched.
     return GenerationRequest(prompt_tokens=tokens, max_tokens=budget.tokens,
                              temperature=body.temperature, top_p=body.top_p, boundaries=boundaries,
@@ -188,29 +188,6 @@ def stop_reason(generation: Generation, budget: Budget) -> str:
         return "end_turn"
     # Anthropic's names: the request's (or the operator's) limit, or the context's end.
     return "model_context_window_exceeded" if budget.limited_by == "context" else "max_tokens"
-
-
-def usage_json(usage: Usage | None) -> dict:
-    assert usage is not None, "only a generation's last chunk carries usage, and only it is asked"
-    return {
-        "input_tokens": usage.computed_tokens,
-        "cache_creation_input_tokens": 0,  # see the module docstring
-        "cache_read_input_tokens": usage.cached_tokens,
-        "output_tokens": usage.completion_tokens,
-        "kvtier": {"prompt_tokens": usage.prompt_tokens, "ram_tokens": usage.ram_tokens,
-                   "disk_tokens": usage.disk_tokens, "shared_tokens": usage.shared_tokens,
-                   "live_tokens": usage.live_tokens, "prefetched_tokens": usage.prefetched_tokens,
-                   "computed_tokens": usage.computed_tokens,
-                   "time_to_first_token": round(usage.prefill_seconds, 4)},
-    }
-
-
-def start_usage(generation: Generation) -> dict:
-    """message_start's usage: the prompt's split as usage_json gives it, no output yet."""
-    prompt_tokens = len(generation.request.prompt_tokens)
-    cached = generation.cached_tokens or 0
-    return {"input_tokens": prompt_tokens - cached, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached, "output_tokens": 0}
 
 
 def tool_use_block(call: ToolCall) -> dict:
@@ -240,7 +217,7 @@ async def messages(http: web.Request) -> web.StreamResponse:
         content.extend(tool_use_block(call) for call in generation.calls)
         return web.json_response(dict(message, content=content, stop_reason=stop_reason(generation, budget),
                                       stop_sequence=generation.stop_sequence,
-                                      usage=usage_json(generation.usage)))
+                                      usage=anthropic_usage(generation.usage)))
     return await stream_events(http, generation, budget, message)
 
 
@@ -263,7 +240,8 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
     # The first piece is out, so the prompt's restore is over: message_start gives the split
     # message_delta will (as Anthropic does), with no output yet.
     await send("message_start", {"type": "message_start", "message": dict(
-        message, content=[], stop_reason=None, stop_sequence=None, usage=start_usage(generation))})
+        message, content=[], stop_reason=None, stop_sequence=None, usage=anthropic_start_usage(
+        len(generation.request.prompt_tokens), generation.cached_tokens or 0))})
     await send("ping", {"type": "ping"})
     index, text_open = 0, False
     try:
@@ -299,7 +277,7 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
         index += 1
     await send("message_delta", {"type": "message_delta", "delta": {
         "stop_reason": stop_reason(generation, budget), "stop_sequence": generation.stop_sequence},
-        "usage": usage_json(generation.usage)})
+        "usage": anthropic_usage(generation.usage)})
     await send("message_stop", {"type": "message_stop"})
 
 

@@ -33,28 +33,6 @@ class Piece:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens it shows, if asked
 
 
-@dataclass
-class Budget:
-    """The most tokens an answer may have, and which limit set it ("request", "ceiling" or
-    "context"); tokens None: no limit at all, the answer runs until the model ends it."""
-    tokens: int | None
-    limited_by: str | None
-
-
-def completion_budget(state: DaemonState, prompt_tokens: int, asked: int | None) -> Budget:
-    """The least of the request's limit, the operator's `--max-tokens` and the room left in
-    the context. A request that names none on a model that declares no context (Mamba2)
-    runs until EOS, a stop sequence, or its client leaving (which cancels it)."""
-    room = state.context_limit()
-    limits = {"request": asked, "ceiling": state.config.max_tokens_ceiling,
-              "context": None if room is None else room - prompt_tokens}
-    given = {name: n for name, n in limits.items() if n is not None}
-    if not given:
-        return Budget(None, None)
-    least = min(given, key=lambda name: given[name])  # on a tie the request's own limit names it
-    return Budget(given[least], least)
-
-
 LEAST_LOGPROB = -9999.0  # OpenAI's value for a token of no probability: JSON has no -inf
 
 

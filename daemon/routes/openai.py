@@ -11,14 +11,16 @@ from typing import Any, AsyncIterator, Callable, cast
 from aiohttp import web
 
 from kvtier.prompt_bound import PromptTooLong
-from kvtier.requests import Chunk, GenerationRequest, TokenLogprob, Usage
+from kvtier.requests import Chunk, GenerationRequest, TokenLogprob
 
 from .. import sse
 from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAISampling, read_body
 from ..state import STATE, DaemonState
-from .generation import LEAST_LOGPROB, Prompt, chunks_of, completion_budget, render, token_logprobs, too_long
+from .budget import NoRoom, fitting_budget
+from .generation import LEAST_LOGPROB, Prompt, chunks_of, render, token_logprobs, too_long
 from .tools import ToolCall, ToolCallBuffer, split_tool_calls
+from .usage import openai_usage
 
 log = logging.getLogger("kvtier.openai")
 routes = web.RouteTableDef()
@@ -42,38 +44,21 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]) -> GenerationRequest:
-    limit = state.context_limit()
     asked = body.max_tokens or body.max_completion_tokens
-    if limit and len(tokens) + (asked or 1) > limit:
+    try:
+        max_tokens = fitting_budget(state, len(tokens), asked).tokens
+    except NoRoom as full:
         wanted = f"max_tokens asks for {asked} more" if asked else "no room is left for an answer"
-        raise ApiError(400, f"this model's context is {limit} tokens; the prompt has "
+        raise ApiError(400, f"this model's context is {full.limit} tokens; the prompt has "
                             f"{len(tokens)} and {wanted}",
-                       param="messages", code="context_length_exceeded")
+                       param="messages", code="context_length_exceeded") from None
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    # No limit asked: the answer runs until the model stops or the context is full.
-    max_tokens = completion_budget(state, len(tokens), asked).tokens
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                              stop=stop)
 
 
 # -- responses --------------------------------------------------------------------------
-def usage_json(usage: Usage | None) -> dict:
-    assert usage is not None, "only a generation's last chunk carries usage, and only it is asked"
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "kvtier": {"ram_tokens": usage.ram_tokens, "disk_tokens": usage.disk_tokens,
-                   "shared_tokens": usage.shared_tokens, "live_tokens": usage.live_tokens,
-                   "prefetched_tokens": usage.prefetched_tokens, "computed_tokens": usage.computed_tokens,
-                   "time_to_first_token": round(usage.prefill_seconds, 4),
-                   "restore_seconds": round(usage.restore_seconds, 4),
-                   "restored_bytes": usage.restored_bytes},
-    }
-
-
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
     """A choice's (or a stream chunk's) `logprobs`: an entry per token."""
     return {"content": token_logprobs(entries), "refusal": None}
@@ -162,7 +147,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             "index": 0, "message": message,
             "finish_reason": "tool_calls" if calls else finish_reason(last),
             "logprobs": chat_logprobs(logprobs) if body.logprobs else None}],
-            usage=usage_json(last.usage)))
+            usage=openai_usage(last.usage)))
 
     sent_role = False
     buffer = ToolCallBuffer(engine.tokenizer, tools, enabled=parse_tools)
@@ -184,7 +169,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             "finish_reason": reason}])]
         if chunk.finish_reason and include_usage:
             out.append(dict(base, object="chat.completion.chunk", choices=[],
-                            usage=usage_json(chunk.usage)))
+                            usage=openai_usage(chunk.usage)))
         return out
 
     return await stream_chunks(http, state, request, frame)
@@ -216,7 +201,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
         return web.json_response(dict(base, choices=[{
             "index": 0, "text": echoed + text, "finish_reason": finish_reason(last),
             "logprobs": completion_logprobs(logprobs, len(echoed)) if asked else None}],
-            usage=usage_json(last.usage)))
+            usage=openai_usage(last.usage)))
 
     offset = len(echoed)  # where the next token's text starts, as in the whole text
 
@@ -228,7 +213,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
         out = [dict(base, choices=[{"index": 0, "text": text, "logprobs": logprobs,
                                     "finish_reason": finish_reason(chunk) if chunk.finish_reason else None}])]
         if chunk.finish_reason and include_usage:
-            out.append(dict(base, choices=[], usage=usage_json(chunk.usage)))
+            out.append(dict(base, choices=[], usage=openai_usage(chunk.usage)))
         return out
 
     return await stream_chunks(http, state, request, frame)

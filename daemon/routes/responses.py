@@ -39,8 +39,10 @@ from ..request_models import (
     read_body,
 )
 from ..state import STATE, DaemonState
-from .generation import Generation, Piece, Prompt, completion_budget, render, token_logprobs
+from .budget import NoRoom, clamped_budget
+from .generation import Generation, Piece, Prompt, render, token_logprobs
 from .tools import ToolCall
+from .usage import responses_usage
 
 log = logging.getLogger("kvtier.responses")
 
@@ -165,32 +167,17 @@ def remember(http: web.Request, response_id: str, messages: list[dict]) -> None:
 
 def generation_request(body: ResponsesRequest, state: DaemonState, tokens: list[int],
                        boundaries: list[int]) -> GenerationRequest:
-    limit = state.context_limit()
-    if limit and len(tokens) >= limit:
-        raise bad(f"this model's context is {limit} tokens; the input has {len(tokens)}",
-                  "input", code="context_length_exceeded")
-    # Up to the end of the context at most (status "incomplete" there); no limit asked
-    # (Codex asks none): until the model stops.
-    max_tokens = completion_budget(state, len(tokens), body.max_output_tokens).tokens
+    try:  # up to the context's end (status "incomplete" there); none asked (Codex): until the model stops
+        max_tokens = clamped_budget(state, len(tokens), body.max_output_tokens).tokens
+    except NoRoom as full:
+        raise bad(f"this model's context is {full.limit} tokens; the input has {len(tokens)}",
+                  "input", code="context_length_exceeded") from None
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p,
                              boundaries=boundaries, logprobs=body.logprobs_asked)
 
 
 # -- the response object ----------------------------------------------------------------
-def usage_json(usage: Usage) -> dict:
-    return {"input_tokens": usage.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": usage.cached_tokens,
-                                     "cache_write_tokens": usage.computed_tokens},
-            "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "kvtier": {"ram_tokens": usage.ram_tokens, "disk_tokens": usage.disk_tokens,
-                       "shared_tokens": usage.shared_tokens, "live_tokens": usage.live_tokens,
-                       "prefetched_tokens": usage.prefetched_tokens, "computed_tokens": usage.computed_tokens,
-                       "time_to_first_token": round(usage.prefill_seconds, 4)}}
-
-
 def message_item(item_id: str, text: str, status: str = "completed",
                  logprobs: list[TokenLogprob] | None = None) -> dict:
     content = [] if status == "in_progress" else [output_text(text, logprobs)]
@@ -236,7 +223,7 @@ class Answer:
                  incomplete: bool = False) -> dict:
         out = dict(self.base, status=status, output=output, completed_at=None)
         if usage is not None:
-            out["usage"] = usage_json(usage)
+            out["usage"] = responses_usage(usage)
         if status in ("completed", "incomplete"):
             out["completed_at"] = int(time.time())
         if incomplete:
