@@ -210,7 +210,7 @@ def shared_daemon(tmp_path_factory, llama_model):
 def app_daemon(tmp_path_factory, llama_model):
     """The daemon's app in this process, for a module's tests of what routes answer, where
     a subprocess adds nothing but its start-up (tests/inprocess.py)."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("app") / "cache").start()
     yield daemon
@@ -220,7 +220,7 @@ def app_daemon(tmp_path_factory, llama_model):
 @pytest.fixture(scope="module")
 def keyed_app(tmp_path_factory, llama_model):
     """The app in this process with --api-key, for what reaches it before the key check."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("keyed-app") / "cache",
                              "--api-key", "s3cret").start()
@@ -231,7 +231,7 @@ def keyed_app(tmp_path_factory, llama_model):
 @pytest.fixture
 def app_factory(tmp_path):
     """In-process apps of a given model and flags, each with its own cache, stopped after the test."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     started: list = []
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from conftest import model_variant
+
+from tests.conftest import model_variant
 
 MESSAGE = [{"role": "user", "content": "hi"}]
 

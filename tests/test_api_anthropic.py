@@ -8,11 +8,11 @@ import json
 
 import anthropic
 import pytest
-from conftest import agent_messages, post
 
 from daemon.routes.anthropic import tool_use_block
 from daemon.routes.tools import ToolCallBuffer, split_tool_calls
 from kvtier.stops import StopMatcher
+from tests.conftest import agent_messages, post
 
 GREEDY = {"temperature": 0}  # this SDK version has no temperature argument
 TOOLS = [

@@ -9,7 +9,8 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from conftest import agent_messages, openai_spec, post
+
+from tests.conftest import agent_messages, openai_spec, post
 
 SPEC = openai_spec() or Path("shared/specs/openai-openapi.json")
 

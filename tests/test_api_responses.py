@@ -11,14 +11,14 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from conftest import agent_messages, openai_spec
-from test_api_openai import _assert_logprobs_of_mlx_lm, _entries, _null_to_type
 
 from daemon.request_models import ResponsesRequest
 from daemon.request_models import validate as validate_body
 from daemon.routes.responses import Answer, parse_tools
 from daemon.routes.tools import split_tool_calls
 from kvtier.requests import GenerationRequest, Usage
+from tests.conftest import agent_messages, openai_spec
+from tests.test_api_openai import _assert_logprobs_of_mlx_lm, _entries, _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]
 TOOLS = [{"type": "function", "name": "read_file", "description": "Read a file.",

@@ -10,7 +10,8 @@ import logging
 import socket
 
 import pytest
-from conftest import agent_messages, http_request, model_variant, raw_http
+
+from tests.conftest import agent_messages, http_request, model_variant, raw_http
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-from conftest import MODELS, Reference, agent_messages
 
+from tests.conftest import MODELS, Reference, agent_messages
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 10

@@ -67,7 +67,7 @@ def assert_refused(path: str, status: int, body: bytes, expected: int, code: str
 @pytest.fixture(scope="module")
 def open_app(tmp_path_factory, llama_model):
     """The app with another host name, a trusted web origin and previews allowed."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("open-app") / "cache",
                              "--allowed-hosts", "kvtier.lan", "--allowed-origins", "http://ui.example:3000",

@@ -10,11 +10,11 @@ import json
 import mlx.core as mx
 import mlx_lm
 import pytest
-from conftest import MODELS
 from mlx.utils import tree_flatten
 
 from kvtier import kvstate
 from kvtier.disk import decode_block, encode_block
+from tests.conftest import MODELS
 from tests.support.testmodels import make_model
 
 PROMPT = [(7 * i) % 200 + 3 for i in range(300)]  # past the sliding window (128)

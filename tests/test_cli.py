@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
+
+from tests.conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 12
 

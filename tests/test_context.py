@@ -9,10 +9,10 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from conftest import MODELS, Reference, agent_messages, model_variant
 from openai.types.responses.response import IncompleteDetails
 
 from kvtier.engine import declared_context_length
+from tests.conftest import MODELS, Reference, agent_messages, model_variant
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8

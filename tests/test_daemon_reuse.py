@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 
-from conftest import TEST_BLOCK_SIZE, agent_messages
+from tests.conftest import TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 24
 

@@ -8,9 +8,9 @@ import argparse
 import re
 
 import pytest
-from conftest import ROOT
 
 from daemon.cli import build_parser
+from tests.conftest import ROOT
 
 README = ROOT / "README.md"
 PROSE = [README, ROOT / "docs" / "operations.md"]  # where the serve options are described

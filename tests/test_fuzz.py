@@ -12,7 +12,6 @@ import math
 
 import jsonschema
 import pytest
-from conftest import agent_messages, http_request, raw_http
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from daemon.app import init_app
 from daemon.errors import MAX_JSON_DEPTH
 from daemon.request_models import POST_BODIES
 from kvtier.config import CacheConfig, ServeConfig
+from tests.conftest import agent_messages, http_request, raw_http
 
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages",
                "/v1/messages/count_tokens", "/cache/warm"]
@@ -130,7 +130,7 @@ def assert_api_answer(path: str, status: int, text: bytes, context) -> None:
 def fuzzed_app(tmp_path_factory, llama_model):
     """The module's app caps every answer at 8 tokens (--max-tokens), whatever max_tokens a
     body gives: what is fuzzed is the parsing, and a long answer would only make it slow."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("fuzz") / "cache", "--max-tokens", "8").start()
     yield daemon

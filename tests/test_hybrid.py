@@ -4,8 +4,8 @@ recurrent (SSM / linear attention) and sliding-window layers alike."""
 from __future__ import annotations
 
 import pytest
-from conftest import MODELS, Reference, agent_messages
 
+from tests.conftest import MODELS, Reference, agent_messages
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 16

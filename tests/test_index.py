@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, Daemon, agent_messages
 
 from kvtier import ops
 from kvtier.blocks import block_refs
 from kvtier.index import BlockRecord, Index, data_file_problem, open_or_replace
 from kvtier.tiers import TieredStore
+from tests.conftest import ROOT, Daemon, agent_messages
 from tests.support.blocks import BLOCK, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 DAMAGES = ["truncate", "random_pages", "zero_meta"]

@@ -10,7 +10,6 @@ import sys
 
 import mlx.core as mx
 import numpy as np
-from conftest import ROOT
 
 from kvtier import ops
 from kvtier.blocks import block_refs
@@ -18,6 +17,7 @@ from kvtier.config import CacheConfig
 from kvtier.index import PER_MODEL_KEY
 from kvtier.local import LocalDisk
 from kvtier.tiers import NewEntry, TieredStore
+from tests.conftest import ROOT
 
 BLOCK = 16
 LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}

@@ -9,9 +9,10 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import TEST_BLOCK_SIZE, agent_messages
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 8
 

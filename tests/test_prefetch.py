@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from tests.conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 12

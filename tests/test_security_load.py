@@ -17,7 +17,8 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import ROOT, agent_messages, free_port, http_request
+
+from tests.conftest import ROOT, agent_messages, free_port, http_request
 
 MAX_TOKENS = 8
 

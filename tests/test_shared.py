@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import agent_messages, free_port
 
 from kvtier import shared
 from kvtier.config import CacheConfig
 from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
+from tests.conftest import agent_messages, free_port
 from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -292,7 +292,7 @@ def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_fac
 
 
 def test_the_cli_shows_and_purges_one_models_shared_entries(tmp_path, fresh_redis):
-    from test_cli import kvtier, kvtier_json
+    from tests.test_cli import kvtier, kvtier_json
 
     for fingerprint, start in (("fp-test", 900), ("fp-other", 950)):
         config = CacheConfig(cache_dir=tmp_path / fingerprint, block_size=BLOCK, shared_url=fresh_redis.url)

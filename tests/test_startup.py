@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, model_variant
+
+from tests.conftest import ROOT, free_port, model_variant
 
 
 def serve(model: Path, cache_dir: Path, port: int, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import mlx_lm
-from conftest import ROOT
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.ops import CacheDir, stats
 from kvtier.requests import GenerationRequest
+from tests.conftest import ROOT
 
 BLOCK = 16
 MAX_TOKENS = 6
