@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,7 +167,7 @@ class Daemon:
         self.stop()
         return self.start()
 
-    def get(self, path: str) -> dict:
+    def get(self, path: str) -> Any:
         with self._open(path, timeout=30) as r:
             return json.loads(r.read())
 
@@ -260,7 +261,7 @@ def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, byte
     return int(head.split(b" ", 2)[1]), body
 
 
-def post(app, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
+def post(app, path: str, body, raw: bytes | None = None) -> tuple[int, Any, dict[str, str]]:
     """POST `body` as JSON (or `raw` bytes as they are) to an in-process app; return the status,
     the JSON (or text) answer and its headers, for errors too."""
     reply = app.post(path, body, raw=raw)
@@ -281,7 +282,7 @@ def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | N
 def tmpfs(tmp_path):
     """Mount real filesystems (tmpfs) of a given size: they fill up, and can be resized or
     remounted read-only (needs root, as CI has)."""
-    mounted = []
+    mounted: list[Path] = []
 
     def mount(size: str):
         point = tmp_path / f"fs{len(mounted)}"

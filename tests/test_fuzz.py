@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import jsonschema
 import pytest
@@ -78,7 +79,7 @@ TYPED = {
 }
 BY_TYPE = {"boolean": st.booleans(), "integer": st.integers(-2, 3), "number": st.floats(-0.5, 2.5),
            "string": st.text(max_size=20)}
-SETTINGS = dict(deadline=None, database=None,
+SETTINGS: dict[str, Any] = dict(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -200,7 +201,7 @@ def test_fuzzed_bodies_never_crash_the_daemon(fuzzed_app, spec, path):
 
 def valid_body(path: str, model: str) -> dict:
     """A small request each route accepts; a hostile value then replaces one part of it."""
-    messages = [{"role": "user", "content": "hi"}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
     if path == "/v1/completions":
         return {"model": model, "prompt": "hi", "max_tokens": 2}
     if path == "/cache/warm":
@@ -215,7 +216,7 @@ def valid_body(path: str, model: str) -> dict:
 
 def places(spec: dict, path: str) -> list[tuple]:
     """Every field of the route's schema, parts of a message, and a field nobody knows."""
-    fields = [(name,) for name in request_schema(spec, path)["properties"]]
+    fields: list[tuple] = [(name,) for name in request_schema(spec, path)["properties"]]
     if path == "/cache/warm":
         fields.remove(("messages",))  # warming real prompts is slow; its parser is the chat one
     elif path != "/v1/completions":

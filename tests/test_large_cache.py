@@ -15,12 +15,13 @@ from kvtier import ops
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
 from kvtier.index import PER_MODEL_KEY
+from kvtier.kvstate import Layout
 from kvtier.local import LocalDisk
 from kvtier.tiers import NewEntry, TieredStore
 from tests.conftest import ROOT
 
 BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
+LAYOUT: Layout = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
 
 
 def fill(store: TieredStore, tokens: list[int]) -> list:

@@ -8,10 +8,11 @@ import numpy as np
 
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
+from kvtier.kvstate import Layout
 from kvtier.tiers import NewEntry, TieredStore
 
 BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
+LAYOUT: Layout = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
 BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
 
 
