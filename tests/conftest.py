@@ -112,7 +112,7 @@ def reference(llama_model) -> Reference:
 class Daemon:
     """`kvtier serve` as a real subprocess on 127.0.0.1."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None,
+    def __init__(self, model: Path | str, cache_dir: Path, *extra: str, env: dict[str, str] | None = None,
                  ceiling: int | None = TEST_MAX_TOKENS):
         self.model, self.cache_dir, self.extra = model, cache_dir, list(extra)
         self.ceiling = [] if ceiling is None else ["--max-tokens", str(ceiling)]
@@ -266,6 +266,12 @@ def post(app, path: str, body, raw: bytes | None = None) -> tuple[int, Any, dict
     the JSON (or text) answer and its headers, for errors too."""
     reply = app.post(path, body, raw=raw)
     return reply.status, reply.content, reply.headers
+
+
+def error_body(error: Any) -> dict[str, Any]:
+    """The JSON body of an SDK's API error (openai's and anthropic's type it `object`)."""
+    assert isinstance(error.body, dict), error.body
+    return error.body
 
 
 def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | None = None,

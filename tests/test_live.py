@@ -141,6 +141,7 @@ def test_snapshot_layers_take_a_live_cache_only_when_the_prompt_extends_it_whole
     try:
         first = reference.chat_tokens(agent_messages(arch, repeat=2))
         run(engine, first)
+        assert engine.store.live is not None
         (held,) = engine.store.live.sequences()
         assert held[: len(first)] == first
         extended = held + first[-4:]  # the whole sequence it holds (prompt and answer), then more

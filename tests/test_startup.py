@@ -160,6 +160,7 @@ def _wait_for_health(daemon: subprocess.Popen, port: int) -> dict:
             return _get(port, "/health")
         except OSError:
             time.sleep(0.2)
+    assert daemon.stdout is not None
     raise AssertionError(f"the daemon exited {daemon.returncode}: {daemon.stdout.read()[-3000:]}")
 
 
