@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,7 +112,7 @@ def reference(llama_model) -> Reference:
 class Daemon:
     """`kvtier serve` as a real subprocess on 127.0.0.1."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str, env: dict[str, str] | None = None,
+    def __init__(self, model: Path | str, cache_dir: Path, *extra: str, env: dict[str, str] | None = None,
                  ceiling: int | None = TEST_MAX_TOKENS):
         self.model, self.cache_dir, self.extra = model, cache_dir, list(extra)
         self.ceiling = [] if ceiling is None else ["--max-tokens", str(ceiling)]
@@ -166,7 +167,7 @@ class Daemon:
         self.stop()
         return self.start()
 
-    def get(self, path: str) -> dict:
+    def get(self, path: str) -> Any:
         with self._open(path, timeout=30) as r:
             return json.loads(r.read())
 
@@ -210,7 +211,7 @@ def shared_daemon(tmp_path_factory, llama_model):
 def app_daemon(tmp_path_factory, llama_model):
     """The daemon's app in this process, for a module's tests of what routes answer, where
     a subprocess adds nothing but its start-up (tests/inprocess.py)."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("app") / "cache").start()
     yield daemon
@@ -220,7 +221,7 @@ def app_daemon(tmp_path_factory, llama_model):
 @pytest.fixture(scope="module")
 def keyed_app(tmp_path_factory, llama_model):
     """The app in this process with --api-key, for what reaches it before the key check."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("keyed-app") / "cache",
                              "--api-key", "s3cret").start()
@@ -231,7 +232,7 @@ def keyed_app(tmp_path_factory, llama_model):
 @pytest.fixture
 def app_factory(tmp_path):
     """In-process apps of a given model and flags, each with its own cache, stopped after the test."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     started: list = []
 
@@ -260,11 +261,17 @@ def raw_http(port: int, request: bytes, timeout: float = 300) -> tuple[int, byte
     return int(head.split(b" ", 2)[1]), body
 
 
-def post(app, path: str, body, raw: bytes | None = None) -> tuple[int, dict | str, dict]:
+def post(app, path: str, body, raw: bytes | None = None) -> tuple[int, Any, dict[str, str]]:
     """POST `body` as JSON (or `raw` bytes as they are) to an in-process app; return the status,
     the JSON (or text) answer and its headers, for errors too."""
     reply = app.post(path, body, raw=raw)
     return reply.status, reply.content, reply.headers
+
+
+def error_body(error: Any) -> dict[str, Any]:
+    """The JSON body of an SDK's API error (openai's and anthropic's type it `object`)."""
+    assert isinstance(error.body, dict), error.body
+    return error.body
 
 
 def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | None = None,
@@ -281,7 +288,7 @@ def http_request(method: str, path: bytes | str, headers: dict[bytes, bytes] | N
 def tmpfs(tmp_path):
     """Mount real filesystems (tmpfs) of a given size: they fill up, and can be resized or
     remounted read-only (needs root, as CI has)."""
-    mounted = []
+    mounted: list[Path] = []
 
     def mount(size: str):
         point = tmp_path / f"fs{len(mounted)}"

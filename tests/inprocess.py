@@ -17,12 +17,12 @@ from typing import Any, Coroutine, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import TEST_BLOCK_SIZE, TEST_MAX_TOKENS
 
 from daemon.app import init_app
 from daemon.cli import build_parser, serve_config
 from daemon.server import Serving
 from daemon.state import STATE
+from tests.conftest import TEST_BLOCK_SIZE, TEST_MAX_TOKENS
 
 T = TypeVar("T")
 

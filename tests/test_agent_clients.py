@@ -10,13 +10,16 @@ import socket
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import openai
 import pytest
-from conftest import model_variant
+from anthropic.types import MessageParam
 
-MESSAGE = [{"role": "user", "content": "hi"}]
+from tests.conftest import error_body, model_variant
+
+MESSAGE: list[MessageParam] = [{"role": "user", "content": "hi"}]  # as both APIs take it
 
 
 def post(daemon, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
@@ -53,11 +56,11 @@ def test_strict_names_refuse_others_and_aliases_are_listed(app_factory, llama_mo
             model=name, messages=MESSAGE, max_tokens=1).model == name
     with pytest.raises(openai.NotFoundError) as err:
         daemon.client().chat.completions.create(model="gpt-9", messages=MESSAGE, max_tokens=1)
-    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
-    with pytest.raises(anthropic.NotFoundError) as err:
+    assert error_body(err.value)["code"] == "model_not_found" and error_body(err.value)["param"] == "model"
+    with pytest.raises(anthropic.NotFoundError) as claude_err:
         anthropic_client(daemon).messages.create(model="claude-9", messages=MESSAGE, max_tokens=1)
-    assert err.value.body["error"]["type"] == "not_found_error"
-    assert "claude-9" in err.value.body["error"]["message"]
+    assert error_body(claude_err.value)["error"]["type"] == "not_found_error"
+    assert "claude-9" in error_body(claude_err.value)["error"]["message"]
 
 
 # -- Anthropic Messages as Claude Code sends it ------------------------------------------
@@ -85,7 +88,8 @@ def first_system_only_model(llama_model, tmp_path_factory) -> Path:
                          check_system_first)
 
 
-MID_SYSTEM = {"system": "You are a coding agent.", "messages": [
+# A system message mid-conversation: beyond what the SDK's types allow, as agents send it.
+MID_SYSTEM: dict[str, Any] = {"system": "You are a coding agent.", "messages": [
     {"role": "user", "content": "List the files."},
     {"role": "system", "content": [{"type": "text", "text": "# Environment\nDirectory: /work"}]}]}
 

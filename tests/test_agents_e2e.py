@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import model_variant
+
+from tests.conftest import model_variant
 
 pytestmark = pytest.mark.e2e
 CLAUDE_CODE = f"@anthropic-ai/claude-code@{os.environ.get('KVTIER_CLAUDE_CODE_VERSION', 'latest')}"

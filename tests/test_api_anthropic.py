@@ -8,11 +8,11 @@ import json
 
 import anthropic
 import pytest
-from conftest import agent_messages, post
 
 from daemon.routes.anthropic import tool_use_block
 from daemon.routes.tools import ToolCallBuffer, split_tool_calls
 from kvtier.stops import StopMatcher
+from tests.conftest import agent_messages, post
 
 GREEDY = {"temperature": 0}  # this SDK version has no temperature argument
 TOOLS = [
@@ -180,6 +180,7 @@ def test_agent_loop_reuses_the_cache_every_turn(client, model, reference):
 
     first = turn()
     # Only the opening words of the system prompt can be cached (other tests share them).
+    assert first.usage.cache_read_input_tokens is not None
     assert first.usage.cache_read_input_tokens < first.usage.input_tokens
 
     scripted_tool_use("toolu_01", "read_file", {"path": "a.py"}, "print('hello')\n")
@@ -198,7 +199,8 @@ def test_agent_loop_reuses_the_cache_every_turn(client, model, reference):
 
     for previous_prompt, response in zip(prompt_lengths, (second, third, fourth)):
         # The whole previous prompt (and more) came from the cache; only the new turn is computed.
-        assert response.usage.cache_read_input_tokens >= previous_prompt
+        cached = response.usage.cache_read_input_tokens
+        assert cached is not None and cached >= previous_prompt
         assert response.usage.input_tokens < first.usage.input_tokens
 
 
@@ -366,7 +368,7 @@ def test_openai_tools_are_rendered_and_tool_turns_equal_mlx_lm(app_daemon, model
                          {"role": "tool", "tool_call_id": "call_1", "content": "print('hi')"}]
     response = client.chat.completions.create(model=model, messages=follow, tools=TEMPLATE_TOOLS,
                                               max_tokens=8, temperature=0)
-    expected = messages + [
+    expected: list[dict] = messages + [
         {"role": "assistant", "content": "", "tool_calls": [dict(call, function={
             "name": "read_file", "arguments": {"path": "a.py"}})]},
         {"role": "tool", "tool_call_id": "call_1", "content": "print('hi')"}]

@@ -9,7 +9,8 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from conftest import agent_messages, openai_spec, post
+
+from tests.conftest import agent_messages, error_body, openai_spec, post
 
 SPEC = openai_spec() or Path("shared/specs/openai-openapi.json")
 
@@ -252,7 +253,7 @@ def test_prompt_longer_than_context_is_rejected_and_daemon_stays_healthy(app_dae
     client = app_daemon.client()
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=str(app_daemon.model), prompt="word " * 40_000, max_tokens=4)
-    assert err.value.body["code"] == "context_length_exceeded"
+    assert error_body(err.value)["code"] == "context_length_exceeded"
     assert app_daemon.get("/health")["status"] == "ok"
 
 

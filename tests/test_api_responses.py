@@ -7,18 +7,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import openai
 import pytest
-from conftest import agent_messages, openai_spec
-from test_api_openai import _assert_logprobs_of_mlx_lm, _entries, _null_to_type
+from openai.types.responses import ResponseFunctionToolCall
 
 from daemon.request_models import ResponsesRequest
 from daemon.request_models import validate as validate_body
 from daemon.routes.responses import Answer, parse_tools
 from daemon.routes.tools import split_tool_calls
 from kvtier.requests import GenerationRequest, Usage
+from tests.conftest import agent_messages, error_body, openai_spec
+from tests.test_api_openai import _assert_logprobs_of_mlx_lm, _entries, _null_to_type
 
 SYSTEM = agent_messages(project="responses")[0]["content"]
 TOOLS = [{"type": "function", "name": "read_file", "description": "Read a file.",
@@ -53,7 +55,7 @@ def client(app_daemon) -> openai.OpenAI:
     return app_daemon.client()
 
 
-def post(daemon, body: dict) -> tuple[int, dict | str]:
+def post(daemon, body: dict) -> tuple[int, Any]:  # the JSON answer, or a stream's text
     reply = daemon.post("/v1/responses", body)
     return reply.status, reply.content
 
@@ -111,12 +113,12 @@ def test_stream_events_match_the_schema_and_equal_the_non_streamed_text(app_daem
     assert final["usage"]["output_tokens"] == 8 and final["output"][0]["content"][0]["text"] == expected
     with client.responses.stream(model="m", instructions=SYSTEM, input="Stream it.",
                                  max_output_tokens=8, temperature=0) as stream:
-        events = list(stream)
-    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        sdk_events = list(stream)
+    deltas = [e.delta for e in sdk_events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == expected
     # The SDK's get_final_response() wants response.completed; an answer cut off by
     # max_output_tokens ends with response.incomplete, as with OpenAI.
-    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == expected
+    assert sdk_events[-1].type == "response.incomplete" and sdk_events[-1].response.output_text == expected
 
 
 def test_output_logprobs_when_included_streamed_or_not(client, validate, reference):
@@ -185,7 +187,7 @@ def test_previous_response_id_continues_the_conversation(client, reference):
     for missing in ("resp_nothing", unstored.id):
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(model="m", input="again", previous_response_id=missing)
-        assert err.value.body["code"] == "previous_response_not_found"
+        assert error_body(err.value)["code"] == "previous_response_not_found"
 
 
 @pytest.mark.parametrize("body,param", [
@@ -264,4 +266,6 @@ def test_function_calls_in_the_output_match_the_schema(reference, validate):
     assert (call["type"], call["name"], call["namespace"]) == ("function_call", "exec_command", "shell")
     assert json.loads(call["arguments"]) == {"cmd": "ls"}
     parsed = openai.types.responses.Response.model_validate(final)  # as the SDK reads it
-    assert parsed.output[1].call_id == calls[0].id and parsed.output_text == "Listing."
+    call_item = parsed.output[1]
+    assert isinstance(call_item, ResponseFunctionToolCall)
+    assert call_item.call_id == calls[0].id and parsed.output_text == "Listing."

@@ -10,7 +10,8 @@ import logging
 import socket
 
 import pytest
-from conftest import agent_messages, http_request, model_variant, raw_http
+
+from tests.conftest import agent_messages, error_body, http_request, model_variant, raw_http
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
@@ -244,7 +245,7 @@ def test_a_token_beyond_the_models_embedding_is_a_400_not_a_crash(tmp_path, daem
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=str(model), max_tokens=4,
                                        messages=[{"role": "user", "content": "Say <|beyond|> now."}])
-    assert "embedding" in err.value.body["message"]
+    assert "embedding" in error_body(err.value)["message"]
     with pytest.raises(openai.BadRequestError):  # streamed: refused before the stream starts
         list(client.chat.completions.create(model=str(model), max_tokens=4, stream=True,
                                             messages=[{"role": "user", "content": "<|beyond|>"}]))

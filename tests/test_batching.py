@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-from conftest import MODELS, Reference, agent_messages
 
+from tests.conftest import MODELS, Reference, agent_messages
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 10
@@ -45,7 +45,7 @@ def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, interleav
                                 {"role": "user", "content": "Continue."}]
         rounds = [(first, [0, 0, 3]), ([follow_up, first[1]], [0, 2])]
         for conversations, join_at in rounds:
-            outputs = [[] for _ in conversations]
+            outputs: list[list] = [[] for _ in conversations]
             step = 0
             while step <= max(join_at) or not batch.idle:
                 for i in (i for i, at in enumerate(join_at) if at == step):
@@ -343,7 +343,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     fail_on_token(engine.model, poison)
 
     def run(*conversations: list[dict], join_when_decoding: int | None = None) -> list[list]:
-        outputs = [[] for _ in conversations]
+        outputs: list[list] = [[] for _ in conversations]
         for i, (messages, out) in enumerate(zip(conversations, outputs)):
             if i == join_when_decoding:
                 while batch.prefilling:
@@ -406,11 +406,11 @@ def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_
         client.chat.completions.create(model=str(daemon.model), messages=poisoned, max_tokens=16, temperature=0)
     assert failed.value.body == error
     text = ""
-    with pytest.raises(openai.APIError) as failed:
+    with pytest.raises(openai.APIError) as failed_stream:
         for event in client.chat.completions.create(model=str(daemon.model), messages=poisoned, max_tokens=16,
                                                     temperature=0, stream=True):
             text += event.choices[0].delta.content or ""
-    assert failed.value.body == error  # not a broken connection (APIConnectionError has none)
+    assert failed_stream.value.body == error  # not a broken connection (APIConnectionError has none)
     assert text and reference.chat(poisoned, 16).startswith(text)
     answer = client.chat.completions.create(model=str(daemon.model), messages=other, max_tokens=16, temperature=0)
     assert answer.choices[0].message.content == reference.chat(other, 16)

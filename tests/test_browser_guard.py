@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import http.client
 import json
+from typing import Any
 
 import anthropic
 import pytest
 
 OWN_TEXT = "zebra-secret-4711"  # a prompt's words, which /cache/entries must not show by default
-ROUTES = [  # (method, path, JSON body): one of each route family
-    ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                      "max_tokens": 2}),
+CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [  # (method, path, JSON body): one of each route family
+    ("POST", "/v1/chat/completions", CHAT),
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2}),
     ("GET", "/v1/models", None),
     ("POST", "/v1/messages", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
@@ -28,7 +29,6 @@ ROUTES = [  # (method, path, JSON body): one of each route family
     ("GET", "/health", None),
     ("GET", "/openapi.json", None),
 ]
-CHAT = ROUTES[0][2]
 
 
 def send(app, method: str, path: str, body: bytes | None = None,
@@ -67,7 +67,7 @@ def assert_refused(path: str, status: int, body: bytes, expected: int, code: str
 @pytest.fixture(scope="module")
 def open_app(tmp_path_factory, llama_model):
     """The app with another host name, a trusted web origin and previews allowed."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("open-app") / "cache",
                              "--allowed-hosts", "kvtier.lan", "--allowed-origins", "http://ui.example:3000",

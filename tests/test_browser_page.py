@@ -49,7 +49,7 @@ def work_done(app) -> dict:
 @pytest.fixture
 def page_server() -> Iterator[str]:
     """The other site: a small aiohttp server on another 127.0.0.1 port, serving PAGE."""
-    from conftest import free_port
+    from tests.conftest import free_port
 
     app = web.Application()
     async def page(_: web.Request) -> web.Response:

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, agent_messages
-from test_large_cache import BLOCK, LAYOUT, fill
 
 from kvtier.config import CacheConfig
 from kvtier.local import LocalDisk
 from kvtier.tiers import TieredStore
+from tests.conftest import ROOT, agent_messages
+from tests.test_large_cache import BLOCK, LAYOUT, fill
 
 # Two fingerprints of one model (as after an mlx upgrade), and a third sharing their first digits.
 OLD_FP = "3f2a9c41d0b7" + "1" * 52

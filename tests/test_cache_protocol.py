@@ -9,12 +9,13 @@ import json
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 import pytest
-from conftest import MODELS
 from mlx.utils import tree_flatten
 
 from kvtier import kvstate
 from kvtier.disk import decode_block, encode_block
+from tests.conftest import MODELS
 from tests.support.testmodels import make_model
 
 PROMPT = [(7 * i) % 200 + 3 for i in range(300)]  # past the sliding window (128)
@@ -39,7 +40,7 @@ def _live_cache(model):
 
 def _through_a_file(snapshot: kvstate.Snapshot) -> kvstate.Snapshot:
     """The snapshot as a restarted daemon reads it back from its block file."""
-    payload = encode_block(snapshot.arrays, PROMPT[:CACHED], {"skeleton": snapshot.skeleton})
+    payload = encode_block(snapshot.arrays, np.array(PROMPT[:CACHED]), {"skeleton": snapshot.skeleton})
     arrays, _, metadata = decode_block(payload)
     return kvstate.Snapshot(arrays, metadata["skeleton"])
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
+
+from tests.conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 12
 
@@ -144,6 +145,7 @@ def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, t
 
 def test_version_is_the_packages():
     declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared is not None
     result = kvtier("--version")
     assert result.returncode == 0 and result.stdout == f"kvtier {declared.group(1)}\n"
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from conftest import MODELS, Reference, agent_messages, model_variant
+from anthropic.types import MessageParam
 from openai.types.responses.response import IncompleteDetails
 
 from kvtier.engine import declared_context_length
+from tests.conftest import MODELS, Reference, agent_messages, error_body, model_variant
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8
@@ -50,16 +51,16 @@ def test_max_context_sets_the_limit_on_every_api(app_factory, llama_model):
     long, short = agent_messages("limit", repeat=6), [{"role": "user", "content": "Hi."}]
     with pytest.raises(openai.BadRequestError) as err:
         daemon.client().chat.completions.create(model=str(llama_model), messages=long, max_tokens=4)
-    assert err.value.body["code"] == "context_length_exceeded" and "300" in err.value.body["message"]
+    assert error_body(err.value)["code"] == "context_length_exceeded" and "300" in error_body(err.value)["message"]
     claude = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
-    with pytest.raises(anthropic.BadRequestError) as err:
-        claude.messages.create(model=str(llama_model), system=long[0]["content"], messages=long[1:],
-                               max_tokens=4)
-    assert "300" in str(err.value)
+    with pytest.raises(anthropic.BadRequestError) as claude_err:
+        claude.messages.create(model=str(llama_model), system=long[0]["content"],
+                               messages=[{"role": "user", "content": long[1]["content"]}], max_tokens=4)
+    assert "300" in str(claude_err.value)
     with pytest.raises(openai.BadRequestError) as err:
         daemon.client().responses.create(model=str(llama_model), instructions=long[0]["content"],
                                          input=long[1]["content"], max_output_tokens=4)
-    assert err.value.body["code"] == "context_length_exceeded" and "300" in err.value.body["message"]
+    assert error_body(err.value)["code"] == "context_length_exceeded" and "300" in error_body(err.value)["message"]
     response = daemon.client().chat.completions.create(model=str(llama_model), messages=short, max_tokens=4)
     assert response.choices[0].finish_reason in ("length", "stop")
 
@@ -81,7 +82,8 @@ def test_a_request_without_a_limit_runs_until_the_model_stops_or_the_context_is_
     # at 512 tokens, and each API names the end the answer reached.
     daemon = app_factory(short_context_model, ceiling=None)
     # "Hi." is a prompt the tiny model answers past 700 tokens (greedy) without ending it.
-    model, messages = str(short_context_model), [{"role": "user", "content": "Hi."}]
+    model = str(short_context_model)
+    messages: list[MessageParam] = [{"role": "user", "content": "Hi."}]
     client = daemon.client()
 
     chat = client.chat.completions.create(model=model, messages=messages, temperature=0)
@@ -105,6 +107,7 @@ def test_a_request_without_a_limit_runs_until_the_model_stops_or_the_context_is_
     message = claude.messages.create(model=model, messages=messages, max_tokens=4096,
                                      extra_body={"temperature": 0})
     usage = message.usage  # input_tokens: those computed, beside those read from the cache
+    assert usage.cache_read_input_tokens is not None
     full = usage.input_tokens + usage.cache_read_input_tokens + usage.output_tokens == SHORT_CONTEXT
     assert usage.output_tokens > 512
     assert message.stop_reason == ("model_context_window_exceeded" if full else "end_turn")
@@ -114,7 +117,8 @@ def test_a_limit_that_cuts_the_answer_is_named_on_every_api(app_factory, short_c
     # The operator's --max-tokens caps what a request asks; the request's own limit below it
     # is kept. Either one cutting the answer is "length" / "incomplete" / "max_tokens".
     daemon = app_factory(short_context_model, "--max-tokens", "6", ceiling=None)
-    model, messages = str(short_context_model), [{"role": "user", "content": "Hi."}]
+    model = str(short_context_model)
+    messages: list[MessageParam] = [{"role": "user", "content": "Hi."}]
     client = daemon.client()
     for asked in (None, 4, 100):
         expected = min(asked or 6, 6)

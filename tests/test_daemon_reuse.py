@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import signal
 
-from conftest import TEST_BLOCK_SIZE, agent_messages
+from tests.conftest import TEST_BLOCK_SIZE, agent_messages
+from tests.support.blocks import decoded
 
 MAX_TOKENS = 24
 
@@ -135,7 +136,7 @@ def test_index_and_files_agree(daemon):
     from kvtier.index import Index
 
     index = Index(daemon.cache_dir / "index")
-    records = dict(index.items())
+    records = decoded(index.items())
     files = {key_of_path(p): p for p in BlockFiles(daemon.cache_dir / "blocks").iter_files()}
     assert set(files) == {k.hex() for k in records} and len(files) > 0
     assert None not in files  # no temp leftovers

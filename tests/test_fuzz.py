@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import jsonschema
 import pytest
-from conftest import agent_messages, http_request, raw_http
+from aiohttp.web_urldispatcher import AbstractRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from daemon.app import init_app
 from daemon.request_models import POST_BODIES
 from daemon.strict_json import MAX_JSON_DEPTH
 from kvtier.config import CacheConfig, ServeConfig
+from tests.conftest import agent_messages, http_request, raw_http
 
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages",
                "/v1/messages/count_tokens", "/cache/warm"]
@@ -76,9 +78,9 @@ TYPED = {
     "stop_sequences": st.lists(st.text(max_size=5), max_size=3),
     "system": st.one_of(st.text(max_size=40), TEXT_BLOCKS),
 }
-BY_TYPE = {"boolean": st.booleans(), "integer": st.integers(-2, 3), "number": st.floats(-0.5, 2.5),
+BY_TYPE: dict[str | None, st.SearchStrategy] = {"boolean": st.booleans(), "integer": st.integers(-2, 3), "number": st.floats(-0.5, 2.5),
            "string": st.text(max_size=20)}
-SETTINGS = dict(deadline=None, database=None,
+SETTINGS: dict[str, Any] = dict(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -130,7 +132,7 @@ def assert_api_answer(path: str, status: int, text: bytes, context) -> None:
 def fuzzed_app(tmp_path_factory, llama_model):
     """The module's app caps every answer at 8 tokens (--max-tokens), whatever max_tokens a
     body gives: what is fuzzed is the parsing, and a long answer would only make it slow."""
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("fuzz") / "cache", "--max-tokens", "8").start()
     yield daemon
@@ -158,12 +160,16 @@ def test_openapi_document_is_valid_and_complete(spec):
                 jsonschema.Draft202012Validator.check_schema(schema)
 
 
+def canonical(route: AbstractRoute) -> str:
+    assert route.resource is not None  # every route the app adds is on a resource
+    return route.resource.canonical
+
+
 def test_openapi_document_matches_the_routes(tmp_path):
     """Every route the app serves is documented, every POST with its body's schema, and every
     documented route is served: the document cannot drift from the routes."""
     app = init_app(ServeConfig(model=str(tmp_path), cache=CacheConfig(cache_dir=tmp_path)))
-    served = {(route.method.lower(), route.resource.canonical) for route in app.router.routes()
-              if route.method != "HEAD"}
+    served = {(route.method.lower(), canonical(route)) for route in app.router.routes() if route.method != "HEAD"}
     document = openapi.document()
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert served == documented
@@ -200,7 +206,7 @@ def test_fuzzed_bodies_never_crash_the_daemon(fuzzed_app, spec, path):
 
 def valid_body(path: str, model: str) -> dict:
     """A small request each route accepts; a hostile value then replaces one part of it."""
-    messages = [{"role": "user", "content": "hi"}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
     if path == "/v1/completions":
         return {"model": model, "prompt": "hi", "max_tokens": 2}
     if path == "/cache/warm":
@@ -215,7 +221,7 @@ def valid_body(path: str, model: str) -> dict:
 
 def places(spec: dict, path: str) -> list[tuple]:
     """Every field of the route's schema, parts of a message, and a field nobody knows."""
-    fields = [(name,) for name in request_schema(spec, path)["properties"]]
+    fields: list[tuple] = [(name,) for name in request_schema(spec, path)["properties"]]
     if path == "/cache/warm":
         fields.remove(("messages",))  # warming real prompts is slow; its parser is the chat one
     elif path != "/v1/completions":

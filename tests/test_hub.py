@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import ROOT, Daemon, Reference, free_port
+
+from tests.conftest import ROOT, Daemon, Reference, free_port
 
 REPO = "kvtier-test/tiny-chat"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -4,8 +4,9 @@ recurrent (SSM / linear attention) and sliding-window layers alike."""
 from __future__ import annotations
 
 import pytest
-from conftest import MODELS, Reference, agent_messages
 
+from tests.conftest import MODELS, Reference, agent_messages
+from tests.support.blocks import decoded
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 16
@@ -77,7 +78,7 @@ def test_partly_evicted_chain_falls_back_and_stays_exact(daemon_factory, arch_mo
     # Evict the most recently written half of the entries, as a full disk tier would.
     index = Index(daemon.cache_dir / "index")
     files = BlockFiles(daemon.cache_dir / "blocks")
-    keys = sorted(index.items(), key=lambda kv: (kv[1].created_ms, kv[1].depth))
+    keys = sorted(decoded(index.items()).items(), key=lambda kv: (kv[1].created_ms, kv[1].depth))
     for key, _ in keys[len(keys) // 2 :]:
         index.remove(key)
         files.remove(key.hex())
@@ -96,6 +97,7 @@ def test_message_ends_from_one_tokenization_equal_retokenizing_each_prefix(arch_
 
     engine = Engine(str(arch_model), CacheConfig(cache_dir=tmp_path, block_size=64))
     try:
+        assert engine.plan is not None
         if not engine.plan.needs_snapshots:
             pytest.skip("no snapshot layers in this architecture")
         assert engine.renderer.incremental is not None  # prompts tokenized incrementally (kvtier.tokcache)

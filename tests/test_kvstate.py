@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from conftest import MODELS
 
 from kvtier import kvstate
+from tests.conftest import MODELS
 from tests.support.testmodels import ARCHES, make_model
 
 

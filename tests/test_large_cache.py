@@ -10,17 +10,19 @@ import sys
 
 import mlx.core as mx
 import numpy as np
-from conftest import ROOT
 
 from kvtier import ops
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
 from kvtier.index import PER_MODEL_KEY
+from kvtier.kvstate import Layout
 from kvtier.local import LocalDisk
 from kvtier.tiers import NewEntry, TieredStore
+from tests.conftest import ROOT
+from tests.support.blocks import decoded
 
 BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
+LAYOUT: Layout = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
 
 
 def fill(store: TieredStore, tokens: list[int]) -> list:
@@ -75,7 +77,7 @@ def test_per_model_totals_stay_equal_to_a_walk_of_the_records(tmp_path):
     cache_with_prefixes(tmp_path, "fp-b", count=4)
 
     def check(cache: LocalDisk) -> None:
-        walked = ops.model_totals(r for _, r in cache.index.items())
+        walked = ops.model_totals(decoded(cache.index.items()).values())
         assert cache.index.model_totals() == walked
         per_model = ops.stats(cache)["models"]
         assert {fp: {k: m[k] for k in ("blocks", "snapshots", "bytes", "pinned_bytes")}

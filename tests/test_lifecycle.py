@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MODELS, ROOT, TEST_BLOCK_SIZE, Daemon, agent_messages
 
+from tests.conftest import MODELS, ROOT, TEST_BLOCK_SIZE, Daemon, agent_messages
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 8

@@ -5,11 +5,11 @@ dropped under memory pressure, on a purge, and never kept from a failed request.
 from __future__ import annotations
 
 import pytest
-from conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from tests.conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 12
@@ -141,6 +141,7 @@ def test_snapshot_layers_take_a_live_cache_only_when_the_prompt_extends_it_whole
     try:
         first = reference.chat_tokens(agent_messages(arch, repeat=2))
         run(engine, first)
+        assert engine.store.live is not None
         (held,) = engine.store.live.sequences()
         assert held[: len(first)] == first
         extended = held + first[-4:]  # the whole sequence it holds (prompt and answer), then more
@@ -157,7 +158,7 @@ def test_snapshot_layers_take_a_live_cache_only_when_the_prompt_extends_it_whole
 
 
 def test_through_the_daemon_usage_and_stats_show_it_and_delete_cache_drops_it(llama_model, tmp_path, reference):
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path / "cache").start()
     try:

@@ -8,15 +8,17 @@ import os
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
-from conftest import TEST_BLOCK_SIZE, agent_messages
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 8
 
 
-def request(daemon, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+def request(daemon, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:  # the JSON answer, or its text
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(daemon.url + path, data=data, method=method,
                                  headers={"Content-Type": "application/json"})

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from tests.conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 from tests.support.testmodels import make_model
 
 MAX_TOKENS = 12
@@ -75,6 +75,11 @@ def _cached_engine(model, cache_dir, ram_budget: int | None = None) -> tuple[Eng
     return Engine(str(model), CacheConfig(**config)), tokens
 
 
+def _live_sequences(engine: Engine) -> list[list[int]]:
+    assert engine.store.live is not None  # a model whose KV kvtier stores
+    return engine.store.live.sequences()
+
+
 def _run_prefetch(engine: Engine, budget: int) -> dict:
     engine.store.plan_prefetch(budget)
     while engine.store.prefetch_step(entries=2):
@@ -91,14 +96,15 @@ def test_the_newest_conversation_is_made_live_and_its_next_turn_stays_exact(llam
         while engine.prefetch_step():
             pass
         live = engine.store.stats()["prefetch"]["live_tokens"]
-        assert live > len(tokens) and engine.store.live.sequences()[0] == \
-            tokens + engine.store.live.sequences()[0][len(tokens):]  # the prompt, then the answer
+        assert live > len(tokens) and _live_sequences(engine)[0] == \
+            tokens + _live_sequences(engine)[0][len(tokens):]  # the prompt, then the answer
         answer = reference.generate(tokens, MAX_TOKENS)
         follow = reference.chat_tokens(agent_messages("prefetch", question="List the files.") + [
             {"role": "assistant", "content": answer}, {"role": "user", "content": "Continue."}])
         chunks = list(engine.generate(GenerationRequest(follow, MAX_TOKENS, temperature=0.0)))
         assert "".join(c.text for c in chunks) == reference.generate(follow, MAX_TOKENS)
-        assert chunks[-1].usage.live_tokens > len(tokens) // 2
+        usage = chunks[-1].usage
+        assert usage is not None and usage.live_tokens > len(tokens) // 2
     finally:
         engine.close()
 
@@ -175,7 +181,7 @@ def test_the_last_conversations_come_back_live_newest_last(llama_model, referenc
     prompts = [reference.chat_tokens(messages) for messages in conversations]
     engine = _revived_after(llama_model, tmp_path / "cache", conversations)
     try:
-        sequences = engine.store.live.sequences()  # oldest first
+        sequences = _live_sequences(engine)  # oldest first
         assert len(sequences) == 2
         for tokens, sequence in zip(prompts, sequences):
             assert sequence[:len(tokens)] == tokens and len(sequence) > len(tokens)  # prompt and answer
@@ -194,11 +200,12 @@ def test_other_prefixes_come_back_live_before_more_turns_of_one(llama_model, ref
     engine = _revived_after(llama_model, tmp_path / "cache", conversations)
     try:
         other_tokens = reference.chat_tokens(other)
-        assert any(s[:len(other_tokens)] == other_tokens for s in engine.store.live.sequences())
+        assert any(s[:len(other_tokens)] == other_tokens for s in _live_sequences(engine))
         follow = other + [{"role": "assistant", "content": reference.chat(other, MAX_TOKENS)},
                           {"role": "user", "content": "Continue."}]
         chunks = list(engine.generate(GenerationRequest(reference.chat_tokens(follow), MAX_TOKENS, temperature=0.0)))
         assert "".join(c.text for c in chunks) == reference.chat(follow, MAX_TOKENS)
-        assert chunks[-1].usage.live_tokens > len(other_tokens) // 2
+        usage = chunks[-1].usage
+        assert usage is not None and usage.live_tokens > len(other_tokens) // 2
     finally:
         engine.close()

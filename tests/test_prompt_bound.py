@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import agent_messages, post
 
 from kvtier.prompt_bound import PromptTooLong, check_fits
+from tests.conftest import agent_messages, post
 
 MB = 2**20
 

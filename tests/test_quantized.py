@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx_lm
-from conftest import agent_messages
 
 from kvtier import kvstate
+from tests.conftest import agent_messages
 
 MAX_TOKENS = 16
 Q8 = kvstate.Quantization(bits=8)

@@ -3,6 +3,8 @@ handed back to the caller, and blocks held for their disk write never among them
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
 from kvtier.ram import HotBlock, RamTier
@@ -15,8 +17,8 @@ def block(name: int, nbytes: int = 100, parent: bytes = ROOT, kind: str = "kv") 
                     arrays={}, nbytes=nbytes, kind=kind)
 
 
-def keys(blocks: list[HotBlock]) -> list[int]:
-    return [b.index for b in blocks]
+def keys(blocks: Iterable[HotBlock | None]) -> list[int | None]:
+    return [None if b is None else b.index for b in blocks]
 
 
 def test_put_get_and_lookup_within_budget():

@@ -13,7 +13,8 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, agent_messages
+
+from tests.conftest import ROOT, agent_messages
 
 MAX_TOKENS = 8
 

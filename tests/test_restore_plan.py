@@ -31,6 +31,7 @@ def test_restore_plans_the_prefix_and_keep_makes_the_disk_blocks_hot(llama_model
         assert store.counters["tokens_from_disk"] == len(tokens) - 1 and store.counters["requests_hit"] == 1
 
         full = restored.reuse // BLOCK * BLOCK  # the blocks wholly restored
+        assert engine.plan is not None  # the test model's KV can be stored
         prompt_cache = kvstate.rebuild(engine.model, engine.plan, buffers, restored.reuse, None)
         store.keep(restored, prompt_cache, sequence=None, snapshots={})  # nothing computed
         assert all(store.is_hot(h.ref.key) for h in restored.match.hits[: full // BLOCK])

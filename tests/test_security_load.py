@@ -17,7 +17,8 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import ROOT, agent_messages, free_port, http_request
+
+from tests.conftest import ROOT, agent_messages, free_port, http_request
 
 MAX_TOKENS = 8
 
@@ -108,7 +109,7 @@ def test_non_streaming_client_disconnect_cancels_generation(daemon_factory, llam
 
 
 def _run_clients(daemon, jobs):
-    results = [None] * len(jobs)
+    results: list[str | openai.APIStatusError | None] = [None] * len(jobs)
 
     def run(i, messages, stream):
         client = daemon.client()

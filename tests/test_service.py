@@ -72,10 +72,14 @@ def test_only_given_serve_options_are_written_and_cache_dir_sets_env(tmp_path):
     assert "--cache-dir" in service.program_arguments(spec)
 
 
+class CaseKeptParser(configparser.ConfigParser):
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr  # systemd keys are case-sensitive
+
+
 def test_unit_parses_with_expected_settings(tmp_path):
     spec = make_spec("linux", tmp_path, model="X", port=8500, cache_dir="/data/kv")
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str  # systemd keys are case-sensitive
+    unit = CaseKeptParser(strict=False, interpolation=None)
     unit.read_string(service.systemd_unit(spec))
     assert unit["Unit"]["After"] == "network.target" and unit["Unit"]["Description"]
     svc = unit["Service"]

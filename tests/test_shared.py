@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import agent_messages, free_port
 
 from kvtier import shared
 from kvtier.config import CacheConfig
 from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
+from tests.conftest import agent_messages, free_port
 from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
-REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
+REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server") or ""
+pytestmark = pytest.mark.skipif(not REDIS_SERVER, reason="redis-server is not installed "
                                 "(apt-get install redis-server, or `make system-deps`)")
 MAX_TOKENS = 8
 
@@ -52,6 +52,7 @@ class RedisServer:
         raise TimeoutError("redis-server did not start")
 
     def stop(self) -> None:
+        assert self.proc is not None, "not started"
         self.proc.terminate()
         self.proc.wait(timeout=10)
         self.proc = None
@@ -292,7 +293,7 @@ def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_fac
 
 
 def test_the_cli_shows_and_purges_one_models_shared_entries(tmp_path, fresh_redis):
-    from test_cli import kvtier, kvtier_json
+    from tests.test_cli import kvtier, kvtier_json
 
     for fingerprint, start in (("fp-test", 900), ("fp-other", 950)):
         config = CacheConfig(cache_dir=tmp_path / fingerprint, block_size=BLOCK, shared_url=fresh_redis.url)
@@ -350,8 +351,8 @@ def test_a_stalled_store_is_a_miss_not_a_hang(tmp_path, redis_server):
 
 
 # -- TLS and Redis Cluster, each on its own throwaway servers ------------------------------
-OPENSSL = shutil.which("openssl")
-REDIS_CLI = shutil.which("redis-cli") or shutil.which("valkey-cli")
+OPENSSL = shutil.which("openssl") or ""
+REDIS_CLI = shutil.which("redis-cli") or shutil.which("valkey-cli") or ""
 
 
 def wait_for_ping(client, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -401,7 +402,7 @@ def make_certificates(workdir: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed (needed to make test certificates)")
+@pytest.mark.skipif(not OPENSSL, reason="openssl is not installed (needed to make test certificates)")
 def test_a_tls_store_is_used_with_the_ca_from_the_url_and_plain_text_is_a_warning(tmp_path, caplog):
     from urllib.parse import quote
 
@@ -445,7 +446,8 @@ class RedisClusterServers:
     """Three throwaway cluster-enabled redis-servers (masters, no replicas), one cluster."""
 
     def __init__(self, workdir: Path, count: int = 3):
-        self.workdir, self.ports, self.procs = workdir, [cluster_node_port() for _ in range(count)], []
+        self.workdir, self.ports = workdir, [cluster_node_port() for _ in range(count)]
+        self.procs: list[subprocess.Popen] = []
 
     @property
     def url(self) -> str:
@@ -475,7 +477,7 @@ class RedisClusterServers:
             proc.wait(timeout=10)
 
 
-@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed (needed to create the cluster)")
+@pytest.mark.skipif(not REDIS_CLI, reason="redis-cli is not installed (needed to create the cluster)")
 def test_a_redis_cluster_store_is_shared_with_a_models_keys_spread_over_slots(tmp_path):
     from redis.cluster import RedisCluster
 

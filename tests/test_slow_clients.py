@@ -10,15 +10,16 @@ import json
 import socket
 
 import pytest
-from conftest import http_request
-from test_bad_input import assert_api_error, body_for
+
+from tests.conftest import http_request
+from tests.test_bad_input import assert_api_error, body_for
 
 GUARD = 60  # seconds a socket waits before the test fails: the daemon's limit is 1 s
 
 
 @pytest.fixture(scope="module")
 def impatient_app(tmp_path_factory, llama_model):
-    from inprocess import InProcessDaemon
+    from tests.inprocess import InProcessDaemon
 
     daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("impatient") / "cache",
                              "--read-timeout", "1").start()

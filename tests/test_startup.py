@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, model_variant
+
+from tests.conftest import ROOT, free_port, model_variant
 
 
 def serve(model: Path, cache_dir: Path, port: int, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -159,6 +160,7 @@ def _wait_for_health(daemon: subprocess.Popen, port: int) -> dict:
             return _get(port, "/health")
         except OSError:
             time.sleep(0.2)
+    assert daemon.stdout is not None
     raise AssertionError(f"the daemon exited {daemon.returncode}: {daemon.stdout.read()[-3000:]}")
 
 

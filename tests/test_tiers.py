@@ -263,9 +263,9 @@ def test_read_ahead_stays_within_its_window_and_keeps_chain_order(tmp_path):
     class CountingPool(ThreadPoolExecutor):
         submitted: list = []
 
-        def submit(self, fn, *args):
+        def submit(self, fn, /, *args, **kwargs):
             self.submitted.append(args[0])
-            return super().submit(fn, *args)
+            return super().submit(fn, *args, **kwargs)
 
     refs = block_refs(list(range(12 * BLOCK)), BLOCK, "fp-test")
     record = BlockRecord(parent="", fingerprint="fp-test", depth=0, num_tokens=BLOCK, nbytes=1000,
@@ -274,7 +274,8 @@ def test_read_ahead_stays_within_its_window_and_keeps_chain_order(tmp_path):
         reads = ReadAhead(pool, lambda key_hex, _: key_hex, [(ref, record) for ref in refs], window_bytes=3000)
         assert len(pool.submitted) == 3  # three 1000-byte files fill the window
         for ref in refs[:6]:
-            assert reads.take(ref.key)[1].result() == ref.hex
+            taken = reads.take(ref.key)
+            assert taken is not None and taken[1].result() == ref.hex
             assert len(pool.submitted) == ref.index + 1 + 3
         reads.cancel()
         assert reads.take(refs[6].key) is None
@@ -445,7 +446,7 @@ def test_a_shared_directory_is_refused_not_changed(tmp_path):
     (shared / "notes.txt").write_text("someone else's")
     os.chmod(shared, 0o755)
     store = make_store(shared)
-    assert "open to other users" in store.disk_error and not store.disk_enabled
+    assert "open to other users" in (store.disk_error or "") and not store.disk_enabled
     assert shared.stat().st_mode & 0o777 == 0o755 and not (shared / "index").exists()
     store.close()
 
@@ -498,7 +499,7 @@ def test_read_only_blocks_fail_visibly_count_what_they_keep_and_recover(tmp_path
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(blocks)], check=True)
         refs, tokens = long_chain(store, 2, blocks=3)
-        assert "Read-only" in store.disk_error and store.counters["disk_write_errors"] > 0
+        assert "Read-only" in (store.disk_error or "") and store.counters["disk_write_errors"] > 0
         assert store.disk_used() == du(tmp_path / "cache")  # the evicted file is still counted
         assert store.match(refs, tokens).sources == ["ram"] * 3
     finally:

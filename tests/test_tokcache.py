@@ -7,6 +7,7 @@ a sentencepiece-style Metaspace pre-tokenizer and a Llama-2-style normalizer."""
 from __future__ import annotations
 
 import json
+from typing import Any, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +34,7 @@ PIECES = ["<|im_start|>", "<|im_end|>", "<s>", "</s>", "[INST]", "[/INST]", "<ma
 
 
 def trained(normalizer=None, pre_tokenizer=None, decoder=None, bos: bool = False,
-            added: list[AddedToken] = (), specials: list[str] = CHATML_SPECIALS) -> Tokenizer:
+            added: Sequence[AddedToken] = (), specials: list[str] = CHATML_SPECIALS) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer, tokenizer.decoder = normalizer, decoder
     if pre_tokenizer is not None:
@@ -132,6 +133,18 @@ def built() -> dict:
     return {builder.__name__: builder() for builder in BUILDERS}
 
 
+def incremental_of(hf) -> IncrementalTokenizer:
+    incremental = IncrementalTokenizer.of(hf)
+    assert incremental is not None  # the tokenizers built here are all ones it takes
+    return incremental
+
+
+def encoded_ids(incremental: IncrementalTokenizer, text: str) -> list[int]:
+    encoded = incremental.encode(text)
+    assert encoded is not None
+    return list(encoded.ids)
+
+
 def whole(hf, text: str) -> tuple[list[int], list[int]]:
     """The text tokenized whole as the chat template's tokenize=True does, and its token ends."""
     ids = list(hf(text, add_special_tokens=False)["input_ids"])
@@ -142,7 +155,7 @@ def whole(hf, text: str) -> tuple[list[int], list[int]]:
 
 def test_cut_tokens_leave_out_the_added_tokens_a_cut_before_could_split_wrongly(built):
     def cuts(name: str) -> set[str]:
-        return set(IncrementalTokenizer.of(hf_fast(built[name])).cut_tokens.values())
+        return set(incremental_of(hf_fast(built[name])).cut_tokens.values())
 
     assert cuts("byte_level") == {"<s>", "</s>", "<|im_start|>", "<|im_end|>", "[/INST]"}  # not {x}, "  "
     assert cuts("metaspace_first") == {"<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"}
@@ -157,9 +170,9 @@ def test_cut_tokens_leave_out_the_added_tokens_a_cut_before_could_split_wrongly(
 ])
 def test_a_text_that_would_split_otherwise_at_a_recent_cut_tokenizes_as_whole(built, name, earlier, text):
     hf = hf_fast(built[name])
-    incremental = IncrementalTokenizer.of(hf)
+    incremental = incremental_of(hf)
     incremental.encode(earlier)
-    assert list(incremental.encode(text).ids) == whole(hf, text)[0]
+    assert encoded_ids(incremental, text) == whole(hf, text)[0]
 
 
 @pytest.mark.parametrize("name", [b.__name__ for b in BUILDERS])
@@ -170,16 +183,16 @@ def test_growing_and_edited_texts_tokenize_as_whole(built, name, steps):
     """Each text keeps a (mostly whole) prefix of the one before and appends pieces: its
     incremental tokens and token ends equal the whole text's."""
     hf = hf_fast(built[name])
-    incremental = IncrementalTokenizer.of(hf)
+    incremental = incremental_of(hf)
     text = ""
     for keep, pieces in steps:
         kept = len(text) if keep > 0.3 else int(len(text) * keep / 0.3)
         text = text[:kept] + "".join(pieces)
         encoded = incremental.encode(text)
-        assert (list(encoded.ids), list(encoded.ends)) == whole(hf, text), repr(text)
+        assert encoded is not None and (list(encoded.ids), list(encoded.ends)) == whole(hf, text), repr(text)
 
 
-CONVERSATION = [
+CONVERSATION: list[dict[str, Any]] = [
     {"role": "system", "content": "You are a coding agent.  Use the tools;  never guess.\n"},
     {"role": "user", "content": "Find the block size  \n\n"},
     {"role": "assistant", "content": " I'll search.", "tool_calls": [
@@ -240,11 +253,11 @@ def test_state_that_changes_the_tokenizers_own_call_tokenizes_whole(built):
     messages = CONVERSATION[:4]
     backend = tokenizer._tokenizer.backend_tokenizer
     backend.enable_truncation(8)
-    assert renderer.incremental.encode("<|im_start|>user\nhello") is None
+    assert renderer.incremental is not None and renderer.incremental.encode("<|im_start|>user\nhello") is None
     assert renderer.chat_tokens(messages) == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     backend.no_truncation()
     tokenizer._tokenizer.split_special_tokens = True
-    assert renderer.incremental.encode("<|im_start|>user\nhello") is None
+    assert renderer.incremental is not None and renderer.incremental.encode("<|im_start|>user\nhello") is None
     assert renderer.chat_tokens(messages) == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
@@ -283,13 +296,13 @@ def test_conversations_tokenized_on_many_threads_at_once_each_equal_whole(built)
     from concurrent.futures import ThreadPoolExecutor
 
     hf = hf_fast(built["byte_level"])
-    incremental = IncrementalTokenizer.of(hf)
+    incremental = incremental_of(hf)
 
     def converse(seed: int) -> list[str]:
         text, wrong = f"<|im_start|>system\nagent {seed}<|im_end|>\n", []
         for turn in range(12):
             text += f"<|im_start|>user\nstep {turn} of {seed}  <|im_end|>\n<|im_start|>assistant\n"
-            if list(incremental.encode(text).ids) != whole(hf, text)[0]:
+            if encoded_ids(incremental, text) != whole(hf, text)[0]:
                 wrong.append(text)
             text += f"done {turn}\n<|im_end|>\n"
         return wrong

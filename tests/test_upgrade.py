@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import mlx_lm
-from conftest import ROOT
 
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.ops import CacheDir, stats
 from kvtier.requests import GenerationRequest
+from tests.conftest import ROOT
 
 BLOCK = 16
 MAX_TOKENS = 6
@@ -21,7 +21,9 @@ MAX_TOKENS = 6
 
 def answer(engine: Engine, tokens: list[int]) -> tuple[str, int]:
     chunks = list(engine.generate(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
-    return "".join(c.text for c in chunks), chunks[-1].usage.cached_tokens
+    usage = chunks[-1].usage
+    assert usage is not None  # the last chunk carries it
+    return "".join(c.text for c in chunks), usage.cached_tokens
 
 
 def kvtier(*args: str) -> str:

@@ -3,16 +3,29 @@ block's index, so a restored block is checked bit for bit without loading a mode
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import mlx.core as mx
 import numpy as np
 
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
+from kvtier.index import BlockRecord
+from kvtier.kvstate import Layout
 from kvtier.tiers import NewEntry, TieredStore
 
 BLOCK = 16
-LAYOUT = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
+LAYOUT: Layout = {f"{i}.{kv}.0": ((1, 2, 1, 8), "float32") for i in range(2) for kv in ("keys", "values")}
 BLOCK_BYTES = 4 * 2 * 8 * BLOCK * 4  # four arrays of (1, 2, 16, 8) float32
+
+
+def decoded(items: Iterable[tuple[bytes, BlockRecord | None]]) -> dict[bytes, BlockRecord]:
+    """An index's records by key (Index.items()), every one of them decodable."""
+    records = {}
+    for key, record in items:
+        assert record is not None, f"record {key.hex()} does not decode"
+        records[key] = record
+    return records
 
 
 def make_store(cache_dir, **overrides) -> TieredStore:
