@@ -16,7 +16,8 @@ from typing import Iterable
 
 from .config import format_size
 from .disk import DamagedBlock, decode_block, remove_path
-from .index import MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, in_use, move_aside, now_ms
+from .index import MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, now_ms
+from .index_file import in_use, move_aside
 from .leftovers import strays, summary
 from .local import LocalDisk
 

@@ -22,7 +22,8 @@ from conftest import ROOT, Daemon, agent_messages
 
 from kvtier import ops
 from kvtier.blocks import block_refs
-from kvtier.index import BlockRecord, Index, data_file_problem, open_or_replace
+from kvtier.index import BlockRecord, Index, open_or_replace
+from kvtier.index_file import data_file_problem
 from kvtier.tiers import TieredStore
 from tests.support.blocks import BLOCK, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
