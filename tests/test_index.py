@@ -131,8 +131,8 @@ def test_verify_reports_a_damaged_index_and_fix_rebuilds_it(tmp_path, how):
     fixed = kvtier_verify(tmp_path, "--fix")
     assert fixed.returncode == 0 and "rebuilt from the block files: 4 entries" in fixed.stdout, fixed.stdout + fixed.stderr
     with ops.CacheDir(tmp_path, walk=True) as cache:
-        assert ops.verify(cache) == []
-        assert {k: (r.checksum, r.parent, r.depth) for k, r in cache.index.items()} == before
+        assert cache.verify() == []
+        assert {k: (r.checksum, r.parent, r.depth) for k, r in cache.disk.index.items()} == before
 
 
 @pytest.fixture(scope="module")
