@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the daemon; 1 when its model failed to load (ValueError for what is wrong before
     it starts: the flags, the address, the model's path)."""
     from kvtier.hub import fetch_model
-    from kvtier.index import start_walk
+    from kvtier.index_file import start_walk
 
     from .listen import open_sockets
 

@@ -108,7 +108,7 @@ def _on_shared(args, cache_dir: Path) -> int:
 
         with CacheDir(cache_dir) as cache:
             if cache.damage is None:
-                data = dict(stats(cache), shared=data)
+                data = dict(stats(cache.disk), shared=data)
                 lines = [f"cache: {data['cache_dir']}",
                          f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])}"] + lines
     _emit(args, data, "\n".join(lines))
@@ -148,7 +148,7 @@ def _model_names(cache_dir: Path) -> dict[str, str]:
         with CacheDir(cache_dir) as cache:
             if cache.damage is not None:
                 return {}
-            return {fp: model.get("name", "?") for fp, model in cache.index.models().items()}
+            return {fp: model.get("name", "?") for fp, model in cache.disk.index.models().items()}
     except (OSError, lmdb.Error, IndexDamaged):  # names are a convenience: fingerprints still work
         return {}
 
@@ -176,7 +176,7 @@ def _emit(args: argparse.Namespace, data, human: str) -> None:
 def _stats(args, cache) -> int:
     from kvtier.ops import stats
 
-    data = stats(cache)
+    data = stats(cache.disk)
     lines = [f"cache: {data['cache_dir']}",
              f"disk:  {data['disk']['entries']} entries, {format_size(data['disk']['bytes'])} "
              f"(+ {format_size(data['disk']['index_bytes'])} index)"]
@@ -217,7 +217,7 @@ def _rates_line(rates: dict) -> str:
 def _ls(args, cache) -> int:
     from kvtier.ops import prefixes
 
-    found = prefixes(cache, limit=args.limit, offset=args.offset)
+    found = prefixes(cache.disk, limit=args.limit, offset=args.offset)
     # The fingerprint too: one model has one per mlx / mlx-lm version, and purge --model takes it.
     header = (f"{'key':<16} {'model':<20} {'fingerprint':<12} {'tokens':>7} {'size':>10} {'tier':<5} "
               f"{'last used':<19} pin  preview")
@@ -235,7 +235,7 @@ def _purge(args, cache) -> int:
     if not (args.all or args.model or args.older_than is not None or args.to_size is not None):
         return _fail("purge needs --all, --model, --older-than or --to-size")
     try:
-        result = purge(cache, everything=args.all, model=args.model, older_than_s=args.older_than,
+        result = purge(cache.disk, everything=args.all, model=args.model, older_than_s=args.older_than,
                        to_size=args.to_size)
     except UnknownModel as exc:
         return _fail(str(exc))
@@ -247,10 +247,10 @@ def _purge(args, cache) -> int:
 
 
 def _verify(args, cache) -> int:
-    from kvtier.ops import IndexInUse, verify
+    from kvtier.ops import IndexInUse
 
     try:
-        problems = verify(cache, fix=args.fix)
+        problems = cache.verify(fix=args.fix)
     except IndexInUse as exc:
         print(f"kvtier: {exc}", file=sys.stderr)
         return 1
@@ -271,7 +271,7 @@ def _verify(args, cache) -> int:
 def _pin(args, cache) -> int:
     from kvtier.ops import set_pinned
 
-    changed = set_pinned(cache, args.key, pinned=args.command == "pin")
+    changed = set_pinned(cache.disk, args.key, pinned=args.command == "pin")
     if not changed:
         return _fail(f"no cached prefix starts with {args.key!r} (see `kvtier ls`)")
     _emit(args, {"entries": changed}, f"{args.command}ned {changed} entries")

@@ -3,7 +3,8 @@ evicted least recently used first, checked on every read, swept of what a killed
 
 One class for the daemon (`LocalDisk.open`: creates the directory, falls back to a private
 scratch directory when it cannot be used, rebuilds a damaged index, runs the upkeep thread)
-and the CLI (`LocalDisk.existing`: an existing directory, no threads, damage reported).
+and the CLI (`LocalDisk.existing`: an existing directory, no threads; a damaged index raises
+IndexDamaged, which the CLI's handle, ops.CacheDir, reports and repairs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .disk import (
     parse_block,
     to_mlx,
 )
-from .index import BlockRecord, Index, IndexDamaged, allocated_estimate, now_ms, open_or_replace
+from .index import BlockRecord, Index, allocated_estimate, now_ms, open_or_replace
 from .ram import HotBlock
 from .reindex import Rebuilder
 from .space import DiskSpace, is_no_space
@@ -61,15 +62,13 @@ class LocalDisk:
 
     name = "disk"
 
-    def __init__(self, path: Path, index: Index | None, files: BlockFiles, budget: int,
+    def __init__(self, path: Path, index: Index, files: BlockFiles, budget: int,
                  count: Count = _no_count, fingerprint: str = "",
                  scratch: Path | None = None, write_error: str | None = None, dirs_bytes: int = 0,
-                 damage: str | None = None, owns_index: bool = True):
+                 owns_index: bool = True):
         self.path, self.files, self.budget = Path(path), files, budget
-        # None once closed, or while `damage` says why: then only verify uses it, opening a new index first.
-        self.index: Index = index  # type: ignore[assignment]
+        self.index = index
         self.count, self.fingerprint = count, fingerprint
-        self.damage = damage  # why an existing index was not opened (the CLI's verify repairs it)
         self._owns_index = owns_index
         self.scratch = scratch  # set when the cache directory cannot be used
         self._write_error = write_error  # last disk failure, cleared by a good write
@@ -85,7 +84,7 @@ class LocalDisk:
         self._files_lock = threading.Lock()  # a write job, or the sweep of one subdirectory
         self._closing = threading.Event()
         self.swept = threading.Event()  # set once the start-up cleanup is done
-        self.rebuilder: Rebuilder = Rebuilder(index, files) if index is not None else None  # type: ignore[assignment]
+        self.rebuilder = Rebuilder(index, files)
         self._upkeep: threading.Thread | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -125,20 +124,17 @@ class LocalDisk:
         """An existing cache directory, for the CLI (daemon running or not: LMDB is
         multi-process safe; the daemon passes its own open index, as LMDB allows one open
         environment per file in a process). An index that fails its checks (`walk`: the
-        full one) is not opened: `damage` says why, and only `verify` proceeds."""
+        full one) raises IndexDamaged."""
         path = Path(path).expanduser()
         if index is None and not (path / "index").exists():
             raise FileNotFoundError(f"no kvtier cache at {path}")
-        owns, damage = index is None, None
+        owns = index is None
         if index is None:
-            try:
-                index = Index(path / "index", walk=walk)
-            except IndexDamaged as exc:
-                damage = str(exc)
+            index = Index(path / "index", walk=walk)
         # The directories' own blocks count as the daemon counts them (`open`): du counts them too.
         dirs_bytes = sum(allocated_bytes(p) for p in (path, path / "index"))
-        return cls(path, index, files or BlockFiles(path / "blocks"), budget=0, damage=damage,
-                   owns_index=owns, dirs_bytes=dirs_bytes)
+        return cls(path, index, files or BlockFiles(path / "blocks"), budget=0, owns_index=owns,
+                   dirs_bytes=dirs_bytes)
 
     def _index_damaged(self, reason: str) -> None:
         """The index met damage at run time (in whichever thread): go on with a fresh one,
@@ -530,24 +526,17 @@ class LocalDisk:
         return {"entries": entries, "bytes": disk_bytes, "index_bytes": self.index.disk_usage(),
                 "used_bytes": self.disk_used(), "budget": self.budget, "writable": error is None,
                 "error": error, "full": self.space.is_full,
-                "index_rebuilding": bool(self.rebuilder and self.rebuilder.running)}
+                "index_rebuilding": self.rebuilder.running}
 
     def close(self) -> None:
         self._closing.set()  # before the rebuild stops: the sweep must not follow a partial one
-        if self.rebuilder is not None:
-            self.rebuilder.stop()
+        self.rebuilder.stop()
         if self._upkeep is not None:
             self._upkeep.join()
-        if self._owns_index and self.index is not None:
-            self.index.close()
-            self.index = None  # type: ignore[assignment]  # closed: see __init__
+        if self._owns_index:
+            self.index.close()  # LMDB's close is idempotent: a second close does nothing
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
-
-    def replace_index(self, index: Index) -> None:
-        """Use `index` from now on (a new one, after the damaged one was closed and moved
-        aside): this tier owns it and closes it."""
-        self.index, self._owns_index, self.damage = index, True, None
 
     def __enter__(self) -> "LocalDisk":
         return self

@@ -1,8 +1,9 @@
 """What the CLI does with a cache directory, without a model: stats, list, purge, verify, pin.
 
 The directory itself is the daemon's disk tier class (local.LocalDisk: index, files, budget,
-eviction, checked reads); the daemon's cache routes pass their own. Removal always deletes
-the index entry first, then the file.
+eviction, checked reads); the daemon's cache routes pass their own. The CLI opens it through
+`CacheDir`, which also holds a damaged index's diagnosis and repairs it. Removal always
+deletes the index entry first, then the file.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import format_size
-from .disk import DamagedBlock, decode_block, remove_path
-from .index import MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, in_use, move_aside, now_ms
+from .disk import BlockFiles, DamagedBlock, decode_block, remove_path
+from .index import MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, now_ms
+from .index_file import in_use, move_aside
 from .leftovers import strays, summary
 from .local import LocalDisk
 
@@ -28,8 +30,70 @@ class IndexInUse(RuntimeError):
     """A damaged index another process (a running daemon) still has open."""
 
 
-# The cache directory as the CLI opens it: the daemon's own disk tier class, without its threads.
-CacheDir = LocalDisk.existing
+class CacheDir:
+    """A cache directory as the CLI opens it: the daemon's own disk tier class, without its
+    threads (`disk`), when the index passes its checks (`walk`: the full one); else `damage`
+    says why, and only `verify` proceeds (with `fix`, `repair` replaces the index)."""
+
+    def __init__(self, path: Path, walk: bool = False):
+        self.path, self.damage = Path(path).expanduser(), None
+        self._disk: LocalDisk | None = None
+        try:
+            self._disk = LocalDisk.existing(self.path, walk=walk)
+        except IndexDamaged as exc:
+            self.damage = str(exc)
+
+    @property
+    def disk(self) -> LocalDisk:
+        if self._disk is None:
+            raise IndexDamaged(self.damage or f"{self.path}: closed")
+        return self._disk
+
+    def verify(self, fix: bool = False) -> list[Problem]:
+        """`verify` of the whole directory, the index file itself first."""
+        if self.damage is None:
+            try:
+                return verify(self.disk, fix)
+            except IndexDamaged as exc:
+                self.damage = str(exc)
+        problem = Problem("index_damaged", "", self.damage)
+        if fix:
+            problem.detail += "; " + self.repair(self.damage)
+            return [problem, *verify(self.disk, fix)]
+        return [problem]
+
+    def repair(self, reason: str) -> str:
+        """Move the damaged index aside and rebuild it from the block files (every file that
+        checks out is indexed again, the others removed). Refused while a daemon has it open."""
+        from .reindex import rebuild
+
+        self.close()
+        path = self.path / "index"
+        if in_use(path):
+            raise IndexInUse(f"{path} is damaged but a running kvtier has it open: it replaces the "
+                             f"index itself when it meets the damage; or stop it and run this again")
+        aside = move_aside(path)
+        index = Index(path)
+        try:
+            index.mark_rebuild(reason)
+            report = rebuild(index, BlockFiles(self.path / "blocks"))
+            index.mark_rebuild(None)
+        finally:
+            index.close()
+        self._disk, self.damage = LocalDisk.existing(self.path), None
+        return (f"moved to {aside.name}, rebuilt from the block files: {report.indexed} entries, "
+                f"{report.removed} files removed")
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+    def __enter__(self) -> "CacheDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- stats --------------------------------------------------------------------------------
@@ -234,42 +298,9 @@ class Problem:
 
 
 def verify(cache: LocalDisk, fix: bool = False) -> list[Problem]:
-    """Check the index file itself, every record against its file (size, checksum, format,
-    tokens), and every file against the index. With `fix`, remove what is broken and
-    recount the totals; a damaged index is moved aside and rebuilt from the block files."""
-    damage = cache.damage
-    if damage is None:
-        try:
-            return _verify_entries(cache, fix)
-        except IndexDamaged as exc:
-            damage = str(exc)
-    problem = Problem("index_damaged", "", damage)
-    if fix:
-        problem.detail += "; " + repair_index(cache, damage)
-        return [problem, *_verify_entries(cache, fix)]
-    return [problem]
-
-
-def repair_index(cache: LocalDisk, reason: str) -> str:
-    """Move the damaged index aside and rebuild it from the block files (every file that
-    checks out is indexed again, the others removed). Refused while a daemon has it open."""
-    from .reindex import rebuild
-
-    cache.close()
-    path = cache.path / "index"
-    if in_use(path):
-        raise IndexInUse(f"{path} is damaged but a running kvtier has it open: it replaces the "
-                         f"index itself when it meets the damage; or stop it and run this again")
-    aside = move_aside(path)
-    cache.replace_index(Index(path))
-    cache.index.mark_rebuild(reason)
-    report = rebuild(cache.index, cache.files)
-    cache.index.mark_rebuild(None)
-    return (f"moved to {aside.name}, rebuilt from the block files: {report.indexed} entries, "
-            f"{report.removed} files removed")
-
-
-def _verify_entries(cache: LocalDisk, fix: bool) -> list[Problem]:
+    """Check every record against its file (size, checksum, format, tokens), and every file
+    against the index. With `fix`, remove what is broken and recount the totals. Damage met
+    in the index raises IndexDamaged (CacheDir.verify checks the index file itself too)."""
     problems: list[Problem] = []
     for key, record in cache.index.items():
         problem = _check_record(cache, key, record)

@@ -21,7 +21,8 @@ import pytest
 
 from kvtier import ops
 from kvtier.blocks import block_refs
-from kvtier.index import BlockRecord, Index, data_file_problem, open_or_replace
+from kvtier.index import BlockRecord, Index, open_or_replace
+from kvtier.index_file import data_file_problem
 from kvtier.tiers import TieredStore
 from tests.conftest import ROOT, Daemon, agent_messages
 from tests.support.blocks import BLOCK, arrays_for, assert_hits_hold_their_arrays, decoded, fill, make_store
@@ -130,8 +131,8 @@ def test_verify_reports_a_damaged_index_and_fix_rebuilds_it(tmp_path, how):
     fixed = kvtier_verify(tmp_path, "--fix")
     assert fixed.returncode == 0 and "rebuilt from the block files: 4 entries" in fixed.stdout, fixed.stdout + fixed.stderr
     with ops.CacheDir(tmp_path, walk=True) as cache:
-        assert ops.verify(cache) == []
-        assert {k: (r.checksum, r.parent, r.depth) for k, r in decoded(cache.index.items()).items()} == before
+        assert cache.verify() == []
+        assert {k: (r.checksum, r.parent, r.depth) for k, r in decoded(cache.disk.index.items()).items()} == before
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_children_are_read_by_their_first_token(tmp_path):
 def test_an_index_walk_started_early_is_the_one_the_open_uses(tmp_path):
     """`kvtier serve` starts the index's full check before loading the model; the store's
     open then takes that check's answer (and still finds damage with it)."""
-    from kvtier import index as index_module
+    from kvtier import index_file as index_module
 
     cache_with_prefixes(tmp_path, count=2)
     index_module.start_walk(tmp_path / "index")

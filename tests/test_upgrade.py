@@ -58,7 +58,7 @@ def test_an_mlx_lm_upgrade_is_a_clean_miss_listed_apart_and_purged_alone(llama_m
 
     cache_dir = str(tmp_path / "cache")
     with CacheDir(tmp_path / "cache") as cache:
-        models = stats(cache)["models"]
+        models = stats(cache.disk)["models"]
     assert {fp: m["runtime"]["mlx_lm"] for fp, m in models.items()} == {old.fingerprint: "0.0.1",
                                                                          new.fingerprint: installed}
     assert {m["model"] for m in models.values()} == {str(llama_model)}  # one model, two versions
@@ -66,5 +66,5 @@ def test_an_mlx_lm_upgrade_is_a_clean_miss_listed_apart_and_purged_alone(llama_m
 
     kvtier("purge", "--model", old.fingerprint, "--cache-dir", cache_dir)
     with CacheDir(tmp_path / "cache") as cache:
-        models = stats(cache)["models"]
+        models = stats(cache.disk)["models"]
     assert models[old.fingerprint]["blocks"] == 0 and models[new.fingerprint]["blocks"] > 0
