@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import kvstate
-from .blocks import BlockRef, Tokens, block_key, block_refs, common_prefix, root_key, snapshot_ref, tokens_hash
+from .blocks import BlockRef, Tokens, block_refs, common_prefix, root_key, snapshot_ref, tokens_hash
+from .checks import check_block
 from .config import CacheConfig
 from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
 from .index import BlockRecord, Index, now_ms
@@ -146,13 +147,6 @@ class SharedSize:
     """A block the shared store holds, as the read-ahead plans it."""
 
     nbytes: int
-
-
-def _check_key(ref: BlockRef, tokens: np.ndarray) -> None:
-    """A KV block read without the local index's word for its tokens (from the shared store,
-    or by the prefetch) must have the key its parent and tokens hash to."""
-    if block_key(ref.parent, tokens) != ref.key:
-        raise DamagedBlock("its key is not the hash of its parent and tokens")
 
 
 def _step_times(marks: list[float]) -> dict[str, float]:
@@ -572,9 +566,9 @@ class TieredStore:
             stored_kind, stored_tokens_hash, parsed = fetched
             if stored_kind != kind or stored_tokens_hash != tokens_hash(block_tokens):
                 return None  # another entry's tokens, or a collision: not this block
-            self._check_parsed(ref, parsed, block_tokens, kind)
-            if kind == "kv":
-                _check_key(ref, parsed.tokens)
+            # Its key checked too: the local index has not vouched for its tokens.
+            check_block(parsed, ref.key, kind, fingerprint=self.fingerprint, tokens=block_tokens,
+                        parent=ref.parent if kind == "kv" else None, fits=self._fits_model)
         except DamagedBlock as exc:
             log.warning("shared cache entry %s is damaged (%s): treated as a miss", ref.hex, exc)
             self.count("shared_damaged")
@@ -636,22 +630,11 @@ class TieredStore:
             return None
         try:
             parsed = read.result() if read else self.disk.read_parsed(ref.hex, record)
-            self._check_parsed(ref, parsed, block_tokens, kind)
+            check_block(parsed, ref.key, kind, fingerprint=self.fingerprint, tokens=block_tokens, fits=self._fits_model)
         except DamagedBlock as exc:
             self._damaged(ref, exc)
             return None
         return parsed
-
-    def _check_parsed(self, ref: BlockRef, parsed: ParsedBlock, block_tokens: np.ndarray, kind: str) -> None:
-        """A parsed entry is the one asked for, and for this model: DamagedBlock if not."""
-        meta = parsed.metadata
-        if meta.get("key", ref.hex) != ref.hex or meta.get("fingerprint", self.fingerprint) != self.fingerprint \
-                or meta.get("kind", kind) != kind:
-            raise DamagedBlock("key, model or kind differ from the entry asked for")
-        if not np.array_equal(parsed.tokens, block_tokens):
-            raise DamagedBlock("stored tokens differ from the index")
-        if not self._fits_model(parsed, kind):
-            raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
 
     def _damaged(self, ref: BlockRef, exc: DamagedBlock) -> None:
         self.disk.drop_damaged(ref.key, exc)
@@ -844,11 +827,9 @@ class TieredStore:
         ref = BlockRef(key, bytes.fromhex(record.parent), record.depth)
         try:
             parsed = read.result()
-            if tokens_hash(parsed.tokens) != record.tokens_hash:
-                raise DamagedBlock("stored tokens differ from the index")
-            self._check_parsed(ref, parsed, parsed.tokens, record.kind)
-            if record.kind == "kv":
-                _check_key(ref, parsed.tokens)
+            # Its key checked too: no prompt's tokens vouch for it, only its record.
+            check_block(parsed, key, record.kind, fingerprint=self.fingerprint, record=record,
+                        parent=ref.parent if record.kind == "kv" else None, fits=self._fits_model)
             arrays = to_mlx(parsed)
         except DamagedBlock as exc:
             self._damaged(ref, exc)
