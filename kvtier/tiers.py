@@ -23,7 +23,7 @@ from . import kvstate
 from .blocks import BlockRef, Tokens, block_refs, common_prefix, root_key, snapshot_ref, tokens_hash
 from .checks import check_block
 from .config import CacheConfig
-from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
+from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, to_mlx
 from .index import BlockRecord, Index, now_ms
 from .kvstate import BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes, snapshot_matches
 from .live import LiveCaches, LiveHit
@@ -31,7 +31,8 @@ from .local import LocalDisk
 from .prefetch import PREFETCH_SLICE_BYTES, Prefetch, plan_prefetch
 from .ram import HotBlock, RamTier
 from .readahead import READ_AHEAD_BYTES, ReadAhead, first_bytes
-from .shared import SharedTier, Upload, decode_value, encode_value
+from .shared import SharedTier
+from .shared_io import SharedIO, SharedSize
 from .writer import DiskWriter, Entry, WriteJob
 
 log = logging.getLogger("kvtier.tiers")
@@ -142,13 +143,6 @@ class NewEntry:
     source: str = "computed"  # or the tier a restored block was read from ("disk", "shared")
 
 
-@dataclass
-class SharedSize:
-    """A block the shared store holds, as the read-ahead plans it."""
-
-    nbytes: int
-
-
 def _step_times(marks: list[float]) -> dict[str, float]:
     """Seconds of a restore's steps, from the clock read at each step's end (and before)."""
     return {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
@@ -171,6 +165,8 @@ class TieredStore:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
         self.shared = (SharedTier(config.shared_url, fingerprint, self.count, config.shared_ttl)
                        if config.shared_url else None)
+        self._shared_io = (SharedIO(self.shared, self._readers, fingerprint, self._fits_model, self.count)
+                           if self.shared is not None else None)
         # Finished requests' whole caches, for a next turn to take over (kvtier/live.py).
         self.live = LiveCaches(plan) if plan is not None else None
         self.prefetch: Prefetch | None = None
@@ -436,8 +432,8 @@ class TieredStore:
             for ref in refs:
                 block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
                 hit = self._lookup(ref, block_tokens, reads.take(ref.key))
-                if hit is None and self.shared is not None:  # the local chain ends: the team's may go on
-                    remote = remote or self._shared_read_ahead(refs[ref.index :])
+                if hit is None and self._shared_io is not None:  # the local chain ends: the team's may go on
+                    remote = remote or self._shared_io.read_ahead(refs[ref.index :])
                     hit = self._lookup_shared(ref, block_tokens, "kv", remote.take(ref.key))
                 if hit is None or len(hit.tokens) != size:
                     break
@@ -514,28 +510,6 @@ class TieredStore:
             return self.disk.read_into(key_hex, record, targets.pop(key_hex))
         return ReadAhead(self._readers, read_into, planned)
 
-    def _shared_read_ahead(self, refs: list[BlockRef]) -> ReadAhead[SharedSize]:
-        """The rest of the chain from the shared store: which blocks it holds in one round
-        trip, then their values fetched in order, overlapping the restore of earlier ones."""
-        assert self.shared is not None  # asked only when there is a shared tier
-        sizes = self.shared.lookup([ref.key for ref in refs])
-        planned = []
-        for ref in refs:
-            if ref.key not in sizes:
-                break
-            planned.append((ref, SharedSize(sizes[ref.key])))
-        return ReadAhead(self._readers, self._fetch_shared, planned)
-
-    def _fetch_shared(self, key_hex: str, _size: SharedSize | None = None) -> tuple[str, str, ParsedBlock] | None:
-        """A shared value, its header and payload checked: (kind, tokens hash, parsed), or
-        None when the store does not have it (or cannot be reached)."""
-        assert self.shared is not None  # asked only when there is a shared tier
-        value = self.shared.get(bytes.fromhex(key_hex))
-        if value is None:
-            return None
-        header, payload = decode_value(value)
-        return header.kind, header.tokens_hash, parse_block(payload)
-
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray,
                 pending: tuple[BlockRecord, Future] | None = None, shared: bool = False) -> Hit | None:
         """The block at `ref` if its tokens start as `block_tokens` do (all of them, or the
@@ -556,25 +530,11 @@ class TieredStore:
 
     def _lookup_shared(self, ref: BlockRef, block_tokens: np.ndarray, kind: str,
                        pending: tuple[SharedSize, Future] | None = None) -> Hit | None:
-        """The block at `ref` from the shared store, checked as a disk file is (and its key
-        against its parent and tokens); a damaged value is a miss, removed from the store."""
-        assert self.shared is not None  # asked only when there is a shared tier
-        try:
-            fetched = pending[1].result() if pending else self._fetch_shared(ref.hex)
-            if fetched is None:
-                return None
-            stored_kind, stored_tokens_hash, parsed = fetched
-            if stored_kind != kind or stored_tokens_hash != tokens_hash(block_tokens):
-                return None  # another entry's tokens, or a collision: not this block
-            # Its key checked too: the local index has not vouched for its tokens.
-            check_block(parsed, ref.key, kind, fingerprint=self.fingerprint, tokens=block_tokens,
-                        parent=ref.parent if kind == "kv" else None, fits=self._fits_model)
-        except DamagedBlock as exc:
-            log.warning("shared cache entry %s is damaged (%s): treated as a miss", ref.hex, exc)
-            self.count("shared_damaged")
-            self.shared.remove(ref.key, ref.parent, kind)
+        """The block at `ref` from the shared store, checked (SharedIO.read): a hit or a miss."""
+        assert self._shared_io is not None  # asked only when there is a shared tier
+        parsed = self._shared_io.read(ref, block_tokens, kind, pending)
+        if parsed is None:
             return None
-        self.count("shared_hits")
         return Hit(ref, parsed.tokens.copy(), len(block_tokens), parsed.nbytes, parsed=parsed, origin="shared")
 
     def _lookup_snapshot(self, ref: BlockRef, after: np.ndarray) -> tuple[HotBlock, str] | None:
@@ -721,8 +681,8 @@ class TieredStore:
         """Queue blocks for the disk; RAM holds them until the write is done, so a block is
         findable from the moment it is computed (the overshoot is bounded by the queue)."""
         if not self.disk_enabled:
-            if self.shared is not None:  # no local copy to wait for
-                self._upload([Entry(b.key, self._encode(b), b) for b in blocks if not b.shared])
+            if self._shared_io is not None:  # no local copy to wait for
+                self._shared_io.upload([Entry(b.key, self._encode(b), b) for b in blocks if not b.shared])
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
         entries += [Entry(block.key, self._encode(block), block) for block in blocks]
@@ -737,18 +697,6 @@ class TieredStore:
         if block.skeleton:
             meta["skeleton"] = block.skeleton
         return encode_block(block.arrays, block.tokens, meta)
-
-    def _upload(self, entries: list[Entry]) -> None:
-        """Queue new entries for the shared store (best effort, in the background): the same
-        bytes as their files, with a header to check them by."""
-        if self.shared is None:
-            return
-        for entry in entries:
-            block: HotBlock = entry.block
-            if block is None or block.shared or entry.payload is None:
-                continue
-            value = encode_value(block.kind, entry.payload, tokens_hash(block.tokens))
-            self.shared.put(Upload(block.key, block.parent, block.kind, block.tokens, value))
 
     def _write_then_release(self, job: WriteJob) -> None:
         """Runs on the writer thread: write the job, then let RAM evict its blocks again
@@ -781,7 +729,8 @@ class TieredStore:
             if entry.block is not None:
                 entry.block.persisted = True
         written = {key for key, _, _ in indexed}
-        self._upload([e for e in job.entries if e.key in written])
+        if self._shared_io is not None:
+            self._shared_io.upload([e for e in job.entries if e.key in written])
 
 
     def spill(self, target_bytes: int) -> int:
