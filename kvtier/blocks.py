@@ -73,6 +73,16 @@ def snapshot_ref(refs: list["BlockRef"], tokens: Tokens, position: int, block_si
     return BlockRef(xxhash.xxh3_128_digest(b"kvtier-snapshot\x00" + prefix), anchor, j)
 
 
+def derived_key(kind: str, parent: bytes, tokens: np.ndarray) -> bytes | None:
+    """The key a block or snapshot with this parent and these tokens has (as `snapshot_ref` gives it)."""
+    prefix = block_key(parent, tokens) if len(tokens) else parent
+    if kind == "kv":
+        return prefix
+    if kind == "snap":
+        return xxhash.xxh3_128_digest(b"kvtier-snapshot\x00" + prefix)
+    return None
+
+
 @dataclass(frozen=True)
 class BlockRef:
     """Where a block sits in its chain: its key, its parent's key and its index."""

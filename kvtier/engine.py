@@ -25,10 +25,11 @@ from . import kvstate
 from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
+from .prefetch import Prefetch
 from .prompt import Renderer
 from .requests import Chunk, GenerationRequest, Usage
 from .text import TextStream
-from .tiers import Prefetch, Restore, TieredStore
+from .tiers import Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
 
@@ -331,7 +332,7 @@ class Engine:
         if prefetch is not None and prefetch.stopped is None and prefetch.live_tokens is None:
             revivable = self.store.live is not None and not self.cache_plan.needs_snapshots
             # Oldest first: the live caches drop their oldest entry when full.
-            sequences = [tokens for tokens in map(self.store.chain_tokens, reversed(prefetch.leaves)) if tokens]
+            sequences = prefetch.hot_chains(self.store.ram, self.store.fingerprint)
             prefetch.live_tokens = sum(self.revive(tokens) for tokens in sequences) if revivable else 0
             self._tokenize_ahead(prefetch, sequences)
         return False
@@ -352,7 +353,7 @@ class Engine:
 
     def revive(self, tokens: list[int]) -> int:
         """Rebuild the prompt cache of the conversation holding `tokens` (a chain's, from its
-        hot blocks: `TieredStore.chain_tokens`) and keep it live, so that after a restart its
+        hot blocks: `Prefetch.hot_chains`) and keep it live, so that after a restart its
         next turn takes it over as a warm turn does, with no copy on its way to the first token. Only for models without
         snapshot layers (a live cache of those serves only a prompt extending its whole
         sequence). The tokens it holds, or 0."""

@@ -23,6 +23,7 @@ import lmdb
 import numpy as np
 
 from .blocks import encode_tokens, tokens_hash
+from .checks import check_block
 from .config import format_size
 from .disk import (
     BlockFiles,
@@ -500,10 +501,7 @@ class LocalDisk:
             raise DamagedBlock("not indexed")
         parsed = self.read_parsed(key.hex(), record)
         to_mlx(parsed)  # every dtype is one MLX knows
-        if len(parsed.tokens) != record.num_tokens or tokens_hash(parsed.tokens) != record.tokens_hash:
-            raise DamagedBlock("tokens differ from the index")
-        if record.kind == "kv" and any(t.shape[2] != record.num_tokens for t in parsed.tensors.values()):
-            raise DamagedBlock("array lengths differ from the token count")
+        check_block(parsed, key, record.kind, record=record)
         return parsed
 
     def drop_damaged(self, key: bytes, exc: DamagedBlock) -> None:

@@ -15,11 +15,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import xxhash
-
-from .blocks import block_key, encode_tokens, tokens_hash
-from .disk import TOKENS_TENSOR, BlockFiles, DamagedBlock, checksum, content_hash, key_of_path, parse_block, remove_path
+from .blocks import encode_tokens, tokens_hash
+from .checks import check_block
+from .disk import BlockFiles, DamagedBlock, checksum, key_of_path, parse_block, remove_path
 from .index import BlockRecord, Index, IndexDamaged
 
 log = logging.getLogger("kvtier.reindex")
@@ -76,10 +74,7 @@ def _entry_of(path: Path, key_hex: str) -> tuple[bytes, BlockRecord, bytes] | No
         kind, fingerprint = meta["kind"], meta["fingerprint"]
         if meta["key"] != key_hex or len(key) != 16 or len(parent) != 16 or depth < 0:
             raise DamagedBlock("key, parent or depth differ from the file name")
-        if key != derived_key(kind, parent, parsed.tokens):
-            raise DamagedBlock("the key is not the one its parent and tokens give")
-        if content_hash(dict(parsed.tensors, **{TOKENS_TENSOR: parsed.tokens})) != meta["content"]:
-            raise DamagedBlock("tensors differ from the hash in the file")
+        check_block(parsed, key, kind, parent=parent, content=True)
     except (OSError, DamagedBlock, KeyError, ValueError) as exc:
         log.info("block file %s is not indexed again (%s): removed", path.name, exc)
         return None
@@ -88,16 +83,6 @@ def _entry_of(path: Path, key_hex: str) -> tuple[bytes, BlockRecord, bytes] | No
                          tokens_hash=tokens_hash(parsed.tokens), access_ms=stamp, created_ms=stamp,
                          kind=kind)
     return key, record, encode_tokens(parsed.tokens)
-
-
-def derived_key(kind: str, parent: bytes, tokens: np.ndarray) -> bytes | None:
-    """The key a block or snapshot with this parent and these tokens has (blocks.py)."""
-    prefix = block_key(parent, tokens) if len(tokens) else parent
-    if kind == "kv":
-        return prefix
-    if kind == "snap":
-        return xxhash.xxh3_128_digest(b"kvtier-snapshot\x00" + prefix)
-    return None
 
 
 class Rebuilder:

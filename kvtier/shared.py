@@ -6,7 +6,7 @@ same model (same weights, dtype, block size) ever meet each other's blocks:
   kvtier:v1:<fingerprint>:c:<parent hex>  a hash of the entries continuing <parent>:
                                           "<kind>:<key hex>" -> their tokens (uint32 LE)
 Nothing read back is trusted: the header's checksum, size and tokens hash are checked here,
-and the caller (tiers.py) checks the tokens, key and shapes as it does for disk files.
+and the caller (shared_io.py) checks the tokens, key and shapes as it does for disk files.
 
 The store is best effort, never on a request's critical path for long: uploads are queued
 (bounded, dropped and counted when full), request-path reads have short socket timeouts,

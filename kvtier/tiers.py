@@ -12,24 +12,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import kvstate
-from .blocks import BlockRef, Tokens, block_key, block_refs, common_prefix, root_key, snapshot_ref, tokens_hash
+from .blocks import BlockRef, Tokens, block_refs, common_prefix, root_key, snapshot_ref, tokens_hash
+from .checks import check_block
 from .config import CacheConfig
-from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, parse_block, to_mlx
-from .index import BlockRecord, Index, IndexDamaged, now_ms
+from .disk import BlockFiles, DamagedBlock, ParsedBlock, encode_block, to_mlx
+from .index import BlockRecord, Index, now_ms
 from .kvstate import BlockArrays, CachePlan, Layout, PromptBuffers, Snapshot, matches_layout, nbytes, snapshot_matches
-from .live import SLOTS as LIVE_SLOTS
 from .live import LiveCaches, LiveHit
 from .local import LocalDisk
+from .prefetch import PREFETCH_SLICE_BYTES, Prefetch, plan_prefetch
 from .ram import HotBlock, RamTier
-from .shared import SharedTier, Upload, decode_value, encode_value
+from .readahead import READ_AHEAD_BYTES, ReadAhead, first_bytes
+from .shared import SharedTier
+from .shared_io import SharedIO, SharedSize
 from .writer import DiskWriter, Entry, WriteJob
 
 log = logging.getLogger("kvtier.tiers")
@@ -140,146 +143,6 @@ class NewEntry:
     source: str = "computed"  # or the tier a restored block was read from ("disk", "shared")
 
 
-@dataclass
-class SharedSize:
-    """A block the shared store holds, as the read-ahead plans it."""
-
-    nbytes: int
-
-
-READ_AHEAD_BYTES = 256 << 20  # how far the read-ahead reads past the block in use
-
-# What a read-ahead plans each block by: its disk record, or its size in the shared store.
-Planned = TypeVar("Planned", BlockRecord, SharedSize)
-
-
-class ReadAhead(Generic[Planned]):
-    """Block files read on a thread pool in chain order, at most `window_bytes` ahead of the
-    block being used: reads overlap the work on earlier blocks, and what is read but not yet
-    used (or never used, when the chain breaks) stays bounded: memory where files are read
-    whole, the disk's wasted work where they are read into a prompt's buffers."""
-
-    def __init__(self, pool: ThreadPoolExecutor, read: Callable[[str, Planned], object],
-                 planned: list[tuple[BlockRef, Planned]], window_bytes: int = READ_AHEAD_BYTES):
-        self._pool, self._window = pool, window_bytes
-        self._read: Callable[[str, Planned], object] = read
-        self._planned: deque[tuple[BlockRef, Planned]] = deque(planned)
-        self._started: dict[bytes, tuple[Planned, Future]] = {}
-        self._started_bytes = 0
-        self._top_up()
-
-    def take(self, key: bytes) -> tuple[Planned, Future] | None:
-        """The record and pending read of `key`'s file, if it was planned."""
-        started = self._started.pop(key, None)
-        if started is not None:
-            self._started_bytes -= started[0].nbytes
-            self._top_up()
-        return started
-
-    def cancel(self) -> None:
-        """Drop the reads not yet needed; wait for those already running (they may be
-        writing into a prompt's buffers, which the caller is about to use)."""
-        running = [future for _, future in self._started.values() if not future.cancel()]
-        wait(running)
-        self._started.clear()
-        self._planned.clear()
-
-    def _top_up(self) -> None:
-        # At least two files in flight whatever their size, so reading never stalls.
-        while self._planned and (len(self._started) < 2 or self._started_bytes < self._window):
-            ref, record = self._planned.popleft()
-            self._started[ref.key] = (record, self._pool.submit(self._read, ref.hex, record))
-            self._started_bytes += record.nbytes
-
-
-@dataclass
-class Prefetch:
-    """The start-up read of this model's most recently used entries into the hot tier, so
-    that the first requests after a restart are served from RAM (TieredStore.prefetch_step)."""
-
-    planned: deque[tuple[bytes, BlockRecord]]
-    epoch: int  # the hot tier's purge epoch it began in: a purge since ends it
-    entries: int = 0
-    nbytes: int = 0
-    began: float = field(default_factory=time.perf_counter)
-    seconds: float | None = None  # how long it took, once it ended
-    stopped: str | None = None  # why it ended early: "purged", "memory pressure", "full", "queue full"
-    leaves: list[bytes] = field(default_factory=list)  # the newest conversations' last blocks, newest first
-    live_tokens: int | None = None  # what the live caches rebuilt from their chains hold, once tried
-    tokenized_texts: int | None = None  # the newest conversations' texts tokenized ahead, once done
-
-    @property
-    def done(self) -> bool:
-        return self.seconds is not None
-
-    def end(self, why: str | None = None) -> None:
-        self.stopped = self.stopped or why
-        if self.seconds is None:
-            self.seconds = time.perf_counter() - self.began
-
-    def stats(self) -> dict:
-        # Done for its users once the texts are tokenized too (never started if it stopped early).
-        finished = self.done and (self.stopped is not None or self.tokenized_texts is not None)
-        return {"done": finished, "entries": self.entries, "bytes": self.nbytes, "planned": len(self.planned),
-                "seconds": round(self.seconds, 3) if self.seconds is not None else None, "stopped": self.stopped,
-                "live_tokens": self.live_tokens, "tokenized_texts": self.tokenized_texts}
-
-
-PREFETCH_SCAN = 200_000  # index entries looked at for the plan (other models' are skipped)
-PREFETCH_SLICE_BYTES = 32 * 2**20  # read per slice: what a request arriving meanwhile may wait for
-
-
-def _newest_leaves(planned: deque[tuple[bytes, BlockRecord]], limit: int) -> list[bytes]:
-    """The ends of the conversations used last, newest first: of the chain ends (KV blocks no
-    other one continues) used together (one access time: what a request wrote or reused),
-    the deepest one. Conversations on other prefixes come before more of one prefix: a live
-    cache serves any prompt sharing half of it, so four turns of one agent's conversation
-    would leave its subagents (other system prompts) to copy from the hot blocks."""
-    records = {key: record for key, record in planned if record.kind == "kv"}
-    continued = {bytes.fromhex(record.parent) for record in records.values()}
-    used_together: dict[int, list[tuple[bytes, BlockRecord]]] = {}
-    for key, record in records.items():  # newest first, as planned
-        if key not in continued:
-            used_together.setdefault(record.access_ms, []).append((key, record))
-    ends = [max(group, key=lambda kr: kr[1].depth)[0] for group in used_together.values()]
-    chosen: list[bytes] = []
-    held: set[bytes] = set()  # the blocks of the chosen conversations' chains
-    for end in ends:
-        chain = _chain(end, records)
-        # Its block halfway up: another conversation holding it shares at least half of this one.
-        if len(chosen) < limit and (chain[len(chain) // 2] if chain else end) not in held:
-            chosen.append(end)
-            held.update(chain)
-    return chosen + [end for end in ends if end not in chosen][: limit - len(chosen)]
-
-
-def _chain(key: bytes, records: dict[bytes, BlockRecord]) -> list[bytes]:
-    """`key` and its ancestors among `records`, leaf first."""
-    chain = []
-    while key in records:
-        chain.append(key)
-        key = bytes.fromhex(records[key].parent)
-    return chain
-
-
-def _first_bytes(planned: list[tuple[BlockRef, BlockRecord]], limit: int) -> list[str]:
-    """The keys of the leading planned files that hold `limit` bytes in all."""
-    keys, total = [], 0
-    for ref, record in planned:
-        if total >= limit:
-            break
-        keys.append(ref.hex)
-        total += record.nbytes
-    return keys
-
-
-def _check_key(ref: BlockRef, tokens: np.ndarray) -> None:
-    """A KV block read without the local index's word for its tokens (from the shared store,
-    or by the prefetch) must have the key its parent and tokens hash to."""
-    if block_key(ref.parent, tokens) != ref.key:
-        raise DamagedBlock("its key is not the hash of its parent and tokens")
-
-
 def _step_times(marks: list[float]) -> dict[str, float]:
     """Seconds of a restore's steps, from the clock read at each step's end (and before)."""
     return {name: b - a for name, a, b in zip(("hash", "match", "snapshot", "account"), marks, marks[1:])}
@@ -302,6 +165,8 @@ class TieredStore:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
         self.shared = (SharedTier(config.shared_url, fingerprint, self.count, config.shared_ttl)
                        if config.shared_url else None)
+        self._shared_io = (SharedIO(self.shared, self._readers, fingerprint, self._fits_model, self.count)
+                           if self.shared is not None else None)
         # Finished requests' whole caches, for a next turn to take over (kvtier/live.py).
         self.live = LiveCaches(plan) if plan is not None else None
         self.prefetch: Prefetch | None = None
@@ -567,8 +432,8 @@ class TieredStore:
             for ref in refs:
                 block_tokens = tokens[ref.index * size : (ref.index + 1) * size]
                 hit = self._lookup(ref, block_tokens, reads.take(ref.key))
-                if hit is None and self.shared is not None:  # the local chain ends: the team's may go on
-                    remote = remote or self._shared_read_ahead(refs[ref.index :])
+                if hit is None and self._shared_io is not None:  # the local chain ends: the team's may go on
+                    remote = remote or self._shared_io.read_ahead(refs[ref.index :])
                     hit = self._lookup_shared(ref, block_tokens, "kv", remote.take(ref.key))
                 if hit is None or len(hit.tokens) != size:
                     break
@@ -637,35 +502,13 @@ class TieredStore:
         if into is None:
             return ReadAhead(self._readers, self.disk.read_parsed, planned)
         # The buffers' views wait for MLX's zero-fill (~50 ms per 136 MB here): the disk starts meanwhile.
-        self._readers.submit(self.disk.files.will_need, _first_bytes(planned, READ_AHEAD_BYTES))
+        self._readers.submit(self.disk.files.will_need, first_bytes(planned, READ_AHEAD_BYTES))
         size = self.config.block_size
         targets = {ref.hex: into.views_at(ref.index * size, size) for ref, _ in planned}
 
         def read_into(key_hex: str, record: BlockRecord) -> ParsedBlock:
             return self.disk.read_into(key_hex, record, targets.pop(key_hex))
         return ReadAhead(self._readers, read_into, planned)
-
-    def _shared_read_ahead(self, refs: list[BlockRef]) -> ReadAhead[SharedSize]:
-        """The rest of the chain from the shared store: which blocks it holds in one round
-        trip, then their values fetched in order, overlapping the restore of earlier ones."""
-        assert self.shared is not None  # asked only when there is a shared tier
-        sizes = self.shared.lookup([ref.key for ref in refs])
-        planned = []
-        for ref in refs:
-            if ref.key not in sizes:
-                break
-            planned.append((ref, SharedSize(sizes[ref.key])))
-        return ReadAhead(self._readers, self._fetch_shared, planned)
-
-    def _fetch_shared(self, key_hex: str, _size: SharedSize | None = None) -> tuple[str, str, ParsedBlock] | None:
-        """A shared value, its header and payload checked: (kind, tokens hash, parsed), or
-        None when the store does not have it (or cannot be reached)."""
-        assert self.shared is not None  # asked only when there is a shared tier
-        value = self.shared.get(bytes.fromhex(key_hex))
-        if value is None:
-            return None
-        header, payload = decode_value(value)
-        return header.kind, header.tokens_hash, parse_block(payload)
 
     def _lookup(self, ref: BlockRef, block_tokens: np.ndarray,
                 pending: tuple[BlockRecord, Future] | None = None, shared: bool = False) -> Hit | None:
@@ -687,25 +530,11 @@ class TieredStore:
 
     def _lookup_shared(self, ref: BlockRef, block_tokens: np.ndarray, kind: str,
                        pending: tuple[SharedSize, Future] | None = None) -> Hit | None:
-        """The block at `ref` from the shared store, checked as a disk file is (and its key
-        against its parent and tokens); a damaged value is a miss, removed from the store."""
-        assert self.shared is not None  # asked only when there is a shared tier
-        try:
-            fetched = pending[1].result() if pending else self._fetch_shared(ref.hex)
-            if fetched is None:
-                return None
-            stored_kind, stored_tokens_hash, parsed = fetched
-            if stored_kind != kind or stored_tokens_hash != tokens_hash(block_tokens):
-                return None  # another entry's tokens, or a collision: not this block
-            self._check_parsed(ref, parsed, block_tokens, kind)
-            if kind == "kv":
-                _check_key(ref, parsed.tokens)
-        except DamagedBlock as exc:
-            log.warning("shared cache entry %s is damaged (%s): treated as a miss", ref.hex, exc)
-            self.count("shared_damaged")
-            self.shared.remove(ref.key, ref.parent, kind)
+        """The block at `ref` from the shared store, checked (SharedIO.read): a hit or a miss."""
+        assert self._shared_io is not None  # asked only when there is a shared tier
+        parsed = self._shared_io.read(ref, block_tokens, kind, pending)
+        if parsed is None:
             return None
-        self.count("shared_hits")
         return Hit(ref, parsed.tokens.copy(), len(block_tokens), parsed.nbytes, parsed=parsed, origin="shared")
 
     def _lookup_snapshot(self, ref: BlockRef, after: np.ndarray) -> tuple[HotBlock, str] | None:
@@ -761,22 +590,11 @@ class TieredStore:
             return None
         try:
             parsed = read.result() if read else self.disk.read_parsed(ref.hex, record)
-            self._check_parsed(ref, parsed, block_tokens, kind)
+            check_block(parsed, ref.key, kind, fingerprint=self.fingerprint, tokens=block_tokens, fits=self._fits_model)
         except DamagedBlock as exc:
             self._damaged(ref, exc)
             return None
         return parsed
-
-    def _check_parsed(self, ref: BlockRef, parsed: ParsedBlock, block_tokens: np.ndarray, kind: str) -> None:
-        """A parsed entry is the one asked for, and for this model: DamagedBlock if not."""
-        meta = parsed.metadata
-        if meta.get("key", ref.hex) != ref.hex or meta.get("fingerprint", self.fingerprint) != self.fingerprint \
-                or meta.get("kind", kind) != kind:
-            raise DamagedBlock("key, model or kind differ from the entry asked for")
-        if not np.array_equal(parsed.tokens, block_tokens):
-            raise DamagedBlock("stored tokens differ from the index")
-        if not self._fits_model(parsed, kind):
-            raise DamagedBlock("shapes, dtypes or cache classes differ from this model's")
 
     def _damaged(self, ref: BlockRef, exc: DamagedBlock) -> None:
         self.disk.drop_damaged(ref.key, exc)
@@ -863,8 +681,8 @@ class TieredStore:
         """Queue blocks for the disk; RAM holds them until the write is done, so a block is
         findable from the moment it is computed (the overshoot is bounded by the queue)."""
         if not self.disk_enabled:
-            if self.shared is not None:  # no local copy to wait for
-                self._upload([Entry(b.key, self._encode(b), b) for b in blocks if not b.shared])
+            if self._shared_io is not None:  # no local copy to wait for
+                self._shared_io.upload([Entry(b.key, self._encode(b), b) for b in blocks if not b.shared])
             return
         entries = [Entry(key, None) for key in removed]  # ordered after their pending writes
         entries += [Entry(block.key, self._encode(block), block) for block in blocks]
@@ -879,18 +697,6 @@ class TieredStore:
         if block.skeleton:
             meta["skeleton"] = block.skeleton
         return encode_block(block.arrays, block.tokens, meta)
-
-    def _upload(self, entries: list[Entry]) -> None:
-        """Queue new entries for the shared store (best effort, in the background): the same
-        bytes as their files, with a header to check them by."""
-        if self.shared is None:
-            return
-        for entry in entries:
-            block: HotBlock = entry.block
-            if block is None or block.shared or entry.payload is None:
-                continue
-            value = encode_value(block.kind, entry.payload, tokens_hash(block.tokens))
-            self.shared.put(Upload(block.key, block.parent, block.kind, block.tokens, value))
 
     def _write_then_release(self, job: WriteJob) -> None:
         """Runs on the writer thread: write the job, then let RAM evict its blocks again
@@ -923,7 +729,8 @@ class TieredStore:
             if entry.block is not None:
                 entry.block.persisted = True
         written = {key for key, _, _ in indexed}
-        self._upload([e for e in job.entries if e.key in written])
+        if self._shared_io is not None:
+            self._shared_io.upload([e for e in job.entries if e.key in written])
 
 
     def spill(self, target_bytes: int) -> int:
@@ -941,67 +748,27 @@ class TieredStore:
         self.count("ram_bytes_spilled", released)
         return released
 
-    # -- start-up prefetch ---------------------------------------------------------------
+    # -- start-up prefetch (kvtier/prefetch.py) ---------------------------------------
     def plan_prefetch(self, budget: int) -> Prefetch:
-        """This model's most recently used entries on disk, newest first (a conversation's
-        blocks and snapshots together), up to `budget` bytes and the hot tier's free room."""
+        """Plan the start-up prefetch: up to `budget` bytes and the hot tier's free room."""
         room = min(budget, self.ram.budget - self.hot_bytes)
-        planned: deque[tuple[bytes, BlockRecord]] = deque()
-        if self.plan is not None and room > 0 and self.disk_enabled:
-            try:
-                total = 0
-                for scanned, (key, record) in enumerate(self.index.newest()):
-                    if scanned >= PREFETCH_SCAN or total + record.nbytes > room:
-                        break
-                    if record.fingerprint == self.fingerprint and key not in self.ram:
-                        planned.append((key, record))
-                        total += record.nbytes
-            except IndexDamaged:  # being rebuilt: nothing to plan from
-                planned.clear()
-        self.prefetch = Prefetch(planned, self._purges, leaves=_newest_leaves(planned, LIVE_SLOTS))
+        index = self.index if self.plan is not None and self.disk_enabled else None
+        self.prefetch = plan_prefetch(index, self.fingerprint, self.ram, room, self._purges)
         return self.prefetch
 
-    def chain_tokens(self, key: bytes) -> list[int] | None:
-        """The tokens of the chain ending at block `key`, read from its hot blocks back to the
-        root; None unless every one of them is hot."""
-        root, parts = root_key(self.fingerprint), []
-        while key != root:
-            block = self.ram.get(key)
-            if block is None or block.kind != "kv":
-                return None
-            parts.append(block.tokens)
-            key = block.parent
-        return np.concatenate(parts[::-1]).tolist() if parts else None
-
     def prefetch_step(self, entries: int = 32, max_bytes: int = PREFETCH_SLICE_BYTES) -> bool:
-        """Read the next planned entries (up to `entries` and `max_bytes`; at least one),
-        checked as a restore reads them and in parallel, into the hot tier without evicting
-        anything; False once the prefetch has ended. Runs on the MLX thread, a slice at a
-        time between requests: a request waits for one slice at most."""
-        prefetch = self.prefetch
-        if prefetch is None or prefetch.done:
+        """One slice of the prefetch (Prefetch.step), its files read in parallel and checked as
+        a restore reads them; False once it has ended. Runs on the MLX thread, between
+        requests: a request waits for one slice at most."""
+        if self.prefetch is None:
             return False
-        batch: list[tuple[bytes, BlockRecord]] = []
-        while prefetch.planned and len(batch) < entries and \
-                (not batch or sum(r.nbytes for _, r in batch) + prefetch.planned[0][1].nbytes <= max_bytes):
-            batch.append(prefetch.planned.popleft())
+        return self.prefetch.step(self._read_prefetched, self.ram, lambda: self.ram.budget - self.hot_bytes,
+                                  lambda: self._purges, entries, max_bytes)
+
+    def _read_prefetched(self, batch: list[tuple[bytes, BlockRecord]]) -> list[HotBlock]:
         reads = [(key, record, self._readers.submit(self.disk.read_parsed, key.hex(), record))
                  for key, record in batch]
-        blocks = [b for b in (self._prefetched(key, record, read) for key, record, read in reads) if b is not None]
-        for block in blocks:
-            if block.nbytes > self.ram.budget - self.hot_bytes:
-                prefetch.end("full")
-                break
-            self.ram.put_behind(block)  # read newest first: each is older than those before
-            prefetch.entries += 1
-            prefetch.nbytes += block.nbytes
-        if self._purges != prefetch.epoch:  # a purge ran meanwhile: what was read is gone too
-            for block in blocks:
-                self.ram.remove(block.key)
-            prefetch.end("purged")
-        if not prefetch.planned:
-            prefetch.end()
-        return not prefetch.done
+        return [b for b in (self._prefetched(key, record, read) for key, record, read in reads) if b is not None]
 
     def _prefetched(self, key: bytes, record: BlockRecord, read: Future) -> HotBlock | None:
         """A planned entry's file as a hot block, checked against its record, its key and the
@@ -1009,11 +776,9 @@ class TieredStore:
         ref = BlockRef(key, bytes.fromhex(record.parent), record.depth)
         try:
             parsed = read.result()
-            if tokens_hash(parsed.tokens) != record.tokens_hash:
-                raise DamagedBlock("stored tokens differ from the index")
-            self._check_parsed(ref, parsed, parsed.tokens, record.kind)
-            if record.kind == "kv":
-                _check_key(ref, parsed.tokens)
+            # Its key checked too: no prompt's tokens vouch for it, only its record.
+            check_block(parsed, key, record.kind, fingerprint=self.fingerprint, record=record,
+                        parent=ref.parent if record.kind == "kv" else None, fits=self._fits_model)
             arrays = to_mlx(parsed)
         except DamagedBlock as exc:
             self._damaged(ref, exc)

@@ -211,8 +211,7 @@ def test_rebuild_indexes_only_files_that_check_out(tmp_path):
 
 
 def test_keys_derived_from_a_file_are_the_ones_blocks_py_gives():
-    from kvtier.blocks import root_key, snapshot_ref
-    from kvtier.reindex import derived_key
+    from kvtier.blocks import derived_key, root_key, snapshot_ref
 
     tokens = list(range(3 * BLOCK + 5))
     refs = block_refs(tokens, BLOCK, "fp", partial_tail=True)  # three full blocks and a partial one

@@ -258,7 +258,7 @@ def test_read_ahead_stays_within_its_window_and_keeps_chain_order(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from kvtier.index import BlockRecord
-    from kvtier.tiers import ReadAhead
+    from kvtier.readahead import ReadAhead
 
     class CountingPool(ThreadPoolExecutor):
         submitted: list = []
