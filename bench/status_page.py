@@ -65,9 +65,10 @@ def screenshots(server: Server, model: str, system: str, work: Path) -> None:
 
     from tests.support.browser import chromium
 
-    for question in QUESTIONS[:3]:
-        stream_chat(server, model, messages_for(system, question))
-    stream_chat(server, model, messages_for(system, QUESTIONS[0]))
+    # Turns spread over half a minute, so the chart (a sample every 5 s) has bars to show.
+    for turn in range(8):
+        stream_chat(server, model, messages_for(system, QUESTIONS[turn % 3]))
+        time.sleep(4)
     busy = threading.Thread(target=stream_chat, args=(server, model, messages_for(system, QUESTIONS[3])),
                             kwargs={"max_tokens": 600}, daemon=True)
     with chromium(work) as browser:
