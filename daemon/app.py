@@ -26,7 +26,7 @@ from .routes import status as status_routes
 from .server import SHUTDOWN
 from .state import STATE, DaemonState
 from .worker import Worker
-from .write_retry import WriteRetry
+from .write_retry import write_retry
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -74,7 +74,7 @@ async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
     watcher = PressureWatcher(state.worker, state.config.pressure_below, state.config.pressure_keep)
     watcher.start()
     load_watch = asyncio.create_task(_stop_if_the_model_fails_to_load(app))
-    retry = WriteRetry(state.worker)
+    retry = write_retry(state.worker)
     retry.start()
     yield
     load_watch.cancel()

@@ -8,13 +8,13 @@ runs on the MLX thread, between requests, like every other use of MLX in the dae
 from __future__ import annotations
 
 import logging
-import threading
 
 import mlx.core as mx
 import psutil
 
 from kvtier.engine import Engine
 
+from .mlx_poll import MlxThreadPoll
 from .worker import Worker
 
 log = logging.getLogger("kvtier.pressure")
@@ -23,43 +23,28 @@ log = logging.getLogger("kvtier.pressure")
 class PressureWatcher:
     def __init__(self, worker: Worker, available_below: int, keep_fraction: float,
                  interval: float = 1.0):
-        self.worker = worker
         self.available_below = available_below  # bytes of free memory that count as pressure
         self.keep_fraction = keep_fraction  # of the RAM budget kept hot after a spill
-        self.interval = interval
         self.events = 0
-        self._stop = threading.Event()
-        self._spill_queued = threading.Event()  # one spill waits for the MLX thread at a time
-        self._thread = threading.Thread(target=self._run, name="kvtier-pressure", daemon=True)
+        self._poll = MlxThreadPoll(worker, "kvtier-pressure", self._under_pressure, self._spill, interval)
 
     def start(self) -> None:
-        self._thread.start()
+        self._poll.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._poll.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.worker.engine is None or self._spill_queued.is_set():
-                continue
-            if psutil.virtual_memory().available >= self.available_below:
-                continue
-            self._spill_queued.set()
-            if not self.worker.call_soon(self._spill):
-                self._spill_queued.clear()  # the queue is full: measure again next time
+    def _under_pressure(self, _: Engine) -> bool:
+        return psutil.virtual_memory().available < self.available_below
 
     def _spill(self, engine: Engine) -> None:
         """On the MLX thread: shrink the hot tier to the low watermark."""
-        try:
-            store = engine.store
-            target = int(store.config.ram_budget * self.keep_fraction)
-            if store.hot_bytes <= target:
-                return
-            released = store.spill(target)
-            self.events += 1
-            store.count("memory_pressure_events")
-            log.warning("memory pressure: spilled %d MiB of hot KV to disk", released >> 20)
-            mx.clear_cache()
-        finally:
-            self._spill_queued.clear()
+        store = engine.store
+        target = int(store.config.ram_budget * self.keep_fraction)
+        if store.hot_bytes <= target:
+            return
+        released = store.spill(target)
+        self.events += 1
+        store.count("memory_pressure_events")
+        log.warning("memory pressure: spilled %d MiB of hot KV to disk", released >> 20)
+        mx.clear_cache()
