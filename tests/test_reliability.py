@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -155,18 +157,28 @@ def test_disk_smaller_than_the_budget_evicts_and_says_full_steadily(daemon_facto
     assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
-def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
-    """The cache directory becomes read-only under a running daemon (a read-only bind mount
-    over it, its block subdirectories already there, as in a well-used cache), then writable
-    again: the failure is reported while it lasts and clears by itself."""
-    daemon = daemon_factory(llama_model)
-    cache = daemon.cache_dir
+
+@contextmanager
+def read_only(cache: Path):
+    """The cache directory read-only for the block (a read-only bind mount over it, its block
+    subdirectories already there, as in a well-used cache), then writable again."""
     for byte in range(256):
         (cache / "blocks" / f"{byte:02x}").mkdir(exist_ok=True, mode=0o700)
     if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode:
         pytest.skip("cannot bind-mount here (needs root)")
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
+def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
+    """The cache directory becomes read-only under a running daemon (a read-only bind mount
+    over it, its block subdirectories already there, as in a well-used cache), then writable
+    again: the failure is reported while it lasts and clears by itself."""
+    daemon = daemon_factory(llama_model)
+    with read_only(daemon.cache_dir):
         messages = agent_messages("read-only")
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
         health = _wait_for(daemon, lambda h: not h["disk_writable"])
@@ -176,8 +188,6 @@ def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, lla
         stats = daemon.get("/cache/stats")
         assert stats["counters"]["disk_write_errors"] > 0 and stats["disk"]["blocks"] == 0
         assert not daemon.get("/health")["disk_writable"]  # still, not just once
-    finally:
-        subprocess.run(["umount", str(cache)], check=True)
     _wait_for(daemon, lambda h: h["disk_writable"])  # no request needed to notice
     other = agent_messages("writable-again")
     assert ask(daemon, other)[0] == reference.chat(other, MAX_TOKENS)
@@ -186,25 +196,16 @@ def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, lla
     assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
-
 def test_blocks_of_a_read_only_spell_are_written_when_it_ends_without_another_request(
         daemon_factory, llama_model, reference):
     """Blocks computed while the cache directory was read-only reach the disk once it is
     writable again, with no request after: a kill -9 then loses none of them."""
     daemon = daemon_factory(llama_model)
-    cache = daemon.cache_dir
-    for byte in range(256):
-        (cache / "blocks" / f"{byte:02x}").mkdir(exist_ok=True, mode=0o700)
-    if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode:
-        pytest.skip("cannot bind-mount here (needs root)")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
+    with read_only(daemon.cache_dir):
         messages = agent_messages("read-only-spell")
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
         _wait_for(daemon, lambda h: not h["disk_writable"])
         assert daemon.get("/cache/stats")["disk"]["blocks"] == 0
-    finally:
-        subprocess.run(["umount", str(cache)], check=True)
     # No request from here on: the daemon writes what it holds by itself.
     _wait_for(daemon, lambda s: s["disk"]["blocks"] > 0 and s["disk"]["queued_jobs"] == 0,
               path="/cache/stats")
