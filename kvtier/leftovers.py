@@ -39,13 +39,14 @@ def strays(files: BlockFiles, index: Index) -> list[Stray]:
     found: list[Stray] = []
     for entry in _listing(files.root):
         if entry.is_dir(follow_symlinks=False) and SUBDIR_NAME.fullmatch(entry.name):
-            found += _in_subdir(Path(entry.path), index)
+            found += in_subdir(Path(entry.path), index)
         else:  # only a probe's temp file belongs at the top
-            found.append(_stray("temp_file" if is_temp_name(entry.name) else "foreign_file", entry, ""))
+            found += _stray("temp_file" if is_temp_name(entry.name) else "foreign_file", entry, "")
     return found
 
 
-def _in_subdir(subdir: Path, index: Index) -> list[Stray]:
+def in_subdir(subdir: Path, index: Index) -> list[Stray]:
+    """A block subdirectory's strays (also the daemon's sweep: local.LocalDisk._sweep)."""
     entries = _listing(subdir)
     keys = {entry.name: key_of_path(Path(entry.name)) for entry in entries}
     indexed = {key.hex() for key in index.has_many([bytes.fromhex(k) for k in keys.values() if k])}
@@ -54,17 +55,23 @@ def _in_subdir(subdir: Path, index: Index) -> list[Stray]:
         key = keys[entry.name]
         if key is not None and key in indexed:
             continue  # its record is checked against it (verify), and counted (stats)
-        if key is not None:
-            kind = "orphan_file" if entry.is_file(follow_symlinks=False) else "not_a_file"
+        if key is None and not is_temp_name(entry.name):
+            kind = "foreign_file"
+        elif not entry.is_file(follow_symlinks=False):
+            kind = "not_a_file"  # a directory (or link) under one of our names
         else:
-            kind = "temp_file" if is_temp_name(entry.name) else "foreign_file"
-        found.append(_stray(kind, entry, key or ""))
+            kind = "orphan_file" if key is not None else "temp_file"
+        found += _stray(kind, entry, key or "")
     return found
 
 
-def _stray(kind: str, entry: os.DirEntry, key: str) -> Stray:
-    stat = entry.stat(follow_symlinks=False)
-    return Stray(kind, Path(entry.path), key, _du(entry, stat.st_blocks * 512), stat.st_mtime)
+def _stray(kind: str, entry: os.DirEntry, key: str) -> list[Stray]:
+    """The entry as a stray; none if it is gone since the listing (a write renamed it)."""
+    try:
+        stat = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return []
+    return [Stray(kind, Path(entry.path), key, _du(entry, stat.st_blocks * 512), stat.st_mtime)]
 
 
 def _du(entry: os.DirEntry, own: int) -> int:

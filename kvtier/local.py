@@ -31,12 +31,11 @@ from .disk import (
     ParsedBlock,
     allocated_bytes,
     checksum,
-    is_temp_name,
-    key_of_path,
     parse_block,
     to_mlx,
 )
 from .index import BlockRecord, Index, allocated_estimate, now_ms, open_or_replace
+from .leftovers import in_subdir
 from .ram import HotBlock
 from .reindex import Rebuilder
 from .space import DiskSpace, is_no_space
@@ -415,31 +414,22 @@ class LocalDisk:
         return removed
 
     def _sweep(self, subdir: Path) -> int:
-        try:
-            with os.scandir(subdir) as listing:
-                files = [entry for entry in listing if entry.is_file(follow_symlinks=False)]
-        except OSError:
-            return 0
-        keys = {entry.name: _key_bytes(entry.name) for entry in files}
-        indexed = self.index.has_many([k for k in keys.values() if k is not None])
+        found = in_subdir(subdir, self.index)
         if self.rebuilder.running or self._index_replaced.is_set():
             return 0  # an index being refilled does not list every file yet
         removed = 0
-        for entry in files:
-            if keys[entry.name] in indexed:
+        for stray in found:
+            # Foreign files are reported by `kvtier verify`, never removed; a file newer than
+            # this process is not a leftover: someone is writing it now.
+            if stray.kind not in ("temp_file", "orphan_file") or stray.mtime >= self._started_at:
                 continue
-            if keys[entry.name] is None and not is_temp_name(entry.name):
-                continue  # not a name kvtier writes: reported by `kvtier verify`, never removed
-            path = Path(entry.path)
             try:
-                if path.lstat().st_mtime >= self._started_at:
-                    continue  # not a leftover: someone is writing it now
-                path.unlink()
+                stray.path.unlink()
                 removed += 1
             except FileNotFoundError:
                 continue
             except OSError:
-                self._note_stray(path)
+                self._note_stray(stray.path)
         return removed
 
     def _probe_disk(self) -> None:
@@ -541,14 +531,6 @@ class LocalDisk:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _key_bytes(name: str) -> bytes | None:
-    key = key_of_path(Path(name))
-    try:
-        return bytes.fromhex(key) if key is not None else None
-    except ValueError:
-        return None
 
 
 def _make_private(cache_dir: Path) -> None:
