@@ -1,6 +1,8 @@
-"""Chat completions that write tool calls, streamed and not: what the `openai` client and
-OpenAI's schema see, chunk by chunk, on a generated model scripted to answer with text, a
-tool call and more text (tests/support/scripted.py), served in the test process."""
+"""Answers that hold a tool call, streamed and not, on the three APIs: what the `openai`
+client and OpenAI's schema see, chunk by chunk and event by event, from a generated model
+scripted to answer text, a tool call and more text (tests/support/scripted.py), served in
+the test process. The sequences are pinned as they are: the routes share one generation
+loop, and a change to it shows here."""
 
 from __future__ import annotations
 
@@ -148,3 +150,93 @@ def test_without_tools_to_call_the_markup_is_text(app, offered):
         ("Let", None, None), (" me", None, None), (" look", None, None), (".", None, None),
         (" <tool_call>", None, None), (CALL, None, None), ("</tool_call>", None, None),
         (" Done", None, None), ("", None, "stop")]
+
+
+# -- the Anthropic Messages and Responses APIs, on the same generation ----------------------
+ANTHROPIC = {"model": "default", "messages": MESSAGES, "max_tokens": 100, "tools": [
+    {"name": "read_file", "input_schema": TOOLS[0]["function"]["parameters"]}]}
+RESPONSES = {"model": "default", "input": "Read a.py.", "top_logprobs": 1,
+             "include": ["message.output_text.logprobs"], "tools": [
+    {"type": "function", "name": "read_file", "parameters": TOOLS[0]["function"]["parameters"]}]}
+
+
+def events(app, path: str, body: dict) -> list[tuple[str, dict]]:
+    reply = app.post(path, dict(body, stream=True))
+    assert reply.status == 200, reply.body[:500]
+    out = []
+    for frame in reply.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def anthropic_sequence(sent: list[tuple[str, dict]]) -> list[tuple]:
+    out: list[tuple] = []
+    for kind, data in sent:
+        delta = data.get("delta", {})
+        shown = (delta.get("text") or delta.get("partial_json") or delta.get("stop_reason")
+                 or data.get("content_block", {}).get("type"))
+        out.append((kind, shown) if shown else (kind,))
+    return out
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut by max_tokens"])
+def test_anthropic_tool_use_streamed_and_not(app, cut):
+    body = dict(ANTHROPIC, max_tokens=6) if cut else ANTHROPIC
+    whole = app.post("/v1/messages", body).json()
+    if cut:
+        assert whole["content"] == [{"type": "text", "text": "Let me look. <tool_call>"}]
+        assert whole["stop_reason"] == "max_tokens"
+    else:
+        text, call = whole["content"]
+        assert text == {"type": "text", "text": "Let me look. Done"} and whole["stop_reason"] == "tool_use"
+        assert (call["type"], call["name"], call["input"]) == ("tool_use", "read_file", {"path": "a.py"})
+    pieces = ["Let", " me", " look", ".", " "] + (["<tool_call>"] if cut else ["Done"])
+    tail = [] if cut else [("content_block_start", "tool_use"),
+                           ("content_block_delta", '{"path": "a.py"}'), ("content_block_stop",)]
+    assert anthropic_sequence(events(app, "/v1/messages", body)) == [
+        ("message_start",), ("ping",), ("content_block_start", "text"),
+        *[("content_block_delta", piece) for piece in pieces], ("content_block_stop",), *tail,
+        ("message_delta", "max_tokens" if cut else "tool_use"), ("message_stop",)]
+
+
+def responses_sequence(sent: list[tuple[str, dict]]) -> list[tuple]:
+    out: list[tuple] = []
+    for kind, data in sent:
+        if kind == "response.output_text.delta":
+            out.append((kind, data["delta"], [e["token"] for e in data["logprobs"]]))
+        elif kind == "response.output_item.added":
+            out.append((kind, data["item"]["type"]))
+        elif kind in ("response.output_text.done", "response.function_call_arguments.done"):
+            out.append((kind, data.get("text") or data["arguments"]))
+        else:
+            out.append((kind,))
+    return out
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut by max_output_tokens"])
+def test_responses_function_call_streamed_and_not(app, cut):
+    """A message's logprobs are those of the tokens shown with its text, held-back ones
+    with the text they come with; what the buffer held from the call on is dropped when a
+    call is parsed (" Done" after it included)."""
+    body = dict(RESPONSES, max_output_tokens=6) if cut else RESPONSES
+    whole = app.post("/v1/responses", body).json()
+    text = "Let me look. <tool_call>" if cut else "Let me look. Done"
+    message = whole["output"][0]["content"][0]
+    assert message["text"] == text and whole["status"] == ("incomplete" if cut else "completed")
+    assert [e["token"] for e in message["logprobs"]] == PIECES[:6]
+    if not cut:
+        call = whole["output"][1]
+        assert (call["type"], call["name"], call["arguments"]) == ("function_call", "read_file", '{"path": "a.py"}')
+    last = ([("response.output_text.delta", "<tool_call>", [])] if cut else
+            [("response.output_text.delta", "Done", [])])
+    calls = [] if cut else [
+        ("response.output_item.added", "function_call"), ("response.function_call_arguments.delta",),
+        ("response.function_call_arguments.done", '{"path": "a.py"}'), ("response.output_item.done",)]
+    assert responses_sequence(events(app, "/v1/responses", body)) == [
+        ("response.created",), ("response.in_progress",), ("response.output_item.added", "message"),
+        ("response.content_part.added",),
+        *[("response.output_text.delta", piece, [piece]) for piece in ["Let", " me", " look", "."]],
+        ("response.output_text.delta", " ", [" ", "<tool_call>"]), *last,
+        ("response.output_text.done", text), ("response.content_part.done",), ("response.output_item.done",),
+        *calls, ("response.incomplete",) if cut else ("response.completed",)]
