@@ -18,9 +18,9 @@ CALL = '{"name":"read_file","arguments":{"path":"a.py"}}'
 SCRIPT = f"Let me look. <tool_call>{CALL}</tool_call> Done"
 # The script's tokens as mlx-lm's detokenizer gives them ("\u0020" waits for the next token).
 PIECES = ["Let", " me", " look", ".", " ", "<tool_call>", CALL, "</tool_call>", " Done"]
+PARAMETERS = {"type": "object", "properties": {"path": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {
-    "name": "read_file", "description": "Read a file.",
-    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
+    "name": "read_file", "description": "Read a file.", "parameters": PARAMETERS}}]
 MESSAGES = [{"role": "user", "content": "Read a.py."}]
 validate = test_api_openai.validate  # the OpenAPI schema check, a fixture
 ASKED = {"model": "default", "messages": MESSAGES, "tools": TOOLS, "temperature": 0}
@@ -154,10 +154,10 @@ def test_without_tools_to_call_the_markup_is_text(app, offered):
 
 # -- the Anthropic Messages and Responses APIs, on the same generation ----------------------
 ANTHROPIC = {"model": "default", "messages": MESSAGES, "max_tokens": 100, "tools": [
-    {"name": "read_file", "input_schema": TOOLS[0]["function"]["parameters"]}]}
+    {"name": "read_file", "input_schema": PARAMETERS}]}
 RESPONSES = {"model": "default", "input": "Read a.py.", "top_logprobs": 1,
              "include": ["message.output_text.logprobs"], "tools": [
-    {"type": "function", "name": "read_file", "parameters": TOOLS[0]["function"]["parameters"]}]}
+    {"type": "function", "name": "read_file", "parameters": PARAMETERS}]}
 
 
 def events(app, path: str, body: dict) -> list[tuple[str, dict]]:
@@ -228,7 +228,7 @@ def test_responses_function_call_streamed_and_not(app, cut):
     if not cut:
         call = whole["output"][1]
         assert (call["type"], call["name"], call["arguments"]) == ("function_call", "read_file", '{"path": "a.py"}')
-    last = ([("response.output_text.delta", "<tool_call>", [])] if cut else
+    last: list[tuple] = ([("response.output_text.delta", "<tool_call>", [])] if cut else
             [("response.output_text.delta", "Done", [])])
     calls = [] if cut else [
         ("response.output_item.added", "function_call"), ("response.function_call_arguments.delta",),
