@@ -78,13 +78,25 @@ async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGene
                        code="overloaded", headers={"Retry-After": "2"}) from None
 
 
-class Generation:
-    """One request's answer as text pieces, then tool calls, finish reason and usage."""
+@dataclass
+class Step:
+    """One engine chunk as the routes show it: the text the tool-call buffer lets out with it
+    and, on the last chunk, the text it held to the end (`tail`). The chunk keeps its own
+    tokens' log-probabilities (shown or held), finish reason and usage."""
+    text: str
+    chunk: Chunk
+    tail: str = ""
 
-    def __init__(self, state: DaemonState, request: GenerationRequest, prompt: Prompt):
+
+class Generation:
+    """One request's answer as text pieces, then tool calls, finish reason and usage. Without
+    a prompt (the legacy completions), its text is plain: no tool calls are read out of it."""
+
+    def __init__(self, state: DaemonState, request: GenerationRequest, prompt: Prompt | None = None):
         engine = state.engine()
         self.state, self.request = state, request
-        self.buffer = ToolCallBuffer(engine.tokenizer, prompt.tools, enabled=prompt.parse_tools)
+        self.buffer = ToolCallBuffer(engine.tokenizer, prompt.tools if prompt else None,
+                                     enabled=prompt.parse_tools if prompt else False)
         self.stop_sequence: str | None = None
         self.finish: str | None = None
         self.calls: list[ToolCall] = []
@@ -102,26 +114,35 @@ class Generation:
     async def pieces(self) -> AsyncGenerator[Piece, None]:
         """texts(), each piece with the log-probabilities of the tokens up to it (text the
         tool-call buffer holds back brings its tokens' with it; a call's own are dropped)."""
-        chunks = chunks_of(self.state, self.request)
         held: list[TokenLogprob] = []
+        tail = ""
+        async with aclosing(self.steps()) as steps:
+            async for step in steps:
+                held += step.chunk.logprobs
+                tail = step.tail
+                if step.text:
+                    yield self._shown(step.text, held)
+                    held = []
+                else:
+                    yield Piece("")
+        yield self._shown(tail, [] if self.calls else held)
+
+    async def steps(self) -> AsyncGenerator[Step, None]:
+        """The engine's chunks, one step each; at the last one (the one with a finish reason)
+        the held-back text is parsed: its tool calls are `calls` from then on."""
+        chunks = chunks_of(self.state, self.request)
         try:
             async for chunk in chunks:
                 if self.cached_tokens is None:
                     self.cached_tokens = chunk.cached_tokens
+                step = Step(self.buffer.feed(chunk.text), chunk)
                 if chunk.finish_reason:  # the engine matched stop sequences itself
                     self.finish, self.usage = chunk.finish_reason, chunk.usage
                     self.stop_sequence = chunk.stop_sequence
-                held += chunk.logprobs
-                text = self.buffer.feed(chunk.text)
-                if text:
-                    yield self._shown(text, held)
-                    held = []
-                else:
-                    yield Piece("")
+                    step.tail, self.calls = self.buffer.finish()
+                yield step
         finally:
             await chunks.aclose()
-        tail, self.calls = self.buffer.finish()
-        yield self._shown(tail, [] if self.calls else held)
 
     def _shown(self, text: str, logprobs: list[TokenLogprob]) -> Piece:
         self.logprobs += logprobs

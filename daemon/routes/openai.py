@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, cast
 
 from aiohttp import web
@@ -18,8 +19,8 @@ from ..errors import INTERNAL_ERROR, ApiError
 from ..request_models import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAISampling, read_body
 from ..state import STATE, DaemonState
 from .budget import NoRoom, fitting_budget
-from .generation import LEAST_LOGPROB, Prompt, chunks_of, render, token_logprobs, too_long
-from .tools import ToolCall, ToolCallBuffer, split_tool_calls
+from .generation import LEAST_LOGPROB, Generation, Prompt, Step, render, token_logprobs, too_long
+from .tools import ToolCall, split_tool_calls
 from .usage import openai_usage
 
 log = logging.getLogger("kvtier.openai")
@@ -79,27 +80,29 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
             "text_offset": offsets}
 
 
-async def collect(state: DaemonState, request: GenerationRequest) -> tuple[str, Chunk, list[TokenLogprob]]:
-    """The whole answer: its text, its last chunk, and its tokens' log-probabilities if asked."""
+async def collect(generation: Generation) -> tuple[str, Chunk, list[TokenLogprob]]:
+    """The whole answer as the model wrote it (tool-call markup included), its last chunk,
+    and all its tokens' log-probabilities if asked (a call's too)."""
     texts, last, logprobs = [], None, []
-    async for chunk in chunks_of(state, request):
-        texts.append(chunk.text)
-        logprobs += chunk.logprobs
-        last = chunk
+    async with aclosing(generation.steps()) as steps:
+        async for step in steps:
+            texts.append(step.chunk.text)
+            logprobs += step.chunk.logprobs
+            last = step.chunk
     assert last is not None  # a generation ends with its last chunk, or raises
     return "".join(texts), last, logprobs
 
 
-async def stream_chunks(http: web.Request, state: DaemonState, request: GenerationRequest,
-                        frame: Callable[[Chunk], list[dict]]) -> web.StreamResponse:
-    """Each chunk as SSE `data:` lines, then `data: [DONE]`. A failure after the headers
-    ends the stream with a `data:` error object instead (the `openai` SDK raises it)."""
-    async def events(send: sse.Send, chunk: Chunk | None, chunks: AsyncIterator[Chunk]) -> None:
+async def stream_chunks(http: web.Request, generation: Generation,
+                        frame: Callable[[Step], list[dict]]) -> web.StreamResponse:
+    """Each step (an engine chunk) as SSE `data:` lines, then `data: [DONE]`. A failure after
+    the headers ends the stream with a `data:` error object instead (the `openai` SDK raises it)."""
+    async def events(send: sse.Send, step: Step | None, steps: AsyncIterator[Step]) -> None:
         try:
-            while chunk is not None:
-                for payload in frame(chunk):
+            while step is not None:
+                for payload in frame(step):
                     await send(payload)
-                chunk = await anext(chunks, None)
+                step = await anext(steps, None)
         except ConnectionResetError:
             raise  # the client left: not a failure of ours
         except Exception:
@@ -108,7 +111,7 @@ async def stream_chunks(http: web.Request, state: DaemonState, request: Generati
             return
         await send("[DONE]")
 
-    return await sse.stream(http, chunks_of(state, request), events)
+    return await sse.stream(http, generation.steps(), events)
 
 
 def finish_reason(chunk: Chunk) -> str:
@@ -128,7 +131,8 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     parse_tools = bool(tools) and body.tool_choice != "none"
     include_usage = body.stream_options.include_usage
     engine = state.engine()
-    tokens, boundaries = await render(state, Prompt(messages, tools, "", parse_tools))
+    prompt = Prompt(messages, tools, "", parse_tools)
+    tokens, boundaries = await render(state, prompt)
     request = parse_generation(body, state, tokens)
     request.boundaries, request.logprobs = boundaries, body.logprobs_asked
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -136,7 +140,9 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             "system_fingerprint": engine.fingerprint[:16]}
 
     if not body.stream:
-        text, last, logprobs = await collect(state, request)
+        # The whole text is split at the end (what surrounds the calls stripped as one), so
+        # the generation holds nothing back; streamed, only the text after a call is stripped.
+        text, last, logprobs = await collect(Generation(state, request))
         calls: list[ToolCall] = []
         if parse_tools:
             text, calls = split_tool_calls(text, engine.tokenizer, tools)
@@ -149,21 +155,19 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             "logprobs": chat_logprobs(logprobs) if body.logprobs else None}],
             usage=openai_usage(last.usage)))
 
-    sent_role = False
-    buffer = ToolCallBuffer(engine.tokenizer, tools, enabled=parse_tools)
+    generation, sent_role = Generation(state, request, prompt), False
 
-    def frame(chunk: Chunk) -> list[dict]:
+    def frame(step: Step) -> list[dict]:
+        """A chunk's delta: the text the tool-call buffer lets out, and with the last one the
+        rest and the calls; its logprobs are its own tokens', shown or held back."""
         nonlocal sent_role
-        delta: dict = {"content": buffer.feed(chunk.text)}
-        calls: list[ToolCall] = []
-        if chunk.finish_reason:
-            tail, calls = buffer.finish()
-            delta["content"] += tail
-            if calls:
-                delta["tool_calls"] = [c.openai(index) for index, c in enumerate(calls)]
+        chunk = step.chunk
+        delta: dict = {"content": step.text + step.tail}
+        if chunk.finish_reason and generation.calls:
+            delta["tool_calls"] = [c.openai(index) for index, c in enumerate(generation.calls)]
         if not sent_role:
             delta["role"], sent_role = "assistant", True
-        reason = ("tool_calls" if calls else finish_reason(chunk)) if chunk.finish_reason else None
+        reason = ("tool_calls" if generation.calls else finish_reason(chunk)) if chunk.finish_reason else None
         out = [dict(base, object="chat.completion.chunk", choices=[{
             "index": 0, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs) if body.logprobs else None,
             "finish_reason": reason}])]
@@ -172,7 +176,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
                             usage=openai_usage(chunk.usage)))
         return out
 
-    return await stream_chunks(http, state, request, frame)
+    return await stream_chunks(http, generation, frame)
 
 
 @routes.post("/v1/completions")
@@ -194,10 +198,11 @@ async def completions(http: web.Request) -> web.StreamResponse:
             "created": int(time.time()), "model": model,
             "system_fingerprint": engine.fingerprint[:16]}
 
+    generation = Generation(state, request)  # plain text: no tool calls in it
     echoed = body.prompt if body.echo else ""
     asked = body.logprobs is not None
     if not body.stream:
-        text, last, logprobs = await collect(state, request)
+        text, last, logprobs = await collect(generation)
         return web.json_response(dict(base, choices=[{
             "index": 0, "text": echoed + text, "finish_reason": finish_reason(last),
             "logprobs": completion_logprobs(logprobs, len(echoed)) if asked else None}],
@@ -205,7 +210,8 @@ async def completions(http: web.Request) -> web.StreamResponse:
 
     offset = len(echoed)  # where the next token's text starts, as in the whole text
 
-    def frame(chunk: Chunk) -> list[dict]:
+    def frame(step: Step) -> list[dict]:
+        chunk = step.chunk
         nonlocal echoed, offset  # the prompt goes out once, before the first piece of the completion
         text, echoed = echoed + chunk.text, ""
         logprobs = completion_logprobs(chunk.logprobs, offset) if asked else None
@@ -216,7 +222,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
             out.append(dict(base, choices=[], usage=openai_usage(chunk.usage)))
         return out
 
-    return await stream_chunks(http, state, request, frame)
+    return await stream_chunks(http, generation, frame)
 
 
 @routes.get("/v1/models")
