@@ -153,9 +153,10 @@ def test_without_tools_to_call_the_markup_is_text(app, offered):
 
 
 # -- the Anthropic Messages and Responses APIs, on the same generation ----------------------
-ANTHROPIC = {"model": "default", "messages": MESSAGES, "max_tokens": 100, "tools": [
+# Greedy everywhere (these APIs sample at temperature 1 by default): the script, every time.
+ANTHROPIC = {"model": "default", "messages": MESSAGES, "max_tokens": 100, "temperature": 0, "tools": [
     {"name": "read_file", "input_schema": PARAMETERS}]}
-RESPONSES = {"model": "default", "input": "Read a.py.", "top_logprobs": 1,
+RESPONSES = {"model": "default", "input": "Read a.py.", "top_logprobs": 1, "temperature": 0,
              "include": ["message.output_text.logprobs"], "tools": [
     {"type": "function", "name": "read_file", "parameters": PARAMETERS}]}
 
@@ -240,3 +241,28 @@ def test_responses_function_call_streamed_and_not(app, cut):
         ("response.output_text.delta", " ", [" ", "<tool_call>"]), *last,
         ("response.output_text.done", text), ("response.content_part.done",), ("response.output_item.done",),
         *calls, ("response.incomplete",) if cut else ("response.completed",)]
+
+
+# -- the legacy completions, on the same generation as chat ----------------------------------
+def test_legacy_completions_stream_echo_then_pieces_then_usage(app):
+    """No tool calls here: the markup is text. The prompt is echoed once, with the first
+    piece; the usage chunk (no choices) follows the last one."""
+    body = {"model": "default", "prompt": "Read a.py.\n", "max_tokens": 20, "temperature": 0, "echo": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    reply = app.post("/v1/completions", body)
+    chunks = [json.loads(line[6:]) for line in reply.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks[:-1]] == [
+        ("Read a.py.\nLet", None), (" me", None), (" look", None), (".", None), (" <tool_call>", None),
+        (CALL, None), ("</tool_call>", None), (" Done", None), ("", "stop")]
+    assert list(chunks[-1]) == ["id", "object", "created", "model", "system_fingerprint", "choices", "usage"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["object"] == "text_completion"
+    assert chunks[-1]["usage"]["completion_tokens"] == len(PIECES)
+
+
+def test_chat_chunks_keep_their_fields_order(app):
+    chunks = stream(app, dict(ASKED, stream_options={"include_usage": True}))
+    fields = ["id", "created", "model", "system_fingerprint", "object", "choices"]
+    assert all(list(c) == fields for c in chunks[:-1]) and list(chunks[-1]) == [*fields, "usage"]
+    assert list(chunks[0]["choices"][0]["delta"]) == ["content", "role"]
+    assert list(chunks[-2]["choices"][0]["delta"]) == ["content", "tool_calls"]

@@ -93,15 +93,18 @@ async def collect(generation: Generation) -> tuple[str, Chunk, list[TokenLogprob
     return "".join(texts), last, logprobs
 
 
-async def stream_chunks(http: web.Request, generation: Generation,
-                        frame: Callable[[Step], list[dict]]) -> web.StreamResponse:
-    """Each step (an engine chunk) as SSE `data:` lines, then `data: [DONE]`. A failure after
-    the headers ends the stream with a `data:` error object instead (the `openai` SDK raises it)."""
+async def stream_chunks(http: web.Request, generation: Generation, frame: Callable[[Step], dict],
+                        usage_chunk: dict | None) -> web.StreamResponse:
+    """Each step (an engine chunk) as an SSE `data:` line, after the last one a chunk of the
+    usage and no choices if asked (`usage_chunk`: its other fields), then `data: [DONE]`. A
+    failure after the headers ends the stream with a `data:` error object instead (the
+    `openai` SDK raises it)."""
     async def events(send: sse.Send, step: Step | None, steps: AsyncIterator[Step]) -> None:
         try:
             while step is not None:
-                for payload in frame(step):
-                    await send(payload)
+                await send(frame(step))
+                if step.chunk.finish_reason and usage_chunk is not None:
+                    await send(dict(usage_chunk, choices=[], usage=openai_usage(step.chunk.usage)))
                 step = await anext(steps, None)
         except ConnectionResetError:
             raise  # the client left: not a failure of ours
@@ -156,8 +159,9 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
             usage=openai_usage(last.usage)))
 
     generation, sent_role = Generation(state, request, prompt), False
+    chunk_base = dict(base, object="chat.completion.chunk")
 
-    def frame(step: Step) -> list[dict]:
+    def frame(step: Step) -> dict:
         """A chunk's delta: the text the tool-call buffer lets out, and with the last one the
         rest and the calls; its logprobs are its own tokens', shown or held back."""
         nonlocal sent_role
@@ -168,15 +172,11 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
         if not sent_role:
             delta["role"], sent_role = "assistant", True
         reason = ("tool_calls" if generation.calls else finish_reason(chunk)) if chunk.finish_reason else None
-        out = [dict(base, object="chat.completion.chunk", choices=[{
+        return dict(chunk_base, choices=[{
             "index": 0, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs) if body.logprobs else None,
-            "finish_reason": reason}])]
-        if chunk.finish_reason and include_usage:
-            out.append(dict(base, object="chat.completion.chunk", choices=[],
-                            usage=openai_usage(chunk.usage)))
-        return out
+            "finish_reason": reason}])
 
-    return await stream_chunks(http, generation, frame)
+    return await stream_chunks(http, generation, frame, chunk_base if include_usage else None)
 
 
 @routes.post("/v1/completions")
@@ -210,19 +210,16 @@ async def completions(http: web.Request) -> web.StreamResponse:
 
     offset = len(echoed)  # where the next token's text starts, as in the whole text
 
-    def frame(step: Step) -> list[dict]:
+    def frame(step: Step) -> dict:
         chunk = step.chunk
         nonlocal echoed, offset  # the prompt goes out once, before the first piece of the completion
         text, echoed = echoed + chunk.text, ""
         logprobs = completion_logprobs(chunk.logprobs, offset) if asked else None
         offset += sum(len(token) for token in logprobs["tokens"]) if logprobs else 0
-        out = [dict(base, choices=[{"index": 0, "text": text, "logprobs": logprobs,
-                                    "finish_reason": finish_reason(chunk) if chunk.finish_reason else None}])]
-        if chunk.finish_reason and include_usage:
-            out.append(dict(base, choices=[], usage=openai_usage(chunk.usage)))
-        return out
+        return dict(base, choices=[{"index": 0, "text": text, "logprobs": logprobs,
+                                    "finish_reason": finish_reason(chunk) if chunk.finish_reason else None}])
 
-    return await stream_chunks(http, generation, frame)
+    return await stream_chunks(http, generation, frame, base if include_usage else None)
 
 
 @routes.get("/v1/models")
