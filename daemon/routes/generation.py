@@ -90,7 +90,8 @@ class Step:
 
 class Generation:
     """One request's answer as text pieces, then tool calls, finish reason and usage. Without
-    a prompt (the legacy completions), its text is plain: no tool calls are read out of it."""
+    a prompt its text is plain, nothing held back (the legacy completions; non-streamed chat,
+    which splits the whole text itself)."""
 
     def __init__(self, state: DaemonState, request: GenerationRequest, prompt: Prompt | None = None):
         engine = state.engine()
