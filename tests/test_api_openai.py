@@ -257,6 +257,18 @@ def test_prompt_longer_than_context_is_rejected_and_daemon_stays_healthy(app_dae
     assert app_daemon.get("/health")["status"] == "ok"
 
 
+@pytest.mark.parametrize("path, field", [("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")])
+def test_max_tokens_past_the_context_names_the_route_s_prompt_field(app_daemon, validate, path, field):
+    """OpenAI's policy refuses a prompt and max_tokens that do not fit; the error's `param`
+    is the field the route has (the legacy completions named "messages")."""
+    body = {"model": str(app_daemon.model), "max_tokens": 40_000,
+            field: [{"role": "user", "content": "Hi."}] if field == "messages" else "Hi."}
+    code, response, _ = post(app_daemon, path, body)
+    assert code == 400 and (response["error"]["code"], response["error"]["param"]) == ("context_length_exceeded", field)
+    assert "max_tokens asks for 40000 more" in response["error"]["message"]
+    validate(response, "ErrorResponse")
+
+
 def test_unknown_route_is_a_json_404(app_daemon, validate):
     code, response, _ = post(app_daemon, "/v1/nothing", {})
     assert code == 404

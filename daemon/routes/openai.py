@@ -44,7 +44,10 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     return parsed
 
 
-def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]) -> GenerationRequest:
+def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int],
+                     param: str) -> GenerationRequest:
+    """The request's sampling, and its budget under OpenAI's policy; `param`: the route's
+    prompt field, which a refusal names."""
     asked = body.max_tokens or body.max_completion_tokens
     try:
         max_tokens = fitting_budget(state, len(tokens), asked).tokens
@@ -52,7 +55,7 @@ def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]
         wanted = f"max_tokens asks for {asked} more" if asked else "no room is left for an answer"
         raise ApiError(400, f"this model's context is {full.limit} tokens; the prompt has "
                             f"{len(tokens)} and {wanted}",
-                       param="messages", code="context_length_exceeded") from None
+                       param=param, code="context_length_exceeded") from None
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens,
                              temperature=body.temperature, top_p=body.top_p, seed=body.seed,
@@ -136,7 +139,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     engine = state.engine()
     prompt = Prompt(messages, tools, "", parse_tools)
     tokens, boundaries = await render(state, prompt)
-    request = parse_generation(body, state, tokens)
+    request = parse_generation(body, state, tokens, "messages")
     request.boundaries, request.logprobs = boundaries, body.logprobs_asked
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": ident, "created": created, "model": model,
@@ -192,7 +195,7 @@ async def completions(http: web.Request) -> web.StreamResponse:
         raise too_long(exc, "prompt") from None
     if not tokens:
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
-    request = parse_generation(body, state, tokens)
+    request = parse_generation(body, state, tokens, "prompt")
     request.logprobs = body.logprobs
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": model,
