@@ -40,6 +40,11 @@ class IndexDamaged(lmdb.Error):
     """The index file is corrupt or truncated: move it aside and rebuild it from the files."""
 
 
+class IndexOutdated(IndexDamaged):
+    """The index is of another schema version (an older or a newer kvtier's): it is not read
+    but replaced, and rebuilt from the files like a damaged one."""
+
+
 # -- checks before the file is mapped ------------------------------------------------------
 # LMDB's two meta pages (pages 0 and 1), as mdb.c lays them out on 64-bit little-endian
 # machines: a page header, then MDB_meta (magic, version, address, mapsize, the free and main
@@ -241,12 +246,25 @@ def in_use(path: Path) -> bool:
         os.close(fd)
 
 
-def move_aside(path: Path) -> Path:
-    """Rename a damaged index directory to `<name>.damaged-<time>`, removing older damaged
-    copies first so they do not pile up."""
-    for old in path.parent.glob(f"{path.name}.damaged-*"):
+def set_aside(path: Path, problem: IndexDamaged) -> str:
+    """Clear `path` for a fresh index and say, in one log line, why and where the old one went:
+    a damaged index is kept (`move_aside`); one of another schema version is deleted, as the
+    rebuild takes everything it needs from the block files. Returns where it went."""
+    aside = move_aside(path, "outdated" if isinstance(problem, IndexOutdated) else "damaged")
+    if isinstance(problem, IndexOutdated):
+        shutil.rmtree(aside, ignore_errors=True)  # renamed first: a crash here leaves no half index
+        log.warning("%s: removed; a fresh index is rebuilt from the block files", problem)
+        return "removed"
+    log.error("%s: moved to %s; a fresh index is rebuilt from the block files", problem, aside)
+    return f"moved to {aside.name}"
+
+
+def move_aside(path: Path, why: str = "damaged") -> Path:
+    """Rename a damaged index directory to `<name>.<why>-<time>`, removing older such copies
+    first so they do not pile up."""
+    for old in path.parent.glob(f"{path.name}.{why}-*"):
         shutil.rmtree(old, ignore_errors=True)
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(path, aside)
     return aside
 
