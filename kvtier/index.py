@@ -3,7 +3,7 @@
 LMDB is safe across processes, so the CLI can read and purge while the daemon runs.
 The index is a cache of what the block files hold (kvtier/reindex.py rebuilds it from
 them): a damaged file is detected before use (kvtier/index_file.py checks it), reads as a
-miss at run time, and is moved aside for a fresh one (`IndexDamaged`, `Index.reset`).
+miss at run time, and is moved aside for a fresh one (kvtier/index_guard.py).
 Sub-databases:
   blocks  key(16 B)                      -> JSON record (see BlockRecord)
   lru     access_ms(8 B BE) + inverted depth(4 B) + key(16 B)  -> b""   (oldest first = evicted first)
@@ -22,32 +22,18 @@ the block files like a damaged one. Change SCHEMA_VERSION with any change of the
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import lmdb
 
 from . import index_totals
-from .index_file import (
-    DAMAGE_ERRORS,
-    DB_NAMES,
-    MAP_SIZE,
-    IndexDamaged,
-    IndexOutdated,
-    file_problem,
-    in_use,
-    move_aside,
-    set_aside,
-)
+from .index_file import DAMAGE_ERRORS, DB_NAMES, MAP_SIZE, IndexDamaged, IndexOutdated, file_problem, in_use, set_aside
+from .index_guard import Guarded, reads, walks, writes
 from .index_totals import json_or_none
-
-log = logging.getLogger("kvtier.index")
 
 REBUILD_KEY = b"rebuild"  # in meta: set while the index is being refilled from the files
 SCHEMA_KEY, SCHEMA_VERSION = b"schema", 1  # in meta; an index without it is from before versions
@@ -109,35 +95,6 @@ def _lru_key(record: "BlockRecord", key: bytes) -> bytes:
             + (0xFFFFFFFF - min(record.depth, 0xFFFFFFFF)).to_bytes(4, "big") + key)
 
 
-def _reads(empty: Callable[[], object]):
-    """A read that meets an index it cannot read returns `empty()`: a miss, never an error."""
-    def wrap(method):
-        @functools.wraps(method)
-        def guarded(self: "Index", *args, **kwargs):
-            generation = self._generation
-            try:
-                return method(self, *args, **kwargs)
-            except lmdb.Error as exc:
-                self._failed(exc, generation)
-                return empty()
-        return guarded
-    return wrap
-
-
-def _writes(method):
-    """A write that meets a damaged index raises IndexDamaged (an lmdb.Error, so callers
-    treat it like any failed disk write) after reporting the damage."""
-    @functools.wraps(method)
-    def guarded(self: "Index", *args, **kwargs):
-        generation = self._generation
-        try:
-            return method(self, *args, **kwargs)
-        except DAMAGE_ERRORS as exc:
-            self._failed(exc, generation)
-            raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-    return guarded
-
-
 def open_or_replace(path: Path) -> "Index":
     """The index at `path`, fully checked; a damaged one, or one of another schema version,
     is set aside and replaced by an empty one marked for a rebuild from the block files (the
@@ -171,19 +128,17 @@ def _schema_problem(env: lmdb.Environment, dbs: list, meta, readonly: bool) -> s
     return f"index schema version {shown}, this kvtier uses {SCHEMA_VERSION}"
 
 
-class Index:
+class Index(Guarded):
     """Raises IndexDamaged when the file fails its checks: the meta pages and size always,
-    and with `walk` a full read in a child process (the daemon and `verify` walk)."""
+    and with `walk` a full read in a child process (the daemon and `verify` walk); damage met
+    later is handled as kvtier/index_guard.py says."""
 
     def __init__(self, path: Path, readonly: bool = False, walk: bool = False):
-        self.path, self._readonly = path, readonly
+        super().__init__(path)
+        self._readonly = readonly
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         if problem := file_problem(path, walk):
             raise IndexDamaged(f"{path}: {problem}")
-        self.damage: str | None = None  # set when damage is met at run time
-        self.on_damage: Callable[[str], None] | None = None  # the daemon recovers here
-        self._generation = 0  # bumped by reset: late errors from the old file are ignored
-        self._reset_lock = threading.RLock()
         self._registered: dict[str, dict] = {}  # models this process registered, kept over a reset
         try:
             self._open()
@@ -209,45 +164,20 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
-    # -- damage --------------------------------------------------------------------------
-    def _failed(self, exc: lmdb.Error, generation: int) -> None:
-        if not isinstance(exc, DAMAGE_ERRORS):
-            log.warning("index read failed (%s): treated as a miss", exc)
-            return
-        with self._reset_lock:  # two threads meeting it at once: one reset
-            if generation != self._generation or self.damage is not None:
-                return  # already known, or from the file a reset replaced
-            self.damage = f"{type(exc).__name__}: {exc}"
-        log.error("the index %s is damaged (%s)", self.path, self.damage)
-        if self.on_damage is not None:
-            self.on_damage(self.damage)
+    def _reopened(self, reason: str) -> None:
+        self.mark_rebuild(reason)
+        for fingerprint, description in self._registered.items():
+            self.register_model(fingerprint, description)
 
-    def reset(self, reason: str) -> Path:
-        """Move this index aside and go on with a fresh, empty one marked for a rebuild
-        from the files. Threads still inside the old one finish on it (it is closed when the
-        last of them lets go). Returns where the old one went."""
-        with self._reset_lock:
-            # Deleted under us (with the cache directory, maybe): made again (LocalDisk._remake).
-            aside = move_aside(self.path) if self.path.exists() else self.path
-            self.path.mkdir(mode=0o700)
-            self._open()
-            self._generation += 1
-            self.damage = None
-            self.mark_rebuild(reason)
-            for fingerprint, description in self._registered.items():
-                self.register_model(fingerprint, description)
-        if aside != self.path:
-            log.warning("the damaged index was moved to %s; a fresh one is rebuilt from the block files", aside)
-        return aside
-
-    @_reads(lambda: None)
+    # -- the rebuild mark ----------------------------------------------------------------
+    @reads(lambda: None)
     def rebuild_pending(self) -> str | None:
         """Why the index is being refilled from the block files, if it is."""
         with self.env.begin(db=self._meta) as txn:
             raw = txn.get(REBUILD_KEY)
         return None if raw is None else bytes(raw).decode(errors="replace")
 
-    @_writes
+    @writes
     def mark_rebuild(self, reason: str | None) -> None:
         with self.env.begin(write=True, db=self._meta) as txn:
             if reason is None:
@@ -256,13 +186,13 @@ class Index:
                 txn.put(REBUILD_KEY, reason.encode())
 
     # -- reads -------------------------------------------------------------------------
-    @_reads(lambda: None)
+    @reads(lambda: None)
     def get(self, key: bytes) -> BlockRecord | None:
         with self.env.begin(db=self._blocks) as txn:
             raw = txn.get(key)
         return BlockRecord.decode_or_none(raw)
 
-    @_reads(dict)
+    @reads(dict)
     def get_many(self, keys: list[bytes]) -> dict[bytes, BlockRecord]:
         """The records of those keys the index holds, read in one transaction."""
         found = {}
@@ -273,19 +203,19 @@ class Index:
                     found[key] = record
         return found
 
-    @_reads(lambda: (0, 0))
+    @reads(lambda: (0, 0))
     def totals(self) -> tuple[int, int]:
         """(bytes, blocks) of every indexed file."""
         with self.env.begin() as txn:
             return index_totals.overall(txn, self._meta)[:2]
 
-    @_reads(int)
+    @reads(int)
     def allocated(self) -> int:
         """Bytes the filesystem allocates for every indexed file."""
         with self.env.begin() as txn:
             return index_totals.overall(txn, self._meta)[2]
 
-    @_reads(dict)
+    @reads(dict)
     def model_totals(self) -> dict[str, dict[str, int]]:
         """Blocks, snapshots, bytes and pinned bytes per model fingerprint, as kept with every write."""
         with self.env.begin() as txn:
@@ -298,39 +228,30 @@ class Index:
         with self.env.begin(db=self._blocks) as txn:
             return {key for key in keys if txn.get(key) is not None}
 
+    @walks
     def items(self) -> Iterator[tuple[bytes, BlockRecord | None]]:
-        """Every (key, record); None for a record that cannot be decoded. Raises
-        IndexDamaged when the walk meets a damaged page (a partial list is not the list)."""
-        generation = self._generation
-        try:
-            with self.env.begin(db=self._blocks) as txn:
-                for key, raw in txn.cursor():
-                    yield bytes(key), BlockRecord.decode_or_none(raw)
-        except DAMAGE_ERRORS as exc:
-            self._failed(exc, generation)
-            raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+        """Every (key, record); None for a record that cannot be decoded."""
+        with self.env.begin(db=self._blocks) as txn:
+            for key, raw in txn.cursor():
+                yield bytes(key), BlockRecord.decode_or_none(raw)
 
+    @walks
     def newest(self) -> Iterator[tuple[bytes, BlockRecord]]:
         """(key, record) of every entry, most recently used first, read lazily from the LRU
         order (one read transaction for the whole walk: stop early for a page of them)."""
-        generation = self._generation
-        try:
-            with self.env.begin() as txn:
-                cursor = txn.cursor(db=self._lru)
-                if not cursor.last():
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._lru)
+            if not cursor.last():
+                return
+            while True:
+                key = bytes(cursor.key()[12:])
+                record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
+                if record is not None:
+                    yield key, record
+                if not cursor.prev():
                     return
-                while True:
-                    key = bytes(cursor.key()[12:])
-                    record = BlockRecord.decode_or_none(txn.get(key, db=self._blocks))
-                    if record is not None:
-                        yield key, record
-                    if not cursor.prev():
-                        return
-        except DAMAGE_ERRORS as exc:
-            self._failed(exc, generation)
-            raise IndexDamaged(f"{self.path}: {type(exc).__name__}: {exc}") from exc
 
-    @_reads(list)
+    @reads(list)
     def children(self, parent: bytes, kind: str = "kv", first: int | None = None) -> list[tuple[bytes, bytes]]:
         """(key, token bytes) of every indexed entry of `kind` whose parent is `parent`; with
         `first`, only those whose first token it is (read by it, from `heads`)."""
@@ -364,13 +285,13 @@ class Index:
                 found.append((key, bytes(tokens[1:])))
         return found
 
-    @_reads(dict)
+    @reads(dict)
     def models(self) -> dict[str, dict]:
         with self.env.begin(db=self._models) as txn:
             return {bytes(k).decode(errors="replace"): value for k, v in txn.cursor()
                     if isinstance(value := json_or_none(v), dict)}
 
-    @_reads(list)
+    @reads(list)
     def oldest(self, limit: int, covering: int | None = None) -> list[bytes]:
         """Keys of up to `limit` unpinned blocks, least recently used first; with `covering`,
         only as many as it takes for their allocated bytes to reach it."""
@@ -387,7 +308,7 @@ class Index:
         return keys
 
     # -- writes ------------------------------------------------------------------------
-    @_writes
+    @writes
     def put_many(self, entries: list[tuple[bytes, BlockRecord, bytes]]) -> None:
         """Index (key, record, tokens) entries in one transaction: all or none."""
         with self.env.begin(write=True) as txn:
@@ -403,31 +324,31 @@ class Index:
                     txn.put(head, b"", db=self._heads)
                 index_totals.add(txn, self._meta, record, 1)
 
-    @_writes
+    @writes
     def add_counters(self, fingerprint: str, deltas: dict[str, int]) -> None:
         with self.env.begin(write=True) as txn:
             index_totals.add_counters(txn, self._meta, fingerprint, deltas)
 
-    @_reads(dict)
+    @reads(dict)
     def counters(self) -> dict[str, dict[str, int]]:
         """Persisted request counters per model fingerprint."""
         with self.env.begin() as txn:
             return index_totals.counters(txn, self._meta)
 
-    @_writes
+    @writes
     def recount(self) -> tuple[int, int]:
         """Recompute the totals from the records (after a repair); returns (bytes, blocks)."""
         with self.env.begin(write=True) as txn:
             records = (BlockRecord.decode_or_none(raw) for _, raw in txn.cursor(db=self._blocks))
             return index_totals.recount(txn, self._meta, [r for r in records if r is not None])
 
-    @_writes
+    @writes
     def register_model(self, fingerprint: str, description: dict) -> None:
         self._registered[fingerprint] = description
         with self.env.begin(write=True, db=self._models) as txn:
             txn.put(fingerprint.encode(), json.dumps(description).encode())
 
-    @_writes
+    @writes
     def touch(self, keys: list[bytes], access_ms: int) -> None:
         with self.env.begin(write=True) as txn:
             for key in keys:
@@ -439,7 +360,7 @@ class Index:
                 txn.put(key, record.encode(), db=self._blocks)
                 txn.put(_lru_key(record, key), b"", db=self._lru)
 
-    @_writes
+    @writes
     def set_pinned(self, keys: list[bytes], pinned: bool) -> int:
         changed = 0
         with self.env.begin(write=True) as txn:
@@ -453,7 +374,7 @@ class Index:
                     changed += 1
         return changed
 
-    @_writes
+    @writes
     def remove(self, key: bytes) -> BlockRecord | None:
         """Delete a record (the caller deletes the file afterwards)."""
         with self.env.begin(write=True) as txn:
@@ -468,7 +389,7 @@ class Index:
             self._drop(txn, key, record)
             return record
 
-    @_writes
+    @writes
     def remove_many(self, keys: list[bytes]) -> list[bytes]:
         """Delete the records of `keys` in one transaction (one commit, one sync: evicting
         thousands costs little more than one); returns the keys that had a readable record."""
