@@ -39,6 +39,7 @@ class CacheDir:
 
     def __init__(self, path: Path, walk: bool = False):
         self.path, self.damage = Path(path).expanduser(), None
+        self.advice = "run `kvtier verify --fix`"  # what to do about `damage`
         self._disk: LocalDisk | None = None
         try:
             self._disk = LocalDisk.existing(self.path, walk=walk)
@@ -46,6 +47,8 @@ class CacheDir:
             self.damage = str(exc)
             if not in_use(self.path / "index"):
                 self.repair(exc)
+            self.advice = ("a kvtier of that version has it open: stop it, and the next kvtier to open "
+                           "the index rebuilds it from the block files")
         except IndexDamaged as exc:
             self.damage = str(exc)
 

@@ -453,6 +453,27 @@ def test_the_cli_rebuilds_an_index_of_another_version_it_opens(tmp_path):
     assert schema_of(tmp_path / "index") == str(SCHEMA_VERSION).encode()
 
 
+def test_the_cli_leaves_an_index_of_another_version_that_kvtier_has_open(tmp_path):
+    """Another version's daemon still running on it: the CLI neither reads nor replaces its
+    index, and says in one line what to do."""
+    store = make_store(tmp_path)
+    fill(store, TOKENS, flush=True)
+    store.close()
+    as_an_older_kvtier_left_it(tmp_path / "index", schema=str(SCHEMA_VERSION + 1).encode())
+    held = lmdb.open(str(tmp_path / "index"), max_dbs=8)  # as that daemon holds it
+    try:
+        listed = subprocess.run([sys.executable, "-m", "daemon.cli", "stats", "--cache-dir", str(tmp_path)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        held.close()
+    assert listed.returncode == 2 and listed.stderr.count("\n") == 1, listed.stderr
+    assert "a kvtier of that version has it open: stop it" in listed.stderr
+    index = lmdb.open(str(tmp_path / "index"), max_dbs=8, readonly=True)
+    with index.begin(db=index.open_db(b"meta", create=False)) as txn:
+        assert txn.get(b"schema") == str(SCHEMA_VERSION + 1).encode()
+    index.close()
+
+
 def test_meta_page_checks_accept_a_good_file_and_name_what_is_wrong(tmp_path):
     data = tmp_path / "index" / "data.mdb"
     assert data_file_problem(data) is None  # not made yet: LMDB makes it
