@@ -4,8 +4,8 @@ can be trusted with it, and what to do with one that cannot.
 A damaged file is found before LMDB maps it (both meta pages and the file size: a file
 shorter than its last page is a SIGBUS on first touch), then, where asked, by a full read
 walk in a child process (`python -m kvtier.index_file PATH`), since LMDB can abort or fault
-on a bad page. A damaged index is moved aside (`move_aside`) unless another process still
-has it open (`in_use`).
+on a bad page. A damaged index is moved aside, one of another schema version removed
+(`set_aside`), unless another process still has it open (`in_use`).
 """
 
 from __future__ import annotations

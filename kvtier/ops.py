@@ -45,10 +45,11 @@ class CacheDir:
             self._disk = LocalDisk.existing(self.path, walk=walk)
         except IndexOutdated as exc:
             self.damage = str(exc)
-            if not in_use(self.path / "index"):
+            if in_use(self.path / "index"):
+                self.advice = ("a kvtier of that version has it open: stop it, and the next kvtier to open "
+                               "the index rebuilds it from the block files")
+            else:
                 self.repair(exc)
-            self.advice = ("a kvtier of that version has it open: stop it, and the next kvtier to open "
-                           "the index rebuilds it from the block files")
         except IndexDamaged as exc:
             self.damage = str(exc)
 
