@@ -402,8 +402,9 @@ def test_a_new_index_is_written_with_the_schema_version(tmp_path):
 
 
 def a_newer_kvtiers_index(index_dir) -> None:
-    """An index a newer kvtier wrote: a version above ours, and records that mean something
-    else there (a checksum of another kind): read as ours, every file would look damaged."""
+    """An index a newer kvtier wrote: a version above ours, a table of its own, and records
+    that mean something else there (a checksum of another kind): read as ours, every file
+    would look damaged."""
     index = Index(index_dir, readonly=True)
     records = decoded(index.items())
     index.close()
@@ -412,6 +413,8 @@ def a_newer_kvtiers_index(index_dir) -> None:
     with env.begin(write=True, db=env.open_db(b"blocks")) as txn:
         for key, rec in records.items():
             txn.put(key, json.dumps(dict(asdict(rec), checksum="blake3:" + rec.checksum)).encode())
+    with env.begin(write=True, db=env.open_db(b"tomorrow")) as txn:
+        txn.put(b"what a newer kvtier keeps", b"1")
     env.close()
 
 
