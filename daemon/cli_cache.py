@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, lmdb.Error) as exc:  # another user's directory, a read-only disk
         return _fail(f"cannot open the cache at {cache_dir}: {getattr(exc, 'strerror', None) or exc}")
     if cache.damage and args.command != "verify":
-        return _damaged(cache.damage)
+        return _fail(f"the index cannot be used ({cache.damage}): {cache.advice}")
     with cache:
         try:
             return {"stats": _stats, "ls": _ls, "purge": _purge, "verify": _verify,

@@ -4,8 +4,8 @@ can be trusted with it, and what to do with one that cannot.
 A damaged file is found before LMDB maps it (both meta pages and the file size: a file
 shorter than its last page is a SIGBUS on first touch), then, where asked, by a full read
 walk in a child process (`python -m kvtier.index_file PATH`), since LMDB can abort or fault
-on a bad page. A damaged index is moved aside (`move_aside`) unless another process still
-has it open (`in_use`).
+on a bad page. A damaged index is moved aside, one of another schema version removed
+(`set_aside`), unless another process still has it open (`in_use`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
 
 class IndexDamaged(lmdb.Error):
     """The index file is corrupt or truncated: move it aside and rebuild it from the files."""
+
+
+class IndexOutdated(IndexDamaged):
+    """The index is of another schema version (an older or a newer kvtier's): it is not read
+    but replaced, and rebuilt from the files like a damaged one."""
 
 
 # -- checks before the file is mapped ------------------------------------------------------
@@ -176,16 +181,14 @@ _WALK_DAMAGED = 3
 
 def _walk(path: Path) -> str | None:
     """Every page of every database, through LMDB's own checks, plus the shape of our keys:
-    strictly increasing, of their fixed length, as many as each database counts."""
-    env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(DB_NAMES), readonly=True,
-                    lock=True, subdir=True)
+    strictly increasing, of their fixed length, as many as each database counts. A database
+    not ours (a newer kvtier's) gets LMDB's checks alone: the schema version then decides."""
+    env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=128, readonly=True, lock=True, subdir=True)
     try:
         with env.begin() as txn:
             names = [bytes(k) for k, _ in txn.cursor()]
         for name in [None, *names]:
-            if name is not None and name not in DB_NAMES:
-                return f"unknown database {name!r}"
-            db = env.open_db(name, create=False) if name else None
+            db = env.open_db(name, create=False) if name else None  # a name of no database raises
             with env.begin(db=db) as txn:
                 problem = _walk_db(name or b"main", txn, txn.stat(db)["entries"])
             if problem:
@@ -241,12 +244,25 @@ def in_use(path: Path) -> bool:
         os.close(fd)
 
 
-def move_aside(path: Path) -> Path:
-    """Rename a damaged index directory to `<name>.damaged-<time>`, removing older damaged
-    copies first so they do not pile up."""
-    for old in path.parent.glob(f"{path.name}.damaged-*"):
+def set_aside(path: Path, problem: IndexDamaged) -> str:
+    """Clear `path` for a fresh index and say, in one log line, why and where the old one went:
+    a damaged index is kept (`move_aside`); one of another schema version is deleted, as the
+    rebuild takes everything it needs from the block files. Returns where it went."""
+    aside = move_aside(path, "outdated" if isinstance(problem, IndexOutdated) else "damaged")
+    if isinstance(problem, IndexOutdated):
+        shutil.rmtree(aside, ignore_errors=True)  # renamed first: a crash here leaves no half index
+        log.warning("%s: removed; a fresh index is rebuilt from the block files", problem)
+        return "removed"
+    log.error("%s: moved to %s; a fresh index is rebuilt from the block files", problem, aside)
+    return f"moved to {aside.name}"
+
+
+def move_aside(path: Path, why: str = "damaged") -> Path:
+    """Rename a damaged index directory to `<name>.<why>-<time>`, removing older such copies
+    first so they do not pile up."""
+    for old in path.parent.glob(f"{path.name}.{why}-*"):
         shutil.rmtree(old, ignore_errors=True)
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(path, aside)
     return aside
 

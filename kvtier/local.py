@@ -263,13 +263,9 @@ class LocalDisk:
     def disk_used(self) -> int:
         """What the disk tier occupies, as the filesystem (and `du`) counts it: the blocks
         allocated for every file, the directories, the index, and leftovers not removed yet."""
-        allocated = self.index.allocated()
-        if allocated is None:  # an index from before this total, until its recount
-            total, count = self.index.totals()
-            allocated = total + count * 4096
         with self._strays_lock:
             strays = sum(self._strays.values())
-        return allocated + self._dirs_bytes + self.files.dir_bytes() + self.index.disk_usage() + strays
+        return self.index.allocated() + self._dirs_bytes + self.files.dir_bytes() + self.index.disk_usage() + strays
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict least recently used entries (any model) until `nbytes` more fit the budget,
@@ -279,7 +275,7 @@ class LocalDisk:
         capacity = self.space.capacity(used)
         if used + nbytes > capacity and capacity < self.budget:
             self.space.mark_full(f"{format_size(nbytes)} to write, room for {format_size(max(capacity, 0))} of cache")
-        evictable = self.index.allocated() or 0
+        evictable = self.index.allocated()
         if used - evictable + nbytes <= capacity and self._evict_while(lambda: self.disk_used() + nbytes - capacity):
             return True
         # Not even an empty cache would hold it: nothing is evicted in vain.
@@ -359,15 +355,10 @@ class LocalDisk:
 
     # -- upkeep (its own thread) ---------------------------------------------------------
     def _upkeep_loop(self) -> None:
-        """After start-up: recount an old index's totals (allocated, per model), sweep what a
-        killed daemon left behind; then, while writes fail, try the disk again so the error
-        clears by itself."""
+        """After start-up: sweep what a killed daemon left behind; then, while writes fail,
+        try the disk again so the error clears by itself."""
         try:
             if self.disk_enabled:
-                if self.index.allocated() is None or self.index.model_totals() is None:
-                    self.note_in_index(self.index.recount)  # an index from before these totals
-                if not self.index.heads_kept():  # an index from before its children by first token
-                    self.note_in_index(self.index.fill_heads)
                 self.rebuilder.wait()  # files a rebuild has not reached yet are not leftovers
                 self.sweep_leftovers()
             remove_stale_scratch_dirs()

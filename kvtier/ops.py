@@ -17,8 +17,9 @@ from typing import Iterable
 
 from .config import format_size
 from .disk import BlockFiles, DamagedBlock, decode_block, remove_path
-from .index import MODEL_TOTAL_FIELDS, BlockRecord, Index, IndexDamaged, add_to_model_totals, now_ms
-from .index_file import in_use, move_aside
+from .index import BlockRecord, Index, IndexDamaged, now_ms
+from .index_file import IndexOutdated, in_use, set_aside
+from .index_totals import MODEL_TOTAL_FIELDS, add_to_model_totals
 from .leftovers import strays, summary
 from .local import LocalDisk
 
@@ -33,13 +34,22 @@ class IndexInUse(RuntimeError):
 class CacheDir:
     """A cache directory as the CLI opens it: the daemon's own disk tier class, without its
     threads (`disk`), when the index passes its checks (`walk`: the full one); else `damage`
-    says why, and only `verify` proceeds (with `fix`, `repair` replaces the index)."""
+    says why, and only `verify` proceeds (with `fix`, `repair` replaces the index). An index
+    of another kvtier version is rebuilt at once, unless a running daemon has it open."""
 
     def __init__(self, path: Path, walk: bool = False):
         self.path, self.damage = Path(path).expanduser(), None
+        self.advice = "run `kvtier verify --fix`"  # what to do about `damage`
         self._disk: LocalDisk | None = None
         try:
             self._disk = LocalDisk.existing(self.path, walk=walk)
+        except IndexOutdated as exc:
+            self.damage = str(exc)
+            if in_use(self.path / "index"):
+                self.advice = ("a kvtier of that version has it open: stop it, and the next kvtier to open "
+                               "the index rebuilds it from the block files")
+            else:
+                self.repair(exc)
         except IndexDamaged as exc:
             self.damage = str(exc)
 
@@ -58,13 +68,13 @@ class CacheDir:
                 self.damage = str(exc)
         problem = Problem("index_damaged", "", self.damage)
         if fix:
-            problem.detail += "; " + self.repair(self.damage)
+            problem.detail += "; " + self.repair(IndexDamaged(self.damage))
             return [problem, *verify(self.disk, fix)]
         return [problem]
 
-    def repair(self, reason: str) -> str:
-        """Move the damaged index aside and rebuild it from the block files (every file that
-        checks out is indexed again, the others removed). Refused while a daemon has it open."""
+    def repair(self, problem: IndexDamaged) -> str:
+        """Set the index aside (index_file.set_aside) and rebuild it from the block files (every
+        file that checks out is indexed again, the others removed). Refused while a daemon has it open."""
         from .reindex import rebuild
 
         self.close()
@@ -72,16 +82,16 @@ class CacheDir:
         if in_use(path):
             raise IndexInUse(f"{path} is damaged but a running kvtier has it open: it replaces the "
                              f"index itself when it meets the damage; or stop it and run this again")
-        aside = move_aside(path)
+        aside = set_aside(path, problem)
         index = Index(path)
         try:
-            index.mark_rebuild(reason)
+            index.mark_rebuild(str(problem))
             report = rebuild(index, BlockFiles(self.path / "blocks"))
             index.mark_rebuild(None)
         finally:
             index.close()
         self._disk, self.damage = LocalDisk.existing(self.path), None
-        return (f"moved to {aside.name}, rebuilt from the block files: {report.indexed} entries, "
+        return (f"{aside}, rebuilt from the block files: {report.indexed} entries, "
                 f"{report.removed} files removed")
 
     def close(self) -> None:
@@ -100,10 +110,7 @@ class CacheDir:
 def stats(cache: LocalDisk) -> dict:
     models = cache.index.models()
     counters = cache.index.counters()
-    # Kept by the index with every write; an index from before them is walked instead.
-    per_model = cache.index.model_totals()
-    if per_model is None:
-        per_model = model_totals(cache.records().values())
+    per_model = cache.index.model_totals()  # kept by the index with every write
     for fingerprint in set(per_model) | set(counters):
         entry = per_model.setdefault(fingerprint, dict.fromkeys(MODEL_TOTAL_FIELDS, 0))
         entry["model"] = models.get(fingerprint, {}).get("name", "?")
@@ -241,8 +248,6 @@ def resolve_model(cache: LocalDisk, selector: str) -> set[str]:
     of one model with entries (as `stats` and `ls` show it)."""
     models = cache.index.models()
     totals = cache.index.model_totals()
-    if totals is None:  # an index from before the per-model totals
-        totals = model_totals(cache.records().values())
     holding = {fp for fp, entry in totals.items() if entry.get("blocks") or entry.get("snapshots")}
     named = {fp for fp in set(models) | set(totals)
              if selector in (fp, models.get(fp, {}).get("name"), Path(models.get(fp, {}).get("name") or "").name)}
@@ -314,8 +319,7 @@ def verify(cache: LocalDisk, fix: bool = False) -> list[Problem]:
     if (total_bytes, total_blocks) != (sum(r.nbytes for r in actual), len(actual)):
         problems.append(Problem("totals", "", f"index totals {total_bytes} B / {total_blocks} "
                                               f"differ from the records"))
-    kept = cache.index.model_totals()
-    if kept is not None and kept != model_totals(actual):
+    if cache.index.model_totals() != model_totals(actual):
         problems.append(Problem("totals", "", "the per-model totals differ from the records"))
     if fix:
         cache.index.recount()

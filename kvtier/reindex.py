@@ -1,4 +1,5 @@
-"""Rebuild the index from the block files, after the index was found damaged.
+"""Rebuild the index from the block files, after the index was found damaged or of another
+schema version (kvtier/index.py: an older or newer kvtier's).
 
 Every file carries what its index record holds: its key, parent, depth, fingerprint and
 kind in its metadata, its tokens, and a hash of its tensors (`content`). A file is indexed
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .blocks import encode_tokens, tokens_hash
 from .checks import check_block
-from .disk import BlockFiles, DamagedBlock, checksum, key_of_path, parse_block, remove_path
+from .disk import BlockFiles, DamagedBlock, allocated_bytes, checksum, key_of_path, parse_block, remove_path
 from .index import BlockRecord, Index, IndexDamaged
 
 log = logging.getLogger("kvtier.reindex")
@@ -81,7 +82,7 @@ def _entry_of(path: Path, key_hex: str) -> tuple[bytes, BlockRecord, bytes] | No
     record = BlockRecord(parent=parent.hex(), fingerprint=fingerprint, depth=depth,
                          num_tokens=len(parsed.tokens), nbytes=len(payload), checksum=checksum(payload),
                          tokens_hash=tokens_hash(parsed.tokens), access_ms=stamp, created_ms=stamp,
-                         kind=kind)
+                         allocated=allocated_bytes(path), kind=kind)
     return key, record, encode_tokens(parsed.tokens)
 
 

@@ -7,6 +7,7 @@ hold."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import resource
@@ -15,17 +16,27 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
+import lmdb
 import numpy as np
 import pytest
 
 from kvtier import ops
 from kvtier.blocks import block_refs
-from kvtier.index import BlockRecord, Index, open_or_replace
+from kvtier.index import SCHEMA_KEY, SCHEMA_VERSION, BlockRecord, Index, open_or_replace
 from kvtier.index_file import data_file_problem
 from kvtier.tiers import TieredStore
 from tests.conftest import ROOT, Daemon, agent_messages
-from tests.support.blocks import BLOCK, arrays_for, assert_hits_hold_their_arrays, decoded, fill, make_store
+from tests.support.blocks import (
+    BLOCK,
+    arrays_for,
+    as_an_older_kvtier_left_it,
+    assert_hits_hold_their_arrays,
+    decoded,
+    fill,
+    make_store,
+)
 
 DAMAGES = ["truncate", "random_pages", "zero_meta"]
 MAX_TOKENS = 8
@@ -336,24 +347,23 @@ def test_garbage_in_counters_and_models_is_ignored(index):
     assert index.counters() == {"fp": {"hits": 1}}
 
 
-def test_the_start_up_reads_of_a_damaged_index_are_misses_not_exceptions(tmp_path):
-    """allocated() and heads_kept() (read by the upkeep thread and the budget) meet damage
-    as every other read does: reported, and an empty answer."""
+def test_the_budgets_reads_of_a_damaged_index_are_misses_not_exceptions(tmp_path):
+    """allocated() and model_totals() (read by the budget and stats) meet damage as every
+    other read does: reported, and an empty answer."""
     index = Index(tmp_path / "index")
     index.put_many([record(1), record(2, parent=1, depth=1)])
-    assert index.allocated() == 8192 and index.heads_kept()
+    assert index.allocated() == 8192 and index.model_totals()["fp"]["blocks"] == 2
     damage(tmp_path / "index", "page_headers")  # under the open environment
-    assert index.allocated() is None  # unknown: the budget counts from the totals
+    assert index.allocated() == 0 and index.model_totals() == {}
     assert index.damage is not None
-    assert index.heads_kept()  # nothing to fill in an index about to be replaced
     index.close()
 
 
-def test_garbage_in_the_allocated_total_is_unknown_until_a_recount(index):
+def test_garbage_in_the_allocated_total_counts_as_none_until_a_recount(index):
     index.put_many([record(1)])
     with index.env.begin(write=True, db=index._meta) as txn:
         txn.put(b"allocated", b"-x")
-    assert index.allocated() is None
+    assert index.allocated() == 0
     index.recount()
     assert index.allocated() == 4096
 
@@ -367,6 +377,103 @@ def test_a_rebuild_mark_is_kept_until_cleared(tmp_path):
     assert index.rebuild_pending() == "data.mdb is truncated"
     index.mark_rebuild(None)
     assert index.rebuild_pending() is None
+    index.close()
+
+
+# -- schema versions: an index of another version is rebuilt, never read ------------------
+def schema_of(index_dir) -> bytes | None:
+    index = Index(index_dir, readonly=True)
+    try:
+        with index.env.begin(db=index._meta) as txn:
+            raw = txn.get(SCHEMA_KEY)
+        return None if raw is None else bytes(raw)
+    finally:
+        index.close()
+
+
+def test_a_new_index_is_written_with_the_schema_version(tmp_path):
+    Index(tmp_path / "index").close()
+    assert schema_of(tmp_path / "index") == str(SCHEMA_VERSION).encode()
+    store = make_store(tmp_path)  # reopened as it is: no rebuild
+    fill(store, TOKENS, flush=True)
+    assert store.counters["index_rebuilds"] == 0 and store.index.rebuild_pending() is None
+    store.close()
+    assert schema_of(tmp_path / "index") == str(SCHEMA_VERSION).encode()
+
+
+def a_newer_kvtiers_index(index_dir) -> None:
+    """An index a newer kvtier wrote: a version above ours, a table of its own, and records
+    that mean something else there (a checksum of another kind): read as ours, every file
+    would look damaged."""
+    index = Index(index_dir, readonly=True)
+    records = decoded(index.items())
+    index.close()
+    as_an_older_kvtier_left_it(index_dir, schema=str(SCHEMA_VERSION + 1).encode())
+    env = lmdb.open(str(index_dir), max_dbs=8)
+    with env.begin(write=True, db=env.open_db(b"blocks")) as txn:
+        for key, rec in records.items():
+            txn.put(key, json.dumps(dict(asdict(rec), checksum="blake3:" + rec.checksum)).encode())
+    with env.begin(write=True, db=env.open_db(b"tomorrow")) as txn:
+        txn.put(b"what a newer kvtier keeps", b"1")
+    env.close()
+
+
+@pytest.mark.parametrize("left_by", ["older", "newer"])
+def test_an_index_of_another_schema_version_is_rebuilt_from_the_files(tmp_path, caplog, left_by):
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS, flush=True)
+    store.close()
+    if left_by == "older":
+        as_an_older_kvtier_left_it(tmp_path / "index")
+    else:
+        a_newer_kvtiers_index(tmp_path / "index")
+
+    with caplog.at_level(logging.WARNING, logger="kvtier.index"):
+        store = make_store(tmp_path)
+    said = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    found = "none (an older kvtier's)" if left_by == "older" else SCHEMA_VERSION + 1
+    assert said == [f"{tmp_path / 'index'}: index schema version {found}, this kvtier uses {SCHEMA_VERSION}: "
+                    f"removed; a fresh index is rebuilt from the block files"]
+    assert store.disk_enabled and store.disk.rebuilder.wait(30)
+    assert store.counters["index_rebuilds"] == 1 and store.counters["damaged_blocks"] == 0
+    assert_restored_exactly(store, refs, TOKENS)
+    assert store.stats()["disk"]["entries"] == len(refs)
+    store.close()
+    assert schema_of(tmp_path / "index") == str(SCHEMA_VERSION).encode()
+    assert not list(tmp_path.glob("index.*"))  # nothing kept beside it: the files hold it all
+
+
+def test_the_cli_rebuilds_an_index_of_another_version_it_opens(tmp_path):
+    store = make_store(tmp_path)
+    refs = fill(store, TOKENS, flush=True)
+    store.close()
+    as_an_older_kvtier_left_it(tmp_path / "index")
+    listed = subprocess.run([sys.executable, "-m", "daemon.cli", "stats", "--json", "--cache-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["disk"]["entries"] == len(refs)
+    assert "index schema version none" in listed.stderr  # the one line that says why
+    assert schema_of(tmp_path / "index") == str(SCHEMA_VERSION).encode()
+
+
+def test_the_cli_leaves_an_index_of_another_version_that_kvtier_has_open(tmp_path):
+    """Another version's daemon still running on it: the CLI neither reads nor replaces its
+    index, and says in one line what to do."""
+    store = make_store(tmp_path)
+    fill(store, TOKENS, flush=True)
+    store.close()
+    as_an_older_kvtier_left_it(tmp_path / "index", schema=str(SCHEMA_VERSION + 1).encode())
+    held = lmdb.open(str(tmp_path / "index"), max_dbs=8)  # as that daemon holds it
+    try:
+        listed = subprocess.run([sys.executable, "-m", "daemon.cli", "stats", "--cache-dir", str(tmp_path)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        held.close()
+    assert listed.returncode == 2 and listed.stderr.count("\n") == 1, listed.stderr
+    assert "a kvtier of that version has it open: stop it" in listed.stderr
+    index = lmdb.open(str(tmp_path / "index"), max_dbs=8, readonly=True)
+    with index.begin(db=index.open_db(b"meta", create=False)) as txn:
+        assert txn.get(b"schema") == str(SCHEMA_VERSION + 1).encode()
     index.close()
 
 

@@ -14,7 +14,6 @@ import numpy as np
 from kvtier import ops
 from kvtier.blocks import block_refs
 from kvtier.config import CacheConfig
-from kvtier.index import PER_MODEL_KEY
 from kvtier.kvstate import Layout
 from kvtier.local import LocalDisk
 from kvtier.tiers import NewEntry, TieredStore
@@ -71,8 +70,7 @@ def test_ls_pages_through_the_prefixes_newest_first(tmp_path):
 
 def test_per_model_totals_stay_equal_to_a_walk_of_the_records(tmp_path):
     """Kept in the index's own transactions through writes, pins, removals and evictions,
-    for two models in one directory; an index from before them is walked, and its recount
-    starts keeping them."""
+    for two models in one directory."""
     cache_with_prefixes(tmp_path, "fp-a")
     cache_with_prefixes(tmp_path, "fp-b", count=4)
 
@@ -100,20 +98,6 @@ def test_per_model_totals_stay_equal_to_a_walk_of_the_records(tmp_path):
         assert set(cache.index.model_totals()) == {"fp-a"}
         assert not ops.verify(cache)
 
-        with cache.index.env.begin(write=True, db=cache.index._meta) as txn:  # an index from before them
-            txn.delete(PER_MODEL_KEY)
-        assert cache.index.model_totals() is None
-        stats = ops.stats(cache)["models"]["fp-a"]
-        cache.index.recount()
-        assert cache.index.model_totals()["fp-a"]["bytes"] == stats["bytes"] > 0
-        check(cache)
-        with cache.index.env.begin(write=True, db=cache.index._meta) as txn:
-            txn.delete(PER_MODEL_KEY)
-    store = TieredStore(CacheConfig(cache_dir=tmp_path, block_size=BLOCK), "fp-a", LAYOUT)
-    store.swept.wait(30)  # the disk tier's upkeep recounts an index from before them
-    assert store.index.model_totals()["fp-a"]["bytes"] == stats["bytes"]
-    store.close()
-
 
 def test_verify_reports_and_fixes_per_model_totals_that_differ(tmp_path):
     cache_with_prefixes(tmp_path, count=2)
@@ -127,8 +111,7 @@ def test_verify_reports_and_fixes_per_model_totals_that_differ(tmp_path):
 
 def test_children_are_read_by_their_first_token(tmp_path):
     """A tail match reads only the children that start with the prompt's next token (from
-    the index's `heads`), however many siblings they have; an index from before `heads`
-    answers the same by a scan, and the disk tier's upkeep fills them in."""
+    the index's `heads`), however many siblings they have."""
     store = TieredStore(CacheConfig(cache_dir=tmp_path, block_size=BLOCK), "fp-a", LAYOUT)
     head = list(range(BLOCK))
     for i in range(12):  # 12 continuations of one block: 3 of them start with token 7
@@ -145,16 +128,7 @@ def test_children_are_read_by_their_first_token(tmp_path):
         assert len(sevens) == 3 and all(np.frombuffer(t, "<u4")[0] == 7 for _, t in sevens)
         assert len(cache.index.children(parent, "kv")) == 12
         cache.remove_many([sevens[0][0]])
-        assert len(cache.index.children(parent, "kv", first=7)) == 2
-        with cache.index.env.begin(write=True) as txn:  # an index from before `heads`
-            txn.delete(b"heads", db=cache.index._meta)
-            txn.drop(cache.index._heads, delete=False)
         assert sorted(cache.index.children(parent, "kv", first=7)) == sorted(sevens[1:])
-    store = TieredStore(CacheConfig(cache_dir=tmp_path, block_size=BLOCK), "fp-a", LAYOUT)
-    store.swept.wait(30)
-    assert store.index.heads_kept()
-    assert sorted(store.index.children(parent, "kv", first=7)) == sorted(sevens[1:])
-    store.close()
 
 
 def test_an_index_walk_started_early_is_the_one_the_open_uses(tmp_path):

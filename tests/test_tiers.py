@@ -25,6 +25,7 @@ from tests.support.blocks import (
     BLOCK_BYTES,
     LAYOUT,
     arrays_for,
+    as_an_older_kvtier_left_it,
     assert_buffers_hold_blocks,
     assert_hits_hold_their_arrays,
     fill,
@@ -269,7 +270,7 @@ def test_read_ahead_stays_within_its_window_and_keeps_chain_order(tmp_path):
 
     refs = block_refs(list(range(12 * BLOCK)), BLOCK, "fp-test")
     record = BlockRecord(parent="", fingerprint="fp-test", depth=0, num_tokens=BLOCK, nbytes=1000,
-                         checksum="", tokens_hash="", access_ms=0, created_ms=0)
+                         checksum="", tokens_hash="", access_ms=0, created_ms=0, allocated=4096)
     with CountingPool(2) as pool:
         reads = ReadAhead(pool, lambda key_hex, _: key_hex, [(ref, record) for ref in refs], window_bytes=3000)
         assert len(pool.submitted) == 3  # three 1000-byte files fill the window
@@ -451,35 +452,25 @@ def test_a_shared_directory_is_refused_not_changed(tmp_path):
     store.close()
 
 
-def test_an_index_from_before_allocated_sizes_is_counted_and_recounted(tmp_path):
-    """Records without `allocated` decode with the size rounded up to 4 KiB, and the total
-    an older index lacks is recounted after start-up (until then, an upper estimate)."""
-    import json
-
-    import lmdb
-
-    from kvtier.index import BlockRecord
+def test_an_index_from_before_schema_versions_is_rebuilt_and_its_entries_found(tmp_path):
+    """An older kvtier's index (records without `allocated`, no allocated total) is not read
+    but rebuilt from the block files: every entry is found again, restored bit for bit, and
+    the budget counts what the filesystem really allocates for the files."""
+    store = make_store(tmp_path)
+    refs, tokens = long_chain(store, 1, blocks=3)
+    store.close()
+    as_an_older_kvtier_left_it(tmp_path / "index")
 
     store = make_store(tmp_path)
-    long_chain(store, 1, blocks=3)
+    assert store.disk.rebuilder.wait(30) and store.counters["index_rebuilds"] == 1
+    match = store.match(refs, tokens)
+    assert match.sources == ["disk"] * len(refs)
+    assert_hits_hold_their_arrays(match.hits)
+    files = [store.files.path_for(ref.hex) for ref in refs]
+    assert store.index.allocated() == sum(path.stat().st_blocks * 512 for path in files)
+    assert store.counters["damaged_blocks"] == 0
     store.close()
-    env = lmdb.open(str(tmp_path / "index"), max_dbs=8)
-    blocks, meta = env.open_db(b"blocks"), env.open_db(b"meta")
-    with env.begin(write=True) as txn:
-        sizes = []
-        for key, raw in list(txn.cursor(db=blocks)):
-            old = json.loads(raw)
-            old.pop("allocated")
-            sizes.append(old["nbytes"])
-            txn.put(key, json.dumps(old).encode(), db=blocks)
-        txn.delete(b"allocated", db=meta)
-    env.close()
-    assert BlockRecord.decode(json.dumps(old).encode()).allocated == -(-old["nbytes"] // 4096) * 4096
-
-    store = make_store(tmp_path)
-    assert store.swept.wait(30)
-    assert store.index.allocated() == sum(-(-size // 4096) * 4096 for size in sizes)
-    store.close()
+    assert not list(tmp_path.glob("index.*"))  # the old index is not kept: the files hold all of it
 
 
 def test_read_only_blocks_fail_visibly_count_what_they_keep_and_recover(tmp_path):

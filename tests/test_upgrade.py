@@ -1,6 +1,7 @@
 """Upgrading mlx-lm under a cache directory: the KV the old version computed is a clean miss
 (the new one's text is plain mlx-lm's), `kvtier stats` lists the old entries apart, and
-`kvtier purge --model FINGERPRINT` removes them alone. Real model, LMDB, files and CLI."""
+`kvtier purge --model FINGERPRINT` removes them alone. Upgrading kvtier: an older index is
+rebuilt from the block files, which are reused. Real model, LMDB, files and CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kvtier.engine import Engine
 from kvtier.ops import CacheDir, stats
 from kvtier.requests import GenerationRequest
 from tests.conftest import ROOT
+from tests.support.blocks import as_an_older_kvtier_left_it
 
 BLOCK = 16
 MAX_TOKENS = 6
@@ -68,3 +70,24 @@ def test_an_mlx_lm_upgrade_is_a_clean_miss_listed_apart_and_purged_alone(llama_m
     with CacheDir(tmp_path / "cache") as cache:
         models = stats(cache.disk)["models"]
     assert models[old.fingerprint]["blocks"] == 0 and models[new.fingerprint]["blocks"] > 0
+
+
+def test_an_older_kvtiers_index_is_rebuilt_and_its_blocks_answer_exactly(llama_model, reference, tmp_path):
+    """Upgrading kvtier itself: an index from before schema versions is rebuilt from the
+    block files at start-up, and the prompt's blocks are reused from disk with the answer
+    plain mlx-lm gives."""
+    config = CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK)
+    tokens = reference.chat_tokens([{"role": "user", "content": "Which blocks survive a kvtier upgrade? " * 4}])
+    old = Engine(str(llama_model), config)
+    try:
+        answer(old, tokens)
+    finally:
+        old.close()  # every block on disk
+    as_an_older_kvtier_left_it(tmp_path / "cache" / "index")
+
+    new = Engine(str(llama_model), config)
+    try:
+        assert new.store.disk.rebuilder.wait(60) and new.store.counters["index_rebuilds"] == 1
+        assert answer(new, tokens) == (reference.generate(tokens, MAX_TOKENS), len(tokens) - 1)
+    finally:
+        new.close()

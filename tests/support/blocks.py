@@ -63,3 +63,29 @@ def assert_buffers_hold_blocks(buffers, num_blocks: int) -> None:
     for index in range(num_blocks):
         for name, array in arrays_for(index).items():
             assert np.array_equal(views[name][:, :, index * BLOCK:(index + 1) * BLOCK], np.asarray(array))
+
+
+def as_an_older_kvtier_left_it(index_dir, schema: bytes | None = None) -> None:
+    """Rewrite a closed index into the shape kvtier wrote before its schema versions (no
+    version key, records without `allocated`, no allocated or per-model totals, no `heads`),
+    or, with `schema`, mark it as of that version: what a newer kvtier may leave behind."""
+    import json
+
+    import lmdb
+
+    env = lmdb.open(str(index_dir), max_dbs=8)
+    blocks, meta, heads = (env.open_db(name) for name in (b"blocks", b"meta", b"heads"))
+    with env.begin(write=True) as txn:
+        if schema is not None:
+            txn.put(b"schema", schema, db=meta)
+        else:
+            txn.delete(b"schema", db=meta)
+            for key, raw in list(txn.cursor(db=blocks)):
+                record = json.loads(raw)
+                del record["allocated"]
+                txn.put(key, json.dumps(record).encode(), db=blocks)
+            for key in [bytes(k) for k, _ in txn.cursor(db=meta) if bytes(k).startswith(b"totals:")]:
+                txn.delete(key, db=meta)
+            txn.delete(b"allocated", db=meta)
+            txn.drop(heads, delete=False)
+    env.close()
