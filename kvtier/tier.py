@@ -5,7 +5,8 @@ A tier only holds entries, for one model: which tier to ask, what to promote and
 evict is the policy's. Lookups take a whole chain of keys at once, so a remote tier answers
 a chain in one round trip; reads go through a read-ahead (readahead.py) and come back
 checked (checks.check_block): a damaged entry is the tier's to count and drop, and a miss.
-Adding a tier is one class that subclasses `Tier` and is named in tier_setup.py.
+Adding a tier is one class (on `BaseTier`, for the optional parts), named in tier_setup.py
+or handed to the store (`TieredStore(extra_tiers=...)`, as tests/support/dict_tier.py is).
 """
 
 from __future__ import annotations
