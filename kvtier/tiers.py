@@ -49,6 +49,9 @@ COUNTED_TIERS = ("ram", "disk", "shared")  # in every request's counters (the st
 
 
 class TieredStore:
+    """One model's cache over RAM and `tiers` (tier.Tier, nearest first). `disk` (the cache
+    directory's LocalDisk) and `shared` are kept for the daemon's admin routes and tests."""
+
     def __init__(self, config: CacheConfig, fingerprint: str, layout: Layout,
                  plan: CachePlan | None = None, extra_tiers: Sequence[Tier] = ()):
         """`extra_tiers`: more tiers below the configured ones (a test's own tier)."""
@@ -63,7 +66,8 @@ class TieredStore:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-read")
         opened = open_tiers(config, fingerprint, self.count, self._readers, model_fits(layout, plan))
         self.tiers: list[Tier] = opened.below + list(extra_tiers)
-        # The cache directory; the daemon's cache routes run the CLI's operations (kvtier.ops) on it.
+        # The cache directory: its index backs pins and the prefetch; the daemon's cache routes
+        # run the CLI's operations (kvtier.ops) on its LocalDisk.
         self._local = opened.disk
         self.disk = opened.disk.disk
         self.shared = opened.shared
