@@ -27,7 +27,7 @@ class Hit:
     nbytes: int
     hot: HotBlock | None = None  # the block in RAM
     parsed: ParsedBlock | None = None  # or its file, as numpy views over the bytes read
-    origin: str = "disk"  # the tier `parsed` was read from (or, looked up only, holds it)
+    origin: str = ""  # the tier below RAM `parsed` was read from (or, looked up only, that holds it)
 
     @property
     def source(self) -> str:
