@@ -39,7 +39,7 @@ class HotBlock:
 
 
 class RamTier:
-    """The hot tier (tier.Tier): entries are HotBlocks."""
+    """The hot tier: entries are HotBlocks (the store asks it before the tiers below, tier.Tier)."""
 
     name = "ram"
 
