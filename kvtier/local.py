@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import lmdb
 import numpy as np
@@ -207,9 +206,6 @@ class LocalDisk:
         return self.upkeep.sweep_leftovers()
 
     # -- what the CLI needs ---------------------------------------------------------------
-    def keys(self) -> Iterator[bytes]:
-        return (key for key, _ in self.index.items())
-
     def records(self) -> dict[bytes, BlockRecord]:
         return {k: r for k, r in self.index.items() if r is not None}
 
