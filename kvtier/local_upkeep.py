@@ -9,27 +9,48 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol
 
 import lmdb
 
-from .disk import allocated_bytes
+from .disk import BlockFiles, allocated_bytes
+from .index import Index
 from .leftovers import in_subdir
-from .local_writes import error_text
-from .space import is_no_space
-
-if TYPE_CHECKING:
-    from .local import LocalDisk
+from .local_writes import DiskWrites, error_text
+from .reindex import Rebuilder
+from .space import DiskSpace, is_no_space
 
 log = logging.getLogger("kvtier.local")
 
 PROBE_SECONDS = 2.0  # while writes fail, how often the disk is tried again
 
 
+class Disk(Protocol):
+    """What the upkeep needs of the disk tier (local.LocalDisk)."""
+
+    path: Path
+    index: Index
+    files: BlockFiles
+    space: DiskSpace
+    writes: DiskWrites
+    rebuilder: Rebuilder
+    fingerprint: str
+    owns_index: bool
+    dirs_bytes: int
+    index_replaced: threading.Event
+
+    @property
+    def disk_enabled(self) -> bool: ...
+
+    def note_in_index(self, write: Callable[..., Any], *args: Any) -> None: ...
+
+    def index_damaged(self, reason: str) -> None: ...
+
+
 class Upkeep:
     """`disk`'s background upkeep; `swept` is set once the start-up cleanup is done."""
 
-    def __init__(self, disk: LocalDisk):
+    def __init__(self, disk: Disk):
         self.disk = disk
         self.started_at = time.time()
         self.closing = threading.Event()

@@ -8,20 +8,18 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import lmdb
 
 from .blocks import encode_tokens, tokens_hash
 from .config import format_size
-from .disk import checksum
-from .index import BlockRecord, allocated_estimate, now_ms
+from .disk import BlockFiles, checksum
+from .index import BlockRecord, Index, allocated_estimate, now_ms
 from .ram import HotBlock
-from .space import is_no_space
+from .space import DiskSpace, is_no_space
+from .tier import Count
 from .writer import Entry, WriteJob
-
-if TYPE_CHECKING:
-    from .local import LocalDisk
 
 log = logging.getLogger("kvtier.local")
 
@@ -67,10 +65,25 @@ class Strays:
             return sum(self._sizes.values())
 
 
+class Disk(Protocol):
+    """What the writes need of the disk tier (local.LocalDisk)."""
+
+    index: Index
+    files: BlockFiles
+    space: DiskSpace
+    budget: int
+    fingerprint: str
+    count: Count
+
+    def disk_used(self) -> int: ...
+
+    def drop(self, key: bytes) -> None: ...
+
+
 class DiskWrites:
     """Writes into `disk`'s files and index, and their failures."""
 
-    def __init__(self, disk: LocalDisk, error: str | None = None):
+    def __init__(self, disk: Disk, error: str | None = None):
         self.disk = disk
         self.error = error  # last disk failure, cleared by a good write
         self.retry_due = False  # the disk takes writes again: what failed before is to be rewritten
