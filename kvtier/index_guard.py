@@ -53,7 +53,7 @@ class Guarded:
         from the files. Threads still inside the old one finish on it (it is closed when the
         last of them lets go). Returns where the old one went."""
         with self._reset_lock:
-            # Deleted under us (with the cache directory, maybe): made again (LocalDisk._remake).
+            # Deleted under us (with the cache directory, maybe): made again (local_upkeep.Upkeep._remake).
             aside = move_aside(self.path) if self.path.exists() else self.path
             self.path.mkdir(mode=0o700)
             self._open()

@@ -46,7 +46,7 @@ def strays(files: BlockFiles, index: Index) -> list[Stray]:
 
 
 def in_subdir(subdir: Path, index: Index) -> list[Stray]:
-    """A block subdirectory's strays (also the daemon's sweep: local.LocalDisk._sweep)."""
+    """A block subdirectory's strays (also the daemon's sweep: local_upkeep.Upkeep._sweep)."""
     entries = _listing(subdir)
     keys = {entry.name: key_of_path(Path(entry.name)) for entry in entries}
     indexed = {key.hex() for key in index.has_many([bytes.fromhex(k) for k in keys.values() if k])}

@@ -32,14 +32,14 @@ class HotBlock:
     nbytes: int
     kind: str = "kv"
     skeleton: str | None = None  # a snapshot's state layout (see kvstate.Snapshot)
-    persisted: bool = False  # True once the disk tier holds it (or it came from there)
-    shared: bool = False  # True when it came from the shared tier: not uploaded again
+    persisted: bool = False  # True once a durable tier (the disk) holds it, or it came from one
+    origin: str = ""  # the tier below RAM it was read from, if any: not written there again
     prefetched: bool = False  # read from disk by the start-up prefetch (reported per request)
     writes: int = 0  # queued disk writes of it: RAM keeps it until they are done
 
 
 class RamTier:
-    """The hot tier (tier.Tier): entries are HotBlocks."""
+    """The hot tier: entries are HotBlocks (the store asks it before the tiers below, tier.Tier)."""
 
     name = "ram"
 

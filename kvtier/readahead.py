@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Callable, Generic, Mapping, Protocol, Sequence, TypeVar
 
 from .blocks import BlockRef
 
@@ -70,3 +70,14 @@ def first_bytes(planned: Sequence[tuple[BlockRef, Sized]], limit: int) -> list[s
         keys.append(ref.hex)
         total += record.nbytes
     return keys
+
+
+def chain_plan(refs: Sequence[BlockRef], held: Mapping[bytes, Planned]) -> list[tuple[BlockRef, Planned]]:
+    """The leading blocks of a chain that a tier holds (`held`: what it planned each by): a
+    chain cannot go past its first missing block."""
+    planned = []
+    for ref in refs:
+        if ref.key not in held:
+            break
+        planned.append((ref, held[ref.key]))
+    return planned

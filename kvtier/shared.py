@@ -158,7 +158,7 @@ class SharedTier:
     def connected(self) -> bool:
         return self._up.is_set()
 
-    # -- the interface (tier.Tier) -------------------------------------------------------
+    # -- reads and writes (shared_io.SharedIO makes them a tier.Tier) ----------------------
     def lookup(self, keys: list[bytes]) -> dict[bytes, int]:
         """Of `keys`, those the store holds, with their value sizes: one round trip."""
         if not keys or not self.connected:
