@@ -41,7 +41,7 @@ from mlx_lm.models import cache as mlx_cache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvtier.batch import RowDecoder  # noqa: E402
+from kvtier.decode import RowDecoder  # noqa: E402
 from kvtier.kvstate import Quantization, make_cache  # noqa: E402
 from tests.support.testmodels import make_model  # noqa: E402
 
@@ -187,7 +187,7 @@ def per_row_attention() -> Iterator[None]:
 
 def product_path(model: Any, prompts: list[list[int]], steps: int, quant: Quantization | None) -> Logprobs:
     """Row 0 through kvtier's batched path: prefill alone, first token alone, insert into
-    mlx-lm's BatchGenerator one by one (kvtier.batch.Batch._first_token), decode."""
+    mlx-lm's BatchGenerator one by one (kvtier.scheduler.Scheduler._first_token), decode."""
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=len(prompts))
     uids, firsts = [], []
     try:
