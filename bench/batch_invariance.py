@@ -41,6 +41,7 @@ from mlx_lm.models import cache as mlx_cache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kvtier import row_attention  # noqa: E402
 from kvtier.decode import RowDecoder  # noqa: E402
 from kvtier.kvstate import Quantization, make_cache  # noqa: E402
 from tests.support.testmodels import make_model  # noqa: E402
@@ -160,20 +161,10 @@ def decode_rows(model: Any, batch_cache: list[Any], fed: list[list[int]], width:
 @contextlib.contextmanager
 def per_row_attention() -> Iterator[None]:
     """Decode attention computed row by row over each row's own keys (a BatchKVCache's left
-    padding cut off, no mask): the very shapes a lone decode runs. Swapped into every loaded
-    mlx-lm model module that imported base.scaled_dot_product_attention."""
-    original = mlx_base.scaled_dot_product_attention
-
-    def sdpa(queries: mx.array, keys: Any, values: Any, cache: Any, scale: float, mask: Any,
-             sinks: Any = None) -> mx.array:
-        pads = getattr(cache, "left_padding", None)
-        if not isinstance(cache, mlx_cache.BatchKVCache) or queries.shape[2] != 1 or pads is None:
-            return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-        rows = [mx.fast.scaled_dot_product_attention(queries[i:i + 1], keys[i:i + 1, :, p:], values[i:i + 1, :, p:],
-                                                     scale=scale, mask=None, sinks=sinks)
-                for i, p in enumerate(pads.tolist())]
-        return mx.concatenate(rows)
-
+    padding cut off, no mask): the very shapes a lone decode runs. kvtier's own
+    (kvtier/row_attention.py, which Engine installs for good), swapped into every loaded
+    mlx-lm model module that imported base.scaled_dot_product_attention, for this block only."""
+    original, sdpa = mlx_base.scaled_dot_product_attention, row_attention.scaled_dot_product_attention
     modules = [m for name, m in sys.modules.items()
                if name.startswith("mlx_lm.models.") and getattr(m, "scaled_dot_product_attention", None) is original]
     for module in modules:
