@@ -81,7 +81,7 @@ def restart_question(i: int) -> str:
 
 # -- in-process ---------------------------------------------------------------------------------
 def engine_request(engine, messages: list[dict]) -> dict:
-    """One request through the engine as the routes make it: render, then Engine.generate."""
+    """One request through the engine as the routes make it: render, then the scheduler (kvtier.scheduler.generate)."""
     from kvtier.requests import GenerationRequest
     from kvtier.scheduler import generate
 
