@@ -143,8 +143,8 @@ class Worker:
             return
         finally:
             self.ready.set()
-        self._serve_requests(self.engine)
-        self.engine.close()
+        self._serve_requests(engine)
+        engine.close()
 
     def _decide_mode(self, engine: Engine) -> str:
         """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to

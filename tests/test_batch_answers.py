@@ -12,6 +12,7 @@ import pytest
 
 from daemon.state import STATE
 from kvtier.engine import Engine
+from kvtier.scheduler import BatchStats
 from tests.conftest import MODELS, Reference
 from tests.inprocess import InProcessDaemon
 from tests.support.testmodels import make_model
@@ -34,11 +35,15 @@ def _ask(daemon: InProcessDaemon, messages: list[dict]) -> tuple[str | None, int
     return response.choices[0].message.content, response.usage.prompt_tokens_details.cached_tokens or 0
 
 
-def _at_once(daemon: InProcessDaemon, conversations: list[list[dict]]) -> list[tuple[str | None, int]]:
-    """Ask them together; checks that decode steps carried several rows (they batched)."""
+def _stats(daemon: InProcessDaemon) -> BatchStats:
     scheduler = daemon.app[STATE].worker.batch
     assert scheduler is not None  # running once the model is loaded
-    stats = scheduler.stats
+    return scheduler.stats
+
+
+def _at_once(daemon: InProcessDaemon, conversations: list[list[dict]]) -> list[tuple[str | None, int]]:
+    """Ask them together; checks that decode steps carried several rows (they batched)."""
+    stats = _stats(daemon)
     tokens, steps = stats.decode_tokens, stats.decode_steps
     with ThreadPoolExecutor(len(conversations)) as pool:
         answers = list(pool.map(lambda m: _ask(daemon, m), conversations))
@@ -72,5 +77,22 @@ def test_an_answer_is_the_same_alone_beside_any_neighbours_and_from_any_tier(arc
         answer, cached = _at_once(daemon, [TARGET, *_neighbours(4)])[0]
         assert daemon.app[STATE].engine().store.counters["tokens_from_disk"] > from_disk  # read from SSD
         assert cached > 0 and answer == alone
+    finally:
+        daemon.stop()
+
+
+def test_max_batch_1_is_a_scheduler_of_one(llama_model, tmp_path, reference):
+    """`--max-batch 1`: requests sent together are served one after the other, each decoding
+    alone (plain mlx-lm's arithmetic): /health says so, and the answers are mlx-lm's."""
+    daemon = InProcessDaemon(llama_model, tmp_path / "cache", "--max-batch", "1").start()
+    try:
+        batching = daemon.get("/health")["batching"]
+        assert (batching["mode"], batching["exact"], batching["max_batch"]) == ("one at a time", True, 1)
+        conversations = [TARGET, *_neighbours(3)]
+        with ThreadPoolExecutor(len(conversations)) as pool:
+            answers = list(pool.map(lambda m: _ask(daemon, m)[0], conversations))
+        assert answers == [reference.chat(m, MAX_TOKENS) for m in conversations]
+        stats = _stats(daemon)
+        assert stats.decode_tokens == stats.decode_steps  # never two rows in a step
     finally:
         daemon.stop()
