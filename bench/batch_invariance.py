@@ -342,7 +342,9 @@ def setups(model: Any, steps: int) -> dict[str, Callable[[list[list[Any]]], floa
 
     return {
         "interleaved (RowDecoder, --exact)": lambda cs: generator_rate(model, cs, steps, True),
-        "batched (BatchGenerator, the default)": lambda cs: generator_rate(model, cs, steps, False),
+        "batched (BatchGenerator + per-row attention, the default)":
+            lambda cs: rows(lambda: generator_rate(model, cs, steps, False)),
+        "batched (BatchGenerator, mlx-lm's attention)": lambda cs: generator_rate(model, cs, steps, False),
         BASELINE: lambda cs: loop_rate(model, cs, len(cs), steps),
         "batched + per-row attention": lambda cs: rows(lambda: loop_rate(model, cs, len(cs), steps)),
         f"fixed width {FIXED_WIDTH}": lambda cs: loop_rate(model, fixed(cs), len(cs), steps),
