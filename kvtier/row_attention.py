@@ -20,12 +20,13 @@ _original = mlx_base.scaled_dot_product_attention
 
 
 def scaled_dot_product_attention(queries: mx.array, keys: Any, values: Any, cache: Any, scale: float,
-                                 mask: Any, sinks: Any = None) -> mx.array:
+                                 mask: Any, **extra: Any) -> mx.array:
     pads = getattr(cache, "left_padding", None)
     if not isinstance(cache, mlx_cache.BatchKVCache) or queries.shape[2] != 1 or pads is None:
-        return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        return _original(queries, keys, values, cache=cache, scale=scale, mask=mask, **extra)
+    given = {k: v for k, v in extra.items() if v is not None}  # attention sinks, in mlx-lm versions with them
     rows = [mx.fast.scaled_dot_product_attention(queries[i:i + 1], keys[i:i + 1, :, p:], values[i:i + 1, :, p:],
-                                                 scale=scale, mask=None, sinks=sinks)
+                                                 scale=scale, mask=None, **given)
             for i, p in enumerate(pads.tolist())]
     return mx.concatenate(rows)
 
