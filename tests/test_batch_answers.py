@@ -96,3 +96,15 @@ def test_max_batch_1_is_a_scheduler_of_one(llama_model, tmp_path, reference):
         assert stats.decode_tokens == stats.decode_steps  # never two rows in a step
     finally:
         daemon.stop()
+
+
+def test_batch_inexact_is_still_accepted_and_says_it_is_the_default(caplog):
+    """Installed services started with --batch-inexact (batching's old opt-in) keep starting."""
+    from daemon.cli import build_parser, serve_config
+
+    with caplog.at_level("WARNING", logger="kvtier"):
+        config = serve_config(build_parser().parse_args(["serve", "--model", "m", "--batch-inexact"]))
+    assert not config.exact
+    assert [r.getMessage() for r in caplog.records] == [
+        "--batch-inexact is the default now: requests batch unless --exact is given"]
+    assert serve_config(build_parser().parse_args(["serve", "--model", "m", "--exact"])).exact
