@@ -108,3 +108,20 @@ def test_batch_inexact_is_still_accepted_and_says_it_is_the_default(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "--batch-inexact is the default now: requests batch unless --exact is given"]
     assert serve_config(build_parser().parse_args(["serve", "--model", "m", "--exact"])).exact
+
+
+def test_a_wide_model_batches_bit_identically_even_with_exact(tmp_path):
+    """At hidden 2048 OpenBLAS's projections do not depend on the row count, and per-row
+    attention (installed before the start-up check) removes the padding's effect: the check
+    finds batched decode bit-identical, so even --exact batches, and answers are mlx-lm's."""
+    model = make_model(MODELS / "llama-2048x2", "llama", hidden=2048, layers=2)
+    daemon = InProcessDaemon(model, tmp_path / "cache", "--max-batch", "4", "--exact").start()
+    try:
+        batching = daemon.get("/health")["batching"]
+        assert (batching["mode"], batching["exact"], batching["max_logprob_difference"]) == ("batched", True, 0.0)
+        conversations = [TARGET, *_neighbours(4)]
+        answers = [answer for answer, _ in _at_once(daemon, conversations)]
+        reference = Reference(model)
+        assert answers == [reference.chat(m, MAX_TOKENS) for m in conversations]
+    finally:
+        daemon.stop()
