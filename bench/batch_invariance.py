@@ -41,7 +41,8 @@ from mlx_lm.models import cache as mlx_cache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvtier.batch import RowDecoder  # noqa: E402
+from kvtier import row_attention  # noqa: E402
+from kvtier.decode import RowDecoder  # noqa: E402
 from kvtier.kvstate import Quantization, make_cache  # noqa: E402
 from tests.support.testmodels import make_model  # noqa: E402
 
@@ -160,20 +161,10 @@ def decode_rows(model: Any, batch_cache: list[Any], fed: list[list[int]], width:
 @contextlib.contextmanager
 def per_row_attention() -> Iterator[None]:
     """Decode attention computed row by row over each row's own keys (a BatchKVCache's left
-    padding cut off, no mask): the very shapes a lone decode runs. Swapped into every loaded
-    mlx-lm model module that imported base.scaled_dot_product_attention."""
-    original = mlx_base.scaled_dot_product_attention
-
-    def sdpa(queries: mx.array, keys: Any, values: Any, cache: Any, scale: float, mask: Any,
-             sinks: Any = None) -> mx.array:
-        pads = getattr(cache, "left_padding", None)
-        if not isinstance(cache, mlx_cache.BatchKVCache) or queries.shape[2] != 1 or pads is None:
-            return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-        rows = [mx.fast.scaled_dot_product_attention(queries[i:i + 1], keys[i:i + 1, :, p:], values[i:i + 1, :, p:],
-                                                     scale=scale, mask=None, sinks=sinks)
-                for i, p in enumerate(pads.tolist())]
-        return mx.concatenate(rows)
-
+    padding cut off, no mask): the very shapes a lone decode runs. kvtier's own
+    (kvtier/row_attention.py, which Engine installs for good), swapped into every loaded
+    mlx-lm model module that imported base.scaled_dot_product_attention, for this block only."""
+    original, sdpa = mlx_base.scaled_dot_product_attention, row_attention.scaled_dot_product_attention
     modules = [m for name, m in sys.modules.items()
                if name.startswith("mlx_lm.models.") and getattr(m, "scaled_dot_product_attention", None) is original]
     for module in modules:
@@ -187,7 +178,7 @@ def per_row_attention() -> Iterator[None]:
 
 def product_path(model: Any, prompts: list[list[int]], steps: int, quant: Quantization | None) -> Logprobs:
     """Row 0 through kvtier's batched path: prefill alone, first token alone, insert into
-    mlx-lm's BatchGenerator one by one (kvtier.batch.Batch._first_token), decode."""
+    mlx-lm's BatchGenerator one by one (kvtier.scheduler.Scheduler._first_token), decode."""
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=len(prompts))
     uids, firsts = [], []
     try:
@@ -327,7 +318,7 @@ def loop_rate(model: Any, caches: list[list[Any]], real: int, steps: int) -> flo
 
 def generator_rate(model: Any, caches: list[list[Any]], steps: int, interleaved: bool) -> float:
     """Aggregate decode tokens/s through the product's decoders: mlx-lm's BatchGenerator
-    (--batch-inexact) or kvtier's RowDecoder (the exact default)."""
+    (the default) or kvtier's RowDecoder (--exact, where batching is not bit-identical)."""
     n = len(caches)
     gen: Any = RowDecoder(model) if interleaved else BatchGenerator(model, stop_tokens=[], completion_batch_size=n)
     gen.insert([[0]] * n, max_tokens=[steps + 2] * n, caches=[copied(c) for c in caches],
@@ -350,8 +341,10 @@ def setups(model: Any, steps: int) -> dict[str, Callable[[list[list[Any]]], floa
             return run()
 
     return {
-        "interleaved (RowDecoder, the exact default today)": lambda cs: generator_rate(model, cs, steps, True),
-        "batched (BatchGenerator, --batch-inexact)": lambda cs: generator_rate(model, cs, steps, False),
+        "interleaved (RowDecoder, --exact)": lambda cs: generator_rate(model, cs, steps, True),
+        "batched (BatchGenerator + per-row attention, the default)":
+            lambda cs: rows(lambda: generator_rate(model, cs, steps, False)),
+        "batched (BatchGenerator, mlx-lm's attention)": lambda cs: generator_rate(model, cs, steps, False),
         BASELINE: lambda cs: loop_rate(model, cs, len(cs), steps),
         "batched + per-row attention": lambda cs: rows(lambda: loop_rate(model, cs, len(cs), steps)),
         f"fixed width {FIXED_WIDTH}": lambda cs: loop_rate(model, fixed(cs), len(cs), steps),

@@ -16,6 +16,7 @@ from harness import ROOT, machine_description
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from kvtier.scheduler import generate
 from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
 
@@ -24,7 +25,7 @@ TURNS = 6
 
 
 def run(engine: Engine, messages: list[dict]) -> tuple[str, float]:
-    chunks = list(engine.generate(GenerationRequest(engine.renderer.chat_tokens(messages), 16, temperature=0)))
+    chunks = list(generate(engine, GenerationRequest(engine.renderer.chat_tokens(messages), 16, temperature=0)))
     usage = chunks[-1].usage
     assert usage is not None  # the last chunk carries it
     return "".join(c.text for c in chunks), usage.prefill_seconds

@@ -60,6 +60,7 @@ def run(work: Path | None = None) -> dict:
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
@@ -72,7 +73,7 @@ def run(work: Path | None = None) -> dict:
         per_token = kv_bytes_per_token(store.layout)
 
         def ask(seed: int, during=None) -> None:
-            chunks = engine.generate(GenerationRequest(prompt(seed, vocab), 16, temperature=0.0))
+            chunks = generate(engine, GenerationRequest(prompt(seed, vocab), 16, temperature=0.0))
             for i, _ in enumerate(chunks):
                 if during is not None and i == 8:
                     during()

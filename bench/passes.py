@@ -3,7 +3,7 @@ process (issue 16: is kvtier's `prefill` + `first_token` slower than mlx-lm's sa
 
 A prompt of `--length` random tokens is computed once; then, `--repeats` times in turn:
 - kvtier: a request of that prefix and 8 new tokens through the engine's own steps (`begin`:
-  the live cache taken over; `prefill_chunks`; `mx.clear_cache()`; `_decode` to its first
+  the live cache taken over; `prefill_chunks`; `mx.clear_cache()`; `decode.first_token` for its first
   token; `finish`), each step timed (wall and process CPU), with its minor page faults and
   MLX's peak memory above what was in use (a copy of the prefix would show as its bytes);
 - mlx-lm: `generate_step` with the same 8 tokens as its prompt over an mlx-lm KVCache holding
@@ -52,16 +52,15 @@ def measured(rows: dict, name: str, fn):
 def kvtier_request(engine, tokens: list[int], rows: dict) -> None:
     import mlx.core as mx
 
+    from kvtier.decode import first_token, greedy
     from kvtier.requests import GenerationRequest
 
     engine.store.wait_for_writes()
     session = measured(rows, "kvtier begin", lambda: engine.begin(GenerationRequest(tokens, 2, temperature=0.0)))
     measured(rows, "kvtier prefill", lambda: [None for _ in engine.prefill_chunks(session)])
     measured(rows, "kvtier clear_cache", mx.clear_cache)
-    decode = engine._decode(session)
-    measured(rows, "kvtier first_token", lambda: next(decode))
-    for _ in decode:
-        pass
+    measured(rows, "kvtier first_token",  # the scheduler's first token (Scheduler._first_token)
+             lambda: first_token(engine.model, tokens, session.prompt_cache, greedy))
     engine.finish(session)  # offered live again: the next request takes it over
     wall = [r[0] for r in rows["kvtier prefill"]][-1] + [r[0] for r in rows["kvtier first_token"]][-1]
     cpu = [r[1] for r in rows["kvtier prefill"]][-1] + [r[1] for r in rows["kvtier first_token"]][-1]
@@ -87,6 +86,7 @@ def run(length: int, repeats: int) -> dict:
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
     from tests.support.testmodels import make_model
 
     model = make_model(ROOT / ".models" / "llama", "llama")
@@ -101,7 +101,7 @@ def run(length: int, repeats: int) -> dict:
     rows: dict = {}
     try:
         for _ in range(2):  # cold, then one warm: the live cache exists from here
-            list(engine.generate(GenerationRequest(prompt(), 2, temperature=0.0)))
+            list(generate(engine, GenerationRequest(prompt(), 2, temperature=0.0)))
             engine.store.wait_for_writes()
         tokens = prompt()
         _, held = prefix_cache_of(engine, tokens)  # from the blocks: the live cache stays
@@ -110,7 +110,7 @@ def run(length: int, repeats: int) -> dict:
         mx.eval([c.state for c in grown])
         for layer in grown:
             layer.trim(layer.offset - length)
-        list(engine.generate(GenerationRequest(prompt(), 2, temperature=0.0)))
+        list(generate(engine, GenerationRequest(prompt(), 2, temperature=0.0)))
         for _ in range(repeats):
             kvtier_request(engine, prompt(), rows)
             mlx_lm_first_token(engine, prompt(), grown, length, rows, "mlx-lm, KVCache at kvtier's capacity")

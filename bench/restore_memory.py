@@ -39,9 +39,10 @@ def engine_on(cache: Path, model: Path):
 
 def build(cache: Path, model: Path) -> None:
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
 
     engine = engine_on(cache, model)
-    list(engine.generate(GenerationRequest(prompt()[:PREFIX], max_tokens=1, temperature=0.0)))
+    list(generate(engine, GenerationRequest(prompt()[:PREFIX], max_tokens=1, temperature=0.0)))
     engine.close()
 
 

@@ -5,7 +5,7 @@ TTFT; the after-restart TTFT against the disk's floor; and the restore's bandwid
 raw read of the same block files.
 
 In-process, the engine's own step timer (`Usage.steps`: buffers, hash, match, snapshot,
-rebuild, prefill, first_token) times one request through Engine.generate; render is the
+rebuild, prefill, first_token) times one request through the scheduler (kvtier.scheduler.generate); render is the
 chat template and tokenizer (kvtier.prompt) timed around the call the routes make.
 "Compute alone" is plain mlx-lm's forward passes for the same request over an mlx-lm KVCache
 already holding the prefix, on `generate_step`'s schedule (the remainder but its last token,
@@ -81,8 +81,9 @@ def restart_question(i: int) -> str:
 
 # -- in-process ---------------------------------------------------------------------------------
 def engine_request(engine, messages: list[dict]) -> dict:
-    """One request through the engine as the routes make it: render, then Engine.generate."""
+    """One request through the engine as the routes make it: render, then the scheduler (kvtier.scheduler.generate)."""
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
 
     engine.store.wait_for_writes()  # the last request's blocks: their writing is not this one's
     engine.store.swept.wait()  # the start-up sweep of leftover files, likewise
@@ -90,8 +91,9 @@ def engine_request(engine, messages: list[dict]) -> dict:
     tokens, boundaries = engine.renderer.render(messages)
     rendered = time.perf_counter()
     request = GenerationRequest(tokens, max_tokens=2, temperature=0.0, boundaries=boundaries)
-    chunks = list(engine.generate(request))
+    chunks = list(generate(engine, request))
     usage = chunks[-1].usage
+    assert usage is not None  # the last chunk carries it
     steps = dict(usage.steps, render=rendered - started)
     return {"tokens": tokens, "prompt_tokens": len(tokens), "reused": usage.cached_tokens,
             "ram_tokens": usage.ram_tokens, "disk_tokens": usage.disk_tokens,
@@ -128,7 +130,7 @@ def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> 
     the last token alone), to its greedy first token. generate_step itself queues its next
     step before it yields that token, and on the CPU `mx.async_eval` returns only once most
     of a queued step has run (a pass more: ~70 ms at 16K); kvtier reads the token first
-    (Engine._decode), so the baseline stops at the token too, without that step."""
+    (Scheduler._first_token), so the baseline stops at the token too, without that step."""
     import mlx.core as mx
 
     cache = prefix_held(engine, prefix_cache, reuse, capacity=len(tokens) + 1)

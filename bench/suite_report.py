@@ -159,7 +159,7 @@ def render_restore(restore: dict) -> list[str]:
 
 def render_decode(decode: dict) -> list[str]:
     rows = [["mlx_lm.stream_generate", f"{decode['mlx_lm_tps']:.1f}", "100%"],
-            ["kvtier Engine.generate", f"{decode['kvtier_tps']:.1f}", f"{100 * decode['ratio']:.1f}%"]]
+            ["kvtier scheduler.generate", f"{decode['kvtier_tps']:.1f}", f"{100 * decode['ratio']:.1f}%"]]
     return table(["", "decode tokens/s (median)", "% of mlx-lm (median of paired ratios)"], rows,
                  ["---", "---:", "---:"]) + [
         "", f"{decode['max_tokens']} greedy tokens after a {decode['prompt_tokens']}-token prompt, "

@@ -51,7 +51,7 @@ def init_app(config: ServeConfig) -> web.Application:
     prefetch = config.prefetch if config.prefetch is not None else config.cache.ram_budget // 2
     app[SHUTDOWN] = asyncio.Event()
     app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting, config.max_batch,
-                                            config.batch_inexact, prefetch))
+                                            config.exact, prefetch))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)

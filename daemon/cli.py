@@ -61,7 +61,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         if args.max_batch < 1:
             raise ValueError("--max-batch must be at least 1")
         config.max_batch = args.max_batch
-    config.batch_inexact = args.batch_inexact
+    if args.batch_inexact:
+        logging.getLogger("kvtier").warning("--batch-inexact is the default now: requests batch unless --exact is given")
+    config.exact = args.exact
     config.prefetch = args.prefetch
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
     config.strict_model_names = args.strict_model_names

@@ -281,6 +281,7 @@ def _pin(args, cache) -> int:
 def _warm(args, cache_dir: Path) -> int:
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
+    from kvtier.scheduler import warm
 
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
@@ -290,7 +291,7 @@ def _warm(args, cache_dir: Path) -> int:
     overrides = {k: v for k, v in {"block_size": args.block_size, "kv_bits": args.kv_bits}.items() if v}
     engine = Engine(args.model, CacheConfig(cache_dir=cache_dir, **overrides))
     try:
-        result = engine.warm(messages, tools, pin=args.pin, progress=_progress_bar)
+        result = warm(engine, messages, tools, pin=args.pin, progress=_progress_bar)
     finally:
         engine.close()
     print(file=sys.stderr)

@@ -100,13 +100,13 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-waiting", dict(type=int, default=32,
                            help="requests queued before the daemon answers 503 (default: 32)")),
     ("--max-batch", dict(type=int, default=None,
-                         help="requests served at once: decoded in one batch where batched decode is "
-                              "exact for the model, else interleaved, each decoding its own row "
+                         help="requests served at once, decoded in one batch "
                               f"(default: {default_max_batch()}); 1 runs them one at a time")),
-    ("--batch-inexact", dict(action="store_true",
-                             help="batch even where batched decode is not bit-identical to decoding "
-                                  "alone (as mlx_lm.server does): faster, but greedy text may differ "
-                                  "from mlx-lm's")),
+    ("--exact", dict(action="store_true",
+                     help="where batched decode is not bit-identical to decoding alone on this backend "
+                          "(/health batching.exact), interleave requests, each decoding its own row: "
+                          "answers equal plain mlx-lm's, at one stream's decode rate")),
+    ("--batch-inexact", dict(action="store_true", help=argparse.SUPPRESS)),  # the default now
     ("--model-alias", dict(action="append", default=[], metavar="NAME[=MODEL]",
                            help="another name for the served model, listed in /v1/models (repeatable)")),
     ("--strict-model-names", dict(action="store_true",

@@ -1,7 +1,8 @@
-"""The one thread that owns MLX: loads the engine, then runs generation jobs together
-(kvtier/batch.py): decoded in one batch where batched decode is bit-exact for the model (or
-`--batch-inexact`), else interleaved, each request decoding its own row in turn; one at a
-time only with `--max-batch 1` or a model whose cache kvtier cannot store.
+"""The one thread that owns MLX: loads the engine, then serves every generation request
+through one scheduler (kvtier/scheduler.py): decoded in one batch, or interleaved (each
+request decoding its own row in turn) where mlx-lm cannot batch the model's cache, or with
+`--exact` where batched decode is not bit-identical to decoding alone; `--max-batch 1` is a
+scheduler of one.
 
 HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
 away sets the job's cancel flag, and the worker drops it (from the batch at its next step).
@@ -19,9 +20,10 @@ from typing import AsyncIterator, Callable
 
 import mlx.core as mx
 
-from kvtier.batch import Batch, BatchStats, Exactness, measure_exactness
 from kvtier.engine import Engine
+from kvtier.exactness import Exactness, measure_exactness
 from kvtier.requests import Chunk, GenerationRequest
+from kvtier.scheduler import BatchStats, Scheduler, runs_alone
 
 from . import faults
 
@@ -31,8 +33,8 @@ _DONE = object()
 
 # How concurrent requests run (`/health` batching.mode).
 BATCHED = "batched"  # one forward pass of all rows per decode step
-INTERLEAVED = "interleaved"  # each request's own one-row pass, in turn: the sequential arithmetic
-ONE_AT_A_TIME = "one at a time"
+INTERLEAVED = "interleaved"  # each request's own one-row pass, in turn: a lone request's arithmetic
+ONE_AT_A_TIME = "one at a time"  # --max-batch 1: a scheduler of one
 
 
 class Overloaded(Exception):
@@ -41,13 +43,13 @@ class Overloaded(Exception):
 
 class Worker:
     def __init__(self, make_engine: Callable[[], Engine], max_waiting: int = 32, max_batch: int = 1,
-                 batch_inexact: bool = False, prefetch: int = 0):
+                 exact: bool = False, prefetch: int = 0):
         self._make_engine = make_engine
         self.prefetch = prefetch  # bytes of the newest cache entries read into RAM once loaded
         self.max_batch = max_batch
-        self.batch_inexact = batch_inexact  # batch even where it is not bit-exact
+        self.exact = exact  # interleave where batched decode is not bit-identical
         self.batching: Exactness | None = None  # decided once the model is loaded
-        self.batch: Batch | None = None
+        self.batch: Scheduler | None = None
         self.mode = ONE_AT_A_TIME
         self.stats = WorkerStats()
         self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
@@ -141,29 +143,24 @@ class Worker:
             return
         finally:
             self.ready.set()
-        if self.mode == ONE_AT_A_TIME:
-            self._serve_sequential()
-        else:
-            self._serve_batched(interleaved=self.mode == INTERLEAVED)
-        self.engine.close()
+        self._serve_requests(engine)
+        engine.close()
 
     def _decide_mode(self, engine: Engine) -> str:
-        """Batch where batched decode measured bit-identical (or the user allows it); else
-        interleave requests, which needs only that the cache can be stored."""
+        """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
+        /health); interleave where it cannot, where the probe could not measure, and, with
+        `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row."""
         if self.max_batch <= 1:
-            self.batching = Exactness(False, "--max-batch 1")
+            self.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
             return ONE_AT_A_TIME
         try:
             self.batching = measure_exactness(engine)
         except Exception as exc:
             log.exception("measuring batched decode failed")
             self.batching = Exactness(False, f"measuring batched decode failed: {exc}")
-        if self.batching.exact or (self.batch_inexact and self.batching.max_difference is not None):
+        if self.batching.exact or (not self.exact and self.batching.max_difference is not None):
             log.info("continuous batching on, up to %d requests: %s", self.max_batch, self.batching.reason)
             return BATCHED
-        if not engine.reusable:
-            log.warning("requests run one at a time: %s", self.batching.reason)
-            return ONE_AT_A_TIME
         log.warning("requests interleave (up to %d, each decoding its own row) instead of batching: %s",
                     self.max_batch, self.batching.reason)
         return INTERLEAVED
@@ -184,75 +181,65 @@ class Worker:
             assert engine.store.prefetch is not None  # it has just taken a step
             engine.store.prefetch.end("queue full")
 
-    def _serve_sequential(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._run_job(*job)
+    def _serve_requests(self, engine: Engine) -> None:
+        """Admit jobs while the scheduler has room (block only when it is empty), step it.
+        A seeded sampling request waits for the scheduler to drain and runs as its only
+        member: its random stream is the process's one."""
+        self.batch = scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=self.mode != BATCHED)
+        alone, stopping = None, False
+        while True:
+            if not stopping and alone is None and not scheduler.alone:
+                alone, stopping = self._take_jobs(scheduler)
+            if alone is not None and scheduler.idle:
+                self._admit(scheduler, *alone)
+                alone = None
+            if not scheduler.idle:
+                self._step(scheduler)
+            elif stopping and alone is None:
+                break
+        scheduler.close()
 
-    def _run_job(self, work: GenerationRequest | Callable, emit: Callable) -> None:
+    def _take_jobs(self, scheduler: Scheduler) -> tuple[tuple | None, bool]:
+        """Admit waiting jobs while the scheduler has room. Returns a seeded sampling job,
+        which must wait for the scheduler to drain, and whether the queue's end (stop) was taken."""
+        while not scheduler.full:
+            try:
+                job = self._jobs.get(block=scheduler.idle)
+            except queue.Empty:
+                break
+            if job is None:
+                return None, True
+            work, emit = job
+            if not isinstance(work, GenerationRequest):
+                self._call(work, emit)
+            elif work.cancelled.is_set():
+                emit(_DONE)
+            elif runs_alone(work):
+                return job, False
+            else:
+                self._admit(scheduler, work, emit)
+        return None, False
+
+    def _call(self, fn: Callable[[Engine], object], emit: Callable) -> None:
         try:
             assert self.engine is not None  # loaded before any job is served
-            if not isinstance(work, GenerationRequest):
-                emit(work(self.engine))
-            elif not work.cancelled.is_set():
-                self.stats.waited(work)
-                begun = time.perf_counter()
-                for chunk in self.engine.generate(work):
-                    self.stats.finished(chunk, begun)
-                    emit(chunk)
+            emit(fn(self.engine))
         except Exception as exc:
             log.exception("a job on the MLX thread failed")
             emit(exc)
         emit(_DONE)
 
-    def _serve_batched(self, interleaved: bool) -> None:
-        """Admit jobs while the batch has room (block only when it is empty), step it.
-        A seeded sampling request runs alone once the batch drains: its random stream is
-        the process's one."""
-        assert self.engine is not None  # loaded before any job is served
-        self.batch = batch = Batch(self.engine, self.max_batch, _DONE, interleaved=interleaved)
-        alone, stopping = None, False
-        while True:
-            if not stopping and alone is None:
-                alone, stopping = self._take_jobs(batch)
-            if not batch.idle:
-                self._step(batch)
-            elif alone is not None:
-                self._run_job(*alone)
-                alone = None
-            elif stopping:
-                break
-        batch.close()
-
-    def _take_jobs(self, batch: Batch) -> tuple[tuple | None, bool]:
-        """Admit waiting jobs while the batch has room. Returns a seeded sampling job, which
-        must wait for the batch to drain, and whether the queue's end (stop) was taken."""
-        while not batch.full:
-            try:
-                job = self._jobs.get(block=batch.idle)
-            except queue.Empty:
-                break
-            if job is None:
-                return None, True
-            work = job[0]
-            if not isinstance(work, GenerationRequest) or work.cancelled.is_set():
-                self._run_job(*job)
-            elif work.seed is not None and work.temperature > 0:
-                return job, False
-            else:
-                self._admit(batch, *job)
-        return None, False
-
-    def _step(self, batch: Batch) -> None:
+    def _step(self, scheduler: Scheduler) -> None:
         try:
-            batch.step()
+            scheduler.step()
         except Exception as exc:
-            log.exception("a batch step on the MLX thread failed")
-            batch.fail(exc)
+            log.exception("a scheduler step on the MLX thread failed")
+            scheduler.fail(exc)
 
-    def _admit(self, batch: Batch, request: GenerationRequest, emit: Callable) -> None:
+    def _admit(self, scheduler: Scheduler, request: GenerationRequest, emit: Callable) -> None:
         self.stats.waited(request)
         try:
-            batch.add(request, emit)
+            scheduler.add(request, emit)
         except Exception as exc:
             log.exception("restoring a request failed")
             emit(exc)
@@ -263,6 +250,7 @@ class Worker:
         batching = self.batching
         running = len(self.batch) if self.batch is not None else 0
         return {"mode": self.mode, "enabled": self.mode == BATCHED, "max_batch": self.max_batch,
+                "exact": self.mode != BATCHED or bool(batching and batching.exact),
                 "reason": batching.reason if batching else "model loading",
                 "max_logprob_difference": batching.max_difference if batching else None,
                 "running": running, **self.stats.as_dict(self.batch.stats if self.batch is not None else None)}
@@ -293,33 +281,20 @@ class Outbox:
 
 
 class WorkerStats:
-    """Queue wait and token rates, from either path (written on the MLX thread only)."""
+    """Queue wait; token rates come from the scheduler's BatchStats (written on the MLX thread only)."""
 
     def __init__(self):
         self.admitted = 0
         self.queue_wait_seconds = 0.0
-        self.prefill_tokens = 0
-        self.prefill_seconds = 0.0
-        self.decode_tokens = 0
-        self.decode_seconds = 0.0
 
     def waited(self, request: GenerationRequest) -> None:
         self.admitted += 1
         self.queue_wait_seconds += time.perf_counter() - request.queued_at
 
-    def finished(self, chunk: Chunk, begun: float) -> None:
-        """A request run alone: its prefill and decode times come from its usage."""
-        if chunk.usage is not None:
-            usage = chunk.usage
-            self.prefill_tokens += usage.computed_tokens
-            self.prefill_seconds += usage.prefill_seconds - usage.restore_seconds
-            self.decode_tokens += usage.completion_tokens
-            self.decode_seconds += time.perf_counter() - begun - usage.prefill_seconds
-
     def as_dict(self, batch: BatchStats | None) -> dict:
         batch = batch or BatchStats()
-        prefill = (self.prefill_tokens + batch.prefill_tokens, self.prefill_seconds + batch.prefill_seconds)
-        decode = (self.decode_tokens + batch.decode_tokens, self.decode_seconds + batch.decode_seconds)
+        prefill = (batch.prefill_tokens, batch.prefill_seconds)
+        decode = (batch.decode_tokens, batch.decode_seconds)
         return {
             "admitted_requests": self.admitted,
             "queue_wait_seconds_total": round(self.queue_wait_seconds, 6),

@@ -122,7 +122,7 @@ class ServeConfig:
     api_key: str | None = None  # required on every route when set
     max_waiting: int = 32  # requests queued for the MLX thread before answering 503
     max_batch: int = field(default_factory=lambda: default_max_batch())  # requests decoded at once
-    batch_inexact: bool = False  # batch even where batched decode is not bit-exact
+    exact: bool = False  # interleave where batched decode is not bit-identical to decoding alone
     prefetch: int | None = None  # bytes read from disk into RAM at start-up; None: half the RAM budget
     max_context: int | None = None  # tokens per request (prompt + completion); None: the model's
     model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models

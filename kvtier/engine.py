@@ -1,9 +1,10 @@
-"""Load a model, restore the longest cached prefix, prefill the rest, decode. No HTTP here.
+"""Load a model; give a request its prompt cache, prefill it, keep what it computed. No HTTP here.
 
-One request (its prompt rendered by kvtier.prompt) reads as a straight line: `store.restore`
-(the longest cached prefix: RAM, then disk, then the shared store; for recurrent layers the
-longest one that also has a snapshot) -> rebuild the prompt cache on it -> prefill the rest
-in chunks, snapshotting at chosen boundaries -> decode -> `store.keep` (what it computed).
+For one request (its prompt rendered by kvtier.prompt, run by kvtier/scheduler.py): `begin`
+(`store.restore`: the longest cached prefix: RAM, then disk, then the shared store; for
+recurrent layers the longest one that also has a snapshot; the prompt cache rebuilt on it)
+-> `prefill_chunks` (the rest in chunks, snapshotting at chosen boundaries) -> the
+scheduler decodes -> `finish` (`store.keep`: what it computed).
 Everything in this module runs on the single thread that owns MLX.
 """
 
@@ -15,20 +16,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import mlx.core as mx
 from mlx_lm import load as mlx_load
-from mlx_lm.sample_utils import make_sampler
 
-from . import kvstate
+from . import kvstate, row_attention
 from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
 from .prefetch import Prefetch
 from .prompt import Renderer
-from .requests import Chunk, GenerationRequest, Usage
-from .text import TextStream
+from .requests import GenerationRequest, Usage
 from .tiers import Restore, TieredStore
 
 log = logging.getLogger("kvtier.engine")
@@ -95,6 +94,7 @@ class Engine:
         self.model_path = resolve_model_path(model)
         self.model_name = model
         self.model, self.tokenizer = mlx_load(str(self.model_path))
+        row_attention.install()  # its model module is loaded now: batched rows attend alone
         config = json.loads((self.model_path / "config.json").read_text())
         self.context_length = declared_context_length(config)  # None: no limit declared
         self.vocab_size: int | None = getattr(getattr(self.model, "args", None), "vocab_size", None)
@@ -145,18 +145,7 @@ class Engine:
         assert self.plan is not None
         return self.plan
 
-    # -- generation --------------------------------------------------------------------
-    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        """One request: restore its cached prefix, prefill the rest, decode, keep what it computed."""
-        session = self.begin(request)  # store.restore
-        ended = False
-        try:
-            self._prefill(session)
-            yield from self._decode(session)
-            ended = True
-        finally:
-            self.finish(session, live=ended)  # store.keep; a failed request's cache is not kept live
-
+    # -- a request's cache (the scheduler, kvtier/scheduler.py, runs the request) ----------
     def begin(self, request: GenerationRequest) -> Session:
         """Take over the live cache holding the longest prefix of the request's prompt, unless
         the tiers hold a longer one: then restore that into a fresh prompt cache."""
@@ -227,10 +216,6 @@ class Engine:
         regular = range(self.snapshot_every, end, self.snapshot_every)
         return {p for p in (*request.boundaries, *regular, end) if reuse < p <= end}
 
-    def _prefill(self, session: Session) -> None:
-        for _ in self.prefill_chunks(session):
-            pass
-
     def prefill_chunks(self, session: Session) -> Iterator[int]:
         """Compute the prompt past the restored prefix but its last token, in chunks of the
         prefill step cut at snapshot points; yields the tokens computed after each chunk (a
@@ -253,76 +238,7 @@ class Engine:
             yield computed
             began = time.perf_counter()  # a batch may decode others between chunks
 
-    def _decode(self, session: Session) -> Iterator[Chunk]:
-        request, usage = session.request, session.usage
-        decode_began = time.perf_counter()
-        step = self._stepper(request, session.prompt_cache)
-        y, logprobs = step(mx.array(request.prompt_tokens[-1:]))
-        self._snapshot_prompt_end(session)
-        text = TextStream(self.tokenizer, request, usage, lambda: self.store.count("requests_cancelled"))
-        n = 0
-        while not text.finish:
-            # Queue the next step before reading this token (compute overlaps the host side),
-            # but not the first token's (below) nor the last's (nobody reads its output).
-            ahead = n > 0 and (request.max_tokens is None or n + 1 < request.max_tokens)
-            if ahead:
-                following = step(y)
-            token = y.item()
-            if n == 0:
-                first = time.perf_counter()
-                usage.prefill_seconds = first - session.started
-                usage.steps["first_token"] = first - decode_began
-            if ahead:
-                session.fed.append(token)  # what the cache holds: the tokens fed to it
-            n += 1
-            yield from text.feed(token, logprobs)
-            if text.finish:
-                break
-            if n == 1:  # the first token is out: only now its step. On the CPU async_eval returns
-                # once most of a queued step has run: queued first, it was a whole pass more of TTFT.
-                following = step(y)
-                session.fed.append(token)
-                mx.clear_cache()  # the prefill's buffers freed, as generate_step does (10-15 ms at 16K)
-            y, logprobs = following
-        if n <= 1:  # it ended on its first token
-            mx.clear_cache()
-        yield text.close()
-
-    def _stepper(self, request: GenerationRequest, prompt_cache: list[Any]) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
-        """One decode step of the request: a token in, the sampled token and the step's
-        log-probabilities out (queued, not yet evaluated). Seeds the random stream first."""
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-
-        def step(token: mx.array) -> tuple[mx.array, mx.array]:
-            logits = self.model(token[None], cache=prompt_cache)[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            y = sampler(logprobs)
-            mx.async_eval(y, logprobs)
-            return y, logprobs
-
-        return step
-
-    def _snapshot_prompt_end(self, session: Session) -> None:
-        """A snapshot at the prompt's end where one is due (its cache holds exactly the prompt now)."""
-        end = len(session.request.prompt_tokens)
-        if end in session.points:
-            session.snapshots[end] = kvstate.take_snapshot(session.prompt_cache, self.cache_plan)
-
     # -- operations ------------------------------------------------------------------------
-    def warm(self, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-        """Prefill a prompt (an agent's system prompt and tools, say) and persist it."""
-        tokens, boundaries = self.renderer.render(messages, tools)
-        request = GenerationRequest(tokens, max_tokens=1, temperature=0.0, progress=progress,
-                                    boundaries=boundaries)
-        usage = list(self.generate(request))[-1].usage
-        assert usage is not None  # the last chunk carries it
-        self.store.flush()
-        pinned = self.pin(tokens) if pin else 0
-        return {"tokens": len(tokens), "computed_tokens": usage.computed_tokens, "pinned_entries": pinned}
-
     def prefetch_step(self) -> bool:
         """One slice of the start-up prefetch (TieredStore.prefetch_step); after its last one,
         the newest conversation is made live. False once nothing is left to do."""

@@ -40,7 +40,7 @@ class Usage:
     restore_seconds: float = 0.0  # finding and loading the cached prefix (RAM or disk)
     restored_bytes: int = 0  # KV and snapshot bytes that prefix occupies
     # Seconds of each step to the first token (buffers, hash, match, snapshot, account, rebuild,
-    # prefill; first_token on the sequential path): a few clock reads, for bench/steps.py.
+    # prefill, first_token): a few clock reads, for bench/steps.py.
     steps: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -136,8 +136,6 @@ class Daemon:
         args = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(self.model),
                 "--port", str(self.port), "--cache-dir", str(self.cache_dir),
                 "--block-size", str(TEST_BLOCK_SIZE),
-                # Sequential unless a test asks for a batch: skips the start-up batching probe.
-                "--max-batch", "1",
                 # After a restart, blocks come from disk unless a test asks for the prefetch.
                 "--prefetch", "0", *self.ceiling, *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),

@@ -1,12 +1,14 @@
 """Batch invariance at the model level (issue 33): a request's log-probabilities decoded
-alone and as a row of mlx-lm's batch beside neighbours of other lengths, bit for bit.
+alone and as a row of mlx-lm's batch beside neighbours of other lengths, bit for bit, with
+kvtier's per-row decode attention installed (kvtier.row_attention, as Engine does).
 
-Under OpenBLAS (which `kvtier serve` preloads on Linux) they differ, from two places
-bench/batch_invariance.py isolates (docs/benchmarks.md, "Batch invariance"): OpenBLAS's
-SGEMM kernel for the projections depends on the number of rows at small shapes, and the
-attention's key length (the row's left padding) changes the order of its reductions. With
-MLX's bundled BLAS both are exact. The tests are strict xfails where the difference is
-measured: one that starts to pass there says the daemon may batch by default.
+Under OpenBLAS (which `kvtier serve` preloads on Linux) a batched row could differ from two
+places bench/batch_invariance.py isolates (docs/benchmarks.md, "Batch invariance"): (a)
+OpenBLAS's SGEMM kernel for the projections depends on the number of rows at small widths
+(hidden 512; not at 2048), and (b) the attention's key length (the row's left padding)
+changes the order of its reductions. Per-row attention removes (b): the left-padding and
+wide-model tests pass everywhere. (a) remains: the 512-wide test is a strict xfail under
+OpenBLAS; with MLX's bundled BLAS everything is exact.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as mlx_cache
 
-from kvtier.batch import RowDecoder
+from kvtier import row_attention
+from kvtier.decode import RowDecoder
+from tests.conftest import MODELS
+from tests.support.testmodels import make_model
 
 STEPS = 6
 TARGET, NEIGHBOURS = 37, (5, 60, 20)  # row 0 is left-padded by 23 tokens beside the 60
@@ -32,12 +37,25 @@ def _openblas_loaded() -> bool:
 
 
 differs_under_openblas = pytest.mark.xfail(
-    _openblas_loaded(), strict=True, reason="OpenBLAS's SGEMM is not batch-invariant (docs/benchmarks.md)")
+    _openblas_loaded(), strict=True,
+    reason="OpenBLAS's SGEMM for the projections depends on the row count at hidden 512 (docs/benchmarks.md)")
+
+
+def _loaded(path: Path):
+    model = mlx_lm.load(str(path))[0]
+    row_attention.install()  # as Engine does once its model is loaded
+    return model
 
 
 @pytest.fixture(scope="module")
 def model(llama_model):
-    return mlx_lm.load(str(llama_model))[0]
+    return _loaded(llama_model)
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """Projections wide enough that OpenBLAS takes its ordinary GEMM path for one row too."""
+    return _loaded(make_model(MODELS / "llama-2048x2", "llama", hidden=2048, layers=2))
 
 
 def _tokens(length: int, seed: int) -> list[int]:
@@ -52,7 +70,7 @@ def _prefilled(model, tokens: list[int]) -> list:
 
 
 def _first(model, tokens: list[int], cache: list) -> int:
-    """The last prompt token goes through alone (kvtier.batch.Batch._first_token)."""
+    """The last prompt token goes through alone (kvtier.scheduler.Scheduler._first_token)."""
     return int(mx.argmax(model(mx.array([tokens[-1:]]), cache=cache)[0, -1]).item())
 
 
@@ -95,10 +113,17 @@ def test_a_request_decodes_the_same_alone_and_beside_others(model):
     _assert_bitwise(_batched(model, [target, *neighbours]), _alone(model, target))
 
 
-@differs_under_openblas
+def test_a_wide_model_decodes_the_same_alone_and_beside_others(wide_model):
+    """At hidden 2048 the projections are batch-invariant under OpenBLAS too, and per-row
+    attention makes the rest so: the daemon's batched answers are its lone answers."""
+    target = _tokens(TARGET, 0)
+    neighbours = [_tokens(n, i + 1) for i, n in enumerate(NEIGHBOURS)]
+    _assert_bitwise(_batched(wide_model, [target, *neighbours]), _alone(wide_model, target))
+
+
 def test_left_padding_alone_does_not_change_a_row(model):
     """One row, padded on the left as a shorter member of a batch is: the attention reads
-    more (masked) keys, and must still give the lone numbers."""
+    only its own keys (kvtier.row_attention), so it gives the lone numbers."""
     target = _tokens(TARGET, 0)
     lone = _prefilled(model, target)
     token = mx.array([_first(model, target, lone)])

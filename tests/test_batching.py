@@ -29,16 +29,16 @@ def _conversation(question: str) -> list[dict]:
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["batched", "interleaved"])
 def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, interleaved, tmp_path):
-    from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import Scheduler
 
     reference = Reference(arch_model)
     engine = Engine(str(arch_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     try:
-        batch = Batch(engine, max_size=4, done=done, interleaved=interleaved)
+        batch = Scheduler(engine, max_size=4, done=done, interleaved=interleaved)
         first = [_conversation(q) for q in QUESTIONS]
         # Round two: a follow-up turn restored from the tiers, joined while others decode.
         follow_up = first[0] + [{"role": "assistant", "content": reference.chat(first[0], MAX_TOKENS)},
@@ -86,7 +86,7 @@ def _stream(daemon, messages: list[dict], out: dict, key: str, cancel_after: int
 
 
 def test_concurrent_streams_batch_and_a_cancelled_one_leaves(daemon_factory, llama_model, reference):
-    daemon = daemon_factory(llama_model, "--max-batch", "3", "--batch-inexact")
+    daemon = daemon_factory(llama_model, "--max-batch", "3")
     health = daemon.get("/health")["batching"]
     assert health["enabled"] and health["max_batch"] == 3
     conversations = {"a": _conversation(QUESTIONS[0]), "b": _conversation(QUESTIONS[1]),
@@ -125,7 +125,7 @@ def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
 
 
 def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
-    daemon = daemon_factory(llama_model, "--max-batch", "3", "--batch-inexact")
+    daemon = daemon_factory(llama_model, "--max-batch", "3")
     messages = agent_messages("batch", question="Say something.", repeat=1)
 
     def ask() -> str | None:
@@ -137,17 +137,20 @@ def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
     assert out[0] is not None and out[0] == out[1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "nemotron_h"])
-def test_the_start_up_check_decides_and_answers_stay_exact(daemon_factory, arch):
-    """Batching is on by default only where batched decode measured bit-identical (not
-    under OpenBLAS, which the daemon preloads on Linux: there requests interleave, each
-    decoding its own row); either way, concurrent answers are plain mlx-lm's."""
+@pytest.mark.parametrize("arch, exact", [("llama", False), ("llama", True), ("nemotron_h", False)])
+def test_the_start_up_check_is_reported_and_answers_stay_exact(daemon_factory, arch, exact):
+    """By default requests batch and /health reports the start-up check's verdict (under
+    OpenBLAS, which the daemon preloads on Linux, batched decode is not bit-identical at
+    these small widths); with --exact they interleave, each decoding its own row, unless
+    batching measured bit-identical. Concurrent greedy answers are plain mlx-lm's."""
     model = make_model(MODELS / arch, arch)
-    daemon = daemon_factory(model, "--max-batch", "4")
+    daemon = daemon_factory(model, "--max-batch", "4", *(["--exact"] if exact else []))
     batching = daemon.get("/health")["batching"]
     assert batching["reason"] and batching["max_batch"] == 4
-    assert batching["enabled"] == (batching["max_logprob_difference"] == 0)
-    assert batching["mode"] == ("batched" if batching["enabled"] else "interleaved")
+    measured_exact = batching["max_logprob_difference"] == 0
+    assert batching["mode"] == ("interleaved" if exact and not measured_exact else "batched")
+    assert batching["enabled"] == (batching["mode"] == "batched")
+    assert batching["exact"] == (measured_exact or batching["mode"] == "interleaved")
     reference = Reference(model)
     conversations = [_conversation(q) for q in QUESTIONS[:2]]
 
@@ -168,17 +171,17 @@ def test_same_uncached_prefix_is_computed_once(arch, second_joins, tmp_path):
     the first decodes (its blocks are stored only when it ends), it has the first store them
     and restores them. Either way it does not compute them again (a hybrid model's up to the
     last snapshot in the shared prefix, the system message's end)."""
-    from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import Scheduler
 
     model = make_model(MODELS / arch, arch)
     reference = Reference(model)
     engine = Engine(str(model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     try:
-        batch = Batch(engine, max_size=4, done=done)
+        batch = Scheduler(engine, max_size=4, done=done)
         conversations = [_conversation(QUESTIONS[0]), _conversation(QUESTIONS[1])]
         tokens = [engine.renderer.chat_tokens(c) for c in conversations]
         boundaries = [engine.renderer.message_boundaries(c, None, t) for c, t in zip(conversations, tokens)]
@@ -216,10 +219,11 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
     import mlx_lm
 
     from kvtier import kvstate
-    from kvtier.batch import Batch, measure_exactness
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
+    from kvtier.exactness import measure_exactness
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import Scheduler
 
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64, kv_bits=8))
     done = object()
@@ -230,7 +234,7 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
                          for project, q in (("delta", QUESTIONS[0]), ("omega", QUESTIONS[1]))]
         tokens = [engine.renderer.chat_tokens(c) for c in conversations]
         outputs: list[list] = [[], []]
-        batch = Batch(engine, max_size=4, done=done, interleaved=True)
+        batch = Scheduler(engine, max_size=4, done=done, interleaved=True)
         batch.add(GenerationRequest(tokens[0], MAX_TOKENS, temperature=0.0), outputs[0].append)
         while batch.prefilling:
             batch.step()
@@ -252,25 +256,25 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
 def test_logprobs_are_mlx_lm_s_on_every_decode_path(llama_model, path, tmp_path):
     """A request asking for log-probabilities gets, token by token, the numbers plain mlx-lm's
     `generate_step` decodes from, and its likeliest alternatives, whether it runs alone
-    (Engine.generate), in a batch or interleaved; one entry per completion token, and a
+    (a scheduler of one), in a batch or interleaved; one entry per completion token, and a
     request not asking gets none. The turn restored from the cache gets the same numbers."""
-    from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import Scheduler, generate
 
     reference = Reference(llama_model)
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     conversations = [_conversation(q) for q in QUESTIONS[:2]]
     try:
-        batch = Batch(engine, max_size=4, done=done, interleaved=path == "interleaved")
+        batch = Scheduler(engine, max_size=4, done=done, interleaved=path == "interleaved")
 
         def run(asked: list[int | None]) -> list[list]:
             requests = [GenerationRequest(engine.renderer.chat_tokens(c), MAX_TOKENS, temperature=0.0,
                                           logprobs=n) for c, n in zip(conversations, asked)]
             if path == "alone":
-                return [list(engine.generate(r)) for r in requests]
+                return [list(generate(engine, r)) for r in requests]
             outputs: list[list] = [[] for _ in requests]
             for request, out in zip(requests, outputs):
                 batch.add(request, out.append)
@@ -325,10 +329,10 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     prefilled meanwhile finishes right; at prefill, only that request fails. Nothing the
     failed ones computed is stored: later turns restore from the tiers and stay exact."""
     from daemon.faults import InjectedFault, fail_on_token
-    from kvtier.batch import Batch
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import Scheduler
 
     reference = Reference(tiny_model)
     engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
@@ -356,7 +360,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
         return outputs
 
     try:
-        batch = Batch(engine, max_size=4, done=done, interleaved=interleaved)
+        batch = Scheduler(engine, max_size=4, done=done, interleaved=interleaved)
         # At decode: b joins (and prefills) once a and the poisoned request decode.
         out_a, out_p, out_b = run(a, poisoned, b, join_when_decoding=2)
         for out in (out_a, out_p):
@@ -383,9 +387,9 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
 
 @pytest.mark.parametrize("mode, runs", [
     (("--max-batch", "1"), {"one at a time"}),
-    (("--max-batch", "3", "--batch-inexact"), {"batched"}),
-    (("--max-batch", "3"), {"batched", "interleaved"}),  # as the start-up check finds
-], ids=["alone", "batched", "default"])
+    (("--max-batch", "3"), {"batched"}),
+    (("--max-batch", "3", "--exact"), {"batched", "interleaved"}),  # as the start-up check finds
+], ids=["alone", "batched", "exact"])
 def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_factory, tiny_model, mode, runs):
     """Batched or not, a generation failing mid-answer is a 500 in the API's JSON shape, or
     in a stream (headers already sent) an error event the `openai` SDK raises."""

@@ -22,7 +22,9 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def _serve_options() -> list[argparse.Action]:
-    return [a for a in _subcommands()["serve"]._actions if a.option_strings and a.dest != "help"]
+    """The documented options: hidden ones (help=SUPPRESS, kept so old services start) are not."""
+    return [a for a in _subcommands()["serve"]._actions
+            if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
 
 
 def _synopsis() -> str:

@@ -9,6 +9,7 @@ import pytest
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from kvtier.scheduler import generate
 from tests.conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 from tests.support.testmodels import make_model
 
@@ -20,7 +21,7 @@ def make_engine(model, tmp_path, **config) -> Engine:
 
 
 def run(engine: Engine, tokens: list[int], max_tokens: int = MAX_TOKENS):
-    chunks = list(engine.generate(GenerationRequest(list(tokens), max_tokens, temperature=0.0)))
+    chunks = list(generate(engine, GenerationRequest(list(tokens), max_tokens, temperature=0.0)))
     return "".join(c.text for c in chunks), chunks[-1].usage
 
 
@@ -95,13 +96,10 @@ def test_memory_pressure_and_purge_drop_the_live_caches(engine, reference):
     assert text == reference.generate(tokens, MAX_TOKENS) and usage.live_tokens == 0
 
     # A purge drops the live caches, and refuses the one a request holds while it runs.
-    request = GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)
-    session = engine.begin(request)
-    assert session.usage.live_tokens == len(tokens) - 1
+    running = generate(engine, GenerationRequest(tokens, MAX_TOKENS, temperature=0.0))
+    assert next(running).cached_tokens == len(tokens) - 1  # it has taken the live cache over
     engine.store.forget_hot()
-    engine._prefill(session)
-    list(engine._decode(session))
-    engine.finish(session)
+    list(running)
     assert engine.store.stats()["live"]["entries"] == 0
     assert engine.store.counters["live_refused"] == 1
 
@@ -185,10 +183,10 @@ def test_through_the_daemon_usage_and_stats_show_it_and_delete_cache_drops_it(ll
 
 
 def test_a_batched_follow_up_takes_the_cache_the_batch_gave_back(engine, reference):
-    from kvtier.batch import Batch
+    from kvtier.scheduler import Scheduler
 
     done = object()
-    batch = Batch(engine, max_size=4, done=done)
+    batch = Scheduler(engine, max_size=4, done=done)
     try:
         def ask(conversations: list[list[dict]]) -> list[list]:
             outputs: list[list] = [[] for _ in conversations]
@@ -231,9 +229,10 @@ def test_an_answer_runs_no_forward_pass_past_its_last_token_and_its_follow_up_st
     tokens = reference.chat_tokens(first)
     run(engine, tokens[:-8])  # the system prompt cached, so the request below computes a few tokens
     engine.model = counted = PassWidths(engine.model)
-    chunks = list(engine.generate(GenerationRequest(list(tokens), max_tokens, temperature=0.0)))
+    chunks = list(generate(engine, GenerationRequest(list(tokens), max_tokens, temperature=0.0)))
     text, usage = "".join(c.text for c in chunks), chunks[-1].usage
     assert text == reference.generate(tokens, max_tokens) and chunks[-1].finish_reason == "length"
+    assert usage is not None
     new = len(tokens) - usage.cached_tokens
     # The remainder but its last token, the last token, then a step for each token but the last.
     assert counted.widths == [new - 1, 1] + [1] * (max_tokens - 1)

@@ -12,6 +12,7 @@ import pytest
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from kvtier.scheduler import generate
 from tests.conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 from tests.support.testmodels import make_model
 
@@ -68,7 +69,7 @@ def _cached_engine(model, cache_dir, ram_budget: int | None = None) -> tuple[Eng
     config = dict(cache_dir=cache_dir, block_size=TEST_BLOCK_SIZE)
     writer = Engine(str(model), CacheConfig(**config))
     tokens = writer.renderer.chat_tokens(agent_messages("prefetch", question="List the files."))
-    list(writer.generate(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
+    list(generate(writer, GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
     writer.close()
     if ram_budget is not None:
         config["ram_budget"] = ram_budget
@@ -101,7 +102,7 @@ def test_the_newest_conversation_is_made_live_and_its_next_turn_stays_exact(llam
         answer = reference.generate(tokens, MAX_TOKENS)
         follow = reference.chat_tokens(agent_messages("prefetch", question="List the files.") + [
             {"role": "assistant", "content": answer}, {"role": "user", "content": "Continue."}])
-        chunks = list(engine.generate(GenerationRequest(follow, MAX_TOKENS, temperature=0.0)))
+        chunks = list(generate(engine, GenerationRequest(follow, MAX_TOKENS, temperature=0.0)))
         assert "".join(c.text for c in chunks) == reference.generate(follow, MAX_TOKENS)
         usage = chunks[-1].usage
         assert usage is not None and usage.live_tokens > len(tokens) // 2
@@ -137,7 +138,7 @@ def test_a_damaged_file_is_dropped_and_the_answer_stays_exact(llama_model, refer
         stats = _run_prefetch(engine, budget=2**30)
         assert stats["entries"] > 0 and not engine.store.is_hot(key)
         assert engine.store.stats()["counters"]["damaged_blocks"] == 1 and not path.exists()
-        chunks = list(engine.generate(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
+        chunks = list(generate(engine, GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
         assert "".join(c.text for c in chunks) == reference.generate(tokens, MAX_TOKENS)
     finally:
         engine.close()
@@ -167,7 +168,7 @@ def _revived_after(model, cache_dir, conversations: list[list[dict]]) -> Engine:
     config = dict(cache_dir=cache_dir, block_size=TEST_BLOCK_SIZE)
     writer = Engine(str(model), CacheConfig(**config))
     for messages in conversations:
-        list(writer.generate(GenerationRequest(writer.renderer.chat_tokens(messages), MAX_TOKENS, temperature=0.0)))
+        list(generate(writer, GenerationRequest(writer.renderer.chat_tokens(messages), MAX_TOKENS, temperature=0.0)))
     writer.close()
     engine = Engine(str(model), CacheConfig(**config))
     engine.store.plan_prefetch(2**30)
@@ -203,7 +204,7 @@ def test_other_prefixes_come_back_live_before_more_turns_of_one(llama_model, ref
         assert any(s[:len(other_tokens)] == other_tokens for s in _live_sequences(engine))
         follow = other + [{"role": "assistant", "content": reference.chat(other, MAX_TOKENS)},
                           {"role": "user", "content": "Continue."}]
-        chunks = list(engine.generate(GenerationRequest(reference.chat_tokens(follow), MAX_TOKENS, temperature=0.0)))
+        chunks = list(generate(engine, GenerationRequest(reference.chat_tokens(follow), MAX_TOKENS, temperature=0.0)))
         assert "".join(c.text for c in chunks) == reference.chat(follow, MAX_TOKENS)
         usage = chunks[-1].usage
         assert usage is not None and usage.live_tokens > len(other_tokens) // 2

@@ -7,6 +7,7 @@ from kvtier import kvstate
 from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.requests import GenerationRequest
+from kvtier.scheduler import generate
 
 BLOCK = 16
 
@@ -16,7 +17,7 @@ def test_restore_plans_the_prefix_and_keep_makes_the_disk_blocks_hot(llama_model
     engine = Engine(str(llama_model), config)
     tokens = engine.renderer.chat_tokens([{"role": "user", "content": "Explain the block keys. " * 4}])
     try:
-        list(engine.generate(GenerationRequest(tokens, 4, temperature=0.0)))
+        list(generate(engine, GenerationRequest(tokens, 4, temperature=0.0)))
     finally:
         engine.close()  # every block on disk, none hot in the next process
 
@@ -44,12 +45,11 @@ def test_restore_plans_the_prefix_and_keep_makes_the_disk_blocks_hot(llama_model
 
 
 def _answer(engine: Engine, tokens: list[int]) -> list[int]:
-    """Run one request; the tokens its cache held at the end (prompt and answer), as stored."""
-    session = engine.begin(GenerationRequest(tokens, 4, temperature=0.0))
-    engine._prefill(session)
-    list(engine._decode(session))
-    engine.finish(session)
-    return (tokens + session.fed)[: kvstate.cached_tokens(session.prompt_cache)]
+    """Run one request; the tokens its cache held at the end (prompt and answer), as stored
+    (and kept live: the newest live cache holds exactly them)."""
+    list(generate(engine, GenerationRequest(tokens, 4, temperature=0.0)))
+    assert engine.store.live is not None
+    return engine.store.live.sequences()[-1]
 
 
 def test_a_partial_tail_used_whole_is_replaced_by_the_full_block(llama_model, tmp_path):

@@ -515,6 +515,7 @@ def test_another_mlx_lm_s_entries_are_a_miss_and_stay_in_the_shared_tier(tmp_pat
 
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
 
     tokens = [(5 * i) % 190 + 4 for i in range(3 * BLOCK + 9)]
 
@@ -522,7 +523,7 @@ def test_another_mlx_lm_s_entries_are_a_miss_and_stay_in_the_shared_tier(tmp_pat
         return CacheConfig(cache_dir=tmp_path / name, block_size=BLOCK, shared_url=fresh_redis.url)
 
     def answer(engine, prompt):
-        chunks = list(engine.generate(GenerationRequest(prompt, max_tokens=3, temperature=0.0)))
+        chunks = list(generate(engine, GenerationRequest(prompt, max_tokens=3, temperature=0.0)))
         return "".join(c.text for c in chunks), chunks[-1].usage
 
     real = mlx_lm.__version__

@@ -22,7 +22,7 @@ from tests.conftest import ROOT, free_port, model_variant
 
 def serve(model: Path, cache_dir: Path, port: int, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--model", str(model),
-                           "--port", str(port), "--cache-dir", str(cache_dir), "--max-batch", "1",
+                           "--port", str(port), "--cache-dir", str(cache_dir),
                            "--log-level", "warning"],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -126,7 +126,7 @@ def test_a_cache_directory_the_user_cannot_read_serves_from_ram_and_says_why(oth
     prefix, who = _unprivileged()
     port = free_port()
     daemon = subprocess.Popen([*prefix, sys.executable, "-m", "daemon.cli", "serve", "--model", str(model),
-                               "--port", str(port), "--cache-dir", str(cache), "--max-batch", "1",
+                               "--port", str(port), "--cache-dir", str(cache),
                                "--prefetch", "0"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=_env_without_preload())

@@ -195,12 +195,13 @@ def test_status_reports_the_phases_and_the_time_saved(app_daemon):
     told: list[tuple[str, int]] = []
     tokens = app_daemon.app[STATE].engine().renderer.render(CONVERSATION, None, "")[0]
 
-    def generate(engine) -> None:
-        for _ in engine.generate(GenerationRequest(list(tokens), max_tokens=1, temperature=0.0,
-                                                   phase=lambda *phase: told.append(phase))):
+    async def generate() -> None:
+        request = GenerationRequest(list(tokens), max_tokens=1, temperature=0.0,
+                                    phase=lambda *phase: told.append(phase))
+        async for _ in app_daemon.app[STATE].worker.generate(request):
             pass
 
-    app_daemon._run(app_daemon.app[STATE].worker.call(generate))
+    app_daemon._run(generate())
     assert told[0] == ("restoring", 0) and told[1][0] == "prefilling" and len(told) == 2
     assert 0 < told[1][1] < len(tokens)  # the conversation's blocks were restored
     status, stats = app_daemon.get("/status"), app_daemon.get("/cache/stats")

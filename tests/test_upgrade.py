@@ -14,6 +14,7 @@ from kvtier.config import CacheConfig
 from kvtier.engine import Engine
 from kvtier.ops import CacheDir, stats
 from kvtier.requests import GenerationRequest
+from kvtier.scheduler import generate
 from tests.conftest import ROOT
 from tests.support.blocks import as_an_older_kvtier_left_it
 
@@ -22,7 +23,7 @@ MAX_TOKENS = 6
 
 
 def answer(engine: Engine, tokens: list[int]) -> tuple[str, int]:
-    chunks = list(engine.generate(GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
+    chunks = list(generate(engine, GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
     usage = chunks[-1].usage
     assert usage is not None  # the last chunk carries it
     return "".join(c.text for c in chunks), usage.cached_tokens

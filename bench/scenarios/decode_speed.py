@@ -29,10 +29,11 @@ def time_mlx_lm(model, tokenizer, prompt: list[int], max_tokens: int) -> dict:
 
 def time_engine(engine, prompt: list[int], max_tokens: int) -> dict:
     from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
 
     first = last = 0.0
     chunk, parts = None, []
-    for chunk in engine.generate(GenerationRequest(list(prompt), max_tokens, temperature=0.0)):
+    for chunk in generate(engine, GenerationRequest(list(prompt), max_tokens, temperature=0.0)):
         last = time.perf_counter()
         first = first or last
         parts.append(chunk.text)

@@ -7,7 +7,7 @@ from typing import cast
 
 from aiohttp import web
 
-from kvtier import ops
+from kvtier import ops, scheduler
 from kvtier.config import parse_duration, parse_size
 from kvtier.local import LocalDisk
 
@@ -41,7 +41,8 @@ def _access(config) -> dict:
 
 def _batching(worker) -> dict:
     info = worker.describe()
-    return {k: info[k] for k in ("mode", "enabled", "max_batch", "reason", "max_logprob_difference", "running")}
+    return {k: info[k] for k in ("mode", "enabled", "exact", "max_batch", "reason", "max_logprob_difference",
+                                 "running")}
 
 
 @routes.get("/cache/stats")
@@ -160,5 +161,6 @@ async def warm(http: web.Request) -> web.Response:
     else:
         raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
     tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
-    result = await state.worker.call(lambda engine: engine.warm(messages, tools, pin=body.pin))
+    # The scheduler's path, a scheduler of one on the MLX thread between the worker's steps.
+    result = await state.worker.call(lambda engine: scheduler.warm(engine, messages, tools, pin=body.pin))
     return web.json_response(result)

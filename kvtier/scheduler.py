@@ -1,215 +1,52 @@
-"""Continuous batching on the MLX thread, over mlx-lm's own `BatchGenerator`.
+"""The scheduler: every request the daemon serves goes through it, on the MLX thread.
 
-A request flows: `Engine.begin` restores its cached prefix (`TieredStore.restore`: RAM, then
-SSD; snapshots) into its own prompt cache (blocks of it that a member is computing are waited
-for, those a decoding member has computed are stored by it first) -> its remainder is prefilled alone, one chunk per
-scheduler step, so the streams already decoding get a token between chunks -> its first
-token is computed alone (as the sequential path does; the snapshot at the prompt's end is
-taken here) -> the cache is merged into the generator's batch (mlx-lm's `insert`,
-`BatchKVCache.merge`) and decodes with the others -> when it ends (length, EOS, stop string,
-cancel) its cache is extracted (`remove(..., return_prompt_caches=True)`) and `Engine.finish`
-stores its new blocks (`TieredStore.keep`).
+One step (`Scheduler.step`), top to bottom:
+1. admit (`add`): `Engine.begin` restores the request's cached prefix (`TieredStore.restore`:
+   RAM, then SSD, then the shared store; snapshots) into its own prompt cache. Blocks of it
+   that a member is computing are waited for; those a decoding member has computed are
+   stored by it first.
+2. prefill: the remainder, one chunk per step (`Engine.prefill_chunks`), so the streams
+   already decoding get a token between chunks.
+3. first token: the prompt's last token goes through alone (`decode.first_token`; the
+   snapshot at the prompt's end is taken here), and the request joins the decoder.
+4. decode: one step of every decoding request: mlx-lm's `BatchGenerator` (its cache merged
+   into the batch, `BatchKVCache.merge`; attention per row, kvtier.row_attention) or a
+   `RowDecoder` (each request's own one-row pass, in turn).
+5. leave: a request that ended (length, EOS, stop string, cancel) leaves with its cache
+   (`remove(..., return_prompt_caches=True)`) and `Engine.finish` stores its new blocks
+   (`TieredStore.keep`); the others stay.
 
-Batched decode is only used where `measure_exactness` finds it bit-identical to decoding
-alone on this machine's backend (a GEMM's rows can depend on the batch size: OpenBLAS,
-for one, computes a single row another way than several). Elsewhere the same scheduler
-runs a `RowDecoder` in the generator's place: each request decodes its own row in turn.
+A batch of one is a batch: `--max-batch 1`, seeded sampling (it runs as the only member, so
+its random stream is the process's one) and `generate` (a scheduler of one on the calling
+thread, for tests, bench and `warm`) run the same code.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, cast
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models import cache as mlx_cache
 from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import common_prefix
+from .decode import RowDecoder, first_token, steps_left
 from .engine import Engine, Session
 from .requests import Chunk, GenerationRequest, Usage
 from .text import TextStream
 
-log = logging.getLogger("kvtier.batch")
-
-PROBE_STEPS = 4  # decode steps compared per prompt: a difference shows from the first
+log = logging.getLogger("kvtier.scheduler")
 
 
-# -- which models may batch -------------------------------------------------------------
-@dataclass
-class Exactness:
-    exact: bool
-    reason: str  # why not, or how it was checked
-    max_difference: float | None = None  # largest |logprob| difference measured
-
-
-def unbatchable_reason(engine: Engine) -> str | None:
-    """Why mlx-lm cannot batch this model's cache at all, or None."""
-    if not engine.reusable:
-        return "its prompt cache cannot be stored"
-    for layer in kvstate.make_cache(engine.model, engine.quantization):
-        if not hasattr(layer, "merge"):
-            return f"mlx-lm cannot batch {type(layer).__name__} layers"
-    return None
-
-
-def measure_exactness(engine: Engine) -> Exactness:
-    """Decode a few prompts of different lengths (one past any sliding window) alone and
-    joined into one batch at different steps; exact only if every log-probability of every
-    step is bit-identical."""
-    reason = unbatchable_reason(engine)
-    if reason:
-        return Exactness(False, reason)
-    windows = [layer.max_size for layer in kvstate.make_cache(engine.model, engine.quantization)
-               if isinstance(layer, mlx_cache.RotatingKVCache)]
-    lengths = [5, 37, min(max(windows) + 23, 1024) if windows else 20]
-    rng = np.random.default_rng(0)
-    vocab = min(getattr(getattr(engine.model, "args", None), "vocab_size", 256) or 256, 1000)
-    prompts = [rng.integers(10, vocab, n).tolist() for n in lengths]
-    alone = [_decode_alone(engine, p) for p in prompts]
-    together = _decode_batched(engine, prompts, join_at=[0, 0, 1])
-    worst, exact = 0.0, True
-    for mine, theirs in zip(together, alone):
-        for a, b in zip(mine, theirs):
-            worst = max(worst, float(mx.max(mx.abs(a - b)).item()))
-            exact &= bool(mx.array_equal(a, b).item())
-    mx.clear_cache()
-    if exact:
-        return Exactness(True, f"batched decode measured bit-identical at start-up ({len(prompts)} prompts)", 0.0)
-    return Exactness(False, f"batched decode differs from decoding alone on this backend "
-                            f"(max |logprob difference| {worst:.3g})", worst)
-
-
-def _prefilled(engine: Engine, tokens: list[int]) -> list[Any]:
-    prompt_cache = kvstate.make_cache(engine.model, engine.quantization)
-    engine.model(mx.array(tokens[:-1])[None], cache=prompt_cache)
-    mx.eval(kvstate.state_arrays(prompt_cache))
-    return prompt_cache
-
-
-def _logprobs(engine: Engine, token: int, prompt_cache: list[Any]) -> mx.array:
-    logits = engine.model(mx.array([[token]]), cache=prompt_cache)[:, -1, :]
-    return (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
-
-
-def _decode_alone(engine: Engine, tokens: list[int]) -> list[mx.array]:
-    prompt_cache, token, out = _prefilled(engine, tokens), tokens[-1], []
-    for _ in range(PROBE_STEPS):
-        out.append(_logprobs(engine, token, prompt_cache))
-        token = int(mx.argmax(out[-1]).item())
-    return out[1:]  # the first step is computed alone on either path
-
-
-def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]) -> list[list[mx.array]]:
-    generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=len(prompts))
-    out: dict[int, list[mx.array]] = {}
-    uids: list[int] = []
-    try:
-        for step in range(PROBE_STEPS + max(join_at)):
-            for i in (i for i, at in enumerate(join_at) if at == step):
-                prompt_cache = _prefilled(engine, prompts[i])
-                first = int(mx.argmax(_logprobs(engine, prompts[i][-1], prompt_cache)).item())
-                (uid,) = generator.insert([[first]], max_tokens=[PROBE_STEPS - 1], caches=[prompt_cache],
-                                          all_tokens=[list(prompts[i])])
-                uids.append(uid)
-                out[uid] = []
-            for response in generator.next()[1]:
-                out[response.uid].append(response.logprobs)
-    finally:
-        generator.close()
-    return [out[uid] for uid in uids]
-
-
-def steps_left(request: GenerationRequest) -> int:
-    """Decode steps the generator may take after a request's first token; a request with no
-    limit gets a count it never reaches (its TextStream ends it: EOS, a stop string, cancelling)."""
-    return sys.maxsize if request.max_tokens is None else request.max_tokens - 1
-
-
-# -- exact interleaving: each request decodes its own row ---------------------------------
-@dataclass
-class RowResponse:
-    """What `RowDecoder.next` returns per request: the fields of mlx-lm's batch responses
-    that `Batch` reads."""
-
-    uid: int
-    token: int
-    logprobs: mx.array  # of the step that produced `token`
-    finish_reason: str | None
-    prompt_cache: list[Any] | None
-
-
-@dataclass(eq=False)
-class _Row:
-    prompt_cache: list[Any]
-    sampler: Callable
-    left: int  # tokens it may still return
-    y: mx.array  # its next token, computed (or queued) but not yet returned
-    logprobs: mx.array | None = None  # the log-probabilities y was sampled from
-
-
-class RowDecoder:
-    """BatchGenerator's `insert` / `next` / `remove` for backends whose batched decode is
-    not bit-exact: each request decodes alone over its own prompt cache, one forward pass
-    of one row per step, the sequential path's arithmetic exactly. The requests still take
-    turns token by token, so none waits for another to finish.
-
-    As on the sequential path, a request's next token is queued before its last one is
-    read (compute overlaps the host side), so a returned token is already in its cache."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.rows: dict[int, _Row] = {}
-        self._next_uid = 0
-
-    def _step(self, row: _Row, token: mx.array) -> None:
-        """Queue the row's step on `token`: its next token and the log-probabilities behind it."""
-        logits = self.model(token[None], cache=row.prompt_cache)[:, -1, :]
-        row.logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        row.y = row.sampler(row.logprobs)
-
-    def insert(self, tokens: list[list[int]], max_tokens: list[int], caches: list[list[Any]],
-               samplers: list[Callable], **_: Any) -> list[int]:
-        uids = []
-        for (token,), left, prompt_cache, sampler in zip(tokens, max_tokens, caches, samplers):
-            row = _Row(prompt_cache, sampler, left, mx.array([token]))
-            self._step(row, row.y)
-            mx.async_eval(row.y, row.logprobs)
-            uids.append(self._next_uid)
-            self.rows[self._next_uid] = row
-            self._next_uid += 1
-        return uids
-
-    def next(self) -> tuple[None, list[RowResponse]]:
-        """One token of every row: queue each row's following step, then read the tokens."""
-        ready = {uid: (row.y, row.logprobs) for uid, row in self.rows.items()}
-        for row in self.rows.values():
-            self._step(row, row.y)
-        mx.async_eval([(row.y, row.logprobs) for row in self.rows.values()])
-        responses = []
-        for uid, (y, logprobs) in ready.items():
-            row = self.rows[uid]
-            row.left -= 1
-            done = row.left <= 0
-            responses.append(RowResponse(uid, y.item(), logprobs, "length" if done else None,
-                                         row.prompt_cache if done else None))
-            if done:
-                del self.rows[uid]
-        return None, responses
-
-    def remove(self, uids: list[int], return_prompt_caches: bool = False) -> dict[int, tuple]:
-        removed = {uid: (self.rows.pop(uid).prompt_cache,) for uid in uids}
-        return removed if return_prompt_caches else {}
-
-    def close(self) -> None:
-        self.rows.clear()
+def runs_alone(request: GenerationRequest) -> bool:
+    """Seeded sampling: its random stream must be the process's one, so nothing runs beside it."""
+    return request.seed is not None and request.temperature > 0
 
 
 # -- the batch ---------------------------------------------------------------------------
@@ -246,21 +83,24 @@ class BatchStats:
     longest_step_gap: float = 0.0  # longest time between two decode steps of a running batch
 
 
-class Batch:
-    """The requests the MLX thread is serving at once; `step` advances them all a little."""
+class Scheduler:
+    """The requests the MLX thread is serving at once; `step` advances them all a little.
+
+    `interleaved`: each request decodes its own row (RowDecoder) instead of sharing one
+    batched forward pass (BatchGenerator)."""
 
     def __init__(self, engine: Engine, max_size: int, done: object, interleaved: bool = False):
         self.engine, self.max_size, self.done = engine, max_size, done
-        self.interleaved = interleaved  # each request decodes its own row: no batched arithmetic
-        self.generator = self._new_generator()
+        self.interleaved = interleaved
+        self.generator = self._new_generator(interleaved)
         self.prefilling: deque[Member] = deque()
         self.decoding: dict[int, Member] = {}
         self.held: list[Held] = []
         self.stats = BatchStats()
         self._last_step: float | None = None
 
-    def _new_generator(self) -> BatchGenerator | RowDecoder:
-        if self.interleaved:
+    def _new_generator(self, rows: bool) -> BatchGenerator | RowDecoder:
+        if rows:
             return RowDecoder(self.engine.model)
         return BatchGenerator(self.engine.model, stop_tokens=[], completion_batch_size=self.max_size,
                               prefill_batch_size=self.max_size,
@@ -277,11 +117,20 @@ class Batch:
     def full(self) -> bool:
         return len(self) >= self.max_size
 
+    @property
+    def alone(self) -> bool:
+        """A member must run alone (seeded sampling): admit nothing beside it."""
+        members = [*self.prefilling, *self.decoding.values()]
+        return any(runs_alone(m.session.request) for m in members)
+
     def add(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
         """Restore the request's cached prefix now; its prefill runs over the next steps. If a
         member is computing blocks this prompt starts with, wait for them instead; if one
         decoding has computed them, it stores them first."""
         tokens = np.asarray(request.prompt_tokens)
+        if not self.engine.reusable:  # nothing is stored: nothing to wait for or share
+            self._start(request, emit, tokens)
+            return
         computing = self._computing_prefix_of(tokens)
         if computing is not None:
             self.held.append(Held(request, emit, computing))
@@ -386,9 +235,10 @@ class Batch:
         emit(last)
         emit(self.done)
 
-    def _restart_generator(self) -> None:
+    def _restart_generator(self, rows: bool | None = None) -> None:
         self.close()
-        self.generator, self._last_step = self._new_generator(), None
+        rows = self.interleaved if rows is None else rows
+        self.generator, self._last_step = self._new_generator(rows), None
 
     def close(self) -> None:
         self.generator.close()
@@ -411,18 +261,19 @@ class Batch:
         return max(computed, 1)  # the first token is a forward pass too
 
     def _first_token(self, member: Member) -> None:
-        """The last prompt token goes through alone, as on the sequential path; the request
-        joins the batch with the token it produced."""
+        """The last prompt token goes through alone; the request joins the decoder with the
+        token it produced."""
         session, request = member.session, member.session.request
         tokens = request.prompt_tokens
         member.sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
-        logits = self.engine.model(mx.array(tokens[-1:])[None], cache=session.prompt_cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        y = member.sampler(logprobs)
+        if runs_alone(request):
+            mx.random.seed(request.seed)  # right before its first sample, alone in the process
+        began = time.perf_counter()
+        token, logprobs = first_token(self.engine.model, tokens, session.prompt_cache, member.sampler)
         if len(tokens) in session.points:
             session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.cache_plan)
-        token = y.item()
-        session.usage.prefill_seconds = time.perf_counter() - session.started
+        now = time.perf_counter()
+        session.usage.prefill_seconds, session.usage.steps["first_token"] = now - session.started, now - began
         if any(h.computing is member for h in self.held):
             self.engine.store_prompt(session)
             self._release(member)
@@ -431,10 +282,19 @@ class Batch:
             self._finish(member)
             return
         session.fed.append(token)
+        self._choose_generator(request)
         (uid,) = self.generator.insert([[token]], max_tokens=[steps_left(request)],
                                        caches=[session.prompt_cache], all_tokens=[list(tokens)],
                                        samplers=[member.sampler])
         self.decoding[uid] = member
+
+    def _choose_generator(self, request: GenerationRequest) -> None:
+        """A request running alone decodes its own row (plain mlx-lm's arithmetic and random
+        stream); the decoder goes back to the configured one once the next request finds
+        it empty."""
+        rows = self.interleaved or runs_alone(request)
+        if not self.decoding and isinstance(self.generator, RowDecoder) != rows:
+            self._restart_generator(rows)
 
     # -- decode ------------------------------------------------------------------------
     def _decode_step(self) -> None:
@@ -447,7 +307,8 @@ class Batch:
             member = self.decoding.get(response.uid)
             if member is None:
                 continue
-            member.session.fed.append(response.token)  # a returned token is already in the cache
+            if getattr(response, "in_cache", True):  # mlx-lm's batch feeds every token it returns
+                member.session.fed.append(response.token)
             self._emit(member, member.text.feed(response.token, response.logprobs))
             if response.finish_reason is not None:
                 member.text.finish = member.text.finish or "length"
@@ -499,3 +360,48 @@ class Batch:
             log.exception("storing a batched request's blocks failed")
             member.emit(exc)
         member.emit(self.done)
+
+
+# -- a scheduler of one, on the calling thread ----------------------------------------------
+def generate(engine: Engine, request: GenerationRequest) -> Iterator[Chunk]:
+    """One request through a scheduler of its own, run on the calling thread (which must be
+    the one that owns MLX): the daemon's path, for `warm`, tests and bench. Closing the
+    iterator early cancels the request."""
+    done, items = object(), deque[object]()
+    scheduler = Scheduler(engine, 1, done, interleaved=True)
+    scheduler.add(request, items.append)
+    try:
+        while True:
+            while items:
+                item = items.popleft()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield cast(Chunk, item)
+            _step_or_fail(scheduler)
+    finally:
+        if not scheduler.idle:  # left early: it ends as a cancelled request does
+            request.cancelled.set()
+            _step_or_fail(scheduler)
+        scheduler.close()
+
+
+def _step_or_fail(scheduler: Scheduler) -> None:
+    try:
+        scheduler.step()
+    except Exception as exc:
+        log.exception("a scheduler step failed")
+        scheduler.fail(exc)
+
+
+def warm(engine: Engine, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Prefill a prompt (an agent's system prompt and tools, say) and persist it."""
+    tokens, boundaries = engine.renderer.render(messages, tools)
+    request = GenerationRequest(tokens, max_tokens=1, temperature=0.0, progress=progress, boundaries=boundaries)
+    usage = list(generate(engine, request))[-1].usage
+    assert usage is not None  # the last chunk carries it
+    engine.store.flush()
+    pinned = engine.pin(tokens) if pin else 0
+    return {"tokens": len(tokens), "computed_tokens": usage.computed_tokens, "pinned_entries": pinned}

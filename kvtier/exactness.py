@@ -1,0 +1,104 @@
+"""The start-up probe: is batched decode bit-identical to decoding alone on this backend?
+
+A few prompts of different lengths (one past any sliding window) are decoded alone and
+joined into one mlx-lm `BatchGenerator` at different steps; batched decode is exact only if
+every log-probability of every step is bit-identical. `/health` reports the verdict; with
+`--exact` a verdict of "not identical" makes requests interleave (kvtier.decode.RowDecoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models import cache as mlx_cache
+
+from . import kvstate
+from .decode import first_token, greedy, step
+from .engine import Engine
+
+PROBE_STEPS = 4  # decode steps compared per prompt: a difference shows from the first
+
+
+@dataclass
+class Exactness:
+    exact: bool
+    reason: str  # why not, or how it was checked
+    max_difference: float | None = None  # largest |logprob| difference measured
+
+
+def unbatchable_reason(engine: Engine) -> str | None:
+    """Why mlx-lm cannot batch this model's cache at all, or None."""
+    if not engine.reusable:
+        return "its prompt cache cannot be stored"
+    for layer in kvstate.make_cache(engine.model, engine.quantization):
+        if not hasattr(layer, "merge"):
+            return f"mlx-lm cannot batch {type(layer).__name__} layers"
+    return None
+
+
+def measure_exactness(engine: Engine) -> Exactness:
+    """Decode a few prompts of different lengths alone and joined into one batch at
+    different steps; exact only if every log-probability of every step is bit-identical."""
+    reason = unbatchable_reason(engine)
+    if reason:
+        return Exactness(False, reason)
+    windows = [layer.max_size for layer in kvstate.make_cache(engine.model, engine.quantization)
+               if isinstance(layer, mlx_cache.RotatingKVCache)]
+    lengths = [5, 37, min(max(windows) + 23, 1024) if windows else 20]
+    rng = np.random.default_rng(0)
+    vocab = min(engine.vocab_size or 256, 1000)
+    prompts = [rng.integers(10, vocab, n).tolist() for n in lengths]
+    alone = [_decode_alone(engine, p) for p in prompts]
+    together = _decode_batched(engine, prompts, join_at=[0, 0, 1])
+    worst, exact = 0.0, True
+    for mine, theirs in zip(together, alone):
+        for a, b in zip(mine, theirs):
+            worst = max(worst, float(mx.max(mx.abs(a - b)).item()))
+            exact &= bool(mx.array_equal(a, b).item())
+    mx.clear_cache()
+    if exact:
+        return Exactness(True, f"batched decode measured bit-identical at start-up ({len(prompts)} prompts)", 0.0)
+    return Exactness(False, f"batched decode differs from decoding alone on this backend "
+                            f"(max |logprob difference| {worst:.3g})", worst)
+
+
+def _prefilled(engine: Engine, tokens: list[int]) -> list[Any]:
+    prompt_cache = kvstate.make_cache(engine.model, engine.quantization)
+    engine.model(mx.array(tokens[:-1])[None], cache=prompt_cache)
+    mx.eval(kvstate.state_arrays(prompt_cache))
+    return prompt_cache
+
+
+def _decode_alone(engine: Engine, tokens: list[int]) -> list[mx.array]:
+    prompt_cache = _prefilled(engine, tokens)
+    token, _ = first_token(engine.model, tokens, prompt_cache, greedy)  # computed alone on either path
+    out = []
+    for _ in range(PROBE_STEPS - 1):
+        y, logprobs = step(engine.model, mx.array([token]), prompt_cache, greedy)
+        out.append(logprobs[0])
+        token = int(y.item())
+    return out
+
+
+def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]) -> list[list[mx.array]]:
+    generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=len(prompts))
+    out: dict[int, list[mx.array]] = {}
+    uids: list[int] = []
+    try:
+        for at in range(PROBE_STEPS + max(join_at)):
+            for i in (i for i, joins in enumerate(join_at) if joins == at):
+                prompt_cache = _prefilled(engine, prompts[i])
+                first, _ = first_token(engine.model, prompts[i], prompt_cache, greedy)
+                (uid,) = generator.insert([[first]], max_tokens=[PROBE_STEPS - 1], caches=[prompt_cache],
+                                          all_tokens=[list(prompts[i])])
+                uids.append(uid)
+                out[uid] = []
+            for response in generator.next()[1]:
+                out[response.uid].append(response.logprobs)
+    finally:
+        generator.close()
+    return [out[uid] for uid in uids]
