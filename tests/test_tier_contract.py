@@ -20,6 +20,7 @@ from kvtier.local import LocalDisk
 from kvtier.ram import HotBlock
 from kvtier.requests import GenerationRequest
 from kvtier.restored import Hit, Match
+from kvtier.scheduler import generate
 from kvtier.shared import SharedTier
 from kvtier.shared_io import SharedIO
 from kvtier.tier import Tier
@@ -171,7 +172,7 @@ def test_a_store_restores_a_prefix_from_a_tier_of_its_own(llama_model, reference
         engine.store.close()
         dict_tier = DictTier(engine.fingerprint, model_fits(engine.layout, engine.plan), entries)
         engine.store = TieredStore(config, engine.fingerprint, engine.layout, engine.plan, extra_tiers=[dict_tier])
-        chunks = list(engine.generate(GenerationRequest(list(tokens), MAX_TOKENS, temperature=0.0)))
+        chunks = list(generate(engine, GenerationRequest(list(tokens), MAX_TOKENS, temperature=0.0)))
         engine.store.flush()
         answers.append("".join(c.text for c in chunks))
         counters.append(dict(engine.store.counters))
