@@ -139,7 +139,9 @@ class Daemon:
                 # Sequential unless a test asks for a batch: skips the start-up batching probe.
                 "--max-batch", "1",
                 # After a restart, blocks come from disk unless a test asks for the prefetch.
-                "--prefetch", "0", *self.ceiling, *self.extra]
+                "--prefetch", "0",
+                # mlx-lm's default chunk, not one timed on this machine (tests/test_chunking.py does).
+                "--prefill-step-size", "2048", *self.ceiling, *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout
