@@ -135,11 +135,13 @@ def render(results: dict) -> str:
             for s in servers for kind in ("shared", "distinct")]
     out += ["", f"While {results['decoders']} streams decode, a cold {results['cold_tokens']}-token prompt "
             "arrives (median TTFT of the trials; the longest stall of any):", "",
-            "| server | longest stall (s) | cold TTFT alone (s) | beside decoders (s) | ratio | decoders ran through |",
-            "|---|---:|---:|---:|---:|---|"]
+            f"| server | longest stall (s) | stall / {PEER}'s | cold TTFT alone (s) | beside decoders (s) | ratio "
+            "| decoders ran through |", "|---|---:|---:|---:|---:|---:|---|"]
     for s in servers:
         c = cold(results, s)
-        out.append(f"| {s} | {_number(c['longest_stall'], 2)} | {_number(c['ttft_alone'], 2)} "
+        out.append(f"| {s} | {_number(c['longest_stall'], 2)} "
+                   f"| {_number(ratio(c['longest_stall'], cold(results, PEER)['longest_stall']), 2)} "
+                   f"| {_number(c['ttft_alone'], 2)} "
                    f"| {_number(c['ttft_beside'], 2)} | {_number(c['ttft_ratio'], 2)} "
                    f"| {'yes' if c['decoders_ran_through'] else 'no'} |")
     out += ["", "![Parallel requests](bench/parallel.png)"]
@@ -177,12 +179,12 @@ def _plot_decode(ax, results: dict) -> None:
 
 def _plot_agents(ax, results: dict) -> None:
     for i, server in enumerate(results["servers"]):
-        for kind, style in (("shared", "-"), ("distinct", "--")):
+        for kind, style, marker in (("shared", "-", "o"), ("distinct", "--", "s")):
             walls = [agents_wall(results, server, kind, n) or 0 for n in results["agent_ns"]]
-            ax.plot(results["agent_ns"], walls, style, marker="o", color=f"C{i}", label=f"{server}, {kind} prompt")
+            ax.plot(results["agent_ns"], walls, style, marker=marker, color=f"C{i}", label=f"{server}, {kind} prompt")
     ax.set(title=f"Agents: N conversations x {results['rounds']} rounds", xlabel="conversations",
            ylabel="wall time (s)", xticks=results["agent_ns"])
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper left")
 
 
 def _plot_cold(ax, results: dict) -> None:
