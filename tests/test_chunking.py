@@ -53,10 +53,13 @@ def test_a_noisy_timing_moves_the_fit_little():
     assert fit.intercept == pytest.approx(0.05, rel=0.05)
 
 
-def test_a_measured_chunk_is_what_every_prefill_cuts_at_with_plain_mlx_lm_s_numbers(tiny_model, tmp_path):
+def test_a_measured_chunk_is_what_every_prefill_cuts_at_with_plain_mlx_lm_s_numbers(tiny_model, tmp_path,
+                                                                                    monkeypatch):
     """Engine(prefill_step_size=None) times the model, keeps a block multiple in range, and
     prefills a cold prompt in exactly those chunks: the log-probabilities are, bit for bit,
-    plain mlx-lm's `generate_step` run with that `prefill_step_size`."""
+    plain mlx-lm's `generate_step` run with that `prefill_step_size`. The range is narrowed
+    below mlx-lm's default 2,048, so a prefill cutting anywhere else shows on any machine."""
+    monkeypatch.setattr(chunking, "MAX_TOKENS", 512)
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -69,10 +72,10 @@ def test_a_measured_chunk_is_what_every_prefill_cuts_at_with_plain_mlx_lm_s_numb
     try:
         chunk = engine.prefill_chunk
         assert chunk.chosen == "measured" and chunk.probe_seconds is not None
-        assert chunk.tokens in chunking.block_multiples(TEST_BLOCK_SIZE)
+        assert chunk.tokens in chunking.block_multiples(TEST_BLOCK_SIZE) and chunk.tokens <= 512
         assert engine.prefill_step_size == chunk.tokens
         reference = Reference(tiny_model)
-        tokens = _prompt(reference, 2 * chunking.MAX_TOKENS + 77)
+        tokens = _prompt(reference, 3 * 512 + 77)
         cuts: list[int] = []
         request = GenerationRequest(tokens, MAX_TOKENS, temperature=0.0, logprobs=0,
                                     progress=lambda done, total: cuts.append(done))
