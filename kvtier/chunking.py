@@ -32,6 +32,7 @@ log = logging.getLogger("kvtier.chunking")
 TARGET_SECONDS = 0.4  # a decoding stream's stall target is 0.5 s: a chunk plus a decode step
 REFERENCE_DEPTH = 8192  # tokens: a long agent prompt; chunks deeper than this take longer
 PROBE_DEPTH = 2048  # tokens timed at start-up
+PROBE_BUDGET = 5.0  # seconds: a big model on a slow machine stops early (two chunks at least)
 MIN_TOKENS, MAX_TOKENS = 256, 2048
 FALLBACK_TOKENS = 2048  # mlx-lm's own default, when the probe cannot run
 
@@ -43,6 +44,7 @@ class ChunkFit:
     tokens: int
     intercept: float
     slope: float
+    points: int = 0  # chunks timed
 
     def seconds(self, tokens: int, depth: int) -> float:
         """A chunk of `tokens` at `depth`: linear in its size, its middle's depth on the fit."""
@@ -79,8 +81,11 @@ def pick(fit: ChunkFit, block_size: int, target: float = TARGET_SECONDS, depth: 
     return max(fitting, default=candidates[0])
 
 
-def measure(model: Any, tokens: int, depth: int = PROBE_DEPTH) -> ChunkFit:
+def measure(model: Any, tokens: int, depth: int = PROBE_DEPTH, budget: float = PROBE_BUDGET,
+            target: float = TARGET_SECONDS) -> ChunkFit:
     """Time chunks of `tokens` prefilled from depth 0 to `depth` in a fresh cache; fit a line.
+    Stops early past `budget` seconds, or after one chunk slower than the target (the
+    smallest size is then the answer whatever the slope).
 
     One small forward first, so one-time set-up does not count."""
     ids = mx.arange(tokens, dtype=mx.int32)[None] % 64 + 1  # token ids every vocabulary has
@@ -95,17 +100,21 @@ def measure(model: Any, tokens: int, depth: int = PROBE_DEPTH) -> ChunkFit:
         mx.eval(state_arrays(cache))
         depths.append(at)
         seconds.append(time.perf_counter() - began)
+        if seconds[0] > target or (len(seconds) >= 2 and sum(seconds) > budget):
+            break
     return _fit_line(tokens, depths, seconds)
 
 
 def _fit_line(tokens: int, depths: list[int], seconds: list[float]) -> ChunkFit:
     """Theil-Sen: the median of the pairwise slopes and of the intercepts they leave, so a
     chunk slowed by another process's burst moves the line little. Never below flat."""
+    if len(depths) < 2:
+        return ChunkFit(tokens, seconds[0], 0.0, 1)
     pairs = [(seconds[j] - seconds[i]) / (depths[j] - depths[i])
              for i in range(len(depths)) for j in range(i + 1, len(depths))]
     slope = max(0.0, statistics.median(pairs))
     intercept = statistics.median(s - slope * d for d, s in zip(depths, seconds))
-    return ChunkFit(tokens, max(intercept, min(seconds) / 2), slope)
+    return ChunkFit(tokens, max(intercept, min(seconds) / 2), slope, len(depths))
 
 
 def choose(model: Any, block_size: int, fixed: int | None) -> PrefillChunk:

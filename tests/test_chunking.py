@@ -53,6 +53,20 @@ def test_a_noisy_timing_moves_the_fit_little():
     assert fit.intercept == pytest.approx(0.05, rel=0.05)
 
 
+def test_the_start_up_measurement_stops_early_past_its_time_budget(tiny_model):
+    """A big model on a slow machine must not hold the start-up for minutes: past the budget
+    the fit is made from the chunks timed so far (two at least)."""
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    never = float("inf")  # no chunk is slower than this target
+    assert chunking.measure(model, 256, depth=2048, budget=0.0, target=never).points == 2
+    assert chunking.measure(model, 256, depth=2048, budget=600.0, target=never).points == 2048 // 256
+    # The first chunk slower than the target: no deeper one can fit, the smallest size it is.
+    slow = chunking.measure(model, 256, depth=2048, budget=600.0, target=0.0)
+    assert slow.points == 1 and chunking.pick(slow, 128, target=0.0) == 256
+
+
 def test_a_measured_chunk_is_what_every_prefill_cuts_at_with_plain_mlx_lm_s_numbers(tiny_model, tmp_path,
                                                                                     monkeypatch):
     """Engine(prefill_step_size=None) times the model, keeps a block multiple in range, and
