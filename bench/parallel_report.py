@@ -120,7 +120,7 @@ def render(results: dict) -> str:
     out += [f"| {t['target']} | {t['server']} | {_value(t)} | {t['needed']} | {t['result']} |"
             for t in results["targets"]]
     out += ["", f"Aggregate decode tok/s, {results['decode_tokens']} tokens per stream (median of "
-            f"{results['trials']} trials; {PLAIN} single stream: {_number(median(results['plain_decode']))}):", "",
+            f"{results['trials']} trial{'s' * (results['trials'] != 1)}; {PLAIN} single stream: {_number(median(results['plain_decode']))}):", "",
             "| server | " + " | ".join(f"N = {n}" for n in results["ns"]) + " |",
             "|---|" + "---:|" * len(results["ns"])]
     out += [f"| {s} | " + " | ".join(_number(decode_rate(results, s, n)) for n in results["ns"]) + " |"
