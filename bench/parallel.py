@@ -4,8 +4,8 @@ All servers run at once on the same generated model and take turns (a rotating o
 pause between two), so other load on the machine falls on them alike. Measured:
   1. aggregate decode tok/s at N = 1/2/4/8 streams (128 tokens each, short warm prompts):
      all streams' tokens in the span where every one decodes (from the last stream's second
-     token to the first stream's last); plain mlx-lm's `stream_generate` on the same prompt in
-     the same trials, for the single-stream ratio
+     token to the first stream's last); then, in the same trials, one 512-token stream against
+     plain mlx-lm's `stream_generate` on the same prompt, for the single-stream ratio
   2. agents: N conversations x 3 rounds at N = 2/4/8, each N with a ~2K-token system prompt
      new to the server (its first round is cold), shared by the N conversations or one each;
      wall time of the rounds
@@ -52,6 +52,7 @@ KVTIER: list[tuple[str, list[str]]] = [("kvtier", []), ("kvtier --batch-inexact"
 class Sizes:
     ns: tuple[int, ...] = (1, 2, 4, 8)
     decode_tokens: int = 128
+    single_tokens: int = 512  # the single stream against plain mlx-lm
     trials: int = 3
     agent_ns: tuple[int, ...] = (2, 4, 8)
     rounds: int = 3
@@ -63,7 +64,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(ns=(1, 4, 8), decode_tokens=64, trials=1, agent_ns=(4,), agent_tokens=24, system_tokens=1024,
+QUICK = Sizes(ns=(1, 4, 8), decode_tokens=64, single_tokens=256, trials=1, agent_ns=(4,), agent_tokens=24, system_tokens=1024,
               cold_tokens=4096, cold_trials=1)
 
 
@@ -167,22 +168,34 @@ def plain_decode(loaded: tuple[Any, Any], tokens: int) -> float:
 
 def run_decode(running: dict[str, Server], model: str, loaded: tuple[Any, Any], sizes: Sizes,
                results: dict) -> None:
-    turns: list[str] = [*running, "plain"]
+    names = list(running)
     for trial in range(sizes.trials):
         for n in sizes.ns:
-            shift = (trial + n) % len(turns)
-            for name in turns[shift:] + turns[:shift]:  # none always follows another
+            shift = (trial + n) % len(names)
+            for name in names[shift:] + names[:shift]:  # none always follows another
                 time.sleep(SETTLE)
-                if name == "plain":
-                    if n == 1:
-                        results["plain_decode"].append(plain_decode(loaded, sizes.decode_tokens))
-                        log(f"decode plain mlx-lm N=1 trial {trial}: {results['plain_decode'][-1]:.1f} tok/s")
-                    continue
                 streams = at_once(running[name], model, [question(i) for i in range(n)], sizes.decode_tokens)
                 rate = decode_rate(streams)
                 results["servers"][name]["decode"].setdefault(str(n), []).append(rate)
                 log(f"decode {name} N={n} trial {trial}: {rate:.1f} tok/s "
                     f"(tokens {[s.completion_tokens for s in streams]})")
+        run_single(running, model, loaded, sizes, results, trial)
+
+
+def run_single(running: dict[str, Server], model: str, loaded: tuple[Any, Any], sizes: Sizes,
+               results: dict, trial: int) -> None:
+    """One long stream per server and plain mlx-lm in-process, in turn: a long one, so a
+    client thread read late on a busy machine moves the span it is timed over little."""
+    turns = [*running, "plain"]
+    for name in turns[trial % len(turns):] + turns[:trial % len(turns)]:
+        time.sleep(SETTLE)
+        if name == "plain":
+            rate = plain_decode(loaded, sizes.single_tokens)
+            results["plain_decode"].append(rate)
+        else:
+            rate = decode_rate([stream(running[name], model, question(0), sizes.single_tokens)])
+            results["servers"][name]["single"].append(rate)
+        log(f"single stream {name} trial {trial}: {rate:.1f} tok/s")
 
 
 # -- 2. agents --------------------------------------------------------------------------------
@@ -319,7 +332,7 @@ def measure(sizes: Sizes, command: str) -> dict:
     running = start_servers(model_path, work)
     try:
         for name, server in running.items():
-            results["servers"][name] = {"decode": {}, "agents": {}, "cold": [],
+            results["servers"][name] = {"decode": {}, "single": [], "agents": {}, "cold": [],
                                         "health": health(server) if name != "mlx_lm.server" else None}
         run_decode(running, str(model_path), loaded, sizes, results)
         run_agents(running, str(model_path), loaded[1], sizes, results)

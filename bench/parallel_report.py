@@ -37,8 +37,8 @@ def agents_wall(results: dict, server: str, kind: str, n: int) -> float | None:
 
 
 def single_stream_ratio(results: dict, server: str) -> float | None:
-    """Median over trials of the server's N = 1 decode tok/s / plain mlx-lm's in the same trial."""
-    mine, plain = results["servers"][server]["decode"].get("1", []), results.get("plain_decode", [])
+    """Median over trials of the server's single-stream decode tok/s / plain mlx-lm's in the same trial."""
+    mine, plain = results["servers"][server].get("single", []), results.get("plain_decode", [])
     return median([m / p for m, p in zip(mine, plain) if p])
 
 
@@ -120,7 +120,9 @@ def render(results: dict) -> str:
     out += [f"| {t['target']} | {t['server']} | {_value(t)} | {t['needed']} | {t['result']} |"
             for t in results["targets"]]
     out += ["", f"Aggregate decode tok/s, {results['decode_tokens']} tokens per stream (median of "
-            f"{results['trials']} trial{'s' * (results['trials'] != 1)}; {PLAIN} single stream: {_number(median(results['plain_decode']))}):", "",
+            f"{results['trials']} trial{'s' * (results['trials'] != 1)}; one {results['single_tokens']}-token stream: "
+            + ", ".join(f"{s} {_number(median(results['servers'][s].get('single', [])))}" for s in servers)
+            + f", {PLAIN} {_number(median(results['plain_decode']))}):", "",
             "| server | " + " | ".join(f"N = {n}" for n in results["ns"]) + " |",
             "|---|" + "---:|" * len(results["ns"])]
     out += [f"| {s} | " + " | ".join(_number(decode_rate(results, s, n)) for n in results["ns"]) + " |"
@@ -171,7 +173,7 @@ def _plot_decode(ax, results: dict) -> None:
         ax.plot(results["ns"], [decode_rate(results, server, n) or 0 for n in results["ns"]], marker="o", label=server)
     plain = median(results["plain_decode"])
     if plain:
-        ax.axhline(plain, color="grey", linestyle=":", label=f"{PLAIN}, one stream")
+        ax.axhline(plain, color="grey", linestyle=":", label=f"{PLAIN}, one {results['single_tokens']}-token stream")
     ax.set(title=f"Aggregate decode ({results['decode_tokens']} tokens a stream)", xlabel="concurrent streams",
            ylabel="tokens/s, all streams", xticks=results["ns"])
     ax.legend(fontsize="small")

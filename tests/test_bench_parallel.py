@@ -19,7 +19,7 @@ def report(monkeypatch):
 
 
 def _server(decode: dict, shared4: list[float], stall: float, alone: float, beside: float) -> dict:
-    return {"decode": {k: [v] for k, v in decode.items()},
+    return {"decode": {k: [v] for k, v in decode.items()}, "single": [decode["1"]],
             "agents": {"shared": {"4": shared4}, "distinct": {"4": [w * 2 for w in shared4]}},
             "cold": [{"longest_stall": stall, "ttft_alone": alone, "ttft_beside": beside, "decoders_ran_through": True}]}
 
@@ -28,7 +28,7 @@ def _results() -> dict:
     """A run where kvtier meets every target and a second configuration misses them all."""
     results: dict = {"date": "2026-12-07 10:00", "machine": "test machine", "command": "python bench/parallel.py --quick",
             "model_name": "llama h256 x4", "load": {"start": "1.00", "end": "2.00"}, "seconds": 300.0,
-            "ns": [1, 4, 8], "agent_ns": [4], "decode_tokens": 64, "trials": 1, "rounds": 3, "agent_tokens": 24,
+            "ns": [1, 4, 8], "agent_ns": [4], "decode_tokens": 64, "single_tokens": 256, "trials": 1, "rounds": 3, "agent_tokens": 24,
             "system_tokens": 1024, "cold_tokens": 4096, "decoders": 2, "plain_decode": [100.0],
             "servers": {
                 "kvtier": _server({"1": 99.0, "4": 210.0, "8": 310.0}, [1.0, 0.5, 0.5], 0.4, 5.0, 5.5),
