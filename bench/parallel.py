@@ -3,8 +3,8 @@
 All servers run at once on the same generated model and take turns (a rotating order, a
 pause between two), so other load on the machine falls on them alike. Measured:
   1. aggregate decode tok/s at N = 1/2/4/8 streams (128 tokens each, short warm prompts):
-     all streams' tokens in the span where every one decodes (from the last stream's second
-     token to the first stream's last); then, in the same trials, one 512-token stream against
+     all streams' tokens after their first, from the first one's first text to the last
+     one's end of response; then, in the same trials, one 512-token stream against
      plain mlx-lm's `stream_generate` on the same prompt, for the single-stream ratio
   2. agents: N conversations x 3 rounds at N = 2/4/8, each N with a ~2K-token system prompt
      new to the server (its first round is cold), shared by the N conversations or one each;
@@ -76,6 +76,7 @@ class Stream:
     arrivals: list[float] = field(default_factory=list)  # seconds since the request was sent
     text: str = ""
     completion_tokens: int = 0
+    ended: float = 0.0  # seconds since sending when the response ended (tokens without text come last too)
 
     def gaps_within(self, start: float, end: float) -> list[float]:
         """Gaps between two chunks that overlap [start, end] (absolute perf_counter times)."""
@@ -98,6 +99,7 @@ def stream(server: Server, model: str, messages: list[dict], max_tokens: int,
         if stop is not None and stop.is_set():
             break
         _read_event(raw, result, first)
+    result.ended = time.perf_counter() - result.sent
     conn.close()
     result.ttft = result.arrivals[0] if result.arrivals else time.perf_counter() - result.sent
     return result
@@ -134,20 +136,22 @@ def at_once(server: Server, model: str, conversations: list[list[dict]], max_tok
 
 
 def decode_rate(results: list[Stream]) -> float:
-    """Tokens per second in the span where every stream decodes: from the last stream's second
-    token (a first token is its prompt's last forward pass) to the first stream's last (streams
-    served one at a time never overlap: then to the last one's last). A stream's chunks in the
-    span count as that share of its tokens (a chunk may carry several tokens' text)."""
-    streams = [s for s in results if len(s.arrivals) > 1]
+    """All streams' tokens after their first over the span from the first stream's first text
+    to the last one's end (short warm prompts: their prefills are a few ms of it). Not counted
+    by text chunks: a chunk may hold several tokens' text, and tokens whose text is empty (this
+    random model's, late in an answer) send none, on every server alike."""
+    streams = [s for s in results if s.arrivals]
     if not streams:
         return 0.0
-    start = max(s.sent + s.arrivals[1] for s in streams)
-    end = min(s.sent + s.arrivals[-1] for s in streams)
-    if end <= start:
-        end = max(s.sent + s.arrivals[-1] for s in streams)
-    tokens = sum(s.completion_tokens * sum(1 for a in s.arrivals if start < s.sent + a <= end) / len(s.arrivals)
-                 for s in streams)
-    return tokens / (end - start) if end > start else 0.0
+    start = min(s.sent + s.ttft for s in streams)
+    end = max(s.sent + s.ended for s in streams)
+    return sum(s.completion_tokens - 1 for s in streams) / (end - start) if end > start else 0.0
+
+
+def first_to_last(one: Stream) -> float:
+    """One stream's decode tok/s: its tokens after the first, from its first text to the end of
+    the response."""
+    return decode_rate([one])
 
 
 # -- 1. aggregate decode ----------------------------------------------------------------------
@@ -193,7 +197,7 @@ def run_single(running: dict[str, Server], model: str, loaded: tuple[Any, Any], 
             rate = plain_decode(loaded, sizes.single_tokens)
             results["plain_decode"].append(rate)
         else:
-            rate = decode_rate([stream(running[name], model, question(0), sizes.single_tokens)])
+            rate = first_to_last(stream(running[name], model, question(0), sizes.single_tokens))
             results["servers"][name]["single"].append(rate)
         log(f"single stream {name} trial {trial}: {rate:.1f} tok/s")
 
