@@ -26,6 +26,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -346,6 +347,7 @@ def measure(sizes: Sizes, command: str) -> dict:
         raise
     finally:
         stop_servers(running)
+    shutil.rmtree(work, ignore_errors=True)  # the servers' caches: hundreds of MB a run
     results["load"]["end"] = load_average()
     results["seconds"] = time.perf_counter() - started
     results = json.loads(json.dumps(results))  # N keys as strings, as when rendered from the file
