@@ -1,29 +1,23 @@
-"""Parallel agents: N conversations at once sharing one system prompt, kvtier vs mlx_lm.server.
+"""Parallel requests: kvtier's configurations vs mlx_lm.server, side by side in one run (issue 33).
 
-For N = 1, 2, 4, 8: N conversations, each with its own question and sharing a system prompt
-new to the server (so the first round is cold), send their turns at the same time; each
-round appends the answers and a follow-up. Per server and N: wall time per round,
-aggregate decode tokens/s, TTFT p50/p95, and the longest gap between two streamed chunks of
-one stream.
+All servers run at once on the same generated model and take turns (a rotating order, a
+pause between two), so other load on the machine falls on them alike. Measured:
+  1. aggregate decode tok/s at N = 1/2/4/8 streams (128 tokens each, short warm prompts):
+     all streams' tokens after their first, from the first one's first text to the last
+     one's end of response; then, in the same trials, one 512-token stream against
+     plain mlx-lm's `stream_generate` on the same prompt, for the single-stream ratio
+  2. agents: N conversations x 3 rounds at N = 2/4/8, each N with a ~2K-token system prompt
+     new to the server (its first round is cold), shared by the N conversations or one each;
+     wall time of the rounds
+  3. a cold ~8K-token prompt while 2 streams decode: the longest gap between two of their
+     tokens while it prefills (its sending to its first token), and its TTFT beside them
+     against its TTFT alone (another cold prompt of the same length)
+Each target of issue 33 is printed as a PASS/FAIL line and written, with the numbers, to
+OUT/bench/parallel.json, OUT/bench/parallel.png and the `parallel` section of OUT/benchmarks.md
+(OUT = docs/; --quick: a temp dir unless --out is given). Run with OpenBLAS preloaded, as
+`make bench` does, and `nice -n 10` on a shared machine.
 
-Aggregate decode tokens/s counts the tokens streamed while all N streams decode (from the
-last stream's second token to the first stream's last), a span in which the server does
-nothing else. From the round's first to its last token instead (also reported), the span
-holds the prefills of the streams that start later, which a server streaming each first
-token as soon as it has it (kvtier) computes inside it and one that prefills all waiting
-prompts before decoding any (mlx_lm.server) before it, and a tail with fewer streams left.
-
-Then a long-prefill probe: one stream decodes while another request prefills a cold
-~8K-token prompt; the stream's longest gap is reported (chunked prefill keeps it near one
-prefill chunk plus one decode step).
-
-Servers: kvtier as configured by default (batched only where exact, else interleaved, each
-request decoding its own row: on Linux with OpenBLAS the latter; the label says which),
-kvtier --batch-inexact, and mlx_lm.server, all running at once
-and taking turns round by round (in a rotating order, a pause between two), so that other
-load on the machine falls on them alike.
-
-    python bench/parallel.py [--quick] [--out docs]
+    python bench/parallel.py [--quick] [--out DIR] [--render]
 """
 
 from __future__ import annotations
@@ -31,37 +25,68 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from harness import ROOT, Server, machine_description, write_section
+from harness import ROOT, Server, command_line, log, machine_description, write_section
+from parallel_report import plot, render, target_lines, targets
 from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
 
 MODEL: dict = {"arch": "llama", "hidden": 256, "layers": 4}
-SETTLE = 0.5  # seconds between two servers' rounds: the last one's background work (disk writes) ends
+SETTLE = 0.5  # seconds between two servers' turns: the last one's background work (disk writes) ends
+# kvtier's configurations, (label, flags); each also gets --max-batch 8. The default batches;
+# --exact interleaves where batched decode is not bit-identical to decoding alone.
+KVTIER: list[tuple[str, list[str]]] = [("kvtier", []), ("kvtier --exact", ["--exact"])]
 
 
+@dataclass(frozen=True)
+class Sizes:
+    ns: tuple[int, ...] = (1, 2, 4, 8)
+    decode_tokens: int = 128
+    single_tokens: int = 512  # the single stream against plain mlx-lm
+    trials: int = 3
+    agent_ns: tuple[int, ...] = (2, 4, 8)
+    rounds: int = 3
+    agent_tokens: int = 48
+    system_tokens: int = 2048
+    cold_tokens: int = 8192
+    decoders: int = 2
+    cold_trials: int = 2
+
+
+FULL = Sizes()
+QUICK = Sizes(ns=(1, 4, 8), decode_tokens=64, single_tokens=256, trials=1, agent_ns=(4,), agent_tokens=24, system_tokens=1024,
+              cold_tokens=4096, cold_trials=1)
+
+
+# -- a streamed request, timed on the client side -------------------------------------------
 @dataclass
 class Stream:
+    sent: float = 0.0
     ttft: float = 0.0
     arrivals: list[float] = field(default_factory=list)  # seconds since the request was sent
     text: str = ""
     completion_tokens: int = 0
-    sent: float = 0.0
+    ended: float = 0.0  # seconds since sending when the response ended (tokens without text come last too)
 
-    @property
-    def longest_gap(self) -> float:
-        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:])), default=0.0)
+    def gaps_within(self, start: float, end: float) -> list[float]:
+        """Gaps between two chunks that overlap [start, end] (absolute perf_counter times)."""
+        times = [self.sent + a for a in self.arrivals]
+        return [b - a for a, b in zip(times, times[1:]) if b > start and a < end]
 
 
 def stream(server: Server, model: str, messages: list[dict], max_tokens: int,
-           on_first: threading.Event | None = None) -> Stream:
+           first: threading.Event | None = None, stop: threading.Event | None = None) -> Stream:
+    """Stream a greedy chat completion; `first` is set at its first text, `stop` ends it early."""
     body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=3600)
@@ -71,26 +96,33 @@ def stream(server: Server, model: str, messages: list[dict], max_tokens: int,
     if response.status != 200:
         raise RuntimeError(f"{server.name}: HTTP {response.status}: {response.read()[:300]!r}")
     for raw in response:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        event = json.loads(line[6:])
-        if event.get("usage"):
-            result.completion_tokens = event["usage"].get("completion_tokens", 0)
-        for choice in event.get("choices", []):
-            text = choice.get("delta", {}).get("content") or ""
-            if text:
-                result.arrivals.append(time.perf_counter() - result.sent)
-                result.text += text
-                if on_first is not None:
-                    on_first.set()
+        if stop is not None and stop.is_set():
+            break
+        _read_event(raw, result, first)
+    result.ended = time.perf_counter() - result.sent
     conn.close()
     result.ttft = result.arrivals[0] if result.arrivals else time.perf_counter() - result.sent
     return result
 
 
+def _read_event(raw: bytes, result: Stream, first: threading.Event | None) -> None:
+    line = raw.decode().strip()
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return
+    event = json.loads(line[6:])
+    if event.get("usage"):
+        result.completion_tokens = event["usage"].get("completion_tokens", 0)
+    for choice in event.get("choices", []):
+        text = choice.get("delta", {}).get("content") or ""
+        if text:
+            result.arrivals.append(time.perf_counter() - result.sent)
+            result.text += text
+            if first is not None:
+                first.set()
+
+
 def at_once(server: Server, model: str, conversations: list[list[dict]], max_tokens: int) -> list[Stream]:
-    results: list[Stream | None] = [None] * len(conversations)
+    results: list[Any] = [None] * len(conversations)
 
     def run(i: int) -> None:
         results[i] = stream(server, model, conversations[i], max_tokens)
@@ -100,235 +132,254 @@ def at_once(server: Server, model: str, conversations: list[list[dict]], max_tok
         thread.start()
     for thread in threads:
         thread.join()
-    return results  # type: ignore[return-value]
+    return results
 
 
-def system_prompt(tokens: int, tokenizer, project: str = "kvtier") -> str:
-    return agent_system_prompt(tokens, tokenizer, project=project)
+def decode_rate(results: list[Stream]) -> float:
+    """All streams' tokens after their first over the span from the first stream's first text
+    to the last one's end (short warm prompts: their prefills are a few ms of it). Not counted
+    by text chunks: a chunk may hold several tokens' text, and tokens whose text is empty (this
+    random model's, late in an answer) send none, on every server alike."""
+    streams = [s for s in results if s.arrivals]
+    if not streams:
+        return 0.0
+    start = min(s.sent + s.ttft for s in streams)
+    end = max(s.sent + s.ended for s in streams)
+    return sum(s.completion_tokens - 1 for s in streams) / (end - start) if end > start else 0.0
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+def first_to_last(one: Stream) -> float:
+    """One stream's decode tok/s: its tokens after the first, from its first text to the end of
+    the response."""
+    return decode_rate([one])
 
 
-class Parallel:
-    """N conversations on one server, a round at a time (the servers take turns, round by
-    round: load from outside falls on them alike)."""
+# -- 1. aggregate decode ----------------------------------------------------------------------
+def question(i: int) -> list[dict]:
+    return [{"role": "system", "content": "You are a coding agent. Answer at length."},
+            {"role": "user", "content": f"Stream {i}: describe module {i} of the project, file by file."}]
 
-    def __init__(self, server: Server, model: str, system: str, n: int, max_tokens: int):
-        self.server, self.model, self.max_tokens = server, model, max_tokens
+
+def plain_decode(loaded: tuple[Any, Any], tokens: int) -> float:
+    """Plain mlx-lm's decode tok/s on stream 0's prompt: first to last token of stream_generate."""
+    import mlx_lm
+
+    model, tokenizer = loaded
+    prompt = tokenizer.apply_chat_template(question(0), add_generation_prompt=True)
+    times = [time.perf_counter() for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=tokens)]
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
+def run_decode(running: dict[str, Server], model: str, loaded: tuple[Any, Any], sizes: Sizes,
+               results: dict) -> None:
+    names = list(running)
+    for trial in range(sizes.trials):
+        for n in sizes.ns:
+            shift = (trial + n) % len(names)
+            for name in names[shift:] + names[:shift]:  # none always follows another
+                time.sleep(SETTLE)
+                streams = at_once(running[name], model, [question(i) for i in range(n)], sizes.decode_tokens)
+                rate = decode_rate(streams)
+                results["servers"][name]["decode"].setdefault(str(n), []).append(rate)
+                log(f"decode {name} N={n} trial {trial}: {rate:.1f} tok/s "
+                    f"(tokens {[s.completion_tokens for s in streams]})")
+        run_single(running, model, loaded, sizes, results, trial)
+
+
+def run_single(running: dict[str, Server], model: str, loaded: tuple[Any, Any], sizes: Sizes,
+               results: dict, trial: int) -> None:
+    """One long stream per server and plain mlx-lm in-process, in turn: a long one, so a
+    client thread read late on a busy machine moves the span it is timed over little."""
+    turns = [*running, "plain"]
+    for name in turns[trial % len(turns):] + turns[:trial % len(turns)]:
+        time.sleep(SETTLE)
+        if name == "plain":
+            rate = plain_decode(loaded, sizes.single_tokens)
+            results["plain_decode"].append(rate)
+        else:
+            rate = first_to_last(stream(running[name], model, question(0), sizes.single_tokens))
+            results["servers"][name]["single"].append(rate)
+        log(f"single stream {name} trial {trial}: {rate:.1f} tok/s")
+
+
+# -- 2. agents --------------------------------------------------------------------------------
+class Agents:
+    """N conversations on one server, a round at a time."""
+
+    def __init__(self, systems: list[str], tag: str):
         self.conversations = [[{"role": "system", "content": system},
-                               {"role": "user", "content": f"Agent {n}-{i}: look at module {i} and list its tests."}]
-                              for i in range(n)]
+                               {"role": "user", "content": f"Agent {tag}-{i}: look at module {i} and list its tests."}]
+                              for i, system in enumerate(systems)]
         self.walls: list[float] = []
-        self.rates: list[float] = []
-        self.spans: list[float] = []
-        self.ttfts: list[float] = []
-        self.gaps: list[float] = []
 
-    def round(self) -> None:
+    def round(self, server: Server, model: str, max_tokens: int) -> None:
         started = time.perf_counter()
-        results = at_once(self.server, self.model, self.conversations, self.max_tokens)
+        results = at_once(server, model, self.conversations, max_tokens)
         self.walls.append(time.perf_counter() - started)
-        self.rates.append(decode_rate(results))
-        first = min(s.sent + s.ttft for s in results)
-        last = max(s.sent + (s.arrivals[-1] if s.arrivals else s.ttft) for s in results)
-        tokens = sum(s.completion_tokens for s in results)
-        self.spans.append(tokens / (last - first) if last > first else 0.0)
-        self.ttfts += [s.ttft for s in results]
-        self.gaps += [s.longest_gap for s in results]
         for conversation, s in zip(self.conversations, results):
             conversation += [{"role": "assistant", "content": s.text},
                              {"role": "user", "content": f"Round {len(self.walls)}: now run them."}]
 
-    def summary(self) -> dict:
-        return {"wall_per_round": statistics.mean(self.walls), "decode_tokens_per_s": statistics.mean(self.rates),
-                "first_to_last_tokens_per_s": statistics.mean(self.spans),
-                "ttft_p50": percentile(self.ttfts, 0.5), "ttft_p95": percentile(self.ttfts, 0.95),
-                "longest_gap": max(self.gaps)}
+
+def run_agents(running: dict[str, Server], model: str, tokenizer: Any, sizes: Sizes, results: dict) -> None:
+    for n in sizes.agent_ns:
+        for kind in ("shared", "distinct"):
+            # New prompts for each N and kind: every server's first round is cold.
+            projects = [f"{kind}-{n}"] * n if kind == "shared" else [f"{kind}-{n}-{i}" for i in range(n)]
+            cache: dict[str, str] = {}
+            systems = [cache.setdefault(p, agent_system_prompt(sizes.system_tokens, tokenizer, project=p))
+                       for p in projects]
+            runs = {name: Agents(systems, f"{kind}-{n}") for name in running}
+            names = list(runs)
+            for r in range(sizes.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    time.sleep(SETTLE)
+                    runs[name].round(running[name], model, sizes.agent_tokens)
+            for name, run in runs.items():
+                results["servers"][name]["agents"].setdefault(kind, {})[str(n)] = run.walls
+                log(f"agents {name} {kind} N={n}: {sum(run.walls):.2f} s ({', '.join(f'{w:.2f}' for w in run.walls)})")
 
 
-def decode_rate(results: list[Stream]) -> float:
-    """Tokens per second in the span where every stream decodes: from the last stream's second
-    token (a first token is its prompt's last forward pass, computed with the prefill) to the
-    first stream's last (streams served one at a time never overlap: then the last stream's
-    own decode). A chunk carries one token's text or several (the bytes of one character):
-    each stream's chunks in the span count as that share of its tokens."""
-    streams = [s for s in results if len(s.arrivals) > 1]
-    if not streams:
-        return 0.0
-    start = max(s.sent + s.arrivals[1] for s in streams)
-    end = min(s.sent + s.arrivals[-1] for s in streams)
-    if end <= start:
-        end = max(s.sent + s.arrivals[-1] for s in streams)
-    tokens = sum(s.completion_tokens * sum(1 for a in s.arrivals if start < s.sent + a <= end) / len(s.arrivals)
-                 for s in streams)
-    return tokens / (end - start) if end > start else 0.0
+# -- 3. a cold prompt beside decoding streams -------------------------------------------------
+def cold_beside_decoders(server: Server, model: str, cold_text: str, decoders: int, decode_tokens: int) -> dict:
+    """`decoders` streams decode; once all have their first token, a cold prompt arrives. The
+    longest gap of any decoder while it prefills, its TTFT, and whether they still decoded."""
+    first = [threading.Event() for _ in range(decoders)]
+    stop = threading.Event()
+    streams: list[Any] = [None] * decoders
+
+    def decode(i: int) -> None:
+        streams[i] = stream(server, model, question(100 + i), decode_tokens, first[i], stop)
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(decoders)]
+    for thread in threads:
+        thread.start()
+    for event in first:
+        event.wait(600)
+    time.sleep(0.3)  # a few steps of decode only
+    cold = stream(server, model, [{"role": "user", "content": cold_text}], 4)
+    window = (cold.sent, cold.sent + cold.ttft)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    gaps = [g for s in streams for g in s.gaps_within(*window)]
+    ran_through = all(s.arrivals and s.sent + s.arrivals[-1] >= window[1] for s in streams)
+    return {"longest_stall": max(gaps, default=0.0), "ttft_beside": cold.ttft, "decoders_ran_through": ran_through}
 
 
-def run_long_prefill(server: Server, model: str, system: str, long_text: str, max_tokens: int) -> dict:
-    """One stream decodes while a cold long prompt arrives: the stream's longest gap between
-    two chunks while that prompt is prefilled (from its sending to its first token)."""
-    out: dict = {}
-    decoding = threading.Event()
-
-    def decode() -> None:
-        out["stream"] = stream(server, model, [{"role": "system", "content": system},
-                                               {"role": "user", "content": "Write a long plan."}],
-                               max_tokens, decoding)
-
-    thread = threading.Thread(target=decode)
-    thread.start()
-    decoding.wait()
-    time.sleep(0.05)
-    long_request = stream(server, model, [{"role": "user", "content": long_text}], 4)
-    thread.join()
-    running = out["stream"]
-    window = (long_request.sent - running.sent, long_request.sent - running.sent + long_request.ttft)
-    times = [t for t in running.arrivals]
-    inside = [b - a for a, b in zip(times, times[1:]) if b > window[0] and a < window[1]]
-    return {"longest_gap": max(inside, default=0.0), "long_request_ttft": long_request.ttft,
-            "stream_ran_through": bool(times) and times[-1] > window[1]}
+def run_cold(running: dict[str, Server], model: str, tokenizer: Any, sizes: Sizes, results: dict) -> None:
+    for trial in range(sizes.cold_trials):
+        # Cold for every server (each has its own cache); the two of a trial the same length.
+        alone_text, beside_text = (agent_system_prompt(sizes.cold_tokens, tokenizer, project=f"cold-{trial}-{k}",
+                                                       step=16) for k in ("alone", "beside"))
+        names = list(running)
+        for name in names[trial % len(names):] + names[:trial % len(names)]:
+            server = running[name]
+            time.sleep(SETTLE)
+            alone = stream(server, model, [{"role": "user", "content": alone_text}], 4)
+            # Decoders run until the cold prompt's first token (then stopped): long enough at a
+            # lone stream's pace for twice its TTFT alone.
+            single = statistics.median(results["servers"][name]["decode"].get("1", [100.0]))
+            tokens = min(20000, max(256, int(single * (2 * alone.ttft + 5))))
+            time.sleep(SETTLE)
+            probe = cold_beside_decoders(server, model, beside_text, sizes.decoders, tokens)
+            probe["ttft_alone"] = alone.ttft
+            results["servers"][name]["cold"].append(probe)
+            log(f"cold {name} trial {trial}: {probe}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 1, 2, 4; 2 rounds; short prompts")
-    parser.add_argument("--out", default=None, help="where benchmarks.md and bench/ are (default: docs)")
-    parser.add_argument("--render", action="store_true", help="only rewrite the section from parallel.json")
-    args = parser.parse_args()
-    if args.render:
-        out = Path(args.out) if args.out else ROOT / "docs"
-        results = json.loads((out / "bench" / "parallel.json").read_text())
-        write_section("parallel", render(results), out / "benchmarks.md")
-        plot(results, out / "bench" / "parallel.png")
-        return
-    ns, rounds, max_tokens, system_tokens, long_tokens = (
-        ([1, 2, 4], 2, 24, 600, 2000) if args.quick else ([1, 2, 4, 8], 3, 48, 2600, 8000))
-    out = Path(args.out) if args.out else ROOT / "docs"
-    model_path = make_model(ROOT / ".models" / "llama-h256-l4", MODEL["arch"], hidden=MODEL["hidden"],
-                            layers=MODEL["layers"])
+# -- the run -----------------------------------------------------------------------------------
+def start_servers(model_path: Path, work: Path) -> dict[str, Server]:
+    """Every configuration at once (an idle one waits on its queue), each warmed up."""
+    running: dict[str, Server] = {}
+    try:
+        for label, flags in KVTIER:
+            server = Server.kvtier(model_path, work / f"cache-{len(running)}", work / f"kvtier-{len(running)}.log",
+                                   "--max-batch", "8", *flags).start()
+            running[label] = server
+        running["mlx_lm.server"] = Server.mlx_lm(model_path, work / "mlx_lm.log").start()
+        for server in running.values():
+            stream(server, str(model_path), [{"role": "user", "content": "warm up"}], 4)
+    except BaseException:
+        stop_servers(running)
+        raise
+    return running
+
+
+def stop_servers(running: dict[str, Server]) -> None:
+    for server in running.values():
+        server.stop()
+
+
+def health(server: Server) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
+        return json.load(response)
+
+
+def load_average() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def measure(sizes: Sizes, command: str) -> dict:
     import mlx_lm
 
-    _, tokenizer = mlx_lm.load(str(model_path))
-    system = system_prompt(system_tokens, tokenizer)
-    systems = {n: system_prompt(system_tokens, tokenizer, project=f"project-{n}") for n in ns}
-    long_text = system_prompt(long_tokens, tokenizer, project="unrelated")  # shares no prefix
+    started = time.perf_counter()
+    model_path = make_model(ROOT / ".models" / "llama-h256-l4", MODEL["arch"], hidden=MODEL["hidden"],
+                            layers=MODEL["layers"])
+    loaded = mlx_lm.load(str(model_path))
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(), "command": command,
+                     "model": MODEL, "model_name": f"llama h{MODEL['hidden']} x{MODEL['layers']}",
+                     "load": {"start": load_average()}, **asdict(sizes), "plain_decode": [], "servers": {}}
     work = Path(tempfile.mkdtemp(prefix="kvtier-parallel-"))
-    servers = {
-        "kvtier": lambda: Server.kvtier(model_path, work / "c1", work / "kvtier.log", "--max-batch", "8"),
-        "kvtier --batch-inexact": lambda: Server.kvtier(model_path, work / "c2", work / "kvtier-inexact.log",
-                                                        "--max-batch", "8", "--batch-inexact"),
-        "mlx_lm.server": lambda: Server.mlx_lm(model_path, work / "mlx.log"),
-    }
-    results = {"machine": machine_description(), "model": MODEL, "system_tokens": system_tokens,
-               "rounds": rounds, "max_tokens": max_tokens, "servers": {}}
-    running: dict[str, Server] = {}
-    model = str(model_path)
+    running = start_servers(model_path, work)
     try:
-        for name, make in servers.items():  # all up at once; an idle one waits on its queue
-            server = make().start()
-            running[labelled(name, server)] = server
-            stream(server, model, [{"role": "user", "content": "warm up"}], 4)
-        for n in ns:  # each N its own system prompt: its first round is cold, as an agent's first turn
-            runs = {name: Parallel(server, model, systems[n], n, max_tokens) for name, server in running.items()}
-            order = list(runs.values())
-            for r in range(rounds):
-                for run in order[r % len(order):] + order[:r % len(order)]:  # none always follows another
-                    time.sleep(SETTLE)
-                    run.round()
-            for name, run in runs.items():
-                results["servers"].setdefault(name, {"parallel": {}})["parallel"][n] = run.summary()
-                print(name, n, run.summary(), flush=True)
         for name, server in running.items():
-            prefill = run_long_prefill(server, model, system, long_text, 4000)
-            print(name, "long prefill", prefill, flush=True)
-            results["servers"][name]["long_prefill"] = prefill
+            results["servers"][name] = {"decode": {}, "single": [], "agents": {}, "cold": [],
+                                        "health": health(server) if name != "mlx_lm.server" else None}
+        run_decode(running, str(model_path), loaded, sizes, results)
+        run_agents(running, str(model_path), loaded[1], sizes, results)
+        run_cold(running, str(model_path), loaded[1], sizes, results)
+    except BaseException:
+        log(f"failed; server logs kept in {work}")
+        raise
     finally:
-        for server in running.values():
-            server.stop()
+        stop_servers(running)
+    shutil.rmtree(work, ignore_errors=True)  # the servers' caches: hundreds of MB a run
+    results["load"]["end"] = load_average()
+    results["seconds"] = time.perf_counter() - started
     results = json.loads(json.dumps(results))  # N keys as strings, as when rendered from the file
+    results["targets"] = targets(results)
+    return results
+
+
+def write(results: dict, out: Path) -> None:
     (out / "bench").mkdir(parents=True, exist_ok=True)
     (out / "bench" / "parallel.json").write_text(json.dumps(results, indent=2))
     write_section("parallel", render(results), out / "benchmarks.md")
     plot(results, out / "bench" / "parallel.png")
 
 
-def labelled(name: str, server: Server) -> str:
-    """kvtier's default with the mode its start-up check chose (`/health` batching.mode)."""
-    if name != "kvtier":
-        return name
-    with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
-        return f"kvtier ({json.load(response)['batching']['mode']})"
-
-
-def render(results: dict) -> str:
-    lines = [f"### Parallel agents ({results['machine']})", "",
-             f"N conversations at once sharing a {results['system_tokens']}-token system prompt (new for each N: "
-             "the first round is cold), "
-             f"{results['max_tokens']} tokens each, {results['rounds']} rounds (bench/parallel.py).", "",
-             "Decode tok/s: all streams' tokens while all N decode; first to last: from the round's first "
-             "token to its last (late starters' prefills inside).", "",
-             "| server | N | wall per round (s) | decode tok/s (all streams) | tok/s first to last "
-             "| TTFT p50 (s) | TTFT p95 (s) | longest gap (s) |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in results["servers"].items():
-        for n, m in r["parallel"].items():
-            lines.append(f"| {name} | {n} | {m['wall_per_round']:.2f} | {m['decode_tokens_per_s']:.1f} "
-                         f"| {_number(m.get('first_to_last_tokens_per_s'))} "
-                         f"| {m['ttft_p50']:.2f} | {m['ttft_p95']:.2f} | {m['longest_gap']:.2f} |")
-    lines += ["", *targets(results)]
-    lines += ["", "While another request prefills a cold long prompt, the longest gap of a decoding stream:", "",
-              "| server | longest gap (s) | long request TTFT (s) | stream still decoding when it got its first token |",
-              "|---|---|---|---|"]
-    for name, r in results["servers"].items():
-        p = r["long_prefill"]
-        lines.append(f"| {name} | {p['longest_gap']:.2f} | {p['long_request_ttft']:.2f} "
-                     f"| {'yes' if p.get('stream_ran_through') else 'no'} |")
-    return "\n".join(lines) + "\n"
-
-
-def targets(results: dict) -> list[str]:
-    """The issue's targets at N = 4, for each kvtier configuration against mlx_lm.server."""
-    servers = results["servers"]
-    theirs = servers.get("mlx_lm.server", {}).get("parallel", {}).get("4")
-    if theirs is None:
-        return []
-    lines = ["| at N = 4 | wall time / mlx_lm.server's (target <= 0.8) | decode tok/s / mlx_lm.server's (target >= 1) "
-             "| tok/s first to last / mlx_lm.server's |", "|---|---|---|---|"]
-    for name, r in servers.items():
-        mine = r["parallel"].get("4")
-        if name != "mlx_lm.server" and mine:
-            spans = (mine.get("first_to_last_tokens_per_s"), theirs.get("first_to_last_tokens_per_s"))
-            lines.append(f"| {name} | {mine['wall_per_round'] / theirs['wall_per_round']:.2f} "
-                         f"| {mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f} "
-                         f"| {_number(spans[0] / spans[1] if None not in spans else None, 2)} |")
-    return lines
-
-
-def _number(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in results["servers"].items():
-        ns = [int(n) for n in r["parallel"]]
-        axes[0].plot(ns, [m["wall_per_round"] for m in r["parallel"].values()], marker="o", label=name)
-        axes[1].plot(ns, [m["decode_tokens_per_s"] for m in r["parallel"].values()], marker="o", label=name)
-    axes[0].set(xlabel="parallel conversations", ylabel="wall time per round (s)")
-    axes[1].set(xlabel="parallel conversations", ylabel="decode tokens/s, all streams")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of a few minutes (N = 1/4/8, one trial, agents at N = 4, a 4K cold "
+                             "prompt); writes to a temp dir unless --out is given")
+    parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md and bench/ are (default: docs)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the section and plot from parallel.json")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="kvtier-parallel-out-")) if args.quick else ROOT / "docs")
+    if args.render:
+        write(json.loads((out / "bench" / "parallel.json").read_text()), out)
+        return 0
+    results = measure(QUICK if args.quick else FULL, command_line("parallel.py", argv))
+    write(results, out)
+    print("\n".join(target_lines(results["targets"])))
+    log(f"{results['seconds'] / 60:.1f} min; load average {results['load']['start']} -> {results['load']['end']}; "
+        f"wrote {out / 'bench' / 'parallel.json'}, parallel.png and {out / 'benchmarks.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

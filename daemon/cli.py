@@ -50,7 +50,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                         kv_group_size=args.kv_group_size, shared_url=args.shared, shared_ttl=args.shared_ttl,
                         **{k: v for k, v in given.items() if v is not None})
     config = ServeConfig(model=args.model, host=args.host, port=args.port,
-                         prefill_step_size=args.prefill_step_size,
+                         prefill_step_size=None if args.prefill_step_size == "auto" else args.prefill_step_size,
                          max_tokens_ceiling=args.max_tokens, pressure_keep=args.pressure_keep,
                          max_context=args.max_context, cache=cache)
     if args.pressure_below is not None:

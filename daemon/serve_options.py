@@ -44,9 +44,14 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _auto_or_positive(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive(text)
+
+
 size = argument_type(Size, "size")
 duration = argument_type(config.parse_duration, "duration")
 positive_int = argument_type(_positive, "positive_int")
+auto_or_positive = argument_type(_auto_or_positive, "auto_or_positive")
 
 # (flag, argparse keywords); a `service install` writes only the flags it was given.
 SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -67,8 +72,9 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--disk-budget", dict(type=size, default=DEFAULT_DISK_BUDGET,
                            help="bytes of cache files on disk (default: 20GB)")),
     ("--block-size", dict(type=int, default=None, help="tokens per cached block (default: 128)")),
-    ("--prefill-step-size", dict(type=int, default=2048,
-                                 help="tokens computed per forward pass while prefilling (default: 2048)")),
+    ("--prefill-step-size", dict(type=auto_or_positive, default="auto",
+                                 help="tokens computed per forward pass while prefilling (default: auto, "
+                                      "timed at start-up so a chunk takes ~0.4 s: 256-2048)")),
     ("--kv-bits", dict(type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
                        help="quantize the KV cache to this many bits (default: model dtype)")),
     ("--kv-group-size", dict(type=int, default=64,

@@ -115,7 +115,7 @@ class ServeConfig:
     model: str
     host: str = "127.0.0.1"
     port: int = 8420
-    prefill_step_size: int = 2048
+    prefill_step_size: int | None = None  # tokens per prefill chunk; None: timed at start-up
     max_tokens_ceiling: int | None = None  # operator cap on any completion; None: until EOS or the context's end
     pressure_below: int = field(default_factory=default_pressure_threshold)  # bytes available
     pressure_keep: float = 0.25  # fraction of the RAM budget kept hot after a spill

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 
-from . import kvstate, row_attention
+from . import chunking, kvstate, row_attention
 from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
@@ -90,7 +90,7 @@ def resolve_model_path(model: str) -> Path:
 
 
 class Engine:
-    def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int = 2048):
+    def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int | None = 2048):
         self.model_path = resolve_model_path(model)
         self.model_name = model
         self.model, self.tokenizer = mlx_load(str(self.model_path))
@@ -98,7 +98,9 @@ class Engine:
         config = json.loads((self.model_path / "config.json").read_text())
         self.context_length = declared_context_length(config)  # None: no limit declared
         self.vocab_size: int | None = getattr(getattr(self.model, "args", None), "vocab_size", None)
-        self.prefill_step_size = prefill_step_size
+        # None: timed on this model now, fixed for the process (kvtier.chunking)
+        self.prefill_chunk = chunking.choose(self.model, cache_config.block_size, prefill_step_size)
+        self.prefill_step_size = self.prefill_chunk.tokens
         self.block_size = cache_config.block_size
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
         self.quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)

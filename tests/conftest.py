@@ -137,7 +137,9 @@ class Daemon:
                 "--port", str(self.port), "--cache-dir", str(self.cache_dir),
                 "--block-size", str(TEST_BLOCK_SIZE),
                 # After a restart, blocks come from disk unless a test asks for the prefetch.
-                "--prefetch", "0", *self.ceiling, *self.extra]
+                "--prefetch", "0",
+                # mlx-lm's default chunk, not one timed on this machine (tests/test_chunking.py does).
+                "--prefill-step-size", "2048", *self.ceiling, *self.extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout

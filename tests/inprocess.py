@@ -70,7 +70,9 @@ class InProcessDaemon:
         ceiling_args = [] if ceiling is None else ["--max-tokens", str(ceiling)]  # see conftest
         args = build_parser().parse_args([
             "serve", "--model", str(model), "--cache-dir", str(cache_dir),
-            "--block-size", str(TEST_BLOCK_SIZE), *ceiling_args, *extra])
+            "--block-size", str(TEST_BLOCK_SIZE),
+            "--prefill-step-size", "2048",  # mlx-lm's default, not timed here (tests/test_chunking.py)
+            *ceiling_args, *extra])
         self.config = serve_config(args)
         self.app = init_app(self.config)
         self._loop = asyncio.new_event_loop()

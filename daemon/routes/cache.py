@@ -30,7 +30,7 @@ async def health(http: web.Request) -> web.Response:
     # A read-only disk or an unreachable shared store degrades nothing: still "ok".
     return web.json_response({"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
                               **worker.engine.store.health(), "batching": _batching(worker),
-                              "access": _access(state.config)})
+                              "prefill_chunk": worker.engine.prefill_chunk.describe(), "access": _access(state.config)})
 
 
 def _access(config) -> dict:
