@@ -33,7 +33,7 @@ TARGET_SECONDS = 0.3  # a decoding stream's stall target is 0.5 s: a chunk, a de
 REFERENCE_DEPTH = 8192  # tokens: a long agent prompt; chunks deeper than this take longer
 PROBE_DEPTH = 2048  # tokens timed at start-up
 PROBE_BUDGET = 5.0  # seconds: a big model on a slow machine stops early (two chunks at least)
-MIN_TOKENS, MAX_TOKENS = 256, 2048
+MIN_TOKENS, MAX_TOKENS = 128, 2048  # one default block: a big model at depth 8K needs it
 FALLBACK_TOKENS = 2048  # mlx-lm's own default, when the probe cannot run
 
 

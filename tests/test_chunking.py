@@ -42,7 +42,7 @@ def test_the_pick_is_the_largest_chunk_that_fits_the_target_at_the_reference_dep
     assert fit.seconds(chosen, 4096) <= 0.4 < fit.seconds(chosen + 128, 4096)
     fast = chunking.ChunkFit(256, intercept=0.01, slope=0.0)
     assert chunking.pick(fast, 128, target=0.4, depth=8192) == 2048  # a fast model: the ceiling
-    assert chunking.pick(fit, 128, target=0.01, depth=8192) == 256  # nothing fits: the floor
+    assert chunking.pick(fit, 128, target=0.01, depth=8192) == 128  # nothing fits: the floor
 
 
 def test_a_noisy_timing_moves_the_fit_little():
@@ -65,7 +65,7 @@ def test_the_start_up_measurement_stops_early_past_its_time_budget(tiny_model):
     assert chunking.measure(model, 256, depth=2048, budget=600.0, target=never).points == 2048 // 256
     # The first chunk slower than the target: no deeper one can fit, the smallest size it is.
     slow = chunking.measure(model, 256, depth=2048, budget=600.0, target=0.0)
-    assert slow.points == 1 and chunking.pick(slow, 128, target=0.0) == 256
+    assert slow.points == 1 and chunking.pick(slow, 128, target=0.0) == 128
 
 
 def test_a_measured_chunk_is_what_every_prefill_cuts_at_with_plain_mlx_lm_s_numbers(tiny_model, tmp_path,
