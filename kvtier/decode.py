@@ -122,5 +122,93 @@ class RowDecoder:
         removed = {uid: (self.rows.pop(uid).prompt_cache,) for uid in uids}
         return removed if return_prompt_caches else {}
 
+    def take(self, uid: int) -> _Row:
+        """Take a row out with its next token (computed, not returned, not yet in its cache)."""
+        return self.rows.pop(uid)
+
     def close(self) -> None:
         self.rows.clear()
+
+
+class Decoders:
+    """The batched mode's decoder, with RowDecoder's surface: a request decoding alone runs
+    on a RowDecoder (plain mlx-lm's speed and numbers); when a second one joins, the lone row
+    moves into the BatchGenerator with it and the batch decodes them together. A batch down
+    to one row keeps it until it ends (moving it back would re-split its cache for a few
+    tokens; a request decoding alone after that is again a row)."""
+
+    def __init__(self, rows: RowDecoder, batch: Any):
+        self.rows, self.batch = rows, batch
+        self._where: dict[int, tuple[Any, int]] = {}  # our uid -> (its decoder, its uid there)
+        self._ours: dict[tuple[int, int], int] = {}  # (id of the decoder, its uid there) -> ours
+        self._moved: list[RowResponse] = []  # a moved row's token, returned by the next `next`
+        self._next_uid = 0
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def insert(self, tokens: list[list[int]], max_tokens: list[int], caches: list[list[Any]],
+               samplers: list[Sampler], all_tokens: list[list[int]]) -> list[int]:
+        if len(tokens) == 1 and not self._where:
+            return self._track(self.rows, self.rows.insert(tokens, max_tokens, caches, samplers))
+        for uid in [uid for uid, (decoder, _) in self._where.items() if decoder is self.rows]:
+            self._move_to_batch(uid)
+        return self._track(self.batch, self.batch.insert(tokens, max_tokens=max_tokens, caches=caches,
+                                                         all_tokens=all_tokens, samplers=samplers))
+
+    def _move_to_batch(self, uid: int) -> None:
+        """The row's pending token is returned once (next `next`), then fed by the batch as a
+        new request's first token is. A row whose pending token is its last stays."""
+        _, row_uid = self._where[uid]
+        if self.rows.rows[row_uid].left <= 1:
+            return
+        row = self.rows.take(row_uid)
+        token = int(row.y.item())
+        self._moved.append(RowResponse(uid, token, row.logprobs, None, None))
+        del self._ours[(id(self.rows), row_uid)]
+        (batch_uid,) = self.batch.insert([[token]], max_tokens=[row.left - 1], caches=[row.prompt_cache],
+                                         samplers=[row.sampler])
+        self._where[uid] = (self.batch, batch_uid)
+        self._ours[(id(self.batch), batch_uid)] = uid
+
+    def _track(self, decoder: Any, uids: list[int]) -> list[int]:
+        ours = []
+        for uid in uids:
+            self._where[self._next_uid] = (decoder, uid)
+            self._ours[(id(decoder), uid)] = self._next_uid
+            ours.append(self._next_uid)
+            self._next_uid += 1
+        return ours
+
+    def next(self) -> tuple[None, list[RowResponse]]:
+        """One token of every request, whichever decoder it is on."""
+        responses, self._moved = self._moved, []
+        for decoder in (self.rows, self.batch):
+            if any(d is decoder for d, _ in self._where.values()):
+                responses += [self._as_ours(decoder, r) for r in decoder.next()[1]]
+        return None, responses
+
+    def _as_ours(self, decoder: Any, response: Any) -> RowResponse:
+        uid = self._ours[(id(decoder), response.uid)]
+        if response.finish_reason is not None:
+            self._forget(uid)
+        return RowResponse(uid, response.token, response.logprobs, response.finish_reason,
+                           response.prompt_cache, getattr(response, "in_cache", True))
+
+    def _forget(self, uid: int) -> tuple[Any, int]:
+        decoder, inner = self._where.pop(uid)
+        del self._ours[(id(decoder), inner)]
+        return decoder, inner
+
+    def remove(self, uids: list[int], return_prompt_caches: bool = False) -> dict[int, tuple]:
+        removed = {}
+        for uid in uids:
+            decoder, inner = self._forget(uid)
+            caches = decoder.remove([inner], return_prompt_caches=return_prompt_caches)
+            if return_prompt_caches:
+                removed[uid] = caches[inner]
+        return removed
+
+    def close(self) -> None:
+        self.rows.close()
+        self.batch.close()

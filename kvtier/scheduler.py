@@ -9,15 +9,16 @@ One step (`Scheduler.step`), top to bottom:
    already decoding get a token between chunks.
 3. first token: the prompt's last token goes through alone (`decode.first_token`; the
    snapshot at the prompt's end is taken here), and the request joins the decoder.
-4. decode: one step of every decoding request: mlx-lm's `BatchGenerator` (its cache merged
-   into the batch, `BatchKVCache.merge`; attention per row, kvtier.row_attention) or a
+4. decode: one step of every decoding request: batched, `decode.Decoders` (a lone request
+   on its own one-row pass; two or more in mlx-lm's `BatchGenerator`, their caches merged,
+   `BatchKVCache.merge`; attention per row, kvtier.row_attention), or interleaved, a
    `RowDecoder` (each request's own one-row pass, in turn).
 5. leave: a request that ended (length, EOS, stop string, cancel) leaves with its cache
    (`remove(..., return_prompt_caches=True)`) and `Engine.finish` stores its new blocks
    (`TieredStore.keep`); the others stay.
 
-A batch of one is a batch: `--max-batch 1`, seeded sampling (it runs as the only member, so
-its random stream is the process's one) and `generate` (a scheduler of one on the calling
+A batch of one is a batch: `--max-batch 1`, seeded sampling (it runs as the only member, on
+its own row, so its random stream is the process's one) and `generate` (a scheduler of one on the calling
 thread, for tests, bench and `warm`) run the same code.
 """
 
@@ -36,7 +37,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import common_prefix
-from .decode import RowDecoder, first_token, steps_left
+from .decode import Decoders, RowDecoder, first_token, steps_left
 from .engine import Engine, Session
 from .requests import Chunk, GenerationRequest, Usage
 from .text import TextStream
@@ -87,7 +88,7 @@ class Scheduler:
     """The requests the MLX thread is serving at once; `step` advances them all a little.
 
     `interleaved`: each request decodes its own row (RowDecoder) instead of sharing one
-    batched forward pass (BatchGenerator)."""
+    batched forward pass with the others (Decoders: a request decoding alone has its own row)."""
 
     def __init__(self, engine: Engine, max_size: int, done: object, interleaved: bool = False):
         self.engine, self.max_size, self.done = engine, max_size, done
@@ -99,12 +100,12 @@ class Scheduler:
         self.stats = BatchStats()
         self._last_step: float | None = None
 
-    def _new_generator(self, rows: bool) -> BatchGenerator | RowDecoder:
+    def _new_generator(self, rows: bool) -> Decoders | RowDecoder:
         if rows:
             return RowDecoder(self.engine.model)
-        return BatchGenerator(self.engine.model, stop_tokens=[], completion_batch_size=self.max_size,
-                              prefill_batch_size=self.max_size,
-                              prefill_step_size=self.engine.prefill_step_size)
+        batch = BatchGenerator(self.engine.model, stop_tokens=[], completion_batch_size=self.max_size,
+                               prefill_batch_size=self.max_size, prefill_step_size=self.engine.prefill_step_size)
+        return Decoders(RowDecoder(self.engine.model), batch)
 
     def __len__(self) -> int:
         return len(self.prefilling) + len(self.decoding) + len(self.held)
@@ -235,10 +236,9 @@ class Scheduler:
         emit(last)
         emit(self.done)
 
-    def _restart_generator(self, rows: bool | None = None) -> None:
+    def _restart_generator(self) -> None:
         self.close()
-        rows = self.interleaved if rows is None else rows
-        self.generator, self._last_step = self._new_generator(rows), None
+        self.generator, self._last_step = self._new_generator(self.interleaved), None
 
     def close(self) -> None:
         self.generator.close()
@@ -282,19 +282,10 @@ class Scheduler:
             self._finish(member)
             return
         session.fed.append(token)
-        self._choose_generator(request)
         (uid,) = self.generator.insert([[token]], max_tokens=[steps_left(request)],
                                        caches=[session.prompt_cache], all_tokens=[list(tokens)],
                                        samplers=[member.sampler])
         self.decoding[uid] = member
-
-    def _choose_generator(self, request: GenerationRequest) -> None:
-        """A request running alone decodes its own row (plain mlx-lm's arithmetic and random
-        stream); the decoder goes back to the configured one once the next request finds
-        it empty."""
-        rows = self.interleaved or runs_alone(request)
-        if not self.decoding and isinstance(self.generator, RowDecoder) != rows:
-            self._restart_generator(rows)
 
     # -- decode ------------------------------------------------------------------------
     def _decode_step(self) -> None:
