@@ -77,19 +77,28 @@ def _loaded(path: str):
     return mlx_lm.load(path)
 
 
+@lru_cache(maxsize=None)
+def _generated(path: str, tokens: tuple[int, ...], max_tokens: int) -> str:
+    """Greedy plain mlx-lm is deterministic: a prompt many tests (or asserts) check against is
+    computed once per test process (a ~700-token prompt costs seconds on 2 cores)."""
+    import mlx_lm
+
+    model, tokenizer = _loaded(path)
+    return mlx_lm.generate(model, tokenizer, prompt=list(tokens), max_tokens=max_tokens)
+
+
 class Reference:
     """Plain mlx-lm, no cache of ours: what every cached answer must equal."""
 
     def __init__(self, model_path: Path):
-        self.model, self.tokenizer = _loaded(str(model_path))
+        self.path = str(model_path)
+        self.model, self.tokenizer = _loaded(self.path)
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
     def generate(self, tokens: list[int], max_tokens: int) -> str:
-        import mlx_lm
-
-        return mlx_lm.generate(self.model, self.tokenizer, prompt=tokens, max_tokens=max_tokens)
+        return _generated(self.path, tuple(tokens), max_tokens)
 
     def chat(self, messages: list[dict], max_tokens: int) -> str:
         return self.generate(self.chat_tokens(messages), max_tokens)

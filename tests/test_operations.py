@@ -80,8 +80,8 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
 def test_budgets_hold_well_past_tiny_limits_and_outputs_stay_exact(daemon_factory, llama_model, reference):
     ram_budget, disk_budget = 3_000_000, 8_000_000  # a few blocks each
     daemon = daemon_factory(llama_model, "--ram-budget", str(ram_budget), "--disk-budget", str(disk_budget))
-    projects = [f"project-{i}" for i in range(8)]
-    for project in projects:  # ~8 x 0.7K tokens x 8 KB/token: several times both budgets
+    projects = [f"project-{i}" for i in range(5)]
+    for project in projects:  # ~5 x 0.7K tokens x 8 KB/token: several times both budgets
         messages = agent_messages(project)
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
         stats = daemon.get("/cache/stats")

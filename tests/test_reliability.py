@@ -35,7 +35,7 @@ def verify(cache_dir, *extra: str) -> subprocess.CompletedProcess:
 def test_kill_9_at_random_moments_never_corrupts(daemon, reference):
     rng = random.Random(7)
     asked = []
-    for round_ in range(5):
+    for round_ in range(3):  # seeded kills 0.85, 0.56, 1.41 s into requests of three lengths
         messages = agent_messages(f"crash-{round_}", repeat=4 + round_)
         asked.append(messages)
         worker = threading.Thread(target=lambda m=messages: _ignore_errors(ask, daemon, m))
