@@ -76,8 +76,11 @@ class Serving:
         await self.app_runner.setup()  # the app's startup has run; its handler is made
         app_server = self.app_runner.server
         assert app_server is not None
+        seconds = read_timeout(self.app_runner.app)
+        # lingering_time: after an answer sent before its body arrived (a 408), aiohttp reads
+        # on for the rest; a client that never sends it held the socket 10 s past the timeout.
         server = ApiServer(app_server.request_handler, request_factory=app_server.request_factory,
-                           keepalive_timeout=read_timeout(self.app_runner.app))
+                           keepalive_timeout=seconds, lingering_time=min(seconds, 10.0))
         self.runner = web.ServerRunner(server, handle_signals=self.handle_signals)
         return self.runner
 
