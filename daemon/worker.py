@@ -194,7 +194,7 @@ class Worker:
                 self._admit(scheduler, *alone)
                 alone = None
             if not scheduler.idle:
-                self._step(scheduler)
+                scheduler.advance()
             elif stopping and alone is None:
                 break
         scheduler.close()
@@ -228,13 +228,6 @@ class Worker:
             log.exception("a job on the MLX thread failed")
             emit(exc)
         emit(_DONE)
-
-    def _step(self, scheduler: Scheduler) -> None:
-        try:
-            scheduler.step()
-        except Exception as exc:
-            log.exception("a scheduler step on the MLX thread failed")
-            scheduler.fail(exc)
 
     def _admit(self, scheduler: Scheduler, request: GenerationRequest, emit: Callable) -> None:
         self.stats.waited(request)

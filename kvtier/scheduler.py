@@ -207,6 +207,15 @@ class Scheduler:
         else:
             self._last_step = None
 
+    def advance(self) -> None:
+        """`step`, with anything it raised beyond one request's failure ending every member
+        (`fail`): the daemon's loop and `generate` both run the scheduler this way."""
+        try:
+            self.step()
+        except Exception as exc:
+            log.exception("a scheduler step on the MLX thread failed")
+            self.fail(exc)
+
     def _fail_prefill(self, member: Member, exc: Exception) -> None:
         if member in self.prefilling:  # else it failed on its first token, already out
             self.prefilling.remove(member)
@@ -370,20 +379,14 @@ def generate(engine: Engine, request: GenerationRequest) -> Iterator[Chunk]:
                 if isinstance(item, BaseException):
                     raise item
                 yield cast(Chunk, item)
-            _step_or_fail(scheduler)
+            scheduler.advance()
     finally:
         if not scheduler.idle:  # left early: it ends as a cancelled request does
             request.cancelled.set()
-            _step_or_fail(scheduler)
+            scheduler.advance()
         scheduler.close()
 
 
-def _step_or_fail(scheduler: Scheduler) -> None:
-    try:
-        scheduler.step()
-    except Exception as exc:
-        log.exception("a scheduler step failed")
-        scheduler.fail(exc)
 
 
 def warm(engine: Engine, messages: list[dict], tools: list[dict] | None = None, pin: bool = False,
