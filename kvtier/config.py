@@ -110,9 +110,32 @@ def default_pressure_threshold() -> int:
     return psutil.virtual_memory().total // 10
 
 
+def default_memory_budget() -> int:
+    # Three quarters of physical memory: what macOS lets the GPU wire on Apple silicon by
+    # default, so weights and hot KV past it would not stay resident anyway.
+    return psutil.virtual_memory().total * 3 // 4
+
+
+@dataclass
+class ModelSpec:
+    """One model the daemon serves: `--model [NAME=]SOURCE` or a `[[models]]` entry of a
+    models file. The first one configured is the default model."""
+
+    source: str  # a model directory or a Hugging Face repo id
+    name: str = ""  # how it is listed and logged; default: the source as given
+    aliases: list[str] = field(default_factory=list)  # more names; fnmatch globs allowed ("claude-*haiku*")
+    max_context: int | None = None  # tokens per request; None: the daemon's --max-context, else the model's
+    kv_bits: int | None = None  # None: the daemon's --kv-bits
+    kv_group_size: int | None = None  # None: the daemon's --kv-group-size
+    pin: bool = False  # loaded at start-up and never unloaded for the budget or the keep-alive
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.source
+
+
 @dataclass
 class ServeConfig:
-    model: str
+    model: str  # the default model's source (models[0].source)
     host: str = "127.0.0.1"
     port: int = 8420
     prefill_step_size: int | None = None  # tokens per prefill chunk; None: timed at start-up
@@ -133,3 +156,13 @@ class ServeConfig:
     show_previews: bool = False  # /cache/entries shows the start of each prompt's text
     read_timeout: float = 60.0  # seconds to send a request's headers, or its body
     cache: CacheConfig = field(default_factory=CacheConfig)
+    models: list[ModelSpec] = field(default_factory=list)  # every model served; the first is the default
+    memory_budget: int = field(default_factory=default_memory_budget)  # weights + hot KV of loaded models
+    keep_alive: float | None = None  # seconds a model may sit idle before it is unloaded; None: never
+    allow_any_model: bool = False  # a request may name a repo id not configured: loaded on demand
+    offline: bool = False  # never download a model
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            self.models = [ModelSpec(self.model)]
+        self.model = self.models[0].source
