@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from dataclasses import replace
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from kvtier.config import ServeConfig
+from kvtier.config import ModelSpec, ServeConfig
 from kvtier.engine import Engine
 
 from . import metrics, openapi
@@ -43,15 +44,19 @@ def init_app(config: ServeConfig) -> web.Application:
     app.on_response_prepare.append(cors_headers(guard))
     app[READ_TIMEOUT] = config.read_timeout
 
-    def make_engine() -> Engine:
-        engine = Engine(config.model, config.cache, config.prefill_step_size)
-        log.info("model %s loaded; cache at %s", config.model, config.cache.cache_dir)
+    def load(spec: ModelSpec, prefill_step_size: int | None, progress: Callable[[str], None]) -> Engine:
+        """A model's engine: its own KV options over the daemon's; a reload keeps the prefill
+        chunk timed at its first load."""
+        cache = replace(config.cache, kv_bits=spec.kv_bits or config.cache.kv_bits,
+                        kv_group_size=spec.kv_group_size or config.cache.kv_group_size)
+        engine = Engine(spec.source, cache, prefill_step_size or config.prefill_step_size)
+        log.info("model %s loaded; cache at %s", spec.name, config.cache.cache_dir)
         return engine
 
     prefetch = config.prefetch if config.prefetch is not None else config.cache.ram_budget // 2
     app[SHUTDOWN] = asyncio.Event()
-    app[STATE] = DaemonState(config, Worker(make_engine, config.max_waiting, config.max_batch,
-                                            config.exact, prefetch))
+    app[STATE] = DaemonState(config, Worker(load, config.models, config.max_waiting, config.max_batch,
+                                            config.exact, prefetch, config.memory_budget, config.keep_alive))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)

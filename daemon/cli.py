@@ -66,6 +66,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     config.exact = args.exact
     config.prefetch = args.prefetch
     config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
+    config.models[0].aliases += config.model_aliases
     config.strict_model_names = args.strict_model_names
     config.keep_billing_header = args.keep_billing_header
     config.allowed_hosts, config.allowed_origins = args.allowed_hosts, args.allowed_origins

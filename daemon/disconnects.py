@@ -17,7 +17,7 @@ log = logging.getLogger("kvtier.daemon")
 
 def note_client_gone(http: web.Request) -> None:
     log.info("client went away during %s %s; generation stopped", http.method, http.path)
-    engine = http.app[STATE].worker.engine
+    engine = http.app[STATE].selected().engine
     if engine is not None:
         engine.store.count("client_disconnects")
 

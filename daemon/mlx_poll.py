@@ -1,5 +1,6 @@
-"""A thread that looks at the daemon every second and, when something is due, queues one job
-for the MLX thread (every use of MLX in the daemon runs there): at most one waits at a time."""
+"""A thread that looks at the daemon every second and, when something is due for a loaded
+model, queues one job per such model for the MLX thread (every use of MLX in the daemon runs
+there); nothing new is queued while earlier jobs wait."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class MlxThreadPoll:
                  job: Callable[[Engine], None], interval: float = 1.0):
         self.worker, self.due, self.job, self.interval = worker, due, job, interval
         self._stop = threading.Event()
-        self._queued = threading.Event()  # a job is waiting for (or running on) the MLX thread
+        self._outstanding = 0  # jobs waiting for (or running on) the MLX thread
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -28,15 +30,22 @@ class MlxThreadPoll:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            engine = self.worker.engine
-            if engine is None or self._queued.is_set() or not self.due(engine):
+            if self._outstanding:
                 continue
-            self._queued.set()
-            if not self.worker.call_soon(self._on_mlx_thread):
-                self._queued.clear()  # the queue is full: look again next time
+            for model in self.worker.loaded_models():
+                if model.engine is None or not self.due(model.engine):
+                    continue
+                with self._lock:
+                    self._outstanding += 1
+                if not self.worker.call_soon(self._on_mlx_thread, model.name, on_drop=self._done):
+                    self._done()  # the queue is full: look again next time
 
     def _on_mlx_thread(self, engine: Engine) -> None:
         try:
             self.job(engine)
         finally:
-            self._queued.clear()
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._outstanding -= 1

@@ -1,16 +1,12 @@
-"""Which `model` names a request may use, in one place for every route.
-
-The daemon serves one model. Agents send the names they were built for ("claude-opus-…",
-"gpt-…"), so by default any name is answered by the served model: the name is echoed back in
-the response and the mapping logged once per name. `--strict-model-names` refuses every name
-except the served model's own ("default", the `--model` value, its directory name) and its
-`--model-alias` names.
-"""
+"""Which `model` names a request may use, in one place for every route (a stand-in until the
+names work lands: exact names, else the default model)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+from kvtier.config import ModelSpec
 
 from .errors import ApiError
 
@@ -18,39 +14,37 @@ log = logging.getLogger("kvtier.models")
 
 
 class ModelNames:
-    def __init__(self, served: str, aliases: list[str] | None = None, strict: bool = False):
-        self.served, self.strict = served, strict
-        self.aliases = list(dict.fromkeys(aliases or []))
-        self._own = {served, Path(served).name, "default"}
+    def __init__(self, specs: list[ModelSpec], strict: bool = False, allow_any: bool = False,
+                 offline: bool = False):
+        self.specs, self.strict = specs, strict
         self._logged: set[str] = set()
 
+    def _names(self, spec: ModelSpec) -> set[str]:
+        return {spec.name, spec.source, Path(spec.source).name, *spec.aliases}
+
+    def spec_named(self, name: str) -> ModelSpec | None:
+        if name == "default":
+            return self.specs[0]
+        return next((s for s in self.specs if name in self._names(s)), None)
+
     def known(self) -> set[str]:
-        """Names that always mean the served model (also what `DELETE /cache?model=` accepts)."""
-        return self._own | set(self.aliases)
+        return {"default"} | {n for s in self.specs for n in self._names(s)}
 
     def listed(self) -> list[str]:
-        """What `/v1/models` lists: the served model, then its aliases."""
-        return [self.served, *(a for a in self.aliases if a != self.served)]
+        names = [n for s in self.specs for n in (s.name, *s.aliases)]
+        return list(dict.fromkeys(names))
 
-    def resolve(self, requested: str) -> str:
-        """The name to echo back for a request that asked for `requested`, or a 404."""
-        if requested in self.known():
-            return requested
+    def resolve(self, requested: str) -> tuple[ModelSpec, str]:
+        spec = self.spec_named(requested)
+        if spec is not None:
+            return spec, requested
         if self.strict:
-            raise ApiError(404, f"model '{requested}' is not served here; this daemon serves "
-                                f"'{self.served}' (or use 'default')", param="model",
-                           code="model_not_found")
-        if requested not in self._logged:
-            self._logged.add(requested)
-            log.info("requests for model '%s' are served by %s", requested, self.served)
-        return requested
+            raise ApiError(404, f"model '{requested}' is not served here", param="model", code="model_not_found")
+        return self.specs[0], requested
 
 
 def parse_alias(text: str, served: str) -> str:
-    """`NAME` or `NAME=MODEL` (MODEL naming the served model) -> NAME."""
     name, _, target = text.partition("=")
     if not name:
         raise ValueError(f"--model-alias {text!r}: give NAME or NAME=MODEL")
-    if target and target not in {served, Path(served).name, "default"}:
-        raise ValueError(f"--model-alias {text!r}: this daemon serves only '{served}'")
     return name

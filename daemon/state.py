@@ -1,8 +1,10 @@
-"""What the aiohttp app shares between routes: settings, the MLX worker, start time."""
+"""What the aiohttp app shares between routes: settings, the MLX worker, the models' names,
+start time; and which model the request being handled chose (`select_model`)."""
 
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -13,7 +15,11 @@ from kvtier.engine import Engine
 from .errors import ApiError
 from .flights import Flights
 from .model_names import ModelNames
-from .worker import Worker
+from .models import LOADED, ServedModel
+from .worker import ModelTooLarge, Worker
+
+# The model the request being handled selected (each aiohttp handler runs in a task of its own).
+_SELECTED: ContextVar[ServedModel | None] = ContextVar("kvtier_selected_model", default=None)
 
 
 @dataclass
@@ -25,34 +31,59 @@ class DaemonState:
     names: ModelNames = field(init=False)
 
     def __post_init__(self) -> None:
-        self.names = ModelNames(self.config.model, self.config.model_aliases,
-                                self.config.strict_model_names)
+        self.names = ModelNames(self.config.models, self.config.strict_model_names,
+                                self.config.allow_any_model, self.config.offline)
+
+    async def select_model(self, requested: str) -> str:
+        """Resolve the request's `model` by the daemon's naming policy, load that model if it
+        is not loaded, and make it this request's (`engine()`); returns the name to echo."""
+        spec, echo = self.names.resolve(requested)
+        served = self.worker.add_model(spec)
+        if served.state != LOADED or served.engine is None:
+            try:
+                await self.worker.load(served.name)
+            except Exception as exc:
+                raise model_error(served, exc) from None
+        _SELECTED.set(served)
+        return echo
+
+    def selected(self) -> ServedModel:
+        """The model this request selected, else the default model."""
+        return _SELECTED.get() or self.worker.default
 
     def engine(self) -> Engine:
-        """The loaded engine, or a 503 while the model is still loading."""
-        if self.worker.engine is None:
-            reason = self.worker.load_error or "the model is still loading"
+        """The selected model's engine (kept after an unload: its tokenizer renders prompts),
+        or a 503 while the default model is still loading."""
+        served = self.selected()
+        if served.engine is None:
+            reason = served.load_error or "the model is still loading"
             raise ApiError(503, reason, type_="server_error", code="model_not_ready",
                            headers={"Retry-After": "5"})
-        return self.worker.engine
+        return served.engine
 
     def context_limit(self) -> int | None:
-        """Tokens a request may span, prompt and completion: `--max-context`, else what the
-        model's own config declares; None when neither sets one (Mamba2: no position limit)."""
-        return self.config.max_context or self.engine().context_length
+        """Tokens a request may span, prompt and completion: the model's `max_context`, else
+        `--max-context`, else what the model's own config declares; None when none sets one
+        (Mamba2: no position limit)."""
+        return self.selected().spec.max_context or self.config.max_context or self.engine().context_length
 
     def model_id(self) -> str:
-        return self.config.model
+        return self.selected().name
 
     def model_ids(self) -> set[str]:
-        """Names that always mean the loaded model: as given, its directory name, "default",
-        and the aliases."""
+        """Names that always mean the default model: as given, its directory name, "default",
+        and its aliases."""
         return self.names.known()
 
-    def requested_model(self, requested: str) -> str:
-        """The request's `model`, checked by the daemon's naming policy; this is the name
-        the response echoes."""
-        return self.names.resolve(requested)
+
+def model_error(served: ServedModel, exc: Exception) -> ApiError:
+    """A model that cannot be served: too large for the memory budget (400), or failed to load."""
+    if isinstance(exc, ModelTooLarge):
+        return ApiError(400, str(exc), param="model", code="model_too_large")
+    if isinstance(exc, ApiError):
+        return exc
+    return ApiError(503, f"model '{served.name}' could not be loaded: {served.load_error or exc}",
+                    type_="server_error", code="model_not_ready", headers={"Retry-After": "30"})
 
 
 STATE = web.AppKey("state", DaemonState)

@@ -1,8 +1,9 @@
-"""The one thread that owns MLX: loads the engine, then serves every generation request
-through one scheduler (kvtier/scheduler.py): decoded in one batch, or interleaved (each
-request decoding its own row in turn) where mlx-lm cannot batch the model's cache, or with
-`--exact` where batched decode is not bit-identical to decoding alone; `--max-batch 1` is a
-scheduler of one.
+"""The one thread that owns MLX: loads the models (daemon/models.py decides which, under the
+memory budget), then serves every request through its model's scheduler (kvtier/scheduler.py),
+the loaded models' schedulers advanced in turn. A scheduler decodes its requests in one batch,
+or interleaved (each request decoding its own row in turn) where mlx-lm cannot batch the
+model's cache, or with `--exact` where batched decode is not bit-identical to decoding alone;
+`--max-batch 1` is a scheduler of one.
 
 HTTP handlers submit jobs and read chunks back through an asyncio queue; a client that goes
 away sets the job's cancel flag, and the worker drops it (from the batch at its next step).
@@ -12,6 +13,8 @@ No other thread in the daemon evaluates MLX arrays: they hand such work to `call
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import logging
 import queue
 import threading
@@ -20,107 +23,188 @@ from typing import AsyncIterator, Callable
 
 import mlx.core as mx
 
-from kvtier.engine import Engine
+from kvtier.config import ModelSpec
+from kvtier.engine import Engine, resolve_model_path
 from kvtier.exactness import Exactness, measure_exactness
 from kvtier.requests import Chunk, GenerationRequest
 from kvtier.scheduler import BatchStats, Scheduler, runs_alone
 
 from . import faults
+from .models import (
+    BATCHED,
+    FAILED,
+    INTERLEAVED,
+    LOADED,
+    LOADING,
+    ONE_AT_A_TIME,
+    UNLOADED,
+    Job,
+    ModelTooLarge,
+    ServedModel,
+    expired,
+    room_for,
+    weights_on_disk,
+)
 
 log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
 
-# How concurrent requests run (`/health` batching.mode).
-BATCHED = "batched"  # one forward pass of all rows per decode step
-INTERLEAVED = "interleaved"  # each request's own one-row pass, in turn: a lone request's arithmetic
-ONE_AT_A_TIME = "one at a time"  # --max-batch 1: a scheduler of one
+__all__ = ["BATCHED", "INTERLEAVED", "ONE_AT_A_TIME", "ModelBusy", "ModelTooLarge", "Overloaded", "Worker"]
+
+# (spec, prefill step size timed at an earlier load or None, progress) -> a loaded engine
+LoadEngine = Callable[[ModelSpec, "int | None", Callable[[str], None]], Engine]
 
 
 class Overloaded(Exception):
     """More requests are waiting than the daemon is configured to queue."""
 
 
+class ModelBusy(Exception):
+    """An unload asked for while the model serves requests."""
+
+
+class _IfLoaded:
+    """A call for a model only while it is loaded (upkeep: prefetch, spills, write retries):
+    it never loads one, and is dropped when the model is not loaded."""
+
+    def __init__(self, fn: Callable[[Engine], object], on_drop: Callable[[], None] | None = None):
+        self.fn, self.on_drop = fn, on_drop
+
+    def dropped(self) -> None:
+        if self.on_drop is not None:
+            self.on_drop()
+
+
 class Worker:
-    def __init__(self, make_engine: Callable[[], Engine], max_waiting: int = 32, max_batch: int = 1,
-                 exact: bool = False, prefetch: int = 0):
-        self._make_engine = make_engine
-        self.prefetch = prefetch  # bytes of the newest cache entries read into RAM once loaded
-        self.max_batch = max_batch
+    def __init__(self, load: LoadEngine, specs: list[ModelSpec], max_waiting: int = 32, max_batch: int = 1,
+                 exact: bool = False, prefetch: int = 0, memory_budget: int | None = None,
+                 keep_alive: float | None = None):
+        self._load_engine = load
+        self.models: dict[str, ServedModel] = {}
+        for spec in specs:
+            self.add_model(spec)
+        self.default = self.models[specs[0].name]
+        self.prefetch = prefetch  # bytes of a model's newest cache entries read into RAM once loaded
+        self.max_batch, self.max_waiting = max_batch, max_waiting
         self.exact = exact  # interleave where batched decode is not bit-identical
-        self.batching: Exactness | None = None  # decided once the model is loaded
-        self.batch: Scheduler | None = None
-        self.mode = ONE_AT_A_TIME
+        self.memory_budget = memory_budget
+        self.keep_alive = keep_alive
         self.stats = WorkerStats()
-        self._jobs: queue.Queue = queue.Queue(maxsize=max_waiting)
+        self._jobs: queue.Queue = queue.Queue()
+        self._seq = itertools.count()
+        self._holds: dict[str, int] = {}  # a model in a waiting load's way: admit only jobs before this seq
         self._outbox: Outbox | None = None
-        self.engine: Engine | None = None
-        self.load_error: str | None = None
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # the default model's first load ended (loaded or failed)
         self._thread = threading.Thread(target=self._run, name="kvtier-mlx", daemon=True)
-        self._planner: threading.Thread | None = None  # plans the start-up prefetch
+        self._planners: list[threading.Thread] = []  # plan each load's prefetch
+
+    def add_model(self, spec: ModelSpec) -> ServedModel:
+        """A model to serve (a configured one, or one a request names with --allow-any-model)."""
+        if spec.name not in self.models:
+            self.models[spec.name] = ServedModel(spec)
+        return self.models[spec.name]
+
+    # -- what the rest of the daemon reads (the default model's, for one-model callers) -----
+    @property
+    def engine(self) -> Engine | None:
+        """The default model's engine while it is loaded."""
+        return self.default.engine if self.default.loaded else None
+
+    @property
+    def load_error(self) -> str | None:
+        return self.default.load_error
+
+    @property
+    def batch(self) -> Scheduler | None:
+        return self.default.scheduler
+
+    @property
+    def mode(self) -> str:
+        return self.default.mode
+
+    @property
+    def batching(self) -> Exactness | None:
+        return self.default.batching
+
+    def loaded_models(self) -> list[ServedModel]:
+        return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
 
     def start(self) -> None:
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return self._jobs.qsize() + sum(len(m.backlog) for m in list(self.models.values()))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Queue a request and stream its chunks; cancels the job if the caller stops reading."""
-        async for chunk in self._submit(request):
+    # -- submitting work (from the event loop or other threads) -----------------------------
+    async def generate(self, request: GenerationRequest, model: str | None = None) -> AsyncIterator[Chunk]:
+        """Queue a request for `model` (default: the default model) and stream its chunks;
+        cancels the job if the caller stops reading."""
+        async for chunk in self._submit(request, model):
             yield chunk
 
-    async def _submit(self, job: GenerationRequest | Callable) -> AsyncIterator:
+    async def call(self, fn: Callable[[Engine], object], model: str | None = None) -> object:
+        """Run `fn(engine)` on the MLX thread with `model` loaded, between steps; its result."""
+        async for item in self._submit(fn, model):
+            return item
+        return None
+
+    async def load(self, model: str) -> None:
+        """Load `model` if it is not loaded (unloading others for room as the budget says)."""
+        await self.call(lambda engine: None, model)
+
+    async def unload(self, model: str) -> bool:
+        """Unload `model` now (its hot KV written to disk first); False if it was not loaded.
+        ModelBusy while it serves requests."""
+        async for item in self._submit(_Unload(), model):
+            return bool(item)
+        return False
+
+    def call_soon(self, fn: Callable[[Engine], object], model: str | None = None,
+                  on_drop: Callable[[], None] | None = None) -> bool:
+        """Queue `fn(engine)` for `model` if it is loaded, from any thread, without waiting
+        (`on_drop` runs instead if it is not loaded by then); False when the queue is full
+        (the caller may try again later)."""
+        if self.waiting >= self.max_waiting:
+            return False
+        self._jobs.put((model or self.default.name, _IfLoaded(fn, on_drop), lambda item: None))
+        return True
+
+    async def _submit(self, work: object, model: str | None) -> AsyncIterator:
         outbox = self._outbox_of(asyncio.get_running_loop())
         out: asyncio.Queue = asyncio.Queue()
 
         def emit(item: object) -> None:
             outbox.put(out, item)
 
-        try:
-            self._jobs.put_nowait((job, emit))
-        except queue.Full:
-            raise Overloaded() from None
+        if self.waiting >= self.max_waiting:
+            raise Overloaded()
+        self._jobs.put((model or self.default.name, work, emit))
         try:
             while (item := await out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            if isinstance(job, GenerationRequest):
-                job.cancelled.set()
+            if isinstance(work, GenerationRequest):
+                work.cancelled.set()
 
     def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> "Outbox":
         if self._outbox is None or self._outbox.loop is not loop:
             self._outbox = Outbox(loop)
         return self._outbox
 
-    async def call(self, fn: Callable[[Engine], object]) -> object:
-        """Run `fn(engine)` on the MLX thread, between generations, and return its result."""
-        async for item in self._submit(fn):
-            return item
-        return None
-
-    def call_soon(self, fn: Callable[[Engine], object]) -> bool:
-        """Queue `fn(engine)` from any thread without waiting for it; False when the queue
-        is full (the caller may try again later)."""
-        try:
-            self._jobs.put_nowait((fn, lambda item: None))
-        except queue.Full:
-            return False
-        return True
-
     def stop(self) -> None:
-        """Finish the queued jobs, flush every block to disk, close the cache, and wait for
-        all of it: no MLX work may still run when the interpreter shuts down."""
-        if self._planner is not None:
-            self._planner.join()  # it reads the index the MLX thread closes at the end
+        """Finish the queued jobs, flush every model's blocks to disk, close the caches, and
+        wait for all of it: no MLX work may still run when the interpreter shuts down."""
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+        for planner in self._planners:
+            planner.join()
 
+    # -- the MLX thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._serve()
@@ -129,126 +213,283 @@ class Worker:
 
     def _serve(self) -> None:
         try:
-            engine = self._make_engine()
-            self.mode = self._decide_mode(engine)
-            faults.install_from_env(engine.model)  # after the check: it feeds random tokens
-            self.engine = engine
-            if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
-                self._planner = threading.Thread(target=self._plan_prefetch, args=(engine,), name="kvtier-prefetch")
-                self._planner.start()
-        except Exception as exc:
-            self.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())
-            log.error("could not load the model: %s", self.load_error)  # one line; the daemon stops
-            log.debug("the model's load failed here", exc_info=True)
-            return
+            self._load(self.default)
+        except Exception:
+            return  # logged; the daemon stops (app.py)
         finally:
             self.ready.set()
-        self._serve_requests(engine)
-        engine.close()
+        for model in list(self.models.values()):
+            if model.spec.pin and not model.loaded:
+                self._try_load(model)
+        self._serve_jobs()
+        for model in self.loaded_models():
+            self._unload(model, "the daemon stops")
 
-    def _decide_mode(self, engine: Engine) -> str:
+    def _serve_jobs(self) -> None:
+        """Take jobs into their models' backlogs, then give every model with work a turn:
+        load it if need be, admit what its scheduler has room for, advance it one step."""
+        stopping = False
+        while True:
+            stopping = self._take_jobs(block=not stopping and self._idle()) or stopping
+            for model in list(self.models.values()):
+                self._turn(model)
+            self._unload_expired()
+            if stopping and self._idle():
+                return
+
+    def _idle(self) -> bool:
+        return not any(m.backlog or m.running for m in list(self.models.values()))
+
+    def _take_jobs(self, block: bool) -> bool:
+        """Move queued jobs into their models' backlogs (waiting for one when `block`, up to a
+        second with a keep-alive to check). True once the queue's end (stop) was taken."""
+        timeout = 1.0 if self.keep_alive is not None else None
+        while True:
+            try:
+                item = self._jobs.get(block=block, timeout=timeout if block else None)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            block = False
+            name, work, emit = item
+            model = self.models[name]
+            if isinstance(work, GenerationRequest) and work.cancelled.is_set():
+                emit(_DONE)
+            elif isinstance(work, _IfLoaded) and not model.loaded:
+                work.dropped()
+                emit(_DONE)
+            else:
+                model.backlog.append(Job(work, emit, next(self._seq)))
+
+    def _turn(self, model: ServedModel) -> None:
+        if not model.backlog and not model.running:
+            return
+        if not model.loaded and not self._make_room_and_load(model):
+            return
+        model.last_used = time.monotonic()
+        self._admit(model)
+        if model.scheduler is not None and not model.scheduler.idle:
+            model.scheduler.advance()
+            model.last_used = time.monotonic()
+
+    def _admit(self, model: ServedModel) -> None:
+        """Start the backlog's jobs in order while the scheduler has room; a seeded sampling
+        request waits for the scheduler to drain and runs as its only member (its random
+        stream is the process's one). Held (another model waits for room): only the jobs that
+        arrived before that model's."""
+        scheduler, hold = model.scheduler, self._holds.get(model.name)
+        assert scheduler is not None and model.engine is not None
+        while model.backlog and (hold is None or model.backlog[0].seq < hold):
+            job = model.backlog[0]
+            if isinstance(job.work, GenerationRequest):
+                if job.work.cancelled.is_set():
+                    model.backlog.popleft()
+                    job.emit(_DONE)
+                    continue
+                if scheduler.alone or scheduler.full or (runs_alone(job.work) and not scheduler.idle):
+                    return
+                model.backlog.popleft()
+                self._start(model, job)
+            else:
+                model.backlog.popleft()
+                self._call(model, job)
+
+    def _start(self, model: ServedModel, job: Job) -> None:
+        assert model.scheduler is not None
+        self.stats.waited(job.work)
+        try:
+            model.scheduler.add(job.work, job.emit)
+        except Exception as exc:
+            log.exception("restoring a request failed")
+            job.emit(exc)
+            job.emit(_DONE)
+
+    def _call(self, model: ServedModel, job: Job) -> None:
+        work = job.work
+        try:
+            if isinstance(work, _Unload):
+                job.emit(self._unload_asked(model))
+            else:
+                fn = work.fn if isinstance(work, _IfLoaded) else work
+                assert model.engine is not None
+                job.emit(fn(model.engine))
+        except Exception as exc:
+            if not isinstance(exc, ModelBusy):
+                log.exception("a job on the MLX thread failed")
+            job.emit(exc)
+        job.emit(_DONE)
+
+    def _unload_asked(self, model: ServedModel) -> bool:
+        if model.running or any(isinstance(j.work, GenerationRequest) for j in model.backlog):
+            raise ModelBusy(f"model '{model.name}' is serving requests")
+        if not model.loaded:
+            return False
+        self._unload(model, "asked to")
+        return True
+
+    # -- loading and unloading ----------------------------------------------------------------
+    def _make_room_and_load(self, model: ServedModel) -> bool:
+        """Load `model` for its backlog once it fits the memory budget: unload idle models in
+        its way, or hold back the busy ones' later requests until they drain. A model that can
+        never fit, or fails to load, fails its backlog."""
+        if self._drop_upkeep(model):
+            return False
+        first = model.first_waiting()
+        assert first is not None
+        try:
+            self._weigh(model)
+            others = [m for m in list(self.models.values()) if m is not model]
+            room = room_for(model, others, self.memory_budget, first) if self.memory_budget else None
+        except Exception as exc:
+            self._fail_backlog(model, exc)
+            return False
+        if room is not None and room.wait_for:
+            for blocker in room.wait_for:
+                self._holds[blocker.name] = min(self._holds.get(blocker.name, first), first)
+            return False
+        for other in room.unload if room is not None else []:
+            self._unload(other, f"to make room for '{model.name}'")
+        self._holds.clear()
+        return self._try_load(model)
+
+    def _drop_upkeep(self, model: ServedModel) -> bool:
+        """Upkeep calls for a model that is not loaded are dropped, unloads answered (False):
+        neither loads it. True when nothing else is left to load it for."""
+        for job in [j for j in model.backlog if isinstance(j.work, (_IfLoaded, _Unload))]:
+            model.backlog.remove(job)
+            if isinstance(job.work, _IfLoaded):
+                job.work.dropped()
+            job.emit(False if isinstance(job.work, _Unload) else None)
+            job.emit(_DONE)
+        return not model.backlog
+
+    def _weigh(self, model: ServedModel) -> None:
+        """Its weights' size before its first load, from the files; ModelTooLarge if they
+        alone pass the memory budget."""
+        if not model.loads:
+            model.weight_bytes = weights_on_disk(str(resolve_model_path(model.spec.source)))
+        if self.memory_budget:
+            room_for(model, [], self.memory_budget, 0)
+
+    def _try_load(self, model: ServedModel) -> bool:
+        try:
+            self._load(model)
+        except Exception as exc:
+            self._fail_backlog(model, exc)
+            return False
+        return True
+
+    def _fail_backlog(self, model: ServedModel, exc: Exception) -> None:
+        while model.backlog:
+            job = model.backlog.popleft()
+            job.emit(exc)
+            job.emit(_DONE)
+
+    def _load(self, model: ServedModel) -> None:
+        """Load the model's engine, decide how its requests run, start its prefetch."""
+        model.state, model.load_error, started = LOADING, None, time.perf_counter()
+        log.info("loading model %s", model.name)
+
+        def progress(phase: str) -> None:
+            model.phase = phase
+
+        try:
+            self._weigh(model)
+            engine = self._load_engine(model.spec, model.prefill_step_size, progress)
+            model.phase = "measuring batched decode"
+            model.mode = self._decide_mode(model, engine)
+            faults.install_from_env(engine.model)  # after the check: it feeds random tokens
+        except Exception as exc:
+            model.state, model.phase = FAILED, None
+            model.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            log.error("could not load the model %s: %s", model.name, model.load_error)
+            log.debug("the model's load failed here", exc_info=True)
+            raise
+        model.engine, model.prefill_step_size = engine, engine.prefill_step_size
+        model.weight_bytes = getattr(engine, "weight_bytes", 0) or model.weight_bytes
+        model.scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=model.mode != BATCHED)
+        model.scheduler.stats = model.stats
+        model.state, model.phase, model.loads = LOADED, None, model.loads + 1
+        model.load_seconds = round(time.perf_counter() - started, 3)
+        model.last_used = time.monotonic()
+        log.info("model %s loaded in %.1f s", model.name, model.load_seconds)
+        if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
+            planner = threading.Thread(target=self._plan_prefetch, args=(model, engine), name="kvtier-prefetch")
+            self._planners.append(planner)
+            planner.start()
+
+    def _unload(self, model: ServedModel, why: str) -> None:
+        """Close the model's scheduler and engine: its hot KV goes to disk, its memory back."""
+        log.info("unloading model %s (%s)", model.name, why)
+        for planner in self._planners:
+            planner.join()  # a prefetch plan reads the index the store closes
+        self._planners = []
+        if model.scheduler is not None:
+            model.scheduler.close()
+        if model.engine is not None:
+            model.engine.close()
+        model.scheduler, model.state = None, UNLOADED
+        gc.collect()
+        mx.clear_cache()
+
+    def _unload_expired(self) -> None:
+        for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
+            self._unload(model, f"idle longer than the keep-alive ({self.keep_alive:g} s)")
+
+    def _decide_mode(self, model: ServedModel, engine: Engine) -> str:
         """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
         /health); interleave where it cannot, where the probe could not measure, and, with
-        `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row."""
+        `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row.
+        Measured at the model's first load; a reload keeps the verdict."""
         if self.max_batch <= 1:
-            self.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
+            model.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
             return ONE_AT_A_TIME
-        try:
-            self.batching = measure_exactness(engine)
-        except Exception as exc:
-            log.exception("measuring batched decode failed")
-            self.batching = Exactness(False, f"measuring batched decode failed: {exc}")
-        if self.batching.exact or (not self.exact and self.batching.max_difference is not None):
-            log.info("continuous batching on, up to %d requests: %s", self.max_batch, self.batching.reason)
+        if model.batching is None:
+            try:
+                model.batching = measure_exactness(engine)
+            except Exception as exc:
+                log.exception("measuring batched decode failed")
+                model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+        batching = model.batching
+        if batching.exact or (not self.exact and batching.max_difference is not None):
+            log.info("%s: continuous batching on, up to %d requests: %s", model.name, self.max_batch, batching.reason)
             return BATCHED
-        log.warning("requests interleave (up to %d, each decoding its own row) instead of batching: %s",
-                    self.max_batch, self.batching.reason)
+        log.warning("%s: requests interleave (up to %d, each decoding its own row) instead of batching: %s",
+                    model.name, self.max_batch, batching.reason)
         return INTERLEAVED
 
-    def _plan_prefetch(self, engine: Engine) -> None:
+    def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
         try:
             prefetch = engine.store.plan_prefetch(self.prefetch)
             # Even with nothing planned (an empty cache): its one step ends it, so it says done.
-            if not self.call_soon(self._prefetch_step):
+            if not self.call_soon(self._prefetch_step, model.name):
                 prefetch.end("queue full")
         except Exception:  # no prefetch: requests read from disk as without one
             log.exception("planning the start-up prefetch failed")
 
     def _prefetch_step(self, engine: Engine) -> None:
-        """One slice of the start-up prefetch; the next is queued behind what has arrived,
-        so a request waits for one slice at most."""
-        if engine.prefetch_step() and not self.call_soon(self._prefetch_step):
+        """One slice of the prefetch; the next is queued behind what has arrived, so a request
+        waits for one slice at most."""
+        name = next((m.name for m in self.loaded_models() if m.engine is engine), None)
+        if name is not None and engine.prefetch_step() and not self.call_soon(self._prefetch_step, name):
             assert engine.store.prefetch is not None  # it has just taken a step
             engine.store.prefetch.end("queue full")
 
-    def _serve_requests(self, engine: Engine) -> None:
-        """Admit jobs while the scheduler has room (block only when it is empty), step it.
-        A seeded sampling request waits for the scheduler to drain and runs as its only
-        member: its random stream is the process's one."""
-        self.batch = scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=self.mode != BATCHED)
-        alone, stopping = None, False
-        while True:
-            if not stopping and alone is None and not scheduler.alone:
-                alone, stopping = self._take_jobs(scheduler)
-            if alone is not None and scheduler.idle:
-                self._admit(scheduler, *alone)
-                alone = None
-            if not scheduler.idle:
-                scheduler.advance()
-            elif stopping and alone is None:
-                break
-        scheduler.close()
-
-    def _take_jobs(self, scheduler: Scheduler) -> tuple[tuple | None, bool]:
-        """Admit waiting jobs while the scheduler has room. Returns a seeded sampling job,
-        which must wait for the scheduler to drain, and whether the queue's end (stop) was taken."""
-        while not scheduler.full:
-            try:
-                job = self._jobs.get(block=scheduler.idle)
-            except queue.Empty:
-                break
-            if job is None:
-                return None, True
-            work, emit = job
-            if not isinstance(work, GenerationRequest):
-                self._call(work, emit)
-            elif work.cancelled.is_set():
-                emit(_DONE)
-            elif runs_alone(work):
-                return job, False
-            else:
-                self._admit(scheduler, work, emit)
-        return None, False
-
-    def _call(self, fn: Callable[[Engine], object], emit: Callable) -> None:
-        try:
-            assert self.engine is not None  # loaded before any job is served
-            emit(fn(self.engine))
-        except Exception as exc:
-            log.exception("a job on the MLX thread failed")
-            emit(exc)
-        emit(_DONE)
-
-    def _admit(self, scheduler: Scheduler, request: GenerationRequest, emit: Callable) -> None:
-        self.stats.waited(request)
-        try:
-            scheduler.add(request, emit)
-        except Exception as exc:
-            log.exception("restoring a request failed")
-            emit(exc)
-            emit(_DONE)
-
-    def describe(self) -> dict:
-        """Batching mode and live numbers, for /health, /cache/stats and /metrics."""
-        batching = self.batching
-        running = len(self.batch) if self.batch is not None else 0
-        return {"mode": self.mode, "enabled": self.mode == BATCHED, "max_batch": self.max_batch,
-                "exact": self.mode != BATCHED or bool(batching and batching.exact),
+    def describe(self, model: ServedModel | None = None) -> dict:
+        """A model's batching mode and live numbers, for /health, /cache/stats and /metrics."""
+        model = model or self.default
+        batching = model.batching
+        running = len(model.scheduler) if model.scheduler is not None else 0
+        return {"mode": model.mode, "enabled": model.mode == BATCHED, "max_batch": self.max_batch,
+                "exact": model.mode != BATCHED or bool(batching and batching.exact),
                 "reason": batching.reason if batching else "model loading",
                 "max_logprob_difference": batching.max_difference if batching else None,
-                "running": running, **self.stats.as_dict(self.batch.stats if self.batch is not None else None)}
+                "running": running, **self.stats.as_dict(model.stats)}
 
 
+class _Unload:
+    """The job of `Worker.unload`."""
 class Outbox:
     """Items from the MLX thread to the event loop's queues, in order, with one wake-up of
     the loop for all that arrive before it runs: a batch step emits a chunk per request, and

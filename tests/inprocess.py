@@ -13,7 +13,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,6 +22,7 @@ from daemon.app import init_app
 from daemon.cli import build_parser, serve_config
 from daemon.server import Serving
 from daemon.state import STATE
+from kvtier.config import ServeConfig
 from tests.conftest import TEST_BLOCK_SIZE, TEST_MAX_TOKENS
 
 T = TypeVar("T")
@@ -65,7 +66,8 @@ class Reply:
 class InProcessDaemon:
     """The app `kvtier serve` would run with the same flags, served on 127.0.0.1."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str, ceiling: int | None = TEST_MAX_TOKENS):
+    def __init__(self, model: Path, cache_dir: Path, *extra: str, ceiling: int | None = TEST_MAX_TOKENS,
+                 configure: Callable[[ServeConfig], None] | None = None):
         self.model, self.cache_dir = model, cache_dir
         ceiling_args = [] if ceiling is None else ["--max-tokens", str(ceiling)]  # see conftest
         args = build_parser().parse_args([
@@ -74,6 +76,8 @@ class InProcessDaemon:
             "--prefill-step-size", "2048",  # mlx-lm's default, not timed here (tests/test_chunking.py)
             *ceiling_args, *extra])
         self.config = serve_config(args)
+        if configure is not None:  # what no flag says (yet)
+            configure(self.config)
         self.app = init_app(self.config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-aiohttp", daemon=True)

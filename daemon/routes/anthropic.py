@@ -201,7 +201,7 @@ def tool_use_block(call: ToolCall) -> dict:
 async def messages(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await read_body(http, MessagesRequest)
-    model = state.requested_model(body.model)
+    model = await state.select_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, boundaries = await render(state, prompt)
     request, budget = generation_request(body, state, tokens, boundaries)
@@ -285,7 +285,7 @@ async def _send_events(send: Callable[[str, dict], Awaitable[None]], generation:
 async def count_tokens(http: web.Request) -> web.Response:
     state = http.app[STATE]
     body = await read_body(http, CountTokensRequest)
-    state.requested_model(body.model)
+    await state.select_model(body.model)
     prompt = parse_prompt(body, state.config.keep_billing_header)
     tokens, _ = await render(state, prompt)
     return web.json_response({"input_tokens": len(tokens)})

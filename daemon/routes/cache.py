@@ -162,5 +162,6 @@ async def warm(http: web.Request) -> web.Response:
         raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
     tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
     # The scheduler's path, a scheduler of one on the MLX thread between the worker's steps.
-    result = await state.worker.call(lambda engine: scheduler.warm(engine, messages, tools, pin=body.pin))
+    result = await state.worker.call(lambda engine: scheduler.warm(engine, messages, tools, pin=body.pin),
+                                     state.selected().name)
     return web.json_response(result)

@@ -70,7 +70,7 @@ async def chunks_of(state: DaemonState, request: GenerationRequest) -> AsyncGene
                        code="invalid_prompt")
     try:
         with state.flights.track(request, state.model_id()) as flight:
-            async for chunk in state.worker.generate(request):
+            async for chunk in state.worker.generate(request, state.selected().name):
                 decoded(flight)
                 yield chunk
     except Overloaded:

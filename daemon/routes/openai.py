@@ -129,7 +129,7 @@ def finish_reason(chunk: Chunk) -> str:
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await read_body(http, ChatCompletionRequest)
-    model = state.requested_model(body.model)
+    model = await state.select_model(body.model)
     messages = template_messages(body.messages)
     tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
@@ -186,7 +186,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
 async def completions(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await read_body(http, CompletionRequest)
-    model = state.requested_model(body.model)
+    model = await state.select_model(body.model)
     include_usage = body.stream_options.include_usage
     engine = state.engine()
     try:

@@ -259,7 +259,7 @@ def answered_messages(messages: list[dict], text: str, generation: Generation) -
 async def create_response(http: web.Request) -> web.StreamResponse:
     state = http.app[STATE]
     body = await read_body(http, ResponsesRequest)
-    model = state.requested_model(body.model)
+    model = await state.select_model(body.model)
     previous, earlier = history(http, body.previous_response_id)
     conversation = [*earlier, *parse_input(body.input)]
     tools = parse_tools(body.tools)

@@ -1,0 +1,193 @@
+"""Several models in one daemon (daemon/models.py, daemon/worker.py): a request's `model`
+chooses one; under a memory budget that fits one, switching unloads the other, whose KV is
+kept on disk, so that coming back restores it instead of computing it again; answers are
+plain mlx-lm's for each model, alone or beside the other model's requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from daemon.models import weights_on_disk
+from daemon.state import STATE
+from kvtier.config import ModelSpec, ServeConfig
+from tests.conftest import MODELS, Reference, agent_messages
+from tests.inprocess import InProcessDaemon
+from tests.support.testmodels import make_model
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def hybrid_model() -> Path:
+    return make_model(MODELS / "qwen3_next", "qwen3_next")
+
+
+def fits_one(llama: Path, hybrid: Path):
+    """A memory budget that holds either model's weights, never both."""
+    budget = weights_on_disk(str(llama)) + weights_on_disk(str(hybrid)) - 1
+
+    def configure(config: ServeConfig) -> None:
+        config.models = [ModelSpec(str(llama), name="llama"), ModelSpec(str(hybrid), name="hybrid")]
+        config.memory_budget = max(budget, weights_on_disk(str(llama)), weights_on_disk(str(hybrid)))
+    return configure
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, llama_model, hybrid_model):
+    daemon = InProcessDaemon(llama_model, tmp_path_factory.mktemp("models") / "cache",
+                             configure=fits_one(llama_model, hybrid_model)).start()
+    yield daemon
+    daemon.stop()
+
+
+def ask(daemon: InProcessDaemon, model: str, messages: list[dict]) -> tuple[str | None, int]:
+    """The greedy answer and the prompt tokens it had from the cache."""
+    response = daemon.client().chat.completions.create(model=model, messages=messages,
+                                                       max_tokens=MAX_TOKENS, temperature=0)
+    assert response.model == model
+    details = response.usage.prompt_tokens_details if response.usage else None
+    return response.choices[0].message.content, (details.cached_tokens or 0) if details else 0
+
+
+def state_of(daemon: InProcessDaemon, name: str) -> str:
+    return daemon.app[STATE].worker.models[name].state
+
+
+def test_each_model_answers_as_plain_mlx_lm_and_a_switch_unloads_the_other(two_models, llama_model,
+                                                                            hybrid_model):
+    messages = agent_messages("switching", repeat=2)
+    llama_answer, _ = ask(two_models, "llama", messages)
+    assert state_of(two_models, "llama") == "loaded"
+    hybrid_answer, _ = ask(two_models, "hybrid", messages)
+    assert state_of(two_models, "hybrid") == "loaded" and state_of(two_models, "llama") == "unloaded"
+    assert llama_answer == Reference(llama_model).chat(messages, MAX_TOKENS)
+    assert hybrid_answer == Reference(hybrid_model).chat(messages, MAX_TOKENS)
+
+
+def test_coming_back_to_a_model_restores_its_conversation_instead_of_computing_it(two_models, llama_model):
+    messages = agent_messages("come back", repeat=3)
+    first, _ = ask(two_models, "llama", messages)
+    ask(two_models, "hybrid", agent_messages("meanwhile", repeat=1))  # llama is unloaded for it
+    assert state_of(two_models, "llama") == "unloaded"
+    loads = two_models.app[STATE].worker.models["llama"].loads
+    again, cached = ask(two_models, "llama", messages)
+    assert two_models.app[STATE].worker.models["llama"].loads == loads + 1
+    assert again == first == Reference(llama_model).chat(messages, MAX_TOKENS)
+    prompt = len(Reference(llama_model).chat_tokens(messages))
+    assert cached >= prompt - 64  # all but the partial last block came from the disk
+
+
+def test_requests_for_both_models_at_once_all_finish_with_plain_mlx_lm_answers(two_models, llama_model,
+                                                                               hybrid_model):
+    asks = [("llama", agent_messages("alpha", repeat=1)), ("hybrid", agent_messages("beta", repeat=1)),
+            ("llama", agent_messages("gamma", repeat=1)), ("hybrid", agent_messages("delta", repeat=1))]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: ask(two_models, *a)[0], asks))
+    references = {"llama": Reference(llama_model), "hybrid": Reference(hybrid_model)}
+    assert answers == [references[model].chat(messages, MAX_TOKENS) for model, messages in asks]
+
+
+def test_a_model_larger_than_the_memory_budget_is_refused_naming_the_sizes(tmp_path, tiny_model, llama_model):
+    def configure(config: ServeConfig) -> None:
+        config.models = [ModelSpec(str(tiny_model), name="tiny"), ModelSpec(str(llama_model), name="large")]
+        config.memory_budget = weights_on_disk(str(llama_model)) // 2
+
+    daemon = InProcessDaemon(tiny_model, tmp_path / "cache", configure=configure).start()
+    try:
+        reply = daemon.post("/v1/chat/completions", {"model": "large", "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status == 400, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "model_too_large" and error["param"] == "model"
+        assert "memory budget" in error["message"] and "MiB" in error["message"]
+        assert state_of(daemon, "tiny") == "loaded"  # the default model kept serving
+        ok = daemon.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status == 200, ok.text
+    finally:
+        daemon.stop()
+
+
+def test_an_idle_model_is_unloaded_after_the_keep_alive(tmp_path, tiny_model):
+    def configure(config: ServeConfig) -> None:
+        config.models = [ModelSpec(str(tiny_model), name="tiny")]
+        config.keep_alive = 0.5
+
+    daemon = InProcessDaemon(tiny_model, tmp_path / "cache", configure=configure).start()
+    try:
+        messages = agent_messages("keep alive", repeat=1)
+        first, _ = ask(daemon, "tiny", messages)
+        deadline = time.monotonic() + 60
+        while state_of(daemon, "tiny") != "unloaded" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert state_of(daemon, "tiny") == "unloaded"
+        again, cached = ask(daemon, "tiny", messages)  # loaded again on demand, its prompt from disk
+        assert again == first and cached > 0
+    finally:
+        daemon.stop()
+
+
+def test_a_model_serving_a_request_is_not_unloaded_for_another(two_models, llama_model, hybrid_model):
+    """A long llama answer streams while a hybrid request waits for room: the llama stream
+    ends complete and exact, then the hybrid request is served."""
+    long_messages = agent_messages("long answer", repeat=1)
+    client = two_models.client()
+    ask(two_models, "llama", agent_messages("load llama first", repeat=1))
+    started = threading.Event()
+    pieces: list[str] = []
+
+    def stream_llama() -> None:
+        stream = client.chat.completions.create(model="llama", messages=long_messages, max_tokens=48,
+                                                temperature=0, stream=True)
+        for event in stream:
+            started.set()
+            pieces.extend(c.delta.content or "" for c in event.choices)
+
+    with ThreadPoolExecutor(2) as pool:
+        llama = pool.submit(stream_llama)
+        assert started.wait(120)
+        hybrid = pool.submit(ask, two_models, "hybrid", agent_messages("waits", repeat=1))
+        llama.result(300)
+        hybrid_answer, _ = hybrid.result(300)
+    assert "".join(pieces) == Reference(llama_model).chat(long_messages, 48)
+    assert hybrid_answer == Reference(hybrid_model).chat(agent_messages("waits", repeat=1), MAX_TOKENS)
+
+
+def test_two_loaded_models_both_make_progress_at_once(tmp_path, llama_model, hybrid_model):
+    """With room for both, a hybrid request is answered while a long llama stream is still
+    running: the worker steps each model's batch in turn."""
+    def configure(config: ServeConfig) -> None:
+        config.models = [ModelSpec(str(llama_model), name="llama"), ModelSpec(str(hybrid_model), name="hybrid")]
+
+    daemon = InProcessDaemon(llama_model, tmp_path / "cache", configure=configure, ceiling=None).start()
+    try:
+        ask(daemon, "hybrid", agent_messages("load hybrid", repeat=1))
+        client, long_messages = daemon.client(), agent_messages("long stream", repeat=1)
+        started, llama_done = threading.Event(), threading.Event()
+        pieces: list[str] = []
+
+        def stream_llama() -> None:
+            stream = client.chat.completions.create(model="llama", messages=long_messages, max_tokens=400,
+                                                    temperature=0, stream=True)
+            for event in stream:
+                started.set()
+                pieces.extend(c.delta.content or "" for c in event.choices)
+            llama_done.set()
+
+        with ThreadPoolExecutor(1) as pool:
+            llama = pool.submit(stream_llama)
+            assert started.wait(120)
+            hybrid_answer, _ = ask(daemon, "hybrid", agent_messages("beside", repeat=1))
+            finished_first = not llama_done.is_set()
+            llama.result(300)
+        assert finished_first, "the hybrid request waited for the whole llama stream"
+        assert state_of(daemon, "llama") == state_of(daemon, "hybrid") == "loaded"
+        assert hybrid_answer == Reference(hybrid_model).chat(agent_messages("beside", repeat=1), MAX_TOKENS)
+        assert "".join(pieces) == Reference(llama_model).chat(long_messages, 400)
+    finally:
+        daemon.stop()
