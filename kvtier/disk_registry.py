@@ -82,7 +82,9 @@ def release_disk(disk: LocalDisk, count: Count | None = None) -> None:
         key = next((k for k, shared in _open.items() if shared.disk is disk), None)
         if key is not None:
             shared = _open[key]
-            count = count if count in shared.users else shared.users[-1]
+            if count is not None and count not in shared.users:
+                return  # released already (a store closed twice)
+            count = count if count is not None else shared.users[-1]
             shared.users.remove(count)
             shared.counts.detach(count)
             if shared.users:
