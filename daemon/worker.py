@@ -26,6 +26,7 @@ import mlx.core as mx
 from kvtier.config import ModelSpec
 from kvtier.engine import Engine, resolve_model_path
 from kvtier.exactness import Exactness, measure_exactness
+from kvtier.models_memory import weights_on_disk
 from kvtier.requests import Chunk, GenerationRequest
 from kvtier.scheduler import BatchStats, Scheduler, runs_alone
 
@@ -43,7 +44,6 @@ from .models import (
     ServedModel,
     expired,
     room_for,
-    weights_on_disk,
 )
 
 log = logging.getLogger("kvtier.worker")
@@ -370,7 +370,7 @@ class Worker:
         """Its weights' size before its first load, from the files; ModelTooLarge if they
         alone pass the memory budget."""
         if not model.loads:
-            model.weight_bytes = weights_on_disk(str(resolve_model_path(model.spec.source)))
+            model.weight_bytes = weights_on_disk(resolve_model_path(model.spec.source))
         if self.memory_budget:
             room_for(model, [], self.memory_budget, 0)
 
@@ -409,7 +409,7 @@ class Worker:
             log.debug("the model's load failed here", exc_info=True)
             raise
         model.engine, model.prefill_step_size = engine, engine.prefill_step_size
-        model.weight_bytes = getattr(engine, "weight_bytes", 0) or model.weight_bytes
+        model.weight_bytes = engine.weight_bytes or model.weight_bytes
         model.scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=model.mode != BATCHED)
         model.scheduler.stats = model.stats
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
