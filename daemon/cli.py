@@ -43,7 +43,7 @@ def package_version() -> str:
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The daemon's settings from `kvtier serve`'s flags (ValueError for a bad combination)."""
     from .auth import is_loopback
-    from .model_names import parse_alias
+    from .model_names import ModelNames, parse_alias
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
@@ -65,7 +65,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         logging.getLogger("kvtier").warning("--batch-inexact is the default now: requests batch unless --exact is given")
     config.exact = args.exact
     config.prefetch = args.prefetch
-    config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
+    names = ModelNames(config.models)
+    for text in args.model_alias:
+        alias, spec = parse_alias(text, names)
+        spec.aliases.append(alias)
     config.strict_model_names = args.strict_model_names
     config.keep_billing_header = args.keep_billing_header
     config.allowed_hosts, config.allowed_origins = args.allowed_hosts, args.allowed_origins

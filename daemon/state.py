@@ -25,8 +25,8 @@ class DaemonState:
     names: ModelNames = field(init=False)
 
     def __post_init__(self) -> None:
-        self.names = ModelNames(self.config.model, self.config.model_aliases,
-                                self.config.strict_model_names)
+        self.names = ModelNames(self.config.models, strict=self.config.strict_model_names,
+                                allow_any=self.config.allow_any_model, offline=self.config.offline)
 
     def engine(self) -> Engine:
         """The loaded engine, or a 503 while the model is still loading."""
@@ -45,14 +45,14 @@ class DaemonState:
         return self.config.model
 
     def model_ids(self) -> set[str]:
-        """Names that always mean the loaded model: as given, its directory name, "default",
-        and the aliases."""
-        return self.names.known()
+        """Names that always mean the loaded (default) model: its name, source, directory
+        name, "default", and its exact aliases."""
+        return self.names.names_of(self.names.default)
 
     def requested_model(self, requested: str) -> str:
         """The request's `model`, checked by the daemon's naming policy; this is the name
         the response echoes."""
-        return self.names.resolve(requested)
+        return self.names.resolve(requested)[1]
 
 
 STATE = web.AppKey("state", DaemonState)
