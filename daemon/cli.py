@@ -50,7 +50,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
                         kv_group_size=args.kv_group_size, shared_url=args.shared, shared_ttl=args.shared_ttl,
                         **{k: v for k, v in given.items() if v is not None})
-    models = configured_models(args.model, args.models_file)
+    models = configured_models(args.model, args.models_file, args.model_alias)
     config = ServeConfig(model=models[0].source, models=models, host=args.host, port=args.port,
                          prefill_step_size=None if args.prefill_step_size == "auto" else args.prefill_step_size,
                          max_tokens_ceiling=args.max_tokens, pressure_keep=args.pressure_keep,
@@ -81,20 +81,12 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def apply_model_flags(config: ServeConfig, args: argparse.Namespace) -> None:
-    """The models' settings besides which they are: their names, the memory they share."""
-    from .model_config import check_unique_names
-    from .model_names import ModelNames, parse_alias
-
+    """The models' settings besides which they are: how names are resolved, the memory they share."""
     config.offline, config.allow_any_model = args.offline, args.allow_any_model
+    config.strict_model_names = args.strict_model_names
     if args.memory_budget is not None:
         config.memory_budget = args.memory_budget
     config.keep_alive = None if math.isinf(args.keep_alive) else float(args.keep_alive)
-    names = ModelNames(config.models)
-    for text in args.model_alias:
-        alias, spec = parse_alias(text, names)
-        spec.aliases.append(alias)
-    check_unique_names(config.models)
-    config.strict_model_names = args.strict_model_names
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from kvtier.config import ModelSpec
 
-from .model_names import is_glob, is_repo_id
+from .model_names import ModelNames, is_glob, is_repo_id, parse_alias
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,9 +104,20 @@ def _model(table: dict[str, Any], where: str, base: Path) -> ModelSpec:
     return ModelSpec(**dict(table, source=source, aliases=list(table.get("aliases", []))))
 
 
-def configured_models(flags: list[str], models_file: str | None) -> list[ModelSpec]:
+def configured_models(flags: list[str], models_file: str | None, aliases: list[str] | None = None
+                      ) -> list[ModelSpec]:
     """Every model, the default first: the `--model` flags in order, then the file's models;
-    the file's `default` names the default among them all."""
+    the file's `default` names the default among them all. Then the `--model-alias` flags."""
+    specs = _listed_models(flags, models_file)
+    names = ModelNames(specs)
+    for text in aliases or []:
+        alias, spec = parse_alias(text, names)
+        spec.aliases.append(alias)
+    check_unique_names(specs)
+    return specs
+
+
+def _listed_models(flags: list[str], models_file: str | None) -> list[ModelSpec]:
     specs = [parse_model_flag(text) for text in flags]
     default = None
     if models_file is not None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_config import parse_model_flag
+from .model_config import configured_models, parse_model_flag
 from .serve_options import add_serve_flags, serve_args
 
 LABEL = "com.kvtier.daemon"
@@ -353,6 +353,10 @@ def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
     # The service starts in another directory: make paths absolute. A model that is not a
     # path is a repo id in the HF cache and stays as given.
     options["model"] = [absolute_model(text) for text in options.get("model", [])]
+    if options.get("models_file") is not None:
+        options["models_file"] = str(Path(options["models_file"]).expanduser().resolve())
+    if args.action == "install":
+        _check_models(options)
     if options.get("cache_dir") is not None:
         options["cache_dir"] = str(Path(options["cache_dir"]).expanduser().resolve())
     xdg = os.environ.get("XDG_CONFIG_HOME")
@@ -377,6 +381,14 @@ def absolute_model(text: str) -> str:
         return text
     named = spec.name != spec.source
     return f"{spec.name}={source.resolve()}" if named else str(source.resolve())
+
+
+def _check_models(options: dict) -> None:
+    """A models file's mistakes are said now, not by a service restarting in a loop."""
+    try:
+        configured_models(options["model"], options.get("models_file"), options.get("model_alias"))
+    except ValueError as exc:
+        raise ServiceError(str(exc), 2) from None
 
 
 def _api_key(given: str | None, file: str | None) -> str | None:
