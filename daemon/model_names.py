@@ -4,7 +4,9 @@ Agents send the names they were built for ("claude-opus-…", "gpt-…"). A name
 this order, and the requested name is what the response echoes:
 1. exact names: a model's name, its aliases without glob characters, its source (path or repo
    id), the source's directory name, and "default" (the first configured model);
-2. glob aliases (`claude-*haiku*`, fnmatch), the first configured match winning;
+2. glob aliases (`claude-*haiku*`, fnmatch): the most specific match (most literal characters)
+   wins, so `claude-*haiku*` beats `claude-*` in whatever order they come; then the first
+   configured;
 3. with `--allow-any-model`, a Hugging Face repo id not configured: a new model, created once
    and kept (from the HF cache, or downloaded by whoever loads it unless `--offline`);
 4. the default model, unless `--strict-model-names`, which answers 404 instead.
@@ -33,6 +35,11 @@ def is_glob(name: str) -> bool:
 
 def is_repo_id(name: str) -> bool:
     return _REPO_ID.fullmatch(name) is not None and ".." not in name
+
+
+def _literal(glob: str) -> str:
+    """A glob's literal characters (without *, ? and [...] classes)."""
+    return re.sub(r"\[[^\]]*\]|[*?]", "", glob)
 
 
 def exact_aliases(spec: ModelSpec) -> list[str]:
@@ -109,10 +116,14 @@ class ModelNames:
         return self.default
 
     def _globbed(self, requested: str) -> ModelSpec | None:
-        for spec in self.specs:
-            if any(is_glob(a) and fnmatch.fnmatchcase(requested, a) for a in spec.aliases):
-                return spec
-        return None
+        """The model of the most specific glob matching: the most literal characters
+        (`claude-*haiku*` over `claude-*`, whichever model comes first), then the first
+        configured."""
+        matches = [(spec, alias) for spec in self.specs for alias in spec.aliases
+                   if is_glob(alias) and fnmatch.fnmatchcase(requested, alias)]
+        if not matches:
+            return None
+        return max(matches, key=lambda match: len(_literal(match[1])))[0]  # max keeps the first of ties
 
     def _any_model(self, requested: str) -> ModelSpec | None:
         """With `--allow-any-model`, a repo id in the HF cache (or, online, any repo id: whoever

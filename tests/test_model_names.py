@@ -41,16 +41,25 @@ def test_exact_names_of_each_model():
                              "Qwen3-4B-4bit", "claude-3-5-haiku"}
 
 
-def test_exact_beats_glob_and_the_first_matching_glob_wins():
+def test_exact_beats_glob_and_the_most_specific_glob_wins_whatever_the_order():
     names = two_models()
-    # "claude-3-5-haiku" matches the coder's "claude-*" first, but is the small model's exact alias
+    # "claude-3-5-haiku" matches both models' globs, but is the small model's exact alias
     assert served_by(names, "claude-3-5-haiku") == SMALL
-    # the coder's "claude-*" is configured before the small model's "claude-*haiku*"
-    assert served_by(names, "claude-haiku-4-5") == "coder"
+    # the coder's "claude-*" comes first, but "claude-*haiku*" says more
+    assert served_by(names, "claude-haiku-4-5") == SMALL
+    assert served_by(names, "claude-sonnet-4-5") == "coder"
     reordered = ModelNames([ModelSpec(SMALL, aliases=["claude-*haiku*"]),
                             ModelSpec(CODER, name="coder", aliases=["claude-*"])])
     assert served_by(reordered, "claude-haiku-4-5") == SMALL
     assert served_by(reordered, "claude-sonnet-4-5") == "coder"
+
+
+def test_of_equally_specific_globs_the_first_configured_wins():
+    first, second = ModelSpec("/m/a", aliases=["gpt-*"]), ModelSpec("/m/b", aliases=["gpt?5*", "*-mini"])
+    names = ModelNames([first, second])
+    assert names.resolve("gpt-5-codex")[0] is first  # "gpt-*" and "gpt?5*": 4 literal characters each
+    assert names.resolve("gpt-5-mini")[0] is second  # "*-mini": 5
+    assert ModelNames([second, first]).resolve("gpt-5-codex")[0] is second
 
 
 def test_a_more_explicit_name_wins_over_another_models_directory_name():
