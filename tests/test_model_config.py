@@ -163,3 +163,24 @@ def test_serve_fetches_every_model_before_it_starts(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == f"kvtier: no model directory at '{tmp_path / 'missing'}'\n"
+
+
+def test_the_documented_models_file_and_claude_code_example_route_as_they_say(tmp_path):
+    import re
+    import shlex
+
+    from daemon.model_names import ModelNames
+
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    (toml,) = re.findall(r"```toml\n(.*?)```", operations, re.S)
+    (tmp_path / "models.toml").write_text(toml)
+    readme = (ROOT / "README.md").read_text()
+    (command,) = [block for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+                  if "--model-alias 'claude-*haiku*=small'" in block]
+    for flags in (["--models-file", str(tmp_path / "models.toml")],
+                  shlex.split(command.replace("\\\n", " "))[2:]):
+        names = ModelNames(config_of(*flags).models)
+        assert [spec.name for spec in names.specs] == ["coder", "small"]
+        assert names.resolve("claude-haiku-4-5-20251001")[0].name == "small"
+        assert names.resolve("claude-sonnet-4-5-20250929")[0].name == "coder"
+        assert names.resolve("gpt-5-codex")[0].name == "coder"  # the default
