@@ -43,6 +43,7 @@ class DaemonState:
             try:
                 await self.worker.load(served.name)
             except Exception as exc:
+                self.names.forget(spec)  # an --allow-any-model name: the next request tries again
                 raise model_error(served, exc) from None
         _SELECTED.set(served)
         return echo

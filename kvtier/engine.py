@@ -156,7 +156,8 @@ class Engine:
         computed_by = runtime()  # the mlx / mlx-lm computing the KV: an upgrade is a clean miss
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format, computed_by)
         self.store = TieredStore(cache_config, self.fingerprint, self.layout, self.plan)
-        self.store.register_model(dict(describe_model(self.model_path, computed_by), name=self.model_name))
+        self.description = dict(describe_model(self.model_path, computed_by), name=self.model_name)
+        self.store.register_model(self.description)
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
         try:
