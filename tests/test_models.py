@@ -222,3 +222,17 @@ def test_purge_takes_the_name_a_daemon_served_the_model_by(tmp_path, tiny_model)
     purged = kvtier("purge", "--model", "small", "--cache-dir", str(tmp_path / "cache"))
     assert purged.returncode == 0, purged.stderr
     assert not entries_by_name(tmp_path / "cache")
+
+
+def test_after_a_restart_a_second_model_restores_its_conversation_from_disk(daemon_factory, tiny_model,
+                                                                           hybrid_model):
+    """`kvtier serve --model PATH --model hybrid=PATH`, stopped and started again: the second
+    model loads on its first request and restores what it computed before the restart."""
+    daemon = daemon_factory(tiny_model, "--model", f"hybrid={hybrid_model}")
+    messages = agent_messages("restart", repeat=2)
+    before, _ = ask(daemon, "hybrid", messages)
+    assert daemon.stop() == 0
+    daemon.start()
+    after, cached = ask(daemon, "hybrid", messages)
+    assert after == before == Reference(hybrid_model).chat(messages, MAX_TOKENS)
+    assert cached >= len(Reference(hybrid_model).chat_tokens(messages)) - 64
