@@ -13,12 +13,13 @@ import numpy as np
 from .blocks import BlockRef, tokens_hash
 from .checks import check_block
 from .disk import DamagedBlock, ParsedBlock, to_mlx
+from .disk_registry import release_disk
 from .index import BlockRecord, now_ms
 from .kvstate import PromptBuffers
 from .local import LocalDisk
 from .ram import HotBlock
 from .readahead import READ_AHEAD_BYTES, ReadAhead, chain_plan, first_bytes
-from .tier import BaseTier, Pending
+from .tier import BaseTier, Count, Pending
 from .writer import Entry, WriteJob
 
 Fits = Callable[[ParsedBlock, str], bool]
@@ -31,9 +32,13 @@ class DiskTier(BaseTier):
     remote = False
 
     def __init__(self, disk: LocalDisk, readers: ThreadPoolExecutor, fingerprint: str, fits: Fits,
-                 block_size: int):
+                 block_size: int, count: Count | None = None):
+        """`count`: the store's counter, for what is this model's alone (its writes, its key
+        collisions); the disk's events go to every store sharing it (disk_registry)."""
         self.disk, self._readers, self._fingerprint = disk, readers, fingerprint
         self._fits, self._block_size = fits, block_size
+        self._count: Count = count or disk.count
+        self._own_count = count
 
     @property
     def durable(self) -> bool:
@@ -67,7 +72,7 @@ class DiskTier(BaseTier):
         if record is None or record.kind != kind:
             return None
         if record.fingerprint != self._fingerprint or record.tokens_hash != tokens_hash(tokens):
-            self.disk.count("key_collisions")
+            self._count("key_collisions")
             return None
         try:
             parsed = read.result() if read else self.disk.read_parsed(ref.hex, record)
@@ -85,7 +90,7 @@ class DiskTier(BaseTier):
         tier below. While the tier is off, every entry goes on."""
         if not self.durable:
             return entries
-        indexed = self.disk.write_job(WriteJob(entries))
+        indexed = self.disk.write_job(WriteJob(entries, self._fingerprint), self._count)
         if indexed is None:
             return None
         written = {key for key, _, _ in indexed}
@@ -115,7 +120,7 @@ class DiskTier(BaseTier):
         return {"disk_writable": error is None, "disk_error": error}
 
     def close(self) -> None:
-        self.disk.close()
+        release_disk(self.disk, self._own_count)  # closed with the last store using it
 
     # -- the start-up prefetch (kvtier/prefetch.py) reads the index's newest entries ---------
     def read_hot(self, batch: list[tuple[bytes, BlockRecord]]) -> list[HotBlock]:

@@ -10,6 +10,7 @@ Everything in this module runs on the single thread that owns MLX.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -89,6 +90,25 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+class ModelReleased(RuntimeError):
+    """The engine was closed: its model's memory is released, it serves nothing more."""
+
+
+class ReleasedModel:
+    """What `Engine.model` is after `close`: any use fails, saying why."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelReleased(f"model {self._name} was closed (unloaded): load it again to use it")
+
+    __call__ = _fail
+
+    def __getattr__(self, attribute: str) -> Any:
+        self._fail()
+
+
 class Engine:
     def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int | None = 2048):
         self.model_path = resolve_model_path(model)
@@ -151,6 +171,8 @@ class Engine:
     def begin(self, request: GenerationRequest) -> Session:
         """Take over the live cache holding the longest prefix of the request's prompt, unless
         the tiers hold a longer one: then restore that into a fresh prompt cache."""
+        if isinstance(self.model, ReleasedModel):
+            self.model()  # raises ModelReleased: its store is closed too
         live = self.store.live
         started, epoch = time.perf_counter(), live.epoch if live is not None else 0
         if request.phase:
@@ -290,5 +312,14 @@ class Engine:
         return self.store.pin_prefix(tokens, pinned)
 
     def close(self) -> None:
+        """Every hot block written to disk (the store's flush), then the model's memory
+        released, weights and hot blocks, even while this object stays referenced (a pool
+        keeps its entry): the model is dropped, a later use raises ModelReleased. Twice: nothing."""
+        if isinstance(self.model, ReleasedModel):
+            return
         self.store.close()
+        self.store.forget_hot()  # written by now: RAM's copies go with the model
+        self.model = ReleasedModel(self.model_name)
+        gc.collect()  # the model's arrays may sit in reference cycles (modules and their parents)
+        mx.clear_cache()
 

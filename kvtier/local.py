@@ -54,12 +54,14 @@ class LocalDisk:
     name = "disk"
 
     def __init__(self, path: Path, index: Index, files: BlockFiles, budget: int,
-                 count: Count = _no_count, fingerprint: str = "",
+                 count: Count = _no_count, probe_fingerprint: str = "",
                  scratch: Path | None = None, write_error: str | None = None, dirs_bytes: int = 0,
                  owns_index: bool = True):
         self.path, self.files, self.budget = Path(path), files, budget
         self.index = index
-        self.count, self.fingerprint = count, fingerprint
+        # A block's record names its own model (its write job's); this one is only whose
+        # counters the upkeep's probe write touches (changing nothing).
+        self.count, self.probe_fingerprint = count, probe_fingerprint
         self.owns_index = owns_index
         self.scratch = scratch  # set when the cache directory cannot be used
         self.dirs_bytes = dirs_bytes  # the cache directory's own and its index directory's
@@ -77,7 +79,9 @@ class LocalDisk:
         """The daemon's disk tier: the cache directory's index and files; when it cannot be
         used (no permission, a read-only or full disk), an empty private index in a temporary
         directory, and the tier off: the daemon still serves, from RAM, and says why in its
-        stats. A damaged index is replaced by an empty one, refilled from the files."""
+        stats. A damaged index is replaced by an empty one, refilled from the files.
+        One per cache directory in a process (LMDB's rule): stores open it through
+        disk_registry.open_disk, which shares it."""
         try:
             cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             _make_private(cache_dir)
@@ -163,9 +167,10 @@ class LocalDisk:
         """The file read straight into `targets` (BlockFiles.read_into), checked as `read_parsed` checks it."""
         return self.files.read_into(key_hex, record.checksum, record.nbytes, targets)
 
-    def write_job(self, job: WriteJob) -> list[tuple[bytes, BlockRecord, bytes]] | None:
-        """Run a write job (DiskWrites.write_job): what got indexed, None if nothing did."""
-        return self.writes.write_job(job)
+    def write_job(self, job: WriteJob, count: Count | None = None) -> list[tuple[bytes, BlockRecord, bytes]] | None:
+        """Run a write job (DiskWrites.write_job): what got indexed, None if nothing did;
+        its writes counted by `count` (its store's) when given."""
+        return self.writes.write_job(job, count)
 
     def note_in_index(self, write, *args) -> None:
         """Best-effort index bookkeeping (access times, counters): a full or read-only disk

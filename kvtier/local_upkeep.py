@@ -34,7 +34,7 @@ class Disk(Protocol):
     space: DiskSpace
     writes: DiskWrites
     rebuilder: Rebuilder
-    fingerprint: str
+    probe_fingerprint: str
     owns_index: bool
     dirs_bytes: int
     index_replaced: threading.Event
@@ -143,7 +143,7 @@ class Upkeep:
         disk, writes = self.disk, self.disk.writes
         try:
             disk.files.probe()
-            disk.index.add_counters(disk.fingerprint, {})  # an index write, changing nothing
+            disk.index.add_counters(disk.probe_fingerprint, {})  # an index write, changing nothing
         except (OSError, lmdb.Error) as exc:
             if not is_no_space(exc):
                 writes.error = error_text(exc)

@@ -72,7 +72,6 @@ class Disk(Protocol):
     files: BlockFiles
     space: DiskSpace
     budget: int
-    fingerprint: str
     count: Count
 
     def disk_used(self) -> int: ...
@@ -91,9 +90,10 @@ class DiskWrites:
         self.strays = Strays()
         self.files_lock = threading.Lock()  # a write job, or the sweep of one subdirectory
 
-    def write_job(self, job: WriteJob) -> Indexed | None:
+    def write_job(self, job: WriteJob, count: Count | None = None) -> Indexed | None:
         """Run a write job: its removals, then its new files, indexed together within the
-        budget. Returns what got indexed (None: nothing, the error is recorded)."""
+        budget, each record naming the job's model. Returns what got indexed (None: nothing,
+        the error is recorded). Its writes are counted by `count` (its store's), else the disk's."""
         disk = self.disk
         with self.files_lock:  # the sweep must not meet this job's files before they are indexed
             try:
@@ -101,20 +101,20 @@ class DiskWrites:
                     if entry.payload is None:
                         disk.drop(entry.key)
                 writes = [e for e in job.entries if e.payload is not None and disk.index.get(e.key) is None]
-                indexed = self._write_within_room(writes)
+                indexed = self._write_within_room(writes, job.fingerprint)
             except (OSError, lmdb.Error) as exc:  # read-only, no permission, or still no space
                 self.failed(exc)
                 return None
             if indexed is None:
                 return None
-            self._written(indexed)
+            self._written(indexed, count or disk.count)
             try:
                 self._trim()  # the directories and the index grew too
             except (OSError, lmdb.Error) as exc:
                 self.failed(exc)
             return indexed
 
-    def _written(self, indexed: Indexed) -> None:
+    def _written(self, indexed: Indexed, count: Count) -> None:
         if self.error is not None:
             self.error = None
             log.info("the disk tier accepts writes again")
@@ -122,10 +122,10 @@ class DiskWrites:
             self.failed_some = False
             self.retry_due = True  # the disk takes writes again: write what failed before
         self.strays.remove()
-        self.disk.count("disk_writes", len(indexed))
-        self.disk.count("disk_bytes_written", sum(r.nbytes for _, r, _ in indexed))
+        count("disk_writes", len(indexed))
+        count("disk_bytes_written", sum(r.nbytes for _, r, _ in indexed))
 
-    def _write_within_room(self, writes: list[Entry]) -> Indexed | None:
+    def _write_within_room(self, writes: list[Entry], fingerprint: str) -> Indexed | None:
         """Evict to make room, write the files and index them; a write the disk turns down for
         lack of space is tried once more after evicting to what the disk really holds. None
         when the entries cannot fit at all (they stay in RAM)."""
@@ -135,7 +135,7 @@ class DiskWrites:
             if not self._make_room(needed):
                 return None
             try:
-                indexed = self._write_files(writes)
+                indexed = self._write_files(writes, fingerprint)
                 self.disk.index.put_many(indexed)
                 return indexed
             except (OSError, lmdb.Error) as exc:
@@ -147,7 +147,7 @@ class DiskWrites:
                 self.disk.space.mark_full(error_text(exc))
         return None
 
-    def _write_files(self, writes: list[Entry]) -> Indexed:
+    def _write_files(self, writes: list[Entry], fingerprint: str) -> Indexed:
         indexed, stamp = [], now_ms()
         for entry in writes:
             block: HotBlock = entry.block
@@ -155,7 +155,7 @@ class DiskWrites:
             assert payload is not None  # removals are not among the writes
             written = self.disk.files.write(entry.key.hex(), payload)
             record = BlockRecord(
-                parent=block.parent.hex(), fingerprint=self.disk.fingerprint, depth=block.index,
+                parent=block.parent.hex(), fingerprint=fingerprint, depth=block.index,
                 num_tokens=len(block.tokens), nbytes=written.nbytes, checksum=checksum(payload),
                 tokens_hash=tokens_hash(block.tokens), access_ms=stamp, created_ms=stamp,
                 kind=block.kind, allocated=written.allocated)

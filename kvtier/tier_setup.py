@@ -9,9 +9,9 @@ from typing import Callable
 
 from .config import CacheConfig
 from .disk import ParsedBlock
+from .disk_registry import open_disk
 from .disk_tier import DiskTier
 from .kvstate import CachePlan, Layout, matches_layout, snapshot_matches
-from .local import LocalDisk
 from .shared import SharedTier
 from .shared_io import SharedIO
 from .tier import Count, Tier
@@ -42,8 +42,8 @@ class Tiers:
 def open_tiers(config: CacheConfig, fingerprint: str, count: Count, readers: ThreadPoolExecutor,
                fits: Fits) -> Tiers:
     """The configured tiers below RAM: the local disk, then the shared store if one is named."""
-    disk = DiskTier(LocalDisk.open(config.cache_dir, config.disk_budget, count, fingerprint), readers,
-                    fingerprint, fits, config.block_size)
+    disk = DiskTier(open_disk(config.cache_dir, config.disk_budget, count, fingerprint), readers,
+                    fingerprint, fits, config.block_size, count)
     if not config.shared_url:
         return Tiers([disk], disk, None)
     shared = SharedTier(config.shared_url, fingerprint, count, config.shared_ttl)

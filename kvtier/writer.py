@@ -34,6 +34,7 @@ class WriteJob:
     land together or not at all."""
 
     entries: list[Entry]
+    fingerprint: str = ""  # the model whose entries they are: its records name it
 
     @property
     def nbytes(self) -> int:
