@@ -13,8 +13,12 @@ from kvtier.local import LocalDisk
 
 from ..auth import is_loopback
 from ..errors import ApiError
+from ..models import FAILED
 from ..request_models import PinRequest, WarmRequest, read_body
 from ..state import STATE
+from ..worker import Worker
+from . import model_stats
+from .models import batching, describe, served_named
 from .openai import template_messages
 
 routes = web.RouteTableDef()
@@ -22,15 +26,29 @@ routes = web.RouteTableDef()
 
 @routes.get("/health")
 async def health(http: web.Request) -> web.Response:
+    """The default model's health at the top level (as with one model), every model's under
+    `models`. "ok" once the default model has loaded: another model unloaded or failed, or the
+    default unloaded for room (a request loads it again), is no fault of the daemon's."""
     state = http.app[STATE]
-    worker = state.worker
-    if worker.engine is None:
-        status = "error" if worker.load_error else "loading"
-        return web.json_response({"status": status, "error": worker.load_error}, status=503)
+    worker, default = state.worker, state.worker.default
+    models = {m.name: describe(worker, m) for m in list(worker.models.values())}
+    if default.engine is None or default.state == FAILED:
+        status = "error" if default.load_error else "loading"
+        return web.json_response({"status": status, "error": default.load_error, "models": models}, status=503)
+    engine = default.engine
     # A read-only disk or an unreachable shared store degrades nothing: still "ok".
-    return web.json_response({"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-                              **worker.engine.store.health(), "batching": _batching(worker),
-                              "prefill_chunk": worker.engine.prefill_chunk.describe(), "access": _access(state.config)})
+    return web.json_response({"status": "ok", "model": default.name, "model_state": default.state,
+                              "waiting_requests": worker.waiting, **_tiers_health(worker),
+                              "batching": batching(worker, default),
+                              "prefill_chunk": engine.prefill_chunk.describe(), "access": _access(state.config),
+                              "models": models})
+
+
+def _tiers_health(worker: Worker) -> dict:
+    """Whether the disk takes writes, the shared store's connection: from the default model's
+    store, or with it unloaded another loaded model's (the cache directory is theirs too)."""
+    loaded = sorted(worker.loaded_models(), key=lambda m: m is not worker.default)
+    return loaded[0].engine.store.health() if loaded and loaded[0].engine is not None else {}
 
 
 def _access(config) -> dict:
@@ -39,35 +57,17 @@ def _access(config) -> dict:
             "allowed_hosts": config.allowed_hosts, "allowed_origins": config.allowed_origins}
 
 
-def _batching(worker) -> dict:
-    info = worker.describe()
-    return {k: info[k] for k in ("mode", "enabled", "exact", "max_batch", "reason", "max_logprob_difference",
-                                 "running")}
-
-
 @routes.get("/cache/stats")
 async def cache_stats(http: web.Request) -> web.Response:
+    """The default model's cache, or `?model=NAME`'s (an exact name: 404 for another). A model
+    that is not loaded is not loaded for this: its state, and what the disk holds of it."""
     state = http.app[STATE]
-    engine = state.engine()
-    stats = engine.store.stats()
-    counters = stats["counters"]
-    stats.update({
-        "model": state.model_id(),
-        "fingerprint": engine.fingerprint,
-        "prefix_reuse": engine.reusable,
-        "hits": counters.get("requests_hit", 0),
-        "misses": counters.get("requests_miss", 0),
-        "half_cached": counters.get("requests_half_cached", 0),
-        "hit_rate": ops.rates(counters)["hit_rate"],  # weighted by tokens
-        "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
-                   "from_disk": counters.get("tokens_from_disk", 0),
-                   "from_shared": counters.get("tokens_from_shared", 0),
-                   "from_live": counters.get("tokens_from_live", 0),  # of from_ram: no copy
-                   "computed": counters.get("tokens_computed", 0)},
-        "batch": state.worker.describe(),
-        "tokenizer": engine.renderer.stats(),
-    })
-    return web.json_response(stats)
+    model = served_named(state, http.query["model"]) if "model" in http.query else state.worker.default
+    if not model.loaded:
+        if model is state.worker.default and model.engine is None:
+            state.engine()  # a 503 while it loads at start-up, as before
+        return web.json_response(model_stats.unloaded(state.worker, model))
+    return web.json_response(model_stats.loaded(state.worker, model))
 
 
 def _cache_dir(http: web.Request) -> LocalDisk:
