@@ -71,6 +71,8 @@ def test_health_keeps_the_default_models_fields_and_adds_every_model(two):
     assert act(two, "tiny", "unload").status == 200  # the default unloaded: a request loads it again
     health = two.get("/health")
     assert health["status"] == "ok" and health["model_state"] == "unloaded"
+    assert two.get("/status")["waiting"] == 0  # the status page's data, with its model unloaded
+    assert two.get("/cache/stats")["state"] == "unloaded"
     assert act(two, "default", "load").json()["state"] == "loaded"
 
 
