@@ -68,11 +68,13 @@ def test_health_keeps_the_default_models_fields_and_adds_every_model(two):
     assert act(two, "llama", "unload").status == 200
     health = two.get("/health")
     assert health["status"] == "ok" and health["models"]["llama"]["state"] == "unloaded"
+    assert act(two, "llama", "load").status == 200
     assert act(two, "tiny", "unload").status == 200  # the default unloaded: a request loads it again
     health = two.get("/health")
     assert health["status"] == "ok" and health["model_state"] == "unloaded"
     assert two.get("/status")["waiting"] == 0  # the status page's data, with its model unloaded
     assert two.get("/cache/stats")["state"] == "unloaded"
+    assert two.get("/cache/entries")["data"]  # read through llama's store
     assert act(two, "default", "load").json()["state"] == "loaded"
 
 
@@ -175,3 +177,15 @@ def test_the_model_routes_need_the_api_key(tmp_path, tiny_model):
         assert keyed.status == 200 and keyed.json()["name"] == name and keyed.json()["state"] == "unloaded"
     finally:
         daemon.stop()
+
+
+def test_purging_everything_drops_every_loaded_models_hot_copies(two):
+    """Last in the module: it empties the cache."""
+    ask(two, "tiny", "purge")
+    ask(two, "llama", "purge")
+    assert two.get("/cache/stats?model=llama")["ram"]["entries"] > 0
+    assert two.request("DELETE", "/cache?all=true").status == 200
+    for model in ("tiny", "llama"):
+        stats = two.get(f"/cache/stats?model={model}")
+        assert stats["ram"]["entries"] == 0 and stats["live"]["entries"] == 0, model
+    assert two.get("/cache/entries")["data"] == []

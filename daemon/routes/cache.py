@@ -10,12 +10,13 @@ from aiohttp import web
 from kvtier import ops, scheduler
 from kvtier.config import parse_duration, parse_size
 from kvtier.local import LocalDisk
+from kvtier.tiers import TieredStore
 
 from ..auth import is_loopback
 from ..errors import ApiError
 from ..models import FAILED
 from ..request_models import PinRequest, WarmRequest, read_body
-from ..state import STATE
+from ..state import STATE, DaemonState
 from ..worker import Worker
 from . import model_stats
 from .models import batching, describe, served_named
@@ -47,7 +48,7 @@ async def health(http: web.Request) -> web.Response:
 def _tiers_health(worker: Worker) -> dict:
     """Whether the disk takes writes, the shared store's connection: from the default model's
     store, or with it unloaded another loaded model's (the cache directory is theirs too)."""
-    loaded = sorted(worker.loaded_models(), key=lambda m: m is not worker.default)
+    loaded = model_stats.open_models(worker)
     return loaded[0].engine.store.health() if loaded and loaded[0].engine is not None else {}
 
 
@@ -71,7 +72,19 @@ async def cache_stats(http: web.Request) -> web.Response:
 
 
 def _cache_dir(http: web.Request) -> LocalDisk:
-    return http.app[STATE].engine().store.disk  # the CLI's operations, on the daemon's own disk tier
+    return _open_stores(http.app[STATE])[0].disk  # the CLI's operations, on the daemon's own disk tier
+
+
+def _open_stores(state: DaemonState) -> list[TieredStore]:
+    """The loaded models' stores, the default model's first (the cache directory is every
+    model's); a 503 when none is loaded."""
+    stores = [m.engine.store for m in model_stats.open_models(state.worker) if m.engine is not None]
+    if not stores:
+        state.engine()  # a 503 while the default model loads at start-up, as before
+        raise ApiError(503, "no model is loaded to read the cache directory with: load one "
+                            "(kvtier models load NAME)", type_="server_error", code="model_not_ready",
+                       headers={"Retry-After": "5"})
+    return stores
 
 
 @routes.get("/cache/entries")
@@ -81,14 +94,15 @@ async def cache_entries(http: web.Request) -> web.Response:
     (`preview`) only with --show-previews: it is what the user's agents sent."""
     limit, offset = _natural(http.query, "limit"), _natural(http.query, "offset") or 0
     state = http.app[STATE]
-    store = state.engine().store
+    stores = _open_stores(state)
     show = state.config.show_previews
-    await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
+    for store in stores:
+        await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
     found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), preview_tokens=12 if show else 0,
                                     limit=limit, offset=offset)
     entries = []
     for prefix in found:
-        hot = sum(1 for key in prefix.chain if store.is_hot(key))
+        hot = sum(1 for key in prefix.chain if any(store.is_hot(key) for store in stores))
         tier = "ram+disk" if hot == len(prefix.chain) else ("partly ram" if hot else "disk")
         entry = dict(prefix.to_json(), tier=tier)
         if not show:
@@ -130,8 +144,9 @@ async def purge_cache(http: web.Request) -> web.Response:
                                          model=model, older_than_s=older, to_size=to_size)
     except ops.UnknownModel as exc:
         raise ApiError(400, str(exc), param="model") from None
-    if everything or state.engine().fingerprint in result["models"]:
-        state.engine().store.forget_hot()  # the hot copies of what was purged go too
+    for served in model_stats.open_models(state.worker):
+        if served.engine is not None and (everything or served.engine.fingerprint in result["models"]):
+            served.engine.store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
 
 

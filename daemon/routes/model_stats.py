@@ -68,5 +68,11 @@ def on_disk(worker: Worker, fingerprint: str) -> dict | None:
 
 
 def _open_engine(worker: Worker) -> Engine | None:
-    loaded = worker.loaded_models()
+    loaded = open_models(worker)
     return loaded[0].engine if loaded else None
+
+
+def open_models(worker: Worker) -> list[ServedModel]:
+    """The loaded models, the default one first: their stores read the cache directory that
+    every model shares."""
+    return sorted(worker.loaded_models(), key=lambda m: m is not worker.default)
