@@ -81,16 +81,16 @@ def run(work: Path | None = None) -> dict:
 
         ask(0)
         base_active, base_rss = mx.get_active_memory(), resident()
-        hot_before = store.hot_bytes
+        hot_before = store.hot_bytes()
         for seed in range(1, REQUESTS + 1):
             ask(seed)
         live: dict = {}
 
         def measure_live() -> None:
-            live.update(active=mx.get_active_memory(), rss=resident(), hot=store.hot_bytes)
+            live.update(active=mx.get_active_memory(), rss=resident(), hot=store.hot_bytes())
 
         ask(REQUESTS + 1, during=measure_live)
-        after_active, after_rss, hot = mx.get_active_memory(), resident(), store.hot_bytes - hot_before
+        after_active, after_rss, hot = mx.get_active_memory(), resident(), store.hot_bytes() - hot_before
         live_raw = live["hot"] - hot_before + (PROMPT_TOKENS + 8) * per_token
     finally:
         engine.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from kvtier.config import ModelSpec, format_size
@@ -79,8 +78,7 @@ class ServedModel:
     def hot_bytes(self) -> int:
         if not self.loaded or self.engine is None:
             return 0
-        hot = getattr(self.engine.store, "hot_bytes", 0)
-        return int(hot() if callable(hot) else hot)
+        return self.engine.store.hot_bytes()
 
     def footprint(self) -> int:
         """Bytes it holds in memory: weights and hot KV."""
@@ -97,12 +95,6 @@ class ServedModel:
                 "error": self.load_error, "waiting": len(self.backlog),
                 "running": len(self.scheduler) if self.scheduler is not None else 0,
                 "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.last_used else None}
-
-
-def weights_on_disk(source: str) -> int:
-    """Bytes of a model directory's safetensors files: its weights' size before loading."""
-    path = Path(source)
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
 
 
 @dataclass

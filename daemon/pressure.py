@@ -41,7 +41,7 @@ class PressureWatcher:
         """On the MLX thread: shrink the hot tier to the low watermark."""
         store = engine.store
         target = int(store.config.ram_budget * self.keep_fraction)
-        if store.hot_bytes <= target:
+        if store.hot_bytes() <= target:
             return
         released = store.spill(target)
         self.events += 1

@@ -26,6 +26,7 @@ import mlx.core as mx
 from kvtier.config import ModelSpec
 from kvtier.engine import Engine, resolve_model_path
 from kvtier.exactness import Exactness, measure_exactness
+from kvtier.models_memory import weights_on_disk
 from kvtier.requests import Chunk, GenerationRequest
 from kvtier.scheduler import BatchStats, Scheduler, runs_alone
 
@@ -43,7 +44,6 @@ from .models import (
     ServedModel,
     expired,
     room_for,
-    weights_on_disk,
 )
 
 log = logging.getLogger("kvtier.worker")
@@ -231,7 +231,8 @@ class Worker:
         stopping = False
         while True:
             stopping = self._take_jobs(block=not stopping and self._idle()) or stopping
-            for model in list(self.models.values()):
+            self._holds.clear()  # models waiting for room set them again, before the others' turns
+            for model in sorted(list(self.models.values()), key=lambda m: m.loaded):
                 self._turn(model)
             self._unload_expired()
             if stopping and self._idle():
@@ -354,13 +355,14 @@ class Worker:
         return self._try_load(model)
 
     def _drop_upkeep(self, model: ServedModel) -> bool:
-        """Upkeep calls for a model that is not loaded are dropped, unloads answered (False):
-        neither loads it. True when nothing else is left to load it for."""
-        for job in [j for j in model.backlog if isinstance(j.work, (_IfLoaded, _Unload))]:
+        """Upkeep calls and cancelled requests for a model that is not loaded are dropped,
+        unloads answered (False): none loads it. True when nothing else is left to load it for."""
+        for job in [j for j in model.backlog if _needs_no_load(j.work)]:
             model.backlog.remove(job)
             if isinstance(job.work, _IfLoaded):
                 job.work.dropped()
-            job.emit(False if isinstance(job.work, _Unload) else None)
+            if isinstance(job.work, _Unload):
+                job.emit(False)
             job.emit(_DONE)
         return not model.backlog
 
@@ -368,7 +370,7 @@ class Worker:
         """Its weights' size before its first load, from the files; ModelTooLarge if they
         alone pass the memory budget."""
         if not model.loads:
-            model.weight_bytes = weights_on_disk(str(resolve_model_path(model.spec.source)))
+            model.weight_bytes = weights_on_disk(resolve_model_path(model.spec.source))
         if self.memory_budget:
             room_for(model, [], self.memory_budget, 0)
 
@@ -407,7 +409,7 @@ class Worker:
             log.debug("the model's load failed here", exc_info=True)
             raise
         model.engine, model.prefill_step_size = engine, engine.prefill_step_size
-        model.weight_bytes = getattr(engine, "weight_bytes", 0) or model.weight_bytes
+        model.weight_bytes = engine.weight_bytes or model.weight_bytes
         model.scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=model.mode != BATCHED)
         model.scheduler.stats = model.stats
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
@@ -490,6 +492,11 @@ class Worker:
 
 class _Unload:
     """The job of `Worker.unload`."""
+
+
+def _needs_no_load(work: object) -> bool:
+    cancelled = isinstance(work, GenerationRequest) and work.cancelled.is_set()
+    return cancelled or isinstance(work, (_IfLoaded, _Unload))
 class Outbox:
     """Items from the MLX thread to the event loop's queues, in order, with one wake-up of
     the loop for all that arrive before it runs: a batch step emits a chunk per request, and

@@ -26,6 +26,7 @@ from . import chunking, kvstate, row_attention
 from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
+from .models_memory import parameter_bytes
 from .prefetch import Prefetch
 from .prompt import Renderer
 from .requests import GenerationRequest, Usage
@@ -114,6 +115,7 @@ class Engine:
         self.model_path = resolve_model_path(model)
         self.model_name = model
         self.model, self.tokenizer = mlx_load(str(self.model_path))
+        self.weight_bytes = parameter_bytes(self.model)  # what the weights take, for a memory budget
         row_attention.install()  # its model module is loaded now: batched rows attend alone
         config = json.loads((self.model_path / "config.json").read_text())
         self.context_length = declared_context_length(config)  # None: no limit declared

@@ -201,9 +201,9 @@ class TieredStore:
             body.update(tier.health())
         return body
 
-    @property
     def hot_bytes(self) -> int:
-        """The hot tier's blocks and the live caches: what its budget bounds."""
+        """The hot tier's blocks and the live caches: what its budget bounds, and this model's
+        KV in memory (beside its weights) for the daemon's memory budget."""
         return self.ram.num_bytes + (self.live.nbytes if self.live is not None else 0)
 
     def is_hot(self, key: bytes) -> bool:
@@ -290,7 +290,7 @@ class TieredStore:
     # -- start-up prefetch (kvtier/prefetch.py): the cache directory's newest entries ------
     def plan_prefetch(self, budget: int) -> Prefetch:
         """Plan the start-up prefetch: up to `budget` bytes and the hot tier's free room."""
-        room = min(budget, self.ram.budget - self.hot_bytes)
+        room = min(budget, self.ram.budget - self.hot_bytes())
         index = self.index if self.plan is not None and self.disk_enabled else None
         self.prefetch = plan_prefetch(index, self.fingerprint, self.ram, room, self._purges)
         return self.prefetch
@@ -301,7 +301,7 @@ class TieredStore:
         requests: a request waits for one slice at most."""
         if self.prefetch is None:
             return False
-        return self.prefetch.step(self._local.read_hot, self.ram, lambda: self.ram.budget - self.hot_bytes,
+        return self.prefetch.step(self._local.read_hot, self.ram, lambda: self.ram.budget - self.hot_bytes(),
                                   lambda: self._purges, entries, max_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_a_live_cache_that_does_not_fit_the_ram_budget_is_not_kept(llama_model, 
         tokens = reference.chat_tokens(agent_messages("budget"))
         run(engine, tokens)
         assert engine.store.stats()["live"]["entries"] == 0 and engine.store.counters["live_refused"] == 1
-        assert engine.store.hot_bytes <= (1 << 20) + engine.store.stats()["ram"]["pending_bytes"]
+        assert engine.store.hot_bytes() <= (1 << 20) + engine.store.stats()["ram"]["pending_bytes"]
     finally:
         engine.close()
 

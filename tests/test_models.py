@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.models import weights_on_disk
 from daemon.state import STATE
 from kvtier.config import ModelSpec, ServeConfig
+from kvtier.models_memory import weights_on_disk
 from tests.conftest import MODELS, Reference, agent_messages
 from tests.inprocess import InProcessDaemon
 from tests.support.testmodels import make_model
@@ -29,11 +29,11 @@ def hybrid_model() -> Path:
 
 def fits_one(llama: Path, hybrid: Path):
     """A memory budget that holds either model's weights, never both."""
-    budget = weights_on_disk(str(llama)) + weights_on_disk(str(hybrid)) - 1
+    budget = weights_on_disk(llama) + weights_on_disk(hybrid) - 1
 
     def configure(config: ServeConfig) -> None:
         config.models = [ModelSpec(str(llama), name="llama"), ModelSpec(str(hybrid), name="hybrid")]
-        config.memory_budget = max(budget, weights_on_disk(str(llama)), weights_on_disk(str(hybrid)))
+        config.memory_budget = max(budget, weights_on_disk(llama), weights_on_disk(hybrid))
     return configure
 
 
@@ -95,7 +95,7 @@ def test_requests_for_both_models_at_once_all_finish_with_plain_mlx_lm_answers(t
 def test_a_model_larger_than_the_memory_budget_is_refused_naming_the_sizes(tmp_path, tiny_model, llama_model):
     def configure(config: ServeConfig) -> None:
         config.models = [ModelSpec(str(tiny_model), name="tiny"), ModelSpec(str(llama_model), name="large")]
-        config.memory_budget = weights_on_disk(str(llama_model)) // 2
+        config.memory_budget = weights_on_disk(llama_model) // 2
 
     daemon = InProcessDaemon(tiny_model, tmp_path / "cache", configure=configure).start()
     try:

@@ -116,13 +116,13 @@ def test_the_prefetch_stays_inside_its_budget_and_the_hot_tier(llama_model, tmp_
         entries = engine.store.stats()["disk"]["entries"]
         one = next(record.nbytes for _, record in engine.store.index.newest())
         stats = _run_prefetch(engine, budget=3 * one)
-        assert 0 < stats["entries"] <= 3 < entries and engine.store.hot_bytes <= 3 * one
+        assert 0 < stats["entries"] <= 3 < entries and engine.store.hot_bytes() <= 3 * one
     finally:
         engine.close()
     engine, _ = _cached_engine(llama_model, tmp_path / "cache", ram_budget=2 * one)
     try:
         assert 0 < _run_prefetch(engine, budget=2**30)["entries"] <= 2
-        assert engine.store.hot_bytes <= 2 * one
+        assert engine.store.hot_bytes() <= 2 * one
     finally:
         engine.close()
 
