@@ -12,8 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.models import weights_on_disk
 from kvtier.config import ModelSpec, ServeConfig
+from kvtier.models_memory import weights_on_disk
 from tests.conftest import agent_messages
 from tests.inprocess import InProcessDaemon
 
@@ -49,7 +49,7 @@ def test_v1_models_lists_every_model_and_alias_with_its_state_and_sizes(two, lla
     assert models["tiny"]["state"] == "loaded" and models["tiny"]["hot_bytes"] >= 0
     assert models["tiny"]["weight_bytes"] > 0
     assert models["llama"] == models["big"] == {"state": "unloaded", "hot_bytes": 0,
-                                                "weight_bytes": weights_on_disk(str(llama_model))}
+                                                "weight_bytes": weights_on_disk(llama_model)}
     ask(two, "big")
     models = listed(two)
     assert models["llama"]["state"] == models["big"]["state"] == "loaded"

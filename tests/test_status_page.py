@@ -159,8 +159,8 @@ def test_with_an_api_key_the_page_asks_for_it(keyed_app, tmp_path):
 def test_the_page_shows_every_model_and_the_selected_ones_numbers(tmp_path, tiny_model, llama_model):
     """Two models: the table shows each one's state and sizes; "Show" puts a model's numbers
     (its tiers) on the page, an unloaded one's what the SSD holds of it."""
-    from daemon.models import weights_on_disk
     from kvtier.config import ModelSpec
+    from kvtier.models_memory import weights_on_disk
     from tests.inprocess import InProcessDaemon
 
     def configure(config) -> None:
@@ -180,7 +180,7 @@ def test_the_page_shows_every_model_and_the_selected_ones_numbers(tmp_path, tiny
             wait(browser, lambda b: model_cells(b, "llama"))
             assert model_cells(browser, "tiny")[0] == "loaded"
             state, weights, hot = model_cells(browser, "llama")[:3]
-            assert state == "unloaded" and int(weights or 0) == weights_on_disk(str(llama_model)) and hot == "0"
+            assert state == "unloaded" and int(weights or 0) == weights_on_disk(llama_model) and hot == "0"
             app.client().chat.completions.create(model="llama", messages=CONVERSATION, max_tokens=2, temperature=0)
             wait(browser, lambda b: model_cells(b, "llama")[0] == "loaded")
             wait(browser, lambda b: click(b, "#models tr[data-model='llama'] button", "Show"))

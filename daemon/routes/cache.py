@@ -139,6 +139,8 @@ async def purge_cache(http: web.Request) -> web.Response:
     state = http.app[STATE]
     if model in state.model_ids():  # an alias or "default": the loaded model, by its fingerprint
         model = state.engine().fingerprint
+    for store in _open_stores(state):  # what is being written is purged too, not left to land after
+        await asyncio.to_thread(store.wait_for_writes, 10.0)
     try:
         result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
                                          model=model, older_than_s=older, to_size=to_size)

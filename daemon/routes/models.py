@@ -5,10 +5,14 @@ unloading and pinning one by name (`POST /models/{name}/load|unload|pin|unpin`),
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
+from kvtier.models_memory import weights_on_disk
+
 from ..errors import ApiError
-from ..models import LOADING, ServedModel, weights_on_disk
+from ..models import LOADING, ServedModel
 from ..state import STATE, DaemonState, model_error
 from ..worker import ModelBusy, Overloaded, Worker
 
@@ -44,7 +48,8 @@ def describe(worker: Worker, model: ServedModel) -> dict:
 def weight_bytes(model: ServedModel) -> int:
     """Its weights' bytes: as loaded, else its safetensors files' size where its source is a
     local directory (0 for a repo id not loaded yet: no download to weigh it)."""
-    return model.weight_bytes or weights_on_disk(model.spec.source)
+    source = Path(model.spec.source).expanduser()
+    return model.weight_bytes or (weights_on_disk(source) if source.is_dir() else 0)
 
 
 @routes.get("/models")
