@@ -5,6 +5,7 @@ share a process: tests)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from .state import STATE, DaemonState
 from .worker import Worker
 
 _REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+log = logging.getLogger("kvtier.metrics")
 
 # (metric, help, tier, field) read from a model's store's stats(), labelled by model
 _GAUGES = [
@@ -83,11 +85,22 @@ class StoreCollector(Collector):
             return  # the default model's first load: /metrics answers 503
         models = list(worker.models.values())
         yield from _model_metrics(models)
-        stats = {m.name: m.engine.store.stats() for m in worker.loaded_models() if m.engine is not None}
-        yield from _store_metrics(stats)
+        yield from _store_metrics(_loaded_stats(worker))
         yield GaugeMetricFamily("kvtier_waiting_requests", "Requests queued for the MLX thread.",
                                 value=worker.waiting)
         yield from _batch_metrics(worker, models)
+
+
+def _loaded_stats(worker: Worker) -> dict[str, dict]:
+    """Each loaded model's store stats; a model unloading as it is read is left out this time."""
+    stats = {}
+    for model in worker.loaded_models():
+        try:
+            if model.engine is not None:
+                stats[model.name] = model.engine.store.stats()
+        except Exception as exc:  # its store closed under us
+            log.debug("no stats of %s this scrape: %s", model.name, exc)
+    return stats
 
 
 def _model_metrics(models: list[ServedModel]) -> Iterator[Metric]:
