@@ -23,6 +23,7 @@ from .pressure import PressureWatcher
 from .read_timeout import READ_TIMEOUT
 from .routes import anthropic as anthropic_routes
 from .routes import cache as cache_routes
+from .routes import models as models_routes
 from .routes import openai as openai_routes
 from .routes import responses as responses_routes
 from .routes import status as status_routes
@@ -67,6 +68,7 @@ def init_app(config: ServeConfig) -> web.Application:
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)
+    app.add_routes(models_routes.routes)
     app.add_routes(openapi.routes)
     app.add_routes(anthropic_routes.routes)
     responses_routes.setup(app)

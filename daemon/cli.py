@@ -10,7 +10,7 @@ import sys
 
 from kvtier.config import CacheConfig, ServeConfig
 
-from . import cli_cache, cli_open, service
+from . import cli_cache, cli_models, cli_open, service
 from .serve_options import add_serve_flags
 
 # The commands that run the model: on the BLAS the daemon runs it on (daemon/blas.py), as
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_cache.add_parsers(commands)
     service.add_parser(commands)
     cli_open.add_parser(commands)
+    cli_models.add_parser(commands)
     return parser
 
 
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return service.run(args)
     if args.command == "open":
         return cli_open.run(args)
+    if args.command == cli_models.COMMAND:
+        return cli_models.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

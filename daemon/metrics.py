@@ -1,8 +1,11 @@
-"""GET /metrics: the store's tiers and counters in Prometheus' text format, read at scrape
-time by a collector in the app's own registry (several apps may share a process: tests)."""
+"""GET /metrics: each model's state, store tiers, counters and batching in Prometheus' text
+format, labelled model="NAME" (the cache directory's disk gauges and the daemon's queue carry
+no label), read at scrape time by a collector in the app's own registry (several apps may
+share a process: tests)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 from aiohttp import web
@@ -10,23 +13,30 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .models import FAILED, LOADED, LOADING, UNLOADED, ServedModel
+from .routes.models import weight_bytes
 from .state import STATE, DaemonState
+from .worker import Worker
 
 _REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+log = logging.getLogger("kvtier.metrics")
 
-# (metric, help, tier, field) read from the store's stats()
+# (metric, help, tier, field) read from a model's store's stats(), labelled by model
 _GAUGES = [
     ("ram_bytes", "Bytes of KV in the hot tier.", "ram", "bytes"),
     ("ram_budget_bytes", "RAM budget.", "ram", "budget"),
     ("ram_pending_bytes", "Bytes in RAM waiting for their disk write (may exceed the budget).",
      "ram", "pending_bytes"),
     ("ram_entries", "Blocks and snapshots in RAM.", "ram", "entries"),
+]
+# The cache directory's, which every model's store shares: no model label.
+_DISK_GAUGES = [
     ("disk_bytes", "Bytes of cache files on disk.", "disk", "bytes"),
     ("disk_budget_bytes", "Disk budget.", "disk", "budget"),
     ("disk_entries", "Blocks and snapshots on disk.", "disk", "entries"),
     ("disk_writable", "1 while the disk tier accepts writes.", "disk", "writable"),
 ]
-# Counters exported with a label: (metric, help, label, {label value: counter})
+# Counters exported with a label besides the model: (metric, help, label, {label value: counter})
 _LABELLED = [
     ("requests", "Requests by whether any prefix was reused.", "result",
      {"hit": "requests_hit", "miss": "requests_miss"}),
@@ -34,7 +44,7 @@ _LABELLED = [
      {"ram": "tokens_from_ram", "disk": "tokens_from_disk", "shared": "tokens_from_shared",
       "computed": "tokens_computed"}),
 ]
-# Counters always exported (0 until counted); any other counter the store keeps is exported too.
+# Counters always exported (0 until counted); any other counter a store keeps is exported too.
 _COUNTERS = {
     "requests_half_cached": "Requests that took at least half their prompt from the cache.",
     "requests_live": "Requests that took over a live cache (an earlier request's, trimmed; no copy).",
@@ -57,60 +67,123 @@ _SHARED_COUNTERS = {
     "shared_errors": "Failed calls to the shared store.",
     "shared_damaged": "Shared values that failed their checks (misses).",
 }
+MODEL = ["model"]
+STATES = (UNLOADED, LOADING, LOADED, FAILED)
 
 
 class StoreCollector(Collector):
+    """Each model's series labelled model="NAME": its state and sizes for every configured
+    model, its store's tiers and counters while it is loaded (a store's counters start again
+    at each load), its batching always (kept across loads)."""
+
     def __init__(self, state: DaemonState):
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.state.worker.engine
-        if engine is None:
-            return
-        stats = engine.store.stats()
-        for name, help_text, tier, key in _GAUGES:
-            yield GaugeMetricFamily(f"kvtier_{name}", help_text, value=float(stats[tier][key]))
-        counters = stats["counters"]
-        labelled = set()
-        for name, help_text, label, sources in _LABELLED:
-            family = CounterMetricFamily(f"kvtier_{name}", help_text, labels=[label])
-            for value, counter in sources.items():
-                family.add_metric([value], counters.get(counter, 0))
-                labelled.add(counter)
-            yield family
-        known = _COUNTERS | (_SHARED_COUNTERS if stats["shared"] is not None else {})
-        for name, help_text, key in _SHARED_GAUGES if stats["shared"] is not None else ():
-            yield GaugeMetricFamily(f"kvtier_{name}", help_text, value=float(stats["shared"][key]))
-        names = dict.fromkeys(known) | dict.fromkeys(sorted(set(counters) - labelled))
-        for name in names:
-            help_text = known.get(name, f"The store's '{name}' counter.")
-            yield CounterMetricFamily(f"kvtier_{name}", help_text, value=counters.get(name, 0))
+        worker = self.state.worker
+        if worker.default.engine is None:
+            return  # the default model's first load: /metrics answers 503
+        models = list(worker.models.values())
+        yield from _model_metrics(models)
+        yield from _store_metrics(_loaded_stats(worker))
         yield GaugeMetricFamily("kvtier_waiting_requests", "Requests queued for the MLX thread.",
-                                value=self.state.worker.waiting)
-        yield from _batch_metrics(self.state.worker.describe())
+                                value=worker.waiting)
+        yield from _batch_metrics(worker, models)
 
 
-def _batch_metrics(batch: dict) -> Iterator[Metric]:
-    """The worker's batching: what runs now, and totals since start-up."""
-    yield GaugeMetricFamily("kvtier_batch_enabled", "1 when requests are decoded in one batch.",
-                            value=int(batch["enabled"]))
-    yield GaugeMetricFamily("kvtier_batch_size", "Requests in the running batch (prefilling or decoding).",
-                            value=batch["running"])
+def _loaded_stats(worker: Worker) -> dict[str, dict]:
+    """Each loaded model's store stats; a model unloading as it is read is left out this time."""
+    stats = {}
+    for model in worker.loaded_models():
+        try:
+            if model.engine is not None:
+                stats[model.name] = model.engine.store.stats()
+        except Exception as exc:  # its store closed under us
+            log.debug("no stats of %s this scrape: %s", model.name, exc)
+    return stats
+
+
+def _model_metrics(models: list[ServedModel]) -> Iterator[Metric]:
+    """What each configured model is doing: loaded or not, its weights and hot KV, its loads."""
+    loaded = GaugeMetricFamily("kvtier_model_loaded", "1 while the model is loaded.", labels=MODEL)
+    states = GaugeMetricFamily("kvtier_model_state", "1 for the model's state (unloaded, loading, loaded, failed).",
+                               labels=["model", "state"])
+    weights = GaugeMetricFamily("kvtier_model_weight_bytes", "Bytes of the model's weights.", labels=MODEL)
+    hot = GaugeMetricFamily("kvtier_model_hot_bytes", "Bytes of the model's hot KV (RAM tier and live caches).",
+                            labels=MODEL)
+    loads = CounterMetricFamily("kvtier_model_loads", "Times the model was loaded.", labels=MODEL)
+    seconds = GaugeMetricFamily("kvtier_model_load_seconds", "Seconds its last load took.", labels=MODEL)
+    for model in models:
+        loaded.add_metric([model.name], int(model.loaded))
+        for state in STATES:
+            states.add_metric([model.name, state], int(model.state == state))
+        weights.add_metric([model.name], weight_bytes(model))
+        hot.add_metric([model.name], model.hot_bytes())
+        loads.add_metric([model.name], model.loads)
+        seconds.add_metric([model.name], model.load_seconds or 0)
+    yield from (loaded, states, weights, hot, loads, seconds)
+
+
+def _store_metrics(stats: dict[str, dict]) -> Iterator[Metric]:
+    """The loaded models' stores (by model name): tiers and counters, one family per metric."""
+    if not stats:
+        return
+    first = next(iter(stats.values()))
+    for name, help_text, tier, key in _DISK_GAUGES:
+        yield GaugeMetricFamily(f"kvtier_{name}", help_text, value=float(first[tier][key]))
+    for name, help_text, tier, key in _GAUGES:
+        yield _per_model(GaugeMetricFamily(f"kvtier_{name}", help_text, labels=MODEL),
+                         {model: float(s[tier][key]) for model, s in stats.items()})
+    counters = {model: s["counters"] for model, s in stats.items()}
+    labelled = set()
+    for name, help_text, label, sources in _LABELLED:
+        family = CounterMetricFamily(f"kvtier_{name}", help_text, labels=["model", label])
+        for value, counter in sources.items():
+            for model, kept in counters.items():
+                family.add_metric([model, value], kept.get(counter, 0))
+            labelled.add(counter)
+        yield family
+    shared = {model: s["shared"] for model, s in stats.items() if s["shared"] is not None}
+    for name, help_text, key in _SHARED_GAUGES if shared else ():
+        yield _per_model(GaugeMetricFamily(f"kvtier_{name}", help_text, labels=MODEL),
+                         {model: float(s[key]) for model, s in shared.items()})
+    known = _COUNTERS | (_SHARED_COUNTERS if shared else {})
+    seen = set().union(*counters.values()) - labelled
+    for name in dict.fromkeys(known) | dict.fromkeys(sorted(seen)):
+        help_text = known.get(name, f"The store's '{name}' counter.")
+        yield _per_model(CounterMetricFamily(f"kvtier_{name}", help_text, labels=MODEL),
+                         {model: kept.get(name, 0) for model, kept in counters.items()})
+
+
+def _per_model(family: Metric, values: dict[str, float]) -> Metric:
+    for model, value in values.items():
+        family.add_metric([model], value)  # type: ignore[attr-defined]
+    return family
+
+
+def _batch_metrics(worker: Worker, models: list[ServedModel]) -> Iterator[Metric]:
+    """The worker's batching: what runs now per model, and totals since start-up."""
+    batches = {model.name: worker.describe(model) for model in models}
+    daemon = worker.describe()
+    yield _per_model(GaugeMetricFamily("kvtier_batch_enabled", "1 when requests are decoded in one batch.",
+                                       labels=MODEL), {m: int(b["enabled"]) for m, b in batches.items()})
+    yield _per_model(GaugeMetricFamily("kvtier_batch_size", "Requests in the running batch (prefilling or decoding).",
+                                       labels=MODEL), {m: b["running"] for m, b in batches.items()})
     yield GaugeMetricFamily("kvtier_batch_max", "Most requests served at once (--max-batch).",
-                            value=batch["max_batch"])
+                            value=daemon["max_batch"])
     yield CounterMetricFamily("kvtier_queue_wait_seconds", "Seconds requests spent queued before they started.",
-                              value=batch["queue_wait_seconds_total"])
+                              value=daemon["queue_wait_seconds_total"])
     yield CounterMetricFamily("kvtier_admitted_requests", "Requests taken off the queue.",
-                              value=batch["admitted_requests"])
+                              value=daemon["admitted_requests"])
     for phase in ("prefill", "decode"):
         doing = phase[:-1] + "ing"
-        yield CounterMetricFamily(f"kvtier_{phase}_tokens", f"Tokens computed while {doing}.",
-                                  value=batch[f"{phase}_tokens"])
-        yield CounterMetricFamily(f"kvtier_{phase}_seconds", f"Seconds spent {doing}.",
-                                  value=batch[f"{phase}_seconds"])
-        yield GaugeMetricFamily(f"kvtier_{phase}_tokens_per_second",
-                                f"{phase.capitalize()} tokens per second since start-up.",
-                                value=batch[f"{phase}_tokens_per_second"] or 0)
+        yield _per_model(CounterMetricFamily(f"kvtier_{phase}_tokens", f"Tokens computed while {doing}.",
+                                             labels=MODEL), {m: b[f"{phase}_tokens"] for m, b in batches.items()})
+        yield _per_model(CounterMetricFamily(f"kvtier_{phase}_seconds", f"Seconds spent {doing}.", labels=MODEL),
+                         {m: b[f"{phase}_seconds"] for m, b in batches.items()})
+        yield _per_model(GaugeMetricFamily(f"kvtier_{phase}_tokens_per_second",
+                                           f"{phase.capitalize()} tokens per second since start-up.", labels=MODEL),
+                         {m: b[f"{phase}_tokens_per_second"] or 0 for m, b in batches.items()})
 
 
 routes = web.RouteTableDef()

@@ -33,7 +33,8 @@ POSTS = {
     "/cache/unpin": ("Let a cached prefix's chain be evicted again", "entries unpinned"),
 }
 GETS = {
-    "/v1/models": "The loaded model",
+    "/v1/models": "The configured models and their aliases, with each one's state and sizes",
+    "/models": "Each model's state, sizes, loads and batching (`kvtier models list`)",
     "/health": "Liveness: 200 once the model is loaded",
     "/cache/stats": "Tiers, budgets and counters",
     "/cache/entries": "Cached prefixes",
@@ -44,6 +45,15 @@ GETS = {
     "/static/status.js": "The status page's script",
     "/static/status.css": "The status page's style sheet",
 }
+# POSTs with no body: an operator's action on a model named in the path (`kvtier models`).
+ACTIONS = {
+    "/models/{name}/load": "Load a model now (unloading idle ones for room)",
+    "/models/{name}/unload": "Unload a model now, its hot KV written to disk first (409 while it serves)",
+    "/models/{name}/pin": "Load a model and keep it loaded",
+    "/models/{name}/unpin": "Let a model be unloaded again (for room or by the keep-alive)",
+}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "a model's name, alias, source, directory name, or default"}
 _PURGE = {"delete": {"summary": "Purge cached entries", "parameters": [
     {"name": name, "in": "query", "schema": {"type": "string"}}
     for name in ("all", "model", "older_than", "to_size")],
@@ -62,6 +72,12 @@ def _post(path: str, schema: dict) -> dict:
                                    "4XX": dict(_json(error), description="bad request")}}}
 
 
+def _action(summary: str) -> dict:
+    return {"post": {"summary": summary, "parameters": [_NAME],
+                     "responses": {"200": {"description": "the model, as GET /models shows it"},
+                                   "4XX": dict(_json(_OPENAI_ERROR), description="unknown model (404), busy (409)")}}}
+
+
 def document() -> dict:
     components: dict[str, Any] = {}
     paths: dict[str, Any] = {}
@@ -71,6 +87,7 @@ def document() -> dict:
         paths[path] = _post(path, schema)
     paths.update({path: {"get": {"summary": summary, "responses": {"200": {"description": summary}}}}
                   for path, summary in GETS.items()})
+    paths.update({path: _action(summary) for path, summary in ACTIONS.items()})
     paths["/cache"] = _PURGE
     return {
         "openapi": "3.1.0",

@@ -200,6 +200,7 @@ def test_a_client_leaving_mid_stream_is_an_info_line_and_a_counter(daemon_factor
     # failed first logs the 200 it sent. Never a 500.
     access = [line for line in log.splitlines() if '"POST /v1/' in line]
     assert all('HTTP/1.1" 200' in line for line in access)
-    assert "kvtier_client_disconnects_total 3" in urllib.request.urlopen(daemon.url + "/metrics").read().decode()
+    metrics = urllib.request.urlopen(daemon.url + "/metrics").read().decode()
+    assert f'kvtier_client_disconnects_total{{model="{daemon.model}"}} 3' in metrics
     # The MLX thread is free again: the next request is answered.
     assert anthropic_client(daemon).messages.create(model="m", messages=MESSAGE, max_tokens=2).content

@@ -173,7 +173,7 @@ def test_openapi_document_matches_the_routes(tmp_path):
     document = openapi.document()
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert served == documented
-    for path in (path for method, path in served if method == "post"):
+    for path in (path for method, path in served if method == "post" and path not in openapi.ACTIONS):
         fields = POST_BODIES[path].model_fields  # what the route's body model reads
         schema = request_schema(document, path)
         assert set(schema["properties"]) == set(fields)

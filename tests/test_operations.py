@@ -52,9 +52,10 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
 
     status, metrics = request(daemon, "GET", "/metrics")
     assert status == 200
-    assert 'kvtier_requests_total{result="miss"} 1' in metrics
+    model = f'model="{daemon.model}"'  # every model's series are labelled with its name
+    assert f'kvtier_requests_total{{{model},result="miss"}} 1' in metrics
     assert "# TYPE kvtier_ram_bytes gauge" in metrics
-    assert "kvtier_ram_pending_bytes 0" in metrics  # /cache/entries waited for the writer
+    assert f"kvtier_ram_pending_bytes{{{model}}} 0" in metrics  # /cache/entries waited for the writer
     with urllib.request.urlopen(daemon.url + "/metrics") as r:  # what Prometheus reads
         assert r.headers["Content-Type"] == CONTENT_TYPE_LATEST
         families = {family.name: family for family in text_string_to_metric_families(r.read().decode())}

@@ -156,6 +156,47 @@ def test_with_an_api_key_the_page_asks_for_it(keyed_app, tmp_path):
         assert browser.execute_script("return sessionStorage.getItem('kvtier-api-key')") == "s3cret"
 
 
+def test_the_page_shows_every_model_and_the_selected_ones_numbers(tmp_path, tiny_model, llama_model):
+    """Two models: the table shows each one's state and sizes; "Show" puts a model's numbers
+    (its tiers) on the page, an unloaded one's what the SSD holds of it."""
+    from kvtier.config import ModelSpec
+    from kvtier.models_memory import weights_on_disk
+    from tests.inprocess import InProcessDaemon
+
+    def configure(config) -> None:
+        config.models = [ModelSpec(str(tiny_model), name="tiny"), ModelSpec(str(llama_model), name="llama")]
+
+    app = InProcessDaemon(tiny_model, tmp_path / "cache", configure=configure).start()
+
+    def model_cells(browser, name: str) -> list[str | None]:
+        """The data-value of each cell of the model's row: state, weights, hot KV."""
+        return browser.execute_script(
+            "const r = document.querySelector(`#models tr[data-model='${arguments[0]}']`);"
+            "return r ? [...r.querySelectorAll('td')].map(c => c.dataset.value ?? null) : [];", name)
+
+    try:
+        with chromium(tmp_path) as browser:
+            open_page(browser, app)
+            wait(browser, lambda b: model_cells(b, "llama"))
+            assert model_cells(browser, "tiny")[0] == "loaded"
+            state, weights, hot = model_cells(browser, "llama")[:3]
+            assert state == "unloaded" and int(weights or 0) == weights_on_disk(llama_model) and hot == "0"
+            app.client().chat.completions.create(model="llama", messages=CONVERSATION, max_tokens=2, temperature=0)
+            wait(browser, lambda b: model_cells(b, "llama")[0] == "loaded")
+            wait(browser, lambda b: click(b, "#models tr[data-model='llama'] button", "Show"))
+            wait(browser, lambda b: "llama" in text_of(b, "#summary") and "llama" in text_of(b, "#models-note"))
+            stats = app.get("/cache/stats?model=llama")
+            hot_kv = stats["ram"]["bytes"] + stats["live"]["bytes"]
+            assert hot_kv > 0
+            wait(browser, lambda b: cell_value(b, "tier-ram") == hot_kv)
+            assert app.post("/models/llama/unload").status == 200
+            wait(browser, lambda b: model_cells(b, "llama")[0] == "unloaded")
+            wait(browser, lambda b: "unloaded" in text_of(b, "#tier-facts"))
+            assert console_errors(browser) == []
+    finally:
+        app.stop()
+
+
 def test_pin_of_an_unknown_prefix_is_a_404(app_daemon):
     reply = app_daemon.post("/cache/pin", {"key": "ffffffffffff"})
     assert reply.status == 404 and reply.json()["error"]["code"] == "prefix_not_found"

@@ -10,11 +10,16 @@ from aiohttp import web
 from kvtier import ops, scheduler
 from kvtier.config import parse_duration, parse_size
 from kvtier.local import LocalDisk
+from kvtier.tiers import TieredStore
 
 from ..auth import is_loopback
 from ..errors import ApiError
+from ..models import FAILED
 from ..request_models import PinRequest, WarmRequest, read_body
-from ..state import STATE
+from ..state import STATE, DaemonState
+from ..worker import Worker
+from . import model_stats
+from .models import batching, describe, served_named
 from .openai import template_messages
 
 routes = web.RouteTableDef()
@@ -22,15 +27,29 @@ routes = web.RouteTableDef()
 
 @routes.get("/health")
 async def health(http: web.Request) -> web.Response:
+    """The default model's health at the top level (as with one model), every model's under
+    `models`. "ok" once the default model has loaded: another model unloaded or failed, or the
+    default unloaded for room (a request loads it again), is no fault of the daemon's."""
     state = http.app[STATE]
-    worker = state.worker
-    if worker.engine is None:
-        status = "error" if worker.load_error else "loading"
-        return web.json_response({"status": status, "error": worker.load_error}, status=503)
+    worker, default = state.worker, state.worker.default
+    models = {m.name: describe(worker, m) for m in list(worker.models.values())}
+    if default.engine is None or default.state == FAILED:
+        status = "error" if default.load_error else "loading"
+        return web.json_response({"status": status, "error": default.load_error, "models": models}, status=503)
+    engine = default.engine
     # A read-only disk or an unreachable shared store degrades nothing: still "ok".
-    return web.json_response({"status": "ok", "model": state.model_id(), "waiting_requests": worker.waiting,
-                              **worker.engine.store.health(), "batching": _batching(worker),
-                              "prefill_chunk": worker.engine.prefill_chunk.describe(), "access": _access(state.config)})
+    return web.json_response({"status": "ok", "model": default.name, "model_state": default.state,
+                              "waiting_requests": worker.waiting, **_tiers_health(worker),
+                              "batching": batching(worker, default),
+                              "prefill_chunk": engine.prefill_chunk.describe(), "access": _access(state.config),
+                              "models": models})
+
+
+def _tiers_health(worker: Worker) -> dict:
+    """Whether the disk takes writes, the shared store's connection: from the default model's
+    store, or with it unloaded another loaded model's (the cache directory is theirs too)."""
+    loaded = model_stats.open_models(worker)
+    return loaded[0].engine.store.health() if loaded and loaded[0].engine is not None else {}
 
 
 def _access(config) -> dict:
@@ -39,39 +58,33 @@ def _access(config) -> dict:
             "allowed_hosts": config.allowed_hosts, "allowed_origins": config.allowed_origins}
 
 
-def _batching(worker) -> dict:
-    info = worker.describe()
-    return {k: info[k] for k in ("mode", "enabled", "exact", "max_batch", "reason", "max_logprob_difference",
-                                 "running")}
-
-
 @routes.get("/cache/stats")
 async def cache_stats(http: web.Request) -> web.Response:
+    """The default model's cache, or `?model=NAME`'s (an exact name: 404 for another). A model
+    that is not loaded is not loaded for this: its state, and what the disk holds of it."""
     state = http.app[STATE]
-    engine = state.engine()
-    stats = engine.store.stats()
-    counters = stats["counters"]
-    stats.update({
-        "model": state.model_id(),
-        "fingerprint": engine.fingerprint,
-        "prefix_reuse": engine.reusable,
-        "hits": counters.get("requests_hit", 0),
-        "misses": counters.get("requests_miss", 0),
-        "half_cached": counters.get("requests_half_cached", 0),
-        "hit_rate": ops.rates(counters)["hit_rate"],  # weighted by tokens
-        "tokens": {"from_ram": counters.get("tokens_from_ram", 0),
-                   "from_disk": counters.get("tokens_from_disk", 0),
-                   "from_shared": counters.get("tokens_from_shared", 0),
-                   "from_live": counters.get("tokens_from_live", 0),  # of from_ram: no copy
-                   "computed": counters.get("tokens_computed", 0)},
-        "batch": state.worker.describe(),
-        "tokenizer": engine.renderer.stats(),
-    })
-    return web.json_response(stats)
+    model = served_named(state, http.query["model"]) if "model" in http.query else state.worker.default
+    if not model.loaded:
+        if model is state.worker.default and model.engine is None:
+            state.engine()  # a 503 while it loads at start-up, as before
+        return web.json_response(model_stats.unloaded(state.worker, model))
+    return web.json_response(model_stats.loaded(state.worker, model))
 
 
 def _cache_dir(http: web.Request) -> LocalDisk:
-    return http.app[STATE].engine().store.disk  # the CLI's operations, on the daemon's own disk tier
+    return _open_stores(http.app[STATE])[0].disk  # the CLI's operations, on the daemon's own disk tier
+
+
+def _open_stores(state: DaemonState) -> list[TieredStore]:
+    """The loaded models' stores, the default model's first (the cache directory is every
+    model's); a 503 when none is loaded."""
+    stores = [m.engine.store for m in model_stats.open_models(state.worker) if m.engine is not None]
+    if not stores:
+        state.engine()  # a 503 while the default model loads at start-up, as before
+        raise ApiError(503, "no model is loaded to read the cache directory with: load one "
+                            "(kvtier models load NAME)", type_="server_error", code="model_not_ready",
+                       headers={"Retry-After": "5"})
+    return stores
 
 
 @routes.get("/cache/entries")
@@ -81,14 +94,15 @@ async def cache_entries(http: web.Request) -> web.Response:
     (`preview`) only with --show-previews: it is what the user's agents sent."""
     limit, offset = _natural(http.query, "limit"), _natural(http.query, "offset") or 0
     state = http.app[STATE]
-    store = state.engine().store
+    stores = _open_stores(state)
     show = state.config.show_previews
-    await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
+    for store in stores:
+        await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
     found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), preview_tokens=12 if show else 0,
                                     limit=limit, offset=offset)
     entries = []
     for prefix in found:
-        hot = sum(1 for key in prefix.chain if store.is_hot(key))
+        hot = sum(1 for key in prefix.chain if any(store.is_hot(key) for store in stores))
         tier = "ram+disk" if hot == len(prefix.chain) else ("partly ram" if hot else "disk")
         entry = dict(prefix.to_json(), tier=tier)
         if not show:
@@ -125,13 +139,16 @@ async def purge_cache(http: web.Request) -> web.Response:
     state = http.app[STATE]
     if model in state.model_ids():  # an alias or "default": the loaded model, by its fingerprint
         model = state.engine().fingerprint
+    for store in _open_stores(state):  # what is being written is purged too, not left to land after
+        await asyncio.to_thread(store.wait_for_writes, 10.0)
     try:
         result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
                                          model=model, older_than_s=older, to_size=to_size)
     except ops.UnknownModel as exc:
         raise ApiError(400, str(exc), param="model") from None
-    if everything or state.engine().fingerprint in result["models"]:
-        state.engine().store.forget_hot()  # the hot copies of what was purged go too
+    for served in model_stats.open_models(state.worker):
+        if served.engine is not None and (everything or served.engine.fingerprint in result["models"]):
+            served.engine.store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
 
 

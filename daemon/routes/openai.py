@@ -20,6 +20,7 @@ from ..request_models import ChatCompletionRequest, ChatMessage, CompletionReque
 from ..state import STATE, DaemonState
 from .budget import NoRoom, fitting_budget
 from .generation import LEAST_LOGPROB, Generation, Prompt, Step, render, token_logprobs, too_long
+from .models import weight_bytes
 from .tools import ToolCall, split_tool_calls
 from .usage import openai_usage
 
@@ -227,7 +228,17 @@ async def completions(http: web.Request) -> web.StreamResponse:
 
 @routes.get("/v1/models")
 async def list_models(http: web.Request) -> web.Response:
+    """Every configured model, then its aliases, with what the model they name is doing
+    (kvtier's fields beside OpenAI's: state, weight_bytes, hot_bytes)."""
     state = http.app[STATE]
     return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier"}
+        {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier", **_model_fields(state, name)}
         for name in state.names.listed()]})
+
+
+def _model_fields(state: DaemonState, name: str) -> dict:
+    spec = state.names.spec_named(name)
+    served = state.worker.models.get(spec.name) if spec is not None else None
+    if served is None:  # not served yet (an --allow-any-model name before its first request)
+        return {"state": "unloaded", "weight_bytes": 0, "hot_bytes": 0}
+    return {"state": served.state, "weight_bytes": weight_bytes(served), "hot_bytes": served.hot_bytes()}

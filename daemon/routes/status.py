@@ -1,7 +1,8 @@
 """The status page (GET /: daemon/static/status.html, its script and style) and the one JSON
 route it needs beyond /health, /cache/stats and /cache/entries (GET /status): the requests
 being served, the measured prefill rate, the time the cache saved, and a series of the
-prompt tokens' sources over the last minutes, sampled by a task of the app."""
+prompt tokens' sources over the last minutes (the loaded models' together), sampled by a
+task of the app."""
 
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ async def page(http: web.Request) -> web.Response:
 @routes.get("/status")
 async def status(http: web.Request) -> web.Response:
     state = http.app[STATE]
-    engine = state.engine()  # a 503 while the model loads
-    counters = engine.store.stats()["counters"]
+    if state.worker.default.engine is None:
+        state.engine()  # a 503 while the default model loads at start-up
+    counters = _loaded_counters(state)
     batch = state.worker.describe()
     rate = batch["prefill_tokens_per_second"]  # tokens computed / seconds spent prefilling
     tokens = _sources(counters)
@@ -69,6 +71,16 @@ async def status(http: web.Request) -> web.Response:
         "series": list(http.app[_SERIES].samples),
         "memory": _memory(state),
     })
+
+
+def _loaded_counters(state: DaemonState) -> dict:
+    """The loaded models' store counters, added (a model's start again when it loads again)."""
+    total: dict[str, int] = {}
+    for model in state.worker.loaded_models():
+        if model.engine is not None:
+            for name, value in model.engine.store.stats()["counters"].items():
+                total[name] = total.get(name, 0) + value
+    return total
 
 
 def _sources(counters: dict) -> dict:
@@ -91,9 +103,8 @@ async def _sampler(app: web.Application) -> AsyncIterator[None]:
 
     async def sample() -> None:
         while True:
-            engine = app[STATE].worker.engine
-            if engine is not None:
-                series.samples.append({"time": round(time.time(), 1), **_sources(engine.store.stats()["counters"])})
+            if app[STATE].worker.loaded_models():
+                series.samples.append({"time": round(time.time(), 1), **_sources(_loaded_counters(app[STATE]))})
             await asyncio.sleep(SAMPLE_SECONDS)
 
     task = asyncio.create_task(sample())

@@ -90,8 +90,9 @@ $("key-form").addEventListener("submit", event => {
 
 // ---- drawing -----------------------------------------------------------------------------
 function drawSummary(health, stats, status) {
-  const parts = [shortName(health.model), "up " + seconds(status.uptime_seconds),
-                 "cache hit rate " + (stats.hit_rate == null ? "—" : (100 * stats.hit_rate).toFixed(1) + " %")];
+  const rate = stats.state === "loaded" ? stats.hit_rate : (stats.on_disk || {}).hit_rate;
+  const parts = [shortName(stats.model || health.model), "up " + seconds(status.uptime_seconds),
+                 "cache hit rate " + (rate == null ? "—" : (100 * rate).toFixed(1) + " %")];
   $("summary").textContent = parts.join(" · ");
 }
 
@@ -142,6 +143,7 @@ function drawChart(series) {
 }
 
 function drawTiers(stats) {
+  if (stats.state !== "loaded") return drawUnloadedTiers(stats);
   const ram = stats.ram, disk = stats.disk, shared = stats.shared;
   const hot = ram.bytes + (stats.live ? stats.live.bytes : 0);
   const used = (n, budget) => {
@@ -176,6 +178,40 @@ function drawTiers(stats) {
   ]);
 }
 
+// A model that is not loaded has no tiers of its own in memory: what the SSD holds of it.
+function drawUnloadedTiers(stats) {
+  const disk = stats.on_disk;
+  fill($("tiers"), disk ? [row([cell("SSD", {header: true}), cell(bytes(disk.bytes), {value: disk.bytes}),
+                                cell("shared by the models"), cell(String(disk.blocks + disk.snapshots), {number: true})],
+                               "tier-disk")] : [], `${shortName(stats.model)} is ${stats.state}.`, 4);
+  facts($("tier-facts"), [["Model", `${stats.state}: its blocks stay on the SSD; a request loads it again`]]);
+}
+
+function drawModels(health) {
+  const models = Object.values(health.models || {});
+  $("models-note").textContent = `The numbers above are ${shortName(selectedName(health))}'s.`;
+  fill($("models"), models.map(m => {
+    const button = document.createElement("button");
+    const shown = m.name === selectedName(health);
+    button.type = "button";
+    button.textContent = shown ? "Shown" : "Show";
+    button.disabled = shown;
+    button.setAttribute("aria-label", `Show ${shortName(m.name)}'s numbers`);
+    button.addEventListener("click", () => { selected = m.name; poll(); });
+    const tr = row([
+      Object.assign(cell(shortName(m.name) + (m.default ? " (default)" : ""), {header: true}), {title: m.name}),
+      cell(m.state + (m.phase ? ` (${m.phase})` : "") + (m.pinned ? ", pinned" : "") + (m.error ? ": " + m.error : ""),
+           {value: m.state}),
+      cell(bytes(m.weight_bytes), {number: true, value: m.weight_bytes}),
+      cell(bytes(m.hot_bytes), {number: true, value: m.hot_bytes}),
+      cell(String(m.loads), {number: true}),
+      cell(seconds(m.load_seconds), {number: true}), cell(button)]);
+    tr.dataset.model = m.name;
+    if (shown) tr.className = "selected";
+    return tr;
+  }), "No model configured.", 7);
+}
+
 function drawRequests(health, status) {
   const b = health.batching;
   $("batching").textContent = `Batching: ${b.mode} (${b.running} running, up to ${b.max_batch}); ` +
@@ -208,7 +244,7 @@ function drawConversations(entries) {
 }
 
 function drawHealth(health, stats, status) {
-  const p = stats.prefetch, mem = status.memory, c = stats.counters;
+  const p = stats.prefetch, mem = status.memory, c = stats.counters || {};
   const prefetch = !p ? "none at this start" : p.done
     ? `done: ${p.entries} entries, ${bytes(p.bytes)}${p.seconds == null ? "" : " in " + seconds(p.seconds)}`
     : `${p.entries} of ${p.planned} entries read (${bytes(p.bytes)})`;
@@ -245,17 +281,25 @@ $("purge").addEventListener("click", () => {
 
 // ---- polling -----------------------------------------------------------------------------
 let timer = null;
+let selected = null;  // the model whose numbers are shown; null: the default model
+
+function selectedName(health) {
+  return selected && health.models && health.models[selected] ? selected : health.model;
+}
 
 async function poll() {
   clearTimeout(timer);
   try {
     const health = await api("/health");
+    const model = selectedName(health);
+    const query = model && model !== health.model ? "?model=" + encodeURIComponent(model) : "";
     const [stats, status, entries] = await Promise.all(
-      [api("/cache/stats"), api("/status"), api("/cache/entries?limit=50")]);
+      [api("/cache/stats" + query), api("/status"), api("/cache/entries?limit=50")]);
     $("status").hidden = false;
     drawSummary(health, stats, status);
     drawSaved(status);
     drawTiers(stats);
+    drawModels(health);
     drawRequests(health, status);
     drawConversations(entries);
     drawHealth(health, stats, status);
