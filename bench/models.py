@@ -193,7 +193,10 @@ def kvtier_load_seconds(target: Target) -> dict[str, float]:
     for name, (server, _) in target.route.items():
         with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
             health = json.load(response)
-        seconds = (health.get("models") or {}).get(name, {}).get("load_seconds")
+        listed = health.get("models") or {}
+        if isinstance(listed, list):  # a list of models, or a mapping of name to model
+            listed = {m.get("name"): m for m in listed}
+        seconds = (listed.get(name) or {}).get("load_seconds")
         if seconds is not None:
             out[name] = seconds
     return out
