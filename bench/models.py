@@ -187,18 +187,22 @@ def peak_rss(target: Target) -> int | None:
     return total
 
 
-def kvtier_load_seconds(target: Target) -> dict[str, float]:
-    """kvtier's own load time per model, where its /health reports it (issue 31's `models`)."""
-    out: dict[str, float] = {}
+HEALTH_FIELDS = ("state", "loads", "load_seconds", "weight_bytes", "hot_bytes")
+
+
+def kvtier_models(target: Target) -> dict[str, dict]:
+    """What kvtier's /health says of each model (issue 31's `models`: how many times it loaded,
+    its last load's seconds), where it says it."""
+    out: dict[str, dict] = {}
     for name, (server, _) in target.route.items():
         with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
             health = json.load(response)
         listed = health.get("models") or {}
         if isinstance(listed, list):  # a list of models, or a mapping of name to model
             listed = {m.get("name"): m for m in listed}
-        seconds = (listed.get(name) or {}).get("load_seconds")
-        if seconds is not None:
-            out[name] = seconds
+        fields = {key: value for key, value in (listed.get(name) or {}).items() if key in HEALTH_FIELDS}
+        if fields:
+            out[name] = fields
     return out
 
 
@@ -293,7 +297,7 @@ def measure(sizes: Sizes, command: str) -> dict:
         for session in sessions:
             results["servers"][session.target.name] = {"flags": session.target.flags, "turns": session.turns,
                                                        "peak_rss": peak_rss(session.target)}
-        results["servers"][KVTIER]["load_seconds"] = kvtier_load_seconds(running[0])
+        results["servers"][KVTIER]["models"] = kvtier_models(running[0])
     except BaseException:
         log(f"failed; server logs kept in {work}")
         raise

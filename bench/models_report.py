@@ -160,10 +160,13 @@ def render(results: dict) -> str:
     out = _describe(results)
     out += ["| target | measured | needed | result |", "|---|---:|---:|---|"]
     out += [f"| {t['target']} | {t['shown']} | {t['needed']} | {t['result']} |" for t in results["targets"]]
-    health = results["servers"][KVTIER].get("load_seconds") or {}
+    health = results["servers"][KVTIER].get("models") or {}
     if health:
-        out += ["", "kvtier's own load time (`/health`, the last load): "
-                + ", ".join(f"{name} {_seconds(v)}" for name, v in health.items()) + "."]
+        runs = {name: sum(model == name for model, _ in blocks(results)) for name in results["models"]}
+        out += ["", "kvtier's `/health` at the end: " + "; ".join(
+            f"{name} loaded {m.get('loads', '?')} times for its {runs.get(name)} blocks of turns, its last load "
+            f"{_seconds(m.get('load_seconds'))}" for name, m in health.items())
+            + " (a load a block: every switch unloaded the other model)."]
     out += ["", "Total TTFT: " + ", ".join(f"{s} {sum(ttfts(results, s)):.1f} s" for s in results["servers"]) + ".",
             "", "Per turn (TTFT, prompt tokens the server reported as cached):", "", *_turn_rows(results)]
     if results.get("reference"):
