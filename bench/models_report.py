@@ -166,7 +166,7 @@ def render(results: dict) -> str:
         out += ["", "kvtier's `/health` at the end: " + "; ".join(
             f"{name} loaded {m.get('loads', '?')} times for its {runs.get(name)} blocks of turns, its last load "
             f"{_seconds(m.get('load_seconds'))}" for name, m in health.items())
-            + " (a load a block: every switch unloaded the other model)."]
+            + " (one load a block means every switch unloaded the other model)."]
     out += ["", "Total TTFT: " + ", ".join(f"{s} {sum(ttfts(results, s)):.1f} s" for s in results["servers"]) + ".",
             "", "Per turn (TTFT, prompt tokens the server reported as cached):", "", *_turn_rows(results)]
     if results.get("reference"):
