@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -187,16 +188,28 @@ def peak_rss(target: Target) -> int | None:
     return total
 
 
+LOADED = re.compile(r"model (\S+) loaded in ([0-9.]+) s")  # the worker's line at the end of each load
 HEALTH_FIELDS = ("state", "loads", "load_seconds", "weight_bytes", "hot_bytes")
 
 
-def kvtier_models(target: Target) -> dict[str, dict]:
-    """What kvtier's /health says of each model (issue 31's `models`: how many times it loaded,
-    its last load's seconds), where it says it."""
+def kvtier_loads(target: Target) -> dict[str, list[float]]:
+    """Every load of each model, in order, as kvtier's log tells it (seconds, to 0.1 s)."""
+    out: dict[str, list[float]] = {}
+    for server in target.servers:
+        for name, seconds in LOADED.findall(server.log.read_text(errors="replace")):
+            out.setdefault(name, []).append(float(seconds))
+    return out
+
+
+def kvtier_health(target: Target) -> dict[str, dict]:
+    """What kvtier's /health says of each model (issue 31's `models`), where it says it."""
     out: dict[str, dict] = {}
     for name, (server, _) in target.route.items():
-        with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
-            health = json.load(response)
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
+                health = json.load(response)
+        except OSError:  # a 503 while the default model is unloaded, before /health knows many models
+            continue
         listed = health.get("models") or {}
         if isinstance(listed, list):  # a list of models, or a mapping of name to model
             listed = {m.get("name"): m for m in listed}
@@ -297,12 +310,13 @@ def measure(sizes: Sizes, command: str) -> dict:
         for session in sessions:
             results["servers"][session.target.name] = {"flags": session.target.flags, "turns": session.turns,
                                                        "peak_rss": peak_rss(session.target)}
-        results["servers"][KVTIER]["models"] = kvtier_models(running[0])
+        results["servers"][KVTIER]["models"] = kvtier_health(running[0])
     except BaseException:
         log(f"failed; server logs kept in {work}")
         raise
     finally:
         stop(running)
+    results["servers"][KVTIER]["loads"] = kvtier_loads(running[0])
     shutil.rmtree(work, ignore_errors=True)
     results["reference"] = reference(results, sessions, sizes.max_tokens)
     results["load"]["end"] = load_average()

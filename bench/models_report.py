@@ -141,17 +141,50 @@ def _describe(results: dict) -> list[str]:
     return out
 
 
+def kvtier_load_at(results: dict) -> dict[int, float]:
+    """kvtier's load (its log's seconds) behind each block's first turn: a model's k-th load
+    is its k-th block's, when it loaded once a block (every switch unloaded the other)."""
+    loads = results["servers"][KVTIER].get("loads") or {}
+    out: dict[int, float] = {}
+    for model in results["models"]:
+        firsts = [turns[0] for name, turns in blocks(results) if name == model]
+        if len(loads.get(model, [])) == len(firsts):
+            out.update(zip(firsts, loads[model]))
+    return out
+
+
+def _loads_line(results: dict) -> list[str]:
+    loads = results["servers"][KVTIER].get("loads") or {}
+    if not loads:
+        return []
+    runs = {name: sum(model == name for model, _ in blocks(results)) for name in results["models"]}
+    return ["", "kvtier's log: " + "; ".join(
+        f"{name} loaded {len(seconds)} times for its {runs.get(name)} blocks of turns, in "
+        + ", ".join(f"{v:.1f}" for v in seconds) + " s" for name, seconds in loads.items())
+        + " (one load a block: every switch unloaded the other model; a model's first load also times "
+        "its prefill chunk and measures batched decode, kept for its reloads)."]
+
+
+def _load_cell(loads: dict[int, float], turn: int) -> str:
+    if turn not in loads:
+        return ""
+    # The first model loads as the daemon starts (as mlx_lm.server's does), before the session.
+    return _seconds(loads[turn]) + (" (at start-up)" if turn == 0 else "")
+
+
 def _turn_rows(results: dict) -> list[str]:
     servers = list(results["servers"])
     rows = ["| # | model | turn | prompt tokens | " + " | ".join(f"{s} TTFT (cached)" for s in servers)
-            + " | kvtier's answer equals theirs |", "|---:|---|---|---:|" + "---:|" * len(servers) + "---|"]
+            + " | kvtier's load | kvtier's answer equals theirs |", "|---:|---|---|---:|" + "---:|" * (len(servers) + 1)
+            + "---|"]
+    loads = kvtier_load_at(results)
     for i, (model, kind) in enumerate(zip(results["schedule"], kinds(results))):
         cells = [f"{s['turns'][i]['ttft']:.2f} s ({s['turns'][i]['cached_tokens']})"
                  for s in results["servers"].values()]
         differ = [p for p in peers(results) if i in mismatches(results, p)]
         equal = "yes" if not differ else "differs from " + ", ".join(differ)
         rows.append(f"| {i + 1} | {model} | {kind} | {results['servers'][KVTIER]['turns'][i]['prompt_tokens']} | "
-                    + " | ".join(cells) + f" | {equal} |")
+                    + " | ".join(cells) + f" | {_load_cell(loads, i)} | {equal} |")
     return rows
 
 
@@ -160,13 +193,7 @@ def render(results: dict) -> str:
     out = _describe(results)
     out += ["| target | measured | needed | result |", "|---|---:|---:|---|"]
     out += [f"| {t['target']} | {t['shown']} | {t['needed']} | {t['result']} |" for t in results["targets"]]
-    health = results["servers"][KVTIER].get("models") or {}
-    if health:
-        runs = {name: sum(model == name for model, _ in blocks(results)) for name in results["models"]}
-        out += ["", "kvtier's `/health` at the end: " + "; ".join(
-            f"{name} loaded {m.get('loads', '?')} times for its {runs.get(name)} blocks of turns, its last load "
-            f"{_seconds(m.get('load_seconds'))}" for name, m in health.items())
-            + " (one load a block means every switch unloaded the other model)."]
+    out += _loads_line(results)
     out += ["", "Total TTFT: " + ", ".join(f"{s} {sum(ttfts(results, s)):.1f} s" for s in results["servers"]) + ".",
             "", "Per turn (TTFT, prompt tokens the server reported as cached):", "", *_turn_rows(results)]
     if results.get("reference"):
