@@ -86,3 +86,35 @@ def test_the_section_and_the_plot_come_from_a_saved_run(report, tmp_path):
     pytest.importorskip("matplotlib")
     report.plot(results, tmp_path / "models.png")
     assert (tmp_path / "models.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import models
+
+    return models
+
+
+def test_the_session_alternates_and_the_budget_fits_one_model(bench):
+    sizes = bench.Sizes(system_tokens=2048, turns_per_block=3, blocks=4, max_tokens=32)
+    assert bench.schedule(["a", "b"], sizes) == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    models = {"a": {"weight_bytes": 100 << 20, "kv_bytes_per_token": 8192.0},
+              "b": {"weight_bytes": 120 << 20, "kv_bytes_per_token": 2048.0}}
+    ram, memory = bench.budgets(models, sizes, 2048)
+    assert ram == int(1.25 * (2048 + 6 * (32 + bench.USER_TOKENS)) * 8192)  # a's conversation after its 6 turns
+    assert memory == (120 << 20) + 2 * ram < (220 << 20)
+    models["a"]["weight_bytes"] = 10 << 20  # the larger model and its KV would hold the smaller one too
+    with pytest.raises(SystemExit, match="would hold both models"):
+        bench.budgets(models, sizes, 2048)
+
+
+def test_kvtier_loads_are_read_from_its_log(bench, tmp_path):
+    log = tmp_path / "kvtier.log"
+    log.write_text("2026-12-07 13:20:39,419 INFO kvtier.worker: model llama loaded in 8.9 s\n"
+                   "2026-12-07 13:21:15,670 INFO kvtier.worker: unloading model llama (to make room for 'qwen3_next')\n"
+                   "2026-12-07 13:21:22,080 INFO kvtier.worker: model qwen3_next loaded in 6.1 s\n"
+                   "2026-12-07 13:21:55,852 INFO kvtier.worker: model llama loaded in 0.7 s\n")
+    server = bench.Server("kvtier", [], 0, log)
+    target = bench.Target("kvtier", "", [server], {"llama": (server, "llama"), "qwen3_next": (server, "qwen3_next")})
+    assert bench.kvtier_loads(target) == {"llama": [8.9, 0.7], "qwen3_next": [6.1]}
