@@ -5,6 +5,7 @@ Kept apart from the measuring so it can be rerun on a saved models.json
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -204,6 +205,11 @@ def render(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _two_and_five(y: float, _: object) -> str:
+    """A log axis's minor labels: 0.2 and 0.5, 2 and 5, ... (all nine crowd it)."""
+    return f"{y:g}" if y > 0 and round(y / 10 ** math.floor(math.log10(y))) in (2, 5) else ""
+
+
 def plot(results: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -222,8 +228,8 @@ def plot(results: dict, path: Path) -> None:
     for server in results["servers"]:
         ax.plot(turns, ttfts(results, server), marker="o", label=server)
     ax.set_yscale("log")
-    for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.2, not 2x10^-1
-        axis_ticks(plt.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:g}"))  # 0.1, not 10^-1
+    ax.yaxis.set_minor_formatter(plt.FuncFormatter(_two_and_five))
     ax.set(title=f"Two models alternating in one agent session: TTFT per turn ({results['date']})",
            xlabel="turn (dotted: the model switches)", ylabel="time to first token (s, log)", xticks=turns)
     ax.legend(fontsize="small")
