@@ -28,16 +28,13 @@ from kvtier.engine import Engine, resolve_model_path
 from kvtier.exactness import Exactness, measure_exactness
 from kvtier.models_memory import weights_on_disk
 from kvtier.requests import Chunk, GenerationRequest
-from kvtier.scheduler import BatchStats, Scheduler, runs_alone
+from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, BatchStats, Scheduler, runs_alone
 
 from . import faults
 from .models import (
-    BATCHED,
     FAILED,
-    INTERLEAVED,
     LOADED,
     LOADING,
-    ONE_AT_A_TIME,
     UNLOADED,
     Job,
     ModelTooLarge,
@@ -411,7 +408,7 @@ class Worker:
             raise
         model.engine, model.prefill_step_size = engine, engine.prefill_step_size
         model.weight_bytes = engine.weight_bytes or model.weight_bytes
-        model.scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=model.mode != BATCHED)
+        model.scheduler = Scheduler(engine, self.max_batch, _DONE, model.mode)
         model.scheduler.stats = model.stats
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
         model.load_seconds = round(time.perf_counter() - started, 3)
