@@ -13,7 +13,6 @@ No other thread in the daemon evaluates MLX arrays: they hand such work to `call
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import queue
@@ -24,33 +23,20 @@ from typing import AsyncIterator, Callable
 import mlx.core as mx
 
 from kvtier.config import ModelSpec
-from kvtier.engine import Engine, resolve_model_path
-from kvtier.exactness import Exactness, measure_exactness
-from kvtier.models_memory import weights_on_disk
+from kvtier.engine import Engine
+from kvtier.exactness import Exactness
 from kvtier.requests import Chunk, GenerationRequest
 from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, BatchStats, Scheduler, runs_alone
 
-from . import faults
-from .models import (
-    FAILED,
-    LOADED,
-    LOADING,
-    UNLOADED,
-    Job,
-    ModelTooLarge,
-    ServedModel,
-    expired,
-    room_for,
-)
+from .loading import LoadEngine, Loader
+from .models import Job, ModelTooLarge, ServedModel
 
 log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
 
-__all__ = ["BATCHED", "INTERLEAVED", "ONE_AT_A_TIME", "ModelBusy", "ModelTooLarge", "Overloaded", "Worker"]
-
-# (spec, prefill step size timed at an earlier load or None, progress) -> a loaded engine
-LoadEngine = Callable[[ModelSpec, "int | None", Callable[[str], None]], Engine]
+__all__ = ["BATCHED", "INTERLEAVED", "ONE_AT_A_TIME", "LoadEngine", "ModelBusy", "ModelTooLarge", "Overloaded",
+           "Worker"]
 
 
 class Overloaded(Exception):
@@ -77,24 +63,21 @@ class Worker:
     def __init__(self, load: LoadEngine, specs: list[ModelSpec], max_waiting: int = 32, max_batch: int = 1,
                  exact: bool = False, prefetch: int = 0, memory_budget: int | None = None,
                  keep_alive: float | None = None):
-        self._load_engine = load
         self.models: dict[str, ServedModel] = {}
         for spec in specs:
             self.add_model(spec)
         self.default = self.models[specs[0].name]
-        self.prefetch = prefetch  # bytes of a model's newest cache entries read into RAM once loaded
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.exact = exact  # interleave where batched decode is not bit-identical
-        self.memory_budget = memory_budget
         self.keep_alive = keep_alive
+        # prefetch: bytes of a model's newest cache entries read into RAM once it is loaded
+        self.loader = Loader(load, self.models, self.call_soon, _DONE, max_batch, exact, prefetch, memory_budget,
+                             keep_alive)
         self.stats = WorkerStats()
         self._jobs: queue.Queue = queue.Queue()
         self._seq = itertools.count()
-        self._holds: dict[str, int] = {}  # a model in a waiting load's way: admit only jobs before this seq
         self._outbox: Outbox | None = None
         self.ready = threading.Event()  # the default model's first load ended (loaded or failed)
         self._thread = threading.Thread(target=self._run, name="kvtier-mlx", daemon=True)
-        self._planners: list[threading.Thread] = []  # plan each load's prefetch
 
     def add_model(self, spec: ModelSpec) -> ServedModel:
         """A model to serve (a configured one, or one a request names with --allow-any-model)."""
@@ -125,7 +108,7 @@ class Worker:
         return self.default.batching
 
     def loaded_models(self) -> list[ServedModel]:
-        return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
+        return self.loader.loaded()
 
     def start(self) -> None:
         self._thread.start()
@@ -198,8 +181,7 @@ class Worker:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
-        for planner in self._planners:
-            planner.join()
+        self.loader.join()
 
     # -- the MLX thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -210,17 +192,17 @@ class Worker:
 
     def _serve(self) -> None:
         try:
-            self._load(self.default)
+            self.loader.load(self.default)
         except Exception:
             return  # logged; the daemon stops (app.py)
         finally:
             self.ready.set()
         for model in list(self.models.values()):
             if model.spec.pin and not model.loaded:
-                self._try_load(model)
+                self.loader.try_load(model)
         self._serve_jobs()
         for model in self.loaded_models():
-            self._unload(model, "the daemon stops")
+            self.loader.unload(model, "the daemon stops")
 
     def _serve_jobs(self) -> None:
         """Take jobs into their models' backlogs, then give every model with work a turn:
@@ -228,10 +210,10 @@ class Worker:
         stopping = False
         while True:
             stopping = self._take_jobs(block=not stopping and self._idle()) or stopping
-            self._holds.clear()  # models waiting for room set them again, before the others' turns
+            self.loader.holds.clear()  # models waiting for room set them again, before the others' turns
             for model in sorted(list(self.models.values()), key=lambda m: m.loaded):
                 self._turn(model)
-            self._unload_expired()
+            self.loader.unload_expired()
             if stopping and self._idle():
                 return
 
@@ -263,7 +245,7 @@ class Worker:
     def _turn(self, model: ServedModel) -> None:
         if not model.backlog and not model.running:
             return
-        if not model.loaded and not self._make_room_and_load(model):
+        if not model.loaded and (self._drop_upkeep(model) or not self.loader.make_room_and_load(model)):
             return
         model.last_used = time.monotonic()
         self._admit(model)
@@ -276,7 +258,7 @@ class Worker:
         request waits for every model's scheduler to drain and runs as the daemon's only
         request (its random stream is the process's one); requests that arrived after it wait.
         Held (another model waits for room): only the jobs that arrived before that model's."""
-        scheduler, hold = model.scheduler, self._holds.get(model.name)
+        scheduler, hold = model.scheduler, self.loader.holds.get(model.name)
         assert scheduler is not None and model.engine is not None
         seeded = self._seeded_waiting()
         while model.backlog and (hold is None or model.backlog[0].seq < hold):
@@ -335,33 +317,8 @@ class Worker:
             raise ModelBusy(f"model '{model.name}' is serving requests")
         if not model.loaded:
             return False
-        self._unload(model, "asked to")
+        self.loader.unload(model, "asked to")
         return True
-
-    # -- loading and unloading ----------------------------------------------------------------
-    def _make_room_and_load(self, model: ServedModel) -> bool:
-        """Load `model` for its backlog once it fits the memory budget: unload idle models in
-        its way, or hold back the busy ones' later requests until they drain. A model that can
-        never fit, or fails to load, fails its backlog."""
-        if self._drop_upkeep(model):
-            return False
-        first = model.first_waiting()
-        assert first is not None
-        try:
-            self._weigh(model)
-            others = [m for m in list(self.models.values()) if m is not model]
-            room = room_for(model, others, self.memory_budget, first) if self.memory_budget else None
-        except Exception as exc:
-            self._fail_backlog(model, exc)
-            return False
-        if room is not None and room.wait_for:
-            for blocker in room.wait_for:
-                self._holds[blocker.name] = min(self._holds.get(blocker.name, first), first)
-            return False
-        for other in room.unload if room is not None else []:
-            self._unload(other, f"to make room for '{model.name}'")
-        self._holds.clear()
-        return self._try_load(model)
 
     def _drop_upkeep(self, model: ServedModel) -> bool:
         """Upkeep calls and cancelled requests for a model that is not loaded are dropped,
@@ -374,119 +331,6 @@ class Worker:
                 job.emit(False)
             job.emit(_DONE)
         return not model.backlog
-
-    def _weigh(self, model: ServedModel) -> None:
-        """Its weights' size before its first load, from the files; ModelTooLarge if they
-        alone pass the memory budget."""
-        if not model.loads:
-            model.weight_bytes = weights_on_disk(resolve_model_path(model.spec.source))
-        if self.memory_budget:
-            room_for(model, [], self.memory_budget, 0)
-
-    def _try_load(self, model: ServedModel) -> bool:
-        try:
-            self._load(model)
-        except Exception as exc:
-            self._fail_backlog(model, exc)
-            return False
-        return True
-
-    def _fail_backlog(self, model: ServedModel, exc: Exception) -> None:
-        while model.backlog:
-            job = model.backlog.popleft()
-            job.emit(exc)
-            job.emit(_DONE)
-
-    def _load(self, model: ServedModel) -> None:
-        """Load the model's engine, decide how its requests run, start its prefetch."""
-        model.state, model.load_error, started = LOADING, None, time.perf_counter()
-        log.info("loading model %s", model.name)
-
-        def progress(phase: str) -> None:
-            model.phase = phase
-            log.info("%s: %s", model.name, phase)
-
-        try:
-            self._weigh(model)
-            engine = self._load_engine(model.spec, model.prefill_step_size, progress)
-            model.phase = "measuring batched decode"
-            model.mode = self._decide_mode(model, engine)
-            faults.install_from_env(engine.model)  # after the check: it feeds random tokens
-        except Exception as exc:
-            model.state, model.phase = FAILED, None
-            model.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())
-            log.error("could not load the model %s: %s", model.name, model.load_error)
-            log.debug("the model's load failed here", exc_info=True)
-            raise
-        model.engine, model.prefill_step_size = engine, engine.prefill_step_size
-        model.weight_bytes = engine.weight_bytes or model.weight_bytes
-        model.scheduler = Scheduler(engine, self.max_batch, _DONE, model.mode)
-        model.scheduler.stats = model.stats
-        model.state, model.phase, model.loads = LOADED, None, model.loads + 1
-        model.load_seconds = round(time.perf_counter() - started, 3)
-        model.last_used = time.monotonic()
-        log.info("model %s loaded in %.1f s", model.name, model.load_seconds)
-        if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
-            planner = threading.Thread(target=self._plan_prefetch, args=(model, engine), name="kvtier-prefetch")
-            self._planners.append(planner)
-            planner.start()
-
-    def _unload(self, model: ServedModel, why: str) -> None:
-        """Close the model's scheduler and engine: its hot KV goes to disk, its memory back."""
-        log.info("unloading model %s (%s)", model.name, why)
-        for planner in self._planners:
-            planner.join()  # a prefetch plan reads the index the store closes
-        self._planners = []
-        if model.scheduler is not None:
-            model.scheduler.close()
-        if model.engine is not None:
-            model.engine.close()
-        model.scheduler, model.state = None, UNLOADED
-        gc.collect()
-        mx.clear_cache()
-
-    def _unload_expired(self) -> None:
-        for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
-            self._unload(model, f"idle longer than the keep-alive ({self.keep_alive:g} s)")
-
-    def _decide_mode(self, model: ServedModel, engine: Engine) -> str:
-        """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
-        /health); interleave where it cannot, where the probe could not measure, and, with
-        `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row.
-        Measured at the model's first load; a reload keeps the verdict."""
-        if self.max_batch <= 1:
-            model.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
-            return ONE_AT_A_TIME
-        if model.batching is None:
-            try:
-                model.batching = measure_exactness(engine)
-            except Exception as exc:
-                log.exception("measuring batched decode failed")
-                model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
-        batching = model.batching
-        if batching.exact or (not self.exact and batching.max_difference is not None):
-            log.info("%s: continuous batching on, up to %d requests: %s", model.name, self.max_batch, batching.reason)
-            return BATCHED
-        log.warning("%s: requests interleave (up to %d, each decoding its own row) instead of batching: %s",
-                    model.name, self.max_batch, batching.reason)
-        return INTERLEAVED
-
-    def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
-        try:
-            prefetch = engine.store.plan_prefetch(self.prefetch)
-            # Even with nothing planned (an empty cache): its one step ends it, so it says done.
-            if not self.call_soon(self._prefetch_step, model.name):
-                prefetch.end("queue full")
-        except Exception:  # no prefetch: requests read from disk as without one
-            log.exception("planning the start-up prefetch failed")
-
-    def _prefetch_step(self, engine: Engine) -> None:
-        """One slice of the prefetch; the next is queued behind what has arrived, so a request
-        waits for one slice at most."""
-        name = next((m.name for m in self.loaded_models() if m.engine is engine), None)
-        if name is not None and engine.prefetch_step() and not self.call_soon(self._prefetch_step, name):
-            assert engine.store.prefetch is not None  # it has just taken a step
-            engine.store.prefetch.end("queue full")
 
     def describe(self, model: ServedModel | None = None) -> dict:
         """A model's batching mode and live numbers, for /health, /cache/stats and /metrics."""

@@ -1,0 +1,192 @@
+"""Loading and unloading models on the MLX thread (for daemon/worker.py): room made under the memory budget (the
+policy is daemon/models.py's), the engine loaded and its decode mode decided (batched, or
+interleaved where batching is not exact and `--exact` asks), its prefetch started; an unload
+closes the engine, which writes its hot KV to disk, and gives the memory back."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from typing import Callable
+
+import mlx.core as mx
+
+from kvtier.config import ModelSpec
+from kvtier.engine import Engine, resolve_model_path
+from kvtier.exactness import Exactness, measure_exactness
+from kvtier.models_memory import weights_on_disk
+from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, Scheduler
+
+from . import faults
+from .models import FAILED, LOADED, LOADING, UNLOADED, ServedModel, expired, room_for
+
+log = logging.getLogger("kvtier.worker")
+
+# (spec, prefill step size timed at an earlier load or None, progress) -> a loaded engine
+LoadEngine = Callable[[ModelSpec, "int | None", Callable[[str], None]], Engine]
+CallSoon = Callable[..., bool]  # Worker.call_soon
+
+
+class Loader:
+    def __init__(self, load_engine: LoadEngine, models: dict[str, ServedModel], call_soon: CallSoon,
+                 done: object, max_batch: int, exact: bool, prefetch: int, memory_budget: int | None,
+                 keep_alive: float | None):
+        self._load_engine, self.models, self._call_soon, self._done = load_engine, models, call_soon, done
+        self.max_batch, self.exact, self.prefetch = max_batch, exact, prefetch
+        self.memory_budget, self.keep_alive = memory_budget, keep_alive
+        self.holds: dict[str, int] = {}  # a model in a waiting load's way: admit only jobs before this seq
+        self._planners: list[threading.Thread] = []  # plan each load's prefetch
+
+    def loaded(self) -> list[ServedModel]:
+        return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
+
+    def join(self) -> None:
+        for planner in self._planners:
+            planner.join()
+
+    def make_room_and_load(self, model: ServedModel) -> bool:
+        """Load `model` for its backlog once it fits the memory budget: unload idle models in
+        its way, or hold back the busy ones' later requests until they drain. A model that can
+        never fit, or fails to load, fails its backlog."""
+        first = model.first_waiting()
+        assert first is not None
+        try:
+            self._weigh(model)
+            others = [m for m in list(self.models.values()) if m is not model]
+            room = room_for(model, others, self.memory_budget, first) if self.memory_budget else None
+        except Exception as exc:
+            self.fail_backlog(model, exc)
+            return False
+        if room is not None and room.wait_for:
+            for blocker in room.wait_for:
+                self.holds[blocker.name] = min(self.holds.get(blocker.name, first), first)
+            return False
+        for other in room.unload if room is not None else []:
+            self.unload(other, f"to make room for '{model.name}'")
+        self.holds.clear()
+        return self.try_load(model)
+
+
+    def _weigh(self, model: ServedModel) -> None:
+        """Its weights' size before its first load, from the files; ModelTooLarge if they
+        alone pass the memory budget."""
+        if not model.loads:
+            model.weight_bytes = weights_on_disk(resolve_model_path(model.spec.source))
+        if self.memory_budget:
+            room_for(model, [], self.memory_budget, 0)
+
+
+    def try_load(self, model: ServedModel) -> bool:
+        try:
+            self.load(model)
+        except Exception as exc:
+            self.fail_backlog(model, exc)
+            return False
+        return True
+
+
+    def fail_backlog(self, model: ServedModel, exc: Exception) -> None:
+        while model.backlog:
+            job = model.backlog.popleft()
+            job.emit(exc)
+            job.emit(self._done)
+
+
+    def load(self, model: ServedModel) -> None:
+        """Load the model's engine, decide how its requests run, start its prefetch."""
+        model.state, model.load_error, started = LOADING, None, time.perf_counter()
+        log.info("loading model %s", model.name)
+
+        def progress(phase: str) -> None:
+            model.phase = phase
+            log.info("%s: %s", model.name, phase)
+
+        try:
+            self._weigh(model)
+            engine = self._load_engine(model.spec, model.prefill_step_size, progress)
+            model.phase = "measuring batched decode"
+            model.mode = self._decide_mode(model, engine)
+            faults.install_from_env(engine.model)  # after the check: it feeds random tokens
+        except Exception as exc:
+            model.state, model.phase = FAILED, None
+            model.load_error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            log.error("could not load the model %s: %s", model.name, model.load_error)
+            log.debug("the model's load failed here", exc_info=True)
+            raise
+        model.engine, model.prefill_step_size = engine, engine.prefill_step_size
+        model.weight_bytes = engine.weight_bytes or model.weight_bytes
+        model.scheduler = Scheduler(engine, self.max_batch, self._done, model.mode)
+        model.scheduler.stats = model.stats
+        model.state, model.phase, model.loads = LOADED, None, model.loads + 1
+        model.load_seconds = round(time.perf_counter() - started, 3)
+        model.last_used = time.monotonic()
+        log.info("model %s loaded in %.1f s", model.name, model.load_seconds)
+        if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
+            planner = threading.Thread(target=self._plan_prefetch, args=(model, engine), name="kvtier-prefetch")
+            self._planners.append(planner)
+            planner.start()
+
+
+    def unload(self, model: ServedModel, why: str) -> None:
+        """Close the model's scheduler and engine: its hot KV goes to disk, its memory back."""
+        log.info("unloading model %s (%s)", model.name, why)
+        for planner in self._planners:
+            planner.join()  # a prefetch plan reads the index the store closes
+        self._planners = []
+        if model.scheduler is not None:
+            model.scheduler.close()
+        if model.engine is not None:
+            model.engine.close()
+        model.scheduler, model.state = None, UNLOADED
+        gc.collect()
+        mx.clear_cache()
+
+
+    def unload_expired(self) -> None:
+        for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
+            self.unload(model, f"idle longer than the keep-alive ({self.keep_alive:g} s)")
+
+
+    def _decide_mode(self, model: ServedModel, engine: Engine) -> str:
+        """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
+        /health); interleave where it cannot, where the probe could not measure, and, with
+        `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row.
+        Measured at the model's first load; a reload keeps the verdict."""
+        if self.max_batch <= 1:
+            model.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
+            return ONE_AT_A_TIME
+        if model.batching is None:
+            try:
+                model.batching = measure_exactness(engine)
+            except Exception as exc:
+                log.exception("measuring batched decode failed")
+                model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+        batching = model.batching
+        if batching.exact or (not self.exact and batching.max_difference is not None):
+            log.info("%s: continuous batching on, up to %d requests: %s", model.name, self.max_batch, batching.reason)
+            return BATCHED
+        log.warning("%s: requests interleave (up to %d, each decoding its own row) instead of batching: %s",
+                    model.name, self.max_batch, batching.reason)
+        return INTERLEAVED
+
+
+    def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
+        try:
+            prefetch = engine.store.plan_prefetch(self.prefetch)
+            # Even with nothing planned (an empty cache): its one step ends it, so it says done.
+            if not self._call_soon(self._prefetch_step, model.name):
+                prefetch.end("queue full")
+        except Exception:  # no prefetch: requests read from disk as without one
+            log.exception("planning the start-up prefetch failed")
+
+
+    def _prefetch_step(self, engine: Engine) -> None:
+        """One slice of the prefetch; the next is queued behind what has arrived, so a request
+        waits for one slice at most."""
+        name = next((m.name for m in self.loaded() if m.engine is engine), None)
+        if name is not None and engine.prefetch_step() and not self._call_soon(self._prefetch_step, name):
+            assert engine.store.prefetch is not None  # it has just taken a step
+            engine.store.prefetch.end("queue full")
+
