@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
 from kvtier.config import ModelSpec, ServeConfig
 from kvtier.engine import Engine
+from kvtier.hub import fetch_model
 
 from . import metrics, openapi
 from .auth import auth_middleware
@@ -50,7 +52,12 @@ def init_app(config: ServeConfig) -> web.Application:
         chunk timed at its first load."""
         cache = replace(config.cache, kv_bits=spec.kv_bits or config.cache.kv_bits,
                         kv_group_size=spec.kv_group_size or config.cache.kv_group_size)
-        engine = Engine(spec.source, cache, prefill_step_size or config.prefill_step_size)
+        if not Path(spec.source).is_dir():  # a repo id: --allow-any-model's are fetched on first use
+            fetch_model(spec.source, offline=config.offline)
+        engine = Engine(spec.source, cache, prefill_step_size or config.prefill_step_size, progress=progress)
+        # The index records the names it was served by: `kvtier purge --model NAME` finds it by them.
+        engine.store.register_model(dict(engine.description, name=spec.name, source=spec.source,
+                                         aliases=spec.aliases))
         log.info("model %s loaded; cache at %s", spec.name, config.cache.cache_dir)
         return engine
 

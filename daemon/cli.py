@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -44,13 +45,14 @@ def package_version() -> str:
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The daemon's settings from `kvtier serve`'s flags (ValueError for a bad combination)."""
     from .auth import is_loopback
-    from .model_names import parse_alias
+    from .model_config import configured_models
 
     given = {"cache_dir": args.cache_dir, "ram_budget": args.ram_budget, "block_size": args.block_size}
     cache = CacheConfig(disk_budget=args.disk_budget, kv_bits=args.kv_bits,
                         kv_group_size=args.kv_group_size, shared_url=args.shared, shared_ttl=args.shared_ttl,
                         **{k: v for k, v in given.items() if v is not None})
-    config = ServeConfig(model=args.model, host=args.host, port=args.port,
+    models = configured_models(args.model, args.models_file, args.model_alias)
+    config = ServeConfig(model=models[0].source, models=models, host=args.host, port=args.port,
                          prefill_step_size=None if args.prefill_step_size == "auto" else args.prefill_step_size,
                          max_tokens_ceiling=args.max_tokens, pressure_keep=args.pressure_keep,
                          max_context=args.max_context, cache=cache)
@@ -66,9 +68,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         logging.getLogger("kvtier").warning("--batch-inexact is the default now: requests batch unless --exact is given")
     config.exact = args.exact
     config.prefetch = args.prefetch
-    config.model_aliases = [parse_alias(alias, args.model) for alias in args.model_alias]
-    config.models[0].aliases += config.model_aliases
-    config.strict_model_names = args.strict_model_names
+    apply_model_flags(config, args)
     config.keep_billing_header = args.keep_billing_header
     config.allowed_hosts, config.allowed_origins = args.allowed_hosts, args.allowed_origins
     config.show_previews = args.show_previews
@@ -81,6 +81,15 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return config
 
 
+def apply_model_flags(config: ServeConfig, args: argparse.Namespace) -> None:
+    """The models' settings besides which they are: how names are resolved, the memory they share."""
+    config.offline, config.allow_any_model = args.offline, args.allow_any_model
+    config.strict_model_names = args.strict_model_names
+    if args.memory_budget is not None:
+        config.memory_budget = args.memory_budget
+    config.keep_alive = None if math.isinf(args.keep_alive) else float(args.keep_alive)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the daemon; 1 when its model failed to load (ValueError for what is wrong before
     it starts: the flags, the address, the model's path)."""
@@ -91,7 +100,8 @@ def serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     sockets = open_sockets(config.host, config.port)  # first: a busy port is known at once
-    fetch_model(args.model, offline=args.offline)
+    for spec in config.models:  # every model before start-up: a download is a one-time wait
+        fetch_model(spec.source, offline=config.offline)
     # The full check of a large index takes a while: it runs while MLX, mlx-lm and the model load.
     start_walk(config.cache.cache_dir / "index")
 
@@ -103,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     server.run(app, sockets)
     load_error = app[STATE].worker.load_error
     if load_error is not None:
-        print(f"kvtier: could not load the model {args.model}: {load_error}", file=sys.stderr)
+        print(f"kvtier: could not load the model {config.model}: {load_error}", file=sys.stderr)
         return 1
     return 0
 

@@ -35,8 +35,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
     what.add_argument("--all", action="store_true", help="everything, pinned entries included")
-    what.add_argument("--model", help="a model's entries (name as served, directory name, or a fingerprint "
-                                      "or its start, as `stats` and `ls` show it)")
+    what.add_argument("--model", help="a model's entries: a name it was served by or its directory name, "
+                                      "or a fingerprint or its start, as `stats` and `ls` show them "
+                                      "(a name two models share is refused, listing them)")
     what.add_argument("--older-than", type=duration, help="entries unused for this long (7d, 12h)")
     what.add_argument("--to-size", type=size, help="evict least recently used entries down to this size")
     verify = commands.add_parser("verify", parents=[common], help="check the index, and every file against it")

@@ -8,7 +8,13 @@ import argparse
 from typing import Any, Callable, TypeVar
 
 from kvtier import config
-from kvtier.config import DEFAULT_DISK_BUDGET, default_cache_dir, default_max_batch, default_ram_budget
+from kvtier.config import (
+    DEFAULT_DISK_BUDGET,
+    default_cache_dir,
+    default_max_batch,
+    default_memory_budget,
+    default_ram_budget,
+)
 
 T = TypeVar("T")
 
@@ -38,6 +44,27 @@ class Size(int):
         return self.text
 
 
+class Duration(float):
+    """Seconds, as given on the command line ("5m"); "never" is infinite."""
+
+    text: str
+
+    def __new__(cls, text: str) -> "Duration":
+        seconds = float("inf") if text == "never" else config.parse_duration(text)
+        duration = super().__new__(cls, seconds)
+        duration.text = text
+        return duration
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _duration(text: str) -> Duration:
+    if text == "never":
+        raise ValueError(f"not a duration: {text!r} (try 30m, 12h, 7d)")
+    return Duration(text)
+
+
 def _positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError(f"not a positive whole number: {text!r}")
@@ -49,14 +76,20 @@ def _auto_or_positive(text: str) -> int | str:
 
 
 size = argument_type(Size, "size")
-duration = argument_type(config.parse_duration, "duration")
+duration = argument_type(_duration, "duration")
+keep_alive = argument_type(Duration, "keep_alive")  # a duration or "never"
 positive_int = argument_type(_positive, "positive_int")
 auto_or_positive = argument_type(_auto_or_positive, "auto_or_positive")
 
 # (flag, argparse keywords); a `service install` writes only the flags it was given.
 SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", dict(required=True,
-                     help="model directory, or a Hugging Face repo id (downloaded on first use)")),
+    ("--model", dict(action="append", default=[], metavar="[NAME=]SOURCE",
+                     help="a model directory, or a Hugging Face repo id (downloaded on first use), "
+                          "optionally named NAME; repeatable: the first is the default model, "
+                          "serving names that match no other")),
+    ("--models-file", dict(default=None, metavar="FILE",
+                           help="a TOML file of [[models]] (source, name, aliases, max_context, "
+                                "kv_bits, kv_group_size, pin), after any --model (docs/operations.md)")),
     ("--offline", dict(action="store_true",
                        help="never download: the model must be a directory or in the HF cache")),
     ("--host", dict(default="127.0.0.1",
@@ -71,6 +104,13 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                              "at start-up, in the background (default: half the RAM budget; 0: none)")),
     ("--disk-budget", dict(type=size, default=DEFAULT_DISK_BUDGET,
                            help="bytes of cache files on disk (default: 20GB)")),
+    ("--memory-budget", dict(type=size, default=None,
+                             help="bytes of model weights and hot KV of the loaded models together; "
+                                  "past it the least recently used idle model is unloaded (default: "
+                                  f"{default_memory_budget() // 2**30} GiB, three quarters of RAM)")),
+    ("--keep-alive", dict(type=keep_alive, default=keep_alive("never"), metavar="DURATION|never",
+                          help="unload a model idle this long, e.g. 5m (default: never; the memory "
+                               "budget unloads idle models when another needs the room)")),
     ("--block-size", dict(type=int, default=None, help="tokens per cached block (default: 128)")),
     ("--prefill-step-size", dict(type=auto_or_positive, default="auto",
                                  help="tokens computed per forward pass while prefilling (default: auto, "
@@ -114,10 +154,14 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                           "answers equal plain mlx-lm's, at one stream's decode rate")),
     ("--batch-inexact", dict(action="store_true", help=argparse.SUPPRESS)),  # the default now
     ("--model-alias", dict(action="append", default=[], metavar="NAME[=MODEL]",
-                           help="another name for the served model, listed in /v1/models (repeatable)")),
+                           help="another name for the default model, or for MODEL (any configured "
+                                "model's name); globs such as 'claude-*' allowed (repeatable)")),
     ("--strict-model-names", dict(action="store_true",
-                                  help="answer 404 for model names other than the served model's "
-                                       "and its aliases (default: any name is served by the one model)")),
+                                  help="answer 404 for model names that are no configured model's "
+                                       "name or alias (default: the default model serves them)")),
+    ("--allow-any-model", dict(action="store_true",
+                               help="a request may name a Hugging Face repo id not configured: it "
+                                    "is loaded from the HF cache (downloaded unless --offline)")),
     ("--keep-billing-header", dict(action="store_true",
                                    help="keep Claude Code's x-anthropic-billing-header system line in "
                                         "the prompt (default: dropped; it changes per conversation)")),
@@ -148,7 +192,7 @@ def add_serve_flags(parser: argparse.ArgumentParser, for_service: bool = False) 
     for flag, options in SERVE_FLAGS:
         if for_service and flag in SERVE_ONLY:
             continue
-        if for_service and flag != "--model":
+        if for_service:
             options = dict(options, default=argparse.SUPPRESS)
             options["help"] = SERVICE_HELP.get(flag, options.get("help"))
         parser.add_argument(flag, **options)
@@ -165,6 +209,7 @@ def serve_args(options: dict[str, Any]) -> tuple[str, ...]:
         if declared.get("action") == "store_true":
             args.append(flag)
         else:
-            for item in value if declared.get("action") == "append" else [value]:
+            repeated = declared.get("action") == "append" and not isinstance(value, str)
+            for item in value if repeated else [value]:
                 args += [flag, str(item)]
     return tuple(args)

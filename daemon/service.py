@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .model_config import configured_models, parse_model_flag
 from .serve_options import add_serve_flags, serve_args
 
 LABEL = "com.kvtier.daemon"
@@ -347,10 +348,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
     options = vars(args).copy()
     api_key = _api_key(options.pop("api_key", None), options.pop("api_key_file", None))
+    if args.action == "install" and not options.get("model") and not options.get("models_file"):
+        raise ServiceError("--model or --models-file is required: the models the service serves", 2)
     # The service starts in another directory: make paths absolute. A model that is not a
     # path is a repo id in the HF cache and stays as given.
-    if options.get("model") is not None and Path(options["model"]).expanduser().exists():
-        options["model"] = str(Path(options["model"]).expanduser().resolve())
+    options["model"] = [absolute_model(text) for text in options.get("model", [])]
+    if options.get("models_file") is not None:
+        options["models_file"] = str(Path(options["models_file"]).expanduser().resolve())
+    if args.action == "install":
+        _check_models(options)
     if options.get("cache_dir") is not None:
         options["cache_dir"] = str(Path(options["cache_dir"]).expanduser().resolve())
     xdg = os.environ.get("XDG_CONFIG_HOME")
@@ -365,6 +371,24 @@ def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
         config_home=Path(xdg) if xdg and os.path.isabs(xdg) else None,
         api_key=api_key,
     )
+
+
+def absolute_model(text: str) -> str:
+    """A `--model [NAME=]SOURCE` with SOURCE made absolute where it is a path."""
+    spec = parse_model_flag(text)
+    source = Path(spec.source).expanduser()
+    if not source.exists():
+        return text
+    named = spec.name != spec.source
+    return f"{spec.name}={source.resolve()}" if named else str(source.resolve())
+
+
+def _check_models(options: dict) -> None:
+    """A models file's mistakes are said now, not by a service restarting in a loop."""
+    try:
+        configured_models(options["model"], options.get("models_file"), options.get("model_alias"))
+    except ValueError as exc:
+        raise ServiceError(str(exc), 2) from None
 
 
 def _api_key(given: str | None, file: str | None) -> str | None:

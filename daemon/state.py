@@ -31,8 +31,8 @@ class DaemonState:
     names: ModelNames = field(init=False)
 
     def __post_init__(self) -> None:
-        self.names = ModelNames(self.config.models, self.config.strict_model_names,
-                                self.config.allow_any_model, self.config.offline)
+        self.names = ModelNames(self.config.models, strict=self.config.strict_model_names,
+                                allow_any=self.config.allow_any_model, offline=self.config.offline)
 
     async def select_model(self, requested: str) -> str:
         """Resolve the request's `model` by the daemon's naming policy, load that model if it
@@ -43,6 +43,7 @@ class DaemonState:
             try:
                 await self.worker.load(served.name)
             except Exception as exc:
+                self.names.forget(spec)  # an --allow-any-model name: the next request tries again
                 raise model_error(served, exc) from None
         _SELECTED.set(served)
         return echo
@@ -71,9 +72,9 @@ class DaemonState:
         return self.selected().name
 
     def model_ids(self) -> set[str]:
-        """Names that always mean the default model: as given, its directory name, "default",
-        and its aliases."""
-        return self.names.known()
+        """Names that always mean the loaded (default) model: its name, source, directory
+        name, "default", and its exact aliases."""
+        return self.names.names_of(self.names.default)
 
 
 def model_error(served: ServedModel, exc: Exception) -> ApiError:

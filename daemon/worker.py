@@ -395,6 +395,7 @@ class Worker:
 
         def progress(phase: str) -> None:
             model.phase = phase
+            log.info("%s: %s", model.name, phase)
 
         try:
             self._weigh(model)

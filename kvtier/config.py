@@ -148,7 +148,6 @@ class ServeConfig:
     exact: bool = False  # interleave where batched decode is not bit-identical to decoding alone
     prefetch: int | None = None  # bytes read from disk into RAM at start-up; None: half the RAM budget
     max_context: int | None = None  # tokens per request (prompt + completion); None: the model's
-    model_aliases: list[str] = field(default_factory=list)  # extra names listed in /v1/models
     strict_model_names: bool = False  # refuse names other than the served model's and aliases
     keep_billing_header: bool = False  # keep Claude Code's per-conversation system line
     allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides the bound address

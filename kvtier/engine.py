@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 from mlx_lm import load as mlx_load
@@ -110,32 +110,54 @@ class ReleasedModel:
         self._fail()
 
 
+Progress = Callable[[str], None]  # told each phase of a load as it starts (PHASES)
+PHASES = ("reading weights", "probing the cache", "timing prefill", "opening the cache")
+
+
+def _silent(phase: str) -> None:
+    """No one follows the load."""
+
+
 class Engine:
-    def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int | None = 2048):
+    def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int | None = 2048, *,
+                 progress: Progress | None = None):
+        """`progress` is told each phase of the load as it starts, in PHASES' order ("timing
+        prefill" only when `prefill_step_size` is None: the chunk is then timed on this model)."""
+        phase = progress or _silent
         self.model_path = resolve_model_path(model)
         self.model_name = model
+        phase("reading weights")
         self.model, self.tokenizer = mlx_load(str(self.model_path))
         self.weight_bytes = parameter_bytes(self.model)  # what the weights take, for a memory budget
         row_attention.install()  # its model module is loaded now: batched rows attend alone
         config = json.loads((self.model_path / "config.json").read_text())
         self.context_length = declared_context_length(config)  # None: no limit declared
         self.vocab_size: int | None = getattr(getattr(self.model, "args", None), "vocab_size", None)
-        # None: timed on this model now, fixed for the process (kvtier.chunking)
-        self.prefill_chunk = chunking.choose(self.model, cache_config.block_size, prefill_step_size)
-        self.prefill_step_size = self.prefill_chunk.tokens
         self.block_size = cache_config.block_size
         self.snapshot_every = cache_config.snapshot_every_blocks * cache_config.block_size
         self.quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)
                              if cache_config.kv_bits else None)
+        phase("probing the cache")
         self.plan, self.layout = self._probe()
+        if prefill_step_size is None:
+            phase("timing prefill")
+        # None: timed on this model now, fixed for the process (kvtier.chunking)
+        self.prefill_chunk = chunking.choose(self.model, cache_config.block_size, prefill_step_size)
+        self.prefill_step_size = self.prefill_chunk.tokens
         self.renderer = Renderer(self.tokenizer, boundaries=bool(self.plan and self.plan.needs_snapshots))
+        phase("opening the cache")
+        self._open_store(cache_config)
+
+    def _open_store(self, cache_config: CacheConfig) -> None:
+        """The model's store, under its fingerprint, and its name in the index."""
         # str() of the MLX dtype ("mlx.core.float32"): the form fingerprints have always hashed.
         dtype = str(getattr(mx, next(iter(self.layout.values()))[1]) if self.layout else self._param_dtype())
         kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
         computed_by = runtime()  # the mlx / mlx-lm computing the KV: an upgrade is a clean miss
         self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format, computed_by)
         self.store = TieredStore(cache_config, self.fingerprint, self.layout, self.plan)
-        self.store.register_model(dict(describe_model(self.model_path, computed_by), name=model))
+        self.description = dict(describe_model(self.model_path, computed_by), name=self.model_name)
+        self.store.register_model(self.description)
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:
         try:

@@ -22,10 +22,15 @@ def cached_model(model: str) -> Path | None:
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
+    return in_hf_cache(model)
+
+
+def in_hf_cache(repo_id: str) -> Path | None:
+    """The snapshot of a repo id already in the HF cache (never a directory of that name)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, local_files_only=True, allow_patterns=MODEL_FILES))
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=MODEL_FILES))
     except Exception:  # not cached (LocalEntryNotFoundError), or not a valid repo id
         return None
 

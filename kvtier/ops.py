@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from . import cached_models
+from .cached_models import UnknownModel as UnknownModel  # re-exported: the CLI and routes catch ops.UnknownModel
 from .config import format_size
 from .disk import BlockFiles, DamagedBlock, decode_block, remove_path
 from .index import BlockRecord, Index, IndexDamaged, now_ms
@@ -238,29 +240,13 @@ def set_pinned(cache: LocalDisk, key_prefix: str, pinned: bool) -> int:
 
 
 # -- purge --------------------------------------------------------------------------------
-class UnknownModel(ValueError):
-    """`--model` names no model the cache holds, or more than one by a fingerprint's start."""
-
-
 def resolve_model(cache: LocalDisk, selector: str) -> set[str]:
-    """The fingerprints `selector` names: a model's whole fingerprint, its name as served or
-    its directory name (every fingerprint of that model), else the start of the fingerprint
-    of one model with entries (as `stats` and `ls` show it)."""
-    models = cache.index.models()
+    """The fingerprints `selector` names: a model's fingerprint, a name it was served by or
+    its directory name (every fingerprint of that model), or the start of one fingerprint
+    with entries, as `stats` and `ls` show them (kvtier.cached_models)."""
     totals = cache.index.model_totals()
     holding = {fp for fp, entry in totals.items() if entry.get("blocks") or entry.get("snapshots")}
-    named = {fp for fp in set(models) | set(totals)
-             if selector in (fp, models.get(fp, {}).get("name"), Path(models.get(fp, {}).get("name") or "").name)}
-    if named:
-        return named
-    by_start = {fp for fp in holding if fp.startswith(selector)}
-    if len(by_start) > 1:
-        shown = ", ".join(sorted(fp[:12] for fp in by_start))
-        raise UnknownModel(f"{selector!r} starts more than one model's fingerprint ({shown}): give more of it")
-    if not by_start:
-        raise UnknownModel(f"no cached model is named {selector!r} or has a fingerprint starting with it "
-                           f"(see `kvtier stats`)")
-    return by_start
+    return cached_models.select(cache.index.models(), set(totals), holding, selector)
 
 
 def purge(cache: LocalDisk, *, everything: bool = False, model: str | None = None,

@@ -83,14 +83,17 @@ def test_two_models_share_a_cache_dir_and_one_reopens_from_disk(llama_model, ref
     assert disk_registry.users(config.cache_dir) == 0
 
 
-def test_a_disk_event_reaches_the_stores_left_once_the_opener_closes(llama_model, tmp_path):
+def test_a_disk_event_reaches_the_stores_left_once_the_opener_closes(llama_model, tmp_path, caplog):
     """The store that opened the disk closes first: what the disk counts after (a damaged
-    file, a write error) is not lost, the store still using it counts it."""
-    config = CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK)
+    file, a write error) is not lost, the store still using it counts it. The disk has one
+    budget: the first store's."""
+    config = CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK, disk_budget=1 << 30)
     opener = Engine(str(llama_model), config)
-    other = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK * 2))
+    other = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path / "cache", block_size=BLOCK * 2,
+                                                 disk_budget=1 << 29))
     disk = other.store.disk
-    assert disk is opener.store.disk
+    assert disk is opener.store.disk and disk.budget == 1 << 30
+    assert "open already with a disk budget of 1.0 GiB: kept (not 512.0 MiB)" in caplog.text
     opener.close()
     disk.drop_damaged(b"\0" * 32, DamagedBlock("test"))
     assert other.store.counters["damaged_blocks"] == 1 and opener.store.counters["damaged_blocks"] == 0

@@ -32,7 +32,8 @@ def fits_one(llama: Path, hybrid: Path):
     budget = weights_on_disk(llama) + weights_on_disk(hybrid) - 1
 
     def configure(config: ServeConfig) -> None:
-        config.models = [ModelSpec(str(llama), name="llama"), ModelSpec(str(hybrid), name="hybrid")]
+        config.models = [ModelSpec(str(llama), name="llama", aliases=["claude-*"]),
+                         ModelSpec(str(hybrid), name="hybrid", aliases=["claude-*haiku*"])]
         config.memory_budget = max(budget, weights_on_disk(llama), weights_on_disk(hybrid))
     return configure
 
@@ -92,6 +93,16 @@ def test_requests_for_both_models_at_once_all_finish_with_plain_mlx_lm_answers(t
     assert answers == [references[model].chat(messages, MAX_TOKENS) for model, messages in asks]
 
 
+def test_glob_aliases_send_claude_codes_small_model_names_to_the_small_model(two_models, llama_model,
+                                                                           hybrid_model):
+    messages = agent_messages("globs", repeat=1)
+    haiku, _ = ask(two_models, "claude-haiku-4-5-20251001", messages)
+    sonnet, _ = ask(two_models, "claude-sonnet-4-5-20250929", messages)
+    assert haiku == Reference(hybrid_model).chat(messages, MAX_TOKENS)
+    assert sonnet == Reference(llama_model).chat(messages, MAX_TOKENS)
+    assert haiku != sonnet
+
+
 def test_a_model_larger_than_the_memory_budget_is_refused_naming_the_sizes(tmp_path, tiny_model, llama_model):
     def configure(config: ServeConfig) -> None:
         config.models = [ModelSpec(str(tiny_model), name="tiny"), ModelSpec(str(llama_model), name="large")]
@@ -113,7 +124,7 @@ def test_a_model_larger_than_the_memory_budget_is_refused_naming_the_sizes(tmp_p
         daemon.stop()
 
 
-def test_an_idle_model_is_unloaded_after_the_keep_alive(tmp_path, tiny_model):
+def test_an_idle_model_is_unloaded_after_the_keep_alive(tmp_path, tiny_model, caplog):
     def configure(config: ServeConfig) -> None:
         config.models = [ModelSpec(str(tiny_model), name="tiny")]
         config.keep_alive = 0.5
@@ -126,8 +137,11 @@ def test_an_idle_model_is_unloaded_after_the_keep_alive(tmp_path, tiny_model):
         while state_of(daemon, "tiny") != "unloaded" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert state_of(daemon, "tiny") == "unloaded"
+        caplog.set_level("INFO", logger="kvtier.worker")
         again, cached = ask(daemon, "tiny", messages)  # loaded again on demand, its prompt from disk
         assert again == first and cached > 0
+        logged = [r.getMessage() for r in caplog.records if r.name == "kvtier.worker"]
+        assert {"tiny: reading weights", "tiny: opening the cache"} <= set(logged)  # the load's progress
     finally:
         daemon.stop()
 
@@ -191,3 +205,34 @@ def test_two_loaded_models_both_make_progress_at_once(tmp_path, llama_model, hyb
         assert "".join(pieces) == Reference(llama_model).chat(long_messages, 400)
     finally:
         daemon.stop()
+
+
+def test_purge_takes_the_name_a_daemon_served_the_model_by(tmp_path, tiny_model):
+    from tests.test_purge_models import entries_by_name, kvtier
+
+    def configure(config: ServeConfig) -> None:
+        config.models = [ModelSpec(str(tiny_model), name="small", aliases=["claude-*haiku*"])]
+
+    daemon = InProcessDaemon(tiny_model, tmp_path / "cache", configure=configure).start()
+    try:
+        ask(daemon, "claude-haiku-4-5", agent_messages("purge me", repeat=1))
+    finally:
+        daemon.stop()
+    assert entries_by_name(tmp_path / "cache")["small"] > 0  # recorded under its configured name
+    purged = kvtier("purge", "--model", "small", "--cache-dir", str(tmp_path / "cache"))
+    assert purged.returncode == 0, purged.stderr
+    assert not entries_by_name(tmp_path / "cache")
+
+
+def test_after_a_restart_a_second_model_restores_its_conversation_from_disk(daemon_factory, tiny_model,
+                                                                           hybrid_model):
+    """`kvtier serve --model PATH --model hybrid=PATH`, stopped and started again: the second
+    model loads on its first request and restores what it computed before the restart."""
+    daemon = daemon_factory(tiny_model, "--model", f"hybrid={hybrid_model}")
+    messages = agent_messages("restart", repeat=2)
+    before, _ = ask(daemon, "hybrid", messages)
+    assert daemon.stop() == 0
+    daemon.start()
+    after, cached = ask(daemon, "hybrid", messages)
+    assert after == before == Reference(hybrid_model).chat(messages, MAX_TOKENS)
+    assert cached >= len(Reference(hybrid_model).chat_tokens(messages)) - 64

@@ -147,6 +147,48 @@ def test_install_dry_run_honours_xdg_config_home_and_makes_paths_absolute(tmp_pa
     assert files_under(tmp_path) == [tmp_path / "work", tmp_path / "work" / "mdl"]
 
 
+def test_install_with_several_models_and_a_models_file(tmp_path):
+    """Each --model is written in order, its path made absolute and its NAME= kept; the models
+    file by its absolute path (its own relative sources are read beside it)."""
+    work = tmp_path / "work"
+    (work / "small").mkdir(parents=True)
+    (work / "conf").mkdir()
+    (work / "conf" / "models.toml").write_text('[[models]]\nsource = "org/large"\nname = "large"\n'
+                                               'aliases = ["claude-*"]\n')
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "fast=small",
+                            "--model", "org/repo", "--models-file", "conf/models.toml",
+                            "--model-alias", "claude-*haiku*=fast", "--keep-alive", "5m",
+                            "--memory-budget", "24GiB", "--allow-any-model", "--shared-ttl", "7d",
+                            home=tmp_path / "home", cwd=work)
+    assert result.returncode == 0, result.stderr
+    (exec_start,) = [line for line in result.stdout.splitlines() if line.startswith("ExecStart=")]
+    assert shlex.split(exec_start.removeprefix("ExecStart="))[4:] == [
+        "--model", f"fast={work.resolve() / 'small'}", "--model", "org/repo",
+        "--models-file", str(work.resolve() / "conf" / "models.toml"),
+        "--memory-budget", "24GiB", "--keep-alive", "5m", "--model-alias", "claude-*haiku*=fast",
+        "--allow-any-model", "--shared-ttl", "7d"]
+    # what the service runs, as `serve` reads it
+    from daemon.cli import build_parser, serve_config
+    config = serve_config(build_parser().parse_args(shlex.split(exec_start.removeprefix("ExecStart="))[3:]))
+    assert [(m.name, m.aliases) for m in config.models] == [
+        ("fast", ["claude-*haiku*"]), ("org/repo", []), ("large", ["claude-*"])]
+    assert (config.keep_alive, config.cache.shared_ttl) == (300.0, 7 * 86400.0)
+
+
+@pytest.mark.parametrize("models, message", [
+    ('[[models]]\nsource = "m"\nkv_bits = 7\n', "[[models]] #1: 'kv_bits' must be one of 2, 3, 4, 5, 6, 8, not 7"),
+    ('[[models]]\nsource = "m"\n', "no model 'other' is configured"),
+])
+def test_install_refuses_a_bad_models_file_or_alias_and_writes_nothing(tmp_path, models, message):
+    (tmp_path / "models.toml").write_text(models)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = kvtier_service("install", "--platform", "linux", "--models-file", str(tmp_path / "models.toml"),
+                            "--model-alias", "x=other", home=home)
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and files_under(home) == []
+
+
 def test_uninstall_dry_run_linux_prints_commands_and_touches_nothing(tmp_path):
     result = kvtier_service("uninstall", "--dry-run", "--platform", "linux", home=tmp_path)
     assert result.returncode == 0, result.stderr
