@@ -80,11 +80,12 @@ demo: install
 	$(BLAS) $(PY) bench/demo.py
 
 # The full suite (with the large-cache scale table and the memory check), the parallel-agents
-# run and the shared tier's bench (docs/benchmarks.md);
+# run, two models in one session and the shared tier's bench (docs/benchmarks.md);
 # bench/ttft.py still runs on its own.
 bench: install
 	$(BLAS) $(PY) bench/suite.py
 	$(BLAS) $(PY) bench/parallel.py
+	$(BLAS) $(PY) bench/models.py
 	@if command -v redis-server >/dev/null || command -v valkey-server >/dev/null; then \
 	   $(BLAS) $(PY) bench/shared.py --write; else echo "note: no redis-server: bench/shared.py skipped"; fi
 

@@ -18,15 +18,10 @@ from typing import Any, Callable
 from kvtier.config import ModelSpec, format_size
 from kvtier.engine import Engine
 from kvtier.exactness import Exactness
-from kvtier.scheduler import BatchStats, Scheduler
+from kvtier.scheduler import ONE_AT_A_TIME, BatchStats, Scheduler
 
 # A model's state, as /v1/models and /health show it.
 UNLOADED, LOADING, LOADED, FAILED = "unloaded", "loading", "loaded", "failed"
-
-# How concurrent requests of one model run (`/health` batching.mode).
-BATCHED = "batched"  # one forward pass of all rows per decode step
-INTERLEAVED = "interleaved"  # each request's own one-row pass, in turn: a lone request's arithmetic
-ONE_AT_A_TIME = "one at a time"  # --max-batch 1: a scheduler of one
 
 
 class ModelTooLarge(Exception):

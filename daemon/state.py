@@ -38,6 +38,8 @@ class DaemonState:
         """Resolve the request's `model` by the daemon's naming policy, load that model if it
         is not loaded, and make it this request's (`engine()`); returns the name to echo."""
         spec, echo = self.names.resolve(requested)
+        if not self.worker.ready.is_set() or not self.worker.default.loads:
+            self.engine()  # a 503 while the default model loads at start-up, or if it failed to
         served = self.worker.add_model(spec)
         if served.state != LOADED or served.engine is None:
             try:

@@ -28,16 +28,13 @@ from kvtier.engine import Engine, resolve_model_path
 from kvtier.exactness import Exactness, measure_exactness
 from kvtier.models_memory import weights_on_disk
 from kvtier.requests import Chunk, GenerationRequest
-from kvtier.scheduler import BatchStats, Scheduler, runs_alone
+from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, BatchStats, Scheduler, runs_alone
 
 from . import faults
 from .models import (
-    BATCHED,
     FAILED,
-    INTERLEAVED,
     LOADED,
     LOADING,
-    ONE_AT_A_TIME,
     UNLOADED,
     Job,
     ModelTooLarge,
@@ -275,12 +272,13 @@ class Worker:
             model.last_used = time.monotonic()
 
     def _admit(self, model: ServedModel) -> None:
-        """Start the backlog's jobs in order while the scheduler has room; a seeded sampling
-        request waits for the scheduler to drain and runs as its only member (its random
-        stream is the process's one). Held (another model waits for room): only the jobs that
-        arrived before that model's."""
+        """Start the backlog's jobs in order while the scheduler has room. A seeded sampling
+        request waits for every model's scheduler to drain and runs as the daemon's only
+        request (its random stream is the process's one); requests that arrived after it wait.
+        Held (another model waits for room): only the jobs that arrived before that model's."""
         scheduler, hold = model.scheduler, self._holds.get(model.name)
         assert scheduler is not None and model.engine is not None
+        seeded = self._seeded_waiting()
         while model.backlog and (hold is None or model.backlog[0].seq < hold):
             job = model.backlog[0]
             if isinstance(job.work, GenerationRequest):
@@ -288,13 +286,24 @@ class Worker:
                     model.backlog.popleft()
                     job.emit(_DONE)
                     continue
-                if scheduler.alone or scheduler.full or (runs_alone(job.work) and not scheduler.idle):
+                if scheduler.full or self._one_runs_alone() or (seeded is not None and job.seq > seeded):
+                    return
+                if runs_alone(job.work) and any(m.running for m in list(self.models.values())):
                     return
                 model.backlog.popleft()
                 self._start(model, job)
             else:
                 model.backlog.popleft()
                 self._call(model, job)
+
+    def _one_runs_alone(self) -> bool:
+        return any(m.scheduler is not None and m.scheduler.alone for m in list(self.models.values()))
+
+    def _seeded_waiting(self) -> int | None:
+        """The arrival of the first seeded sampling request at the head of a backlog, if any."""
+        heads = [m.backlog[0] for m in list(self.models.values()) if m.backlog]
+        return min((j.seq for j in heads if isinstance(j.work, GenerationRequest) and runs_alone(j.work)),
+                   default=None)
 
     def _start(self, model: ServedModel, job: Job) -> None:
         assert model.scheduler is not None
@@ -411,7 +420,7 @@ class Worker:
             raise
         model.engine, model.prefill_step_size = engine, engine.prefill_step_size
         model.weight_bytes = engine.weight_bytes or model.weight_bytes
-        model.scheduler = Scheduler(engine, self.max_batch, _DONE, interleaved=model.mode != BATCHED)
+        model.scheduler = Scheduler(engine, self.max_batch, _DONE, model.mode)
         model.scheduler.stats = model.stats
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
         model.load_seconds = round(time.perf_counter() - started, 3)

@@ -84,16 +84,23 @@ class BatchStats:
     longest_step_gap: float = 0.0  # longest time between two decode steps of a running batch
 
 
+# How a scheduler decodes its requests (`/health` batching.mode): the one choice, named once.
+BATCHED = "batched"  # one forward pass of all rows per decode step
+INTERLEAVED = "interleaved"  # each request's own one-row pass, in turn: a lone request's arithmetic
+ONE_AT_A_TIME = "one at a time"  # a scheduler of one (--max-batch 1): its own row too
+
+
 class Scheduler:
     """The requests the MLX thread is serving at once; `step` advances them all a little.
 
-    `interleaved`: each request decodes its own row (RowDecoder) instead of sharing one
-    batched forward pass with the others (Decoders: a request decoding alone has its own row)."""
+    `mode`: BATCHED shares one forward pass between the decoding requests (Decoders: a request
+    decoding alone has its own row); otherwise each request decodes its own row (RowDecoder)."""
 
-    def __init__(self, engine: Engine, max_size: int, done: object, interleaved: bool = False):
+    def __init__(self, engine: Engine, max_size: int, done: object, mode: str = BATCHED):
         self.engine, self.max_size, self.done = engine, max_size, done
-        self.interleaved = interleaved
-        self.generator = self._new_generator(interleaved)
+        self.mode = mode
+        self.interleaved = mode != BATCHED
+        self.generator = self._new_generator(self.interleaved)
         self.prefilling: deque[Member] = deque()
         self.decoding: dict[int, Member] = {}
         self.held: list[Held] = []
@@ -368,7 +375,7 @@ def generate(engine: Engine, request: GenerationRequest) -> Iterator[Chunk]:
     the one that owns MLX): the daemon's path, for `warm`, tests and bench. Closing the
     iterator early cancels the request."""
     done, items = object(), deque[object]()
-    scheduler = Scheduler(engine, 1, done, interleaved=True)
+    scheduler = Scheduler(engine, 1, done, mode=ONE_AT_A_TIME)
     scheduler.add(request, items.append)
     try:
         while True:

@@ -240,13 +240,14 @@ def keyed_app(tmp_path_factory, llama_model):
 
 @pytest.fixture
 def app_factory(tmp_path):
-    """In-process apps of a given model and flags, each with its own cache, stopped after the test."""
+    """In-process apps of a given model and flags, each with its own cache (or a given one, as a
+    restart finds it), stopped after the test."""
     from tests.inprocess import InProcessDaemon
 
     started: list = []
 
-    def make(model: Path, *extra: str, ceiling: int | None = TEST_MAX_TOKENS):
-        daemon = InProcessDaemon(model, tmp_path / f"cache-{len(started)}", *extra, ceiling=ceiling)
+    def make(model: Path, *extra: str, ceiling: int | None = TEST_MAX_TOKENS, cache_dir: Path | None = None):
+        daemon = InProcessDaemon(model, cache_dir or tmp_path / f"cache-{len(started)}", *extra, ceiling=ceiling)
         started.append(daemon)
         return daemon.start()
 

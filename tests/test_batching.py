@@ -32,13 +32,13 @@ def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, interleav
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
-    from kvtier.scheduler import Scheduler
+    from kvtier.scheduler import BATCHED, INTERLEAVED, Scheduler
 
     reference = Reference(arch_model)
     engine = Engine(str(arch_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     try:
-        batch = Scheduler(engine, max_size=4, done=done, interleaved=interleaved)
+        batch = Scheduler(engine, max_size=4, done=done, mode=INTERLEAVED if interleaved else BATCHED)
         first = [_conversation(q) for q in QUESTIONS]
         # Round two: a follow-up turn restored from the tiers, joined while others decode.
         follow_up = first[0] + [{"role": "assistant", "content": reference.chat(first[0], MAX_TOKENS)},
@@ -223,7 +223,7 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
     from kvtier.engine import Engine
     from kvtier.exactness import measure_exactness
     from kvtier.requests import GenerationRequest
-    from kvtier.scheduler import Scheduler
+    from kvtier.scheduler import INTERLEAVED, Scheduler
 
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64, kv_bits=8))
     done = object()
@@ -234,7 +234,7 @@ def test_a_quantized_kv_cache_interleaves_with_plain_mlx_lm_s_text(llama_model, 
                          for project, q in (("delta", QUESTIONS[0]), ("omega", QUESTIONS[1]))]
         tokens = [engine.renderer.chat_tokens(c) for c in conversations]
         outputs: list[list] = [[], []]
-        batch = Scheduler(engine, max_size=4, done=done, interleaved=True)
+        batch = Scheduler(engine, max_size=4, done=done, mode=INTERLEAVED)
         batch.add(GenerationRequest(tokens[0], MAX_TOKENS, temperature=0.0), outputs[0].append)
         while batch.prefilling:
             batch.step()
@@ -261,14 +261,14 @@ def test_logprobs_are_mlx_lm_s_on_every_decode_path(llama_model, path, tmp_path)
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
-    from kvtier.scheduler import Scheduler, generate
+    from kvtier.scheduler import BATCHED, INTERLEAVED, Scheduler, generate
 
     reference = Reference(llama_model)
     engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done = object()
     conversations = [_conversation(q) for q in QUESTIONS[:2]]
     try:
-        batch = Scheduler(engine, max_size=4, done=done, interleaved=path == "interleaved")
+        batch = Scheduler(engine, max_size=4, done=done, mode=INTERLEAVED if path == "interleaved" else BATCHED)
 
         def run(asked: list[int | None]) -> list[list]:
             requests = [GenerationRequest(engine.renderer.chat_tokens(c), MAX_TOKENS, temperature=0.0,
@@ -332,7 +332,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import GenerationRequest
-    from kvtier.scheduler import Scheduler
+    from kvtier.scheduler import BATCHED, INTERLEAVED, Scheduler
 
     reference = Reference(tiny_model)
     engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
@@ -360,7 +360,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
         return outputs
 
     try:
-        batch = Scheduler(engine, max_size=4, done=done, interleaved=interleaved)
+        batch = Scheduler(engine, max_size=4, done=done, mode=INTERLEAVED if interleaved else BATCHED)
         # At decode: b joins (and prefills) once a and the poisoned request decode.
         out_a, out_p, out_b = run(a, poisoned, b, join_when_decoding=2)
         for out in (out_a, out_p):

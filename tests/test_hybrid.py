@@ -1,5 +1,6 @@
-"""Every architecture the project generates, through the daemon: reuse is exact for KV,
-recurrent (SSM / linear attention) and sliding-window layers alike."""
+"""Every architecture the project generates, through the daemon's app (served in the test
+process, tests/inprocess.py; a restart is a new app on the same cache directory): reuse is
+exact for KV, recurrent (SSM / linear attention) and sliding-window layers alike."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tests.support.blocks import decoded
 from tests.support.testmodels import ARCHES, make_model
 
 MAX_TOKENS = 16
+NO_PREFETCH = ("--prefetch", "0")  # after a restart, blocks come from disk
 
 
 @pytest.fixture(scope="module", params=ARCHES)
@@ -28,8 +30,8 @@ def ask(daemon, messages):
     return response.choices[0].message.content, response.usage.model_dump()
 
 
-def test_three_requests_warm_and_cold(daemon_factory, arch_model, arch_reference):
-    daemon = daemon_factory(arch_model)
+def test_three_requests_warm_and_cold(app_factory, arch_model, arch_reference):
+    daemon = app_factory(arch_model)
     a = agent_messages("alpha", question="List the files.")
     b = agent_messages("alpha", question="Now run the tests and report.")
     c = [dict(a[0], content="Z" + a[0]["content"][1:]), b[1]]
@@ -49,12 +51,13 @@ def test_three_requests_warm_and_cold(daemon_factory, arch_model, arch_reference
     assert len(set(outputs)) > 1  # the model's output depends on its context
 
 
-def test_multi_turn_with_restart_between_turns(daemon_factory, arch_model, arch_reference):
-    daemon = daemon_factory(arch_model)
+def test_multi_turn_with_restart_between_turns(app_factory, arch_model, arch_reference):
+    daemon = app_factory(arch_model, *NO_PREFETCH)
     messages = agent_messages("beta", question="Open the main module.")
     for turn in range(4):
         if turn == 2:
-            daemon.restart()
+            daemon.stop()  # flushes every hot block, as SIGTERM does
+            daemon = app_factory(arch_model, *NO_PREFETCH, cache_dir=daemon.cache_dir)
         text, usage = ask(daemon, messages)
         assert text == arch_reference.chat(messages, MAX_TOKENS), f"turn {turn}"
         if turn:
@@ -67,11 +70,11 @@ def test_multi_turn_with_restart_between_turns(daemon_factory, arch_model, arch_
     assert daemon.get("/cache/stats")["tokenizer"]["tokens_reused"] > 0  # turn 3 tokenized only its new messages
 
 
-def test_partly_evicted_chain_falls_back_and_stays_exact(daemon_factory, arch_model, arch_reference):
+def test_partly_evicted_chain_falls_back_and_stays_exact(app_factory, arch_model, arch_reference):
     from kvtier.disk import BlockFiles
     from kvtier.index import Index
 
-    daemon = daemon_factory(arch_model)
+    daemon = app_factory(arch_model, *NO_PREFETCH)
     first = agent_messages("gamma", question="Summarise the README.")
     ask(daemon, first)
     daemon.stop()
@@ -83,7 +86,7 @@ def test_partly_evicted_chain_falls_back_and_stays_exact(daemon_factory, arch_mo
         index.remove(key)
         files.remove(key.hex())
     index.close()
-    daemon.start()
+    daemon = app_factory(arch_model, *NO_PREFETCH, cache_dir=daemon.cache_dir)
     second = agent_messages("gamma", question="Now fix the failing test.")
     text, usage = ask(daemon, second)
     assert text == arch_reference.chat(second, MAX_TOKENS)

@@ -25,11 +25,11 @@ def wide_model():
 def scheduler(wide_model, tmp_path):
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
-    from kvtier.scheduler import Scheduler
+    from kvtier.scheduler import BATCHED, Scheduler
 
     engine = Engine(str(wide_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     try:
-        yield Scheduler(engine, max_size=4, done=object(), interleaved=False)
+        yield Scheduler(engine, max_size=4, done=object(), mode=BATCHED)
     finally:
         engine.close()
 

@@ -203,8 +203,30 @@ def test_two_loaded_models_both_make_progress_at_once(tmp_path, llama_model, hyb
         assert state_of(daemon, "llama") == state_of(daemon, "hybrid") == "loaded"
         assert hybrid_answer == Reference(hybrid_model).chat(agent_messages("beside", repeat=1), MAX_TOKENS)
         assert "".join(pieces) == Reference(llama_model).chat(long_messages, 400)
+        assert_seeded_sampling_runs_alone_across_models(daemon)
     finally:
         daemon.stop()
+
+
+def assert_seeded_sampling_runs_alone_across_models(daemon: InProcessDaemon) -> None:
+    """A seeded request's random stream is the process's: a sampling request of the other
+    model must not draw from it meanwhile, or the seed would not repeat its answer."""
+    client = daemon.client()
+    seeded_messages = agent_messages("seeded", question="Say something.", repeat=1)
+
+    def seeded() -> str | None:
+        return client.chat.completions.create(model="hybrid", messages=seeded_messages, max_tokens=16,
+                                              temperature=1.0, seed=11).choices[0].message.content
+
+    def sampling() -> str | None:
+        return client.chat.completions.create(model="llama", messages=agent_messages("noise", repeat=1),
+                                              max_tokens=64, temperature=1.0).choices[0].message.content
+
+    alone = seeded()
+    with ThreadPoolExecutor(3) as pool:
+        beside = [pool.submit(sampling), pool.submit(seeded), pool.submit(sampling)]
+        assert beside[1].result(300) == alone
+        beside[0].result(300), beside[2].result(300)
 
 
 def test_purge_takes_the_name_a_daemon_served_the_model_by(tmp_path, tiny_model):

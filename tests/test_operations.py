@@ -1,5 +1,6 @@
-"""Operating the daemon over HTTP: entries, purge, warm, metrics; budgets held under load;
-memory pressure spills to disk without losing anything."""
+"""Operating the daemon over HTTP (its app served in the test process, tests/inprocess.py):
+entries, purge, warm, metrics; budgets held under load; memory pressure spills to disk without
+losing anything."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
+def test_entries_purge_warm_and_metrics_over_http(app_factory, llama_model, reference):
+    daemon = app_factory(llama_model)
     ask(daemon, agent_messages("alpha"))
     status, entries = request(daemon, "GET", "/cache/entries")
     assert status == 200 and len(entries["data"]) == 1
@@ -78,9 +80,9 @@ def test_entries_purge_warm_and_metrics_over_http(daemon, reference):
     assert result["entries"] > 0  # the warmed prefix is pinned
 
 
-def test_budgets_hold_well_past_tiny_limits_and_outputs_stay_exact(daemon_factory, llama_model, reference):
+def test_budgets_hold_well_past_tiny_limits_and_outputs_stay_exact(app_factory, llama_model, reference):
     ram_budget, disk_budget = 3_000_000, 8_000_000  # a few blocks each
-    daemon = daemon_factory(llama_model, "--ram-budget", str(ram_budget), "--disk-budget", str(disk_budget))
+    daemon = app_factory(llama_model, "--ram-budget", str(ram_budget), "--disk-budget", str(disk_budget))
     projects = [f"project-{i}" for i in range(5)]
     for project in projects:  # ~5 x 0.7K tokens x 8 KB/token: several times both budgets
         messages = agent_messages(project)
@@ -96,9 +98,9 @@ def test_budgets_hold_well_past_tiny_limits_and_outputs_stay_exact(daemon_factor
     assert dir_bytes(daemon.cache_dir) <= disk_budget
 
 
-def test_memory_pressure_spills_to_disk_and_loses_nothing(daemon_factory, llama_model, reference):
+def test_memory_pressure_spills_to_disk_and_loses_nothing(app_factory, llama_model, reference):
     # "Pressure" whenever less than a petabyte is free: always, on this machine.
-    daemon = daemon_factory(llama_model, "--pressure-below", "1000TB", "--pressure-keep", "0")
+    daemon = app_factory(llama_model, "--pressure-below", "1000TB", "--pressure-keep", "0")
     messages = agent_messages("pressure")
     expected = reference.chat(messages, MAX_TOKENS)
     assert ask(daemon, messages)[0] == expected

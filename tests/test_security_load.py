@@ -1,4 +1,5 @@
-"""Security defaults, client disconnects, and many concurrent clients, through the daemon."""
+"""Security defaults, client disconnects, and many concurrent clients, through the daemon's app
+served in the test process (tests/inprocess.py); the bind check through `kvtier serve`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from tests.conftest import ROOT, agent_messages, free_port, http_request
 MAX_TOKENS = 8
 
 
-def test_cache_files_are_private(daemon):
+def test_cache_files_are_private(app_factory, llama_model):
+    daemon = app_factory(llama_model)
     daemon.client().chat.completions.create(model=str(daemon.model), messages=agent_messages(),
                                             max_tokens=4, temperature=0)
     daemon.stop()
@@ -62,8 +64,8 @@ def test_no_pickle_anywhere():
                                                             p.read_text(), re.M)]
 
 
-def test_client_disconnect_stops_generation_and_frees_the_worker(daemon_factory, llama_model, reference):
-    daemon = daemon_factory(llama_model, ceiling=None)  # the answer outlasts its client
+def test_client_disconnect_stops_generation_and_frees_the_worker(app_factory, llama_model, reference):
+    daemon = app_factory(llama_model, ceiling=None)  # the answer outlasts its client
     body = json.dumps({"model": str(daemon.model), "messages": agent_messages(question="Ramble."),
                        "max_tokens": 5000, "temperature": 0, "stream": True})
     conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=120)
@@ -84,8 +86,8 @@ def _counters(daemon) -> dict:
     return daemon.get("/cache/stats")["counters"]
 
 
-def test_non_streaming_client_disconnect_cancels_generation(daemon_factory, llama_model, reference):
-    daemon = daemon_factory(llama_model, ceiling=None)  # the answer outlasts its client
+def test_non_streaming_client_disconnect_cancels_generation(app_factory, llama_model, reference):
+    daemon = app_factory(llama_model, ceiling=None)  # the answer outlasts its client
     before = _counters(daemon)
     started = before.get("requests_hit", 0) + before.get("requests_miss", 0)
     body = json.dumps({"model": str(daemon.model), "max_tokens": 5000, "temperature": 0,
@@ -133,7 +135,8 @@ def _run_clients(daemon, jobs):
     return results
 
 
-def test_concurrent_clients_all_get_exact_answers(daemon, reference):
+def test_concurrent_clients_all_get_exact_answers(app_factory, llama_model, reference):
+    daemon = app_factory(llama_model)
     prompts = [agent_messages("shared", question=f"Question {i}.") for i in range(4)] + \
               [agent_messages(f"distinct-{i}") for i in range(4)]
     jobs = [(m, i % 2 == 0) for i, m in enumerate(prompts)]
@@ -141,8 +144,8 @@ def test_concurrent_clients_all_get_exact_answers(daemon, reference):
     assert results == [reference.chat(m, MAX_TOKENS) for m, _ in jobs]
 
 
-def test_overload_answers_503_with_retry_after(daemon_factory, llama_model, reference):
-    daemon = daemon_factory(llama_model, "--max-waiting", "1")
+def test_overload_answers_503_with_retry_after(app_factory, llama_model, reference):
+    daemon = app_factory(llama_model, "--max-waiting", "1")
     jobs = [(agent_messages(f"load-{i}"), False) for i in range(6)]
     results = _run_clients(daemon, jobs)
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
@@ -153,21 +156,21 @@ def test_overload_answers_503_with_retry_after(daemon_factory, llama_model, refe
     assert daemon.get("/health")["status"] == "ok"
 
 
-def test_oversized_body_is_rejected_with_413(shared_daemon):
+def test_oversized_body_is_rejected_with_413(app_daemon):
     body = b'{"model": "x", "prompt": "' + b"a" * (33 * 2**20) + b'"}'
-    request = urllib.request.Request(shared_daemon.url + "/v1/completions", data=body,
+    request = urllib.request.Request(app_daemon.url + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=120)
     assert err.value.code == 413 and "error" in json.loads(err.value.read())
-    assert shared_daemon.get("/health")["status"] == "ok"
+    assert app_daemon.get("/health")["status"] == "ok"
 
 
-def test_bounded_soak_with_a_small_ram_budget(daemon_factory, llama_model, reference):
+def test_bounded_soak_with_a_small_ram_budget(app_factory, llama_model, reference):
     """Rounds of concurrent, repeated and new prompts: every answer exact, the hot tier within
     budget, the queue drained, the daemon healthy at the end."""
     budget = 4_000_000
-    daemon = daemon_factory(llama_model, "--ram-budget", str(budget))
+    daemon = app_factory(llama_model, "--ram-budget", str(budget))
     for round_ in range(3):  # each round's 4 prompts are ~5 MB of KV each: past the budget every round
         jobs = [(agent_messages(f"soak-{(round_ + i) % 5}", question=f"Step {round_}."), i % 2 == 0)
                 for i in range(4)]
