@@ -52,3 +52,16 @@ def test_models_with_no_daemon_running_exits_2():
     result = kvtier("models", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2 and result.stderr.startswith("kvtier: no daemon is running at")
     assert result.stderr.count("\n") == 1
+
+
+def test_models_of_a_daemon_serving_two(daemon_factory, tiny_model, llama_model):
+    daemon = daemon_factory(f"tiny={tiny_model}", "--model", f"llama={llama_model}", "--api-key", "s3cret")
+    rows = models(daemon.url).stdout.splitlines()[1:]
+    assert rows[0].split()[:3] == ["tiny", "(default)", "loaded"] and rows[1].split()[:2] == ["llama", "unloaded"]
+    assert rows[1].split()[-1] == "-"  # never loaded: no last load
+    loaded = models(daemon.url, "load", "llama")
+    assert loaded.returncode == 0 and loaded.stdout.startswith("llama: loaded"), loaded.stderr
+    data = {m["name"]: m for m in json.loads(models(daemon.url, "--json").stdout)}
+    assert data["tiny"]["state"] == data["llama"]["state"] == "loaded" and data["llama"]["loads"] == 1
+    assert models(daemon.url, "unload", "llama").stdout.startswith("llama: unloaded")
+    assert models(daemon.url, "unload", "llama").returncode == 0  # already: nothing to do

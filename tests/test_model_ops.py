@@ -179,6 +179,18 @@ def test_the_model_routes_need_the_api_key(tmp_path, tiny_model):
         daemon.stop()
 
 
+def test_purging_one_model_by_its_name_leaves_the_others(two):
+    ask(two, "tiny", "purge one")
+    ask(two, "llama", "purge one")
+    fingerprints = {m: two.get(f"/cache/stats?model={m}")["fingerprint"] for m in ("tiny", "llama")}
+    two.get("/cache/entries")  # waits for the writes
+    reply = two.request("DELETE", "/cache?model=big")  # llama's alias
+    assert reply.status == 200 and list(reply.json()["models"]) == [fingerprints["llama"]], reply.text
+    left = {entry["fingerprint"] for entry in two.get("/cache/entries")["data"]}
+    assert left == {fingerprints["tiny"]}
+    assert two.get("/cache/stats?model=llama")["ram"]["entries"] == 0
+
+
 def test_purging_everything_drops_every_loaded_models_hot_copies(two):
     """Last in the module: it empties the cache."""
     ask(two, "tiny", "purge")

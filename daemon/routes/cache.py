@@ -48,8 +48,12 @@ async def health(http: web.Request) -> web.Response:
 def _tiers_health(worker: Worker) -> dict:
     """Whether the disk takes writes, the shared store's connection: from the default model's
     store, or with it unloaded another loaded model's (the cache directory is theirs too)."""
-    loaded = model_stats.open_models(worker)
-    return loaded[0].engine.store.health() if loaded and loaded[0].engine is not None else {}
+    for model in model_stats.open_models(worker):
+        try:
+            return model.engine.store.health() if model.engine is not None else {}
+        except Exception:  # its store closed under us (an unload): the next one's
+            continue
+    return {}
 
 
 def _access(config) -> dict:
@@ -68,7 +72,12 @@ async def cache_stats(http: web.Request) -> web.Response:
         if model is state.worker.default and model.engine is None:
             state.engine()  # a 503 while it loads at start-up, as before
         return web.json_response(model_stats.unloaded(state.worker, model))
-    return web.json_response(model_stats.loaded(state.worker, model))
+    try:
+        return web.json_response(model_stats.loaded(state.worker, model))
+    except Exception:
+        if model.loaded:
+            raise
+        return web.json_response(model_stats.unloaded(state.worker, model))  # unloaded as it was read
 
 
 def _cache_dir(http: web.Request) -> LocalDisk:

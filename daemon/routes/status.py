@@ -7,6 +7,7 @@ task of the app."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from contextlib import suppress
@@ -23,6 +24,7 @@ from ..state import STATE, DaemonState
 PAGE_FILES = {"/": ("status.html", "text/html"), "/static/status.js": ("status.js", "text/javascript"),
               "/static/status.css": ("status.css", "text/css")}
 SOURCES = ("ram", "disk", "shared", "computed")
+log = logging.getLogger("kvtier.status")
 SAMPLE_SECONDS = 5.0
 SAMPLES_KEPT = 180  # 15 minutes
 
@@ -77,9 +79,13 @@ def _loaded_counters(state: DaemonState) -> dict:
     """The loaded models' store counters, added (a model's start again when it loads again)."""
     total: dict[str, int] = {}
     for model in state.worker.loaded_models():
-        if model.engine is not None:
-            for name, value in model.engine.store.stats()["counters"].items():
-                total[name] = total.get(name, 0) + value
+        try:
+            counters = model.engine.store.stats()["counters"] if model.engine is not None else {}
+        except Exception as exc:  # unloaded under us (its store closed): left out this time
+            log.debug("no counters of %s this time: %s", model.name, exc)
+            continue
+        for name, value in counters.items():
+            total[name] = total.get(name, 0) + value
     return total
 
 
