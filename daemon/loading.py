@@ -14,10 +14,13 @@ from typing import Callable
 import mlx.core as mx
 
 from kvtier.config import ModelSpec
+from kvtier.disk_registry import release_disk, retain
 from kvtier.engine import Engine, resolve_model_path
 from kvtier.exactness import Exactness, measure_exactness
+from kvtier.local import LocalDisk
 from kvtier.models_memory import weights_on_disk
 from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, Scheduler
+from kvtier.tier import Count
 
 from . import faults
 from .models import FAILED, LOADED, LOADING, UNLOADED, ServedModel, expired, room_for
@@ -38,6 +41,9 @@ class Loader:
         self.memory_budget, self.keep_alive = memory_budget, keep_alive
         self.holds: dict[str, int] = {}  # a model in a waiting load's way: admit only jobs before this seq
         self._planners: list[threading.Thread] = []  # plan each load's prefetch
+        # The cache directory's disk, held open from the first load to the end: a switch
+        # between models would otherwise close the index with the one and open it for the other.
+        self._disk_hold: tuple[LocalDisk, Count] | None = None
 
     def loaded(self) -> list[ServedModel]:
         return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
@@ -45,6 +51,12 @@ class Loader:
     def join(self) -> None:
         for planner in self._planners:
             planner.join()
+
+    def close(self) -> None:
+        """After the last unload: the cache directory's disk closes with its last holder."""
+        if self._disk_hold is not None:
+            release_disk(*self._disk_hold)
+            self._disk_hold = None
 
     def make_room_and_load(self, model: ServedModel) -> bool:
         """Load `model` for its backlog once it fits the memory budget: unload idle models in
@@ -116,6 +128,8 @@ class Loader:
             log.debug("the model's load failed here", exc_info=True)
             raise
         model.engine, model.prefill_step_size = engine, engine.prefill_step_size
+        if self._disk_hold is None and (holder := retain(engine.store.disk)) is not None:
+            self._disk_hold = (engine.store.disk, holder)
         model.weight_bytes = engine.weight_bytes or model.weight_bytes
         model.scheduler = Scheduler(engine, self.max_batch, self._done, model.mode)
         model.scheduler.stats = model.stats

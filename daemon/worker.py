@@ -203,6 +203,7 @@ class Worker:
         self._serve_jobs()
         for model in self.loaded_models():
             self.loader.unload(model, "the daemon stops")
+        self.loader.close()
 
     def _serve_jobs(self) -> None:
         """Take jobs into their models' backlogs, then give every model with work a turn:

@@ -93,6 +93,21 @@ def release_disk(disk: LocalDisk, count: Count | None = None) -> None:
         disk.close()
 
 
+def retain(disk: LocalDisk) -> Count | None:
+    """Keep `disk` open beyond its stores (a daemon unloading one model to load another must
+    not close and reopen its index between them); `release_disk(disk, token)` lets it go."""
+
+    def holder(name: str, amount: int = 1) -> None:
+        """Counts nothing: it only holds the disk open."""
+
+    with _lock:
+        shared = next((s for s in _open.values() if s.disk is disk), None)
+        if shared is None:
+            return None  # not a shared disk (a RAM-only store's, a test's own)
+        shared.users.append(holder)
+    return holder
+
+
 def users(cache_dir: Path) -> int:
     """How many stores use the process's disk of `cache_dir` (0: not open)."""
     with _lock:

@@ -66,6 +66,10 @@ def test_each_model_answers_as_plain_mlx_lm_and_a_switch_unloads_the_other(two_m
     assert state_of(two_models, "llama") == "loaded"
     hybrid_answer, _ = ask(two_models, "hybrid", messages)
     assert state_of(two_models, "hybrid") == "loaded" and state_of(two_models, "llama") == "unloaded"
+    models = two_models.app[STATE].worker.models
+    engines = [models[name].engine for name in ("llama", "hybrid")]
+    assert engines[0] is not None and engines[1] is not None
+    assert engines[0].store.disk is engines[1].store.disk  # the index stayed open through the switch
     assert llama_answer == Reference(llama_model).chat(messages, MAX_TOKENS)
     assert hybrid_answer == Reference(hybrid_model).chat(messages, MAX_TOKENS)
 
