@@ -1,6 +1,7 @@
 """Continuous batching: requests restored from the tiers, prefilled in chunks between decode
 steps and decoded in one mlx-lm batch give plain mlx-lm's greedy text, for every
-architecture; a cancelled stream leaves the batch and the others finish right."""
+architecture; a cancelled stream leaves the batch and the others finish right. Through the
+daemon, its app is served in the test process (tests/inprocess.py)."""
 
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ def _stream(daemon, messages: list[dict], out: dict, key: str, cancel_after: int
     out[key] = text
 
 
-def test_concurrent_streams_batch_and_a_cancelled_one_leaves(daemon_factory, llama_model, reference):
-    daemon = daemon_factory(llama_model, "--max-batch", "3")
+def test_concurrent_streams_batch_and_a_cancelled_one_leaves(app_factory, llama_model, reference):
+    daemon = app_factory(llama_model, "--max-batch", "3")
     health = daemon.get("/health")["batching"]
     assert health["enabled"] and health["max_batch"] == 3
     conversations = {"a": _conversation(QUESTIONS[0]), "b": _conversation(QUESTIONS[1]),
@@ -124,8 +125,8 @@ def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
         return [future.result(timeout=300) for future in futures]
 
 
-def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
-    daemon = daemon_factory(llama_model, "--max-batch", "3")
+def test_seeded_sampling_runs_alone_and_repeats(app_factory, llama_model):
+    daemon = app_factory(llama_model, "--max-batch", "3")
     messages = agent_messages("batch", question="Say something.", repeat=1)
 
     def ask() -> str | None:
@@ -138,13 +139,13 @@ def test_seeded_sampling_runs_alone_and_repeats(daemon_factory, llama_model):
 
 
 @pytest.mark.parametrize("arch, exact", [("llama", False), ("llama", True), ("nemotron_h", False)])
-def test_the_start_up_check_is_reported_and_answers_stay_exact(daemon_factory, arch, exact):
+def test_the_start_up_check_is_reported_and_answers_stay_exact(app_factory, arch, exact):
     """By default requests batch and /health reports the start-up check's verdict (under
     OpenBLAS, which the daemon preloads on Linux, batched decode is not bit-identical at
     these small widths); with --exact they interleave, each decoding its own row, unless
     batching measured bit-identical. Concurrent greedy answers are plain mlx-lm's."""
     model = make_model(MODELS / arch, arch)
-    daemon = daemon_factory(model, "--max-batch", "4", *(["--exact"] if exact else []))
+    daemon = app_factory(model, "--max-batch", "4", *(["--exact"] if exact else []))
     batching = daemon.get("/health")["batching"]
     assert batching["reason"] and batching["max_batch"] == 4
     measured_exact = batching["max_logprob_difference"] == 0
@@ -390,7 +391,8 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     (("--max-batch", "3"), {"batched"}),
     (("--max-batch", "3", "--exact"), {"batched", "interleaved"}),  # as the start-up check finds
 ], ids=["alone", "batched", "exact"])
-def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_factory, tiny_model, mode, runs):
+def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(app_factory, tiny_model, mode, runs,
+                                                                        monkeypatch):
     """Batched or not, a generation failing mid-answer is a 500 in the API's JSON shape, or
     in a stream (headers already sent) an error event the `openai` SDK raises."""
     import openai
@@ -403,7 +405,8 @@ def test_a_failed_generation_gets_the_api_error_and_the_daemon_serves_on(daemon_
     tokens, other_tokens = reference.chat_tokens(poisoned), reference.chat_tokens(other)
     poison = _poison_token(_greedy_tokens(reference, tokens, 16),
                            {*tokens, *other_tokens, *_greedy_tokens(reference, other_tokens, 16)})
-    daemon = daemon_factory(tiny_model, *mode, env={ENV: str(poison)})
+    monkeypatch.setenv(ENV, str(poison))  # read as the app loads its model (daemon/faults.py)
+    daemon = app_factory(tiny_model, *mode)
     client = daemon.client()
     error = {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}
     with pytest.raises(openai.InternalServerError) as failed:

@@ -1,5 +1,6 @@
 """The real `kvtier` CLI as a subprocess against a real cache directory, with the daemon
-running and stopped."""
+running (its app served in the test process, or `kvtier serve` where its environment is tested)
+and stopped."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
 
 MAX_TOKENS = 12
+NO_PREFETCH = ("--prefetch", "0")  # after a restart, blocks stay on disk
 
 
 def kvtier(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -35,8 +37,9 @@ def ask(daemon, messages):
 
 
 @pytest.fixture
-def filled(daemon):
-    """A daemon that has served two projects' prompts."""
+def filled(app_factory, llama_model):
+    """The daemon's app (served in the test process) after two projects' prompts."""
+    daemon = app_factory(llama_model, *NO_PREFETCH)
     for project in ("alpha", "beta"):
         ask(daemon, agent_messages(project))
     daemon.get("/cache/stats")
@@ -47,10 +50,10 @@ def block_files(cache_dir):
     return [p for p in (cache_dir / "blocks").rglob("*.safetensors")]
 
 
-def test_stats_and_ls_with_the_daemon_running(filled):
+def test_stats_and_ls_with_the_daemon_running(filled, app_factory, llama_model):
     cache = str(filled.cache_dir)
-    filled.stop()  # SIGTERM flushes, so everything is on disk; then run it again
-    filled.start()
+    filled.stop()  # the shutdown flushes, as SIGTERM does, so everything is on disk; then serve it again
+    filled = app_factory(llama_model, *NO_PREFETCH, cache_dir=filled.cache_dir)
     stats = kvtier_json("stats", "--cache-dir", cache)
     (model,) = stats["models"].values()
     assert model["requests"] == 2 and model["misses"] >= 1 and model["blocks"] > 0
@@ -64,7 +67,7 @@ def test_stats_and_ls_with_the_daemon_running(filled):
     assert human.returncode == 0 and prefixes[0]["key"][:16] in human.stdout
 
 
-def test_verify_clean_damaged_and_fixed(filled, reference):
+def test_verify_clean_damaged_and_fixed(filled, reference, app_factory, llama_model):
     cache = str(filled.cache_dir)
     filled.stop()
     assert kvtier("verify", "--cache-dir", cache).returncode == 0
@@ -86,7 +89,7 @@ def test_verify_clean_damaged_and_fixed(filled, reference):
     assert kvtier("verify", "--cache-dir", cache).returncode == 0
     assert not victim.exists() and not orphan.exists()
 
-    filled.start()
+    filled = app_factory(llama_model, *NO_PREFETCH, cache_dir=filled.cache_dir)
     for project in ("alpha", "beta"):
         messages = agent_messages(project)
         assert ask(filled, messages)[0] == reference.chat(messages, MAX_TOKENS)
@@ -157,10 +160,11 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "not a duration" in result.stderr
 
 
-def test_hit_rate_is_weighted_by_tokens(daemon_factory, tiny_model):
+def test_hit_rate_is_weighted_by_tokens(app_factory, tiny_model):
     """A request that shares only the template's first tokens is a "hit" of a few tokens: the
-    hit rate counts tokens, and such a request is not among those that reused half their prompt."""
-    daemon = daemon_factory(tiny_model)
+    hit rate counts tokens, and such a request is not among those that reused half their prompt.
+    The daemon's app is served in the test process; the CLI reads the cache it leaves."""
+    daemon = app_factory(tiny_model)
     usages = [ask(daemon, agent_messages(project))[1] for project in ("alpha", "alpha", "omega")]
     cached = [u.prompt_tokens_details.cached_tokens for u in usages]
     prompt = [u.prompt_tokens for u in usages]

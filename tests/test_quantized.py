@@ -33,12 +33,13 @@ def plain(reference, chunks: list[list[int]], trims: list[int | None], last: lis
                            prompt_cache=prompt_cache)
 
 
-def test_quantized_kv_reuse_is_exact_across_restart(daemon_factory, llama_model, reference):
-    daemon = daemon_factory(llama_model, "--kv-bits", "8")
-    client = daemon.client()
+def test_quantized_kv_reuse_is_exact_across_restart(app_factory, llama_model, reference):
+    """Through the daemon's app in the test process: a restart is a new app on the same cache."""
+    flags = ("--kv-bits", "8", "--prefetch", "0")  # after the restart, blocks come from disk
+    daemon = app_factory(llama_model, *flags)
 
     def ask(messages):
-        r = client.chat.completions.create(model=str(llama_model), messages=messages,
+        r = daemon.client().chat.completions.create(model=str(llama_model), messages=messages,
                                            max_tokens=MAX_TOKENS, temperature=0)
         return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
 
@@ -51,14 +52,15 @@ def test_quantized_kv_reuse_is_exact_across_restart(daemon_factory, llama_model,
     text, shared = ask(b)  # warm: A's cached prefix, then B's remainder
     assert 0 < shared < len(tb)
     assert text == plain(reference, [ta[:-1]], [shared], tb[shared:])
-    daemon.restart()
+    daemon.stop()  # flushes every hot block, as SIGTERM does
+    daemon = app_factory(llama_model, *flags, cache_dir=daemon.cache_dir)
     text, cached = ask(b)  # from disk: the same chunks again, last token recomputed
     assert cached == len(tb) - 1
     assert text == plain(reference, [ta[:-1], tb[shared:-1]], [shared, None], tb[-1:])
 
 
-def test_quantized_fingerprint_differs(daemon_factory, llama_model, tmp_path):
+def test_quantized_fingerprint_differs(app_factory, llama_model):
     """Quantized blocks are keyed apart from full-precision ones of the same model."""
-    quantized = daemon_factory(llama_model, "--kv-bits", "8", cache_dir=tmp_path / "q")
-    full = daemon_factory(llama_model, cache_dir=tmp_path / "f")
+    quantized = app_factory(llama_model, "--kv-bits", "8")
+    full = app_factory(llama_model)
     assert quantized.get("/cache/stats")["fingerprint"] != full.get("/cache/stats")["fingerprint"]
