@@ -226,7 +226,7 @@ def plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(13, 5))
     turns = list(range(1, len(results["schedule"]) + 1))
     for i, (model, numbers) in enumerate(blocks(results)):
         ax.axvspan(numbers[0] + 0.5, numbers[-1] + 1.5, color=f"C{list(results['models']).index(model) + 5}",
@@ -240,7 +240,7 @@ def plot(results: dict, path: Path) -> None:
     ax.yaxis.set_minor_formatter(plt.FuncFormatter(_two_and_five))
     ax.set(title=f"Two models alternating in one agent session: TTFT per turn ({results['date']})",
            xlabel="turn (dotted: the model switches)", ylabel="time to first token (s, log)", xticks=turns)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the points fill the axes
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
