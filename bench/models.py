@@ -25,6 +25,7 @@ OpenBLAS preloaded, as `make bench` does, and `nice -n 10` on a shared machine.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -201,6 +202,25 @@ def kvtier_loads(target: Target) -> dict[str, list[float]]:
     return out
 
 
+def kvtier_unloads(target: Target) -> list[float]:
+    """Seconds of each unload to make room for another model, from kvtier's log: from its
+    "unloading model" line to the next "loading model" (its hot KV is written to SSD between)."""
+    out: list[float] = []
+    for server in target.servers:
+        unloading: datetime.datetime | None = None
+        for line in server.log.read_text(errors="replace").splitlines():
+            if "kvtier.worker: unloading model" in line and "to make room" in line:
+                unloading = _logged_at(line)
+            elif "kvtier.worker: loading model" in line and unloading is not None:
+                out.append(round((_logged_at(line) - unloading).total_seconds(), 3))
+                unloading = None
+    return out
+
+
+def _logged_at(line: str) -> datetime.datetime:
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
 def kvtier_health(target: Target) -> dict[str, dict]:
     """What kvtier's /health says of each model (issue 31's `models`), where it says it."""
     out: dict[str, dict] = {}
@@ -317,6 +337,7 @@ def measure(sizes: Sizes, command: str) -> dict:
     finally:
         stop(running)
     results["servers"][KVTIER]["loads"] = kvtier_loads(running[0])
+    results["servers"][KVTIER]["unloads"] = kvtier_unloads(running[0])
     shutil.rmtree(work, ignore_errors=True)
     results["reference"] = reference(results, sessions, sizes.max_tokens)
     results["load"]["end"] = load_average()

@@ -163,7 +163,15 @@ def _loads_line(results: dict) -> list[str]:
         f"{name} loaded {len(seconds)} times for its {runs.get(name)} blocks of turns, in "
         + ", ".join(f"{v:.1f}" for v in seconds) + " s" for name, seconds in loads.items())
         + " (one load a block: every switch unloaded the other model; a model's first load also times "
-        "its prefill chunk and measures batched decode, kept for its reloads)."]
+        "its prefill chunk and measures batched decode, kept for its reloads)." + _unloads(results)]
+
+
+def _unloads(results: dict) -> str:
+    unloads = results["servers"][KVTIER].get("unloads")
+    if not unloads:
+        return ""
+    return (" Before each load, unloading the other model (its hot KV written to SSD, its memory released) took "
+            + ", ".join(f"{v:.2f}" for v in unloads) + " s, also within the switching turn's TTFT.")
 
 
 def _load_cell(loads: dict[int, float], turn: int) -> str:
@@ -218,7 +226,7 @@ def plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(13, 5))
     turns = list(range(1, len(results["schedule"]) + 1))
     for i, (model, numbers) in enumerate(blocks(results)):
         ax.axvspan(numbers[0] + 0.5, numbers[-1] + 1.5, color=f"C{list(results['models']).index(model) + 5}",
@@ -232,7 +240,7 @@ def plot(results: dict, path: Path) -> None:
     ax.yaxis.set_minor_formatter(plt.FuncFormatter(_two_and_five))
     ax.set(title=f"Two models alternating in one agent session: TTFT per turn ({results['date']})",
            xlabel="turn (dotted: the model switches)", ylabel="time to first token (s, log)", xticks=turns)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the points fill the axes
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -39,7 +39,7 @@ def _results() -> dict:
                                       "load_seconds": [0.25, 0.15, 0.10]}},
             "schedule": ["llama", "llama", "qwen3_next", "qwen3_next"] * 2,
             "servers": {
-                "kvtier": {"flags": "kvtier serve ...", "peak_rss": 400 << 20, "loads": {"llama": [8.9, 0.7], "qwen3_next": [6.1]},
+                "kvtier": {"flags": "kvtier serve ...", "peak_rss": 400 << 20, "loads": {"llama": [8.9, 0.7], "qwen3_next": [6.1]}, "unloads": [0.3, 0.25],
                            "turns": _turns([3.44, 0.13, 4.20, 0.24, 0.14, 0.21, 0.23, 0.23],
                                            [1, 730, 0, 615, 792, 824, 662, 709], TEXTS)},
                 "mlx_lm.server": {"flags": "mlx_lm.server ...", "peak_rss": None,
@@ -82,7 +82,7 @@ def test_the_section_and_the_plot_come_from_a_saved_run(report, tmp_path):
     assert "| 5 | llama | switch back | 900 | 0.14 s (792) | 0.41 s (793) | 25.00 s (0) | 0.70 s | yes |" in section
     assert "| 7 | qwen3_next | switch back | 1000 | 0.23 s (662) | 0.97 s (661) | 35.00 s (0) " \
            "|  | differs from mlx_lm.server --prompt-cache-bytes |" in section  # one load logged for two blocks
-    assert "turn 7 equals kvtier, mlx_lm.server" in section and "llama loaded 2 times for its 2 blocks of turns, in 8.9, 0.7 s" in section
+    assert "turn 7 equals kvtier, mlx_lm.server" in section and "took 0.30, 0.25 s" in section and "llama loaded 2 times for its 2 blocks of turns, in 8.9, 0.7 s" in section
     pytest.importorskip("matplotlib")
     report.plot(results, tmp_path / "models.png")
     assert (tmp_path / "models.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,3 +118,6 @@ def test_kvtier_loads_are_read_from_its_log(bench, tmp_path):
     server = bench.Server("kvtier", [], 0, log)
     target = bench.Target("kvtier", "", [server], {"llama": (server, "llama"), "qwen3_next": (server, "qwen3_next")})
     assert bench.kvtier_loads(target) == {"llama": [8.9, 0.7], "qwen3_next": [6.1]}
+    assert bench.kvtier_unloads(target) == []  # no "loading model" line after the unload
+    log.write_text(log.read_text() + "2026-12-07 13:21:16,120 INFO kvtier.worker: loading model qwen3_next\n")
+    assert bench.kvtier_unloads(target) == [0.45]
