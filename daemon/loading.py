@@ -1,7 +1,7 @@
-"""Loading and unloading models on the MLX thread (for daemon/worker.py): room made under the memory budget (the
-policy is daemon/models.py's), the engine loaded and its decode mode decided (batched, or
-interleaved where batching is not exact and `--exact` asks), its prefetch started; an unload
-closes the engine, which writes its hot KV to disk, and gives the memory back."""
+"""Loading and unloading models on the MLX thread (for daemon/worker.py): room made under the
+memory budget (the policy is daemon/models.py's), the engine loaded and its decode mode decided
+(batched, or interleaved where batching is not exact and `--exact` asks), its prefetch started;
+an unload closes the engine, which writes its hot KV to disk and gives the memory back."""
 
 from __future__ import annotations
 
@@ -80,7 +80,6 @@ class Loader:
         self.holds.clear()
         return self.try_load(model)
 
-
     def _weigh(self, model: ServedModel) -> None:
         """Its weights' size before its first load, from the files; ModelTooLarge if they
         alone pass the memory budget."""
@@ -88,7 +87,6 @@ class Loader:
             model.weight_bytes = weights_on_disk(resolve_model_path(model.spec.source))
         if self.memory_budget:
             room_for(model, [], self.memory_budget, 0)
-
 
     def try_load(self, model: ServedModel) -> bool:
         try:
@@ -98,13 +96,11 @@ class Loader:
             return False
         return True
 
-
     def fail_backlog(self, model: ServedModel, exc: Exception) -> None:
         while model.backlog:
             job = model.backlog.popleft()
             job.emit(exc)
             job.emit(self._done)
-
 
     def load(self, model: ServedModel) -> None:
         """Load the model's engine, decide how its requests run, start its prefetch."""
@@ -142,7 +138,6 @@ class Loader:
             self._planners.append(planner)
             planner.start()
 
-
     def unload(self, model: ServedModel, why: str) -> None:
         """Close the model's scheduler and engine: its hot KV goes to disk, its memory back."""
         log.info("unloading model %s (%s)", model.name, why)
@@ -157,11 +152,9 @@ class Loader:
         gc.collect()
         mx.clear_cache()
 
-
     def unload_expired(self) -> None:
         for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
             self.unload(model, f"idle longer than the keep-alive ({self.keep_alive:g} s)")
-
 
     def _decide_mode(self, model: ServedModel, engine: Engine) -> str:
         """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
@@ -185,7 +178,6 @@ class Loader:
                     model.name, self.max_batch, batching.reason)
         return INTERLEAVED
 
-
     def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
         try:
             prefetch = engine.store.plan_prefetch(self.prefetch)
@@ -195,7 +187,6 @@ class Loader:
         except Exception:  # no prefetch: requests read from disk as without one
             log.exception("planning the start-up prefetch failed")
 
-
     def _prefetch_step(self, engine: Engine) -> None:
         """One slice of the prefetch; the next is queued behind what has arrived, so a request
         waits for one slice at most."""
@@ -203,4 +194,3 @@ class Loader:
         if name is not None and engine.prefetch_step() and not self._call_soon(self._prefetch_step, name):
             assert engine.store.prefetch is not None  # it has just taken a step
             engine.store.prefetch.end("queue full")
-

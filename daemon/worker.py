@@ -24,7 +24,6 @@ import mlx.core as mx
 
 from kvtier.config import ModelSpec
 from kvtier.engine import Engine
-from kvtier.exactness import Exactness
 from kvtier.requests import Chunk, GenerationRequest
 from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, BatchStats, Scheduler, runs_alone
 
@@ -68,7 +67,6 @@ class Worker:
             self.add_model(spec)
         self.default = self.models[specs[0].name]
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.keep_alive = keep_alive
         # prefetch: bytes of a model's newest cache entries read into RAM once it is loaded
         self.loader = Loader(load, self.models, self.call_soon, _DONE, max_batch, exact, prefetch, memory_budget,
                              keep_alive)
@@ -98,14 +96,6 @@ class Worker:
     @property
     def batch(self) -> Scheduler | None:
         return self.default.scheduler
-
-    @property
-    def mode(self) -> str:
-        return self.default.mode
-
-    @property
-    def batching(self) -> Exactness | None:
-        return self.default.batching
 
     def loaded_models(self) -> list[ServedModel]:
         return self.loader.loaded()
@@ -224,7 +214,7 @@ class Worker:
     def _take_jobs(self, block: bool) -> bool:
         """Move queued jobs into their models' backlogs (waiting for one when `block`, up to a
         second with a keep-alive to check). True once the queue's end (stop) was taken."""
-        timeout = 1.0 if self.keep_alive is not None else None
+        timeout = 1.0 if self.loader.keep_alive is not None else None
         while True:
             try:
                 item = self._jobs.get(block=block, timeout=timeout if block else None)
