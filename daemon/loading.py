@@ -5,13 +5,10 @@ an unload closes the engine, which writes its hot KV to disk and gives the memor
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
 from typing import Callable
-
-import mlx.core as mx
 
 from kvtier.config import ModelSpec
 from kvtier.disk_registry import release_disk, retain
@@ -78,7 +75,7 @@ class Loader:
         for other in room.unload if room is not None else []:
             self.unload(other, f"to make room for '{model.name}'")
         self.holds.clear()
-        return self.try_load(model)
+        return self.try_load(model, weighed=True)
 
     def _weigh(self, model: ServedModel) -> None:
         """Its weights' size before its first load, from the files; ModelTooLarge if they
@@ -88,9 +85,9 @@ class Loader:
         if self.memory_budget:
             room_for(model, [], self.memory_budget, 0)
 
-    def try_load(self, model: ServedModel) -> bool:
+    def try_load(self, model: ServedModel, weighed: bool = False) -> bool:
         try:
-            self.load(model)
+            self.load(model, weighed)
         except Exception as exc:
             self.fail_backlog(model, exc)
             return False
@@ -102,8 +99,9 @@ class Loader:
             job.emit(exc)
             job.emit(self._done)
 
-    def load(self, model: ServedModel) -> None:
-        """Load the model's engine, decide how its requests run, start its prefetch."""
+    def load(self, model: ServedModel, weighed: bool = False) -> None:
+        """Load the model's engine, decide how its requests run, start its prefetch (its
+        weights measured against the budget first, unless `make_room_and_load` just did)."""
         model.state, model.load_error, started = LOADING, None, time.perf_counter()
         log.info("loading model %s", model.name)
 
@@ -112,7 +110,8 @@ class Loader:
             log.info("%s: %s", model.name, phase)
 
         try:
-            self._weigh(model)
+            if not weighed:
+                self._weigh(model)
             engine = self._load_engine(model.spec, model.prefill_step_size, progress)
             model.phase = "measuring batched decode"
             model.mode = self._decide_mode(model, engine)
@@ -144,13 +143,13 @@ class Loader:
         for planner in self._planners:
             planner.join()  # a prefetch plan reads the index the store closes
         self._planners = []
-        if model.scheduler is not None:
-            model.scheduler.close()
+        scheduler, model.scheduler = model.scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+        del scheduler  # its generator holds the model: gone before the engine's close collects
         if model.engine is not None:
-            model.engine.close()
-        model.scheduler, model.state = None, UNLOADED
-        gc.collect()
-        mx.clear_cache()
+            model.engine.close()  # its hot KV to disk, the model dropped, collected, MLX's cache cleared
+        model.state = UNLOADED
 
     def unload_expired(self) -> None:
         for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
