@@ -55,6 +55,28 @@ def ask(daemon: InProcessDaemon, model: str, messages: list[dict]) -> tuple[str 
     return response.choices[0].message.content, (details.cached_tokens or 0) if details else 0
 
 
+class Stream:
+    """A streamed greedy chat answer, read by `read` on a thread of the test's: its text so
+    far, whether it has started, whether it has ended."""
+
+    def __init__(self, daemon: InProcessDaemon, model: str, messages: list[dict], max_tokens: int):
+        self.client, self.model, self.messages, self.max_tokens = daemon.client(), model, messages, max_tokens
+        self.pieces: list[str] = []
+        self.started, self.ended = threading.Event(), threading.Event()
+
+    def read(self) -> None:
+        stream = self.client.chat.completions.create(model=self.model, messages=self.messages,
+                                                     max_tokens=self.max_tokens, temperature=0, stream=True)
+        for event in stream:
+            self.started.set()
+            self.pieces.extend(c.delta.content or "" for c in event.choices)
+        self.ended.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 def state_of(daemon: InProcessDaemon, name: str) -> str:
     return daemon.app[STATE].worker.models[name].state
 
@@ -154,25 +176,15 @@ def test_a_model_serving_a_request_is_not_unloaded_for_another(two_models, llama
     """A long llama answer streams while a hybrid request waits for room: the llama stream
     ends complete and exact, then the hybrid request is served."""
     long_messages = agent_messages("long answer", repeat=1)
-    client = two_models.client()
     ask(two_models, "llama", agent_messages("load llama first", repeat=1))
-    started = threading.Event()
-    pieces: list[str] = []
-
-    def stream_llama() -> None:
-        stream = client.chat.completions.create(model="llama", messages=long_messages, max_tokens=48,
-                                                temperature=0, stream=True)
-        for event in stream:
-            started.set()
-            pieces.extend(c.delta.content or "" for c in event.choices)
-
+    stream = Stream(two_models, "llama", long_messages, 48)
     with ThreadPoolExecutor(2) as pool:
-        llama = pool.submit(stream_llama)
-        assert started.wait(120)
+        llama = pool.submit(stream.read)
+        assert stream.started.wait(120)
         hybrid = pool.submit(ask, two_models, "hybrid", agent_messages("waits", repeat=1))
         llama.result(300)
         hybrid_answer, _ = hybrid.result(300)
-    assert "".join(pieces) == Reference(llama_model).chat(long_messages, 48)
+    assert stream.text == Reference(llama_model).chat(long_messages, 48)
     assert hybrid_answer == Reference(hybrid_model).chat(agent_messages("waits", repeat=1), MAX_TOKENS)
 
 
@@ -185,28 +197,18 @@ def test_two_loaded_models_both_make_progress_at_once(tmp_path, llama_model, hyb
     daemon = InProcessDaemon(llama_model, tmp_path / "cache", configure=configure, ceiling=None).start()
     try:
         ask(daemon, "hybrid", agent_messages("load hybrid", repeat=1))
-        client, long_messages = daemon.client(), agent_messages("long stream", repeat=1)
-        started, llama_done = threading.Event(), threading.Event()
-        pieces: list[str] = []
-
-        def stream_llama() -> None:
-            stream = client.chat.completions.create(model="llama", messages=long_messages, max_tokens=400,
-                                                    temperature=0, stream=True)
-            for event in stream:
-                started.set()
-                pieces.extend(c.delta.content or "" for c in event.choices)
-            llama_done.set()
-
+        long_messages = agent_messages("long stream", repeat=1)
+        stream = Stream(daemon, "llama", long_messages, 400)
         with ThreadPoolExecutor(1) as pool:
-            llama = pool.submit(stream_llama)
-            assert started.wait(120)
+            llama = pool.submit(stream.read)
+            assert stream.started.wait(120)
             hybrid_answer, _ = ask(daemon, "hybrid", agent_messages("beside", repeat=1))
-            finished_first = not llama_done.is_set()
+            finished_first = not stream.ended.is_set()
             llama.result(300)
         assert finished_first, "the hybrid request waited for the whole llama stream"
         assert state_of(daemon, "llama") == state_of(daemon, "hybrid") == "loaded"
         assert hybrid_answer == Reference(hybrid_model).chat(agent_messages("beside", repeat=1), MAX_TOKENS)
-        assert "".join(pieces) == Reference(llama_model).chat(long_messages, 400)
+        assert stream.text == Reference(llama_model).chat(long_messages, 400)
         assert_seeded_sampling_runs_alone_across_models(daemon)
     finally:
         daemon.stop()
