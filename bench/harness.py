@@ -3,6 +3,7 @@ on the client side, an agent session, and where results are written (prompts: pr
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -11,10 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -240,6 +243,32 @@ def write_section(name: str, section: str, doc: Path | None = None) -> None:
         text += f"\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     doc.write_text(head + begin + "\n" + section + "\n" + end + rest.split(end, 1)[1])
+
+
+def write_results(name: str, results: dict, render: Callable[[dict], str], plot: Callable[[dict, Path], None],
+                  out: Path) -> None:
+    """A bench's raw numbers (bench/NAME.json), its section of benchmarks.md and its plot
+    (bench/NAME.png), under `out` (docs/, or a --quick run's directory)."""
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    (out / "bench" / f"{name}.json").write_text(json.dumps(results, indent=2))
+    write_section(name, render(results), out / "benchmarks.md")
+    plot(results, out / "bench" / f"{name}.png")
+
+
+def bench_options(name: str, description: str, quick_help: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """The options of a bench with targets (--quick, --out, --render) and the directory it writes to."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=f"{quick_help}; writes to a temp dir unless --out is given")
+    parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md and bench/ are (default: docs)")
+    parser.add_argument("--render", action="store_true", help=f"only rewrite the section and plot from {name}.json")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    out = args.out or (Path(tempfile.mkdtemp(prefix=f"kvtier-{name}-out-")) if args.quick else ROOT / "docs")
+    return args, out
+
+
+def wrote_line(name: str, results: dict, out: Path) -> str:
+    return (f"{results['seconds'] / 60:.1f} min; load average {results['load']['start']} -> {results['load']['end']}; "
+            f"wrote {out / 'bench' / f'{name}.json'}, {name}.png and {out / 'benchmarks.md'}")
 
 
 def table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:

@@ -24,7 +24,6 @@ OpenBLAS preloaded, as `make bench` does, and `nice -n 10` on a shared machine.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -40,7 +39,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, Server, command_line, free_port, log, machine_description, record, stream_chat, write_section
+from harness import (
+    ROOT,
+    Server,
+    bench_options,
+    command_line,
+    free_port,
+    log,
+    machine_description,
+    record,
+    stream_chat,
+    write_results,
+    wrote_line,
+)
 from models_report import KVTIER, mismatches, peers, plot, render, target_lines, targets
 from prompts import QUESTIONS, agent_system_prompt
 from tests.support.testmodels import make_model
@@ -347,21 +358,12 @@ def measure(sizes: Sizes, command: str) -> dict:
 
 
 def write(results: dict, out: Path) -> None:
-    (out / "bench").mkdir(parents=True, exist_ok=True)
-    (out / "bench" / "models.json").write_text(json.dumps(results, indent=2))
-    write_section("models", render(results), out / "benchmarks.md")
-    plot(results, out / "bench" / "models.png")
+    write_results("models", results, render, plot, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of a few minutes (a 512-token system prompt, 4 blocks of 2 turns); "
-                             "writes to a temp dir unless --out is given")
-    parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md and bench/ are (default: docs)")
-    parser.add_argument("--render", action="store_true", help="only rewrite the section and plot from models.json")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="kvtier-models-out-")) if args.quick else ROOT / "docs")
+    args, out = bench_options("models", __doc__.splitlines()[0],
+                              "a smoke run of a few minutes (a 512-token system prompt, 4 blocks of 2 turns)", argv)
     if args.render:
         results = json.loads((out / "bench" / "models.json").read_text())
         results["targets"] = targets(results)  # the report's current rules on the saved numbers
@@ -371,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(QUICK if args.quick else FULL, command_line("models.py", argv))
     write(results, out)
     print("\n".join(target_lines(results["targets"])))
-    log(f"{results['seconds'] / 60:.1f} min; load average {results['load']['start']} -> {results['load']['end']}; "
-        f"wrote {out / 'bench' / 'models.json'}, models.png and {out / 'benchmarks.md'}")
+    log(wrote_line("models", results, out))
     return 0
 
 

@@ -22,7 +22,6 @@ OUT/bench/parallel.json, OUT/bench/parallel.png and the `parallel` section of OU
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -36,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, Server, command_line, log, machine_description, write_section
+from harness import ROOT, Server, bench_options, command_line, log, machine_description, write_results, wrote_line
 from parallel_report import plot, render, target_lines, targets
 from prompts import agent_system_prompt
 from tests.support.testmodels import make_model
@@ -357,29 +356,19 @@ def measure(sizes: Sizes, command: str) -> dict:
 
 
 def write(results: dict, out: Path) -> None:
-    (out / "bench").mkdir(parents=True, exist_ok=True)
-    (out / "bench" / "parallel.json").write_text(json.dumps(results, indent=2))
-    write_section("parallel", render(results), out / "benchmarks.md")
-    plot(results, out / "bench" / "parallel.png")
+    write_results("parallel", results, render, plot, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of a few minutes (N = 1/4/8, one trial, agents at N = 4, a 4K cold "
-                             "prompt); writes to a temp dir unless --out is given")
-    parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md and bench/ are (default: docs)")
-    parser.add_argument("--render", action="store_true", help="only rewrite the section and plot from parallel.json")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="kvtier-parallel-out-")) if args.quick else ROOT / "docs")
+    args, out = bench_options("parallel", __doc__.splitlines()[0],
+                              "a smoke run of a few minutes (N = 1/4/8, one trial, agents at N = 4, a 4K cold prompt)", argv)
     if args.render:
         write(json.loads((out / "bench" / "parallel.json").read_text()), out)
         return 0
     results = measure(QUICK if args.quick else FULL, command_line("parallel.py", argv))
     write(results, out)
     print("\n".join(target_lines(results["targets"])))
-    log(f"{results['seconds'] / 60:.1f} min; load average {results['load']['start']} -> {results['load']['end']}; "
-        f"wrote {out / 'bench' / 'parallel.json'}, parallel.png and {out / 'benchmarks.md'}")
+    log(wrote_line("parallel", results, out))
     return 0
 
 
