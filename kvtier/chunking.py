@@ -3,11 +3,11 @@
 While a cold prompt prefills, requests that are decoding wait for one chunk between two of
 their tokens, so a chunk should take at most TARGET_SECONDS; fewer, larger chunks cost the
 prefilling request less. A chunk's time grows with the depth it is computed at (attention
-reads every key before it), so the engine times a short prefill when it loads (chunks of one
-block, from depth 0 to PROBE_DEPTH), fits seconds per chunk against depth, and cuts each
-chunk at the largest size that fits the target at its depth: whole blocks near the start,
-down to a fraction of a block deep in a long prompt (a 128-token chunk at depth 8K took 1 s
-on a small model on this 2-core CPU).
+reads every key before it), so the engine times a small chunk when it loads, at depth 0 and
+over PROBE_DEPTHS' random keys and values, fits seconds per chunk against depth, and cuts
+each chunk at the largest size that fits the target at its depth: whole blocks near the
+start, down to a fraction of a block deep in a long prompt (a 128-token chunk at depth 8K
+took 1 s on a small model on this 2-core CPU).
 
 Where a prompt is cut is part of its arithmetic (docs/benchmarks.md, "Prefill chunk
 boundaries change the numbers"), so the cuts depend on positions only, never on the load of
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .kvstate import state_arrays
 
@@ -34,9 +34,10 @@ log = logging.getLogger("kvtier.chunking")
 
 TARGET_SECONDS = 0.3  # a decoding stream's stall target is 0.5 s: a chunk, a decode step, the text's way out (0.4 measured 0.6-0.8 s)
 REFERENCE_DEPTH = 8192  # tokens: a long agent prompt, where /health reports the chunk
-PROBE_DEPTH = 1024  # tokens timed at start-up: enough for the line (a first load on demand waits for it)
-PROBE_BUDGET = 3.0  # seconds: a big model on a slow machine stops early (two chunks at least)
-MIN_TOKENS, MAX_TOKENS = 128, 2048  # whole-block sizes; smaller chunks are fractions of a block
+PROBE_DEPTHS = (0, 2048)  # where the start-up probe times a chunk
+PROBE_REPEATS = 2  # timings a depth: the fastest counts (another process's burst counts less)
+PROBE_TOKENS = 64  # the chunk it times: small, so the probe is short; big enough to scale from
+MAX_TOKENS = 2048  # the largest chunk: mlx-lm's own default
 MIN_PART_TOKENS = 16  # the smallest fraction of a block a deep chunk is cut to
 FALLBACK_TOKENS = 2048  # mlx-lm's own default, when the probe cannot run
 
@@ -112,41 +113,63 @@ def largest_fitting(fit: ChunkFit, sizes: tuple[int, ...] | list[int], depth: in
 
 
 def probe_tokens(sizes: list[int]) -> int:
-    """The chunk the start-up probe times: the smallest candidate of a whole default block or more."""
-    return next((size for size in sizes if size >= MIN_TOKENS), sizes[-1])
+    """The chunk the start-up probe times: the smallest candidate of PROBE_TOKENS or more."""
+    return next((size for size in sizes if size >= PROBE_TOKENS), sizes[-1])
 
 
-def measure(model: Any, tokens: int, depth: int = PROBE_DEPTH, budget: float = PROBE_BUDGET,
+def measure(model: Any, tokens: int, depths: tuple[int, ...] = PROBE_DEPTHS, repeats: int = PROBE_REPEATS,
             target: float = TARGET_SECONDS) -> ChunkFit:
-    """Time chunks of `tokens` prefilled from depth 0 to `depth` in a fresh cache; fit a line.
-    Stops early past `budget` seconds, or after one chunk slower than the target (the
-    smallest size is then the answer whatever the slope).
-
-    One small forward first, so one-time set-up does not count."""
+    """Time a chunk of `tokens` at each depth (the fastest of `repeats`) and fit a line. A
+    depth is random keys and values, not computed ones (a chunk's cost is timed, not its
+    numbers), so the probe costs a few chunks, not a prefill: a model loaded on demand
+    makes its first request wait for it. Stops after depth 0 when that chunk alone is slower
+    than the target (the fit is then flat: only the sizes below it can fit)."""
     ids = mx.arange(tokens, dtype=mx.int32)[None] % 64 + 1  # token ids every vocabulary has
-    warm = make_prompt_cache(model)
-    model(ids[:, :16], cache=warm)
-    mx.eval(state_arrays(warm))
-    cache = make_prompt_cache(model)
-    depths, seconds = [], []
-    for at in range(0, max(depth, 2 * tokens), tokens):
-        began = time.perf_counter()
-        model(ids, cache=cache)
+    timed: list[int] = []
+    seconds: list[float] = []
+    for depth in depths:
+        cache = make_prompt_cache(model)
+        model(ids[:, :16], cache=cache)  # every layer's shapes, and one-time set-up
+        if depth and not _deepen(cache, depth):
+            break  # nothing in the cache grows with depth: the cost is flat
+        model(ids, cache=cache)  # not timed: the cache grows its buffers here
         mx.eval(state_arrays(cache))
-        depths.append(at)
-        seconds.append(time.perf_counter() - began)
-        if seconds[0] > target or (len(seconds) >= 2 and sum(seconds) > budget):
+        timed.append(depth)
+        seconds.append(min(_timed_chunk(model, ids, cache) for _ in range(repeats)))
+        if seconds[0] > target:
             break
-    return _fit_line(tokens, depths, seconds)
+    return _fit_line(tokens, timed, seconds)
+
+
+def _timed_chunk(model: Any, ids: mx.array, cache: list[Any]) -> float:
+    began = time.perf_counter()
+    model(ids, cache=cache)
+    mx.eval(state_arrays(cache))
+    return time.perf_counter() - began
+
+
+def _deepen(cache: list[Any], depth: int) -> int:
+    """Fill every plain KV layer to `depth` tokens of random keys and values (a fixed key: the
+    process's random stream is left alone); the layers it filled. Recurrent state does not
+    grow with depth, sliding windows stop growing: those stay as they are."""
+    key, filled = mx.random.key(0), 0
+    for layer in cache:
+        if type(layer) is KVCache and layer.keys is not None:
+            keys, values = layer.keys, layer.values
+            layer.keys = mx.random.normal((*keys.shape[:2], depth, keys.shape[3]), key=key).astype(keys.dtype)
+            layer.values = mx.random.normal((*values.shape[:2], depth, values.shape[3]), key=key).astype(values.dtype)
+            layer.offset = depth
+            filled += 1
+    return filled
 
 
 def _fit_line(tokens: int, depths: list[int], seconds: list[float]) -> ChunkFit:
     """Theil-Sen: the median of the pairwise slopes and of the intercepts they leave, so a
     chunk slowed by another process's burst moves the line little. Never below flat."""
-    if len(depths) < 2:
-        return ChunkFit(tokens, seconds[0], 0.0, 1)
     pairs = [(seconds[j] - seconds[i]) / (depths[j] - depths[i])
-             for i in range(len(depths)) for j in range(i + 1, len(depths))]
+             for i in range(len(depths)) for j in range(i + 1, len(depths)) if depths[j] != depths[i]]
+    if not pairs:
+        return ChunkFit(tokens, min(seconds), 0.0, len(depths))
     slope = max(0.0, statistics.median(pairs))
     intercept = statistics.median(s - slope * d for d, s in zip(depths, seconds))
     return ChunkFit(tokens, max(intercept, min(seconds) / 2), slope, len(depths))

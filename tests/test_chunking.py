@@ -5,6 +5,7 @@ places. Nothing here asserts a time: which sizes the measurement picks depends o
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 
 from daemon.cli import build_parser, serve_config
@@ -75,18 +76,23 @@ def test_a_noisy_timing_moves_the_fit_little():
     assert fit.intercept == pytest.approx(0.05, rel=0.05)
 
 
-def test_the_start_up_measurement_stops_early_past_its_time_budget(tiny_model):
-    """A big model on a slow machine must not hold the start-up for minutes: past the budget
-    the fit is made from the chunks timed so far (two at least)."""
+def test_the_probe_times_each_depth_over_random_keys_and_stops_when_a_chunk_is_already_too_slow(tiny_model):
+    """A few chunks, not a prefill: a model loaded on demand makes its first request wait for
+    it. Past the target at depth 0, no deeper chunk can fit: it stops there (a flat fit)."""
     from mlx_lm import load
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
 
     model, _ = load(str(tiny_model))
     never = float("inf")  # no chunk is slower than this target
-    assert chunking.measure(model, 256, depth=2048, budget=0.0, target=never).points == 2
-    assert chunking.measure(model, 256, depth=2048, budget=600.0, target=never).points == 2048 // 256
-    # The first chunk slower than the target: no deeper one can fit, the smallest size it is.
-    slow = chunking.measure(model, 256, depth=2048, budget=600.0, target=0.0)
-    assert slow.points == 1 and chunking.largest_fitting(slow, [64, 128], 0, target=0.0) == 64
+    fit = chunking.measure(model, 64, depths=(0, 1024, 2048), target=never)
+    assert fit.points == 3 and fit.slope >= 0
+    slow = chunking.measure(model, 64, target=0.0)
+    assert slow.points == 1 and slow.slope == 0
+    assert chunking.largest_fitting(slow, [64, 128], 0, target=0.0) == 64
+    cache = make_prompt_cache(model)
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    assert chunking._deepen(cache, 1000) == sum(type(c) is KVCache for c in cache) > 0
+    assert {c.offset for c in cache} == {1000}
 
 
 def test_the_engine_times_the_model_when_no_size_is_given(tiny_model, tmp_path):
