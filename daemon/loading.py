@@ -104,16 +104,18 @@ class Loader:
         weights measured against the budget first, unless `make_room_and_load` just did)."""
         model.state, model.load_error, started = LOADING, None, time.perf_counter()
         log.info("loading model %s", model.name)
+        times = PhaseTimes()
 
         def progress(phase: str) -> None:
             model.phase = phase
+            times.start(phase)
             log.info("%s: %s", model.name, phase)
 
         try:
             if not weighed:
                 self._weigh(model)
             engine = self._load_engine(model.spec, model.prefill_step_size, progress)
-            model.phase = "measuring batched decode"
+            progress("measuring batched decode")
             model.mode = self._decide_mode(model, engine)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
         except Exception as exc:
@@ -131,7 +133,7 @@ class Loader:
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
         model.load_seconds = round(time.perf_counter() - started, 3)
         model.last_used = time.monotonic()
-        log.info("model %s loaded in %.1f s", model.name, model.load_seconds)
+        log.info("model %s loaded in %.1f s (%s)", model.name, model.load_seconds, times.end())
         if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
             planner = threading.Thread(target=self._plan_prefetch, args=(model, engine), name="kvtier-prefetch")
             self._planners.append(planner)
@@ -140,16 +142,23 @@ class Loader:
     def unload(self, model: ServedModel, why: str) -> None:
         """Close the model's scheduler and engine: its hot KV goes to disk, its memory back."""
         log.info("unloading model %s (%s)", model.name, why)
+        times = PhaseTimes()
+        times.start("prefetch plans")
         for planner in self._planners:
             planner.join()  # a prefetch plan reads the index the store closes
         self._planners = []
+        times.start("scheduler")
         scheduler, model.scheduler = model.scheduler, None
         if scheduler is not None:
             scheduler.close()
         del scheduler  # its generator holds the model: gone before the engine's close collects
         if model.engine is not None:
-            model.engine.close()  # its hot KV to disk, the model dropped, collected, MLX's cache cleared
+            times.start("hot KV to disk")
+            model.engine.store.flush()
+            times.start("memory released")
+            model.engine.close()  # its weights released, MLX's cache cleared
         model.state = UNLOADED
+        log.info("model %s unloaded in %.2f s (%s)", model.name, times.seconds, times.end())
 
     def unload_expired(self) -> None:
         for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
@@ -179,7 +188,9 @@ class Loader:
 
     def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
         try:
+            started = time.perf_counter()
             prefetch = engine.store.plan_prefetch(self.prefetch)
+            log.info("%s: prefetch planned in %.2f s", model.name, time.perf_counter() - started)
             # Even with nothing planned (an empty cache): its one step ends it, so it says done.
             if not self._call_soon(self._prefetch_step, model.name):
                 prefetch.end("queue full")
@@ -193,3 +204,23 @@ class Loader:
         if name is not None and engine.prefetch_step() and not self._call_soon(self._prefetch_step, name):
             assert engine.store.prefetch is not None  # it has just taken a step
             engine.store.prefetch.end("queue full")
+
+
+class PhaseTimes:
+    """The seconds of each phase of a load or unload, for its one log line."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._phases: list[tuple[str, float]] = []
+
+    def start(self, phase: str) -> None:
+        self._phases.append((phase, time.perf_counter()))
+
+    def end(self) -> str:
+        """"phase 0.10 s, next 0.02 s, ...": each phase until the next one starts, the last until now."""
+        marks = [at for _, at in self._phases[1:]] + [time.perf_counter()]
+        return ", ".join(f"{phase} {until - at:.2f} s" for (phase, at), until in zip(self._phases, marks))
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started

@@ -10,7 +10,6 @@ Everything in this module runs on the single thread that owns MLX.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import threading
@@ -343,7 +342,15 @@ class Engine:
             return
         self.store.close()
         self.store.forget_hot()  # written by now: RAM's copies go with the model
-        self.model = ReleasedModel(self.model_name)
-        gc.collect()  # the model's arrays may sit in reference cycles (modules and their parents)
+        model, self.model = self.model, ReleasedModel(self.model_name)
+        release_weights(model)
         mx.clear_cache()
+
+
+def release_weights(model: Any) -> None:
+    """Drop every array the model's modules hold, now: the modules may sit in reference cycles
+    (modules and their parents) that only a full garbage collection would free, and one takes
+    0.05-0.4 s in a daemon's heap, on the way to the next model's load."""
+    for module in model.modules():
+        module.clear()  # an mlx.nn.Module is a dict of its arrays and child modules
 
