@@ -41,6 +41,9 @@ class Loader:
         # The cache directory's disk, held open from the first load to the end: a switch
         # between models would otherwise close the index with the one and open it for the other.
         self._disk_hold: tuple[LocalDisk, Count] | None = None
+        # Unloaded models' stores, closing once their queued disk writes are done: a model
+        # loads only after its own (its turn restores them); the daemon stops after all.
+        self._closing: dict[str, threading.Thread] = {}
 
     def loaded(self) -> list[ServedModel]:
         return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
@@ -50,10 +53,23 @@ class Loader:
             planner.join()
 
     def close(self) -> None:
-        """After the last unload: the cache directory's disk closes with its last holder."""
+        """After the last unload: the unloaded stores' writes done, then the cache directory's
+        disk closes with its last holder."""
+        self.wait_for_writes()
         if self._disk_hold is not None:
             release_disk(*self._disk_hold)
             self._disk_hold = None
+
+    def wait_for_writes(self, timeout: float | None = None, name: str | None = None) -> bool:
+        """Wait until the unloaded models' stores (or `name`'s) have written what they still
+        had queued and closed; True if they did in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for model, closing in list(self._closing.items()):
+            if name is None or model == name:
+                closing.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+                if not closing.is_alive() and self._closing.get(model) is closing:  # not a later unload's
+                    del self._closing[model]
+        return not any(name is None or model == name for model in list(self._closing))
 
     def make_room_and_load(self, model: ServedModel) -> bool:
         """Load `model` for its backlog once it fits the memory budget: unload idle models in
@@ -114,6 +130,9 @@ class Loader:
         try:
             if not weighed:
                 self._weigh(model)
+            if model.name in self._closing:
+                times.start("its last unload's writes")
+                self.wait_for_writes(name=model.name)
             engine = self._load_engine(model.spec, model.prefill_step_size, progress)
             progress("measuring batched decode")
             model.mode = self._decide_mode(model, engine)
@@ -153,10 +172,11 @@ class Loader:
             scheduler.close()
         del scheduler  # its generator holds the model: gone before the engine's close collects
         if model.engine is not None:
-            times.start("hot KV to disk")
-            model.engine.store.flush()
-            times.start("memory released")
-            model.engine.close()  # its weights released, MLX's cache cleared
+            times.start("closing")
+            # Its hot KV still queued for disk is written meanwhile; its weights are released now.
+            closing = model.engine.close_soon()
+            if closing is not None:
+                self._closing[model.name] = closing
         model.state = UNLOADED
         log.info("model %s unloaded in %.2f s (%s)", model.name, times.seconds, times.end())
 
