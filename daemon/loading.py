@@ -13,7 +13,7 @@ from typing import Callable
 from kvtier.config import ModelSpec
 from kvtier.disk_registry import release_disk, retain
 from kvtier.engine import Engine, resolve_model_path
-from kvtier.exactness import Exactness, measure_exactness
+from kvtier.exactness import Exactness, exactness_of
 from kvtier.local import LocalDisk
 from kvtier.models_memory import weights_on_disk
 from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, Scheduler
@@ -188,13 +188,17 @@ class Loader:
         """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
         /health); interleave where it cannot, where the probe could not measure, and, with
         `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row.
-        Measured at the model's first load; a reload keeps the verdict."""
+        Measured at the model's first load on this machine (kept in the cache directory:
+        a restart recalls it); a reload keeps the verdict."""
         if self.max_batch <= 1:
             model.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
             return ONE_AT_A_TIME
         if model.batching is None:
             try:
-                model.batching = measure_exactness(engine)
+                model.batching = exactness_of(engine, engine.store.config.cache_dir)
+                if model.batching.recalled:
+                    log.info("%s: batched decode's verdict recalled from %s (measured at an earlier load)",
+                             model.name, engine.store.config.cache_dir)
             except Exception as exc:
                 log.exception("measuring batched decode failed")
                 model.batching = Exactness(False, f"measuring batched decode failed: {exc}")

@@ -9,6 +9,7 @@ every log-probability of every step is bit-identical. `/health` reports the verd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -16,11 +17,12 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as mlx_cache
 
-from . import kvstate
+from . import kvstate, measured
 from .decode import first_token, greedy, step
 from .engine import Engine
 
 PROBE_STEPS = 4  # decode steps compared per prompt: a difference shows from the first
+PROBE_VERSION = 1  # part of a kept verdict's key: a change to what the probe measures measures again
 
 
 @dataclass
@@ -28,6 +30,25 @@ class Exactness:
     exact: bool
     reason: str  # why not, or how it was checked
     max_difference: float | None = None  # largest |logprob| difference measured
+    recalled: bool = False  # kept from an earlier load's measurement (kvtier/measured.py)
+
+
+def exactness_of(engine: Engine, cache_dir: Path) -> Exactness:
+    """The probe's verdict on this model and machine: recalled from `cache_dir` when an
+    earlier load measured it under the same key (the model's fingerprint, which names the
+    mlx, mlx-lm, device and BLAS computing it, and `measured.machine()`), else measured now
+    and kept there."""
+    key = {"measured": "batched decode exactness", "probe": PROBE_VERSION, "fingerprint": engine.fingerprint,
+           **measured.machine()}
+    kept = measured.recall(cache_dir, key)
+    if kept is not None and isinstance(kept.get("exact"), bool) and isinstance(kept.get("reason"), str):
+        difference = kept.get("max_difference")
+        return Exactness(kept["exact"], f"{kept['reason']} (recalled: measured at an earlier load)",
+                         difference if isinstance(difference, (int, float)) else None, recalled=True)
+    verdict = measure_exactness(engine)
+    measured.remember(cache_dir, key, {"exact": verdict.exact, "reason": verdict.reason,
+                                       "max_difference": verdict.max_difference})
+    return verdict
 
 
 def unbatchable_reason(engine: Engine) -> str | None:
