@@ -13,7 +13,7 @@ from typing import Callable
 from kvtier.config import ModelSpec
 from kvtier.disk_registry import release_disk, retain
 from kvtier.engine import Engine, resolve_model_path
-from kvtier.exactness import Exactness, exactness_of
+from kvtier.exactness import Exactness, measure_and_keep, recall_exactness, unbatchable_reason
 from kvtier.local import LocalDisk
 from kvtier.models_memory import weights_on_disk
 from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, Scheduler
@@ -91,7 +91,7 @@ class Loader:
         for other in room.unload if room is not None else []:
             self.unload(other, f"to make room for '{model.name}'")
         self.holds.clear()
-        return self.try_load(model, weighed=True)
+        return self.try_load(model, weighed=True, on_demand=True)
 
     def _weigh(self, model: ServedModel) -> None:
         """Its weights' size before its first load, from the files; ModelTooLarge if they
@@ -101,9 +101,9 @@ class Loader:
         if self.memory_budget:
             room_for(model, [], self.memory_budget, 0)
 
-    def try_load(self, model: ServedModel, weighed: bool = False) -> bool:
+    def try_load(self, model: ServedModel, weighed: bool = False, on_demand: bool = False) -> bool:
         try:
-            self.load(model, weighed)
+            self.load(model, weighed, on_demand)
         except Exception as exc:
             self.fail_backlog(model, exc)
             return False
@@ -115,9 +115,10 @@ class Loader:
             job.emit(exc)
             job.emit(self._done)
 
-    def load(self, model: ServedModel, weighed: bool = False) -> None:
+    def load(self, model: ServedModel, weighed: bool = False, on_demand: bool = False) -> None:
         """Load the model's engine, decide how its requests run, start its prefetch (its
-        weights measured against the budget first, unless `make_room_and_load` just did)."""
+        weights measured against the budget first, unless `make_room_and_load` just did).
+        `on_demand`: work waits for it (not the start-up's loads)."""
         model.state, model.load_error, started = LOADING, None, time.perf_counter()
         log.info("loading model %s", model.name)
         times = PhaseTimes()
@@ -135,7 +136,7 @@ class Loader:
                 self.wait_for_writes(name=model.name)
             engine = self._load_engine(model.spec, model.prefill_step_size, progress)
             progress("measuring batched decode")
-            model.mode = self._decide_mode(model, engine)
+            model.mode = self._decide_mode(model, engine, on_demand)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
         except Exception as exc:
             model.state, model.phase = FAILED, None
@@ -184,24 +185,27 @@ class Loader:
         for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
             self.unload(model, f"idle longer than the keep-alive ({self.keep_alive:g} s)")
 
-    def _decide_mode(self, model: ServedModel, engine: Engine) -> str:
+    def _decide_mode(self, model: ServedModel, engine: Engine, on_demand: bool = False) -> str:
         """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
         /health); interleave where it cannot, where the probe could not measure, and, with
         `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row.
         Measured at the model's first load on this machine (kept in the cache directory:
-        a restart recalls it); a reload keeps the verdict."""
+        a restart recalls it); a reload keeps the verdict. Without `--exact` the verdict only
+        informs /health: a load on demand (work waits for it) leaves it to the daemon's idle time."""
         if self.max_batch <= 1:
             model.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
             return ONE_AT_A_TIME
+        if model.batching is None and (recalled := recall_exactness(engine, engine.store.config.cache_dir)):
+            log.info("%s: batched decode's verdict recalled from %s (measured at an earlier load)", model.name,
+                     engine.store.config.cache_dir)
+            model.batching = recalled
+        if model.batching is None and on_demand and self._can_measure_later(engine):
+            model.measure_when_idle = True
+            log.info("%s: continuous batching on, up to %d requests; batched decode is measured once the daemon "
+                     "is idle", model.name, self.max_batch)
+            return BATCHED
         if model.batching is None:
-            try:
-                model.batching = exactness_of(engine, engine.store.config.cache_dir)
-                if model.batching.recalled:
-                    log.info("%s: batched decode's verdict recalled from %s (measured at an earlier load)",
-                             model.name, engine.store.config.cache_dir)
-            except Exception as exc:
-                log.exception("measuring batched decode failed")
-                model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+            model.batching = self._measure(model, engine)
         batching = model.batching
         if batching.exact or (not self.exact and batching.max_difference is not None):
             log.info("%s: continuous batching on, up to %d requests: %s", model.name, self.max_batch, batching.reason)
@@ -209,6 +213,35 @@ class Loader:
         log.warning("%s: requests interleave (up to %d, each decoding its own row) instead of batching: %s",
                     model.name, self.max_batch, batching.reason)
         return INTERLEAVED
+
+    def _can_measure_later(self, engine: Engine) -> bool:
+        """Without --exact, a batchable model's mode does not wait for the probe's verdict:
+        the work waiting for the load need not either."""
+        return not self.exact and unbatchable_reason(engine) is None
+
+    def _measure(self, model: ServedModel, engine: Engine) -> Exactness:
+        try:
+            return measure_and_keep(engine, engine.store.config.cache_dir)
+        except Exception as exc:
+            log.exception("%s: measuring batched decode failed", model.name)
+            return Exactness(False, f"measuring batched decode failed: {exc}")
+
+    def measure_when_idle(self) -> bool:
+        """Run one loaded model's probe left for the idle time (on the MLX thread, nothing
+        running); a probe that fails makes its requests interleave from now on. True if one ran."""
+        model = next((m for m in self.loaded() if m.measure_when_idle and not m.running), None)
+        if model is None or model.engine is None or model.scheduler is None:
+            return False
+        model.measure_when_idle = False
+        started = time.perf_counter()
+        model.batching = self._measure(model, model.engine)
+        log.info("%s: batched decode measured while idle in %.2f s: %s", model.name, time.perf_counter() - started,
+                 model.batching.reason)
+        if model.batching.max_difference is None:  # could not measure: as at a load, interleave
+            model.mode = INTERLEAVED
+            model.scheduler = Scheduler(model.engine, self.max_batch, self._done, INTERLEAVED)
+            model.scheduler.stats = model.stats
+        return True
 
     def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
         try:

@@ -35,19 +35,32 @@ class Exactness:
 
 def exactness_of(engine: Engine, cache_dir: Path) -> Exactness:
     """The probe's verdict on this model and machine: recalled from `cache_dir` when an
-    earlier load measured it under the same key (the model's fingerprint, which names the
-    mlx, mlx-lm, device and BLAS computing it, and `measured.machine()`), else measured now
-    and kept there."""
-    key = {"measured": "batched decode exactness", "probe": PROBE_VERSION, "fingerprint": engine.fingerprint,
-           **measured.machine()}
-    kept = measured.recall(cache_dir, key)
-    if kept is not None and isinstance(kept.get("exact"), bool) and isinstance(kept.get("reason"), str):
-        difference = kept.get("max_difference")
-        return Exactness(kept["exact"], f"{kept['reason']} (recalled: measured at an earlier load)",
-                         difference if isinstance(difference, (int, float)) else None, recalled=True)
+    earlier load measured it under the same key (`recall_exactness`), else measured now and
+    kept there."""
+    return recall_exactness(engine, cache_dir) or measure_and_keep(engine, cache_dir)
+
+
+def _key(engine: Engine) -> dict:
+    """What the verdict depends on: the model's fingerprint (which names the mlx, mlx-lm,
+    device and BLAS computing it), the machine, the probe."""
+    return {"measured": "batched decode exactness", "probe": PROBE_VERSION, "fingerprint": engine.fingerprint,
+            **measured.machine()}
+
+
+def recall_exactness(engine: Engine, cache_dir: Path) -> Exactness | None:
+    """The verdict an earlier load measured under the same key, or None."""
+    kept = measured.recall(cache_dir, _key(engine))
+    if kept is None or not isinstance(kept.get("exact"), bool) or not isinstance(kept.get("reason"), str):
+        return None
+    difference = kept.get("max_difference")
+    return Exactness(kept["exact"], f"{kept['reason']} (recalled: measured at an earlier load)",
+                     difference if isinstance(difference, (int, float)) else None, recalled=True)
+
+
+def measure_and_keep(engine: Engine, cache_dir: Path) -> Exactness:
     verdict = measure_exactness(engine)
-    measured.remember(cache_dir, key, {"exact": verdict.exact, "reason": verdict.reason,
-                                       "max_difference": verdict.max_difference})
+    measured.remember(cache_dir, _key(engine), {"exact": verdict.exact, "reason": verdict.reason,
+                                                "max_difference": verdict.max_difference})
     return verdict
 
 

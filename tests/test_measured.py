@@ -1,13 +1,16 @@
 """What a load measures that depends only on the model and the machine (kvtier/measured.py):
 the batched-decode probe's verdict is kept in the cache directory, so a restart recalls it
-instead of measuring again, and a changed key (here the model's fingerprint) measures again."""
+instead of measuring again, and a changed key (here the model's fingerprint) measures again;
+a load a request waits for leaves the probe to the daemon's idle time."""
 
 from __future__ import annotations
 
 import json
+import time
 
 from kvtier import measured
 from kvtier.exactness import PROBE_VERSION
+from tests.conftest import Reference, agent_messages
 
 
 def test_a_value_is_recalled_under_its_exact_key_only(tmp_path):
@@ -46,3 +49,26 @@ def test_a_restart_recalls_the_batched_decode_verdict_and_a_changed_fingerprint_
     # Another block size is another fingerprint (the KV's layout): its verdict is measured.
     other = app_factory(tiny_model, "--max-batch", "4", "--block-size", "32", cache_dir=cache)
     assert "recalled" not in other.get("/health")["batching"]["reason"]
+
+
+def test_a_model_loaded_for_a_waiting_request_measures_batching_once_the_daemon_is_idle(
+        app_factory, tiny_model, llama_model, caplog):
+    """Without --exact the probe's verdict does not change how requests run where mlx-lm can
+    batch: a load a request waits for leaves it to the idle time after the answer."""
+    caplog.set_level("INFO", logger="kvtier.worker")
+    daemon = app_factory(tiny_model, "--max-batch", "4", "--model", f"second={llama_model}")
+    messages = agent_messages("measured later", repeat=1)
+    answer = daemon.client().chat.completions.create(model="second", messages=messages, max_tokens=8,
+                                                     temperature=0).choices[0].message.content
+    deadline = time.monotonic() + 120
+    while (batching := daemon.get("/health")["models"]["second"]["batching"])["max_logprob_difference"] is None:
+        assert time.monotonic() < deadline, batching
+        time.sleep(0.1)
+    assert batching["mode"] == "batched" and "recalled" not in batching["reason"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "kvtier.worker"]
+    left = logged.index("second: continuous batching on, up to 4 requests; batched decode is measured once "
+                        "the daemon is idle")
+    loaded = next(i for i, line in enumerate(logged) if line.startswith("model second loaded"))
+    measured_at = next(i for i, line in enumerate(logged) if line.startswith("second: batched decode measured while idle"))
+    assert left < loaded < measured_at  # not measured on the load the request waited for: after it
+    assert answer == Reference(llama_model).chat(messages, 8)
