@@ -31,8 +31,8 @@ def _close(writes: WritePath, readers: ThreadPoolExecutor, tiers: list[Tier], fi
     started, (jobs, queued) = time.perf_counter(), writes.writer.pending
     writes.wait()
     if jobs:
-        log.info("%s: the %d writes (%.1f MiB) queued at its close done in %.2f s", fingerprint[:12], jobs,
-                 queued / 2**20, time.perf_counter() - started)
+        log.info("%s: its store's last writes (%d jobs, %.1f MiB) done %.2f s after its close", fingerprint[:12],
+                 jobs, queued / 2**20, time.perf_counter() - started)
     writes.writer.close()
     readers.shutdown(wait=True)
     for tier in reversed(tiers):
