@@ -75,21 +75,27 @@ class Stream:
     sent: float = 0.0
     ttft: float = 0.0
     arrivals: list[float] = field(default_factory=list)  # seconds since the request was sent
+    tokens: list[int] = field(default_factory=list)  # tokens each arrival carried (0: not told)
     text: str = ""
     completion_tokens: int = 0
     ended: float = 0.0  # seconds since sending when the response ended (tokens without text come last too)
 
-    def gaps_within(self, start: float, end: float) -> list[float]:
-        """Gaps between two chunks that overlap [start, end] (absolute perf_counter times)."""
+    def gaps_within(self, start: float, end: float) -> list[tuple[float, int]]:
+        """Gaps between two chunks that overlap [start, end] (absolute perf_counter times), each
+        with the tokens the later chunk carried: a token without text of its own (a partial
+        UTF-8 character, a lone space) comes with the next, so one gap spans two steps."""
         times = [self.sent + a for a in self.arrivals]
-        return [b - a for a, b in zip(times, times[1:]) if b > start and a < end]
+        return [(b - a, n) for a, b, n in zip(times, times[1:], self.tokens[1:]) if b > start and a < end]
 
 
 def stream(server: Server, model: str, messages: list[dict], max_tokens: int,
-           first: threading.Event | None = None, stop: threading.Event | None = None) -> Stream:
-    """Stream a greedy chat completion; `first` is set at its first text, `stop` ends it early."""
+           first: threading.Event | None = None, stop: threading.Event | None = None,
+           count_tokens: bool = False) -> Stream:
+    """Stream a greedy chat completion; `first` is set at its first text, `stop` ends it early;
+    `count_tokens` asks for log-probabilities, whose entries tell the tokens each chunk carries
+    (where the server streams them: kvtier does, mlx_lm.server 0.32 does not)."""
     body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}})
+                       "stream": True, "stream_options": {"include_usage": True}, "logprobs": count_tokens})
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=3600)
     result = Stream(sent=time.perf_counter())
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -117,6 +123,7 @@ def _read_event(raw: bytes, result: Stream, first: threading.Event | None) -> No
         text = choice.get("delta", {}).get("content") or ""
         if text:
             result.arrivals.append(time.perf_counter() - result.sent)
+            result.tokens.append(len((choice.get("logprobs") or {}).get("content") or []))
             result.text += text
             if first is not None:
                 first.set()
@@ -250,7 +257,7 @@ def cold_beside_decoders(server: Server, model: str, cold_text: str, decoders: i
     streams: list[Any] = [None] * decoders
 
     def decode(i: int) -> None:
-        streams[i] = stream(server, model, question(100 + i), decode_tokens, first[i], stop)
+        streams[i] = stream(server, model, question(100 + i), decode_tokens, first[i], stop, count_tokens=True)
 
     threads = [threading.Thread(target=decode, args=(i,)) for i in range(decoders)]
     for thread in threads:
@@ -265,7 +272,10 @@ def cold_beside_decoders(server: Server, model: str, cold_text: str, decoders: i
         thread.join()
     gaps = [g for s in streams for g in s.gaps_within(*window)]
     ran_through = all(s.arrivals and s.sent + s.arrivals[-1] >= window[1] for s in streams)
-    return {"longest_stall": max(gaps, default=0.0), "ttft_beside": cold.ttft, "decoders_ran_through": ran_through}
+    # A step's stall: a gap over the steps (tokens) it spanned, where the server says how many.
+    return {"longest_stall": max((gap / max(1, tokens) for gap, tokens in gaps), default=0.0),
+            "longest_text_gap": max((gap for gap, _ in gaps), default=0.0), "ttft_beside": cold.ttft,
+            "decoders_ran_through": ran_through}
 
 
 def run_cold(running: dict[str, Server], model: str, tokenizer: Any, sizes: Sizes, results: dict) -> None:

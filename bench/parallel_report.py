@@ -46,6 +46,7 @@ def cold(results: dict, server: str) -> dict:
     """The cold-prefill probe over its trials: the longest stall of any, the median TTFT ratio."""
     trials = results["servers"][server].get("cold", [])
     return {"longest_stall": max((t["longest_stall"] for t in trials), default=None),
+            "longest_text_gap": max((t.get("longest_text_gap", t["longest_stall"]) for t in trials), default=None),
             "ttft_alone": median([t["ttft_alone"] for t in trials]),
             "ttft_beside": median([t["ttft_beside"] for t in trials]),
             "ttft_ratio": median([t["ttft_beside"] / t["ttft_alone"] for t in trials]),
@@ -136,13 +137,18 @@ def render(results: dict) -> str:
                                              for n in results["agent_ns"]) + " |"
             for s in servers for kind in ("shared", "distinct")]
     out += ["", f"While {results['decoders']} streams decode, a cold {results['cold_tokens']}-token prompt "
-            "arrives (median TTFT of the trials; the longest stall of any):", "",
-            f"| server | longest stall (s) | stall / {PEER}'s | cold TTFT alone (s) | beside decoders (s) | ratio "
-            "| decoders ran through |", "|---|---:|---:|---:|---:|---:|---|"]
+            "arrives (median TTFT of the trials; the longest stall of any: a step's, i.e. a gap between "
+            "two text chunks over the tokens the later one carried, where the server streams their "
+            f"log-probabilities ({PEER} does not: its stall is the gap); and the longest gap between "
+            "two text chunks):", "",
+            f"| server | longest stall a step (s) | stall / {PEER}'s | longest gap between texts (s) "
+            "| cold TTFT alone (s) | beside decoders (s) | ratio | decoders ran through |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
     for s in servers:
         c = cold(results, s)
         out.append(f"| {s} | {_number(c['longest_stall'], 2)} "
                    f"| {_number(ratio(c['longest_stall'], cold(results, PEER)['longest_stall']), 2)} "
+                   f"| {_number(c['longest_text_gap'], 2)} "
                    f"| {_number(c['ttft_alone'], 2)} "
                    f"| {_number(c['ttft_beside'], 2)} | {_number(c['ttft_ratio'], 2)} "
                    f"| {'yes' if c['decoders_ran_through'] else 'no'} |")

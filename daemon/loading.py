@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable
 
+from kvtier.chunking import PrefillChunk
 from kvtier.config import ModelSpec
 from kvtier.disk_registry import release_disk, retain
 from kvtier.engine import Engine, resolve_model_path
@@ -25,7 +26,7 @@ from .models import FAILED, LOADED, LOADING, UNLOADED, ServedModel, expired, roo
 log = logging.getLogger("kvtier.worker")
 
 # (spec, prefill step size timed at an earlier load or None, progress) -> a loaded engine
-LoadEngine = Callable[[ModelSpec, "int | None", Callable[[str], None]], Engine]
+LoadEngine = Callable[[ModelSpec, "PrefillChunk | None", Callable[[str], None]], Engine]
 CallSoon = Callable[..., bool]  # Worker.call_soon
 
 
@@ -134,7 +135,7 @@ class Loader:
             if model.name in self._closing:
                 times.start("its last unload's writes")
                 self.wait_for_writes(name=model.name)
-            engine = self._load_engine(model.spec, model.prefill_step_size, progress)
+            engine = self._load_engine(model.spec, model.prefill_chunk, progress)
             progress("measuring batched decode")
             model.mode = self._decide_mode(model, engine, on_demand)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
@@ -144,7 +145,7 @@ class Loader:
             log.error("could not load the model %s: %s", model.name, model.load_error)
             log.debug("the model's load failed here", exc_info=True)
             raise
-        model.engine, model.prefill_step_size = engine, engine.prefill_step_size
+        model.engine, model.prefill_chunk = engine, engine.prefill_chunk
         if self._disk_hold is None and (holder := retain(engine.store.disk)) is not None:
             self._disk_hold = (engine.store.disk, holder)
         model.weight_bytes = engine.weight_bytes or model.weight_bytes

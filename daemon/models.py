@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from kvtier.chunking import PrefillChunk
 from kvtier.config import ModelSpec, format_size
 from kvtier.engine import Engine
 from kvtier.exactness import Exactness
@@ -48,7 +49,7 @@ class ServedModel:
     mode: str = ONE_AT_A_TIME
     batching: Exactness | None = None  # measured at the first load, kept across reloads
     measure_when_idle: bool = False  # batching's probe left for the daemon's idle time
-    prefill_step_size: int | None = None  # timed at the first load, kept across reloads
+    prefill_chunk: PrefillChunk | None = None  # timed at the first load, kept across reloads
     backlog: deque[Job] = field(default_factory=deque)  # waiting for room in its scheduler, or its load
     last_used: float = 0.0
     weight_bytes: int = 0  # the safetensors files' size until loaded, then the arrays'

@@ -1,22 +1,25 @@
-"""The prefill chunk size: chosen once per process from the model's measured prefill speed.
+"""The prefill chunks: their size at each depth, from the model's measured prefill speed.
 
 While a cold prompt prefills, requests that are decoding wait for one chunk between two of
 their tokens, so a chunk should take at most TARGET_SECONDS; fewer, larger chunks cost the
 prefilling request less. A chunk's time grows with the depth it is computed at (attention
-reads every key before it), so the engine times a short prefill when it loads (chunks of the
-smallest size, from depth 0 to PROBE_DEPTH), fits seconds per chunk against depth, and takes
-the largest block multiple in [MIN_TOKENS, MAX_TOKENS] whose chunk at REFERENCE_DEPTH fits.
+reads every key before it), so the engine times a short prefill when it loads (chunks of one
+block, from depth 0 to PROBE_DEPTH), fits seconds per chunk against depth, and cuts each
+chunk at the largest size that fits the target at its depth: whole blocks near the start,
+down to a fraction of a block deep in a long prompt (a 128-token chunk at depth 8K took 1 s
+on a small model on this 2-core CPU).
 
-The size is fixed for the process, never changed while serving: where a prompt is cut is
-part of its arithmetic (docs/benchmarks.md, "Prefill chunk boundaries change the numbers"),
-so a request's chunks must not depend on its neighbours or on the load of the moment.
-`--prefill-step-size N` fixes it instead.
+Where a prompt is cut is part of its arithmetic (docs/benchmarks.md, "Prefill chunk
+boundaries change the numbers"), so the cuts depend on positions only, never on the load of
+the moment or on the neighbours: a chunk of size s starts at a multiple of s, and sizes are
+block multiples or divide the block, so a prefix restored at a block boundary is cut where
+a cold prompt is. The fit is made once per process; `--prefill-step-size N` fixes one size
+instead.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -30,10 +33,11 @@ from .kvstate import state_arrays
 log = logging.getLogger("kvtier.chunking")
 
 TARGET_SECONDS = 0.3  # a decoding stream's stall target is 0.5 s: a chunk, a decode step, the text's way out (0.4 measured 0.6-0.8 s)
-REFERENCE_DEPTH = 8192  # tokens: a long agent prompt; chunks deeper than this take longer
-PROBE_DEPTH = 2048  # tokens timed at start-up
-PROBE_BUDGET = 5.0  # seconds: a big model on a slow machine stops early (two chunks at least)
-MIN_TOKENS, MAX_TOKENS = 128, 2048  # one default block: a big model at depth 8K needs it
+REFERENCE_DEPTH = 8192  # tokens: a long agent prompt, where /health reports the chunk
+PROBE_DEPTH = 1024  # tokens timed at start-up: enough for the line (a first load on demand waits for it)
+PROBE_BUDGET = 3.0  # seconds: a big model on a slow machine stops early (two chunks at least)
+MIN_TOKENS, MAX_TOKENS = 128, 2048  # whole-block sizes; smaller chunks are fractions of a block
+MIN_PART_TOKENS = 16  # the smallest fraction of a block a deep chunk is cut to
 FALLBACK_TOKENS = 2048  # mlx-lm's own default, when the probe cannot run
 
 
@@ -54,31 +58,62 @@ class ChunkFit:
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """What the engine prefills per forward pass, and how that was decided (`/health`)."""
+    """Where the engine cuts a prefill, and how that was decided (`/health`). Measured: the
+    size at a depth is the largest candidate the fit says takes at most `target` seconds
+    there; fixed (`--prefill-step-size`, the fallback): `tokens` at every depth."""
 
-    tokens: int
+    tokens: int  # the chunk at depth 0 (the one size when fixed)
     chosen: str  # "measured", "--prefill-step-size" or "fallback"
-    seconds_at_reference: float | None = None  # a chunk's predicted time at REFERENCE_DEPTH
+    seconds_at_reference: float | None = None  # the chunk cut at REFERENCE_DEPTH: its predicted time
     reference_depth: int = REFERENCE_DEPTH
     probe_seconds: float | None = None  # the start-up measurement's own time
+    tokens_at_reference: int | None = None  # the chunk cut at REFERENCE_DEPTH
+    fit: ChunkFit | None = None
+    sizes: tuple[int, ...] = ()  # the candidates, smallest first
+    target: float = TARGET_SECONDS
+
+    def size_at(self, depth: int) -> int:
+        if self.fit is None:
+            return self.tokens
+        return largest_fitting(self.fit, self.sizes, depth, self.target)
+
+    def next_cut(self, position: int) -> int:
+        """The end of the chunk that starts at `position`: the next multiple of its size."""
+        size = self.size_at(position)
+        return (position // size + 1) * size
+
+    def share(self, tokens: int, depth: int) -> float:
+        """The part of one scheduler step a chunk of `tokens` at `depth` takes (1.0: a whole step)."""
+        if self.fit is None:
+            return tokens / self.tokens
+        return self.fit.seconds(tokens, depth) / self.target
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key not in ("fit", "sizes", "target")}
 
 
-def block_multiples(block_size: int) -> list[int]:
-    """The candidate sizes, smallest first: block multiples in [MIN_TOKENS, MAX_TOKENS] (the
-    one block multiple nearest the range when none is inside it)."""
-    low = math.ceil(MIN_TOKENS / block_size) * block_size
-    high = max(low, MAX_TOKENS // block_size * block_size)
-    return list(range(low, high + 1, block_size))
+def chunk_sizes(block_size: int) -> list[int]:
+    """The candidate sizes, smallest first: the block times powers of two up to MAX_TOKENS (or
+    the one block when larger), and the block's halves, quarters... down to MIN_PART_TOKENS.
+    Each size divides the larger ones, so cuts at multiples of a size nest."""
+    sizes = [block_size]
+    while sizes[-1] * 2 <= MAX_TOKENS:
+        sizes.append(sizes[-1] * 2)
+    part = block_size
+    while part % 2 == 0 and part // 2 >= MIN_PART_TOKENS:
+        part //= 2
+        sizes.insert(0, part)
+    return sizes
 
 
-def pick(fit: ChunkFit, block_size: int, target: float = TARGET_SECONDS, depth: int = REFERENCE_DEPTH) -> int:
-    """The largest candidate whose chunk at `depth` takes at most `target` (the smallest if none does)."""
-    candidates = block_multiples(block_size)
-    fitting = [c for c in candidates if fit.seconds(c, depth) <= target]
-    return max(fitting, default=candidates[0])
+def largest_fitting(fit: ChunkFit, sizes: tuple[int, ...] | list[int], depth: int, target: float = TARGET_SECONDS) -> int:
+    """The largest size whose chunk at `depth` takes at most `target` (the smallest if none does)."""
+    return max((size for size in sizes if fit.seconds(size, depth) <= target), default=sizes[0])
+
+
+def probe_tokens(sizes: list[int]) -> int:
+    """The chunk the start-up probe times: the smallest candidate of a whole default block or more."""
+    return next((size for size in sizes if size >= MIN_TOKENS), sizes[-1])
 
 
 def measure(model: Any, tokens: int, depth: int = PROBE_DEPTH, budget: float = PROBE_BUDGET,
@@ -117,19 +152,24 @@ def _fit_line(tokens: int, depths: list[int], seconds: list[float]) -> ChunkFit:
     return ChunkFit(tokens, max(intercept, min(seconds) / 2), slope, len(depths))
 
 
-def choose(model: Any, block_size: int, fixed: int | None) -> PrefillChunk:
-    """`fixed` when given (`--prefill-step-size N`); else measured on `model` now."""
-    if fixed is not None:
-        return PrefillChunk(fixed, "--prefill-step-size")
+def choose(model: Any, block_size: int, given: int | PrefillChunk | None) -> PrefillChunk:
+    """`given` when it is a size (`--prefill-step-size N`) or an earlier choice (a reload keeps
+    its first load's); else measured on `model` now."""
+    if isinstance(given, PrefillChunk):
+        return given
+    if given is not None:
+        return PrefillChunk(given, "--prefill-step-size")
+    sizes = chunk_sizes(block_size)
     began = time.perf_counter()
     try:
-        fit = measure(model, block_multiples(block_size)[0])
+        fit = measure(model, probe_tokens(sizes))
     except Exception as exc:  # a model the plain probe cannot run: mlx-lm's default
         log.warning("measuring the prefill speed failed (%s); prefill chunks of %d tokens", exc, FALLBACK_TOKENS)
         return PrefillChunk(FALLBACK_TOKENS, "fallback")
-    tokens = pick(fit, block_size)
-    chunk = PrefillChunk(tokens, "measured", round(fit.seconds(tokens, REFERENCE_DEPTH), 3),
-                         probe_seconds=round(time.perf_counter() - began, 3))
-    log.info("prefill chunks of %d tokens: one takes ~%.2f s at depth %d (measured in %.1f s)",
-             tokens, chunk.seconds_at_reference, REFERENCE_DEPTH, chunk.probe_seconds)
+    deep = largest_fitting(fit, sizes, REFERENCE_DEPTH)
+    chunk = PrefillChunk(largest_fitting(fit, sizes, 0), "measured", round(fit.seconds(deep, REFERENCE_DEPTH), 3),
+                         probe_seconds=round(time.perf_counter() - began, 3), tokens_at_reference=deep, fit=fit,
+                         sizes=tuple(sizes))
+    log.info("prefill chunks of %d tokens at depth 0, %d at depth %d (~%.2f s each; measured in %.1f s)",
+             chunk.tokens, deep, REFERENCE_DEPTH, chunk.seconds_at_reference, chunk.probe_seconds)
     return chunk

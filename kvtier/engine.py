@@ -118,10 +118,11 @@ def _silent(phase: str) -> None:
 
 
 class Engine:
-    def __init__(self, model: str, cache_config: CacheConfig, prefill_step_size: int | None = 2048, *,
-                 progress: Progress | None = None):
-        """`progress` is told each phase of the load as it starts, in PHASES' order ("timing
-        prefill" only when `prefill_step_size` is None: the chunk is then timed on this model)."""
+    def __init__(self, model: str, cache_config: CacheConfig,
+                 prefill_step_size: int | chunking.PrefillChunk | None = 2048, *, progress: Progress | None = None):
+        """`prefill_step_size`: one chunk size, an earlier load's choice, or None: timed on this
+        model now (kvtier.chunking). `progress` is told each phase of the load as it starts, in
+        PHASES' order ("timing prefill" only when it is timed)."""
         phase = progress or _silent
         self.model_path = resolve_model_path(model)
         self.model_name = model
@@ -140,7 +141,6 @@ class Engine:
         self.plan, self.layout = self._probe()
         if prefill_step_size is None:
             phase("timing prefill")
-        # None: timed on this model now, fixed for the process (kvtier.chunking)
         self.prefill_chunk = chunking.choose(self.model, cache_config.block_size, prefill_step_size)
         self.prefill_step_size = self.prefill_chunk.tokens
         self.renderer = Renderer(self.tokenizer, boundaries=bool(self.plan and self.plan.needs_snapshots))
@@ -264,15 +264,14 @@ class Engine:
         return {p for p in (*request.boundaries, *regular, end) if reuse < p <= end}
 
     def prefill_chunks(self, session: Session) -> Iterator[int]:
-        """Compute the prompt past the restored prefix but its last token, in chunks of the
-        prefill step cut at snapshot points; yields the tokens computed after each chunk (a
-        batch decodes between chunks)."""
+        """Compute the prompt past the restored prefix but its last token, in chunks cut where
+        `prefill_chunk` says and at snapshot points; yields the tokens computed after each
+        chunk (a batch decodes between chunks)."""
         tokens, progress, points = session.request.prompt_tokens, session.request.progress, session.points
-        start, end = session.restored.reuse, len(tokens) - 1
-        cuts = {*range(start + self.prefill_step_size, end, self.prefill_step_size), end}
-        cuts |= {p for p in points if p < end}
-        position, began = start, time.perf_counter()
-        for cut in sorted(c for c in cuts if c > start):
+        position, end = session.restored.reuse, len(tokens) - 1
+        began = time.perf_counter()
+        while position < end:
+            cut = min(self.next_cut(session, position), end)
             self.model(mx.array(tokens[position:cut])[None], cache=session.prompt_cache)
             mx.eval(kvstate.state_arrays(session.prompt_cache))
             computed, position = cut - position, cut
@@ -284,6 +283,15 @@ class Engine:
             steps["prefill"] = steps.get("prefill", 0.0) + time.perf_counter() - began
             yield computed
             began = time.perf_counter()  # a batch may decode others between chunks
+
+    def next_cut(self, session: Session, position: int) -> int:
+        """Where the chunk starting at `position` ends: the chunk's size, or a snapshot point first."""
+        return min([self.prefill_chunk.next_cut(position), *(p for p in session.points if p > position)])
+
+    def chunk_share(self, session: Session, position: int) -> float:
+        """The part of one scheduler step the session's next chunk takes (see chunking.PrefillChunk.share)."""
+        end = len(session.request.prompt_tokens) - 1
+        return self.prefill_chunk.share(max(1, min(self.next_cut(session, position), end) - position), position)
 
     # -- operations ------------------------------------------------------------------------
     def prefetch_step(self) -> bool:

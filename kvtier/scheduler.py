@@ -188,23 +188,24 @@ class Scheduler:
 
     def step(self) -> None:
         """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
-        tokens (so short remainders join together), then one decode step for all.
+        time (so short remainders join together), then one decode step for all.
 
         A failure is the error of the requests whose computation raised: a prefill's (or
         first token's) of that request alone, a decode step's of every request decoding
         (their batched state is lost); nothing of theirs is stored, the others go on."""
         self._drop_cancelled()
-        budget, spent = self.engine.prefill_step_size, 0
+        spent = 0.0  # of one step's prefill time (chunking.PrefillChunk.share)
         while self.prefilling:
             member = self.prefilling[0]
-            if spent and min(member.remaining, budget) > budget - spent:
+            share = self.engine.chunk_share(member.session, len(member.prompt) - 1 - member.remaining)
+            if spent and spent + share > 1.0:
                 break
+            spent += share
             try:
-                spent += self._prefill_step(member)
+                self._prefill_step(member)
             except Exception as exc:
                 log.exception("prefilling a batched request failed")
                 self._fail_prefill(member, exc)
-                spent += 1
         if self.decoding:
             try:
                 self._decode_step()
@@ -260,10 +261,8 @@ class Scheduler:
         self.generator.close()
 
     # -- prefill -----------------------------------------------------------------------
-    def _prefill_step(self, member: Member) -> int:
-        """One chunk of `member`'s prefill (or its first token when none is left): the
-        tokens computed."""
-        computed = 0
+    def _prefill_step(self, member: Member) -> None:
+        """One chunk of `member`'s prefill, and its first token when none is left."""
         if member.remaining > 0:
             started = time.perf_counter()
             computed = next(member.chunks)
@@ -274,7 +273,6 @@ class Scheduler:
             self.prefilling.popleft()
             self._first_token(member)
             mx.clear_cache()  # the prefill's buffers freed, once its first token is out (10-15 ms at 16K)
-        return max(computed, 1)  # the first token is a forward pass too
 
     def _first_token(self, member: Member) -> None:
         """The last prompt token goes through alone; the request joins the decoder with the

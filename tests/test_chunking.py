@@ -1,7 +1,7 @@
-"""The prefill chunk size (kvtier.chunking): timed once when the engine loads, a block
-multiple in range, fixed for the process and the one every prefill cuts at; a given
-`--prefill-step-size N` wins; answers stay plain mlx-lm's at that chunk size. Nothing here
-asserts a time: which size the measurement picks depends on the machine."""
+"""The prefill chunks (kvtier.chunking): timed once when the engine loads, their size shrinks
+with depth so a deep chunk takes no longer than a shallow one, and cuts depend on positions
+only; a given `--prefill-step-size N` wins; answers stay plain mlx-lm's cut at the same
+places. Nothing here asserts a time: which sizes the measurement picks depends on the machine."""
 
 from __future__ import annotations
 
@@ -25,24 +25,45 @@ def _prompt(reference: Reference, tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("block_size", [64, 100, 128, 4096])
-def test_the_candidates_are_block_multiples_within_the_range(block_size):
-    sizes = chunking.block_multiples(block_size)
-    assert sizes and all(s % block_size == 0 for s in sizes)
+def test_the_candidates_are_the_block_doubled_and_halved_each_dividing_the_larger(block_size):
+    sizes = chunking.chunk_sizes(block_size)
+    assert block_size in sizes and sizes == sorted(sizes)
+    assert all(larger % smaller == 0 for smaller, larger in zip(sizes, sizes[1:]))
+    assert sizes[0] >= chunking.MIN_PART_TOKENS and sizes[-1] <= max(block_size, chunking.MAX_TOKENS)
     if block_size <= chunking.MAX_TOKENS:
-        assert chunking.MIN_TOKENS <= sizes[0] and sizes[-1] <= chunking.MAX_TOKENS
-        assert sizes[-1] + block_size > chunking.MAX_TOKENS  # the largest one that fits
-    else:  # a block larger than the range: the one block
-        assert sizes == [block_size]
+        assert sizes[-1] * 2 > chunking.MAX_TOKENS  # the largest one that fits
+    assert chunking.chunk_sizes(128) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert chunking.chunk_sizes(100) == [25, 50, 100, 200, 400, 800, 1600]
 
 
-def test_the_pick_is_the_largest_chunk_that_fits_the_target_at_the_reference_depth():
+def test_a_chunk_is_the_largest_that_fits_the_target_at_its_depth():
     # 256 tokens take 0.05 s at depth 0 and 0.05 s more per 1,000 tokens of depth.
     fit = chunking.ChunkFit(256, intercept=0.05, slope=0.05 / 1000)
-    chosen = chunking.pick(fit, 128, target=0.4, depth=4096)
-    assert fit.seconds(chosen, 4096) <= 0.4 < fit.seconds(chosen + 128, 4096)
-    fast = chunking.ChunkFit(256, intercept=0.01, slope=0.0)
-    assert chunking.pick(fast, 128, target=0.4, depth=8192) == 2048  # a fast model: the ceiling
-    assert chunking.pick(fit, 128, target=0.01, depth=8192) == 128  # nothing fits: the floor
+    chunk = chunking.PrefillChunk(256, "measured", fit=fit, sizes=tuple(chunking.chunk_sizes(128)), target=0.4)
+    sizes = [chunk.size_at(depth) for depth in (0, 2048, 8192, 65536)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 128 > sizes[-1]  # whole blocks, then parts
+    for depth, size in zip((0, 2048, 8192), sizes):
+        assert fit.seconds(size, depth) <= 0.4 < fit.seconds(2 * size, depth)
+    fast = chunking.PrefillChunk(256, "measured", fit=chunking.ChunkFit(256, 0.01, 0.0), sizes=(16, 128, 2048))
+    assert fast.size_at(8192) == 2048  # a fast model: the ceiling
+    assert chunk.size_at(10**9) == 16  # nothing fits: the floor
+    assert chunking.PrefillChunk(320, "--prefill-step-size").size_at(10**6) == 320  # fixed: one size
+
+
+def test_cuts_fall_on_multiples_of_the_chunk_so_a_block_aligned_start_cuts_where_a_cold_prompt_does():
+    fit = chunking.ChunkFit(128, intercept=0.05, slope=0.2 / 1000)
+    chunk = chunking.PrefillChunk(128, "measured", fit=fit, sizes=tuple(chunking.chunk_sizes(128)), target=0.3)
+    assert chunk.size_at(4096) < 128
+
+    def cuts(start: int, end: int) -> list[int]:
+        found = []
+        while start < end:
+            start = min(chunk.next_cut(start), end)
+            found.append(start)
+        return found
+
+    cold = cuts(0, 6000)
+    assert cuts(4096, 6000) == [c for c in cold if c > 4096]
 
 
 def test_a_noisy_timing_moves_the_fit_little():
@@ -65,42 +86,59 @@ def test_the_start_up_measurement_stops_early_past_its_time_budget(tiny_model):
     assert chunking.measure(model, 256, depth=2048, budget=600.0, target=never).points == 2048 // 256
     # The first chunk slower than the target: no deeper one can fit, the smallest size it is.
     slow = chunking.measure(model, 256, depth=2048, budget=600.0, target=0.0)
-    assert slow.points == 1 and chunking.pick(slow, 128, target=0.0) == 128
+    assert slow.points == 1 and chunking.largest_fitting(slow, [64, 128], 0, target=0.0) == 64
 
 
-def test_a_measured_chunk_is_what_every_prefill_cuts_at_with_plain_mlx_lm_s_numbers(tiny_model, tmp_path,
-                                                                                    monkeypatch):
-    """Engine(prefill_step_size=None) times the model, keeps a block multiple in range, and
-    prefills a cold prompt in exactly those chunks: the log-probabilities are, bit for bit,
-    plain mlx-lm's `generate_step` run with that `prefill_step_size`. The range is narrowed
-    below mlx-lm's default 2,048, so a prefill cutting anywhere else shows on any machine."""
-    monkeypatch.setattr(chunking, "MAX_TOKENS", 512)
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
+def test_the_engine_times_the_model_when_no_size_is_given(tiny_model, tmp_path):
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
-    from kvtier.requests import GenerationRequest
 
     engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=TEST_BLOCK_SIZE),
                     prefill_step_size=None)
     try:
         chunk = engine.prefill_chunk
-        assert chunk.chosen == "measured" and chunk.probe_seconds is not None
-        assert chunk.tokens in chunking.block_multiples(TEST_BLOCK_SIZE) and chunk.tokens <= 512
-        assert engine.prefill_step_size == chunk.tokens
-        reference = Reference(tiny_model)
-        tokens = _prompt(reference, 3 * 512 + 77)
-        cuts: list[int] = []
+        assert chunk.chosen == "measured" and chunk.probe_seconds is not None and chunk.fit is not None
+        assert chunk.tokens in chunking.chunk_sizes(TEST_BLOCK_SIZE) and engine.prefill_step_size == chunk.tokens
+        assert chunk.tokens_at_reference is not None and chunk.tokens_at_reference <= chunk.tokens
+    finally:
+        engine.close()
+
+
+def test_a_prefill_cuts_where_its_chunks_say_with_plain_mlx_lm_s_numbers(tiny_model, tmp_path):
+    """A chunk schedule that shrinks from 4 blocks to half a block within the prompt (a fit
+    given, not timed, so the cuts are known): the engine prefills in exactly those chunks, and
+    the log-probabilities are, bit for bit, plain mlx-lm's prefilled at the same cuts."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
+
+    fit = chunking.ChunkFit(64, intercept=0.01, slope=0.1 / 1000)
+    schedule = chunking.PrefillChunk(256, "measured", fit=fit, sizes=(16, 32, 64, 128, 256, 512), target=0.1)
+    engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=TEST_BLOCK_SIZE),
+                    prefill_step_size=schedule)
+    reference = Reference(tiny_model)
+    tokens = _prompt(reference, 3 * 512 + 77)
+    cuts: list[int] = []
+    try:
+        assert engine.prefill_chunk is schedule
         request = GenerationRequest(tokens, MAX_TOKENS, temperature=0.0, logprobs=0,
                                     progress=lambda done, total: cuts.append(done))
         entries = [e for c in generate(engine, request) for e in getattr(c, "logprobs", [])]
     finally:
         engine.close()
-    end = len(tokens) - 1
-    assert cuts == [*range(chunk.tokens, end, chunk.tokens), end]
-    expected = [(int(t), row) for t, row in generate_step(mx.array(tokens), reference.model, max_tokens=MAX_TOKENS,
-                                                         prefill_step_size=chunk.tokens)]
+    sizes = {b - a for a, b in zip([0, *cuts], cuts)}
+    assert max(sizes) == 256 and min(sizes) < TEST_BLOCK_SIZE  # whole blocks first, parts of one deep
+    assert all(cut % min(schedule.size_at(at), TEST_BLOCK_SIZE) == 0 for at, cut in zip([0, *cuts], cuts[:-1]))
+    cache, at = make_prompt_cache(reference.model), 0
+    for cut in cuts:
+        reference.model(mx.array(tokens[at:cut])[None], cache=cache)
+        at = cut
+    expected = [(int(t), row) for t, row in generate_step(mx.array(tokens[at:]), reference.model,
+                                                         max_tokens=MAX_TOKENS, prompt_cache=cache)]
     assert [e.logprob for e in entries] == [row[t].item() for t, row in expected]
 
 
@@ -115,8 +153,9 @@ def test_a_given_prefill_step_size_wins_and_health_says_which(tiny_model, tmp_pa
     measured = InProcessDaemon(tiny_model, tmp_path / "auto", "--prefill-step-size", "auto").start()
     try:
         chunk = measured.get("/health")["prefill_chunk"]
-        assert chunk["chosen"] == "measured" and chunk["tokens"] in chunking.block_multiples(TEST_BLOCK_SIZE)
+        assert chunk["chosen"] == "measured" and chunk["tokens"] in chunking.chunk_sizes(TEST_BLOCK_SIZE)
         assert chunk["seconds_at_reference"] > 0 and chunk["reference_depth"] == chunking.REFERENCE_DEPTH
+        assert chunk["tokens_at_reference"] in chunking.chunk_sizes(TEST_BLOCK_SIZE)
     finally:
         measured.stop()
 

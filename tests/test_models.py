@@ -104,9 +104,11 @@ def test_coming_back_to_a_model_restores_its_conversation_instead_of_computing_i
     first, _ = ask(two_models, "llama", messages)
     ask(two_models, "hybrid", agent_messages("meanwhile", repeat=1))  # llama is unloaded for it
     assert state_of(two_models, "llama") == "unloaded"
-    loads = two_models.app[STATE].worker.models["llama"].loads
+    served = two_models.app[STATE].worker.models["llama"]
+    loads, chunk = served.loads, served.prefill_chunk
     again, cached = ask(two_models, "llama", messages)
-    assert two_models.app[STATE].worker.models["llama"].loads == loads + 1
+    assert served.loads == loads + 1
+    assert served.engine is not None and served.engine.prefill_chunk is chunk  # the first load's, not timed again
     assert again == first == Reference(llama_model).chat(messages, MAX_TOKENS)
     prompt = len(Reference(llama_model).chat_tokens(messages))
     assert cached >= prompt - 64  # all but the partial last block came from the disk
