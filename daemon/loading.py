@@ -14,7 +14,7 @@ from kvtier.chunking import PrefillChunk
 from kvtier.config import ModelSpec
 from kvtier.disk_registry import release_disk, retain
 from kvtier.engine import Engine, resolve_model_path
-from kvtier.exactness import Exactness, measure_exactness
+from kvtier.exactness import Exactness, measure_and_keep, recall_exactness, unbatchable_reason
 from kvtier.local import LocalDisk
 from kvtier.models_memory import weights_on_disk
 from kvtier.scheduler import BATCHED, INTERLEAVED, ONE_AT_A_TIME, Scheduler
@@ -42,6 +42,9 @@ class Loader:
         # The cache directory's disk, held open from the first load to the end: a switch
         # between models would otherwise close the index with the one and open it for the other.
         self._disk_hold: tuple[LocalDisk, Count] | None = None
+        # Unloaded models' stores, closing once their queued disk writes are done: a model
+        # loads only after its own (its turn restores them); the daemon stops after all.
+        self._closing: dict[str, threading.Thread] = {}
 
     def loaded(self) -> list[ServedModel]:
         return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
@@ -51,10 +54,23 @@ class Loader:
             planner.join()
 
     def close(self) -> None:
-        """After the last unload: the cache directory's disk closes with its last holder."""
+        """After the last unload: the unloaded stores' writes done, then the cache directory's
+        disk closes with its last holder."""
+        self.wait_for_writes()
         if self._disk_hold is not None:
             release_disk(*self._disk_hold)
             self._disk_hold = None
+
+    def wait_for_writes(self, timeout: float | None = None, name: str | None = None) -> bool:
+        """Wait until the unloaded models' stores (or `name`'s) have written what they still
+        had queued and closed; True if they did in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for model, closing in list(self._closing.items()):
+            if name is None or model == name:
+                closing.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+                if not closing.is_alive() and self._closing.get(model) is closing:  # not a later unload's
+                    del self._closing[model]
+        return not any(name is None or model == name for model in list(self._closing))
 
     def make_room_and_load(self, model: ServedModel) -> bool:
         """Load `model` for its backlog once it fits the memory budget: unload idle models in
@@ -76,7 +92,7 @@ class Loader:
         for other in room.unload if room is not None else []:
             self.unload(other, f"to make room for '{model.name}'")
         self.holds.clear()
-        return self.try_load(model, weighed=True)
+        return self.try_load(model, weighed=True, on_demand=True)
 
     def _weigh(self, model: ServedModel) -> None:
         """Its weights' size before its first load, from the files; ModelTooLarge if they
@@ -86,9 +102,9 @@ class Loader:
         if self.memory_budget:
             room_for(model, [], self.memory_budget, 0)
 
-    def try_load(self, model: ServedModel, weighed: bool = False) -> bool:
+    def try_load(self, model: ServedModel, weighed: bool = False, on_demand: bool = False) -> bool:
         try:
-            self.load(model, weighed)
+            self.load(model, weighed, on_demand)
         except Exception as exc:
             self.fail_backlog(model, exc)
             return False
@@ -100,22 +116,28 @@ class Loader:
             job.emit(exc)
             job.emit(self._done)
 
-    def load(self, model: ServedModel, weighed: bool = False) -> None:
+    def load(self, model: ServedModel, weighed: bool = False, on_demand: bool = False) -> None:
         """Load the model's engine, decide how its requests run, start its prefetch (its
-        weights measured against the budget first, unless `make_room_and_load` just did)."""
+        weights measured against the budget first, unless `make_room_and_load` just did).
+        `on_demand`: work waits for it (not the start-up's loads)."""
         model.state, model.load_error, started = LOADING, None, time.perf_counter()
         log.info("loading model %s", model.name)
+        times = PhaseTimes()
 
         def progress(phase: str) -> None:
             model.phase = phase
+            times.start(phase)
             log.info("%s: %s", model.name, phase)
 
         try:
             if not weighed:
                 self._weigh(model)
+            if model.name in self._closing:
+                times.start("its last unload's writes")
+                self.wait_for_writes(name=model.name)
             engine = self._load_engine(model.spec, model.prefill_chunk, progress)
-            model.phase = "measuring batched decode"
-            model.mode = self._decide_mode(model, engine)
+            progress("measuring batched decode")
+            model.mode = self._decide_mode(model, engine, on_demand)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
         except Exception as exc:
             model.state, model.phase = FAILED, None
@@ -132,7 +154,7 @@ class Loader:
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
         model.load_seconds = round(time.perf_counter() - started, 3)
         model.last_used = time.monotonic()
-        log.info("model %s loaded in %.1f s", model.name, model.load_seconds)
+        log.info("model %s loaded in %.1f s (%s)", model.name, model.load_seconds, times.end())
         if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
             planner = threading.Thread(target=self._plan_prefetch, args=(model, engine), name="kvtier-prefetch")
             self._planners.append(planner)
@@ -141,35 +163,50 @@ class Loader:
     def unload(self, model: ServedModel, why: str) -> None:
         """Close the model's scheduler and engine: its hot KV goes to disk, its memory back."""
         log.info("unloading model %s (%s)", model.name, why)
+        times = PhaseTimes()
+        times.start("prefetch plans")
         for planner in self._planners:
             planner.join()  # a prefetch plan reads the index the store closes
         self._planners = []
+        times.start("scheduler")
         scheduler, model.scheduler = model.scheduler, None
         if scheduler is not None:
             scheduler.close()
         del scheduler  # its generator holds the model: gone before the engine's close collects
         if model.engine is not None:
-            model.engine.close()  # its hot KV to disk, the model dropped, collected, MLX's cache cleared
+            times.start("closing")
+            # Its hot KV still queued for disk is written meanwhile; its weights are released now.
+            closing = model.engine.close_soon()
+            if closing is not None:
+                self._closing[model.name] = closing
         model.state = UNLOADED
+        log.info("model %s unloaded in %.2f s (%s)", model.name, times.seconds, times.end())
 
     def unload_expired(self) -> None:
         for model in expired(list(self.models.values()), self.keep_alive, time.monotonic()):
             self.unload(model, f"idle longer than the keep-alive ({self.keep_alive:g} s)")
 
-    def _decide_mode(self, model: ServedModel, engine: Engine) -> str:
+    def _decide_mode(self, model: ServedModel, engine: Engine, on_demand: bool = False) -> str:
         """Batch wherever mlx-lm can merge the model's cache (the probe's verdict goes to
         /health); interleave where it cannot, where the probe could not measure, and, with
         `--exact`, where batched decode is not bit-identical. `--max-batch 1`: one row.
-        Measured at the model's first load; a reload keeps the verdict."""
+        Measured at the model's first load on this machine (kept in the cache directory:
+        a restart recalls it); a reload keeps the verdict. Without `--exact` the verdict only
+        informs /health: a load on demand (work waits for it) leaves it to the daemon's idle time."""
         if self.max_batch <= 1:
             model.batching = Exactness(True, "--max-batch 1: one request at a time, decoding alone")
             return ONE_AT_A_TIME
+        if model.batching is None and (recalled := recall_exactness(engine, engine.store.config.cache_dir)):
+            log.info("%s: batched decode's verdict recalled from %s (measured at an earlier load)", model.name,
+                     engine.store.config.cache_dir)
+            model.batching = recalled
+        if model.batching is None and on_demand and self._can_measure_later(engine):
+            model.measure_when_idle = True
+            log.info("%s: continuous batching on, up to %d requests; batched decode is measured once the daemon "
+                     "is idle", model.name, self.max_batch)
+            return BATCHED
         if model.batching is None:
-            try:
-                model.batching = measure_exactness(engine)
-            except Exception as exc:
-                log.exception("measuring batched decode failed")
-                model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+            model.batching = self._measure(model, engine)
         batching = model.batching
         if batching.exact or (not self.exact and batching.max_difference is not None):
             log.info("%s: continuous batching on, up to %d requests: %s", model.name, self.max_batch, batching.reason)
@@ -178,9 +215,40 @@ class Loader:
                     model.name, self.max_batch, batching.reason)
         return INTERLEAVED
 
+    def _can_measure_later(self, engine: Engine) -> bool:
+        """Without --exact, a batchable model's mode does not wait for the probe's verdict:
+        the work waiting for the load need not either."""
+        return not self.exact and unbatchable_reason(engine) is None
+
+    def _measure(self, model: ServedModel, engine: Engine) -> Exactness:
+        try:
+            return measure_and_keep(engine, engine.store.config.cache_dir)
+        except Exception as exc:
+            log.exception("%s: measuring batched decode failed", model.name)
+            return Exactness(False, f"measuring batched decode failed: {exc}")
+
+    def measure_when_idle(self) -> bool:
+        """Run one loaded model's probe left for the idle time (on the MLX thread, nothing
+        running); a probe that fails makes its requests interleave from now on. True if one ran."""
+        model = next((m for m in self.loaded() if m.measure_when_idle and not m.running), None)
+        if model is None or model.engine is None or model.scheduler is None:
+            return False
+        model.measure_when_idle = False
+        started = time.perf_counter()
+        model.batching = self._measure(model, model.engine)
+        log.info("%s: batched decode measured while idle in %.2f s: %s", model.name, time.perf_counter() - started,
+                 model.batching.reason)
+        if model.batching.max_difference is None:  # could not measure: as at a load, interleave
+            model.mode = INTERLEAVED
+            model.scheduler = Scheduler(model.engine, self.max_batch, self._done, INTERLEAVED)
+            model.scheduler.stats = model.stats
+        return True
+
     def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
         try:
+            started = time.perf_counter()
             prefetch = engine.store.plan_prefetch(self.prefetch)
+            log.info("%s: prefetch planned in %.2f s", model.name, time.perf_counter() - started)
             # Even with nothing planned (an empty cache): its one step ends it, so it says done.
             if not self._call_soon(self._prefetch_step, model.name):
                 prefetch.end("queue full")
@@ -194,3 +262,23 @@ class Loader:
         if name is not None and engine.prefetch_step() and not self._call_soon(self._prefetch_step, name):
             assert engine.store.prefetch is not None  # it has just taken a step
             engine.store.prefetch.end("queue full")
+
+
+class PhaseTimes:
+    """The seconds of each phase of a load or unload, for its one log line."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._phases: list[tuple[str, float]] = []
+
+    def start(self, phase: str) -> None:
+        self._phases.append((phase, time.perf_counter()))
+
+    def end(self) -> str:
+        """"phase 0.10 s, next 0.02 s, ...": each phase until the next one starts, the last until now."""
+        marks = [at for _, at in self._phases[1:]] + [time.perf_counter()]
+        return ", ".join(f"{phase} {until - at:.2f} s" for (phase, at), until in zip(self._phases, marks))
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started

@@ -48,6 +48,7 @@ class ServedModel:
     scheduler: Scheduler | None = None
     mode: str = ONE_AT_A_TIME
     batching: Exactness | None = None  # measured at the first load, kept across reloads
+    measure_when_idle: bool = False  # batching's probe left for the daemon's idle time
     prefill_chunk: PrefillChunk | None = None  # timed at the first load, kept across reloads
     backlog: deque[Job] = field(default_factory=deque)  # waiting for room in its scheduler, or its load
     last_used: float = 0.0

@@ -200,7 +200,10 @@ class Worker:
         load it if need be, admit what its scheduler has room for, advance it one step."""
         stopping = False
         while True:
-            stopping = self._take_jobs(block=not stopping and self._idle()) or stopping
+            idle = not stopping and self._idle()
+            if idle and self._jobs.empty() and self.loader.measure_when_idle():
+                continue  # jobs that came meanwhile first
+            stopping = self._take_jobs(block=idle) or stopping
             self.loader.holds.clear()  # models waiting for room set them again, before the others' turns
             for model in sorted(list(self.models.values()), key=lambda m: m.loaded):
                 self._turn(model)
@@ -330,7 +333,9 @@ class Worker:
         running = len(model.scheduler) if model.scheduler is not None else 0
         return {"mode": model.mode, "enabled": model.mode == BATCHED, "max_batch": self.max_batch,
                 "exact": model.mode != BATCHED or bool(batching and batching.exact),
-                "reason": batching.reason if batching else "model loading",
+                "reason": batching.reason if batching else (
+                    "batched; the start-up check runs once the daemon is idle" if model.measure_when_idle
+                    else "model loading"),
                 "max_logprob_difference": batching.max_difference if batching else None,
                 "running": running, **self.stats.as_dict(model.stats)}
 

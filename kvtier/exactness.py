@@ -9,6 +9,7 @@ every log-probability of every step is bit-identical. `/health` reports the verd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -16,11 +17,12 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as mlx_cache
 
-from . import kvstate
+from . import kvstate, measured
 from .decode import first_token, greedy, step
 from .engine import Engine
 
 PROBE_STEPS = 4  # decode steps compared per prompt: a difference shows from the first
+PROBE_VERSION = 1  # part of a kept verdict's key: a change to what the probe measures measures again
 
 
 @dataclass
@@ -28,6 +30,38 @@ class Exactness:
     exact: bool
     reason: str  # why not, or how it was checked
     max_difference: float | None = None  # largest |logprob| difference measured
+    recalled: bool = False  # kept from an earlier load's measurement (kvtier/measured.py)
+
+
+def exactness_of(engine: Engine, cache_dir: Path) -> Exactness:
+    """The probe's verdict on this model and machine: recalled from `cache_dir` when an
+    earlier load measured it under the same key (`recall_exactness`), else measured now and
+    kept there."""
+    return recall_exactness(engine, cache_dir) or measure_and_keep(engine, cache_dir)
+
+
+def _key(engine: Engine) -> dict:
+    """What the verdict depends on: the model's fingerprint (which names the mlx, mlx-lm,
+    device and BLAS computing it), the machine, the probe."""
+    return {"measured": "batched decode exactness", "probe": PROBE_VERSION, "fingerprint": engine.fingerprint,
+            **measured.machine()}
+
+
+def recall_exactness(engine: Engine, cache_dir: Path) -> Exactness | None:
+    """The verdict an earlier load measured under the same key, or None."""
+    kept = measured.recall(cache_dir, _key(engine))
+    if kept is None or not isinstance(kept.get("exact"), bool) or not isinstance(kept.get("reason"), str):
+        return None
+    difference = kept.get("max_difference")
+    return Exactness(kept["exact"], f"{kept['reason']} (recalled: measured at an earlier load)",
+                     difference if isinstance(difference, (int, float)) else None, recalled=True)
+
+
+def measure_and_keep(engine: Engine, cache_dir: Path) -> Exactness:
+    verdict = measure_exactness(engine)
+    measured.remember(cache_dir, _key(engine), {"exact": verdict.exact, "reason": verdict.reason,
+                                                "max_difference": verdict.max_difference})
+    return verdict
 
 
 def unbatchable_reason(engine: Engine) -> str | None:

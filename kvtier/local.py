@@ -32,6 +32,7 @@ from .disk import (
 from .index import BlockRecord, Index, open_or_replace
 from .local_upkeep import PROBE_SECONDS, Upkeep
 from .local_writes import DiskWrites, error_text
+from .measured import DIR_NAME
 from .reindex import Rebuilder
 from .space import DiskSpace
 from .tier import Count
@@ -261,7 +262,7 @@ def _make_private(cache_dir: Path) -> None:
     for path in (cache_dir, cache_dir / "index", cache_dir / "blocks"):
         if not path.is_dir() or path.stat().st_mode & 0o077 == 0:
             continue
-        if path == cache_dir and (foreign := set(os.listdir(cache_dir)) - {"index", "blocks"}):
+        if path == cache_dir and (foreign := set(os.listdir(cache_dir)) - {"index", "blocks", DIR_NAME}):
             raise PermissionError(
                 f"{cache_dir} is open to other users (mode {path.stat().st_mode & 0o777:o}) and holds "
                 f"other files ({', '.join(sorted(foreign)[:3])}): not used for the cache; choose a "

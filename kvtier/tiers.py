@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from . import kvstate
 from .blocks import BlockRef, Tokens, block_refs
+from .closing import close_after_writes
 from .config import CacheConfig
 from .disk import BlockFiles
 from .index import Index
@@ -310,13 +311,13 @@ class TieredStore:
         return self._writes.flush(timeout)
 
     def close(self) -> None:
+        self.close_soon().join()
+
+    def close_soon(self) -> threading.Thread:
+        """Close once its writes are done, on a thread of its own (kvtier/closing.py)."""
         if self.live is not None:
             self.live.clear()
-        self.flush()
-        self.writer.close()
-        self._readers.shutdown(wait=True)
-        for tier in reversed(self.tiers):
-            tier.close()
+        return close_after_writes(self._writes, self._readers, self.tiers, self.fingerprint)
 
     def stats(self) -> dict:
         queued_jobs, queued_bytes = self.writer.pending

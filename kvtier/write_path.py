@@ -173,12 +173,21 @@ class WritePath:
     def flush(self, timeout: float | None = None) -> bool:
         """Queue every hot entry no durable tier holds yet (retrying failed writes) and wait
         for the writer, then the tiers' own uploads."""
+        self.queue_unwritten()
+        return self.wait(timeout)
+
+    def queue_unwritten(self) -> None:
+        """Queue every hot entry no durable tier holds yet, failed writes again (on the MLX
+        thread: encoding reads MLX arrays)."""
         pending = self.ram.unpersisted()
         held: set[bytes] = set()
         for tier in self.tiers:
             if tier.durable:
                 held.update(tier.lookup([b.key for b in pending]))
         self.submit([b for b in pending if b.key not in held])
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the writer, then the tiers' own uploads; True if the writer drained in time."""
         done = self.writer.flush(timeout)
         for tier in self.tiers:
             tier.flush(timeout)

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from daemon.state import STATE
-from kvtier.config import ModelSpec, ServeConfig
+from kvtier.config import CacheConfig, ModelSpec, ServeConfig
+from kvtier.engine import Engine
 from kvtier.models_memory import weights_on_disk
-from tests.conftest import MODELS, Reference, agent_messages
+from kvtier.requests import GenerationRequest
+from kvtier.scheduler import generate
+from tests.conftest import MODELS, TEST_BLOCK_SIZE, Reference, agent_messages
 from tests.inprocess import InProcessDaemon
 from tests.support.testmodels import make_model
 
@@ -109,6 +112,35 @@ def test_coming_back_to_a_model_restores_its_conversation_instead_of_computing_i
     assert again == first == Reference(llama_model).chat(messages, MAX_TOKENS)
     prompt = len(Reference(llama_model).chat_tokens(messages))
     assert cached >= prompt - 64  # all but the partial last block came from the disk
+
+
+def test_what_an_unloaded_model_still_had_to_write_is_on_disk_after_the_daemon_stops(tmp_path, llama_model,
+                                                                                      hybrid_model):
+    """A hybrid request right after llama's answer unloads llama while its last blocks may
+    still be queued for disk: they are written in the background, and the daemon's stop waits
+    for them. A new engine on the cache directory restores llama's whole prompt from disk."""
+    def configure(config: ServeConfig) -> None:
+        fits_one(llama_model, hybrid_model)(config)
+        config.max_batch = 1  # no batched-decode probe: this test is about the disk
+
+    daemon = InProcessDaemon(llama_model, tmp_path / "cache", configure=configure).start()
+    messages = agent_messages("written after the unload", repeat=3)
+    try:
+        ask(daemon, "llama", messages)
+        ask(daemon, "hybrid", agent_messages("right after", repeat=1))
+        assert state_of(daemon, "llama") == "unloaded"
+    finally:
+        daemon.stop()
+    reference = Reference(llama_model)
+    tokens = reference.chat_tokens(messages)
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path / "cache", block_size=TEST_BLOCK_SIZE))
+    try:
+        chunks = list(generate(engine, GenerationRequest(tokens, MAX_TOKENS, temperature=0.0)))
+    finally:
+        engine.close()
+    usage = chunks[-1].usage
+    assert usage is not None and usage.disk_tokens == len(tokens) - 1  # all but the last token, computed
+    assert "".join(c.text for c in chunks) == reference.generate(tokens, MAX_TOKENS)
 
 
 def test_requests_for_both_models_at_once_all_finish_with_plain_mlx_lm_answers(two_models, llama_model,

@@ -107,6 +107,7 @@ async def cache_entries(http: web.Request) -> web.Response:
     show = state.config.show_previews
     for store in stores:
         await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
+    await asyncio.to_thread(state.worker.loader.wait_for_writes, 10.0)  # and by unloaded models' stores
     found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), preview_tokens=12 if show else 0,
                                     limit=limit, offset=offset)
     entries = []
@@ -150,6 +151,7 @@ async def purge_cache(http: web.Request) -> web.Response:
         model = state.engine().fingerprint
     for store in _open_stores(state):  # what is being written is purged too, not left to land after
         await asyncio.to_thread(store.wait_for_writes, 10.0)
+    await asyncio.to_thread(state.worker.loader.wait_for_writes, 10.0)  # unloaded models' stores too
     try:
         result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
                                          model=model, older_than_s=older, to_size=to_size)
