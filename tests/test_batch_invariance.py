@@ -138,3 +138,17 @@ def test_left_padding_alone_does_not_change_a_row(model):
         got.append((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
         token = mx.argmax(got[-1], keepdims=True)
     _assert_bitwise(got, expected)
+
+
+def test_rows_of_one_length_attend_together_and_decode_as_alone(wide_model):
+    """Neighbours padded alike attend in one call (kvtier.row_attention.equal_runs): the
+    target beside a row of its own length, both padded by a longer third, gets its lone numbers."""
+    target = _tokens(TARGET, 0)
+    neighbours = [_tokens(TARGET, 7), _tokens(60, 2), _tokens(TARGET, 8)]
+    _assert_bitwise(_batched(wide_model, [target, *neighbours]), _alone(wide_model, target))
+
+
+def test_equal_runs_groups_neighbouring_rows_padded_alike():
+    assert row_attention.equal_runs([3, 3, 0, 3, 3, 3]) == [(0, 2, 3), (2, 3, 0), (3, 6, 3)]
+    assert row_attention.equal_runs([0] * 8) == [(0, 8, 0)]
+    assert row_attention.equal_runs([]) == []
