@@ -5,7 +5,7 @@ of about the same weight size), a few turns on one, then a few on the other, and
 model has its own conversation on a ~2K-token system prompt that grows turn by turn. Servers:
   - kvtier: one daemon serving both (`--model NAME=PATH` twice) under a `--memory-budget`
     that fits one model's weights plus its hot KV, so every switch unloads the other model
-    (its hot KV written to SSD) and loads the requested one
+    (its hot KV queued for the SSD, written while the next loads) and loads the requested one
   - mlx_lm.server as a user runs it: it loads the model a request names (a path), one at a
     time; its prompt cache (an LRU of 10 entries, keyed by model) stays in RAM across switches
   - mlx_lm.server --prompt-cache-bytes X, X = kvtier's `--ram-budget`: the same memory for KV

@@ -163,14 +163,15 @@ def _loads_line(results: dict) -> list[str]:
         f"{name} loaded {len(seconds)} times for its {runs.get(name)} blocks of turns, in "
         + ", ".join(f"{v:.1f}" for v in seconds) + " s" for name, seconds in loads.items())
         + " (one load a block: every switch unloaded the other model; a model's first load also times "
-        "its prefill chunk and measures batched decode, kept for its reloads)." + _unloads(results)]
+        "its prefill chunk, kept for its reloads; batched decode is measured at start-up, or in idle time "
+        "for a model loaded on demand)." + _unloads(results)]
 
 
 def _unloads(results: dict) -> str:
     unloads = results["servers"][KVTIER].get("unloads")
     if not unloads:
         return ""
-    return (" Before each load, unloading the other model (its hot KV written to SSD, its memory released) took "
+    return (" Before each load, unloading the other model (its weights released, its hot KV queued for the SSD and written meanwhile) took "
             + ", ".join(f"{v:.2f}" for v in unloads) + " s, also within the switching turn's TTFT.")
 
 
