@@ -33,13 +33,6 @@ class Exactness:
     recalled: bool = False  # kept from an earlier load's measurement (kvtier/measured.py)
 
 
-def exactness_of(engine: Engine, cache_dir: Path) -> Exactness:
-    """The probe's verdict on this model and machine: recalled from `cache_dir` when an
-    earlier load measured it under the same key (`recall_exactness`), else measured now and
-    kept there."""
-    return recall_exactness(engine, cache_dir) or measure_and_keep(engine, cache_dir)
-
-
 def _key(engine: Engine) -> dict:
     """What the verdict depends on: the model's fingerprint (which names the mlx, mlx-lm,
     device and BLAS computing it), the machine, the probe."""
