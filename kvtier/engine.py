@@ -271,7 +271,7 @@ class Engine:
         position, end = session.restored.reuse, len(tokens) - 1
         began = time.perf_counter()
         while position < end:
-            cut = min(self.next_cut(session, position), end)
+            cut = self.chunk_end(session, position)
             self.model(mx.array(tokens[position:cut])[None], cache=session.prompt_cache)
             mx.eval(kvstate.state_arrays(session.prompt_cache))
             computed, position = cut - position, cut
@@ -284,14 +284,15 @@ class Engine:
             yield computed
             began = time.perf_counter()  # a batch may decode others between chunks
 
-    def next_cut(self, session: Session, position: int) -> int:
-        """Where the chunk starting at `position` ends: the chunk's size, or a snapshot point first."""
-        return min([self.prefill_chunk.next_cut(position), *(p for p in session.points if p > position)])
+    def chunk_end(self, session: Session, position: int) -> int:
+        """Where the chunk starting at `position` ends: the chunk's size, a snapshot point or
+        the prompt's last token (computed alone), whichever comes first."""
+        points = (p for p in session.points if p > position)
+        return min([self.prefill_chunk.next_cut(position), *points, len(session.request.prompt_tokens) - 1])
 
     def chunk_share(self, session: Session, position: int) -> float:
         """The part of one scheduler step the session's next chunk takes (see chunking.PrefillChunk.share)."""
-        end = len(session.request.prompt_tokens) - 1
-        return self.prefill_chunk.share(max(1, min(self.next_cut(session, position), end) - position), position)
+        return self.prefill_chunk.share(max(1, self.chunk_end(session, position) - position), position)
 
     # -- operations ------------------------------------------------------------------------
     def prefetch_step(self) -> bool:
