@@ -96,6 +96,14 @@ def _open_stores(state: DaemonState) -> list[TieredStore]:
     return stores
 
 
+async def _writes_landed(state: DaemonState, stores: list[TieredStore]) -> None:
+    """Wait (10 s at most each) for the disk writes the loaded models' stores have queued, and
+    for those unloaded models' stores are still finishing."""
+    for store in stores:
+        await asyncio.to_thread(store.wait_for_writes, 10.0)
+    await asyncio.to_thread(state.worker.loader.wait_for_writes, 10.0)
+
+
 @routes.get("/cache/entries")
 async def cache_entries(http: web.Request) -> web.Response:
     """Cached prefixes, as `kvtier ls --json` lists them, with the tier they are in now;
@@ -105,9 +113,7 @@ async def cache_entries(http: web.Request) -> web.Response:
     state = http.app[STATE]
     stores = _open_stores(state)
     show = state.config.show_previews
-    for store in stores:
-        await asyncio.to_thread(store.wait_for_writes, 10.0)  # list what is being written too
-    await asyncio.to_thread(state.worker.loader.wait_for_writes, 10.0)  # and by unloaded models' stores
+    await _writes_landed(state, stores)  # list what is being written too
     found = await asyncio.to_thread(ops.prefixes, _cache_dir(http), preview_tokens=12 if show else 0,
                                     limit=limit, offset=offset)
     entries = []
@@ -149,9 +155,7 @@ async def purge_cache(http: web.Request) -> web.Response:
     state = http.app[STATE]
     if model in state.model_ids():  # an alias or "default": the loaded model, by its fingerprint
         model = state.engine().fingerprint
-    for store in _open_stores(state):  # what is being written is purged too, not left to land after
-        await asyncio.to_thread(store.wait_for_writes, 10.0)
-    await asyncio.to_thread(state.worker.loader.wait_for_writes, 10.0)  # unloaded models' stores too
+    await _writes_landed(state, _open_stores(state))  # purged too, not left to land after
     try:
         result = await asyncio.to_thread(ops.purge, _cache_dir(http), everything=everything,
                                          model=model, older_than_s=older, to_size=to_size)
