@@ -5,6 +5,7 @@ name, on the daemon's app with two generated models ("tiny", the default, and "l
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.state import STATE
 from kvtier.config import ModelSpec, ServeConfig
 from kvtier.models_memory import weights_on_disk
 from tests.conftest import agent_messages
@@ -36,6 +38,18 @@ def ask(daemon, model: str, project: str = "ops", max_tokens: int = 4) -> None:
 
 def act(daemon, name: str, action: str):
     return daemon.post(f"/models/{name}/{action}")
+
+
+def settled(daemon, loaded: str) -> None:
+    """Wait out the batched-decode probe that a load on demand leaves to the daemon's idle time:
+    it holds the MLX thread for a second or more on a busy machine, and a poll's job queued
+    meanwhile would be waiting. A no-op job on `loaded` (a loaded model) runs after it."""
+    worker = daemon.app[STATE].worker
+    for _ in range(1200):
+        if not any(m.measure_when_idle for m in worker.models.values()):
+            break
+        time.sleep(0.05)
+    daemon._run(worker.call(lambda engine: None, loaded))
 
 
 def listed(daemon) -> dict:
@@ -72,6 +86,7 @@ def test_health_keeps_the_default_models_fields_and_adds_every_model(two):
     assert act(two, "tiny", "unload").status == 200  # the default unloaded: a request loads it again
     health = two.get("/health")
     assert health["status"] == "ok" and health["model_state"] == "unloaded"
+    settled(two, "llama")
     assert two.get("/status")["waiting"] == 0  # the status page's data, with its model unloaded
     assert two.get("/cache/stats")["state"] == "unloaded"
     assert two.get("/cache/entries")["data"]  # read through llama's store
