@@ -130,9 +130,10 @@ def measure(model: Any, tokens: int, depths: tuple[int, ...] = PROBE_DEPTHS, rep
     for depth in depths:
         cache = make_prompt_cache(model)
         model(ids[:, :16], cache=cache)  # every layer's shapes, and one-time set-up
-        if depth and not _deepen(cache, depth):
+        if not depth:
+            model(ids, cache=cache)  # not timed: a chunk's one-time set-up
+        elif not _deepen(cache, depth, room=tokens * repeats):
             break  # nothing in the cache grows with depth: the cost is flat
-        model(ids, cache=cache)  # not timed: the cache grows its buffers here
         mx.eval(state_arrays(cache))
         timed.append(depth)
         seconds.append(min(_timed_chunk(model, ids, cache) for _ in range(repeats)))
@@ -148,16 +149,17 @@ def _timed_chunk(model: Any, ids: mx.array, cache: list[Any]) -> float:
     return time.perf_counter() - began
 
 
-def _deepen(cache: list[Any], depth: int) -> int:
+def _deepen(cache: list[Any], depth: int, room: int) -> int:
     """Fill every plain KV layer to `depth` tokens of random keys and values (a fixed key: the
-    process's random stream is left alone); the layers it filled. Recurrent state does not
-    grow with depth, sliding windows stop growing: those stay as they are."""
+    process's random stream is left alone), in buffers with `room` tokens to spare (the timed
+    chunks then grow none); the layers it filled. Recurrent state does not grow with depth,
+    sliding windows stop growing: those stay as they are."""
     key, filled = mx.random.key(0), 0
     for layer in cache:
         if type(layer) is KVCache and layer.keys is not None:
             keys, values = layer.keys, layer.values
-            layer.keys = mx.random.normal((*keys.shape[:2], depth, keys.shape[3]), key=key).astype(keys.dtype)
-            layer.values = mx.random.normal((*values.shape[:2], depth, values.shape[3]), key=key).astype(values.dtype)
+            layer.keys = mx.random.normal((*keys.shape[:2], depth + room, keys.shape[3]), key=key).astype(keys.dtype)
+            layer.values = mx.random.normal((*values.shape[:2], depth + room, values.shape[3]), key=key).astype(values.dtype)
             layer.offset = depth
             filled += 1
     return filled

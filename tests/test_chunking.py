@@ -91,8 +91,12 @@ def test_the_probe_times_each_depth_over_random_keys_and_stops_when_a_chunk_is_a
     assert chunking.largest_fitting(slow, [64, 128], 0, target=0.0) == 64
     cache = make_prompt_cache(model)
     model(mx.array([[1, 2, 3]]), cache=cache)
-    assert chunking._deepen(cache, 1000) == sum(type(c) is KVCache for c in cache) > 0
+    assert chunking._deepen(cache, 1000, room=128) == sum(type(c) is KVCache for c in cache) > 0
     assert {c.offset for c in cache} == {1000}
+    kv = [c for c in cache if type(c) is KVCache]
+    assert {c.keys.shape[2] for c in kv} == {1128}  # a timed chunk of 128 tokens grows no buffer
+    model(mx.arange(128)[None] % 64 + 1, cache=cache)
+    assert {c.keys.shape[2] for c in kv} == {1128} and {c.offset for c in cache} == {1128}
 
 
 def test_the_engine_times_the_model_when_no_size_is_given(tiny_model, tmp_path):
