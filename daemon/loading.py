@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Generator
 
+from kvtier import exactness
 from kvtier.chunking import PrefillChunk
 from kvtier.config import ModelSpec
 from kvtier.disk_registry import release_disk, retain
@@ -45,6 +46,7 @@ class Loader:
         # Unloaded models' stores, closing once their queued disk writes are done: a model
         # loads only after its own (its turn restores them); the daemon stops after all.
         self._closing: dict[str, threading.Thread] = {}
+        self._probes: dict[str, tuple[float, Generator[None, None, Exactness]]] = {}  # idle probes begun
 
     def loaded(self) -> list[ServedModel]:
         return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
@@ -170,6 +172,7 @@ class Loader:
         self._planners = []
         times.start("scheduler")
         scheduler, model.scheduler = model.scheduler, None
+        self._probes.pop(model.name, None)  # a probe begun at idle starts over at the next load
         if scheduler is not None:
             scheduler.close()
         del scheduler  # its generator holds the model: gone before the engine's close collects
@@ -228,19 +231,30 @@ class Loader:
             return Exactness(False, f"measuring batched decode failed: {exc}")
 
     def measure_when_idle(self) -> bool:
-        """Run one loaded model's probe left for the idle time (on the MLX thread, nothing
-        running); a probe that fails makes its requests interleave from now on. True if one ran."""
+        """Run one piece of a loaded model's probe left for the idle time (on the MLX thread,
+        nothing running; work that arrives meanwhile waits for that piece only, then the probe
+        goes on at the next idle moment); a probe that fails makes its requests interleave
+        from then on. True if a piece ran."""
         model = next((m for m in self.loaded() if m.measure_when_idle and not m.running), None)
         if model is None or model.engine is None or model.scheduler is None:
             return False
+        engine = model.engine
+        started, probe = self._probes.setdefault(model.name, (time.perf_counter(), exactness.measuring(engine)))
+        try:
+            next(probe)
+            return True
+        except StopIteration as done:
+            model.batching = exactness.keep(engine, engine.store.config.cache_dir, done.value)
+        except Exception as exc:
+            log.exception("%s: measuring batched decode failed", model.name)
+            model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+        del self._probes[model.name]
         model.measure_when_idle = False
-        started = time.perf_counter()
-        model.batching = self._measure(model, model.engine)
         log.info("%s: batched decode measured while idle in %.2f s: %s", model.name, time.perf_counter() - started,
                  model.batching.reason)
         if model.batching.max_difference is None:  # could not measure: as at a load, interleave
             model.mode = INTERLEAVED
-            model.scheduler = Scheduler(model.engine, self.max_batch, self._done, INTERLEAVED)
+            model.scheduler = Scheduler(engine, self.max_batch, self._done, INTERLEAVED)
             model.scheduler.stats = model.stats
         return True
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator
 
 import mlx.core as mx
 import numpy as np
@@ -51,7 +51,11 @@ def recall_exactness(engine: Engine, cache_dir: Path) -> Exactness | None:
 
 
 def measure_and_keep(engine: Engine, cache_dir: Path) -> Exactness:
-    verdict = measure_exactness(engine)
+    return keep(engine, cache_dir, measure_exactness(engine))
+
+
+def keep(engine: Engine, cache_dir: Path, verdict: Exactness) -> Exactness:
+    """Remember a measured verdict for later loads (recall_exactness); the verdict."""
     measured.remember(cache_dir, _key(engine), {"exact": verdict.exact, "reason": verdict.reason,
                                                 "max_difference": verdict.max_difference})
     return verdict
@@ -70,6 +74,18 @@ def unbatchable_reason(engine: Engine) -> str | None:
 def measure_exactness(engine: Engine) -> Exactness:
     """Decode a few prompts of different lengths alone and joined into one batch at
     different steps; exact only if every log-probability of every step is bit-identical."""
+    pieces = measuring(engine)
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value
+
+
+def measuring(engine: Engine) -> Generator[None, None, Exactness]:
+    """measure_exactness in pieces: it yields after each prompt decoded alone, then returns
+    the verdict after the batch, so a daemon probing in its idle time serves the work that
+    arrives meanwhile after one piece (a fraction of a second), not after the whole probe."""
     reason = unbatchable_reason(engine)
     if reason:
         return Exactness(False, reason)
@@ -79,7 +95,10 @@ def measure_exactness(engine: Engine) -> Exactness:
     rng = np.random.default_rng(0)
     vocab = min(engine.vocab_size or 256, 1000)
     prompts = [rng.integers(10, vocab, n).tolist() for n in lengths]
-    alone = [_decode_alone(engine, p) for p in prompts]
+    alone = []
+    for prompt in prompts:
+        alone.append(_decode_alone(engine, prompt))
+        yield
     together = _decode_batched(engine, prompts, join_at=[0, 0, 1])
     worst, exact = 0.0, True
     for mine, theirs in zip(together, alone):

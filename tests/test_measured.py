@@ -72,3 +72,33 @@ def test_a_model_loaded_for_a_waiting_request_measures_batching_once_the_daemon_
     measured_at = next(i for i, line in enumerate(logged) if line.startswith("second: batched decode measured while idle"))
     assert left < loaded < measured_at  # not measured on the load the request waited for: after it
     assert answer == Reference(llama_model).chat(messages, 8)
+
+
+def test_the_probe_runs_in_pieces_that_requests_may_come_between(llama_model, tmp_path):
+    """The idle-time probe yields after each prompt it decodes alone: a request served
+    between two pieces is answered as plain mlx-lm answers it, and the verdict is the one
+    the probe gives when run whole."""
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+    from kvtier.exactness import measure_exactness, measuring
+    from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import generate
+
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    whole = measure_exactness(engine)
+    messages = agent_messages("between pieces", repeat=1)
+    request = GenerationRequest(engine.renderer.render(messages, None)[0], max_tokens=8, temperature=0.0)
+    probe, pieces, answer = measuring(engine), 0, None
+    while True:
+        try:
+            next(probe)
+        except StopIteration as done:
+            verdict = done.value
+            break
+        pieces += 1
+        if pieces == 2:
+            answer = "".join(chunk.text for chunk in generate(engine, request))
+    assert pieces == 3  # one a prompt decoded alone; the batch and the verdict after the last
+    assert (verdict.exact, verdict.reason, verdict.max_difference) == (whole.exact, whole.reason,
+                                                                       whole.max_difference)
+    assert answer == Reference(llama_model).chat(messages, 8)
