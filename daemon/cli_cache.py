@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "shared", None):
         return _on_shared(args, cache_dir)
     try:
-        cache = CacheDir(cache_dir, walk=args.command == "verify")
+        # A purge reads the whole index first: it must not remove entries from a damaged one.
+        cache = CacheDir(cache_dir, walk=args.command in ("verify", "purge"))
     except FileNotFoundError as exc:
         return _fail(str(exc))
     except (OSError, lmdb.Error) as exc:  # another user's directory, a read-only disk
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
                     "pin": _pin, "unpin": _pin}[args.command](args, cache)
         except IndexDamaged as exc:  # met while reading it
             return _damaged(str(exc))
+        except lmdb.Error as exc:  # not damage (a full disk, a lock): still one line, never a traceback
+            return _fail(f"the index at {cache_dir / 'index'} could not be read: {exc}")
 
 
 def _on_shared(args, cache_dir: Path) -> int:

@@ -32,7 +32,7 @@ import lmdb
 
 from . import index_totals
 from .index_file import DAMAGE_ERRORS, DB_NAMES, MAP_SIZE, IndexDamaged, IndexOutdated, file_problem, in_use, set_aside
-from .index_guard import Guarded, reads, walks, writes
+from .index_guard import Guarded, must_read, reads, walks, writes
 from .index_totals import json_or_none
 
 REBUILD_KEY = b"rebuild"  # in meta: set while the index is being refilled from the files
@@ -221,9 +221,10 @@ class Index(Guarded):
         with self.env.begin() as txn:
             return index_totals.per_model(txn, self._meta)
 
+    @must_read
     def has_many(self, keys: list[bytes]) -> set[bytes]:
-        """Those of `keys` that have a record (readable or not). Not under `_reads` on purpose:
-        an unreadable index must stop the caller (the leftover sweep), not answer "none", which
+        """Those of `keys` that have a record (readable or not). Not a `reads` on purpose: an
+        unreadable index must stop the caller (the leftover sweep), not answer "none", which
         would make every block file look like a leftover."""
         with self.env.begin(db=self._blocks) as txn:
             return {key for key in keys if txn.get(key) is not None}

@@ -96,6 +96,13 @@ def writes(method):
     return guarded
 
 
+def must_read(method):
+    """A read whose caller must stop rather than take "nothing" for an answer (the leftover
+    sweep: "no record" would make every block file a leftover): damage raises IndexDamaged
+    after reporting it, as a write does."""
+    return writes(method)
+
+
 def walks(method):
     """A walk (a generator) that meets a damaged page raises IndexDamaged after reporting
     it: a partial list is not the list."""

@@ -44,7 +44,7 @@ class CacheDir:
         self.advice = "run `kvtier verify --fix`"  # what to do about `damage`
         self._disk: LocalDisk | None = None
         try:
-            self._disk = LocalDisk.existing(self.path, walk=walk)
+            self._open(walk)
         except IndexOutdated as exc:
             self.damage = str(exc)
             if in_use(self.path / "index"):
@@ -54,6 +54,16 @@ class CacheDir:
                 self.repair(exc)
         except IndexDamaged as exc:
             self.damage = str(exc)
+
+    def _open(self, walk: bool = False) -> None:
+        self._disk = LocalDisk.existing(self.path, walk=walk)
+        self._disk.index.on_damage = self._refuse
+
+    def _refuse(self, reason: str) -> None:
+        """Damage met in a command's read: the command stops there (a read would go on as a
+        miss, and a listing or a purge on a partial index is not the cache's)."""
+        self.damage = reason
+        raise IndexDamaged(f"{self.path / 'index'}: {reason}")
 
     @property
     def disk(self) -> LocalDisk:
@@ -92,7 +102,8 @@ class CacheDir:
             index.mark_rebuild(None)
         finally:
             index.close()
-        self._disk, self.damage = LocalDisk.existing(self.path), None
+        self._open()
+        self.damage = None
         return (f"{aside}, rebuilt from the block files: {report.indexed} entries, "
                 f"{report.removed} files removed")
 

@@ -95,6 +95,31 @@ def test_verify_clean_damaged_and_fixed(filled, reference, app_factory, llama_mo
         assert ask(filled, messages)[0] == reference.chat(messages, MAX_TOKENS)
 
 
+def test_commands_refuse_an_index_damaged_past_its_header_and_purge_removes_nothing(filled):
+    """A damaged data page passes the checks at opening (meta pages, size): `ls` and `purge`
+    meet it while reading, and then say so and exit 2 (as at opening), instead of listing
+    what they could read or purging on a partial index; `verify --fix` then rebuilds it."""
+    cache = str(filled.cache_dir)
+    filled.stop()
+    listed = len(kvtier_json("ls", "--cache-dir", cache))
+    (fingerprint,) = kvtier_json("stats", "--cache-dir", cache)["models"]
+    files = sorted(block_files(filled.cache_dir))
+    data_file = filled.cache_dir / "index" / "data.mdb"
+    data = bytearray(data_file.read_bytes())
+    page = data.find(fingerprint.encode() + b'{"') // 4096  # the page of the model's record (its name)
+    assert page >= 2  # past the two meta pages
+    data[page * 4096:(page + 1) * 4096] = b"\xde\xad" * 2048
+    data_file.write_bytes(bytes(data))
+
+    for command in (["stats"], ["ls"], ["purge", "--to-size", "1"]):
+        refused = kvtier(*command, "--cache-dir", cache)
+        assert refused.returncode == 2 and "kvtier verify --fix" in refused.stderr, refused
+        assert "Traceback" not in refused.stderr
+    assert sorted(block_files(filled.cache_dir)) == files  # the purge removed nothing
+    assert kvtier("verify", "--fix", "--cache-dir", cache).returncode == 0
+    assert len(kvtier_json("ls", "--cache-dir", cache)) == listed > 0
+
+
 def test_purge_filters(filled):
     cache = str(filled.cache_dir)
     filled.stop()
