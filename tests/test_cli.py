@@ -160,6 +160,19 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "not a duration" in result.stderr
 
 
+@pytest.mark.parametrize("command, port, lowest", [("serve", "99999", 0), ("serve", "-1", 0),
+                                                   ("open", "65536", 1), ("open", "0", 1)])
+def test_a_port_out_of_range_is_refused(tmp_path, command, port, lowest):
+    """Not taken modulo 65536 (99999 listened on 34463); serve's 0 is any free port."""
+    browser = tmp_path / "browser"  # in case a port is taken: the open does nothing
+    browser.write_text("#!/bin/sh\n")
+    browser.chmod(0o755)
+    model = ("--model", str(tmp_path / "none")) if command == "serve" else ()
+    result = kvtier(command, "--port", port, *model, env={"BROWSER": str(browser)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"argument --port: not a port number ({lowest}-65535): '{port}'" in result.stderr
+
+
 def test_hit_rate_is_weighted_by_tokens(app_factory, tiny_model):
     """A request that shares only the template's first tokens is a "hit" of a few tokens: the
     hit rate counts tokens, and such a request is not among those that reused half their prompt.
