@@ -49,7 +49,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         pin = commands.add_parser(name, parents=[common], help=pin_help[name])
         pin.add_argument("key", help="the prefix key from `kvtier ls` (a unique start is enough)")
     warm = commands.add_parser("warm", parents=[common], help="prefill a prompt and persist it")
-    warm.add_argument("--model", required=True)
+    warm.add_argument("--model", required=True, help="a model directory or a Hugging Face repo id, as serve's")
     warm.add_argument("file", help="a text file (used as the system prompt), a JSON file with "
                                    "{messages, tools}, or - for standard input")
     warm.add_argument("--pin", action="store_true", help="protect it from eviction")
@@ -282,6 +282,7 @@ def _pin(args, cache) -> int:
 def _warm(args, cache_dir: Path) -> int:
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
+    from kvtier.hub import ModelUnavailable, fetch_model
     from kvtier.scheduler import warm
 
     try:
@@ -289,6 +290,10 @@ def _warm(args, cache_dir: Path) -> int:
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
     messages, tools = _warm_messages(text)
+    try:  # as serve finds its models: a repo id is downloaded, a directory must be a model
+        fetch_model(args.model)
+    except ModelUnavailable as exc:
+        return _fail(str(exc))
     overrides = {k: v for k, v in {"block_size": args.block_size, "kv_bits": args.kv_bits}.items() if v}
     engine = Engine(args.model, CacheConfig(cache_dir=cache_dir, **overrides))
     try:

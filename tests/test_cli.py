@@ -146,6 +146,17 @@ def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, t
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
+@pytest.mark.parametrize("model, message", [("nonexistent", "no model directory at"),
+                                            ("not-a-model", "is not a model: ")])
+def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message):
+    (tmp_path / "not-a-model").mkdir()  # a directory without config.json
+    (tmp_path / "sys.txt").write_text("You are a helpful assistant.")
+    cache_dir = tmp_path / "cache"
+    result = kvtier("warm", "--model", str(tmp_path / model), "--cache-dir", str(cache_dir), str(tmp_path / "sys.txt"))
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not cache_dir.exists()
+
+
 def test_version_is_the_packages():
     declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
     assert declared is not None
