@@ -157,6 +157,27 @@ def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message)
     assert result.stderr.count("\n") == 1 and not cache_dir.exists()
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("agent.json", "not json {", "agent.json is not JSON (Expecting value"),
+    ("agent.JSON", '{"prompt": "hi"}', 'agent.JSON has no "messages" list'),
+    ("agent.json", '[{"role": "user", "content": "hi"}]', 'agent.json has no "messages" list'),
+    ("agent.json", '{"messages": [], "tools": {"name": "x"}}', 'agent.json: "tools" is not a list')])
+def test_warm_refuses_a_json_file_that_is_not_a_request(tmp_path, tiny_model, name, content, message):
+    (tmp_path / name).write_text(content)
+    cache_dir = tmp_path / "cache"
+    result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(cache_dir), str(tmp_path / name))
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not cache_dir.exists()
+
+
+def test_warm_takes_any_other_text_file_as_the_system_prompt(tmp_path, tiny_model):
+    (tmp_path / "prompt.txt").write_text("not json { " * 40)
+    result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(tmp_path / "cache"),
+                    "--block-size", str(TEST_BLOCK_SIZE), "--json", str(tmp_path / "prompt.txt"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] > 40
+
+
 def test_version_is_the_packages():
     declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
     assert declared is not None
