@@ -49,9 +49,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         pin = commands.add_parser(name, parents=[common], help=pin_help[name])
         pin.add_argument("key", help="the prefix key from `kvtier ls` (a unique start is enough)")
     warm = commands.add_parser("warm", parents=[common], help="prefill a prompt and persist it")
-    warm.add_argument("--model", required=True)
-    warm.add_argument("file", help="a text file (used as the system prompt), a JSON file with "
-                                   "{messages, tools}, or - for standard input")
+    warm.add_argument("--model", required=True, help="a model directory or a Hugging Face repo id, as serve's")
+    warm.add_argument("file", help="a text file (used as the system prompt), a .json file with "
+                                   "{messages, tools}, or - for standard input (either)")
     warm.add_argument("--pin", action="store_true", help="protect it from eviction")
     warm.add_argument("--block-size", type=int, default=None, help="must match the daemon's")
     warm.add_argument("--kv-bits", type=int, default=None, help="must match the daemon's")
@@ -285,13 +285,21 @@ def _pin(args, cache) -> int:
 def _warm(args, cache_dir: Path) -> int:
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
+    from kvtier.hub import ModelUnavailable, fetch_model
     from kvtier.scheduler import warm
 
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
-    messages, tools = _warm_messages(text)
+    try:
+        messages, tools = _warm_messages(text, args.file)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:  # as serve finds its models: a repo id is downloaded, a directory must be a model
+        fetch_model(args.model)
+    except ModelUnavailable as exc:
+        return _fail(str(exc))
     overrides = {k: v for k, v in {"block_size": args.block_size, "kv_bits": args.kv_bits}.items() if v}
     engine = Engine(args.model, CacheConfig(cache_dir=cache_dir, **overrides))
     try:
@@ -304,7 +312,11 @@ def _warm(args, cache_dir: Path) -> int:
     return 0
 
 
-def _warm_messages(text: str) -> tuple[list[dict], list[dict] | None]:
+def _warm_messages(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+    """What to warm: a .json file is an agent's request; other text a system prompt, unless
+    it parses as a request (piped to standard input, say)."""
+    if source.lower().endswith(".json"):
+        return _agent_request(text, source)
     try:
         data = json.loads(text)
     except ValueError:
@@ -312,6 +324,20 @@ def _warm_messages(text: str) -> tuple[list[dict], list[dict] | None]:
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         return data["messages"], data.get("tools")
     return [{"role": "system", "content": text}], None
+
+
+def _agent_request(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+    """{"messages": [...], "tools": [...]}; ValueError naming what is wrong with it."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{source} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ValueError(f'{source} has no "messages" list: a .json file to warm is an agent\'s '
+                         'request, {"messages": [...], "tools": [...]}')
+    if not isinstance(data.get("tools", []), (list, type(None))):
+        raise ValueError(f'{source}: "tools" is not a list')
+    return data["messages"], data.get("tools")
 
 
 def _progress_bar(done: int, total: int) -> None:

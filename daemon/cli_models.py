@@ -1,6 +1,6 @@
 """`kvtier models [list | load NAME | unload NAME | pin NAME | unpin NAME]`: the models of a
 running daemon, over its HTTP API (GET /models, POST /models/NAME/ACTION). Exit 1 when the
-daemon refuses (an unknown model, a busy one), 2 when no daemon answers at --url."""
+daemon refuses (an unknown model, a busy one), 2 when no daemon (or not kvtier) answers at --url."""
 
 from __future__ import annotations
 
@@ -25,12 +25,21 @@ class NotRunning(Exception):
     """Nothing answers at the daemon's URL."""
 
 
+class NotADaemon(Exception):
+    """Something answers at the URL, but not as kvtier's models API."""
+
+
+# What the table and the summary read of each model.
+MODEL_FIELDS = ("name", "state", "weight_bytes", "hot_bytes", "loads", "load_seconds")
+
+
 def add_parser(commands) -> None:
     models = commands.add_parser(COMMAND, help="list, load, unload, pin or unpin the models of a running daemon")
     models.add_argument("action", nargs="?", choices=ACTIONS, default="list", help="default: list")
     models.add_argument("name", nargs="?", help="the model: its name, an alias, its path or repo id, or default")
     models.add_argument("--url", default=os.environ.get("KVTIER_URL", DEFAULT_URL),
-                        help=f"the daemon's address (default: $KVTIER_URL or {DEFAULT_URL})")
+                        help=f"the daemon's address, with or without its /v1 (default: $KVTIER_URL "
+                             f"or {DEFAULT_URL})")
     models.add_argument("--api-key", default=None, help="the daemon's --api-key (default: $KVTIER_API_KEY)")
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -39,15 +48,19 @@ def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         return _fail(f"kvtier models {args.action}: give the model's name (see `kvtier models list`)")
     key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
+    url = base_url(args.url)
     try:
         if args.action == "list":
-            models = _call(args.url, "GET", "/models", key)["data"]
+            models = _models_list(_call(url, "GET", "/models", key))
             print(json.dumps(models, indent=2) if args.json else table(models))
             return 0
         path = f"/models/{urllib.parse.quote(args.name, safe='')}/{args.action}"
-        model = _call(args.url, "POST", path, key)
+        model = _model(_call(url, "POST", path, key))
     except NotRunning as exc:
         print(f"kvtier: no daemon is running at {args.url} ({exc})", file=sys.stderr)
+        return 2
+    except NotADaemon as exc:
+        print(f"kvtier: {args.url} does not answer as a kvtier daemon ({exc})", file=sys.stderr)
         return 2
     except ValueError as exc:  # the daemon's refusal
         return _fail(f"kvtier models {args.action}: {exc}")
@@ -55,19 +68,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def base_url(url: str) -> str:
+    """The daemon's root: an OpenAI base URL (.../v1, as OPENAI_BASE_URL has it) names it too."""
+    url = url.rstrip("/")
+    return url.removesuffix("/v1") if url.endswith("/v1") else url
+
+
+def _models_list(answer: Any) -> list[dict]:
+    models = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(models, list):
+        raise NotADaemon("GET /models gave no list of models")
+    return [_model(model) for model in models]
+
+
+def _model(answer: Any) -> dict:
+    missing = [f for f in MODEL_FIELDS if f not in answer] if isinstance(answer, dict) else ["all"]
+    if missing:  # an OpenAI /v1/models entry, say: {"id": ..., "object": "model"}
+        raise NotADaemon(f"a model without {', '.join(missing)}")
+    return answer
+
+
 def _call(url: str, method: str, path: str, key: str | None) -> Any:
-    """The daemon's JSON answer; ValueError with its error message, NotRunning if none answers."""
+    """The daemon's JSON answer; ValueError with its error message, NotRunning if none answers,
+    NotADaemon if what answers is not JSON."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     request = urllib.request.Request(url.rstrip("/") + path, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=LOAD_TIMEOUT) as response:
-            return json.loads(response.read())
+            body = response.read()
     except urllib.error.HTTPError as exc:
         raise ValueError(_error_message(exc)) from None
     except urllib.error.URLError as exc:
         raise NotRunning(str(getattr(exc.reason, "strerror", None) or exc.reason)) from None
     except (ConnectionError, TimeoutError) as exc:
         raise NotRunning(str(exc)) from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise NotADaemon(f"{method} {path} did not answer JSON") from None
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

@@ -6,11 +6,13 @@ import argparse
 import sys
 import webbrowser
 
+from .serve_options import daemon_port
+
 
 def add_parser(commands) -> None:
     opener = commands.add_parser("open", help="open the daemon's status page in the browser")
     opener.add_argument("--host", default="127.0.0.1", help="the daemon's address (default 127.0.0.1)")
-    opener.add_argument("--port", type=int, default=8420, help="the daemon's port (default 8420)")
+    opener.add_argument("--port", type=daemon_port, default=8420, help="the daemon's port (default 8420)")
 
 
 def page_url(host: str, port: int) -> str:

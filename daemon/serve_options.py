@@ -71,6 +71,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _port(text: str, lowest: int = 0) -> int:
+    if not text.strip().isdigit() or not lowest <= int(text) <= 65535:
+        raise ValueError(f"not a port number ({lowest}-65535): {text!r}")
+    return int(text)
+
+
 def _auto_or_positive(text: str) -> int | str:
     return "auto" if text == "auto" else _positive(text)
 
@@ -80,6 +86,8 @@ duration = argument_type(_duration, "duration")
 keep_alive = argument_type(Duration, "keep_alive")  # a duration or "never"
 positive_int = argument_type(_positive, "positive_int")
 auto_or_positive = argument_type(_auto_or_positive, "auto_or_positive")
+port = argument_type(_port, "port")  # 0: any free port, as the log's "listening on" says
+daemon_port = argument_type(lambda text: _port(text, lowest=1), "port")  # one a daemon listens on
 
 # (flag, argparse keywords); a `service install` writes only the flags it was given.
 SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -94,7 +102,7 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
                        help="never download: the model must be a directory or in the HF cache")),
     ("--host", dict(default="127.0.0.1",
                     help="address to listen on (default: 127.0.0.1; any other needs --api-key)")),
-    ("--port", dict(type=int, default=8420, help="port to listen on (default: 8420)")),
+    ("--port", dict(type=port, default=8420, help="port to listen on (default: 8420; 0: any free one)")),
     ("--cache-dir", dict(default=None, help=f"default: {default_cache_dir()}")),
     ("--ram-budget", dict(type=size, default=None,
                           help=f"bytes of KV kept in memory (default: {default_ram_budget() // 2**20} "
@@ -114,7 +122,8 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--block-size", dict(type=int, default=None, help="tokens per cached block (default: 128)")),
     ("--prefill-step-size", dict(type=auto_or_positive, default="auto",
                                  help="tokens computed per forward pass while prefilling (default: auto, "
-                                      "timed at start-up so a chunk takes ~0.3 s: 128-2048)")),
+                                      "timed at start-up so a chunk takes ~0.3 s: 16-2048, smaller deeper "
+                                      "in a prompt)")),
     ("--kv-bits", dict(type=int, default=None, choices=[2, 3, 4, 5, 6, 8],
                        help="quantize the KV cache to this many bits (default: model dtype)")),
     ("--kv-group-size", dict(type=int, default=64,

@@ -374,10 +374,14 @@ def spec_from_args(args: argparse.Namespace) -> ServiceSpec:
 
 
 def absolute_model(text: str) -> str:
-    """A `--model [NAME=]SOURCE` with SOURCE made absolute where it is a path."""
+    """A `--model [NAME=]SOURCE` with SOURCE made absolute where it is a path: against this
+    directory, not the service's. A path that is not there is refused now, not by a service
+    restarting in a loop; anything else is a repo id and stays as given."""
     spec = parse_model_flag(text)
     source = Path(spec.source).expanduser()
     if not source.exists():
+        if spec.source.startswith((".", "/", "~")):
+            raise ServiceError(f"--model {text}: no model directory at {os.path.abspath(source)!r}", 2)
         return text
     named = spec.name != spec.source
     return f"{spec.name}={source.resolve()}" if named else str(source.resolve())

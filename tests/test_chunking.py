@@ -10,9 +10,11 @@ import pytest
 
 from daemon.cli import build_parser, serve_config
 from kvtier import chunking
+from kvtier.config import DEFAULT_BLOCK_SIZE
 from kvtier.scheduler import generate
 from tests.conftest import TEST_BLOCK_SIZE, Reference
 from tests.inprocess import InProcessDaemon
+from tests.test_docs import _serve_options
 
 MAX_TOKENS = 6
 
@@ -179,3 +181,10 @@ def test_the_option_defaults_to_auto_and_refuses_a_size_that_is_no_positive_numb
             parse(["serve", "--model", "m", "--prefill-step-size", bad])
         assert exit_.value.code == 2
         assert "--prefill-step-size" in capsys.readouterr().err
+
+
+def test_serve_help_states_the_chunk_sizes_auto_picks_from():
+    """It said 128-2048 while deep chunks go down to 16 tokens."""
+    sizes = chunking.chunk_sizes(DEFAULT_BLOCK_SIZE)
+    (step,) = [a for a in _serve_options() if "--prefill-step-size" in a.option_strings]
+    assert step.help and f": {sizes[0]}-{sizes[-1]}," in step.help

@@ -171,6 +171,38 @@ def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, t
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
+@pytest.mark.parametrize("model, message", [("nonexistent", "no model directory at"),
+                                            ("not-a-model", "is not a model: ")])
+def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message):
+    (tmp_path / "not-a-model").mkdir()  # a directory without config.json
+    (tmp_path / "sys.txt").write_text("You are a helpful assistant.")
+    cache_dir = tmp_path / "cache"
+    result = kvtier("warm", "--model", str(tmp_path / model), "--cache-dir", str(cache_dir), str(tmp_path / "sys.txt"))
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not cache_dir.exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("agent.json", "not json {", "agent.json is not JSON (Expecting value"),
+    ("agent.JSON", '{"prompt": "hi"}', 'agent.JSON has no "messages" list'),
+    ("agent.json", '[{"role": "user", "content": "hi"}]', 'agent.json has no "messages" list'),
+    ("agent.json", '{"messages": [], "tools": {"name": "x"}}', 'agent.json: "tools" is not a list')])
+def test_warm_refuses_a_json_file_that_is_not_a_request(tmp_path, tiny_model, name, content, message):
+    (tmp_path / name).write_text(content)
+    cache_dir = tmp_path / "cache"
+    result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(cache_dir), str(tmp_path / name))
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not cache_dir.exists()
+
+
+def test_warm_takes_any_other_text_file_as_the_system_prompt(tmp_path, tiny_model):
+    (tmp_path / "prompt.txt").write_text("not json { " * 40)
+    result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(tmp_path / "cache"),
+                    "--block-size", str(TEST_BLOCK_SIZE), "--json", str(tmp_path / "prompt.txt"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] > 40
+
+
 def test_version_is_the_packages():
     declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
     assert declared is not None
@@ -183,6 +215,19 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "no kvtier cache" in result.stderr
     result = kvtier("purge", "--older-than", "soon", "--cache-dir", str(tmp_path))
     assert result.returncode == 2 and "not a duration" in result.stderr
+
+
+@pytest.mark.parametrize("command, port, lowest", [("serve", "99999", 0), ("serve", "-1", 0),
+                                                   ("open", "65536", 1), ("open", "0", 1)])
+def test_a_port_out_of_range_is_refused(tmp_path, command, port, lowest):
+    """Not taken modulo 65536 (99999 listened on 34463); serve's 0 is any free port."""
+    browser = tmp_path / "browser"  # in case a port is taken: the open does nothing
+    browser.write_text("#!/bin/sh\n")
+    browser.chmod(0o755)
+    model = ("--model", str(tmp_path / "none")) if command == "serve" else ()
+    result = kvtier(command, "--port", port, *model, env={"BROWSER": str(browser)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"argument --port: not a port number ({lowest}-65535): '{port}'" in result.stderr
 
 
 def test_hit_rate_is_weighted_by_tokens(app_factory, tiny_model):

@@ -5,6 +5,10 @@ exit 1, a daemon that is not running exit 2."""
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from tests.conftest import free_port
 from tests.test_cli import kvtier
@@ -65,3 +69,57 @@ def test_models_of_a_daemon_serving_two(daemon_factory, tiny_model, llama_model)
     assert data["tiny"]["state"] == data["llama"]["state"] == "loaded" and data["llama"]["loads"] == 1
     assert models(daemon.url, "unload", "llama").stdout.startswith("llama: unloaded")
     assert models(daemon.url, "unload", "llama").returncode == 0  # already: nothing to do
+
+
+def test_models_takes_an_openai_base_url(daemon_factory, tiny_model):
+    """OPENAI_BASE_URL users have .../v1: it names the daemon too (its /v1/models is OpenAI's list)."""
+    daemon = daemon_factory(tiny_model, "--api-key", "s3cret")
+    plain = models(daemon.url, "--json")
+    assert plain.returncode == 0, plain.stderr
+    for url in (f"{daemon.url}/v1", f"{daemon.url}/v1/"):
+        listed = models(url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [m["name"] for m in json.loads(listed.stdout)] == [str(tiny_model)]
+
+
+class OtherServer(BaseHTTPRequestHandler):
+    """Not kvtier: an OpenAI-style server, or a web page, at the URL given."""
+    answers = {"/models": b'{"object": "list", "data": [{"id": "m", "object": "model"}]}',
+               "/page/models": b"<html>not json</html>", "/dict/models": b'{"data": {"name": "m"}}',
+               "/page/models/m/load": b'{"id": "m"}'}
+
+    def do_GET(self):
+        self._answer()
+
+    def do_POST(self):
+        self._answer()
+
+    def _answer(self):
+        body = self.answers[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def other_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OtherServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("path, args, reason", [
+    ("/v1", ("list",), "a model without name, state"), ("/page", ("list",), "GET /models did not answer JSON"),
+    ("/dict", ("list",), "GET /models gave no list of models"), ("/page", ("load", "m"), "a model without name")])
+def test_models_of_a_server_that_is_not_kvtier_is_one_line_and_exit_2(other_server, path, args, reason):
+    result = models(other_server + path, *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"kvtier: {other_server + path} does not answer as a kvtier daemon (")
+    assert reason in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -20,6 +20,7 @@ import pytest
 from daemon import service
 
 ROOT = Path(__file__).resolve().parent.parent
+SOME_MODEL = str(ROOT / "tests" / "fixtures")  # a directory that is there: install refuses one that is not
 
 
 def make_spec(platform: str, home: Path, **options) -> service.ServiceSpec:
@@ -121,13 +122,13 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
 # ---- the CLI -----------------------------------------------------------------------------
 
 def test_install_dry_run_linux_prints_unit_and_commands_and_touches_nothing(tmp_path):
-    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", SOME_MODEL,
                             "--port", "8500", "--max-context", "8192", home=tmp_path)
     assert result.returncode == 0, result.stderr
     unit_path = tmp_path / ".config" / "systemd" / "user" / "kvtier.service"
     assert_in_order(result.stdout, str(unit_path), "[Service]",
                     "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model",
-                                               "/some/model", "--port", "8500", "--max-context", "8192"]),
+                                               SOME_MODEL, "--port", "8500", "--max-context", "8192"]),
                     "WantedBy=default.target",
                     "systemctl --user daemon-reload", "systemctl --user enable --now kvtier.service",
                     "systemctl --user restart kvtier.service")
@@ -145,6 +146,27 @@ def test_install_dry_run_honours_xdg_config_home_and_makes_paths_absolute(tmp_pa
     assert f"--model {tmp_path.resolve() / 'work' / 'mdl'}" in result.stdout
     assert f'Environment="KVTIER_CACHE_DIR={tmp_path.resolve() / "work" / "kv"}"' in result.stdout
     assert files_under(tmp_path) == [tmp_path / "work", tmp_path / "work" / "mdl"]
+
+
+@pytest.mark.parametrize("model, missing", [("./nope", "work/nope"), ("fast=../nope", "/nope"),
+                                            ("~/nope", "home/nope"), ("/nonexistent/model", "/nonexistent/model")])
+def test_install_refuses_a_model_path_that_is_not_there(tmp_path, model, missing):
+    """The service would start elsewhere and restart in a loop on it: said now, one line."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "home").mkdir()
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", model,
+                            home=tmp_path / "home", cwd=tmp_path / "work")
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"kvtier: --model {model}: no model directory at '")
+    assert result.stderr.rstrip().endswith(f"{missing}'"), result.stderr
+    assert files_under(tmp_path / "home") == []
+
+
+def test_install_keeps_a_repo_id_that_is_no_path(tmp_path):
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "org/name",
+                            "--model", "small=org/small", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "serve --model org/name --model small=org/small" in result.stdout
 
 
 def test_install_with_several_models_and_a_models_file(tmp_path):
@@ -199,13 +221,13 @@ def test_uninstall_dry_run_linux_prints_commands_and_touches_nothing(tmp_path):
 
 
 def test_install_dry_run_darwin_prints_plist_and_launchctl_sequence(tmp_path):
-    result = kvtier_service("install", "--dry-run", "--platform", "darwin", "--model", "/some/model",
+    result = kvtier_service("install", "--dry-run", "--platform", "darwin", "--model", SOME_MODEL,
                             "--port", "8500", home=tmp_path)
     assert result.returncode == 0, result.stderr
     plist_path = tmp_path / "Library" / "LaunchAgents" / "com.kvtier.daemon.plist"
     xml = result.stdout[result.stdout.index("<?xml"):result.stdout.index("</plist>") + len("</plist>")]
     plist = plistlib.loads(xml.encode())
-    assert plist["ProgramArguments"][-5:] == ["serve", "--model", "/some/model", "--port", "8500"]
+    assert plist["ProgramArguments"][-5:] == ["serve", "--model", SOME_MODEL, "--port", "8500"]
     uid = os.getuid()
     assert_in_order(result.stdout, str(plist_path), "<?xml",
                     f"launchctl bootout gui/{uid}/com.kvtier.daemon",
@@ -237,7 +259,7 @@ def test_missing_service_manager_is_a_clear_error_and_writes_nothing(tmp_path):
     empty.mkdir()
     home = tmp_path / "home"
     home.mkdir()
-    result = kvtier_service("install", "--platform", "linux", "--model", "/some/model", home=home,
+    result = kvtier_service("install", "--platform", "linux", "--model", SOME_MODEL, home=home,
                             PATH=str(empty))
     assert result.returncode != 0
     assert "systemctl not found" in result.stderr
@@ -249,11 +271,11 @@ def test_missing_service_manager_is_a_clear_error_and_writes_nothing(tmp_path):
 def test_install_takes_every_serve_flag(tmp_path):
     """`service install` and `serve` share one declaration of the serve flags: any of them is
     written into the service's command line as given (sizes as typed)."""
-    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", SOME_MODEL,
                             "--ram-budget", "2GB", "--max-waiting", "8", "--strict-model-names",
                             "--model-alias", "a", "--model-alias", "b", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", "/some/model",
+    assert "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", SOME_MODEL,
                                       "--ram-budget", "2GB", "--max-waiting", "8", "--model-alias", "a",
                                       "--model-alias", "b", "--strict-model-names"]) in result.stdout
 
@@ -266,14 +288,14 @@ def test_install_gives_the_service_its_key_in_a_private_file_never_its_command_l
     key_file = tmp_path / "key"
     key_file.write_text(SECRET + "\n")
     home = tmp_path / "home"
-    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", "/some/model",
+    result = kvtier_service("install", "--dry-run", "--platform", "linux", "--model", SOME_MODEL,
                             given, str(key_file) if given == "--api-key-file" else SECRET, home=home)
     assert result.returncode == 0, result.stderr
     env_file = home / ".config" / "kvtier" / "service.env"
     unit_path = home / ".config" / "systemd" / "user" / "kvtier.service"
     assert_in_order(result.stdout, f"would write {env_file} (mode 600):", "KVTIER_API_KEY=(the API key, not shown)",
                     f"would write {unit_path} (mode 644):", f"EnvironmentFile={env_file}",
-                    "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", "/some/model"]))
+                    "ExecStart=" + shlex.join([sys.executable, "-m", "daemon.cli", "serve", "--model", SOME_MODEL]))
     assert SECRET not in result.stdout and "--api-key" not in result.stdout
     assert files_under(home) == []
     plan = service.install_plan(dataclasses.replace(make_spec("linux", home, model="m"), api_key=SECRET))
@@ -281,7 +303,7 @@ def test_install_gives_the_service_its_key_in_a_private_file_never_its_command_l
 
 
 def test_install_on_macos_puts_the_key_in_the_plist_written_0600(tmp_path):
-    result = kvtier_service("install", "--dry-run", "--platform", "darwin", "--model", "/some/model",
+    result = kvtier_service("install", "--dry-run", "--platform", "darwin", "--model", SOME_MODEL,
                             "--api-key", SECRET, home=tmp_path)
     assert result.returncode == 0, result.stderr
     assert SECRET not in result.stdout and "(mode 600):" in result.stdout
