@@ -203,7 +203,9 @@ class CompletionRequest(OpenAISampling):
 
 
 class WarmRequest(Body):
-    """POST /cache/warm: {messages, tools} or {prompt} (a system prompt)."""
+    """POST /cache/warm: {messages, tools} or {prompt} (a system prompt), for `model` (named as
+    a chat request names it; absent: the default model)."""
+    model: Optional[str] = None
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
     prompt: Optional[NonEmpty] = None  # an empty one has nothing to warm
     tools: Optional[list[Sent[ChatTool]]] = None
