@@ -273,3 +273,15 @@ def test_unknown_route_is_a_json_404(app_daemon, validate):
     code, response, _ = post(app_daemon, "/v1/nothing", {})
     assert code == 404
     validate(response, "ErrorResponse")
+
+
+def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(app_daemon):
+    """OpenAI's current field bounds the answer when a client sends both."""
+    client = app_daemon.client()
+    for max_tokens, max_completion_tokens in [(3, 2), (2, 3)]:
+        response = client.chat.completions.create(
+            model=str(app_daemon.model), messages=agent_messages(question=f"both {max_tokens}"),
+            max_tokens=max_tokens, max_completion_tokens=max_completion_tokens, temperature=0)
+        assert response.usage is not None
+        assert response.usage.completion_tokens == max_completion_tokens, (max_tokens, max_completion_tokens)
+        assert response.choices[0].finish_reason == "length"

@@ -49,7 +49,8 @@ def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]
                      param: str) -> GenerationRequest:
     """The request's sampling, and its budget under OpenAI's policy; `param`: the route's
     prompt field, which a refusal names."""
-    asked = body.max_tokens or body.max_completion_tokens
+    # OpenAI's current field wins over the deprecated one when both are sent.
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
         max_tokens = fitting_budget(state, len(tokens), asked).tokens
     except NoRoom as full:
