@@ -205,6 +205,9 @@ def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     assert sampled[0] == sampled[1]
 
 
+READ_FILE = {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("body,status,param", [
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
     ({"model": "MODEL"}, 400, "messages"),
@@ -221,6 +224,12 @@ def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
       "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [READ_FILE],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+      "tool_choice": {"type": "function", "function": {"name": "read_file"}}}, 400, "tool_choice"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     400, "tool_choice"),
 ])
 def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status, param):
     body = {k: (str(app_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
