@@ -294,3 +294,22 @@ def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(app_daemon):
         assert response.usage is not None
         assert response.usage.completion_tokens == max_completion_tokens, (max_tokens, max_completion_tokens)
         assert response.choices[0].finish_reason == "length"
+
+
+def test_retrieve_model_gives_the_entry_models_lists(app_daemon, validate):
+    """`client.models.retrieve` (GET /v1/models/{model}): the /v1/models entry of that name,
+    sent %2F-encoded (the SDK) or with its slashes as they are; a name not listed is a 404."""
+    listed = app_daemon.get("/v1/models")["data"]
+    name = str(app_daemon.model)  # a path: slashes in the name
+    model = app_daemon.client().models.retrieve(name)
+    entry = model.model_dump(exclude_unset=True)
+    validate(entry, "Model")
+    assert [entry] == [m for m in listed if m["id"] == name]
+    assert app_daemon.get(f"/v1/models/{name}") == entry
+    with pytest.raises(openai.NotFoundError) as missing:
+        app_daemon.client().models.retrieve("gpt-9")
+    assert missing.value.code == "model_not_found"
+    reply = app_daemon.request("GET", "/v1/models/gpt-9")
+    assert reply.status == 404
+    validate(reply.json(), "ErrorResponse")
+    assert reply.json()["error"]["param"] == "model"
