@@ -54,6 +54,11 @@ ACTIONS = {
 }
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
          "description": "a model's name, alias, source, directory name, or default"}
+_MODEL = {"get": {"summary": "One model as /v1/models lists it (OpenAI's retrieve model)", "parameters": [
+    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "a name /v1/models lists"}],
+    "responses": {"200": {"description": "the model"},
+                  "404": {"description": "not listed", "content": {"application/json": {"schema": _OPENAI_ERROR}}}}}}
 _PURGE = {"delete": {"summary": "Purge cached entries", "parameters": [
     {"name": name, "in": "query", "schema": {"type": "string"}}
     for name in ("all", "model", "older_than", "to_size")],
@@ -89,6 +94,7 @@ def document() -> dict:
                   for path, summary in GETS.items()})
     paths.update({path: _action(summary) for path, summary in ACTIONS.items()})
     paths["/cache"] = _PURGE
+    paths["/v1/models/{model}"] = _MODEL
     return {
         "openapi": "3.1.0",
         "info": {"title": "kvtier", "version": "0.1.0",

@@ -173,6 +173,14 @@ class ChatCompletionRequest(OpenAISampling):
     logprobs: bool = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if "tools" not in info.data:  # the tools were refused themselves: that error is the one
+            return choice
+        tools = info.data["tools"] or []  # Sent: the dicts as sent
+        return _among_tools(choice, _chat_choice_name(choice), {tool["function"]["name"] for tool in tools})
+
     @field_validator("top_logprobs")
     @classmethod
     def _with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
@@ -184,6 +192,26 @@ class ChatCompletionRequest(OpenAISampling):
     def logprobs_asked(self) -> int | None:
         """How many alternatives each token's entry lists, or None: no log-probabilities."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _chat_choice_name(choice: Any) -> str | None:
+    """The function a chat `tool_choice` names ({"type": "function", "function": {"name"}}), or None."""
+    if not (isinstance(choice, dict) and choice.get("type") == "function"):
+        return None
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _refuse("a 'function' choice needs the function's name ('function.name')")
+    return name
+
+
+def _among_tools(choice: Any, named: str | None, names: set[str]) -> Any:
+    """As OpenAI's API: "required" needs tools, a named function must be one of them."""
+    if choice == "required" and not names:
+        raise _refuse("'required' needs 'tools'")
+    if named is not None and named not in names:
+        raise _refuse(f"no function named '{named}' in 'tools'")
+    return choice
 
 
 class CompletionRequest(OpenAISampling):
@@ -203,7 +231,9 @@ class CompletionRequest(OpenAISampling):
 
 
 class WarmRequest(Body):
-    """POST /cache/warm: {messages, tools} or {prompt} (a system prompt)."""
+    """POST /cache/warm: {messages, tools} or {prompt} (a system prompt), for `model` (named as
+    a chat request names it; absent: the default model)."""
+    model: Optional[str] = None
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
     prompt: Optional[NonEmpty] = None  # an empty one has nothing to warm
     tools: Optional[list[Sent[ChatTool]]] = None
@@ -436,6 +466,16 @@ class FunctionChoice(Body):
     name: str
 
 
+def _function_names(tools: list) -> set[str]:
+    """The functions a Responses request offers: its function tools, and those its `namespace`
+    tools group (routes/responses.parse_tools offers both)."""
+    names = {tool.name for tool in tools if isinstance(tool, FunctionTool)}
+    for tool in tools:
+        if isinstance(tool, NamespaceTool):
+            names |= {inner.name for inner in tool.tools if isinstance(inner, FunctionTool)}
+    return names
+
+
 class ResponsesRequest(Body):
     model: str
     input: Union[str, list[InputItem]]
@@ -452,6 +492,16 @@ class ResponsesRequest(Body):
     stream: bool = False
     include: Optional[list[str]] = None  # of OpenAI's extras only the output's logprobs exist here
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if "tools" not in info.data:  # the tools were refused themselves: that error is the one
+            return choice
+        if choice == "required" and info.data["tools"]:
+            return choice  # built-in tools only: agents send them; they are not offered here
+        named = choice.name if isinstance(choice, FunctionChoice) else None
+        return _among_tools(choice, named, _function_names(info.data["tools"]))
 
     @property
     def logprobs_asked(self) -> int | None:

@@ -205,6 +205,9 @@ def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     assert sampled[0] == sampled[1]
 
 
+READ_FILE = {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("body,status,param", [
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
     ({"model": "MODEL"}, 400, "messages"),
@@ -221,6 +224,12 @@ def test_stop_sequences_max_tokens_and_seed(app_daemon, reference):
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
       "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tools": [READ_FILE],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}],
+      "tool_choice": {"type": "function", "function": {"name": "read_file"}}}, 400, "tool_choice"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     400, "tool_choice"),
 ])
 def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status, param):
     body = {k: (str(app_daemon.model) if v == "MODEL" else v) for k, v in body.items()}
@@ -273,3 +282,34 @@ def test_unknown_route_is_a_json_404(app_daemon, validate):
     code, response, _ = post(app_daemon, "/v1/nothing", {})
     assert code == 404
     validate(response, "ErrorResponse")
+
+
+def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(app_daemon):
+    """OpenAI's current field bounds the answer when a client sends both."""
+    client = app_daemon.client()
+    for max_tokens, max_completion_tokens in [(3, 2), (2, 3)]:
+        response = client.chat.completions.create(
+            model=str(app_daemon.model), messages=agent_messages(question=f"both {max_tokens}"),
+            max_tokens=max_tokens, max_completion_tokens=max_completion_tokens, temperature=0)
+        assert response.usage is not None
+        assert response.usage.completion_tokens == max_completion_tokens, (max_tokens, max_completion_tokens)
+        assert response.choices[0].finish_reason == "length"
+
+
+def test_retrieve_model_gives_the_entry_models_lists(app_daemon, validate):
+    """`client.models.retrieve` (GET /v1/models/{model}): the /v1/models entry of that name,
+    sent %2F-encoded (the SDK) or with its slashes as they are; a name not listed is a 404."""
+    listed = app_daemon.get("/v1/models")["data"]
+    name = str(app_daemon.model)  # a path: slashes in the name
+    model = app_daemon.client().models.retrieve(name)
+    entry = model.model_dump(exclude_unset=True)
+    validate(entry, "Model")
+    assert [entry] == [m for m in listed if m["id"] == name]
+    assert app_daemon.get(f"/v1/models/{name}") == entry
+    with pytest.raises(openai.NotFoundError) as missing:
+        app_daemon.client().models.retrieve("gpt-9")
+    assert missing.value.code == "model_not_found"
+    reply = app_daemon.request("GET", "/v1/models/gpt-9")
+    assert reply.status == 404
+    validate(reply.json(), "ErrorResponse")
+    assert reply.json()["error"]["param"] == "model"

@@ -203,6 +203,10 @@ def test_previous_response_id_continues_the_conversation(client, reference):
     ({"model": "m", "input": "hi", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
     ({"model": "m", "input": "hi", "tools": ["read_file"]}, "tools[0]"),
     ({"model": "m", "input": "hi", "tool_choice": "maybe"}, "tool_choice"),
+    ({"model": "m", "input": "hi", "tools": [{"type": "function", "name": "read_file"}],
+      "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"model": "m", "input": "hi", "tool_choice": {"type": "function", "name": "read_file"}}, "tool_choice"),
+    ({"model": "m", "input": "hi", "tool_choice": "required"}, "tool_choice"),
     ({"model": "m", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"model": "m", "input": "hi", "temperature": 3}, "temperature"),
     ({"model": "m", "input": "word " * 40_000}, "input"),
@@ -269,3 +273,14 @@ def test_function_calls_in_the_output_match_the_schema(reference, validate):
     call_item = parsed.output[1]
     assert isinstance(call_item, ResponseFunctionToolCall)
     assert call_item.call_id == calls[0].id and parsed.output_text == "Listing."
+
+
+def test_a_tool_choice_among_the_tools_offered_is_accepted(app_daemon):
+    """A function named in a `namespace` tool (as Codex groups them) may be chosen; "required"
+    with only built-in tools is served as "auto" is (they are not offered here)."""
+    namespace = {"type": "namespace", "name": "fs", "tools": [{"type": "function", "name": "read_file"}]}
+    for tools, choice in [([namespace], {"type": "function", "name": "read_file"}),
+                          ([{"type": "web_search"}], "required")]:
+        status, _ = post(app_daemon, {"model": "m", "input": "hi", "max_output_tokens": 1,
+                                      "tools": tools, "tool_choice": choice})
+        assert status == 200, (tools, choice)

@@ -298,3 +298,27 @@ def test_after_a_restart_a_second_model_restores_its_conversation_from_disk(daem
     after, cached = ask(daemon, "hybrid", messages)
     assert after == before == Reference(hybrid_model).chat(messages, MAX_TOKENS)
     assert cached >= len(Reference(hybrid_model).chat_tokens(messages)) - 64
+
+
+def test_cache_warm_warms_the_model_its_body_names(two_models):
+    """`model` in /cache/warm's body selects the model as a chat request's does (here by a
+    glob alias), loading it: a chat for that model then finds the warmed prompt cached."""
+    messages = agent_messages("warmed for the small model", repeat=3)
+    ask(two_models, "llama", agent_messages("before the warm", repeat=1))  # hybrid unloaded for it
+    assert state_of(two_models, "hybrid") == "unloaded"
+    warmed = two_models.post("/cache/warm", {"model": "claude-haiku-4-5", "messages": messages})
+    assert warmed.status == 200, warmed.body
+    assert state_of(two_models, "hybrid") == "loaded"
+    assert warmed.json()["computed_tokens"] > 0
+    _, cached = ask(two_models, "hybrid", messages)
+    assert cached > 0
+
+
+def test_cache_warm_under_strict_names_refuses_a_model_not_served(app_factory, llama_model):
+    daemon = app_factory(llama_model, "--strict-model-names")
+    refused = daemon.post("/cache/warm", {"model": "gpt-9", "prompt": "a system prompt"})
+    assert refused.status == 404
+    assert refused.json()["error"]["code"] == "model_not_found"
+    assert refused.json()["error"]["param"] == "model"
+    assert daemon.post("/cache/warm", {"model": "default", "prompt": "a system prompt"}).status == 200
+    assert daemon.post("/cache/warm", {"prompt": "a system prompt"}).status == 200

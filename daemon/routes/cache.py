@@ -182,10 +182,10 @@ async def pin(http: web.Request) -> web.Response:
 
 @routes.post("/cache/warm")
 async def warm(http: web.Request) -> web.Response:
-    """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request."""
+    """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request.
+    `model` selects (and loads) the model as a chat request's does; absent: the default model."""
     body = await read_body(http, WarmRequest)
     state = http.app[STATE]
-    state.engine()
     if body.messages is not None:
         messages = template_messages(body.messages)
     elif body.prompt is not None:
@@ -193,6 +193,7 @@ async def warm(http: web.Request) -> web.Response:
     else:
         raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
     tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
+    await state.select_model(body.model if body.model is not None else "default")
     # The scheduler's path, a scheduler of one on the MLX thread between the worker's steps.
     result = await state.worker.call(lambda engine: scheduler.warm(engine, messages, tools, pin=body.pin),
                                      state.selected().name)

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (and one of them)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def parse_generation(body: OpenAISampling, state: DaemonState, tokens: list[int]
                      param: str) -> GenerationRequest:
     """The request's sampling, and its budget under OpenAI's policy; `param`: the route's
     prompt field, which a refusal names."""
-    asked = body.max_tokens or body.max_completion_tokens
+    # OpenAI's current field wins over the deprecated one when both are sent.
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
         max_tokens = fitting_budget(state, len(tokens), asked).tokens
     except NoRoom as full:
@@ -231,9 +232,22 @@ async def list_models(http: web.Request) -> web.Response:
     """Every configured model, then its aliases, with what the model they name is doing
     (kvtier's fields beside OpenAI's: state, weight_bytes, hot_bytes)."""
     state = http.app[STATE]
-    return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier", **_model_fields(state, name)}
-        for name in state.names.listed()]})
+    return web.json_response({"object": "list", "data": [_model_entry(state, name) for name in state.names.listed()]})
+
+
+@routes.get("/v1/models/{model:.+}")  # a repo id or a path has slashes, sent as they are or as %2F
+async def retrieve_model(http: web.Request) -> web.Response:
+    """The entry /v1/models lists for that name (`client.models.retrieve`); 404 for another."""
+    state, name = http.app[STATE], http.match_info["model"]
+    if name not in state.names.listed():
+        raise ApiError(404, f"no model '{name}' is listed here (see /v1/models)", param="model",
+                       code="model_not_found")
+    return web.json_response(_model_entry(state, name))
+
+
+def _model_entry(state: DaemonState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "kvtier",
+            **_model_fields(state, name)}
 
 
 def _model_fields(state: DaemonState, name: str) -> dict:
