@@ -315,15 +315,12 @@ def _warm(args, cache_dir: Path) -> int:
 def _warm_messages(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
     """What to warm: a .json file is an agent's request; other text a system prompt, unless
     it parses as a request (piped to standard input, say)."""
-    if source.lower().endswith(".json"):
-        return _agent_request(text, source)
     try:
-        data = json.loads(text)
+        return _agent_request(text, source)
     except ValueError:
+        if source.lower().endswith(".json"):
+            raise
         return [{"role": "system", "content": text}], None
-    if isinstance(data, dict) and isinstance(data.get("messages"), list):
-        return data["messages"], data.get("tools")
-    return [{"role": "system", "content": text}], None
 
 
 def _agent_request(text: str, source: str) -> tuple[list[dict], list[dict] | None]:

@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def base_url(url: str) -> str:
     """The daemon's root: an OpenAI base URL (.../v1, as OPENAI_BASE_URL has it) names it too."""
-    url = url.rstrip("/")
-    return url.removesuffix("/v1") if url.endswith("/v1") else url
+    return url.rstrip("/").removesuffix("/v1")
 
 
 def _models_list(answer: Any) -> list[dict]:

@@ -227,8 +227,7 @@ class Loader:
         try:
             return measure_and_keep(engine, engine.store.config.cache_dir)
         except Exception as exc:
-            log.exception("%s: measuring batched decode failed", model.name)
-            return Exactness(False, f"measuring batched decode failed: {exc}")
+            return _probe_failed(model, exc)
 
     def measure_when_idle(self) -> bool:
         """Run one piece of a loaded model's probe left for the idle time (on the MLX thread,
@@ -246,8 +245,7 @@ class Loader:
         except StopIteration as done:
             model.batching = exactness.keep(engine, engine.store.config.cache_dir, done.value)
         except Exception as exc:
-            log.exception("%s: measuring batched decode failed", model.name)
-            model.batching = Exactness(False, f"measuring batched decode failed: {exc}")
+            model.batching = _probe_failed(model, exc)
         del self._probes[model.name]
         model.measure_when_idle = False
         log.info("%s: batched decode measured while idle in %.2f s: %s", model.name, time.perf_counter() - started,
@@ -276,6 +274,12 @@ class Loader:
         if name is not None and engine.prefetch_step() and not self._call_soon(self._prefetch_step, name):
             assert engine.store.prefetch is not None  # it has just taken a step
             engine.store.prefetch.end("queue full")
+
+
+def _probe_failed(model: ServedModel, exc: Exception) -> Exactness:
+    """The verdict of a batched-decode probe that raised (logged with its traceback)."""
+    log.error("%s: measuring batched decode failed", model.name, exc_info=exc)
+    return Exactness(False, f"measuring batched decode failed: {exc}")
 
 
 class PhaseTimes:
