@@ -339,7 +339,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done, n = object(), 16
     a, poisoned = _conversation(QUESTIONS[0]), _conversation(QUESTIONS[2])
-    b = agent_messages("batch", question=QUESTIONS[1], repeat=4)  # a prefill of several steps
+    b = agent_messages("batch", question=QUESTIONS[1], repeat=8)  # a prefill of more steps than the poison takes
     tokens = {key: engine.renderer.chat_tokens(m) for key, m in (("a", a), ("b", b), ("p", poisoned))}
     generated = {key: _greedy_tokens(reference, t, n) for key, t in tokens.items()}
     poison = _poison_token(generated["p"], {*tokens["a"], *tokens["b"], *tokens["p"],
@@ -367,7 +367,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
         for out in (out_a, out_p):
             assert out[-1] is done and isinstance(out[-2], InjectedFault)
         assert _text(out_p) and _text(out_p) != expected["p"]  # it failed mid-answer
-        assert out_b[-1] is done and _text(out_b) == expected["b"]
+        assert out_b[-1] is done and _text(out_b) == expected["b"], out_b
 
         # At prefill: a follow-up of the poisoned answer holds the token in its prompt.
         follow_up = poisoned + [{"role": "assistant", "content": expected["p"]},
