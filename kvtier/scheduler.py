@@ -66,6 +66,19 @@ class Member:
     sampler: Callable
     joined: float | None = None  # when it joined the decoder with its first token still to come
 
+    def feed(self, token: int, logprobs: Any) -> None:
+        """A token it generated: its text (if any) goes out; the first one times its TTFT."""
+        if self.joined is not None:
+            self.first_arrived(self.joined)
+        for chunk in self.text.feed(token, logprobs):
+            self.emit(chunk)
+
+    def first_arrived(self, began: float) -> None:
+        """Time to first token, and the first token's own step, in the request's usage."""
+        now, usage = time.perf_counter(), self.session.usage
+        usage.prefill_seconds, usage.steps["first_token"] = now - self.session.started, now - began
+        self.joined = None
+
 
 @dataclass
 class Held:
@@ -87,6 +100,19 @@ class BatchStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     longest_step_gap: float = 0.0  # longest time between two decode steps of a running batch
+
+
+def insert_prompt_ends(generator: Decoders | RowDecoder, members: list[Member]) -> dict[int, Member]:
+    """Members into the decoder with their prompt's last token as input (its pass gives their
+    first tokens), by the decoder's ids."""
+    began, requests = time.perf_counter(), [m.session.request for m in members]
+    uids = generator.insert([r.prompt_tokens[-1:] for r in requests], max_tokens=[tokens_left(r) for r in requests],
+                            caches=[m.session.prompt_cache for m in members],
+                            all_tokens=[list(r.prompt_tokens[:-1]) for r in requests],
+                            samplers=[m.sampler for m in members])
+    for member in members:
+        member.joined = began
+    return dict(zip(uids, members))
 
 
 # How a scheduler decodes its requests (`/health` batching.mode): the one choice, named once.
@@ -183,14 +209,10 @@ class Scheduler:
     def _start(self, request: GenerationRequest, emit: Callable[[object], None], tokens: np.ndarray) -> None:
         session = self.engine.begin(request)
         remaining = len(request.prompt_tokens) - 1 - session.restored.reuse
-        self.prefilling.append(Member(session, emit, tokens,
-                                      self._text_stream(request, session.usage),
-                                      self.engine.prefill_chunks(session), remaining,
-                                      make_sampler(temp=request.temperature, top_p=request.top_p)))
-
-    def _text_stream(self, request: GenerationRequest, usage: Usage) -> TextStream:
-        return TextStream(self.engine.tokenizer, request, usage,
+        text = TextStream(self.engine.tokenizer, request, session.usage,
                           lambda: self.engine.store.count("requests_cancelled"))
+        self.prefilling.append(Member(session, emit, tokens, text, self.engine.prefill_chunks(session), remaining,
+                                      make_sampler(temp=request.temperature, top_p=request.top_p)))
 
     def step(self) -> None:
         """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
@@ -302,19 +324,7 @@ class Scheduler:
                 log.exception("a first token failed")
                 self._fail_prefill(member, exc)
         if batched:
-            self._insert_prompt_ends(batched)
-
-    def _insert_prompt_ends(self, members: list[Member]) -> None:
-        began = time.perf_counter()
-        requests = [m.session.request for m in members]
-        uids = self.generator.insert([r.prompt_tokens[-1:] for r in requests],
-                                     max_tokens=[tokens_left(r) for r in requests],
-                                     caches=[m.session.prompt_cache for m in members],
-                                     all_tokens=[list(r.prompt_tokens[:-1]) for r in requests],
-                                     samplers=[m.sampler for m in members])
-        for uid, member in zip(uids, members):
-            member.joined = began
-            self.decoding[uid] = member
+            self.decoding.update(insert_prompt_ends(self.generator, batched))
 
     def _ends_prompt_alone(self, member: Member) -> bool:
         """Its prompt's end needs a snapshot (recurrent layers: taken from its own cache), or
@@ -333,11 +343,11 @@ class Scheduler:
         token, logprobs = first_token(self.engine.model, tokens, session.prompt_cache, member.sampler)
         if len(tokens) in session.points:
             session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.cache_plan)
-        self._first_arrived(member, began)
+        member.first_arrived(began)
         if any(h.computing is member for h in self.held):
             self.engine.store_prompt(session)
             self._release(member)
-        self._emit(member, member.text.feed(token, logprobs))
+        member.feed(token, logprobs)
         if member.text.finish:  # the token was never fed to the cache: it is not stored
             self._finish(member)
             return
@@ -346,13 +356,6 @@ class Scheduler:
                                        caches=[session.prompt_cache], all_tokens=[list(tokens)],
                                        samplers=[member.sampler])
         self.decoding[uid] = member
-
-    def _first_arrived(self, member: Member, began: float) -> None:
-        """Time to first token, and the first token's own step, in the request's usage."""
-        now = time.perf_counter()
-        usage = member.session.usage
-        usage.prefill_seconds, usage.steps["first_token"] = now - member.session.started, now - began
-        member.joined = None
 
     # -- decode ------------------------------------------------------------------------
     def _decode_step(self) -> None:
@@ -365,11 +368,9 @@ class Scheduler:
             member = self.decoding.get(response.uid)
             if member is None:
                 continue
-            if member.joined is not None:
-                self._first_arrived(member, member.joined)
             if getattr(response, "in_cache", True):  # mlx-lm's batch feeds every token it returns
                 member.session.fed.append(response.token)
-            self._emit(member, member.text.feed(response.token, response.logprobs))
+            member.feed(response.token, response.logprobs)
             if response.finish_reason is not None:
                 member.text.finish = member.text.finish or "length"
                 ended[response.uid] = response.prompt_cache
@@ -407,10 +408,6 @@ class Scheduler:
             self.decoding[uid].text.cancel()
         if cancelled:
             self._leave(cancelled)
-
-    def _emit(self, member: Member, chunks: list[Chunk]) -> None:
-        for chunk in chunks:
-            member.emit(chunk)
 
     def _finish(self, member: Member) -> None:
         member.emit(member.text.close())
