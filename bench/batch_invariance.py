@@ -4,8 +4,9 @@ Part 1 (bisection): one request (row 0, a 37-token prompt) is decoded alone, as 
 does (`model(token, cache=KVCache)`, then `logits - logsumexp`), and beside neighbours of other
 prompt lengths; each stage changes one thing, and the table gives the largest |logprob
 difference| of row 0 at each decode step and the first step where one appears:
-- the product's path: kvtier prefills alone, computes the first token alone, inserts the cache
-  into mlx-lm's `BatchGenerator` (BatchKVCache.merge/extend, left padding, masks);
+- the product's path: kvtier prefills alone, inserts the cache with the prompt's last token
+  into mlx-lm's `BatchGenerator` (BatchKVCache.merge/extend, left padding, masks), whose pass
+  gives the first token;
 - mlx-lm's own batched prefill (right padding, `finalize`'s roll), as `mlx_lm.server` does;
 - the prefill's chunk size, alone;
 - the model's forward at M = 1 vs M = k rows of the *same* request (no padding, no mask);
@@ -177,18 +178,17 @@ def per_row_attention() -> Iterator[None]:
 
 
 def product_path(model: Any, prompts: list[list[int]], steps: int, quant: Quantization | None) -> Logprobs:
-    """Row 0 through kvtier's batched path: prefill alone, first token alone, insert into
-    mlx-lm's BatchGenerator one by one (kvtier.scheduler.Scheduler._first_token), decode."""
+    """Row 0 through kvtier's batched path: prefill alone, then into mlx-lm's BatchGenerator
+    with the prompt's last token as input (kvtier.scheduler.Scheduler._join: the batch's pass
+    gives the first token), decode."""
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=len(prompts))
-    uids, firsts = [], []
+    uids = []
     try:
         for tokens in prompts:
-            cache = prefilled(model, tokens, quant)
-            firsts.append(logprobs_of(model(mx.array([tokens[-1:]]), cache=cache))[0])
-            (uid,) = generator.insert([[int(mx.argmax(firsts[-1]).item())]], max_tokens=[steps],
-                                      caches=[cache], all_tokens=[list(tokens)])
+            (uid,) = generator.insert([tokens[-1:]], max_tokens=[steps], caches=[prefilled(model, tokens, quant)],
+                                      all_tokens=[tokens[:-1]])
             uids.append(uid)
-        return _row_logprobs(generator, uids[0], steps, [firsts[0]])
+        return _row_logprobs(generator, uids[0], steps, [])
     finally:
         generator.close()
 

@@ -59,7 +59,7 @@ def kvtier_request(engine, tokens: list[int], rows: dict) -> None:
     session = measured(rows, "kvtier begin", lambda: engine.begin(GenerationRequest(tokens, 2, temperature=0.0)))
     measured(rows, "kvtier prefill", lambda: [None for _ in engine.prefill_chunks(session)])
     measured(rows, "kvtier clear_cache", mx.clear_cache)
-    measured(rows, "kvtier first_token",  # the scheduler's first token (Scheduler._first_token)
+    measured(rows, "kvtier first_token",  # the scheduler's first token (Scheduler._first_token_alone)
              lambda: first_token(engine.model, tokens, session.prompt_cache, greedy))
     engine.finish(session)  # offered live again: the next request takes it over
     wall = [r[0] for r in rows["kvtier prefill"]][-1] + [r[0] for r in rows["kvtier first_token"]][-1]

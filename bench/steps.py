@@ -130,7 +130,7 @@ def compute_alone(engine, tokens: list[int], reuse: int, prefix_cache: list) -> 
     the last token alone), to its greedy first token. generate_step itself queues its next
     step before it yields that token, and on the CPU `mx.async_eval` returns only once most
     of a queued step has run (a pass more: ~70 ms at 16K); kvtier reads the token first
-    (Scheduler._first_token), so the baseline stops at the token too, without that step."""
+    (Scheduler._first_token_alone), so the baseline stops at the token too, without that step."""
     import mlx.core as mx
 
     cache = prefix_held(engine, prefix_cache, reuse, capacity=len(tokens) + 1)

@@ -38,10 +38,15 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+def tokens_left(request: GenerationRequest) -> int:
+    """Tokens a decoder may return for a request, its first included; a request with no limit
+    gets a count it never reaches (its TextStream ends it: EOS, a stop string, cancelling)."""
+    return sys.maxsize if request.max_tokens is None else request.max_tokens
+
+
 def steps_left(request: GenerationRequest) -> int:
-    """Decode steps a decoder may take after a request's first token; a request with no
-    limit gets a count it never reaches (its TextStream ends it: EOS, a stop string, cancelling)."""
-    return sys.maxsize if request.max_tokens is None else request.max_tokens - 1
+    """The same, after a first token computed outside the decoder."""
+    return tokens_left(request) - 1
 
 
 @dataclass

@@ -18,11 +18,11 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as mlx_cache
 
 from . import kvstate, measured
-from .decode import first_token, greedy, step
+from .decode import greedy, step
 from .engine import Engine
 
-PROBE_STEPS = 4  # decode steps compared per prompt: a difference shows from the first
-PROBE_VERSION = 1  # part of a kept verdict's key: a change to what the probe measures measures again
+PROBE_STEPS = 4  # tokens compared per prompt, the first included: a difference shows from the first
+PROBE_VERSION = 2  # part of a kept verdict's key: a change to what the probe measures measures again
 
 
 @dataclass
@@ -120,10 +120,9 @@ def _prefilled(engine: Engine, tokens: list[int]) -> list[Any]:
 
 
 def _decode_alone(engine: Engine, tokens: list[int]) -> list[mx.array]:
-    prompt_cache = _prefilled(engine, tokens)
-    token, _ = first_token(engine.model, tokens, prompt_cache, greedy)  # computed alone on either path
-    out = []
-    for _ in range(PROBE_STEPS - 1):
+    """The first token and the steps after it, each a one-row pass (decode.step)."""
+    prompt_cache, token, out = _prefilled(engine, tokens), tokens[-1], []
+    for _ in range(PROBE_STEPS):
         y, logprobs = step(engine.model, mx.array([token]), prompt_cache, greedy)
         out.append(logprobs[0])
         token = int(y.item())
@@ -135,12 +134,11 @@ def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]
     out: dict[int, list[mx.array]] = {}
     uids: list[int] = []
     try:
-        for at in range(PROBE_STEPS + max(join_at)):
+        for at in range(PROBE_STEPS + max(join_at) + 1):  # a joiner's first token comes a call later
             for i in (i for i, joins in enumerate(join_at) if joins == at):
-                prompt_cache = _prefilled(engine, prompts[i])
-                first, _ = first_token(engine.model, prompts[i], prompt_cache, greedy)
-                (uid,) = generator.insert([[first]], max_tokens=[PROBE_STEPS - 1], caches=[prompt_cache],
-                                          all_tokens=[list(prompts[i])])
+                # As the scheduler joins a request: its last prompt token, its first token to come.
+                (uid,) = generator.insert([prompts[i][-1:]], max_tokens=[PROBE_STEPS],
+                                          caches=[_prefilled(engine, prompts[i])], all_tokens=[prompts[i][:-1]])
                 uids.append(uid)
                 out[uid] = []
             for response in generator.next()[1]:

@@ -7,8 +7,12 @@ One step (`Scheduler.step`), top to bottom:
    stored by it first.
 2. prefill: the remainder, one chunk per step (`Engine.prefill_chunks`), so the streams
    already decoding get a token between chunks.
-3. first token: the prompt's last token goes through alone (`decode.first_token`; the
-   snapshot at the prompt's end is taken here), and the request joins the decoder.
+3. join (`_join`): requests prefilled in this step that will decode beside others join the
+   batch with their prompt's last token as input, so the batch's next pass gives their first
+   tokens, all in one pass (as mlx_lm.server's). One that will decode alone, or whose
+   prompt's end needs a snapshot (recurrent layers) or whose blocks others wait for, takes
+   its first token in a pass of its own (`decode.first_token`, read before anything more is
+   queued: its time to first token is one pass), then joins with it.
 4. decode: one step of every decoding request: batched, `decode.Decoders` (a lone request
    on its own one-row pass; two or more in mlx-lm's `BatchGenerator`, their caches merged,
    `BatchKVCache.merge`; attention per row, kvtier.row_attention), or interleaved, a
@@ -37,7 +41,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import kvstate
 from .blocks import common_prefix
-from .decode import Decoders, RowDecoder, first_token, steps_left
+from .decode import Decoders, RowDecoder, first_token, steps_left, tokens_left
 from .engine import Engine, Session
 from .requests import Chunk, GenerationRequest, Usage
 from .text import TextStream
@@ -59,7 +63,21 @@ class Member:
     text: TextStream
     chunks: Any  # the prefill's chunk iterator
     remaining: int  # prompt tokens still to prefill (the last one is decoded)
-    sampler: Callable | None = None  # set when its first token is sampled
+    sampler: Callable
+    joined: float | None = None  # when it joined the decoder with its first token still to come
+
+    def feed(self, token: int, logprobs: Any) -> None:
+        """A token it generated: its text (if any) goes out; the first one times its TTFT."""
+        if self.joined is not None:
+            self.first_arrived(self.joined)
+        for chunk in self.text.feed(token, logprobs):
+            self.emit(chunk)
+
+    def first_arrived(self, began: float) -> None:
+        """Time to first token, and the first token's own step, in the request's usage."""
+        now, usage = time.perf_counter(), self.session.usage
+        usage.prefill_seconds, usage.steps["first_token"] = now - self.session.started, now - began
+        self.joined = None
 
 
 @dataclass
@@ -82,6 +100,19 @@ class BatchStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     longest_step_gap: float = 0.0  # longest time between two decode steps of a running batch
+
+
+def insert_prompt_ends(generator: Decoders | RowDecoder, members: list[Member]) -> dict[int, Member]:
+    """Members into the decoder with their prompt's last token as input (its pass gives their
+    first tokens), by the decoder's ids."""
+    began, requests = time.perf_counter(), [m.session.request for m in members]
+    uids = generator.insert([r.prompt_tokens[-1:] for r in requests], max_tokens=[tokens_left(r) for r in requests],
+                            caches=[m.session.prompt_cache for m in members],
+                            all_tokens=[list(r.prompt_tokens[:-1]) for r in requests],
+                            samplers=[m.sampler for m in members])
+    for member in members:
+        member.joined = began
+    return dict(zip(uids, members))
 
 
 # How a scheduler decodes its requests (`/health` batching.mode): the one choice, named once.
@@ -178,13 +209,10 @@ class Scheduler:
     def _start(self, request: GenerationRequest, emit: Callable[[object], None], tokens: np.ndarray) -> None:
         session = self.engine.begin(request)
         remaining = len(request.prompt_tokens) - 1 - session.restored.reuse
-        self.prefilling.append(Member(session, emit, tokens,
-                                      self._text_stream(request, session.usage),
-                                      self.engine.prefill_chunks(session), remaining))
-
-    def _text_stream(self, request: GenerationRequest, usage: Usage) -> TextStream:
-        return TextStream(self.engine.tokenizer, request, usage,
+        text = TextStream(self.engine.tokenizer, request, session.usage,
                           lambda: self.engine.store.count("requests_cancelled"))
+        self.prefilling.append(Member(session, emit, tokens, text, self.engine.prefill_chunks(session), remaining,
+                                      make_sampler(temp=request.temperature, top_p=request.top_p)))
 
     def step(self) -> None:
         """Prefill chunks of the waiting requests, oldest first, up to one chunk's worth of
@@ -195,6 +223,7 @@ class Scheduler:
         (their batched state is lost); nothing of theirs is stored, the others go on."""
         self._drop_cancelled()
         spent = 0.0  # of one step's prefill time (chunking.PrefillChunk.share)
+        ready: list[Member] = []  # prefilled this step: they join the decoder together
         while self.prefilling:
             member = self.prefilling[0]
             share = self.engine.chunk_share(member.session, len(member.prompt) - 1 - member.remaining)
@@ -202,10 +231,13 @@ class Scheduler:
                 break
             spent += share
             try:
-                self._prefill_step(member)
+                if self._prefill_step(member):
+                    ready.append(member)
             except Exception as exc:
                 log.exception("prefilling a batched request failed")
                 self._fail_prefill(member, exc)
+        if ready:
+            self._join(ready)
         if self.decoding:
             try:
                 self._decode_step()
@@ -260,38 +292,62 @@ class Scheduler:
     def close(self) -> None:
         self.generator.close()
 
-    # -- prefill -----------------------------------------------------------------------
-    def _prefill_step(self, member: Member) -> None:
-        """One chunk of `member`'s prefill, and its first token when none is left."""
+    # -- prefill ---------------------------------------------------------------------
+    def _prefill_step(self, member: Member) -> bool:
+        """One chunk of `member`'s prefill; True when its prompt but the last token is computed
+        (it leaves the prefill queue to join the decoder)."""
         if member.remaining > 0:
             started = time.perf_counter()
             computed = next(member.chunks)
             member.remaining -= computed
             self.stats.prefill_tokens += computed
             self.stats.prefill_seconds += time.perf_counter() - started
-        if member.remaining <= 0:
-            self.prefilling.popleft()
-            self._first_token(member)
-            mx.clear_cache()  # the prefill's buffers freed, once its first token is out (10-15 ms at 16K)
+        if member.remaining > 0:
+            return False
+        self.prefilling.popleft()
+        mx.clear_cache()  # the prefill's buffers freed (10-15 ms at 16K)
+        return True
 
-    def _first_token(self, member: Member) -> None:
+    def _join(self, ready: list[Member]) -> None:
+        """The prefilled requests join the decoder. Those that will decode beside others join
+        the batch with their last prompt token as their input: the batch's pass over it gives
+        their first token, one pass for all of them (joining costs no pass of its own). A
+        request that will decode alone, or whose prompt's end needs a snapshot or whose blocks
+        another waits for, takes its first token alone first (`_first_token_alone`)."""
+        batched = [m for m in ready if not self._ends_prompt_alone(m)] if not self.interleaved else []
+        if len(batched) < 2 and not self.decoding:  # it decodes alone: its first token read at once
+            batched = []
+        for member in (m for m in ready if m not in batched):
+            try:
+                self._first_token_alone(member)
+            except Exception as exc:
+                log.exception("a first token failed")
+                self._fail_prefill(member, exc)
+        if batched:
+            self.decoding.update(insert_prompt_ends(self.generator, batched))
+
+    def _ends_prompt_alone(self, member: Member) -> bool:
+        """Its prompt's end needs a snapshot (recurrent layers: taken from its own cache), or
+        requests wait for its blocks (stored from a cache that holds the whole prompt)."""
+        session = member.session
+        return len(session.request.prompt_tokens) in session.points or any(h.computing is member for h in self.held)
+
+    def _first_token_alone(self, member: Member) -> None:
         """The last prompt token goes through alone; the request joins the decoder with the
         token it produced."""
         session, request = member.session, member.session.request
         tokens = request.prompt_tokens
-        member.sampler = make_sampler(temp=request.temperature, top_p=request.top_p)
         if runs_alone(request):
             mx.random.seed(request.seed)  # right before its first sample, alone in the process
         began = time.perf_counter()
         token, logprobs = first_token(self.engine.model, tokens, session.prompt_cache, member.sampler)
         if len(tokens) in session.points:
             session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.cache_plan)
-        now = time.perf_counter()
-        session.usage.prefill_seconds, session.usage.steps["first_token"] = now - session.started, now - began
+        member.first_arrived(began)
         if any(h.computing is member for h in self.held):
             self.engine.store_prompt(session)
             self._release(member)
-        self._emit(member, member.text.feed(token, logprobs))
+        member.feed(token, logprobs)
         if member.text.finish:  # the token was never fed to the cache: it is not stored
             self._finish(member)
             return
@@ -314,7 +370,7 @@ class Scheduler:
                 continue
             if getattr(response, "in_cache", True):  # mlx-lm's batch feeds every token it returns
                 member.session.fed.append(response.token)
-            self._emit(member, member.text.feed(response.token, response.logprobs))
+            member.feed(response.token, response.logprobs)
             if response.finish_reason is not None:
                 member.text.finish = member.text.finish or "length"
                 ended[response.uid] = response.prompt_cache
@@ -352,10 +408,6 @@ class Scheduler:
             self.decoding[uid].text.cancel()
         if cancelled:
             self._leave(cancelled)
-
-    def _emit(self, member: Member, chunks: list[Chunk]) -> None:
-        for chunk in chunks:
-            member.emit(chunk)
 
     def _finish(self, member: Member) -> None:
         member.emit(member.text.close())

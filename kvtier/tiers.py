@@ -142,15 +142,15 @@ class TieredStore:
     def keep(self, restored: Restore, prompt_cache: list[Any], sequence: Sequence[int] | None,
              snapshots: dict[int, Snapshot]) -> None:
         """After a request: the entries it reused are now the most recently used and the request
-        is counted in the index (index writes are not worth delaying its first token for), the
+        is counted in the index (both written by the writer thread: an index commit is not worth
+        delaying a token for), the
         blocks it read from a tier below RAM become hot, and what it computed is stored
         (`keep_computed`). `sequence` None: it ended before its prefill did, with nothing new
         worth storing."""
         reused = [h.ref.key for h in restored.match.hits]
         self._writes.touch(reused + ([restored.snapshot.key] if restored.snapshot else []))
         if restored.index_counters:
-            for tier in self.tiers:
-                tier.add_counters(restored.index_counters)
+            self._writes.add_counters(restored.index_counters)
             restored.index_counters = {}
         if self.plan is not None:  # else nothing was restored
             self.promote(restored_entries(restored, prompt_cache, self.plan, self.config.block_size))

@@ -67,8 +67,23 @@ class WritePath:
         """Entries a request reused: the most recently used now, in RAM and the tiers."""
         if keys:
             self.ram.touch_chain(keys)
-            for tier in self.tiers:
-                tier.touch(keys)
+            self.note(lambda: self._each_tier(lambda tier: tier.touch(keys)))
+
+    def add_counters(self, counters: dict[str, int]) -> None:
+        """A request's counts, into the tiers that keep them (the index: rates across restarts)."""
+        self.note(lambda: self._each_tier(lambda tier: tier.add_counters(counters)))
+
+    def note(self, bookkeeping: Callable[[], None]) -> None:
+        """Best-effort bookkeeping in the tiers below RAM runs on the writer thread, after the
+        writes queued before it: an index commit (an fsync, ~5 ms) is no step of a request."""
+        if self.durable:
+            self.writer.submit(WriteJob([], note=bookkeeping))
+        else:
+            bookkeeping()
+
+    def _each_tier(self, do: Callable[[Tier], None]) -> None:
+        for tier in self.tiers:
+            do(tier)
 
     def retry_writes(self) -> None:
         """Once a tier takes writes again, queue what RAM holds unwritten (on the MLX thread:
@@ -127,7 +142,10 @@ class WritePath:
         """Runs on the writer thread: write the job, then let RAM evict its blocks again
         (after the durable tier's commit, so a lookup finds each one in RAM or there throughout)."""
         try:
-            self._put_down(job.entries)
+            if job.entries:
+                self._put_down(job.entries)
+            if job.note is not None:
+                job.note()
         finally:
             self.evicted(self.ram.written([e.block for e in job.entries if e.block is not None]))
 

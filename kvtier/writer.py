@@ -35,6 +35,7 @@ class WriteJob:
 
     entries: list[Entry]
     fingerprint: str = ""  # the model whose entries they are: its records name it
+    note: Callable[[], None] | None = None  # bookkeeping after them (access times, counters)
 
     @property
     def nbytes(self) -> int:
@@ -55,8 +56,9 @@ class DiskWriter:
 
     def submit(self, job: WriteJob) -> None:
         with self._cond:
-            # Wait for room, but always admit one job so a huge block cannot deadlock.
-            while self._jobs and self._pending_bytes + job.nbytes > self._max_bytes:
+            # Wait for room, but always admit one job so a huge block cannot deadlock; a job
+            # of bookkeeping alone (no bytes) never waits.
+            while job.nbytes and self._jobs and self._pending_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
             self._jobs.append(job)
             self._pending_bytes += job.nbytes

@@ -69,29 +69,25 @@ def _prefilled(model, tokens: list[int]) -> list:
     return cache
 
 
-def _first(model, tokens: list[int], cache: list) -> int:
-    """The last prompt token goes through alone (kvtier.scheduler.Scheduler._first_token)."""
-    return int(mx.argmax(model(mx.array([tokens[-1:]]), cache=cache)[0, -1]).item())
-
-
 def _alone(model, tokens: list[int]) -> list[mx.array]:
-    """kvtier's exact decoder: the request's own row, plain mlx-lm's arithmetic."""
-    cache = _prefilled(model, tokens)
+    """kvtier's exact decoder: the request's own row, plain mlx-lm's arithmetic; its first
+    token is the pass over the last prompt token."""
     decoder = RowDecoder(model)
-    (uid,) = decoder.insert([[_first(model, tokens, cache)]], max_tokens=[STEPS], caches=[cache],
+    (uid,) = decoder.insert([tokens[-1:]], max_tokens=[STEPS], caches=[_prefilled(model, tokens)],
                             samplers=[lambda x: mx.argmax(x, axis=-1)])
     return [r.logprobs for _ in range(STEPS) for r in decoder.next()[1] if r.uid == uid]
 
 
 def _batched(model, prompts: list[list[int]]) -> list[mx.array]:
     """Row 0's log-probabilities through mlx-lm's BatchGenerator, each request inserted with
-    its own prefilled cache as kvtier's Batch does (the generator merges and left-pads)."""
+    its own prefilled cache and its last prompt token, as kvtier's scheduler joins requests
+    (kvtier.scheduler.Scheduler._join: the generator merges and left-pads; the first token
+    comes from the batch's pass)."""
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=len(prompts))
     uids = []
     for tokens in prompts:
-        cache = _prefilled(model, tokens)
-        uids += generator.insert([[_first(model, tokens, cache)]], max_tokens=[STEPS], caches=[cache],
-                                 all_tokens=[list(tokens)])
+        uids += generator.insert([tokens[-1:]], max_tokens=[STEPS], caches=[_prefilled(model, tokens)],
+                                 all_tokens=[tokens[:-1]])
     out: list[mx.array] = []
     while len(out) < STEPS:
         out += [r.logprobs for r in generator.next_generated() if r.uid == uids[0]]
@@ -126,7 +122,7 @@ def test_left_padding_alone_does_not_change_a_row(model):
     only its own keys (kvtier.row_attention), so it gives the lone numbers."""
     target = _tokens(TARGET, 0)
     lone = _prefilled(model, target)
-    token = mx.array([_first(model, target, lone)])
+    token = mx.array(target[-1:])  # the first token comes from the pass over the last prompt token
     cache = [mlx_cache.BatchKVCache.merge([layer]) for layer in lone]
     for layer in cache:  # 23 empty positions on the left, as beside a 60-token neighbour
         widths = [(0, 0), (0, 0), (23, 0), (0, 0)]

@@ -69,6 +69,60 @@ def test_batched_texts_equal_mlx_lm_for_every_architecture(arch_model, interleav
         engine.close()
 
 
+def _record_passes(model: Any) -> list[tuple[int, ...]]:
+    """The input shape of every forward pass `model` runs from now on (a subclass, as
+    daemon/faults.py hooks it: mlx-lm reads the model's layers and make_cache)."""
+    shapes: list[tuple[int, ...]] = []
+    base = type(model)
+
+    def forward(self, inputs, *args, **kwargs):
+        shapes.append(tuple(inputs.shape))
+        return base.__call__(self, inputs, *args, **kwargs)
+
+    model.__class__ = type(f"Recorded{base.__name__}", (base,), {"__call__": forward})
+    return shapes
+
+
+def test_requests_prefilled_together_get_their_first_tokens_from_one_batched_pass(llama_model, tmp_path):
+    """Three requests admitted at once take no pass of their own for their first tokens: they
+    join the batch with their prompts' last tokens and the batch's passes give the first
+    tokens of all three (as mlx_lm.server's batched prefill does), the texts plain mlx-lm's."""
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+    from kvtier.requests import Chunk, GenerationRequest
+    from kvtier.scheduler import BATCHED, Scheduler
+
+    reference = Reference(llama_model)
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    done = object()
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]  # short: prefilled in one step
+    try:
+        batch = Scheduler(engine, max_size=4, done=done, mode=BATCHED)
+        shapes = _record_passes(engine.model)
+        outputs: list[list] = [[] for _ in conversations]
+        first_at: list[int] = []  # passes run when each request's first text came out
+
+        def collect(out: list) -> Callable[[object], None]:
+            def emit(item: object) -> None:
+                if not out and isinstance(item, Chunk) and item.text:
+                    first_at.append(len(shapes))
+                out.append(item)
+            return emit
+
+        for conversation, out in zip(conversations, outputs):
+            batch.add(GenerationRequest(engine.renderer.chat_tokens(conversation), MAX_TOKENS, temperature=0.0),
+                      collect(out))
+        while not batch.idle:
+            batch.step()
+        for conversation, items in zip(conversations, outputs):
+            assert items[-1] is done and "".join(item.text for item in items[:-1]) == reference.chat(conversation, MAX_TOKENS)
+        assert len(first_at) == 3 and len(set(first_at)) == 1  # all three in the same step
+        one_token_passes = [s for s in shapes[:first_at[0]] if s[-1] == 1]
+        assert one_token_passes and all(s == (3, 1) for s in one_token_passes), shapes[:first_at[0]]
+    finally:
+        engine.close()
+
+
 def _stream(daemon, messages: list[dict], out: dict, key: str, cancel_after: int | None = None) -> None:
     stream = daemon.client().chat.completions.create(
         model=str(daemon.model), messages=messages, max_tokens=24, temperature=0, stream=True,
@@ -339,7 +393,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
     engine = Engine(str(tiny_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
     done, n = object(), 16
     a, poisoned = _conversation(QUESTIONS[0]), _conversation(QUESTIONS[2])
-    b = agent_messages("batch", question=QUESTIONS[1], repeat=4)  # a prefill of several steps
+    b = agent_messages("batch", question=QUESTIONS[1], repeat=8)  # a prefill of more steps than the poison takes
     tokens = {key: engine.renderer.chat_tokens(m) for key, m in (("a", a), ("b", b), ("p", poisoned))}
     generated = {key: _greedy_tokens(reference, t, n) for key, t in tokens.items()}
     poison = _poison_token(generated["p"], {*tokens["a"], *tokens["b"], *tokens["p"],
@@ -367,7 +421,7 @@ def test_a_failing_step_fails_only_the_requests_it_computed(tiny_model, interlea
         for out in (out_a, out_p):
             assert out[-1] is done and isinstance(out[-2], InjectedFault)
         assert _text(out_p) and _text(out_p) != expected["p"]  # it failed mid-answer
-        assert out_b[-1] is done and _text(out_b) == expected["b"]
+        assert out_b[-1] is done and _text(out_b) == expected["b"], out_b
 
         # At prefill: a follow-up of the poisoned answer holds the token in its prompt.
         follow_up = poisoned + [{"role": "assistant", "content": expected["p"]},

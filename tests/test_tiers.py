@@ -20,6 +20,7 @@ from kvtier.kvstate import PromptBuffers
 from kvtier.local import LocalDisk
 from kvtier.ram import HotBlock, RamTier
 from kvtier.tiers import NewEntry, TieredStore
+from kvtier.writer import WriteJob
 from tests.support.blocks import (
     BLOCK,
     BLOCK_BYTES,
@@ -508,14 +509,21 @@ def test_read_only_blocks_fail_visibly_count_what_they_keep_and_recover(tmp_path
 
 
 def test_a_request_is_counted_in_the_index_by_keep_not_before_its_first_token(tmp_path):
-    # An LMDB commit (an fsync) on the way to the first token is per-request overhead:
-    # restore counts in memory, keep (after the answer) writes the index's counters.
+    # An LMDB commit (an fsync) on the MLX thread is per-request overhead: restore counts in
+    # memory, keep (after the answer) queues the index's counters for the writer thread.
     store = make_store(tmp_path)
     restored = store.restore(list(range(3 * BLOCK)), into=PromptBuffers(LAYOUT, 3 * BLOCK + 1))
     assert store.counters["requests_miss"] == 1
     assert store.index.counters().get("fp-test", {}).get("requests_miss", 0) == 0
+    writer_busy = threading.Event()
+    store.wait_for_writes()
+    store.writer.submit(WriteJob([], note=writer_busy.wait))  # the writer thread held up
     store.keep(restored, [], sequence=None, snapshots={})
+    assert store.index.counters().get("fp-test", {}).get("requests_miss", 0) == 0  # not on this thread
+    writer_busy.set()
+    store.flush()
     assert store.index.counters()["fp-test"]["requests_miss"] == 1
     store.keep(restored, [], sequence=None, snapshots={})  # counted once, however often kept
+    store.flush()
     assert store.index.counters()["fp-test"]["requests_miss"] == 1
     store.close()
