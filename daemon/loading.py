@@ -229,6 +229,10 @@ class Loader:
         except Exception as exc:
             return _probe_failed(model, exc)
 
+    def idle_work(self) -> bool:
+        """Whether a loaded model has a probe piece left for the idle time (measure_when_idle)."""
+        return any(m.measure_when_idle and not m.running for m in self.loaded())
+
     def measure_when_idle(self) -> bool:
         """Run one piece of a loaded model's probe left for the idle time (on the MLX thread,
         nothing running; work that arrives meanwhile waits for that piece only, then the probe
@@ -240,6 +244,7 @@ class Loader:
         engine = model.engine
         started, probe = self._probes.setdefault(model.name, (time.perf_counter(), exactness.measuring(engine)))
         try:
+            log.debug("%s: a piece of the batched-decode probe", model.name)
             next(probe)
             return True
         except StopIteration as done:
