@@ -26,8 +26,9 @@ from .models import FAILED, LOADED, LOADING, UNLOADED, ServedModel, expired, roo
 
 log = logging.getLogger("kvtier.worker")
 
-# (spec, prefill step size timed at an earlier load or None, progress) -> a loaded engine
-LoadEngine = Callable[[ModelSpec, "PrefillChunk | None", Callable[[str], None]], Engine]
+# (spec, prefill step size timed at an earlier load or None, progress, the engine of the model's
+# earlier load or None) -> a loaded engine
+LoadEngine = Callable[[ModelSpec, "PrefillChunk | None", Callable[[str], None], "Engine | None"], Engine]
 CallSoon = Callable[..., bool]  # Worker.call_soon
 
 
@@ -137,7 +138,7 @@ class Loader:
             if model.name in self._closing:
                 times.start("its last unload's writes")
                 self.wait_for_writes(name=model.name)
-            engine = self._load_engine(model.spec, model.prefill_chunk, progress)
+            engine = self._load_engine(model.spec, model.prefill_chunk, progress, model.engine)
             progress("measuring batched decode")
             model.mode = self._decide_mode(model, engine, on_demand)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
