@@ -34,9 +34,9 @@ log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
 
-# Idle work (the batched-decode probe's pieces) starts only once the MLX thread has had nothing
-# to do this long: a route that has just had its model loaded renders the prompt and submits
-# its request a few milliseconds later, and must not find a probe piece running by then.
+# Idle work (a prefetch's first slice, the batched-decode probe's pieces) starts only once the
+# MLX thread has had nothing to do this long: a route that has just had its model loaded renders
+# the prompt and submits its request a few milliseconds later, and must find nothing running.
 QUIET_SECONDS = 0.5
 
 __all__ = ["BATCHED", "INTERLEAVED", "ONE_AT_A_TIME", "LoadEngine", "ModelBusy", "ModelTooLarge", "Overloaded",
@@ -208,7 +208,7 @@ class Worker:
         while True:
             idle = not stopping and self._idle()
             quiet_in = self._quiet_in() if idle and self._jobs.empty() and self.loader.idle_work() else None
-            if quiet_in is not None and quiet_in <= 0 and self.loader.measure_when_idle():
+            if quiet_in is not None and quiet_in <= 0 and self.loader.idle_step():
                 continue  # jobs that came meanwhile first
             arrived = self._last_work
             stopping = self._take_jobs(block=idle, wait=quiet_in if quiet_in and quiet_in > 0 else None) or stopping
