@@ -48,17 +48,17 @@ def init_app(config: ServeConfig) -> web.Application:
     app.on_response_prepare.append(cors_headers(guard))
     app[READ_TIMEOUT] = config.read_timeout
 
-    def load(spec: ModelSpec, prefill: PrefillChunk | None, progress: Callable[[str], None]) -> Engine:
+    def load(spec: ModelSpec, prefill: PrefillChunk | None, progress: Callable[[str], None],
+             earlier: Engine | None) -> Engine:
         """A model's engine: its own KV options over the daemon's; a reload keeps the prefill
-        chunk timed at its first load."""
+        chunk timed at its first load, and the tokenizer and cache plan of `earlier` (Engine)."""
         cache = replace(config.cache, kv_bits=spec.kv_bits or config.cache.kv_bits,
                         kv_group_size=spec.kv_group_size or config.cache.kv_group_size)
         if not Path(spec.source).is_dir():  # a repo id: --allow-any-model's are fetched on first use
             fetch_model(spec.source, offline=config.offline)
-        engine = Engine(spec.source, cache, prefill or config.prefill_step_size, progress=progress)
         # The index records the names it was served by: `kvtier purge --model NAME` finds it by them.
-        engine.store.register_model(dict(engine.description, name=spec.name, source=spec.source,
-                                         aliases=spec.aliases))
+        engine = Engine(spec.source, cache, prefill or config.prefill_step_size, progress=progress, earlier=earlier,
+                        names={"name": spec.name, "source": spec.source, "aliases": spec.aliases})
         log.info("model %s loaded; cache at %s", spec.name, config.cache.cache_dir)
         return engine
 

@@ -26,8 +26,9 @@ from .models import FAILED, LOADED, LOADING, UNLOADED, ServedModel, expired, roo
 
 log = logging.getLogger("kvtier.worker")
 
-# (spec, prefill step size timed at an earlier load or None, progress) -> a loaded engine
-LoadEngine = Callable[[ModelSpec, "PrefillChunk | None", Callable[[str], None]], Engine]
+# (spec, prefill step size timed at an earlier load or None, progress, the engine of the model's
+# earlier load or None) -> a loaded engine
+LoadEngine = Callable[[ModelSpec, "PrefillChunk | None", Callable[[str], None], "Engine | None"], Engine]
 CallSoon = Callable[..., bool]  # Worker.call_soon
 
 
@@ -47,6 +48,9 @@ class Loader:
         # loads only after its own (its turn restores them); the daemon stops after all.
         self._closing: dict[str, threading.Thread] = {}
         self._probes: dict[str, tuple[float, Generator[None, None, Exactness]]] = {}  # idle probes begun
+        # Loaded models whose planned prefetch starts in the idle time: a request the load was
+        # for restores what it needs itself (straight into its buffers), not after a slice.
+        self._prefetches: dict[str, Engine] = {}
 
     def loaded(self) -> list[ServedModel]:
         return [m for m in list(self.models.values()) if m.loaded and m.engine is not None]
@@ -137,7 +141,7 @@ class Loader:
             if model.name in self._closing:
                 times.start("its last unload's writes")
                 self.wait_for_writes(name=model.name)
-            engine = self._load_engine(model.spec, model.prefill_chunk, progress)
+            engine = self._load_engine(model.spec, model.prefill_chunk, progress, model.engine)
             progress("measuring batched decode")
             model.mode = self._decide_mode(model, engine, on_demand)
             faults.install_from_env(engine.model)  # after the check: it feeds random tokens
@@ -173,6 +177,7 @@ class Loader:
         times.start("scheduler")
         scheduler, model.scheduler = model.scheduler, None
         self._probes.pop(model.name, None)  # a probe begun at idle starts over at the next load
+        self._prefetches.pop(model.name, None)
         if scheduler is not None:
             scheduler.close()
         del scheduler  # its generator holds the model: gone before the engine's close collects
@@ -229,6 +234,20 @@ class Loader:
         except Exception as exc:
             return _probe_failed(model, exc)
 
+    def idle_work(self) -> bool:
+        """Whether a loaded model has work left for the idle time (idle_step)."""
+        return bool(self._prefetches) or any(m.measure_when_idle and not m.running for m in self.loaded())
+
+    def idle_step(self) -> bool:
+        """One piece of the idle time's work: a model's first prefetch slice (the next ones are
+        queued as jobs), else a piece of a batched-decode probe. True if a piece ran."""
+        while self._prefetches:
+            name, engine = self._prefetches.popitem()
+            if any(m.engine is engine for m in self.loaded()):
+                self._prefetch_step(engine)
+                return True
+        return self.measure_when_idle()
+
     def measure_when_idle(self) -> bool:
         """Run one piece of a loaded model's probe left for the idle time (on the MLX thread,
         nothing running; work that arrives meanwhile waits for that piece only, then the probe
@@ -240,6 +259,7 @@ class Loader:
         engine = model.engine
         started, probe = self._probes.setdefault(model.name, (time.perf_counter(), exactness.measuring(engine)))
         try:
+            log.debug("%s: a piece of the batched-decode probe", model.name)
             next(probe)
             return True
         except StopIteration as done:
@@ -262,10 +282,16 @@ class Loader:
             prefetch = engine.store.plan_prefetch(self.prefetch)
             log.info("%s: prefetch planned in %.2f s", model.name, time.perf_counter() - started)
             # Even with nothing planned (an empty cache): its one step ends it, so it says done.
-            if not self._call_soon(self._prefetch_step, model.name):
+            if not self._call_soon(self._prefetch_when_idle, model.name):
                 prefetch.end("queue full")
         except Exception:  # no prefetch: requests read from disk as without one
             log.exception("planning the start-up prefetch failed")
+
+    def _prefetch_when_idle(self, engine: Engine) -> None:
+        """On the MLX thread: the planned prefetch's first slice waits for the idle time."""
+        name = next((m.name for m in self.loaded() if m.engine is engine), None)
+        if name is not None:
+            self._prefetches[name] = engine
 
     def _prefetch_step(self, engine: Engine) -> None:
         """One slice of the prefetch; the next is queued behind what has arrived, so a request

@@ -34,6 +34,11 @@ log = logging.getLogger("kvtier.worker")
 
 _DONE = object()
 
+# Idle work (a prefetch's first slice, the batched-decode probe's pieces) starts only once the
+# MLX thread has had nothing to do this long: a route that has just had its model loaded renders
+# the prompt and submits its request a few milliseconds later, and must find nothing running.
+QUIET_SECONDS = 0.5
+
 __all__ = ["BATCHED", "INTERLEAVED", "ONE_AT_A_TIME", "LoadEngine", "ModelBusy", "ModelTooLarge", "Overloaded",
            "Worker"]
 
@@ -75,6 +80,7 @@ class Worker:
         self._seq = itertools.count()
         self._outbox: Outbox | None = None
         self.ready = threading.Event()  # the default model's first load ended (loaded or failed)
+        self._last_work = time.monotonic()  # when the MLX thread last had a job or a member to serve
         self._thread = threading.Thread(target=self._run, name="kvtier-mlx", daemon=True)
 
     def add_model(self, spec: ModelSpec) -> ServedModel:
@@ -201,23 +207,34 @@ class Worker:
         stopping = False
         while True:
             idle = not stopping and self._idle()
-            if idle and self._jobs.empty() and self.loader.measure_when_idle():
+            quiet_in = self._quiet_in() if idle and self._jobs.empty() and self.loader.idle_work() else None
+            if quiet_in is not None and quiet_in <= 0 and self.loader.idle_step():
                 continue  # jobs that came meanwhile first
-            stopping = self._take_jobs(block=idle) or stopping
+            arrived = self._last_work
+            stopping = self._take_jobs(block=idle, wait=quiet_in if quiet_in and quiet_in > 0 else None) or stopping
             self.loader.holds.clear()  # models waiting for room set them again, before the others' turns
             for model in sorted(list(self.models.values()), key=lambda m: m.loaded):
                 self._turn(model)
             self.loader.unload_expired()
+            if not idle or self._last_work != arrived:  # it served something: quiet from now on
+                self._last_work = time.monotonic()
             if stopping and self._idle():
                 return
+
+    def _quiet_in(self) -> float:
+        """Seconds until the MLX thread has been without work for QUIET_SECONDS (<= 0: it has)."""
+        return self._last_work + QUIET_SECONDS - time.monotonic()
 
     def _idle(self) -> bool:
         return not any(m.backlog or m.running for m in list(self.models.values()))
 
-    def _take_jobs(self, block: bool) -> bool:
+    def _take_jobs(self, block: bool, wait: float | None = None) -> bool:
         """Move queued jobs into their models' backlogs (waiting for one when `block`, up to a
-        second with a keep-alive to check). True once the queue's end (stop) was taken."""
+        second with a keep-alive to check, or `wait` seconds). True once the queue's end
+        (stop) was taken."""
         timeout = 1.0 if self.loader.keep_alive is not None else None
+        if wait is not None:
+            timeout = min(wait, timeout) if timeout is not None else wait
         while True:
             try:
                 item = self._jobs.get(block=block, timeout=timeout if block else None)
@@ -226,6 +243,7 @@ class Worker:
             if item is None:
                 return True
             block = False
+            self._last_work = time.monotonic()
             name, work, emit = item
             model = self.models[name]
             if isinstance(work, GenerationRequest) and work.cancelled.is_set():
@@ -284,6 +302,7 @@ class Worker:
     def _start(self, model: ServedModel, job: Job) -> None:
         assert model.scheduler is not None
         self.stats.waited(job.work)
+        log.debug("%s: a request of %d prompt tokens admitted", model.name, len(job.work.prompt_tokens))
         try:
             model.scheduler.add(job.work, job.emit)
         except Exception as exc:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 from mlx_lm import load as mlx_load
+from mlx_lm.utils import load_model
 
 from . import chunking, kvstate, row_attention
 from .blocks import block_refs, describe_model, model_fingerprint, runtime
@@ -119,15 +120,24 @@ def _silent(phase: str) -> None:
 
 class Engine:
     def __init__(self, model: str, cache_config: CacheConfig,
-                 prefill_step_size: int | chunking.PrefillChunk | None = 2048, *, progress: Progress | None = None):
+                 prefill_step_size: int | chunking.PrefillChunk | None = 2048, *, progress: Progress | None = None,
+                 earlier: Engine | None = None, names: dict | None = None):
         """`prefill_step_size`: one chunk size, an earlier load's choice, or None: timed on this
         model now (kvtier.chunking). `progress` is told each phase of the load as it starts, in
-        PHASES' order ("timing prefill" only when it is timed)."""
+        PHASES' order ("timing prefill" only when it is timed). `earlier`: this model's engine of
+        an earlier load (unloaded since): while the model's files are unchanged (its fingerprint),
+        its tokenizer, prompt renderer (with its recent texts) and cache plan are taken over
+        instead of being made again. `names`: what the index records of the model beside its
+        description (the names a daemon serves it by)."""
         phase = progress or _silent
         self.model_path = resolve_model_path(model)
         self.model_name = model
+        same = earlier if earlier is not None and earlier._still_matches(self.model_path, cache_config) else None
         phase("reading weights")
-        self.model, self.tokenizer = mlx_load(str(self.model_path))
+        if same is None:
+            self.model, self.tokenizer = mlx_load(str(self.model_path))
+        else:
+            self.model, self.tokenizer = load_model(self.model_path)[0], same.tokenizer
         self.weight_bytes = parameter_bytes(self.model)  # what the weights take, for a memory budget
         row_attention.install()  # its model module is loaded now: batched rows attend alone
         config = json.loads((self.model_path / "config.json").read_text())
@@ -138,24 +148,44 @@ class Engine:
         self.quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)
                              if cache_config.kv_bits else None)
         phase("probing the cache")
-        self.plan, self.layout = self._probe()
+        self.plan: kvstate.CachePlan | None
+        self.layout: kvstate.Layout
+        self.plan, self.layout = (same.plan, same.layout) if same is not None else self._probe()
         if prefill_step_size is None:
             phase("timing prefill")
         self.prefill_chunk = chunking.choose(self.model, cache_config.block_size, prefill_step_size)
         self.prefill_step_size = self.prefill_chunk.tokens
-        self.renderer = Renderer(self.tokenizer, boundaries=bool(self.plan and self.plan.needs_snapshots))
+        self.renderer: Renderer = same.renderer if same is not None else Renderer(
+            self.tokenizer, boundaries=bool(self.plan and self.plan.needs_snapshots))
         phase("opening the cache")
-        self._open_store(cache_config)
+        self._open_store(cache_config, same.fingerprint if same is not None else None, names or {})
 
-    def _open_store(self, cache_config: CacheConfig) -> None:
-        """The model's store, under its fingerprint, and its name in the index."""
-        # str() of the MLX dtype ("mlx.core.float32"): the form fingerprints have always hashed.
+    def _kv_format(self) -> tuple[str, str]:
+        """The KV's dtype (str() of the MLX dtype, "mlx.core.float32": the form fingerprints have
+        always hashed) and its quantization, as the fingerprint takes them."""
         dtype = str(getattr(mx, next(iter(self.layout.values()))[1]) if self.layout else self._param_dtype())
-        kv_format = f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
+        return dtype, f"q{self.quantization.bits}g{self.quantization.group_size}" if self.quantization else ""
+
+    def _still_matches(self, model_path: Path, cache_config: CacheConfig) -> bool:
+        """Whether a load of `model_path` now would be this engine's model: the same files (its
+        fingerprint: config, tokenizer, weights) under the same KV settings."""
+        quantization = (kvstate.Quantization(cache_config.kv_bits, cache_config.kv_group_size)
+                        if cache_config.kv_bits else None)
+        if (model_path, cache_config.block_size, quantization) != (self.model_path, self.block_size,
+                                                                   self.quantization) or not self.layout:
+            return False
+        dtype, kv_format = self._kv_format()
+        return model_fingerprint(model_path, dtype, self.block_size, kv_format, runtime()) == self.fingerprint
+
+    def _open_store(self, cache_config: CacheConfig, fingerprint: str | None, names: dict) -> None:
+        """The model's store, under its fingerprint (computed unless given: an earlier load's of
+        the same files), and its names in the index."""
+        dtype, kv_format = self._kv_format()
         computed_by = runtime()  # the mlx / mlx-lm computing the KV: an upgrade is a clean miss
-        self.fingerprint = model_fingerprint(self.model_path, dtype, self.block_size, kv_format, computed_by)
+        self.fingerprint = fingerprint or model_fingerprint(self.model_path, dtype, self.block_size, kv_format,
+                                                            computed_by)
         self.store = TieredStore(cache_config, self.fingerprint, self.layout, self.plan)
-        self.description = dict(describe_model(self.model_path, computed_by), name=self.model_name)
+        self.description = {**describe_model(self.model_path, computed_by), "name": self.model_name, **names}
         self.store.register_model(self.description)
 
     def _probe(self) -> tuple[kvstate.CachePlan | None, kvstate.Layout]:

@@ -140,6 +140,7 @@ class Index(Guarded):
         if problem := file_problem(path, walk):
             raise IndexDamaged(f"{path}: {problem}")
         self._registered: dict[str, dict] = {}  # models this process registered, kept over a reset
+        self._written: dict[str, dict] = {}  # of those, what is in this index file now
         try:
             self._open()
         except DAMAGE_ERRORS as exc:
@@ -166,6 +167,7 @@ class Index(Guarded):
 
     def _reopened(self, reason: str) -> None:
         self.mark_rebuild(reason)
+        self._written.clear()  # a fresh file: every model is described again
         for fingerprint, description in self._registered.items():
             self.register_model(fingerprint, description)
 
@@ -345,9 +347,14 @@ class Index(Guarded):
 
     @writes
     def register_model(self, fingerprint: str, description: dict) -> None:
+        """Describe the model in the index; what this process has already written is not
+        written again (a daemon switching between models reloads each: a commit spared a load)."""
+        if self._written.get(fingerprint) == description:
+            return
         self._registered[fingerprint] = description
         with self.env.begin(write=True, db=self._models) as txn:
             txn.put(fingerprint.encode(), json.dumps(description).encode())
+        self._written[fingerprint] = description
 
     @writes
     def touch(self, keys: list[bytes], access_ms: int) -> None:

@@ -105,7 +105,7 @@ def hold_thread_exit(engine):
 
 async def main(model, cache_dir, block_size):
     config = CacheConfig(cache_dir=Path(cache_dir), block_size=int(block_size))
-    worker = Worker(lambda spec, step, progress: Engine(model, config), [ModelSpec(model)])
+    worker = Worker(lambda spec, step, progress, earlier: Engine(model, config), [ModelSpec(model)])
     worker.start()
     tokens = await worker.call(lambda engine: engine.renderer.text_tokens("the quick brown fox " * 20))
     async for _ in worker.generate(GenerationRequest(tokens, max_tokens=4, temperature=0.0)):
