@@ -516,8 +516,12 @@ def test_a_request_is_counted_in_the_index_by_keep_not_before_its_first_token(tm
     assert store.counters["requests_miss"] == 1
     assert store.index.counters().get("fp-test", {}).get("requests_miss", 0) == 0
     writer_busy = threading.Event()
+
+    def hold_the_writer() -> None:
+        writer_busy.wait()
+
     store.wait_for_writes()
-    store.writer.submit(WriteJob([], note=writer_busy.wait))  # the writer thread held up
+    store.writer.submit(WriteJob([], note=hold_the_writer))
     store.keep(restored, [], sequence=None, snapshots={})
     assert store.index.counters().get("fp-test", {}).get("requests_miss", 0) == 0  # not on this thread
     writer_busy.set()
