@@ -1,6 +1,7 @@
 """The daemon's API as an OpenAPI 3.1 document, served at /openapi.json and fuzzed in tests:
-the POST bodies' schemas are generated from the models that check them
-(daemon/request_models.py), so the document says what the routes accept."""
+the POST bodies' schemas are generated from the models that check them (POST_BODIES: the
+route's model in daemon/bodies_openai.py, bodies_cache.py, bodies_anthropic.py or
+bodies_responses.py), so the document says what the routes accept."""
 
 from __future__ import annotations
 
@@ -8,10 +9,26 @@ from typing import Any
 
 from aiohttp import web
 
+from .bodies import Body
+from .bodies_anthropic import CountTokensRequest, MessagesRequest
+from .bodies_cache import PinRequest, WarmRequest
+from .bodies_openai import ChatCompletionRequest, CompletionRequest
+from .bodies_responses import ResponsesRequest
 from .errors import is_anthropic_route
-from .request_models import POST_BODIES
 
 _REFS = "#/components/schemas/{model}"
+
+# Each POST route's body, as its route reads it (read_body); fuzzed by tests/test_fuzz.py.
+POST_BODIES: dict[str, type[Body]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
+    "/v1/messages": MessagesRequest,
+    "/v1/messages/count_tokens": CountTokensRequest,
+    "/cache/warm": WarmRequest,
+    "/cache/pin": PinRequest,
+    "/cache/unpin": PinRequest,
+}
 
 _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],

@@ -1,5 +1,5 @@
 """Strict reading of JSON request bodies, and of JSON a client sends inside a string (tool
-call arguments): the body's fields are then checked by daemon/request_models.py."""
+call arguments): the body's fields are then checked by the route's model (daemon/bodies.py)."""
 
 from __future__ import annotations
 

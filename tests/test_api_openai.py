@@ -242,8 +242,9 @@ def test_bad_chat_requests_get_openai_errors(app_daemon, validate, body, status,
 def test_a_stop_list_too_long_says_so():
     """A union's member whose type the value has explains the refusal: five stop strings
     are "at most 4 items", not "should be a valid string"."""
+    from daemon.bodies import validate
+    from daemon.bodies_openai import ChatCompletionRequest
     from daemon.errors import InvalidField
-    from daemon.request_models import ChatCompletionRequest, validate
 
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}
     with pytest.raises(InvalidField) as refused:

@@ -14,8 +14,8 @@ import openai
 import pytest
 from openai.types.responses import ResponseFunctionToolCall
 
-from daemon.request_models import ResponsesRequest
-from daemon.request_models import validate as validate_body
+from daemon.bodies import validate as validate_body
+from daemon.bodies_responses import ResponsesRequest
 from daemon.routes.responses import Answer, parse_tools
 from daemon.routes.tools import split_tool_calls
 from kvtier.requests import GenerationRequest, Usage

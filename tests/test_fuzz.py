@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from daemon import openapi
 from daemon.app import init_app
-from daemon.request_models import POST_BODIES
 from daemon.strict_json import MAX_JSON_DEPTH
 from kvtier.config import CacheConfig, ServeConfig
 from tests.conftest import agent_messages, http_request, raw_http
@@ -174,7 +173,7 @@ def test_openapi_document_matches_the_routes(tmp_path):
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert served == documented
     for path in (path for method, path in served if method == "post" and path not in openapi.ACTIONS):
-        fields = POST_BODIES[path].model_fields  # what the route's body model reads
+        fields = openapi.POST_BODIES[path].model_fields  # what the route's body model reads
         schema = request_schema(document, path)
         assert set(schema["properties"]) == set(fields)
         assert set(schema.get("required", [])) == {name for name, f in fields.items() if f.is_required()}

@@ -24,8 +24,8 @@ from aiohttp import web
 from kvtier.requests import GenerationRequest
 
 from .. import sse
-from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
-from ..request_models import (
+from ..bodies import read_body
+from ..bodies_anthropic import (
     AnthropicTool,
     CountTokensRequest,
     MessagesRequest,
@@ -33,8 +33,8 @@ from ..request_models import (
     ThinkingBlock,
     ToolResultBlock,
     ToolUseBlock,
-    read_body,
 )
+from ..errors import INTERNAL_ERROR, ApiError, anthropic_body
 from ..state import STATE, DaemonState
 from ..volatile import drop_billing_line
 from .budget import Budget, NoRoom, clamped_budget
@@ -48,7 +48,7 @@ routes = web.RouteTableDef()
 
 # The error middleware (daemon/errors.py) answers every failure of these routes in
 # Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}; the body's
-# fields are checked by its model (daemon/request_models.py), what is left here is how the
+# fields are checked by its model (daemon/bodies_anthropic.py), what is left here is how the
 # blocks fit the turns they are in.
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)

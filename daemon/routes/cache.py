@@ -13,9 +13,10 @@ from kvtier.local import LocalDisk
 from kvtier.tiers import TieredStore
 
 from ..auth import is_loopback
+from ..bodies import read_body
+from ..bodies_cache import PinRequest, WarmRequest
 from ..errors import ApiError
 from ..models import FAILED
-from ..request_models import PinRequest, WarmRequest, read_body
 from ..state import STATE, DaemonState
 from ..worker import Worker
 from . import model_stats
@@ -192,7 +193,7 @@ async def warm(http: web.Request) -> web.Response:
         messages = [{"role": "system", "content": body.prompt}]
     else:
         raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
-    tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
+    tools = cast("list[dict] | None", body.tools or None)  # bodies.Sent: the dicts as sent
     await state.select_model(body.model if body.model is not None else "default")
     # The scheduler's path, a scheduler of one on the MLX thread between the worker's steps.
     result = await state.worker.call(lambda engine: scheduler.warm(engine, messages, tools, pin=body.pin),

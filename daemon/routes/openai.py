@@ -15,8 +15,9 @@ from kvtier.prompt_bound import PromptTooLong
 from kvtier.requests import Chunk, GenerationRequest, TokenLogprob
 
 from .. import sse
+from ..bodies import read_body
+from ..bodies_openai import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAISampling
 from ..errors import INTERNAL_ERROR, ApiError
-from ..request_models import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAISampling, read_body
 from ..state import STATE, DaemonState
 from .budget import NoRoom, fitting_budget
 from .generation import LEAST_LOGPROB, Generation, Prompt, Step, render, token_logprobs, too_long
@@ -133,7 +134,7 @@ async def chat_completions(http: web.Request) -> web.StreamResponse:
     body = await read_body(http, ChatCompletionRequest)
     model = await state.select_model(body.model)
     messages = template_messages(body.messages)
-    tools = cast("list[dict] | None", body.tools or None)  # request_models.Sent: the dicts as sent
+    tools = cast("list[dict] | None", body.tools or None)  # bodies.Sent: the dicts as sent
     # Tool calls are parsed from the output when the request offers tools (not tool_choice
     # "none") and mlx-lm knows the model's tool-call format; otherwise output is plain text.
     parse_tools = bool(tools) and body.tool_choice != "none"

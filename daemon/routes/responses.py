@@ -26,8 +26,8 @@ from aiohttp import web
 from kvtier.requests import GenerationRequest, TokenLogprob, Usage
 
 from .. import sse
-from ..errors import INTERNAL_ERROR, ApiError
-from ..request_models import (
+from ..bodies import read_body
+from ..bodies_responses import (
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionChoice,
@@ -36,8 +36,8 @@ from ..request_models import (
     MessageItem,
     NamespaceTool,
     ResponsesRequest,
-    read_body,
 )
+from ..errors import INTERNAL_ERROR, ApiError
 from ..state import STATE, DaemonState
 from .budget import NoRoom, clamped_budget
 from .generation import Generation, Piece, Prompt, render, token_logprobs
