@@ -72,7 +72,7 @@ def by_type(known: set[str], default: str | None = None, other: str = "other"):
         if not isinstance(value, dict):
             return None
         tag = value.get("type", default)
-        return tag if tag in known else other
+        return tag if isinstance(tag, str) and tag in known else other  # a list or object: no known type
     return Discriminator(kind, custom_error_type="object_type",
                          custom_error_message="must be an object with a 'type'")
 

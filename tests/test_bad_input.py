@@ -55,6 +55,18 @@ def test_lone_surrogate_in_the_prompt_is_a_400(app_daemon, route):
     assert ok == 200
 
 
+@pytest.mark.parametrize("route,body", [
+    ("/v1/responses", {"input": "x", "tools": [{"type": {}}]}),
+    ("/v1/responses", {"input": [{"type": ["message"], "role": "user", "content": "x"}]}),
+    ("/v1/messages", {"max_tokens": 2, "messages": [{"role": "user", "content": [{"type": [], "text": "x"}]}]}),
+    ("/v1/messages", {"max_tokens": 2, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": {}}]}),
+], ids=["responses-tool", "responses-item", "messages-block", "messages-tool"])
+def test_a_type_that_is_a_list_or_an_object_is_a_400(app_daemon, route, body):
+    """A part's `type` that is not a string is refused like any unknown one, not a 500."""
+    status, answer = send(app_daemon, route, json.dumps(dict(body, model=str(app_daemon.model))))
+    assert_api_error(route, status, answer)
+
+
 @pytest.mark.parametrize("seed", [10**30, -1, 2**64])
 def test_seed_outside_what_mlx_accepts_is_a_400(app_daemon, seed):
     body = {"model": str(app_daemon.model), "prompt": "hi", "max_tokens": 2, "seed": seed}
