@@ -42,6 +42,12 @@ def openai_spec() -> Path | None:
     return None
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    from tests.support.schedule import longest_first
+
+    items[:] = longest_first(items)  # the slowest files first, for `make test`'s processes
+
+
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
     from tests.support.testmodels import make_model
