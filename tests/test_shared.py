@@ -14,7 +14,7 @@ from kvtier import shared
 from kvtier.config import CacheConfig
 from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
-from tests.conftest import agent_messages, free_port
+from tests.conftest import Reference, agent_messages, free_port
 from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server") or ""
@@ -221,14 +221,22 @@ def uploads_done(daemon) -> bool:
     return stats["shared"]["queued_uploads"] == 0 and stats["counters"].get("shared_uploads", 0) > 0
 
 
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_model) -> Reference:
+    """The daemons below run the tiny model: what they test (the shared tier between
+    processes, Redis going away, a bad password) does not depend on the model's size."""
+    return Reference(tiny_model)
+
+
 def test_a_second_daemon_answers_the_first_ones_prompt_from_the_shared_tier(
-        tmp_path, daemon_factory, llama_model, reference, fresh_redis):
+        tmp_path, daemon_factory, tiny_model, tiny_reference, fresh_redis):
+    reference = tiny_reference
     messages = agent_messages("atlas")
     expected = reference.chat(messages, MAX_TOKENS)
-    first = daemon_factory(llama_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "a")
+    first = daemon_factory(tiny_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "a")
     assert chat(first, messages)[0] == expected
     wait_for(lambda: uploads_done(first))
-    second = daemon_factory(llama_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "b")
+    second = daemon_factory(tiny_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "b")
     assert second.get("/health")["shared_connected"] is True
     text, usage = chat(second, messages)
     prompt_tokens = len(reference.chat_tokens(messages))
@@ -250,10 +258,11 @@ def second_metrics(daemon) -> str:
 
 
 def test_redis_stopped_mid_conversation_keeps_answers_right(
-        tmp_path, daemon_factory, llama_model, reference, redis_server):
+        tmp_path, daemon_factory, tiny_model, tiny_reference, redis_server):
+    reference = tiny_reference
     redis_server.client().flushall()
-    first = daemon_factory(llama_model, "--shared", redis_server.url, cache_dir=tmp_path / "a")
-    second = daemon_factory(llama_model, "--shared", redis_server.url, cache_dir=tmp_path / "b")
+    first = daemon_factory(tiny_model, "--shared", redis_server.url, cache_dir=tmp_path / "a")
+    second = daemon_factory(tiny_model, "--shared", redis_server.url, cache_dir=tmp_path / "b")
     turn = agent_messages("borealis", "Hello.")
     assert chat(first, turn)[0] == reference.chat(turn, MAX_TOKENS)
     wait_for(lambda: uploads_done(first))
@@ -276,11 +285,12 @@ def test_redis_stopped_mid_conversation_keeps_answers_right(
     assert text == reference.chat(other, MAX_TOKENS) and usage["shared_tokens"] > 0
 
 
-def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_factory, llama_model, reference):
+def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_factory, tiny_model, tiny_reference):
+    reference = tiny_reference
     server = RedisServer(tmp_path, password="right-one").start()
     try:
         url = f"redis://:badpass123@127.0.0.1:{server.port}/0"
-        daemon = daemon_factory(llama_model, "--shared", url, cache_dir=tmp_path / "a")
+        daemon = daemon_factory(tiny_model, "--shared", url, cache_dir=tmp_path / "a")
         health = daemon.get("/health")
         assert health["status"] == "ok" and health["shared_connected"] is False
         assert "authentication failed" in health["shared_error"] and "badpass123" not in health["shared_error"]
