@@ -124,6 +124,13 @@ def reference(llama_model) -> Reference:
     return Reference(llama_model)
 
 
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model) -> Reference:
+    """For tests whose asserts do not depend on the model's size (faults, files, commands): the
+    tiny model's answers depend on the context too, and its prefills take milliseconds."""
+    return Reference(tiny_model)
+
+
 class Daemon:
     """`kvtier serve` as a real subprocess on 127.0.0.1."""
 

@@ -16,18 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Reference, agent_messages
+from tests.conftest import ROOT, agent_messages
 
 MAX_TOKENS = 8
 
-
-@pytest.fixture(scope="module")
-def tiny_reference(tiny_model) -> Reference:
-    """The faults below but the kill -9 and the disk-size ones do not depend on the model's
-    size: they run on the tiny model (its greedy answers depend on the context too), whose
-    prefills take milliseconds instead of seconds."""
-    return Reference(tiny_model)
-
+# The faults but kill -9 (timed into a llama request) and the disk-size one (llama's KV bytes
+# against the filesystem's) run on the tiny model: conftest's tiny_reference.
 
 def ask(daemon, messages):
     response = daemon.client().chat.completions.create(

@@ -14,7 +14,7 @@ from kvtier import shared
 from kvtier.config import CacheConfig
 from kvtier.shared import namespace
 from kvtier.tiers import NewEntry, TieredStore
-from tests.conftest import Reference, agent_messages, free_port
+from tests.conftest import agent_messages, free_port
 from tests.support.blocks import BLOCK, LAYOUT, arrays_for, assert_hits_hold_their_arrays, fill, make_store
 
 REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server") or ""
@@ -221,13 +221,8 @@ def uploads_done(daemon) -> bool:
     return stats["shared"]["queued_uploads"] == 0 and stats["counters"].get("shared_uploads", 0) > 0
 
 
-@pytest.fixture(scope="module")
-def tiny_reference(tiny_model) -> Reference:
-    """The daemons below run the tiny model: what they test (the shared tier between
-    processes, Redis going away, a bad password) does not depend on the model's size."""
-    return Reference(tiny_model)
-
-
+# The daemons below run the tiny model: what they test (the shared tier between processes,
+# Redis going away, a bad password) does not depend on the model's size.
 def test_a_second_daemon_answers_the_first_ones_prompt_from_the_shared_tier(
         tmp_path, daemon_factory, tiny_model, tiny_reference, fresh_redis):
     reference = tiny_reference
