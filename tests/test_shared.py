@@ -274,8 +274,10 @@ def test_redis_stopped_mid_conversation_keeps_answers_right(
         redis_server.start()
     wait_for(lambda: all(d.get("/health")["shared_connected"] for d in (first, second)))
     other = agent_messages("cygnus", "Hello.")  # the restarted store is empty: fill it again
+    uploaded = first.get("/cache/stats")["counters"].get("shared_uploads", 0)
     assert chat(first, other)[0] == reference.chat(other, MAX_TOKENS)
-    wait_for(lambda: first.get("/cache/stats")["shared"]["queued_uploads"] == 0)
+    # Its blocks uploaded, not only an empty queue (the blocks are queued after the answer).
+    wait_for(lambda: uploads_done(first) and first.get("/cache/stats")["counters"]["shared_uploads"] > uploaded)
     text, usage = chat(second, other)
     assert text == reference.chat(other, MAX_TOKENS) and usage["shared_tokens"] > 0
 

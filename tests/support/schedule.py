@@ -15,11 +15,11 @@ import pytest
 # Test files by their total time in one `make test` run (durations under load, slowest first);
 # the others follow in their usual order. Rough is fine: only the order matters.
 LONGEST = (
-    "test_reliability.py", "test_hybrid.py", "test_operations.py", "test_cli.py",
-    "test_daemon_reuse.py", "test_batching.py", "test_security_load.py", "test_models.py",
-    "test_shared.py", "test_batch_answers.py", "test_prefetch.py", "test_api_anthropic.py",
-    "test_quantized.py", "test_live.py", "test_hub.py", "test_api_responses.py",
-    "test_lifecycle.py", "test_cache_admin.py", "test_agent_clients.py", "test_model_ops.py",
+    "test_hybrid.py", "test_live.py", "test_reliability.py", "test_models.py", "test_daemon_reuse.py",
+    "test_batching.py", "test_security_load.py", "test_prefetch.py", "test_api_anthropic.py",
+    "test_batch_answers.py", "test_cli.py", "test_api_responses.py", "test_status_page.py",
+    "test_index.py", "test_shared.py", "test_cache_admin.py", "test_startup.py", "test_quantized.py",
+    "test_service.py", "test_agent_clients.py", "test_operations.py", "test_lone_request.py",
 )
 
 
