@@ -39,7 +39,8 @@ system-deps:
 
 # Three test processes, a file each at a time (module-scoped daemons stay in one process):
 # most tests wait on a daemon's start-up or I/O, so three keep two cores busy (the suite took
-# 7:58 with three, 9:50 with two, on the same 2-core machine in one afternoon).
+# 7:58 with three, 9:50 with two, on the same 2-core machine in one afternoon). The longest
+# files go first (tests/support/schedule.py), not xdist's most-tests-first order.
 TEST_WORKERS ?= 3
 
 # Lint before the tests, so that a lint failure stops `make test` (seconds; mypy caches in .mypy_cache).
@@ -49,7 +50,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 test: install lint
-	$(BLAS) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+	$(BLAS) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The cache-protocol and exactness tests on the lowest mlx and mlx-lm pyproject.toml allows, in
 # a venv of their own (mlx-lm before 0.32 splits a cache's state into state + meta_state).

@@ -42,6 +42,12 @@ def openai_spec() -> Path | None:
     return None
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    from tests.support.schedule import longest_first
+
+    items[:] = longest_first(items)  # the slowest files first, for `make test`'s processes
+
+
 @pytest.fixture(scope="session")
 def llama_model() -> Path:
     from tests.support.testmodels import make_model
@@ -116,6 +122,13 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(llama_model) -> Reference:
     return Reference(llama_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model) -> Reference:
+    """For tests whose asserts do not depend on the model's size (faults, files, commands): the
+    tiny model's answers depend on the context too, and its prefills take milliseconds."""
+    return Reference(tiny_model)
 
 
 class Daemon:

@@ -213,10 +213,12 @@ def _on_disk(daemon) -> int:
 
 
 @pytest.mark.parametrize("deleted", ["cache directory", "index"])
-def test_a_cache_directory_deleted_under_the_daemon_is_made_again(app_factory, llama_model, reference, deleted):
+def test_a_cache_directory_deleted_under_the_daemon_is_made_again(app_factory, tiny_model, tiny_reference, deleted):
     """Stats and metrics keep answering, saying what happened; answers stay exact; the
-    directory and its index are made again, and later blocks are written to them."""
-    daemon = app_factory(llama_model)
+    directory and its index are made again, and later blocks are written to them (on the
+    tiny model: none of it depends on the model's size)."""
+    reference = tiny_reference
+    daemon = app_factory(tiny_model)
     first = agent_messages("alpha")
     assert _chat(daemon, first)[0] == reference.chat(first, MAX_TOKENS)
     _wait_for(daemon, lambda s: s["disk"]["entries"] > 0, "the first write")

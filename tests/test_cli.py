@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TEST_BLOCK_SIZE, agent_messages
+from tests.conftest import ROOT, TEST_BLOCK_SIZE, Reference, agent_messages
 
 MAX_TOKENS = 12
 NO_PREFETCH = ("--prefetch", "0")  # after a restart, blocks stay on disk
@@ -36,10 +36,17 @@ def ask(daemon, messages):
     return response.choices[0].message.content, response.usage
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_model) -> Reference:
+    """The commands are tested on caches of the tiny model: what they do with a cache does not
+    depend on the model's size, and its prefills take milliseconds."""
+    return Reference(tiny_model)
+
+
 @pytest.fixture
-def filled(app_factory, llama_model):
+def filled(app_factory, tiny_model):
     """The daemon's app (served in the test process) after two projects' prompts."""
-    daemon = app_factory(llama_model, *NO_PREFETCH)
+    daemon = app_factory(tiny_model, *NO_PREFETCH)
     for project in ("alpha", "beta"):
         ask(daemon, agent_messages(project))
     daemon.get("/cache/stats")
@@ -50,10 +57,10 @@ def block_files(cache_dir):
     return [p for p in (cache_dir / "blocks").rglob("*.safetensors")]
 
 
-def test_stats_and_ls_with_the_daemon_running(filled, app_factory, llama_model):
+def test_stats_and_ls_with_the_daemon_running(filled, app_factory, tiny_model):
     cache = str(filled.cache_dir)
     filled.stop()  # the shutdown flushes, as SIGTERM does, so everything is on disk; then serve it again
-    filled = app_factory(llama_model, *NO_PREFETCH, cache_dir=filled.cache_dir)
+    filled = app_factory(tiny_model, *NO_PREFETCH, cache_dir=filled.cache_dir)
     stats = kvtier_json("stats", "--cache-dir", cache)
     (model,) = stats["models"].values()
     assert model["requests"] == 2 and model["misses"] >= 1 and model["blocks"] > 0
@@ -67,7 +74,7 @@ def test_stats_and_ls_with_the_daemon_running(filled, app_factory, llama_model):
     assert human.returncode == 0 and prefixes[0]["key"][:16] in human.stdout
 
 
-def test_verify_clean_damaged_and_fixed(filled, reference, app_factory, llama_model):
+def test_verify_clean_damaged_and_fixed(filled, reference, app_factory, tiny_model):
     cache = str(filled.cache_dir)
     filled.stop()
     assert kvtier("verify", "--cache-dir", cache).returncode == 0
@@ -89,7 +96,7 @@ def test_verify_clean_damaged_and_fixed(filled, reference, app_factory, llama_mo
     assert kvtier("verify", "--cache-dir", cache).returncode == 0
     assert not victim.exists() and not orphan.exists()
 
-    filled = app_factory(llama_model, *NO_PREFETCH, cache_dir=filled.cache_dir)
+    filled = app_factory(tiny_model, *NO_PREFETCH, cache_dir=filled.cache_dir)
     for project in ("alpha", "beta"):
         messages = agent_messages(project)
         assert ask(filled, messages)[0] == reference.chat(messages, MAX_TOKENS)
@@ -152,17 +159,17 @@ def test_pins_survive_eviction_and_purge(filled):
     assert missing.returncode == 2 and "no cached prefix" in missing.stderr
 
 
-def test_warm_then_a_request_reuses_it(daemon_factory, llama_model, reference, tmp_path):
+def test_warm_then_a_request_reuses_it(daemon_factory, tiny_model, reference, tmp_path):
     """Started as a user starts them, without OpenBLAS preloaded (this test process may have
     it): `warm` must run the model on the BLAS the daemon runs it on, whose entries it reuses."""
     cache_dir = tmp_path / "warm-cache"
     system = agent_messages("omega")[0]["content"]
     as_a_user_starts_it = {"LD_PRELOAD": ""}
-    warmed = kvtier("warm", "--model", str(llama_model), "-", "--pin", "--cache-dir", str(cache_dir),
+    warmed = kvtier("warm", "--model", str(tiny_model), "-", "--pin", "--cache-dir", str(cache_dir),
                     "--block-size", str(TEST_BLOCK_SIZE), "--json", input=system, env=as_a_user_starts_it)
     assert warmed.returncode == 0, warmed.stderr
     assert "prefill [" in warmed.stderr and json.loads(warmed.stdout)["pinned_entries"] > 0
-    daemon = daemon_factory(llama_model, cache_dir=cache_dir, env=as_a_user_starts_it)
+    daemon = daemon_factory(tiny_model, cache_dir=cache_dir, env=as_a_user_starts_it)
     messages = agent_messages("omega", question="Start working.")
     text, usage = ask(daemon, messages)
     assert text == reference.chat(messages, MAX_TOKENS)

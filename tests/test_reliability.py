@@ -20,6 +20,8 @@ from tests.conftest import ROOT, agent_messages
 
 MAX_TOKENS = 8
 
+# The faults but kill -9 (timed into a llama request) and the disk-size one (llama's KV bytes
+# against the filesystem's) run on the tiny model: conftest's tiny_reference.
 
 def ask(daemon, messages):
     response = daemon.client().chat.completions.create(
@@ -61,9 +63,10 @@ def _ignore_errors(fn, *args):
         pass  # the daemon was killed under this request
 
 
-def test_garbage_index_entry_is_a_miss_and_verify_repairs_it(daemon, reference):
+def test_garbage_index_entry_is_a_miss_and_verify_repairs_it(daemon_factory, tiny_model, tiny_reference):
+    daemon = daemon_factory(tiny_model)
     messages = agent_messages("garbage")
-    expected = reference.chat(messages, MAX_TOKENS)
+    expected = tiny_reference.chat(messages, MAX_TOKENS)
     assert ask(daemon, messages)[0] == expected
     daemon.stop()
     import lmdb
@@ -102,8 +105,9 @@ def _wait_for(daemon, predicate, timeout=30.0, path="/health") -> dict:
     raise AssertionError(f"condition not reached on {path}: {seen}")
 
 
-def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, llama_model, reference, small_fs):
-    daemon = daemon_factory(llama_model, cache_dir=small_fs / "cache")
+def test_full_disk_keeps_serving_from_ram_and_resumes(daemon_factory, tiny_model, tiny_reference, small_fs):
+    reference = tiny_reference
+    daemon = daemon_factory(tiny_model, cache_dir=small_fs / "cache")
     filler = small_fs / "filler"
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"], capture_output=True)
     first = agent_messages("full-disk")
@@ -173,11 +177,12 @@ def read_only(cache: Path):
         subprocess.run(["umount", str(cache)], check=True)
 
 
-def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, llama_model, reference, tmp_path):
+def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, tiny_model, tiny_reference):
     """The cache directory becomes read-only under a running daemon (a read-only bind mount
     over it, its block subdirectories already there, as in a well-used cache), then writable
     again: the failure is reported while it lasts and clears by itself."""
-    daemon = daemon_factory(llama_model)
+    reference = tiny_reference
+    daemon = daemon_factory(tiny_model)
     with read_only(daemon.cache_dir):
         messages = agent_messages("read-only")
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
@@ -197,10 +202,11 @@ def test_read_only_cache_directory_keeps_serving_and_resumes(daemon_factory, lla
 
 
 def test_blocks_of_a_read_only_spell_are_written_when_it_ends_without_another_request(
-        daemon_factory, llama_model, reference):
+        daemon_factory, tiny_model, tiny_reference):
     """Blocks computed while the cache directory was read-only reach the disk once it is
     writable again, with no request after: a kill -9 then loses none of them."""
-    daemon = daemon_factory(llama_model)
+    reference = tiny_reference
+    daemon = daemon_factory(tiny_model)
     with read_only(daemon.cache_dir):
         messages = agent_messages("read-only-spell")
         assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
@@ -215,13 +221,14 @@ def test_blocks_of_a_read_only_spell_are_written_when_it_ends_without_another_re
     assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
-def test_index_truncated_under_a_running_daemon_is_rebuilt_at_the_next_start(daemon_factory, llama_model,
-                                                                             reference):
+def test_index_truncated_under_a_running_daemon_is_rebuilt_at_the_next_start(daemon_factory, tiny_model,
+                                                                             tiny_reference):
     """data.mdb cut short while the daemon runs: LMDB's next touch of the lost pages may kill
     the process (SIGBUS, which Python cannot catch; the service managers restart it, see
     daemon/service.py). The next start finds the damage before mapping the file, serves,
     rebuilds the index from the block files, and answers from them exactly."""
-    daemon = daemon_factory(llama_model)
+    reference = tiny_reference
+    daemon = daemon_factory(tiny_model)
     messages = agent_messages("truncated-index")
     assert ask(daemon, messages)[0] == reference.chat(messages, MAX_TOKENS)
     _wait_for(daemon, lambda s: s["disk"]["blocks"] > 0 and s["disk"]["queued_jobs"] == 0, path="/cache/stats")
@@ -235,17 +242,18 @@ def test_index_truncated_under_a_running_daemon_is_rebuilt_at_the_next_start(dae
     text, usage = ask(daemon, messages)
     assert text == reference.chat(messages, MAX_TOKENS) and usage.model_extra["kvtier"]["disk_tokens"] > 0
 
-def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, llama_model, reference, tmp_path,
+def test_unusable_cache_directory_at_start_up_still_serves(daemon_factory, tiny_model, tiny_reference, tmp_path,
                                                           monkeypatch):
     """The cache path is taken by a file: the daemon loads anyway, serves exact answers from
     RAM, and its health and stats say the disk tier is off and why. Its scratch index does
     not outlive it, even killed with -9."""
+    reference = tiny_reference
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch_root))
     cache_path = tmp_path / "taken"
     cache_path.write_text("not a directory")
-    daemon = daemon_factory(llama_model, cache_dir=cache_path)
+    daemon = daemon_factory(tiny_model, cache_dir=cache_path)
     health = daemon.get("/health")
     assert health["disk_writable"] is False and "FileExistsError" in health["disk_error"]
     messages = agent_messages("no-disk")

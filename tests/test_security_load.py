@@ -24,8 +24,8 @@ from tests.conftest import ROOT, agent_messages, free_port, http_request
 MAX_TOKENS = 8
 
 
-def test_cache_files_are_private(app_factory, llama_model):
-    daemon = app_factory(llama_model)
+def test_cache_files_are_private(app_factory, tiny_model):
+    daemon = app_factory(tiny_model)  # the files' modes do not depend on the model's size
     daemon.client().chat.completions.create(model=str(daemon.model), messages=agent_messages(),
                                             max_tokens=4, temperature=0)
     daemon.stop()

@@ -221,14 +221,17 @@ def uploads_done(daemon) -> bool:
     return stats["shared"]["queued_uploads"] == 0 and stats["counters"].get("shared_uploads", 0) > 0
 
 
+# The daemons below run the tiny model: what they test (the shared tier between processes,
+# Redis going away, a bad password) does not depend on the model's size.
 def test_a_second_daemon_answers_the_first_ones_prompt_from_the_shared_tier(
-        tmp_path, daemon_factory, llama_model, reference, fresh_redis):
+        tmp_path, daemon_factory, tiny_model, tiny_reference, fresh_redis):
+    reference = tiny_reference
     messages = agent_messages("atlas")
     expected = reference.chat(messages, MAX_TOKENS)
-    first = daemon_factory(llama_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "a")
+    first = daemon_factory(tiny_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "a")
     assert chat(first, messages)[0] == expected
     wait_for(lambda: uploads_done(first))
-    second = daemon_factory(llama_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "b")
+    second = daemon_factory(tiny_model, "--shared", fresh_redis.url, cache_dir=tmp_path / "b")
     assert second.get("/health")["shared_connected"] is True
     text, usage = chat(second, messages)
     prompt_tokens = len(reference.chat_tokens(messages))
@@ -250,10 +253,11 @@ def second_metrics(daemon) -> str:
 
 
 def test_redis_stopped_mid_conversation_keeps_answers_right(
-        tmp_path, daemon_factory, llama_model, reference, redis_server):
+        tmp_path, daemon_factory, tiny_model, tiny_reference, redis_server):
+    reference = tiny_reference
     redis_server.client().flushall()
-    first = daemon_factory(llama_model, "--shared", redis_server.url, cache_dir=tmp_path / "a")
-    second = daemon_factory(llama_model, "--shared", redis_server.url, cache_dir=tmp_path / "b")
+    first = daemon_factory(tiny_model, "--shared", redis_server.url, cache_dir=tmp_path / "a")
+    second = daemon_factory(tiny_model, "--shared", redis_server.url, cache_dir=tmp_path / "b")
     turn = agent_messages("borealis", "Hello.")
     assert chat(first, turn)[0] == reference.chat(turn, MAX_TOKENS)
     wait_for(lambda: uploads_done(first))
@@ -270,17 +274,20 @@ def test_redis_stopped_mid_conversation_keeps_answers_right(
         redis_server.start()
     wait_for(lambda: all(d.get("/health")["shared_connected"] for d in (first, second)))
     other = agent_messages("cygnus", "Hello.")  # the restarted store is empty: fill it again
+    uploaded = first.get("/cache/stats")["counters"].get("shared_uploads", 0)
     assert chat(first, other)[0] == reference.chat(other, MAX_TOKENS)
-    wait_for(lambda: first.get("/cache/stats")["shared"]["queued_uploads"] == 0)
+    # Its blocks uploaded, not only an empty queue (the blocks are queued after the answer).
+    wait_for(lambda: uploads_done(first) and first.get("/cache/stats")["counters"]["shared_uploads"] > uploaded)
     text, usage = chat(second, other)
     assert text == reference.chat(other, MAX_TOKENS) and usage["shared_tokens"] > 0
 
 
-def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_factory, llama_model, reference):
+def test_a_wrong_password_is_a_start_up_warning_not_a_crash(tmp_path, daemon_factory, tiny_model, tiny_reference):
+    reference = tiny_reference
     server = RedisServer(tmp_path, password="right-one").start()
     try:
         url = f"redis://:badpass123@127.0.0.1:{server.port}/0"
-        daemon = daemon_factory(llama_model, "--shared", url, cache_dir=tmp_path / "a")
+        daemon = daemon_factory(tiny_model, "--shared", url, cache_dir=tmp_path / "a")
         health = daemon.get("/health")
         assert health["status"] == "ok" and health["shared_connected"] is False
         assert "authentication failed" in health["shared_error"] and "badpass123" not in health["shared_error"]
