@@ -347,8 +347,7 @@ class Index(Guarded):
 
     @writes
     def register_model(self, fingerprint: str, description: dict) -> None:
-        """Describe the model in the index; what this process has already written is not
-        written again (a daemon switching between models reloads each: a commit spared a load)."""
+        """Describe the model in the index, unless this process wrote just that (a reload)."""
         if self._written.get(fingerprint) == description:
             return
         self._registered[fingerprint] = description
