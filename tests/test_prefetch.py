@@ -30,22 +30,21 @@ def _prefetched(daemon, timeout: float = 60) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
-def test_after_a_restart_the_next_turn_is_served_from_ram(app_factory, arch):
-    """Through the daemon's app in the test process: a restart is a new app on the same cache."""
+def test_after_a_restart_the_next_turn_is_served_from_ram(daemon_factory, arch):
     model = make_model(MODELS / arch, arch)
     reference = Reference(model)
-    daemon = app_factory(model, "--prefetch", "256MB")
+    daemon = daemon_factory(model, "--prefetch", "256MB")
+    client = daemon.client()
 
     def ask(messages: list[dict]):
-        reply = daemon.client().chat.completions.create(model=str(model), messages=messages, max_tokens=MAX_TOKENS,
+        reply = client.chat.completions.create(model=str(model), messages=messages, max_tokens=MAX_TOKENS,
                                                temperature=0)
         return reply.choices[0].message.content, reply.usage.model_extra["kvtier"]
 
     first = agent_messages("prefetch", question="List the files.")
     text, _ = ask(first)
     assert text == reference.chat(first, MAX_TOKENS)
-    daemon.stop()  # flushes every hot block, as SIGTERM does
-    daemon = app_factory(model, "--prefetch", "256MB", cache_dir=daemon.cache_dir)
+    daemon.restart()
     prefetch = _prefetched(daemon)
     assert prefetch["entries"] > 0 and prefetch["bytes"] > 0 and prefetch["stopped"] is None
     second = agent_messages("prefetch", question="Run the tests.")
