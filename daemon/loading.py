@@ -162,7 +162,8 @@ class Loader:
         model.last_used = time.monotonic()
         log.info("model %s loaded in %.1f s (%s)", model.name, model.load_seconds, times.end())
         if self.prefetch > 0:  # planned beside the MLX thread: a large index takes a while to walk
-            planner = threading.Thread(target=self._plan_prefetch, args=(model, engine), name="kvtier-prefetch")
+            planner = threading.Thread(target=self._plan_prefetch, args=(model, engine, on_demand),
+                                       name="kvtier-prefetch")
             self._planners.append(planner)
             planner.start()
 
@@ -276,13 +277,16 @@ class Loader:
             model.scheduler.stats = model.stats
         return True
 
-    def _plan_prefetch(self, model: ServedModel, engine: Engine) -> None:
+    def _plan_prefetch(self, model: ServedModel, engine: Engine, on_demand: bool) -> None:
+        """At start-up the prefetch begins at once (a restarted daemon's first request finds its
+        blocks in RAM); for a model loaded on demand it begins in the idle time (the request it
+        was loaded for reads from disk straight into its buffers, not after a slice)."""
         try:
             started = time.perf_counter()
             prefetch = engine.store.plan_prefetch(self.prefetch)
             log.info("%s: prefetch planned in %.2f s", model.name, time.perf_counter() - started)
             # Even with nothing planned (an empty cache): its one step ends it, so it says done.
-            if not self._call_soon(self._prefetch_when_idle, model.name):
+            if not self._call_soon(self._prefetch_when_idle if on_demand else self._prefetch_step, model.name):
                 prefetch.end("queue full")
         except Exception:  # no prefetch: requests read from disk as without one
             log.exception("planning the start-up prefetch failed")
