@@ -1,34 +1,14 @@
-"""Work the MLX thread does only while the daemon is idle (daemon/worker.py): the pieces of the
-batched-decode probe of a model loaded on demand. A route loads its model first, then renders
-the prompt and submits the request: the probe must not start in between (the request would
-wait for a piece, 0.1-0.5 s)."""
+"""Work the MLX thread does only while the daemon is idle (daemon/worker.py, daemon/loading.py):
+the prefetch of a model loaded on demand waits for it, so the request the model was loaded for
+restores its own blocks first. (The batched-decode probe's pieces wait likewise:
+tests/test_measured.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 
 from tests.conftest import Reference, agent_messages
-
-
-def test_the_request_a_model_was_loaded_for_comes_before_the_idle_probe(app_factory, tiny_model, llama_model,
-                                                                        caplog):
-    caplog.set_level("DEBUG", logger="kvtier.worker")
-    daemon = app_factory(tiny_model, "--max-batch", "4", "--model", f"second={llama_model}")
-    messages = agent_messages("loaded for this request", repeat=1)
-    answer = daemon.client().chat.completions.create(model="second", messages=messages, max_tokens=8,
-                                                     temperature=0).choices[0].message.content
-    deadline = time.monotonic() + 120
-    while daemon.get("/health")["models"]["second"]["batching"]["max_logprob_difference"] is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    logged = [r.getMessage() for r in caplog.records if r.name == "kvtier.worker"]
-    loaded = next(i for i, line in enumerate(logged) if line.startswith("model second loaded"))
-    admitted = next(i for i, line in enumerate(logged) if line.startswith("second: a request of"))
-    first_piece = logged.index("second: a piece of the batched-decode probe")
-    assert loaded < admitted < first_piece
-    assert answer == Reference(llama_model).chat(messages, 8)
 
 
 def test_the_request_a_model_was_reloaded_for_restores_from_disk_before_any_prefetch(tmp_path, llama_model):

@@ -54,8 +54,10 @@ def test_a_restart_recalls_the_batched_decode_verdict_and_a_changed_fingerprint_
 def test_a_model_loaded_for_a_waiting_request_measures_batching_once_the_daemon_is_idle(
         app_factory, tiny_model, llama_model, caplog):
     """Without --exact the probe's verdict does not change how requests run where mlx-lm can
-    batch: a load a request waits for leaves it to the idle time after the answer."""
-    caplog.set_level("INFO", logger="kvtier.worker")
+    batch: a load a request waits for leaves it to the idle time after the answer. The route
+    submits its request a few ms after the load: it is admitted before the probe's first
+    piece (daemon/worker.py QUIET_SECONDS), not after one."""
+    caplog.set_level("DEBUG", logger="kvtier.worker")
     daemon = app_factory(tiny_model, "--max-batch", "4", "--model", f"second={llama_model}")
     messages = agent_messages("measured later", repeat=1)
     answer = daemon.client().chat.completions.create(model="second", messages=messages, max_tokens=8,
@@ -71,6 +73,9 @@ def test_a_model_loaded_for_a_waiting_request_measures_batching_once_the_daemon_
     loaded = next(i for i, line in enumerate(logged) if line.startswith("model second loaded"))
     measured_at = next(i for i, line in enumerate(logged) if line.startswith("second: batched decode measured while idle"))
     assert left < loaded < measured_at  # not measured on the load the request waited for: after it
+    admitted = next(i for i, line in enumerate(logged) if line.startswith("second: a request of"))
+    first_piece = logged.index("second: a piece of the batched-decode probe")
+    assert loaded < admitted < first_piece
     assert answer == Reference(llama_model).chat(messages, 8)
 
 
