@@ -330,7 +330,10 @@ class Scheduler:
         """Its prompt's end needs a snapshot (recurrent layers: taken from its own cache), or
         requests wait for its blocks (stored from a cache that holds the whole prompt)."""
         session = member.session
-        return len(session.request.prompt_tokens) in session.points or any(h.computing is member for h in self.held)
+        return len(session.request.prompt_tokens) in session.points or self._waited_on(member)
+
+    def _waited_on(self, member: Member) -> bool:
+        return any(h.computing is member for h in self.held)
 
     def _first_token_alone(self, member: Member) -> None:
         """The last prompt token goes through alone; the request joins the decoder with the
@@ -344,7 +347,7 @@ class Scheduler:
         if len(tokens) in session.points:
             session.snapshots[len(tokens)] = kvstate.take_snapshot(session.prompt_cache, self.engine.cache_plan)
         member.first_arrived(began)
-        if any(h.computing is member for h in self.held):
+        if self._waited_on(member):
             self.engine.store_prompt(session)
             self._release(member)
         member.feed(token, logprobs)
