@@ -155,7 +155,7 @@ class Loader:
         if self._disk_hold is None and (holder := retain(engine.store.disk)) is not None:
             self._disk_hold = (engine.store.disk, holder)
         model.weight_bytes = engine.weight_bytes or model.weight_bytes
-        model.scheduler = Scheduler(engine, self.max_batch, self._done, model.mode)
+        model.scheduler = Scheduler(engine, self.max_batch, self._done, model.mode, join_rests=joins_rests(model))
         model.scheduler.stats = model.stats
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
         model.load_seconds = round(time.perf_counter() - started, 3)
@@ -275,6 +275,7 @@ class Loader:
             model.mode = INTERLEAVED
             model.scheduler = Scheduler(engine, self.max_batch, self._done, INTERLEAVED)
             model.scheduler.stats = model.stats
+        model.scheduler.join_rests = joins_rests(model)
         return True
 
     def _plan_prefetch(self, model: ServedModel, engine: Engine, on_demand: bool) -> None:
@@ -330,3 +331,11 @@ class PhaseTimes:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+def joins_rests(model: ServedModel) -> bool:
+    """Short prompt rests are computed in the batch's pass (Scheduler.join_rests) where batched
+    decode already differs from decoding alone: the probe measured that path too, and no
+    exactness is lost where batched decode is bit-identical."""
+    batching = model.batching
+    return model.mode == BATCHED and batching is not None and not batching.exact and batching.max_difference is not None

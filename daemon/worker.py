@@ -356,6 +356,7 @@ class Worker:
                     "batched; the start-up check runs once the daemon is idle" if model.measure_when_idle
                     else "model loading"),
                 "max_logprob_difference": batching.max_difference if batching else None,
+                "batched_prefill": bool(model.scheduler is not None and model.scheduler.join_rests),
                 "running": running, **self.stats.as_dict(model.stats)}
 
 

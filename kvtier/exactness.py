@@ -2,7 +2,9 @@
 
 A few prompts of different lengths (one past any sliding window) are decoded alone and
 joined into one mlx-lm `BatchGenerator` at different steps; batched decode is exact only if
-every log-probability of every step is bit-identical. `/health` reports the verdict; with
+every log-probability of every step is bit-identical. Where it is not, the scheduler also
+computes short prompt rests in the batch's pass (`Scheduler.join_rests`): that path is
+measured too, and the larger difference reported. `/health` reports the verdict; with
 `--exact` a verdict of "not identical" makes requests interleave (kvtier.decode.RowDecoder).
 """
 
@@ -22,7 +24,7 @@ from .decode import greedy, step
 from .engine import Engine
 
 PROBE_STEPS = 4  # tokens compared per prompt, the first included: a difference shows from the first
-PROBE_VERSION = 2  # part of a kept verdict's key: a change to what the probe measures measures again
+PROBE_VERSION = 3  # part of a kept verdict's key: a change to what the probe measures measures again
 
 
 @dataclass
@@ -99,17 +101,25 @@ def measuring(engine: Engine) -> Generator[None, None, Exactness]:
     for prompt in prompts:
         alone.append(_decode_alone(engine, prompt))
         yield
-    together = _decode_batched(engine, prompts, join_at=[0, 0, 1])
-    worst, exact = 0.0, True
-    for mine, theirs in zip(together, alone):
-        for a, b in zip(mine, theirs):
-            worst = max(worst, float(mx.max(mx.abs(a - b)).item()))
-            exact &= bool(mx.array_equal(a, b).item())
+    worst, exact = _compared(_decode_batched(engine, prompts, join_at=[0, 0, 1]), alone)
+    if not exact:  # the scheduler then also computes short rests in the batch: their difference too
+        yield
+        worst = max(worst, _compared(_decode_batched(engine, prompts, join_at=[0, 0, 1], rests=True), alone)[0])
     mx.clear_cache()
     if exact:
         return Exactness(True, f"batched decode measured bit-identical at start-up ({len(prompts)} prompts)", 0.0)
     return Exactness(False, f"batched decode differs from decoding alone on this backend "
                             f"(max |logprob difference| {worst:.3g})", worst)
+
+
+def _compared(together: list[list[mx.array]], alone: list[list[mx.array]]) -> tuple[float, bool]:
+    """The largest |difference| of any log-probability, and whether all are bit-identical."""
+    worst, exact = 0.0, True
+    for mine, theirs in zip(together, alone):
+        for a, b in zip(mine, theirs):
+            worst = max(worst, float(mx.max(mx.abs(a - b)).item()))
+            exact &= bool(mx.array_equal(a, b).item())
+    return worst, exact
 
 
 def _prefilled(engine: Engine, tokens: list[int]) -> list[Any]:
@@ -129,16 +139,21 @@ def _decode_alone(engine: Engine, tokens: list[int]) -> list[mx.array]:
     return out
 
 
-def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int]) -> list[list[mx.array]]:
+def _decode_batched(engine: Engine, prompts: list[list[int]], join_at: list[int],
+                    rests: bool = False) -> list[list[mx.array]]:
+    """`rests`: each prompt joins whole, over an empty cache (as `join_rests` joins a short
+    rest); else prefilled alone, joining with its last token."""
     generator = BatchGenerator(engine.model, stop_tokens=[], completion_batch_size=len(prompts))
     out: dict[int, list[mx.array]] = {}
     uids: list[int] = []
     try:
         for at in range(PROBE_STEPS + max(join_at) + 1):  # a joiner's first token comes a call later
             for i in (i for i, joins in enumerate(join_at) if joins == at):
-                # As the scheduler joins a request: its last prompt token, its first token to come.
-                (uid,) = generator.insert([prompts[i][-1:]], max_tokens=[PROBE_STEPS],
-                                          caches=[_prefilled(engine, prompts[i])], all_tokens=[prompts[i][:-1]])
+                # As the scheduler joins a request: the prompt it has not computed, its first token to come.
+                held = 0 if rests else len(prompts[i]) - 1
+                cache = kvstate.make_cache(engine.model, engine.quantization) if rests else _prefilled(engine, prompts[i])
+                (uid,) = generator.insert([prompts[i][held:]], max_tokens=[PROBE_STEPS], caches=[cache],
+                                          all_tokens=[prompts[i][:held]])
                 uids.append(uid)
                 out[uid] = []
             for response in generator.next()[1]:

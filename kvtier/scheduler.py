@@ -9,10 +9,12 @@ One step (`Scheduler.step`), top to bottom:
    already decoding get a token between chunks.
 3. join (`_join`): requests prefilled in this step that will decode beside others join the
    batch with their prompt's last token as input, so the batch's next pass gives their first
-   tokens, all in one pass (as mlx_lm.server's). One that will decode alone, or whose
-   prompt's end needs a snapshot (recurrent layers) or whose blocks others wait for, takes
-   its first token in a pass of its own (`decode.first_token`, read before anything more is
-   queued: its time to first token is one pass), then joins with it.
+   tokens, all in one pass (as mlx_lm.server's). With `join_rests`, a request whose
+   uncomputed rest fits one chunk joins with that rest instead: the batch's pass computes the
+   rests of all that join together (one pass, not one each). One that will decode alone, or
+   whose prompt's end needs a snapshot (recurrent layers) or whose blocks others wait for,
+   takes its first token in a pass of its own (`decode.first_token`, read before anything
+   more is queued: its time to first token is one pass), then joins with it.
 4. decode: one step of every decoding request: batched, `decode.Decoders` (a lone request
    on its own one-row pass; two or more in mlx-lm's `BatchGenerator`, their caches merged,
    `BatchKVCache.merge`; attention per row, kvtier.row_attention), or interleaved, a
@@ -103,12 +105,15 @@ class BatchStats:
 
 
 def insert_prompt_ends(generator: Decoders | RowDecoder, members: list[Member]) -> dict[int, Member]:
-    """Members into the decoder with their prompt's last token as input (its pass gives their
-    first tokens), by the decoder's ids."""
+    """Members into the decoder with the end of their prompt their cache does not hold (its
+    last token, or the rest `join_rests` left to the batch) as input: its passes compute it
+    and give their first tokens. By the decoder's ids."""
     began, requests = time.perf_counter(), [m.session.request for m in members]
-    uids = generator.insert([r.prompt_tokens[-1:] for r in requests], max_tokens=[tokens_left(r) for r in requests],
+    held = [len(r.prompt_tokens) - 1 - m.remaining for r, m in zip(requests, members)]
+    uids = generator.insert([r.prompt_tokens[n:] for r, n in zip(requests, held)],
+                            max_tokens=[tokens_left(r) for r in requests],
                             caches=[m.session.prompt_cache for m in members],
-                            all_tokens=[list(r.prompt_tokens[:-1]) for r in requests],
+                            all_tokens=[list(r.prompt_tokens[:n]) for r, n in zip(requests, held)],
                             samplers=[m.sampler for m in members])
     for member in members:
         member.joined = began
@@ -125,12 +130,17 @@ class Scheduler:
     """The requests the MLX thread is serving at once; `step` advances them all a little.
 
     `mode`: BATCHED shares one forward pass between the decoding requests (Decoders: a request
-    decoding alone has its own row); otherwise each request decodes its own row (RowDecoder)."""
+    decoding alone has its own row); otherwise each request decodes its own row (RowDecoder).
+    `join_rests` (BATCHED only): short prompt rests are computed in the batch's pass, beside
+    each other and the decoding rows (mlx-lm's batched prefill): for backends where batched
+    decode already differs from decoding alone (the load's probe measures this path too), so
+    no exactness is lost."""
 
-    def __init__(self, engine: Engine, max_size: int, done: object, mode: str = BATCHED):
+    def __init__(self, engine: Engine, max_size: int, done: object, mode: str = BATCHED, join_rests: bool = False):
         self.engine, self.max_size, self.done = engine, max_size, done
         self.mode = mode
         self.interleaved = mode != BATCHED
+        self.join_rests = join_rests and not self.interleaved
         self.generator = self._new_generator(self.interleaved)
         self.prefilling: deque[Member] = deque()
         self.decoding: dict[int, Member] = {}
@@ -230,6 +240,9 @@ class Scheduler:
             if spent and spent + share > 1.0:
                 break
             spent += share
+            if self._rest_joins_batch(member):  # computed in the batch's pass, if it joins one
+                ready.append(self.prefilling.popleft())
+                continue
             try:
                 if self._prefill_step(member):
                     ready.append(member)
@@ -297,16 +310,30 @@ class Scheduler:
         """One chunk of `member`'s prefill; True when its prompt but the last token is computed
         (it leaves the prefill queue to join the decoder)."""
         if member.remaining > 0:
-            started = time.perf_counter()
-            computed = next(member.chunks)
-            member.remaining -= computed
-            self.stats.prefill_tokens += computed
-            self.stats.prefill_seconds += time.perf_counter() - started
+            self._prefill_chunk(member)
         if member.remaining > 0:
             return False
         self.prefilling.popleft()
         mx.clear_cache()  # the prefill's buffers freed (10-15 ms at 16K)
         return True
+
+    def _prefill_chunk(self, member: Member) -> None:
+        started = time.perf_counter()
+        computed = next(member.chunks)
+        member.remaining -= computed
+        self.stats.prefill_tokens += computed
+        self.stats.prefill_seconds += time.perf_counter() - started
+
+    def _rest_joins_batch(self, member: Member) -> bool:
+        """`join_rests`: the member's uncomputed rest fits one chunk and completes no block
+        (requests restore full blocks: none waits for one only the batch's copy holds), with
+        no snapshot in it: the batch's pass can compute it, if the member joins a batch."""
+        if not self.join_rests or member.remaining <= 0 or runs_alone(member.session.request):
+            return False
+        end, size = len(member.prompt) - 1, self.engine.block_size
+        position = end - member.remaining
+        return (self.engine.chunk_end(member.session, position) == end and position // size == (end + 1) // size
+                and not self._ends_prompt_alone(member))
 
     def _join(self, ready: list[Member]) -> None:
         """The prefilled requests join the decoder. Those that will decode beside others join
@@ -319,6 +346,8 @@ class Scheduler:
             batched = []
         for member in (m for m in ready if m not in batched):
             try:
+                while member.remaining > 0:  # a rest left for a batch it does not join after all
+                    self._prefill_chunk(member)
                 self._first_token_alone(member)
             except Exception as exc:
                 log.exception("a first token failed")

@@ -119,6 +119,7 @@ def test_a_wide_model_batches_bit_identically_even_with_exact(tmp_path):
     try:
         batching = daemon.get("/health")["batching"]
         assert (batching["mode"], batching["exact"], batching["max_logprob_difference"]) == ("batched", True, 0.0)
+        assert not batching["batched_prefill"]  # prompts prefilled alone: their numbers stay exact
         conversations = [TARGET, *_neighbours(4)]
         answers = [answer for answer, _ in _at_once(daemon, conversations)]
         reference = Reference(model)

@@ -83,10 +83,13 @@ def _record_passes(model: Any) -> list[tuple[int, ...]]:
     return shapes
 
 
-def test_requests_prefilled_together_get_their_first_tokens_from_one_batched_pass(llama_model, tmp_path):
+@pytest.mark.parametrize("join_rests", [False, True], ids=["prefilled-alone", "rests-in-batch"])
+def test_requests_prefilled_together_get_their_first_tokens_from_one_batched_pass(llama_model, tmp_path, join_rests):
     """Three requests admitted at once take no pass of their own for their first tokens: they
     join the batch with their prompts' last tokens and the batch's passes give the first
-    tokens of all three (as mlx_lm.server's batched prefill does), the texts plain mlx-lm's."""
+    tokens of all three (as mlx_lm.server's batched prefill does), the texts plain mlx-lm's.
+    With `join_rests` their short prompts are not prefilled one by one either: one pass of
+    three rows computes them."""
     from kvtier.config import CacheConfig
     from kvtier.engine import Engine
     from kvtier.requests import Chunk, GenerationRequest
@@ -97,7 +100,7 @@ def test_requests_prefilled_together_get_their_first_tokens_from_one_batched_pas
     done = object()
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]  # short: prefilled in one step
     try:
-        batch = Scheduler(engine, max_size=4, done=done, mode=BATCHED)
+        batch = Scheduler(engine, max_size=4, done=done, mode=BATCHED, join_rests=join_rests)
         shapes = _record_passes(engine.model)
         outputs: list[list] = [[] for _ in conversations]
         first_at: list[int] = []  # passes run when each request's first text came out
@@ -117,8 +120,11 @@ def test_requests_prefilled_together_get_their_first_tokens_from_one_batched_pas
         for conversation, items in zip(conversations, outputs):
             assert items[-1] is done and "".join(item.text for item in items[:-1]) == reference.chat(conversation, MAX_TOKENS)
         assert len(first_at) == 3 and len(set(first_at)) == 1  # all three in the same step
-        one_token_passes = [s for s in shapes[:first_at[0]] if s[-1] == 1]
-        assert one_token_passes and all(s == (3, 1) for s in one_token_passes), shapes[:first_at[0]]
+        before = shapes[:first_at[0]]
+        one_token_passes = [s for s in before if s[-1] == 1]
+        assert one_token_passes and all(s == (3, 1) for s in one_token_passes), before
+        prefills = [s for s in before if s[-1] > 1]
+        assert all(s[0] == 3 for s in prefills) == join_rests, before  # one row each, or the three together
     finally:
         engine.close()
 
@@ -206,6 +212,8 @@ def test_the_start_up_check_is_reported_and_answers_stay_exact(app_factory, arch
     assert batching["mode"] == ("interleaved" if exact and not measured_exact else "batched")
     assert batching["enabled"] == (batching["mode"] == "batched")
     assert batching["exact"] == (measured_exact or batching["mode"] == "interleaved")
+    # Short prompts starting together are prefilled in one pass only where that gives up nothing exact.
+    assert batching["batched_prefill"] == (batching["mode"] == "batched" and not batching["exact"])
     reference = Reference(model)
     conversations = [_conversation(q) for q in QUESTIONS[:2]]
 

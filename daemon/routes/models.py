@@ -19,7 +19,8 @@ from ..worker import ModelBusy, Overloaded, Worker
 routes = web.RouteTableDef()
 
 # The fields of `Worker.describe` that /health and /models show per model as `batching`.
-BATCHING_FIELDS = ("mode", "enabled", "exact", "max_batch", "reason", "max_logprob_difference", "running")
+BATCHING_FIELDS = ("mode", "enabled", "exact", "max_batch", "reason", "max_logprob_difference", "batched_prefill",
+                   "running")
 
 
 def served_named(state: DaemonState, name: str) -> ServedModel:
