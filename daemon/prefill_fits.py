@@ -40,9 +40,10 @@ def on_demand(specs: list[ModelSpec]) -> list[ModelSpec]:
 
 
 def _measure_if_new(spec: ModelSpec, config: ServeConfig) -> None:
-    cache_dir, block_size = config.cache.cache_dir, config.cache.block_size
+    block_size = config.cache.block_size
     path = resolve_model_path(spec.source)
-    if chunk_memory.recall(path, cache_dir, block_size) is not None:
+    memory = chunk_memory.FitMemory.of(path, config.cache.cache_dir, block_size)
+    if memory.recall() is not None:
         return
     if config.memory_budget and weights_on_disk(path) > config.memory_budget:
         return  # it can never load under the budget: its request fails then
@@ -50,7 +51,7 @@ def _measure_if_new(spec: ModelSpec, config: ServeConfig) -> None:
     started = time.perf_counter()
     model = load_model(path)[0]
     try:
-        chunk = chunk_memory.keep(path, cache_dir, block_size, chunking.choose(model, block_size, None))
+        chunk = memory.keep(chunking.choose(model, block_size, None))
     finally:
         release_weights(model)
         mx.clear_cache()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,12 +31,30 @@ def _key(model_path: Path, block_size: int) -> dict[str, Any]:
             **measured.machine()}
 
 
-def recall(model_path: Path, cache_dir: Path, block_size: int) -> chunking.PrefillChunk | None:
-    """The chunks of the fit an earlier load measured on this model and machine, or None."""
-    fit = _fit_of(measured.recall(cache_dir, _key(model_path, block_size)))
-    if fit is None:
-        return None
-    return chunking.from_fit(fit, chunking.chunk_sizes(block_size), recalled=True)
+@dataclass(frozen=True)
+class FitMemory:
+    """Where one model's fit is kept: the cache directory and its key (the model's files
+    hashed once, for both the recall and the keep)."""
+
+    cache_dir: Path
+    block_size: int
+    key: dict[str, Any]
+
+    @classmethod
+    def of(cls, model_path: Path, cache_dir: Path, block_size: int) -> FitMemory:
+        return cls(cache_dir, block_size, _key(model_path, block_size))
+
+    def recall(self) -> chunking.PrefillChunk | None:
+        """The chunks of the fit an earlier load measured on this model and machine, or None."""
+        fit = _fit_of(measured.recall(self.cache_dir, self.key))
+        return None if fit is None else chunking.from_fit(fit, chunking.chunk_sizes(self.block_size), recalled=True)
+
+    def keep(self, chunk: chunking.PrefillChunk) -> chunking.PrefillChunk:
+        """Remember a just-measured fit for later loads (a fallback, which measured nothing, is
+        not kept: the next load tries again); the chunk."""
+        if chunk.fit is not None and not chunk.recalled:
+            measured.remember(self.cache_dir, self.key, asdict(chunk.fit))
+        return chunk
 
 
 def _fit_of(kept: dict | None) -> chunking.ChunkFit | None:
@@ -52,14 +70,6 @@ def _fit_of(kept: dict | None) -> chunking.ChunkFit | None:
     return fit if whole and numbers and fit.tokens > 0 and fit.intercept > 0 and fit.slope >= 0 else None
 
 
-def keep(model_path: Path, cache_dir: Path, block_size: int, chunk: chunking.PrefillChunk) -> chunking.PrefillChunk:
-    """Remember a just-measured fit for later loads (a fallback, which measured nothing, is not
-    kept: the next load tries again); the chunk."""
-    if chunk.fit is not None and not chunk.recalled:
-        measured.remember(cache_dir, _key(model_path, block_size), asdict(chunk.fit))
-    return chunk
-
-
 def choose(model: Any, model_path: Path, cache_dir: Path, block_size: int,
            given: int | chunking.PrefillChunk | None,
            timing: Callable[[], None] = lambda: None) -> chunking.PrefillChunk:
@@ -67,11 +77,12 @@ def choose(model: Any, model_path: Path, cache_dir: Path, block_size: int,
     called only when the model is timed now."""
     if given is not None:
         return chunking.choose(model, block_size, given)
-    recalled = recall(model_path, cache_dir, block_size)
+    memory = FitMemory.of(model_path, cache_dir, block_size)
+    recalled = memory.recall()
     if recalled is not None:
         log.info("prefill chunks of %d tokens at depth 0, %d at depth %d (~%.2f s each; measured at an earlier "
                  "load, recalled from %s)", recalled.tokens, recalled.tokens_at_reference,
                  chunking.REFERENCE_DEPTH, recalled.seconds_at_reference, cache_dir)
         return recalled
     timing()
-    return keep(model_path, cache_dir, block_size, chunking.choose(model, block_size, None))
+    return memory.keep(chunking.choose(model, block_size, None))

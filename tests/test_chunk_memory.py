@@ -90,8 +90,8 @@ def test_a_daemon_measures_its_on_demand_models_at_start_up_and_their_first_load
     (broken / "config.json").write_text("{}")  # no weights: its load fails, at start-up and later
     daemon = app_factory(tiny_model, "--prefill-step-size", "auto", "--model", f"second={llama_model}",
                          "--model", f"broken={broken}")
-    cache_dir = daemon.cache_dir
-    assert chunk_memory.recall(llama_model, cache_dir, TEST_BLOCK_SIZE) is not None  # before any request for it
+    second = chunk_memory.FitMemory.of(llama_model, daemon.cache_dir, TEST_BLOCK_SIZE)
+    assert second.recall() is not None  # kept before any request for it
     health = daemon.get("/health")
     assert health["prefill_chunk"]["recalled"] is False  # the default measured at its own load
     assert health["models"]["second"]["prefill_chunk"] is None  # not loaded yet
@@ -109,4 +109,4 @@ def test_a_daemon_measures_its_on_demand_models_at_start_up_and_their_first_load
 def test_a_daemon_with_a_given_size_measures_nothing_at_start_up(app_factory, tiny_model, llama_model):
     daemon = app_factory(tiny_model, "--model", f"second={llama_model}")  # the tests' --prefill-step-size 2048
     assert daemon.get("/health")["prefill_chunk"]["chosen"] == "--prefill-step-size"
-    assert chunk_memory.recall(llama_model, daemon.cache_dir, TEST_BLOCK_SIZE) is None
+    assert chunk_memory.FitMemory.of(llama_model, daemon.cache_dir, TEST_BLOCK_SIZE).recall() is None
