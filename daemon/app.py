@@ -20,6 +20,7 @@ from .auth import auth_middleware
 from .disconnects import disconnect_middleware
 from .errors import error_middleware
 from .guard import Guard, cors_headers, guard_middleware
+from .prefill_fits import measure_unremembered
 from .pressure import PressureWatcher
 from .read_timeout import READ_TIMEOUT
 from .routes import anthropic as anthropic_routes
@@ -65,7 +66,8 @@ def init_app(config: ServeConfig) -> web.Application:
     prefetch = config.prefetch if config.prefetch is not None else config.cache.ram_budget // 2
     app[SHUTDOWN] = asyncio.Event()
     app[STATE] = DaemonState(config, Worker(load, config.models, config.max_waiting, config.max_batch,
-                                            config.exact, prefetch, config.memory_budget, config.keep_alive))
+                                            config.exact, prefetch, config.memory_budget, config.keep_alive,
+                                            before_loads=lambda: measure_unremembered(config)))
     app.cleanup_ctx.append(_worker_lifetime)
     app.add_routes(openai_routes.routes)
     app.add_routes(cache_routes.routes)

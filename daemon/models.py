@@ -90,6 +90,7 @@ class ServedModel:
                 "weight_bytes": self.weight_bytes, "hot_bytes": self.hot_bytes(),
                 "loads": self.loads, "load_seconds": self.load_seconds, "phase": self.phase,
                 "error": self.load_error, "waiting": len(self.backlog),
+                "prefill_chunk": self.prefill_chunk.describe() if self.prefill_chunk is not None else None,
                 "running": len(self.scheduler) if self.scheduler is not None else 0,
                 "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.last_used else None}
 

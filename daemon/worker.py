@@ -66,8 +66,10 @@ class _IfLoaded:
 class Worker:
     def __init__(self, load: LoadEngine, specs: list[ModelSpec], max_waiting: int = 32, max_batch: int = 1,
                  exact: bool = False, prefetch: int = 0, memory_budget: int | None = None,
-                 keep_alive: float | None = None):
+                 keep_alive: float | None = None, before_loads: Callable[[], None] | None = None):
+        """`before_loads`: run on the MLX thread before the first load (daemon/prefill_fits.py)."""
         self.models: dict[str, ServedModel] = {}
+        self._before_loads = before_loads
         for spec in specs:
             self.add_model(spec)
         self.default = self.models[specs[0].name]
@@ -188,6 +190,8 @@ class Worker:
 
     def _serve(self) -> None:
         try:
+            if self._before_loads is not None:
+                self._before_loads()
             self.loader.load(self.default)
         except Exception:
             return  # logged; the daemon stops (app.py)

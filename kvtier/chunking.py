@@ -13,8 +13,9 @@ Where a prompt is cut is part of its arithmetic (docs/benchmarks.md, "Prefill ch
 boundaries change the numbers"), so the cuts depend on positions only, never on the load of
 the moment or on the neighbours: a chunk of size s starts at a multiple of s, and sizes are
 block multiples or divide the block, so a prefix restored at a block boundary is cut where
-a cold prompt is. The fit is made once per process; `--prefill-step-size N` fixes one size
-instead.
+a cold prompt is. The fit is made once per model and machine and kept in the cache
+directory (kvtier/chunk_memory.py): a restart cuts where the last process did, without the
+probe; `--prefill-step-size N` fixes one size instead.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class PrefillChunk:
     fit: ChunkFit | None = None
     sizes: tuple[int, ...] = ()  # the candidates, smallest first
     target: float = TARGET_SECONDS
+    recalled: bool = False  # the fit was measured at an earlier load (kvtier/chunk_memory.py), not now
 
     def size_at(self, depth: int) -> int:
         if self.fit is None:
@@ -191,10 +193,17 @@ def choose(model: Any, block_size: int, given: int | PrefillChunk | None) -> Pre
     except Exception as exc:  # a model the plain probe cannot run: mlx-lm's default
         log.warning("measuring the prefill speed failed (%s); prefill chunks of %d tokens", exc, FALLBACK_TOKENS)
         return PrefillChunk(FALLBACK_TOKENS, "fallback")
-    deep = largest_fitting(fit, sizes, REFERENCE_DEPTH)
-    chunk = PrefillChunk(largest_fitting(fit, sizes, 0), "measured", round(fit.seconds(deep, REFERENCE_DEPTH), 3),
-                         probe_seconds=round(time.perf_counter() - began, 3), tokens_at_reference=deep, fit=fit,
-                         sizes=tuple(sizes))
+    chunk = from_fit(fit, sizes, probe_seconds=round(time.perf_counter() - began, 3))
     log.info("prefill chunks of %d tokens at depth 0, %d at depth %d (~%.2f s each; measured in %.1f s)",
-             chunk.tokens, deep, REFERENCE_DEPTH, chunk.seconds_at_reference, chunk.probe_seconds)
+             chunk.tokens, chunk.tokens_at_reference, REFERENCE_DEPTH, chunk.seconds_at_reference,
+             chunk.probe_seconds)
     return chunk
+
+
+def from_fit(fit: ChunkFit, sizes: list[int], probe_seconds: float | None = None,
+             recalled: bool = False) -> PrefillChunk:
+    """The measured cuts of a fit over the candidate `sizes` (just timed, or recalled)."""
+    deep = largest_fitting(fit, sizes, REFERENCE_DEPTH)
+    return PrefillChunk(largest_fitting(fit, sizes, 0), "measured", round(fit.seconds(deep, REFERENCE_DEPTH), 3),
+                        probe_seconds=probe_seconds, tokens_at_reference=deep, fit=fit, sizes=tuple(sizes),
+                        recalled=recalled)

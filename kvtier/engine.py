@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.utils import load_model
 
-from . import chunking, kvstate, row_attention
+from . import chunk_memory, chunking, kvstate, row_attention
 from .blocks import block_refs, describe_model, model_fingerprint, runtime
 from .config import CacheConfig
 from .hub import ModelUnavailable, cached_model
@@ -123,8 +123,9 @@ class Engine:
                  prefill_step_size: int | chunking.PrefillChunk | None = 2048, *, progress: Progress | None = None,
                  earlier: Engine | None = None, names: dict | None = None):
         """`prefill_step_size`: one chunk size, an earlier load's choice, or None: timed on this
-        model now (kvtier.chunking). `progress` is told each phase of the load as it starts, in
-        PHASES' order ("timing prefill" only when it is timed). `earlier`: this model's engine of
+        model now, unless an earlier process's fit is kept (kvtier.chunking, .chunk_memory).
+        `progress` is told each phase of the load as it starts, in PHASES' order ("timing
+        prefill" only when it is timed). `earlier`: this model's engine of
         an earlier load (unloaded since): while the model's files are unchanged (its fingerprint),
         its tokenizer, prompt renderer (with its recent texts) and cache plan are taken over
         instead of being made again. `names`: what the index records of the model beside its
@@ -151,9 +152,10 @@ class Engine:
         self.plan: kvstate.CachePlan | None
         self.layout: kvstate.Layout
         self.plan, self.layout = (same.plan, same.layout) if same is not None else self._probe()
-        if prefill_step_size is None:
-            phase("timing prefill")
-        self.prefill_chunk = chunking.choose(self.model, cache_config.block_size, prefill_step_size)
+        # None: the fit an earlier load measured on this machine, else timed now (and kept).
+        self.prefill_chunk = chunk_memory.choose(self.model, self.model_path, cache_config.cache_dir,
+                                                 cache_config.block_size, prefill_step_size,
+                                                 timing=lambda: phase("timing prefill"))
         self.prefill_step_size = self.prefill_chunk.tokens
         self.renderer: Renderer = same.renderer if same is not None else Renderer(
             self.tokenizer, boundaries=bool(self.plan and self.plan.needs_snapshots))
