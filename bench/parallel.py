@@ -54,7 +54,7 @@ class Sizes:
     ns: tuple[int, ...] = (1, 2, 4, 8)
     decode_tokens: int = 128
     single_tokens: int = 512  # the single stream against plain mlx-lm
-    trials: int = 3
+    trials: int = 5  # aggregate decode and single stream: one slow trial of three set a median
     agent_ns: tuple[int, ...] = (2, 4, 8)
     rounds: int = 3
     agent_tokens: int = 48
