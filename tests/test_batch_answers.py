@@ -57,8 +57,8 @@ def _forget_hot(engine: Engine) -> None:
     engine.store.forget_hot()
 
 
-@pytest.mark.parametrize("arch, flags", [("llama", ()), ("qwen3_next", ()), ("llama", ("--kv-bits", "8"))],
-                         ids=["llama", "qwen3_next", "llama-kv8"])
+@pytest.mark.parametrize("arch, flags", [("llama", ()), ("qwen3_next", ()), ("sliding", ()), ("llama", ("--kv-bits", "8"))],
+                         ids=["llama", "qwen3_next", "sliding", "llama-kv8"])
 def test_an_answer_is_the_same_alone_beside_any_neighbours_and_from_any_tier(arch, flags, tmp_path):
     model = make_model(MODELS / arch, arch)
     daemon = InProcessDaemon(model, tmp_path / "cache", "--max-batch", "8", *flags).start()
