@@ -129,6 +129,40 @@ def test_requests_prefilled_together_get_their_first_tokens_from_one_batched_pas
         engine.close()
 
 
+def test_a_request_cancelled_while_its_rest_is_in_the_batch_leaves_the_others_and_its_cache_right(
+        llama_model, tmp_path):
+    """A request that joined the batch with its prompt's rest and is cancelled before its first
+    token leaves with whatever the batch computed of it: the others' answers are plain
+    mlx-lm's, and the same question asked again (restoring what was kept of it) is too."""
+    from kvtier.config import CacheConfig
+    from kvtier.engine import Engine
+    from kvtier.requests import GenerationRequest
+    from kvtier.scheduler import BATCHED, Scheduler, generate
+
+    reference = Reference(llama_model)
+    engine = Engine(str(llama_model), CacheConfig(cache_dir=tmp_path, block_size=64), prefill_step_size=64)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    try:
+        batch = Scheduler(engine, max_size=4, done=object(), mode=BATCHED, join_rests=True)
+        requests = [GenerationRequest(engine.renderer.chat_tokens(c), MAX_TOKENS, temperature=0.0)
+                    for c in conversations]
+        outputs: list[list] = [[] for _ in conversations]
+        for request, out in zip(requests, outputs):
+            batch.add(request, out.append)
+        batch.step()  # they join with their rests; the batch's first pass computes them
+        assert not batch.prefilling and len(batch.decoding) == 3 and not any(outputs)
+        requests[1].cancelled.set()
+        while not batch.idle:
+            batch.step()
+        for i in (0, 2):
+            assert "".join(item.text for item in outputs[i][:-1]) == reference.chat(conversations[i], MAX_TOKENS)
+        assert outputs[1][-2].finish_reason == "cancelled" and outputs[1][-1] is batch.done
+        again = GenerationRequest(engine.renderer.chat_tokens(conversations[1]), MAX_TOKENS, temperature=0.0)
+        assert "".join(chunk.text for chunk in generate(engine, again)) == reference.chat(conversations[1], MAX_TOKENS)
+    finally:
+        engine.close()
+
+
 def _stream(daemon, messages: list[dict], out: dict, key: str, cancel_after: int | None = None) -> None:
     stream = daemon.client().chat.completions.create(
         model=str(daemon.model), messages=messages, max_tokens=24, temperature=0, stream=True,
