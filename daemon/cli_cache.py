@@ -293,7 +293,7 @@ def _warm(args, cache_dir: Path) -> int:
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
     try:
-        messages, tools = _warm_messages(text, args.file)
+        messages, tools = _warm_conversation(text, args.file)
     except ValueError as exc:
         return _fail(str(exc))
     try:  # as serve finds its models: a repo id is downloaded, a directory must be a model
@@ -312,7 +312,21 @@ def _warm(args, cache_dir: Path) -> int:
     return 0
 
 
-def _warm_messages(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+def _warm_conversation(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+    """The messages and tools to warm, checked and templated as POST /cache/warm does (the
+    prompt a request with them renders); ValueError naming what is wrong."""
+    from .bodies import validate
+    from .bodies_cache import WarmRequest
+    from .errors import ApiError
+    from .routes.cache import warm_conversation
+
+    try:
+        return warm_conversation(validate(WarmRequest, _warm_body(text, source)))
+    except ApiError as exc:
+        raise ValueError(f"{source}: {exc.message}") from None
+
+
+def _warm_body(text: str, source: str) -> dict:
     """What to warm: a .json file is an agent's request; other text a system prompt, unless
     it parses as a request (piped to standard input, say)."""
     try:
@@ -320,10 +334,10 @@ def _warm_messages(text: str, source: str) -> tuple[list[dict], list[dict] | Non
     except ValueError:
         if source.lower().endswith(".json"):
             raise
-        return [{"role": "system", "content": text}], None
+        return {"prompt": text}
 
 
-def _agent_request(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+def _agent_request(text: str, source: str) -> dict:
     """{"messages": [...], "tools": [...]}; ValueError naming what is wrong with it."""
     try:
         data = json.loads(text)
@@ -332,9 +346,7 @@ def _agent_request(text: str, source: str) -> tuple[list[dict], list[dict] | Non
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise ValueError(f'{source} has no "messages" list: a .json file to warm is an agent\'s '
                          'request, {"messages": [...], "tools": [...]}')
-    if not isinstance(data.get("tools", []), (list, type(None))):
-        raise ValueError(f'{source}: "tools" is not a list')
-    return data["messages"], data.get("tools")
+    return {"messages": data["messages"], "tools": data.get("tools")}
 
 
 def _progress_bar(done: int, total: int) -> None:

@@ -178,6 +178,28 @@ def test_warm_then_a_request_reuses_it(daemon_factory, tiny_model, reference, tm
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
+def test_warm_of_a_request_file_is_what_that_request_reuses(app_factory, tiny_model, tmp_path):
+    """A recorded OpenAI request (a developer message, text parts, a tool call whose arguments
+    are a JSON string) is warmed as the chat route renders it, so the request reuses all of it
+    (it rendered another prompt: `developer` was warmed as a role of its own, reused 1 token)."""
+    system = agent_messages("kappa")[0]["content"]
+    messages = [{"role": "developer", "content": system},
+                {"role": "user", "content": [{"type": "text", "text": "Read a.py."}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "read_file", "arguments": '{"path": "a.py"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "print(1)"}]
+    (tmp_path / "agent.json").write_text(json.dumps({"messages": messages}))
+    cache_dir = tmp_path / "warm-cache"
+    on_this_process_blas = {"KVTIER_NO_OPENBLAS": "1"}  # the app below runs in this process
+    warmed = kvtier("warm", "--model", str(tiny_model), str(tmp_path / "agent.json"), "--cache-dir", str(cache_dir),
+                    "--block-size", str(TEST_BLOCK_SIZE), "--json", env=on_this_process_blas)
+    assert warmed.returncode == 0, warmed.stderr
+    daemon = app_factory(tiny_model, *NO_PREFETCH, cache_dir=cache_dir)
+    _, usage = ask(daemon, messages)
+    assert usage.prompt_tokens == json.loads(warmed.stdout)["tokens"]
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # the last one is computed
+
+
 @pytest.mark.parametrize("model, message", [("nonexistent", "no model directory at"),
                                             ("not-a-model", "is not a model: ")])
 def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message):
@@ -193,8 +215,14 @@ def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message)
     ("agent.json", "not json {", "agent.json is not JSON (Expecting value"),
     ("agent.JSON", '{"prompt": "hi"}', 'agent.JSON has no "messages" list'),
     ("agent.json", '[{"role": "user", "content": "hi"}]', 'agent.json has no "messages" list'),
-    ("agent.json", '{"messages": [], "tools": {"name": "x"}}', 'agent.json: "tools" is not a list')])
-def test_warm_refuses_a_json_file_that_is_not_a_request(tmp_path, tiny_model, name, content, message):
+    ("agent.json", '{"messages": [{"role": "user"}], "tools": {"name": "x"}}',
+     "agent.json: invalid 'tools': Input should be a valid list"),
+    ("agent.json", '{"messages": [5]}', "agent.json: invalid 'messages[0]': Input should be a valid dictionary"),
+    ("agent.json", '{"messages": []}', "agent.json: invalid 'messages': List should have at least 1 item"),
+    ("agent.json", '{"messages": [{"role": "user", "content": "hi"}], "tools": [5]}',
+     "agent.json: invalid 'tools[0]': Input should be a valid dictionary"),
+    ("prompt.txt", "", "prompt.txt: invalid 'prompt': String should have at least 1 character")])
+def test_warm_refuses_a_file_that_is_not_a_request(tmp_path, tiny_model, name, content, message):
     (tmp_path / name).write_text(content)
     cache_dir = tmp_path / "cache"
     result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(cache_dir), str(tmp_path / name))
