@@ -289,19 +289,17 @@ def _warm(args, cache_dir: Path) -> int:
     from kvtier.scheduler import warm
 
     try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    except OSError as exc:
-        return _fail(f"cannot read {args.file}: {exc.strerror}")
-    try:
+        text = _read_text(args.file)
         messages, tools = _warm_conversation(text, args.file)
-    except ValueError as exc:
+        given = {"block_size": args.block_size, "kv_bits": args.kv_bits}
+        config = CacheConfig(cache_dir=cache_dir, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # the file, or the flags CacheConfig checks (as serve's)
         return _fail(str(exc))
     try:  # as serve finds its models: a repo id is downloaded, a directory must be a model
         fetch_model(args.model)
     except ModelUnavailable as exc:
         return _fail(str(exc))
-    overrides = {k: v for k, v in {"block_size": args.block_size, "kv_bits": args.kv_bits}.items() if v}
-    engine = Engine(args.model, CacheConfig(cache_dir=cache_dir, **overrides))
+    engine = Engine(args.model, config)
     try:
         result = warm(engine, messages, tools, pin=args.pin, progress=_progress_bar)
     finally:
@@ -310,6 +308,19 @@ def _warm(args, cache_dir: Path) -> int:
     _emit(args, result, f"warmed {result['tokens']} tokens ({result['computed_tokens']} computed)"
                         f"{', pinned' if args.pin else ''}")
     return 0
+
+
+def _read_text(source: str) -> str:
+    """The file (or standard input, `-`) as UTF-8, as JSON and the daemon's bodies are;
+    ValueError for one that cannot be read or is not UTF-8."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def _warm_conversation(text: str, source: str) -> tuple[list[dict], list[dict] | None]:

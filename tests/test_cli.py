@@ -230,6 +230,21 @@ def test_warm_refuses_a_file_that_is_not_a_request(tmp_path, tiny_model, name, c
     assert result.stderr.count("\n") == 1 and not cache_dir.exists()
 
 
+@pytest.mark.parametrize("flags, content, message", [
+    ((), b"\xff\xfe a system prompt", "prompt.txt is not UTF-8 text (byte 0: invalid start byte)"),
+    (("--block-size", "8"), b"a system prompt", "block size must be between 16 and 8192 tokens"),
+    (("--block-size", "0"), b"a system prompt", "block size must be between 16 and 8192 tokens"),  # not the default
+    (("--kv-bits", "7"), b"a system prompt", "kv bits must be one of 2, 3, 4, 5, 6, 8")])
+def test_warm_refuses_a_file_or_a_flag_it_cannot_use_in_one_line(tmp_path, tiny_model, flags, content, message):
+    """Were tracebacks (UnicodeDecodeError, CacheConfig's ValueError), or `--block-size 0`
+    warmed at the default size, which a daemon given 0 refuses."""
+    (tmp_path / "prompt.txt").write_bytes(content)
+    cache_dir = tmp_path / "cache"
+    result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(cache_dir), *flags, str(tmp_path / "prompt.txt"))
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not cache_dir.exists()
+
+
 def test_warm_takes_any_other_text_file_as_the_system_prompt(tmp_path, tiny_model):
     (tmp_path / "prompt.txt").write_text("not json { " * 40)
     result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(tmp_path / "cache"),
