@@ -34,7 +34,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     ls.add_argument("--offset", type=_natural, default=0, help="skip this many first (the next page)")
     purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
-    what.add_argument("--all", action="store_true", help="everything, pinned entries included")
+    what.add_argument("--all", action="store_true",
+                      help="pinned entries included; alone, every entry (with --model or --older-than: what they select)")
     what.add_argument("--model", help="a model's entries: a name it was served by or its directory name, "
                                       "or a fingerprint or its start, as `stats` and `ls` show them "
                                       "(a name two models share is refused, listing them)")
@@ -246,7 +247,7 @@ def _purge(args, cache) -> int:
     kept = result["pinned_kept"]
     _emit(args, result, f"removed {result['removed']} entries; {result['entries']} left, "
                         f"{format_size(result['bytes'])}"
-                        + (f"; kept {kept} pinned entries (`kvtier unpin` them, or purge --all)" if kept else ""))
+                        + (f"; kept {kept} pinned entries (`kvtier unpin` them, or add --all)" if kept else ""))
     return 0
 
 

@@ -162,8 +162,9 @@ async def purge_cache(http: web.Request) -> web.Response:
                                          model=model, older_than_s=older, to_size=to_size)
     except ops.UnknownModel as exc:
         raise ApiError(400, str(exc), param="model") from None
+    every_entry = everything and model is None and older is None  # else `all` only adds the pinned ones
     for served in model_stats.open_models(state.worker):
-        if served.engine is not None and (everything or served.engine.fingerprint in result["models"]):
+        if served.engine is not None and (every_entry or served.engine.fingerprint in result["models"]):
             served.engine.store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
 
