@@ -280,6 +280,15 @@ def test_a_port_out_of_range_is_refused(tmp_path, command, port, lowest):
     assert f"argument --port: not a port number ({lowest}-65535): '{port}'" in result.stderr
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_queue_that_holds_no_request_is_refused(tmp_path, value):
+    """--max-waiting 0 or -1 started a daemon that answered every request 503, idle or not (a
+    request is refused once --max-waiting wait: 0 >= 0); now refused as --max-tokens 0 is."""
+    result = kvtier("serve", "--max-waiting", value, "--model", str(tmp_path / "none"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"argument --max-waiting: not a positive whole number: '{value}'" in result.stderr
+
+
 def test_hit_rate_is_weighted_by_tokens(app_factory, tiny_model):
     """A request that shares only the template's first tokens is a "hit" of a few tokens: the
     hit rate counts tokens, and such a request is not among those that reused half their prompt.
