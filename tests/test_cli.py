@@ -127,6 +127,20 @@ def test_commands_refuse_an_index_damaged_past_its_header_and_purge_removes_noth
     assert len(kvtier_json("ls", "--cache-dir", cache)) == listed > 0
 
 
+@pytest.mark.parametrize("command", [("ls",), ("stats",)])
+def test_output_to_a_reader_that_left_is_no_traceback(filled, command):
+    """`kvtier ls | head`: the pipe's reader gone before the output is written (a closed read
+    end here) was a BrokenPipeError traceback; now silent, with a shell's status for it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "daemon.cli", *command, "--cache-dir", str(filled.cache_dir)],
+                                cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write_end)
+    assert result.stderr == "" and result.returncode == 141
+
+
 def test_purge_filters(filled):
     cache = str(filled.cache_dir)
     filled.stop()
