@@ -118,7 +118,19 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The exit status of a command whose output's reader left, as a shell reports `ls | head`'s ls.
+SIGPIPE_STATUS = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `kvtier ls | head`: the reader has what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor another at exit's flush
+        return SIGPIPE_STATUS
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),

@@ -34,7 +34,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     ls.add_argument("--offset", type=_natural, default=0, help="skip this many first (the next page)")
     purge = commands.add_parser("purge", parents=[common, shared], help="remove cached entries")
     what = purge.add_argument_group("what to remove (at least one)")
-    what.add_argument("--all", action="store_true", help="everything, pinned entries included")
+    what.add_argument("--all", action="store_true",
+                      help="pinned entries included; alone, every entry (with --model or --older-than: what they select)")
     what.add_argument("--model", help="a model's entries: a name it was served by or its directory name, "
                                       "or a fingerprint or its start, as `stats` and `ls` show them "
                                       "(a name two models share is refused, listing them)")
@@ -246,7 +247,7 @@ def _purge(args, cache) -> int:
     kept = result["pinned_kept"]
     _emit(args, result, f"removed {result['removed']} entries; {result['entries']} left, "
                         f"{format_size(result['bytes'])}"
-                        + (f"; kept {kept} pinned entries (`kvtier unpin` them, or purge --all)" if kept else ""))
+                        + (f"; kept {kept} pinned entries (`kvtier unpin` them, or add --all)" if kept else ""))
     return 0
 
 
@@ -289,19 +290,17 @@ def _warm(args, cache_dir: Path) -> int:
     from kvtier.scheduler import warm
 
     try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    except OSError as exc:
-        return _fail(f"cannot read {args.file}: {exc.strerror}")
-    try:
-        messages, tools = _warm_messages(text, args.file)
-    except ValueError as exc:
+        text = _read_text(args.file)
+        messages, tools = _warm_conversation(text, args.file)
+        given = {"block_size": args.block_size, "kv_bits": args.kv_bits}
+        config = CacheConfig(cache_dir=cache_dir, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # the file, or the flags CacheConfig checks (as serve's)
         return _fail(str(exc))
     try:  # as serve finds its models: a repo id is downloaded, a directory must be a model
         fetch_model(args.model)
     except ModelUnavailable as exc:
         return _fail(str(exc))
-    overrides = {k: v for k, v in {"block_size": args.block_size, "kv_bits": args.kv_bits}.items() if v}
-    engine = Engine(args.model, CacheConfig(cache_dir=cache_dir, **overrides))
+    engine = Engine(args.model, config)
     try:
         result = warm(engine, messages, tools, pin=args.pin, progress=_progress_bar)
     finally:
@@ -312,7 +311,34 @@ def _warm(args, cache_dir: Path) -> int:
     return 0
 
 
-def _warm_messages(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+def _read_text(source: str) -> str:
+    """The file (or standard input, `-`) as UTF-8, as JSON and the daemon's bodies are;
+    ValueError for one that cannot be read or is not UTF-8."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _warm_conversation(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+    """The messages and tools to warm, checked and templated as POST /cache/warm does (the
+    prompt a request with them renders); ValueError naming what is wrong."""
+    from .bodies import validate
+    from .bodies_cache import WarmRequest
+    from .errors import ApiError
+    from .routes.cache import warm_conversation
+
+    try:
+        return warm_conversation(validate(WarmRequest, _warm_body(text, source)))
+    except ApiError as exc:
+        raise ValueError(f"{source}: {exc.message}") from None
+
+
+def _warm_body(text: str, source: str) -> dict:
     """What to warm: a .json file is an agent's request; other text a system prompt, unless
     it parses as a request (piped to standard input, say)."""
     try:
@@ -320,10 +346,10 @@ def _warm_messages(text: str, source: str) -> tuple[list[dict], list[dict] | Non
     except ValueError:
         if source.lower().endswith(".json"):
             raise
-        return [{"role": "system", "content": text}], None
+        return {"prompt": text}
 
 
-def _agent_request(text: str, source: str) -> tuple[list[dict], list[dict] | None]:
+def _agent_request(text: str, source: str) -> dict:
     """{"messages": [...], "tools": [...]}; ValueError naming what is wrong with it."""
     try:
         data = json.loads(text)
@@ -332,9 +358,7 @@ def _agent_request(text: str, source: str) -> tuple[list[dict], list[dict] | Non
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise ValueError(f'{source} has no "messages" list: a .json file to warm is an agent\'s '
                          'request, {"messages": [...], "tools": [...]}')
-    if not isinstance(data.get("tools", []), (list, type(None))):
-        raise ValueError(f'{source}: "tools" is not a list')
-    return data["messages"], data.get("tools")
+    return {"messages": data["messages"], "tools": data.get("tools")}
 
 
 def _progress_bar(done: int, total: int) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kvtier.config import ModelSpec
 
+from .client_names import OncePerName, shown
 from .errors import ApiError
 
 log = logging.getLogger("kvtier.models")
@@ -60,7 +61,7 @@ class ModelNames:
         self.specs = specs  # the configured models; the first is the default
         self.strict, self.allow_any, self.offline = strict, allow_any, offline
         self.found: list[ModelSpec] = []  # models `--allow-any-model` added, in order of first request
-        self._logged: set[str] = set()
+        self._logged = OncePerName()
 
     @property
     def default(self) -> ModelSpec:
@@ -103,9 +104,8 @@ class ModelNames:
         spec = self.spec_named(requested)
         if spec is None:
             spec = self._globbed(requested) or self._any_model(requested) or self._fallback(requested)
-            if spec.name != requested and requested not in self._logged:  # once per name
-                self._logged.add(requested)
-                log.info("requests for model '%s' are served by %s", requested, spec.name)
+            if spec.name != requested and self._logged.first_time(requested):
+                log.info("requests for model %s are served by %s", shown(requested), spec.name)
         return spec, requested
 
     def _fallback(self, requested: str) -> ModelSpec:
@@ -136,7 +136,7 @@ class ModelNames:
             return None
         spec = ModelSpec(requested)
         self.found.append(spec)
-        log.info("model '%s' is not configured: --allow-any-model serves it", requested)
+        log.info("model %s is not configured: --allow-any-model serves it", shown(requested))
         return spec
 
     def forget(self, spec: ModelSpec) -> None:

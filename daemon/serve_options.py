@@ -152,7 +152,7 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--show-previews", dict(action="store_true",
                              help="show the start of each cached prompt's text in /cache/entries "
                                   "(default: counts, keys and times only)")),
-    ("--max-waiting", dict(type=int, default=32,
+    ("--max-waiting", dict(type=positive_int, default=32,  # 0 refused every request, even an idle daemon's
                            help="requests queued before the daemon answers 503 (default: 32)")),
     ("--max-batch", dict(type=int, default=None,
                          help="requests served at once, decoded in one batch "

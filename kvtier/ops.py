@@ -262,25 +262,27 @@ def resolve_model(cache: LocalDisk, selector: str) -> set[str]:
 
 def purge(cache: LocalDisk, *, everything: bool = False, model: str | None = None,
           older_than_s: float | None = None, to_size: int | None = None) -> dict:
-    """Remove entries matching the filters (pinned ones only with `everything`). UnknownModel
+    """Remove entries matching the filters `model` and `older_than_s`, pinned ones too with
+    `everything`, which alone removes every entry (with a filter it never widens it: `--model M
+    --all` is M's entries, pinned included, as the shared tier's purge takes it). UnknownModel
     when `model` names none, or is ambiguous."""
-    fingerprints = resolve_model(cache, model) if model is not None and not everything else None
+    fingerprints = resolve_model(cache, model) if model is not None else None
     records = cache.records()
     victims: list[bytes] = []
     pinned_kept = 0
-    if everything:
-        victims = list(records)
-    elif fingerprints is not None or older_than_s is not None:
+    if fingerprints is not None or older_than_s is not None:
         cutoff = now_ms() - older_than_s * 1000 if older_than_s is not None else None
         for key, record in records.items():
             if fingerprints is not None and record.fingerprint not in fingerprints:
                 continue
             if cutoff is not None and record.access_ms >= cutoff:
                 continue
-            if record.pinned:
+            if record.pinned and not everything:
                 pinned_kept += 1  # said, so an operator does not take them for a failed purge
                 continue
             victims.append(key)
+    elif everything:
+        victims = list(records)
     removed = cache.remove_many(victims)
     if to_size is not None:
         removed += cache.evict_to(to_size)

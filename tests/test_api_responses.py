@@ -251,6 +251,17 @@ def test_recorded_codex_conversations_are_served_and_share_the_cache(app_factory
     assert "built-in tool type 'web_search' is not available here" in caplog.text
 
 
+def test_a_built_in_tool_type_is_logged_on_one_line(caplog):
+    """The type is the client's text: a line break in it wrote a forged ERROR line into the
+    daemon's log; it is shown escaped (daemon/client_names.py)."""
+    caplog.set_level(logging.INFO, logger="kvtier.responses")
+    forged = "web_search_x\n2026-12-08 00:00:00,000 ERROR kvtier.daemon: forged"
+    body = validate_body(ResponsesRequest, {"model": "m", "input": "x", "tools": [{"type": forged}]})
+    assert parse_tools(body.tools).template is None  # not offered to the model
+    [line] = [record.getMessage() for record in caplog.records if "forged" in record.getMessage()]
+    assert line == f"built-in tool type {forged!r} is not available here; not offered to the model"
+
+
 def test_function_calls_in_the_output_match_the_schema(reference, validate):
     """The output side of tool calls, which the random test models never produce: a call the
     real tokenizer's parser reads becomes a function_call item (with its namespace)."""

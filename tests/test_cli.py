@@ -127,6 +127,20 @@ def test_commands_refuse_an_index_damaged_past_its_header_and_purge_removes_noth
     assert len(kvtier_json("ls", "--cache-dir", cache)) == listed > 0
 
 
+@pytest.mark.parametrize("command", [("ls",), ("stats",)])
+def test_output_to_a_reader_that_left_is_no_traceback(filled, command):
+    """`kvtier ls | head`: the pipe's reader gone before the output is written (a closed read
+    end here) was a BrokenPipeError traceback; now silent, with a shell's status for it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "daemon.cli", *command, "--cache-dir", str(filled.cache_dir)],
+                                cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write_end)
+    assert result.stderr == "" and result.returncode == 141
+
+
 def test_purge_filters(filled):
     cache = str(filled.cache_dir)
     filled.stop()
@@ -178,6 +192,28 @@ def test_warm_then_a_request_reuses_it(daemon_factory, tiny_model, reference, tm
     assert usage.model_extra["kvtier"]["disk_tokens"] > 0
 
 
+def test_warm_of_a_request_file_is_what_that_request_reuses(app_factory, tiny_model, tmp_path):
+    """A recorded OpenAI request (a developer message, text parts, a tool call whose arguments
+    are a JSON string) is warmed as the chat route renders it, so the request reuses all of it
+    (it rendered another prompt: `developer` was warmed as a role of its own, reused 1 token)."""
+    system = agent_messages("kappa")[0]["content"]
+    messages = [{"role": "developer", "content": system},
+                {"role": "user", "content": [{"type": "text", "text": "Read a.py."}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "read_file", "arguments": '{"path": "a.py"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "print(1)"}]
+    (tmp_path / "agent.json").write_text(json.dumps({"messages": messages}))
+    cache_dir = tmp_path / "warm-cache"
+    on_this_process_blas = {"KVTIER_NO_OPENBLAS": "1"}  # the app below runs in this process
+    warmed = kvtier("warm", "--model", str(tiny_model), str(tmp_path / "agent.json"), "--cache-dir", str(cache_dir),
+                    "--block-size", str(TEST_BLOCK_SIZE), "--json", env=on_this_process_blas)
+    assert warmed.returncode == 0, warmed.stderr
+    daemon = app_factory(tiny_model, *NO_PREFETCH, cache_dir=cache_dir)
+    _, usage = ask(daemon, messages)
+    assert usage.prompt_tokens == json.loads(warmed.stdout)["tokens"]
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # the last one is computed
+
+
 @pytest.mark.parametrize("model, message", [("nonexistent", "no model directory at"),
                                             ("not-a-model", "is not a model: ")])
 def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message):
@@ -193,11 +229,32 @@ def test_warm_of_a_model_that_is_not_there_is_one_line(tmp_path, model, message)
     ("agent.json", "not json {", "agent.json is not JSON (Expecting value"),
     ("agent.JSON", '{"prompt": "hi"}', 'agent.JSON has no "messages" list'),
     ("agent.json", '[{"role": "user", "content": "hi"}]', 'agent.json has no "messages" list'),
-    ("agent.json", '{"messages": [], "tools": {"name": "x"}}', 'agent.json: "tools" is not a list')])
-def test_warm_refuses_a_json_file_that_is_not_a_request(tmp_path, tiny_model, name, content, message):
+    ("agent.json", '{"messages": [{"role": "user"}], "tools": {"name": "x"}}',
+     "agent.json: invalid 'tools': Input should be a valid list"),
+    ("agent.json", '{"messages": [5]}', "agent.json: invalid 'messages[0]': Input should be a valid dictionary"),
+    ("agent.json", '{"messages": []}', "agent.json: invalid 'messages': List should have at least 1 item"),
+    ("agent.json", '{"messages": [{"role": "user", "content": "hi"}], "tools": [5]}',
+     "agent.json: invalid 'tools[0]': Input should be a valid dictionary"),
+    ("prompt.txt", "", "prompt.txt: invalid 'prompt': String should have at least 1 character")])
+def test_warm_refuses_a_file_that_is_not_a_request(tmp_path, tiny_model, name, content, message):
     (tmp_path / name).write_text(content)
     cache_dir = tmp_path / "cache"
     result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(cache_dir), str(tmp_path / name))
+    assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not cache_dir.exists()
+
+
+@pytest.mark.parametrize("flags, content, message", [
+    ((), b"\xff\xfe a system prompt", "prompt.txt is not UTF-8 text (byte 0: invalid start byte)"),
+    (("--block-size", "8"), b"a system prompt", "block size must be between 16 and 8192 tokens"),
+    (("--block-size", "0"), b"a system prompt", "block size must be between 16 and 8192 tokens"),  # not the default
+    (("--kv-bits", "7"), b"a system prompt", "kv bits must be one of 2, 3, 4, 5, 6, 8")])
+def test_warm_refuses_a_file_or_a_flag_it_cannot_use_in_one_line(tmp_path, tiny_model, flags, content, message):
+    """Were tracebacks (UnicodeDecodeError, CacheConfig's ValueError), or `--block-size 0`
+    warmed at the default size, which a daemon given 0 refuses."""
+    (tmp_path / "prompt.txt").write_bytes(content)
+    cache_dir = tmp_path / "cache"
+    result = kvtier("warm", "--model", str(tiny_model), "--cache-dir", str(cache_dir), *flags, str(tmp_path / "prompt.txt"))
     assert result.returncode == 2 and result.stderr.startswith("kvtier: ") and message in result.stderr
     assert result.stderr.count("\n") == 1 and not cache_dir.exists()
 
@@ -235,6 +292,15 @@ def test_a_port_out_of_range_is_refused(tmp_path, command, port, lowest):
     result = kvtier(command, "--port", port, *model, env={"BROWSER": str(browser)})
     assert result.returncode == 2 and result.stdout == ""
     assert f"argument --port: not a port number ({lowest}-65535): '{port}'" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_queue_that_holds_no_request_is_refused(tmp_path, value):
+    """--max-waiting 0 or -1 started a daemon that answered every request 503, idle or not (a
+    request is refused once --max-waiting wait: 0 >= 0); now refused as --max-tokens 0 is."""
+    result = kvtier("serve", "--max-waiting", value, "--model", str(tmp_path / "none"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"argument --max-waiting: not a positive whole number: '{value}'" in result.stderr
 
 
 def test_hit_rate_is_weighted_by_tokens(app_factory, tiny_model):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import build_parser, serve_config
+from daemon.client_names import MAX_REMEMBERED, MAX_SHOWN
 from daemon.errors import ApiError
 from daemon.model_names import ModelNames, parse_alias
 from kvtier.config import ModelSpec
@@ -75,6 +76,22 @@ def test_unknown_names_go_to_the_default_model_logged_once(caplog):
         assert served_by(names, "gpt-5-codex") == "coder"
     assert caplog.text.count("requests for model 'gpt-5-codex' are served by coder") == 1
     assert served_by(names, "org/not-configured") == "coder"  # a repo id without --allow-any-model
+
+
+def test_a_logged_name_is_escaped_cut_short_and_only_so_many_are_remembered(caplog):
+    """A model name is the client's text: a line break in it forged a log line, a 100 KB one
+    was logged whole, and every new name was remembered for good (memory without bound)."""
+    caplog.set_level(logging.INFO, logger="kvtier.models")
+    names = two_models()
+    forged = "gpt\n2026-12-08 00:00:00,000 ERROR kvtier.daemon: forged"
+    assert served_by(names, forged) == "coder"
+    assert served_by(names, "x" * 100_000) == "coder"
+    forged_line, long_line = (record.getMessage() for record in caplog.records)
+    assert forged_line == f"requests for model {forged!r} are served by coder"
+    assert long_line == f"requests for model {'x' * MAX_SHOWN!r}... are served by coder"
+    for n in range(MAX_REMEMBERED):
+        assert served_by(names, f"gpt-{n}") == "coder"  # served, whether logged or not
+    assert len(caplog.records) == MAX_REMEMBERED  # the first names, then no more
 
 
 def test_strict_names_refuse_what_matches_nothing():

@@ -71,6 +71,26 @@ def test_purge_by_the_names_the_models_were_served_by(three_models_cache):
     assert entries_by_name(cache_dir) == Counter()
 
 
+def test_all_with_a_model_removes_that_models_pinned_entries_and_no_other_models(three_models_cache):
+    """`purge --model M` keeps M's pinned entries and points to --all; `--model M --all` then
+    removes M's entries, pinned included, and leaves the other models' (it removed every
+    model's: `all` dropped the filter)."""
+    cache_dir, (tiny, coder_a, coder_b) = three_models_cache
+    cache = str(cache_dir)
+    listed = json.loads(kvtier("ls", "--cache-dir", cache, "--json").stdout)
+    key = next(entry["key"] for entry in listed if entry["model"] == coder_a)
+    assert kvtier("pin", key, "--cache-dir", cache).returncode == 0
+    before = entries_by_name(cache_dir)
+
+    kept = kvtier("purge", "--model", coder_a, "--cache-dir", cache)
+    assert kept.returncode == 0 and f"kept {before[coder_a]} pinned" in kept.stdout and "--all" in kept.stdout
+    assert entries_by_name(cache_dir) == before  # the warmed prompt is one chain: all of it pinned
+
+    purged = kvtier("purge", "--model", coder_a, "--all", "--cache-dir", cache)
+    assert purged.returncode == 0, purged.stderr
+    assert entries_by_name(cache_dir) == Counter({tiny: before[tiny], coder_b: before[coder_b]})
+
+
 # What the index may record per fingerprint: the daemon's configured name, its source and aliases.
 CODER_FP, CODER_OLD_FP, SMALL_FP = "a1" * 32, "a2" * 32, "b1" * 32
 MODELS: dict[str, dict] = {

@@ -162,8 +162,9 @@ async def purge_cache(http: web.Request) -> web.Response:
                                          model=model, older_than_s=older, to_size=to_size)
     except ops.UnknownModel as exc:
         raise ApiError(400, str(exc), param="model") from None
+    every_entry = everything and model is None and older is None  # else `all` only adds the pinned ones
     for served in model_stats.open_models(state.worker):
-        if served.engine is not None and (everything or served.engine.fingerprint in result["models"]):
+        if served.engine is not None and (every_entry or served.engine.fingerprint in result["models"]):
             served.engine.store.forget_hot()  # the hot copies of what was purged go too
     return web.json_response(result)
 
@@ -181,19 +182,26 @@ async def pin(http: web.Request) -> web.Response:
     return web.json_response({"entries": changed, "pinned": pinned})
 
 
-@routes.post("/cache/warm")
-async def warm(http: web.Request) -> web.Response:
-    """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request.
-    `model` selects (and loads) the model as a chat request's does; absent: the default model."""
-    body = await read_body(http, WarmRequest)
-    state = http.app[STATE]
+def warm_conversation(body: WarmRequest) -> tuple[list[dict], list[dict] | None]:
+    """What a warm request prefills: its messages as the chat routes template them (its
+    prompt as the system message), and its tools; `kvtier warm` reads a file through it too,
+    so a warmed prompt is the one a request with the same messages renders and reuses."""
     if body.messages is not None:
         messages = template_messages(body.messages)
     elif body.prompt is not None:
         messages = [{"role": "system", "content": body.prompt}]
     else:
         raise ApiError(400, "missing required parameter: 'prompt' (or give 'messages')", param="prompt")
-    tools = cast("list[dict] | None", body.tools or None)  # bodies.Sent: the dicts as sent
+    return messages, cast("list[dict] | None", body.tools or None)  # bodies.Sent: the dicts as sent
+
+
+@routes.post("/cache/warm")
+async def warm(http: web.Request) -> web.Response:
+    """Prefill {messages, tools} (or {prompt}: a system prompt) and persist it; pin on request.
+    `model` selects (and loads) the model as a chat request's does; absent: the default model."""
+    body = await read_body(http, WarmRequest)
+    state = http.app[STATE]
+    messages, tools = warm_conversation(body)
     await state.select_model(body.model if body.model is not None else "default")
     # The scheduler's path, a scheduler of one on the MLX thread between the worker's steps.
     result = await state.worker.call(lambda engine: scheduler.warm(engine, messages, tools, pin=body.pin),

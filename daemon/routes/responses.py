@@ -37,6 +37,7 @@ from ..bodies_responses import (
     NamespaceTool,
     ResponsesRequest,
 )
+from ..client_names import OncePerName, shown
 from ..errors import INTERNAL_ERROR, ApiError
 from ..state import STATE, DaemonState
 from .budget import NoRoom, clamped_budget
@@ -117,15 +118,14 @@ def parse_tools(tools: list) -> Tools:
                 if isinstance(inner, FunctionTool):
                     template.append(_function(inner))
                     found.namespaces[inner.name] = str(tool.name)
-        elif tool.type not in _SKIPPED_LOGGED:
-            _SKIPPED_LOGGED.add(tool.type)
-            log.info("built-in tool type '%s' is not available here; not offered to the model",
-                     tool.type)
+        elif _SKIPPED_LOGGED.first_time(tool.type):
+            log.info("built-in tool type %s is not available here; not offered to the model",
+                     shown(tool.type))
     found.template = template or None
     return found
 
 
-_SKIPPED_LOGGED: set[str] = set()
+_SKIPPED_LOGGED = OncePerName()
 
 
 def _function(tool: FunctionTool) -> dict:
