@@ -174,9 +174,10 @@ def _loads_line(results: dict) -> list[str]:
     return ["", "kvtier's log: " + "; ".join(
         f"{name} loaded {len(seconds)} times for its {runs.get(name)} blocks of turns, in "
         + ", ".join(f"{v:.1f}" for v in seconds) + " s" for name, seconds in loads.items())
-        + " (one load a block: every switch unloaded the other model; a model's first load also times "
-        "its prefill chunk, kept for its reloads; batched decode is measured at start-up, or in idle time "
-        "for a model loaded on demand)." + _unloads(results)]
+        + " (one load a block: every switch unloaded the other model; each model's prefill chunk fit is "
+        "timed once a machine, at the daemon's start-up for a model loaded on demand, and kept in the cache "
+        "directory; batched decode is measured at start-up, or in idle time for a model loaded on demand)."
+        + _unloads(results)]
 
 
 def _unloads(results: dict) -> str:
