@@ -38,6 +38,11 @@ _DONE = object()
 # MLX thread has had nothing to do this long: a route that has just had its model loaded renders
 # the prompt and submits its request a few milliseconds later, and must find nothing running.
 QUIET_SECONDS = 0.5
+# A request that finds the MLX thread idle waits this long for the ones sent with it (an
+# agent's parallel calls reach the queue 3-14 ms apart, each templated on the HTTP thread in
+# turn): they prefill and take their first tokens together instead of behind the first one's
+# lone step (at 8 streams ~5% more aggregate decode, measured), for 10 ms on a lone TTFT.
+GATHER_SECONDS = 0.01
 
 __all__ = ["BATCHED", "INTERLEAVED", "ONE_AT_A_TIME", "LoadEngine", "ModelBusy", "ModelTooLarge", "Overloaded",
            "Worker"]
@@ -239,13 +244,19 @@ class Worker:
         timeout = 1.0 if self.loader.keep_alive is not None else None
         if wait is not None:
             timeout = min(wait, timeout) if timeout is not None else wait
+        gather_until = None  # once a request wakes the idle thread: GATHER_SECONDS from then
         while True:
             try:
-                item = self._jobs.get(block=block, timeout=timeout if block else None)
+                if gather_until is not None:
+                    item = self._jobs.get(timeout=max(gather_until - time.monotonic(), 0.0))
+                else:
+                    item = self._jobs.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return False
             if item is None:
                 return True
+            if block and isinstance(item[1], GenerationRequest):
+                gather_until = time.monotonic() + GATHER_SECONDS
             block = False
             self._last_work = time.monotonic()
             name, work, emit = item
