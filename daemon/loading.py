@@ -155,8 +155,7 @@ class Loader:
         if self._disk_hold is None and (holder := retain(engine.store.disk)) is not None:
             self._disk_hold = (engine.store.disk, holder)
         model.weight_bytes = engine.weight_bytes or model.weight_bytes
-        model.scheduler = Scheduler(engine, self.max_batch, self._done, model.mode, join_rests=joins_rests(model))
-        model.scheduler.stats = model.stats
+        self._new_scheduler(model, engine)
         model.state, model.phase, model.loads = LOADED, None, model.loads + 1
         model.load_seconds = round(time.perf_counter() - started, 3)
         model.last_used = time.monotonic()
@@ -273,10 +272,14 @@ class Loader:
                  model.batching.reason)
         if model.batching.max_difference is None:  # could not measure: as at a load, interleave
             model.mode = INTERLEAVED
-            model.scheduler = Scheduler(engine, self.max_batch, self._done, INTERLEAVED)
-            model.scheduler.stats = model.stats
-        model.scheduler.join_rests = joins_rests(model)
+            self._new_scheduler(model, engine)
+        model.scheduler.join_rests = joins_rests(model)  # the verdict decides it for a batched one too
         return True
+
+    def _new_scheduler(self, model: ServedModel, engine: Engine) -> None:
+        """The model's scheduler for its mode and verdict, counting into the model's stats."""
+        model.scheduler = Scheduler(engine, self.max_batch, self._done, model.mode, join_rests=joins_rests(model))
+        model.scheduler.stats = model.stats
 
     def _plan_prefetch(self, model: ServedModel, engine: Engine, on_demand: bool) -> None:
         """At start-up the prefetch begins at once (a restarted daemon's first request finds its
